@@ -1,0 +1,82 @@
+//! `lab-proto`: the `lab.v1` gRPC contract and nothing else.
+//!
+//! The `.proto` files live in `proto/lab/v1/`; `build.rs` compiles them with
+//! protox (pure Rust, no `protoc`). This crate exposes the generated messages,
+//! clients and servers, the encoded descriptor set for gRPC reflection, and a
+//! few conversions between protobuf well-known types and std types.
+
+#![forbid(unsafe_code)]
+
+/// Generated code for package `lab.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+    tonic::include_proto!("lab.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every lab proto file (and its imports),
+/// as served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lab_descriptor.bin"));
+
+/// Conversions between protobuf well-known types and std types.
+pub mod convert {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// A protobuf timestamp from milliseconds since the Unix epoch.
+    pub fn timestamp_from_millis(ms: i64) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        }
+    }
+
+    /// Milliseconds since the Unix epoch from a protobuf timestamp.
+    pub fn millis_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
+        ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+    }
+
+    /// A `SystemTime` from a protobuf timestamp (clamped at the epoch).
+    pub fn system_time(ts: &prost_types::Timestamp) -> SystemTime {
+        let ms = millis_from_timestamp(ts);
+        if ms <= 0 {
+            UNIX_EPOCH
+        } else {
+            UNIX_EPOCH + Duration::from_millis(ms as u64)
+        }
+    }
+
+    /// A protobuf duration from a std duration.
+    pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }
+    }
+
+    /// A std duration from a protobuf duration; `None` when negative or malformed.
+    pub fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
+        if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+            return None;
+        }
+        Some(Duration::new(d.seconds as u64, d.nanos as u32))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn timestamp_round_trip_including_negative() {
+            for ms in [0, 1, 999, 1000, 1_700_000_000_123, -1, -1001] {
+                assert_eq!(millis_from_timestamp(&timestamp_from_millis(ms)), ms);
+            }
+        }
+
+        #[test]
+        fn negative_duration_is_rejected() {
+            let d = prost_types::Duration { seconds: -1, nanos: 0 };
+            assert_eq!(duration_from_proto(&d), None);
+            let d = duration_to_proto(Duration::from_millis(1500));
+            assert_eq!(duration_from_proto(&d), Some(Duration::from_millis(1500)));
+        }
+    }
+}
