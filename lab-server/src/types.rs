@@ -16,14 +16,21 @@ pub struct InvalidName {
 }
 
 fn check_name(what: &'static str, s: &str) -> Result<(), InvalidName> {
-    let err = |reason| InvalidName { what, value: s.to_owned(), reason };
+    let err = |reason| InvalidName {
+        what,
+        value: s.to_owned(),
+        reason,
+    };
     if s.is_empty() {
         return Err(err("must not be empty"));
     }
     if s.len() > 63 {
         return Err(err("must be at most 63 characters"));
     }
-    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
         return Err(err("may only contain letters, digits, '-', '_' and '.'"));
     }
     if !s.as_bytes()[0].is_ascii_alphanumeric() {
@@ -147,7 +154,9 @@ impl FromStr for Role {
             "ci" => Ok(Role::Ci),
             "developer" => Ok(Role::Developer),
             "operator" => Ok(Role::Operator),
-            other => Err(format!("unknown role {other:?} (expected ci, developer or operator)")),
+            other => Err(format!(
+                "unknown role {other:?} (expected ci, developer or operator)"
+            )),
         }
     }
 }
@@ -183,7 +192,9 @@ impl FromStr for Arch {
         match s {
             "x86_64" => Ok(Arch::X86_64),
             "aarch64" => Ok(Arch::Aarch64),
-            other => Err(format!("unknown arch {other:?} (expected x86_64 or aarch64)")),
+            other => Err(format!(
+                "unknown arch {other:?} (expected x86_64 or aarch64)"
+            )),
         }
     }
 }
@@ -243,7 +254,9 @@ pub type WaiterId = u64;
 
 /// A generation number: bumped by every state change of a record; the store
 /// writes with compare-and-set on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Generation(pub u64);
 
@@ -264,7 +277,10 @@ impl Timestamp {
         self.0
     }
     pub fn saturating_add(self, d: std::time::Duration) -> Self {
-        Self(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+        Self(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
     }
     /// Time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> std::time::Duration {
@@ -292,15 +308,24 @@ mod tests {
         assert!(HostName::new("a/b").is_err());
         assert!(HostName::new("a".repeat(64)).is_err());
         let e = HostName::new("a b").unwrap_err();
-        assert_eq!(e.to_string(), "invalid host name \"a b\": may only contain letters, digits, '-', '_' and '.'");
+        assert_eq!(
+            e.to_string(),
+            "invalid host name \"a b\": may only contain letters, digits, '-', '_' and '.'"
+        );
     }
 
     #[test]
     fn timestamp_display_and_arith() {
         let t = Timestamp(1_000);
         assert_eq!(t.to_string(), "1970-01-01T00:00:01.000Z");
-        assert_eq!(t.saturating_add(std::time::Duration::from_millis(500)), Timestamp(1_500));
-        assert_eq!(Timestamp(1_500).since(t), std::time::Duration::from_millis(500));
+        assert_eq!(
+            t.saturating_add(std::time::Duration::from_millis(500)),
+            Timestamp(1_500)
+        );
+        assert_eq!(
+            Timestamp(1_500).since(t),
+            std::time::Duration::from_millis(500)
+        );
         assert_eq!(t.since(Timestamp(1_500)), std::time::Duration::ZERO);
     }
 }

@@ -15,7 +15,8 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of every lab proto file (and its imports),
 /// as served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lab_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lab_descriptor.bin"));
 
 /// Conversions between protobuf well-known types and std types.
 pub mod convert {
@@ -73,7 +74,10 @@ pub mod convert {
 
         #[test]
         fn negative_duration_is_rejected() {
-            let d = prost_types::Duration { seconds: -1, nanos: 0 };
+            let d = prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            };
             assert_eq!(duration_from_proto(&d), None);
             let d = duration_to_proto(Duration::from_millis(1500));
             assert_eq!(duration_from_proto(&d), Some(Duration::from_millis(1500)));

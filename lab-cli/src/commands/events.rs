@@ -1,0 +1,146 @@
+//! `lab events`: the event log, once or followed live.
+
+use clap::Args;
+use lab_proto::v1::{Event, ListEventsRequest, WatchEventsRequest};
+
+use super::Ctx;
+use super::lease::ctrl_c;
+use crate::clock;
+use crate::exit::{Interrupted, StreamEnded};
+use crate::output;
+use crate::view::EventView;
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events with a sequence number above SEQ
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    after: u64,
+    /// At most N events [default: the server's, 1000]
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=10_000),
+        conflicts_with = "follow"
+    )]
+    limit: Option<u32>,
+    /// Only events about this host
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Only events about this lease
+    #[arg(long, value_name = "ID")]
+    lease: Option<String>,
+    /// Keep printing new events as they happen, until interrupted
+    #[arg(long, short)]
+    follow: bool,
+}
+
+pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<()> {
+    if args.follow {
+        return follow(ctx, args).await;
+    }
+    let req = ListEventsRequest {
+        after_seq: args.after,
+        limit: args.limit.unwrap_or(0),
+        host: args.host.unwrap_or_default(),
+        lease_id: args.lease.unwrap_or_default(),
+    };
+    let events = ctx.lab.events().list_events(req).await?.into_inner().events;
+    let text: String = events.iter().map(|e| render(ctx, e)).collect();
+    Ok(output::emit(&text)?)
+}
+
+async fn follow(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<()> {
+    let req = WatchEventsRequest {
+        after_seq: args.after,
+        host: args.host.unwrap_or_default(),
+        lease_id: args.lease.unwrap_or_default(),
+    };
+    let mut last_seq = args.after;
+    let watch = async {
+        let mut stream = ctx.lab.events().watch_events(req).await?.into_inner();
+        while let Some(event) = stream.message().await? {
+            last_seq = event.seq;
+            output::emit(&render(ctx, &event))?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = watch => r?,
+        () = ctrl_c() => return Err(Interrupted(None).into()),
+    }
+    Err(StreamEnded(format!(
+        "the server closed the event stream (resume with --after {last_seq})"
+    ))
+    .into())
+}
+
+fn render(ctx: &Ctx, e: &Event) -> String {
+    let v = EventView::from(e);
+    if ctx.json {
+        output::json_line(&v)
+    } else {
+        line(&v)
+    }
+}
+
+/// `42 2025-11-25 12:08:01 alice lease-granted hosts=x1,x2 lease=L-1 detail`.
+fn line(v: &EventView) -> String {
+    let time = v
+        .time
+        .map(|t| clock::local_full(t.0))
+        .unwrap_or_else(|| output::NONE.to_owned());
+    let actor = if v.actor.is_empty() {
+        output::NONE
+    } else {
+        &v.actor
+    };
+    let mut parts = vec![v.seq.to_string(), time, actor.to_owned(), v.kind.to_owned()];
+    if !v.hosts.is_empty() {
+        parts.push(format!("hosts={}", v.hosts.join(",")));
+    }
+    if let Some(id) = &v.lease_id {
+        parts.push(format!("lease={id}"));
+    }
+    if let Some(w) = v.waiter_id {
+        parts.push(format!("waiter={w}"));
+    }
+    if let Some(r) = &v.request {
+        parts.push(format!("request: {}", r.summary()));
+    }
+    if let Some(d) = &v.detail {
+        parts.push(d.replace('\n', " "));
+    }
+    let mut s = parts.join(" ");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lab_proto::v1::EventKind;
+
+    #[test]
+    fn event_line_skips_empty_fields() {
+        let e = Event {
+            seq: 42,
+            actor: "alice".into(),
+            kind: EventKind::LeaseGranted as i32,
+            hosts: vec!["x1".into(), "x2".into()],
+            lease_id: "L-1".into(),
+            detail: "granted after 4m\nin queue".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            line(&EventView::from(&e)),
+            "42 - alice lease-granted hosts=x1,x2 lease=L-1 granted after 4m in queue\n"
+        );
+        let e = Event {
+            seq: 43,
+            actor: "server".into(),
+            kind: EventKind::HostAvailable as i32,
+            ..Default::default()
+        };
+        assert_eq!(line(&EventView::from(&e)), "43 - server host-available\n");
+    }
+}

@@ -1,0 +1,388 @@
+//! `lab lease acquire|renew|release|show|list`.
+
+use std::io::IsTerminal;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use lab_proto::convert;
+use lab_proto::v1::acquire_update::Update;
+use lab_proto::v1::{
+    AcquireRequest, GetLeaseRequest, Lease, LeaseRequest, ListLeasesRequest, ReleaseRequest,
+    RenewRequest,
+};
+
+use super::{ArchArg, Ctx};
+use crate::clock;
+use crate::exit::{Interrupted, StreamEnded};
+use crate::output::{self, Table};
+use crate::view::LeaseView;
+use crate::waiting::{Queued, WaitLine};
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Ask for hosts; wait in the queue until they are granted
+    ///
+    /// While the request waits, its queue position and ETA are shown on
+    /// stderr: one live line on a terminal, a line per position change
+    /// otherwise. On grant the lease is printed on stdout (as JSON with
+    /// --json). Ctrl-C while waiting withdraws the request and exits with 130.
+    ///
+    /// --flag, --host and --arch all narrow the hosts that may be granted;
+    /// --count says how many of them, granted together or not at all.
+    #[command(verbatim_doc_comment)]
+    Acquire(AcquireArgs),
+    /// Extend an active lease by its TTL (or the one given)
+    Renew {
+        /// Lease id
+        id: String,
+        /// Extend by this much instead of the lease's own TTL (e.g. 30m, 2h)
+        #[arg(long, value_parser = clock::parse_ttl)]
+        ttl: Option<Duration>,
+    },
+    /// End a lease now; its hosts are reclaimed
+    Release {
+        /// Lease id
+        id: String,
+    },
+    /// Show one lease in full
+    Show {
+        /// Lease id
+        id: String,
+    },
+    /// List active leases
+    List {
+        /// Also list released and expired leases
+        #[arg(long)]
+        all: bool,
+        /// Only this holder's leases
+        #[arg(long, value_name = "PRINCIPAL")]
+        holder: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AcquireArgs {
+    /// Only hosts of this architecture [default: any]
+    #[arg(long, value_enum)]
+    arch: Option<ArchArg>,
+    /// Every granted host has this flag (repeat for several)
+    #[arg(long = "flag", value_name = "FLAG")]
+    flags: Vec<String>,
+    /// Only this host may be granted (repeat to allow several; see --count)
+    #[arg(long = "host", value_name = "HOST")]
+    hosts: Vec<String>,
+    /// How many hosts, granted together or not at all
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
+    /// Lease time to live, e.g. 30m, 2h, 1h30m [default: the server's]
+    #[arg(long, value_parser = clock::parse_ttl)]
+    ttl: Option<Duration>,
+    /// Boot profile the agents apply to the hosts (e.g. xen)
+    #[arg(long)]
+    profile: Option<String>,
+    /// Higher is served first; equal priorities in arrival order
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Fail at once with exit code 5 when no hosts are free, instead of waiting
+    #[arg(long)]
+    no_wait: bool,
+    /// Free-form note shown with the lease (a CI job URL, say)
+    #[arg(long)]
+    comment: Option<String>,
+}
+
+impl AcquireArgs {
+    fn request(self) -> AcquireRequest {
+        AcquireRequest {
+            request: Some(LeaseRequest {
+                arch: super::arch(self.arch),
+                flags: self.flags,
+                hosts: self.hosts,
+                count: self.count,
+                profile: self.profile.unwrap_or_default(),
+                ttl: self.ttl.map(convert::duration_to_proto),
+                priority: self.priority,
+                comment: self.comment.unwrap_or_default(),
+            }),
+            no_wait: self.no_wait,
+        }
+    }
+}
+
+pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
+    match cmd {
+        LeaseCommand::Acquire(args) => {
+            let lease = acquire(ctx, args).await?;
+            if ctx.json {
+                return Ok(output::emit(&output::json(&LeaseView::from(&lease)))?);
+            }
+            Ok(output::emit(&granted(
+                &LeaseView::from(&lease),
+                SystemTime::now(),
+            ))?)
+        }
+        LeaseCommand::Renew { id, ttl } => {
+            let req = RenewRequest {
+                lease_id: id,
+                ttl: ttl.map(convert::duration_to_proto),
+            };
+            let lease = LeaseView::from(&ctx.lab.leases().renew(req).await?.into_inner());
+            if ctx.json {
+                return Ok(output::emit(&output::json(&lease))?);
+            }
+            let expires = lease
+                .expires_at
+                .map(|t| clock::when(t.0, SystemTime::now()))
+                .unwrap_or_else(|| output::NONE.to_owned());
+            Ok(output::emit(&format!(
+                "lease {} renewed: expires {expires}\n",
+                lease.id
+            ))?)
+        }
+        LeaseCommand::Release { id } => {
+            let req = ReleaseRequest { lease_id: id };
+            let lease = LeaseView::from(&ctx.lab.leases().release(req).await?.into_inner());
+            if ctx.json {
+                return Ok(output::emit(&output::json(&lease))?);
+            }
+            let hosts = lease.hosts.join(", ");
+            Ok(output::emit(&format!(
+                "lease {} released ({hosts})\n",
+                lease.id
+            ))?)
+        }
+        LeaseCommand::Show { id } => {
+            let req = GetLeaseRequest { lease_id: id };
+            let lease = LeaseView::from(&ctx.lab.leases().get_lease(req).await?.into_inner());
+            if ctx.json {
+                return Ok(output::emit(&output::json(&lease))?);
+            }
+            Ok(output::emit(&details(&lease, SystemTime::now()))?)
+        }
+        LeaseCommand::List { all, holder } => {
+            let req = ListLeasesRequest {
+                include_ended: all,
+                holder: holder.unwrap_or_default(),
+            };
+            let leases = ctx.lab.leases().list_leases(req).await?.into_inner().leases;
+            let views: Vec<LeaseView> = leases.iter().map(LeaseView::from).collect();
+            if ctx.json {
+                return Ok(output::emit(&output::json(&views))?);
+            }
+            Ok(output::emit(&table(&views, SystemTime::now()))?)
+        }
+    }
+}
+
+/// Sends the request and waits for the grant, reporting the queue position
+/// on stderr. Ctrl-C drops the stream, which withdraws the request.
+async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
+    let stderr = std::io::stderr();
+    let live = stderr.is_terminal();
+    let mut line = WaitLine::new(stderr, live);
+    let result = tokio::select! {
+        r = wait_for_grant(ctx, args.request(), &mut line) => r,
+        () = ctrl_c() => Err(Interrupted(Some("interrupted: the lease request was withdrawn")).into()),
+    };
+    // The wait future (and with it the stream) is gone by now.
+    line.clear()?;
+    result
+}
+
+async fn wait_for_grant<W: std::io::Write>(
+    ctx: &Ctx,
+    req: AcquireRequest,
+    line: &mut WaitLine<W>,
+) -> anyhow::Result<Lease> {
+    let mut stream = ctx.lab.leases().acquire(req).await?.into_inner();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let msg = tokio::select! {
+            msg = stream.message() => msg?,
+            _ = tick.tick(), if line.is_live() => {
+                line.redraw(SystemTime::now())?;
+                continue;
+            }
+        };
+        match msg.and_then(|m| m.update) {
+            Some(Update::Queued(q)) => {
+                let q = Queued {
+                    position: q.position,
+                    queue_length: q.queue_length,
+                    eta: q.eta.as_ref().map(convert::system_time),
+                };
+                line.update(q, SystemTime::now())?;
+            }
+            Some(Update::Granted(lease)) => return Ok(lease),
+            None => {
+                return Err(StreamEnded(
+                    "the server ended the request without granting a lease".to_owned(),
+                )
+                .into());
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C; never, if the handler cannot be installed.
+pub async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// What `lease acquire` prints on grant.
+fn granted(l: &LeaseView, now: SystemTime) -> String {
+    output::key_values(&[
+        ("lease", l.id.clone()),
+        ("hosts", l.hosts.join(" ")),
+        (
+            "expires",
+            l.expires_at
+                .map(|t| clock::when(t.0, now))
+                .unwrap_or_default(),
+        ),
+    ])
+}
+
+fn details(l: &LeaseView, now: SystemTime) -> String {
+    let at = |t: Option<crate::view::Time>| t.map(|t| clock::when(t.0, now)).unwrap_or_default();
+    output::key_values(&[
+        ("lease", l.id.clone()),
+        ("holder", l.holder.clone()),
+        ("hosts", l.hosts.join(" ")),
+        ("state", l.state.to_owned()),
+        ("profile", l.profile.clone().unwrap_or_default()),
+        ("priority", l.priority.to_string()),
+        ("comment", l.comment.clone().unwrap_or_default()),
+        (
+            "ttl",
+            l.ttl_seconds
+                .map(|s| clock::compact(Duration::from_secs(s)))
+                .unwrap_or_default(),
+        ),
+        ("granted", at(l.granted_at)),
+        ("expires", at(l.expires_at)),
+        ("max expires", at(l.max_expires_at)),
+        ("ended", at(l.ended_at)),
+        ("generation", l.generation.to_string()),
+    ])
+}
+
+fn table(leases: &[LeaseView], now: SystemTime) -> String {
+    let mut t = Table::new(&["ID", "HOLDER", "HOSTS", "STATE", "PROFILE", "EXPIRES"]);
+    for l in leases {
+        t.row(vec![
+            l.id.clone(),
+            l.holder.clone(),
+            output::list(&l.hosts),
+            l.state.to_owned(),
+            l.profile.clone().unwrap_or_default(),
+            l.expires_at
+                .map(|t| clock::relative(t.0, now))
+                .unwrap_or_default(),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AcquireArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AcquireRequest, clap::Error> {
+        let argv = std::iter::once("acquire").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|c| c.args.request())
+    }
+
+    #[test]
+    fn acquire_defaults() {
+        let req = parse(&[]).unwrap();
+        let r = req.request.unwrap();
+        assert_eq!(r.arch, 0, "any arch");
+        assert_eq!(r.count, 1);
+        assert_eq!(r.ttl, None, "the server's default TTL");
+        assert!(!req.no_wait);
+    }
+
+    #[test]
+    fn acquire_arguments_map_to_the_request() {
+        let req = parse(&[
+            "--arch",
+            "aarch64",
+            "--flag",
+            "gpu",
+            "--flag",
+            "nvme",
+            "--host",
+            "a1",
+            "--host",
+            "a2",
+            "--count",
+            "2",
+            "--ttl",
+            "1h30m",
+            "--profile",
+            "xen",
+            "--priority",
+            "-5",
+            "--no-wait",
+            "--comment",
+            "ci#42",
+        ])
+        .unwrap();
+        let r = req.request.unwrap();
+        assert_eq!(r.arch, lab_proto::v1::Arch::Aarch64 as i32);
+        assert_eq!(r.flags, ["gpu", "nvme"]);
+        assert_eq!(r.hosts, ["a1", "a2"]);
+        assert_eq!(r.count, 2);
+        assert_eq!(r.ttl.unwrap().seconds, 5400);
+        assert_eq!(r.profile, "xen");
+        assert_eq!(r.priority, -5);
+        assert_eq!(r.comment, "ci#42");
+        assert!(req.no_wait);
+    }
+
+    #[test]
+    fn acquire_rejects_bad_values() {
+        for bad in [
+            &["--arch", "sparc"][..],
+            &["--count", "0"],
+            &["--ttl", "30"],
+            &["--ttl", "0s"],
+            &["--priority", "high"],
+        ] {
+            let err = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lease_table() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let lease = Lease {
+            id: "L-1".into(),
+            holder: "ci".into(),
+            hosts: vec!["x1".into(), "x2".into()],
+            state: lab_proto::v1::LeaseState::Active as i32,
+            profile: "xen".into(),
+            expires_at: Some(convert::timestamp_from_millis(1_700_003_600_000)),
+            ..Default::default()
+        };
+        assert_eq!(
+            table(&[LeaseView::from(&lease)], now),
+            "ID   HOLDER  HOSTS  STATE   PROFILE  EXPIRES\n\
+             L-1  ci      x1,x2  active  xen      in 1h\n"
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! One module per command group: its clap arguments and what it does.
+//! Each command makes its calls, then renders a table, a key/value block or
+//! JSON through `output`.
+
+pub mod admin;
+pub mod events;
+pub mod hosts;
+pub mod lease;
+
+use clap::ValueEnum;
+use lab_proto::v1::Arch;
+
+use crate::client::Lab;
+
+/// What every command gets.
+pub struct Ctx {
+    pub lab: Lab,
+    /// `--json`: print JSON instead of human output.
+    pub json: bool,
+}
+
+/// `--arch` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ArchArg {
+    #[value(name = "x86_64")]
+    X86_64,
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl From<ArchArg> for Arch {
+    fn from(a: ArchArg) -> Self {
+        match a {
+            ArchArg::X86_64 => Arch::X8664,
+            ArchArg::Aarch64 => Arch::Aarch64,
+        }
+    }
+}
+
+/// The proto value for an optional `--arch` (unspecified: any).
+pub fn arch(a: Option<ArchArg>) -> i32 {
+    a.map_or(Arch::Unspecified, Arch::from) as i32
+}

@@ -1,0 +1,441 @@
+//! What `--json` prints: serializable views of the proto messages.
+//!
+//! The views are the CLI's own stable output schema, decoupled from the
+//! generated types: enums are lower-case strings (`"x86_64"`,
+//! `"available"`, `"lease-granted"`), empty strings and unset fields are
+//! `null`, timestamps are RFC 3339 in UTC, durations are whole seconds.
+
+use std::time::SystemTime;
+
+use lab_proto::convert;
+use lab_proto::v1::{
+    Arch, ConsoleKind, Event, EventKind, Firmware, Host, HostState, Lease, LeaseRequest,
+    LeaseState, ReloadInventoryResponse, Role, WhoAmIResponse,
+};
+use serde::{Serialize, Serializer};
+
+/// A point in time; serializes as RFC 3339 UTC with whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time(pub SystemTime);
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_seconds(self.0))
+    }
+}
+
+/// A point in time; serializes as RFC 3339 UTC with milliseconds (events,
+/// where several happen within a second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreciseTime(pub SystemTime);
+
+impl Serialize for PreciseTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+fn time(ts: Option<&prost_types::Timestamp>) -> Option<Time> {
+    ts.map(|t| Time(convert::system_time(t)))
+}
+
+fn secs(d: Option<&prost_types::Duration>) -> Option<u64> {
+    d.and_then(convert::duration_from_proto)
+        .map(|d| d.as_secs())
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+pub fn arch_name(v: i32) -> &'static str {
+    match Arch::try_from(v) {
+        Ok(Arch::X8664) => "x86_64",
+        Ok(Arch::Aarch64) => "aarch64",
+        Ok(Arch::Unspecified) => "any",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn firmware_name(v: i32) -> &'static str {
+    match Firmware::try_from(v) {
+        Ok(Firmware::Bios) => "bios",
+        Ok(Firmware::Uefi) => "uefi",
+        Ok(Firmware::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn host_state_name(v: i32) -> &'static str {
+    match HostState::try_from(v) {
+        Ok(HostState::Available) => "available",
+        Ok(HostState::Leased) => "leased",
+        Ok(HostState::Reclaiming) => "reclaiming",
+        Ok(HostState::Maintenance) => "maintenance",
+        Ok(HostState::Retired) => "retired",
+        Ok(HostState::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn console_name(v: i32) -> &'static str {
+    match ConsoleKind::try_from(v) {
+        Ok(ConsoleKind::None) => "none",
+        Ok(ConsoleKind::IpmiSol) => "ipmi-sol",
+        Ok(ConsoleKind::Serial) => "serial",
+        Ok(ConsoleKind::Tcp) => "tcp",
+        Ok(ConsoleKind::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn lease_state_name(v: i32) -> &'static str {
+    match LeaseState::try_from(v) {
+        Ok(LeaseState::Active) => "active",
+        Ok(LeaseState::Released) => "released",
+        Ok(LeaseState::Expired) => "expired",
+        Ok(LeaseState::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn event_kind_name(v: i32) -> &'static str {
+    match EventKind::try_from(v) {
+        Ok(EventKind::LeaseRequested) => "lease-requested",
+        Ok(EventKind::LeaseGranted) => "lease-granted",
+        Ok(EventKind::LeaseRenewed) => "lease-renewed",
+        Ok(EventKind::LeaseReleased) => "lease-released",
+        Ok(EventKind::LeaseExpired) => "lease-expired",
+        Ok(EventKind::RequestWithdrawn) => "request-withdrawn",
+        Ok(EventKind::HostReclaiming) => "host-reclaiming",
+        Ok(EventKind::HostAvailable) => "host-available",
+        Ok(EventKind::HostMaintenanceOn) => "host-maintenance-on",
+        Ok(EventKind::HostMaintenanceOff) => "host-maintenance-off",
+        Ok(EventKind::InventoryLoaded) => "inventory-loaded",
+        Ok(EventKind::HostAdded) => "host-added",
+        Ok(EventKind::HostRetired) => "host-retired",
+        Ok(EventKind::HostRemoved) => "host-removed",
+        Ok(EventKind::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn role_name(v: i32) -> &'static str {
+    match Role::try_from(v) {
+        Ok(Role::Ci) => "ci",
+        Ok(Role::Developer) => "developer",
+        Ok(Role::Operator) => "operator",
+        Ok(Role::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    pub name: String,
+    pub arch: &'static str,
+    pub firmware: &'static str,
+    pub rack: String,
+    pub mac: String,
+    pub ipv4: Option<String>,
+    pub flags: Vec<String>,
+    pub state: &'static str,
+    pub maintenance: bool,
+    pub lease_id: Option<String>,
+    pub holder: Option<String>,
+    pub lease_expires_at: Option<Time>,
+    pub bmc: Option<String>,
+    pub console: &'static str,
+    pub generation: u64,
+}
+
+impl From<&Host> for HostView {
+    fn from(h: &Host) -> Self {
+        HostView {
+            name: h.name.clone(),
+            arch: arch_name(h.arch),
+            firmware: firmware_name(h.firmware),
+            rack: h.rack.clone(),
+            mac: h.mac.clone(),
+            ipv4: non_empty(&h.ipv4),
+            flags: h.flags.clone(),
+            state: host_state_name(h.state),
+            maintenance: h.maintenance,
+            lease_id: non_empty(&h.lease_id),
+            holder: non_empty(&h.holder),
+            lease_expires_at: time(h.lease_expires_at.as_ref()),
+            bmc: non_empty(&h.bmc),
+            console: console_name(h.console),
+            generation: h.generation,
+        }
+    }
+}
+
+impl HostView {
+    /// The state as a table shows it: a pending maintenance on a host that is
+    /// still leased (or reclaiming) is appended, e.g. `leased+maint`.
+    pub fn state_label(&self) -> String {
+        if self.maintenance && self.state != "maintenance" {
+            format!("{}+maint", self.state)
+        } else {
+            self.state.to_owned()
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaseView {
+    pub id: String,
+    pub holder: String,
+    pub hosts: Vec<String>,
+    pub state: &'static str,
+    pub profile: Option<String>,
+    pub priority: i32,
+    pub comment: Option<String>,
+    pub ttl_seconds: Option<u64>,
+    pub granted_at: Option<Time>,
+    pub expires_at: Option<Time>,
+    pub max_expires_at: Option<Time>,
+    pub ended_at: Option<Time>,
+    pub generation: u64,
+    pub waiter_id: Option<u64>,
+}
+
+impl From<&Lease> for LeaseView {
+    fn from(l: &Lease) -> Self {
+        LeaseView {
+            id: l.id.clone(),
+            holder: l.holder.clone(),
+            hosts: l.hosts.clone(),
+            state: lease_state_name(l.state),
+            profile: non_empty(&l.profile),
+            priority: l.priority,
+            comment: non_empty(&l.comment),
+            ttl_seconds: secs(l.ttl.as_ref()),
+            granted_at: time(l.granted_at.as_ref()),
+            expires_at: time(l.expires_at.as_ref()),
+            max_expires_at: time(l.max_expires_at.as_ref()),
+            ended_at: time(l.ended_at.as_ref()),
+            generation: l.generation,
+            waiter_id: (l.waiter_id != 0).then_some(l.waiter_id),
+        }
+    }
+}
+
+/// What a lease request asked for (in `lease-requested` events).
+#[derive(Debug, Serialize)]
+pub struct RequestView {
+    pub arch: &'static str,
+    pub flags: Vec<String>,
+    pub hosts: Vec<String>,
+    pub count: u32,
+    pub profile: Option<String>,
+    pub ttl_seconds: Option<u64>,
+    pub priority: i32,
+    pub comment: Option<String>,
+}
+
+impl From<&LeaseRequest> for RequestView {
+    fn from(r: &LeaseRequest) -> Self {
+        RequestView {
+            arch: arch_name(r.arch),
+            flags: r.flags.clone(),
+            hosts: r.hosts.clone(),
+            count: r.count.max(1),
+            profile: non_empty(&r.profile),
+            ttl_seconds: secs(r.ttl.as_ref()),
+            priority: r.priority,
+            comment: non_empty(&r.comment),
+        }
+    }
+}
+
+impl RequestView {
+    /// `count=2 arch=x86_64 flags=gpu hosts=h1,h2 ttl=30m profile=xen priority=5`.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![
+            format!("count={}", self.count),
+            format!("arch={}", self.arch),
+        ];
+        if !self.flags.is_empty() {
+            parts.push(format!("flags={}", self.flags.join(",")));
+        }
+        if !self.hosts.is_empty() {
+            parts.push(format!("hosts={}", self.hosts.join(",")));
+        }
+        if let Some(ttl) = self.ttl_seconds {
+            let ttl = std::time::Duration::from_secs(ttl);
+            parts.push(format!("ttl={}", humantime::format_duration(ttl)));
+        }
+        if let Some(p) = &self.profile {
+            parts.push(format!("profile={p}"));
+        }
+        if self.priority != 0 {
+            parts.push(format!("priority={}", self.priority));
+        }
+        parts.join(" ")
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub time: Option<PreciseTime>,
+    pub actor: String,
+    pub kind: &'static str,
+    pub hosts: Vec<String>,
+    pub lease_id: Option<String>,
+    pub waiter_id: Option<u64>,
+    pub request: Option<RequestView>,
+    pub detail: Option<String>,
+}
+
+impl From<&Event> for EventView {
+    fn from(e: &Event) -> Self {
+        EventView {
+            seq: e.seq,
+            time: e
+                .time
+                .as_ref()
+                .map(|t| PreciseTime(convert::system_time(t))),
+            actor: e.actor.clone(),
+            kind: event_kind_name(e.kind),
+            hosts: e.hosts.clone(),
+            lease_id: non_empty(&e.lease_id),
+            waiter_id: (e.waiter_id != 0).then_some(e.waiter_id),
+            request: e.request.as_ref().map(RequestView::from),
+            detail: non_empty(&e.detail),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct WhoAmIView {
+    pub principal: String,
+    pub role: &'static str,
+}
+
+impl From<&WhoAmIResponse> for WhoAmIView {
+    fn from(w: &WhoAmIResponse) -> Self {
+        WhoAmIView {
+            principal: w.principal.clone(),
+            role: role_name(w.role),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReloadView {
+    pub hosts: u32,
+    pub added: u32,
+    pub removed: u32,
+}
+
+impl From<&ReloadInventoryResponse> for ReloadView {
+    fn from(r: &ReloadInventoryResponse) -> Self {
+        ReloadView {
+            hosts: r.hosts,
+            added: r.added,
+            removed: r.removed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lab_proto::convert::timestamp_from_millis;
+
+    #[test]
+    fn enum_names_are_lower_case_and_total() {
+        assert_eq!(arch_name(Arch::X8664 as i32), "x86_64");
+        assert_eq!(arch_name(Arch::Aarch64 as i32), "aarch64");
+        assert_eq!(arch_name(99), "unknown");
+        assert_eq!(host_state_name(HostState::Available as i32), "available");
+        assert_eq!(console_name(ConsoleKind::IpmiSol as i32), "ipmi-sol");
+        assert_eq!(
+            event_kind_name(EventKind::LeaseGranted as i32),
+            "lease-granted"
+        );
+        assert_eq!(
+            event_kind_name(EventKind::HostMaintenanceOff as i32),
+            "host-maintenance-off"
+        );
+        // Every event kind has a short name of its own.
+        for v in 1..=14 {
+            let name = event_kind_name(v);
+            assert!(!matches!(name, "unknown" | "unspecified"), "{v}");
+            let proto = EventKind::try_from(v).unwrap().as_str_name();
+            let expect = proto
+                .trim_start_matches("EVENT_KIND_")
+                .to_lowercase()
+                .replace('_', "-");
+            assert_eq!(name, expect);
+        }
+    }
+
+    #[test]
+    fn lease_json_uses_nulls_strings_and_rfc3339() {
+        let lease = Lease {
+            id: "L1".into(),
+            holder: "alice".into(),
+            hosts: vec!["h1".into()],
+            state: LeaseState::Active as i32,
+            ttl: Some(convert::duration_to_proto(std::time::Duration::from_secs(
+                1800,
+            ))),
+            expires_at: Some(timestamp_from_millis(1_700_000_000_500)),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(LeaseView::from(&lease)).unwrap();
+        assert_eq!(v["state"], "active");
+        assert_eq!(v["profile"], serde_json::Value::Null);
+        assert_eq!(v["ttl_seconds"], 1800);
+        assert_eq!(v["expires_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["ended_at"], serde_json::Value::Null);
+        assert_eq!(v["waiter_id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn event_time_keeps_milliseconds() {
+        let e = Event {
+            seq: 7,
+            time: Some(timestamp_from_millis(1_700_000_000_123)),
+            kind: EventKind::LeaseRequested as i32,
+            request: Some(LeaseRequest {
+                arch: Arch::X8664 as i32,
+                flags: vec!["gpu".into()],
+                count: 2,
+                ttl: Some(convert::duration_to_proto(std::time::Duration::from_secs(
+                    1800,
+                ))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let view = EventView::from(&e);
+        let v = serde_json::to_value(&view).unwrap();
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["kind"], "lease-requested");
+        assert_eq!(
+            view.request.unwrap().summary(),
+            "count=2 arch=x86_64 flags=gpu ttl=30m"
+        );
+    }
+
+    #[test]
+    fn maintenance_pending_shows_in_the_state_label() {
+        let host = Host {
+            state: HostState::Leased as i32,
+            maintenance: true,
+            ..Default::default()
+        };
+        assert_eq!(HostView::from(&host).state_label(), "leased+maint");
+        let host = Host {
+            state: HostState::Maintenance as i32,
+            maintenance: true,
+            ..Default::default()
+        };
+        assert_eq!(HostView::from(&host).state_label(), "maintenance");
+    }
+}

@@ -1,0 +1,164 @@
+//! The "waiting: position 3 of 7, ETA 14:05:10 (in 4m)" report on stderr
+//! while a lease request waits in the queue.
+//!
+//! On a terminal it is one live line, rewritten in place (`\r`, the text,
+//! then clear-to-end-of-line) on every queue update and once a second so the
+//! relative ETA stays true; [`WaitLine::clear`] wipes it before anything else
+//! is printed. Elsewhere (CI logs) it is a plain line each time the position
+//! changes, and nothing else.
+
+use std::io::{self, Write};
+use std::time::SystemTime;
+
+use crate::clock;
+
+/// Clear from the cursor to the end of the line (ANSI EL).
+const CLEAR_EOL: &str = "\x1b[K";
+
+/// A queue update, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub position: u32,
+    pub queue_length: u32,
+    pub eta: Option<SystemTime>,
+}
+
+/// The text of the report.
+pub fn text(q: &Queued, now: SystemTime) -> String {
+    let eta = match q.eta {
+        Some(eta) => format!(
+            "ETA {} ({})",
+            clock::local(eta, now),
+            clock::relative(eta, now)
+        ),
+        None => "no ETA yet".to_owned(),
+    };
+    format!(
+        "waiting: position {} of {}, {eta}",
+        q.position, q.queue_length
+    )
+}
+
+pub struct WaitLine<W: Write> {
+    out: W,
+    live: bool,
+    last: Option<Queued>,
+    /// The text on screen (live mode), to skip rewrites that change nothing.
+    shown: Option<String>,
+}
+
+impl<W: Write> WaitLine<W> {
+    /// `live`: the output is a terminal.
+    pub fn new(out: W, live: bool) -> Self {
+        WaitLine {
+            out,
+            live,
+            last: None,
+            shown: None,
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// A queue update arrived.
+    pub fn update(&mut self, q: Queued, now: SystemTime) -> io::Result<()> {
+        let moved = self.last.is_none_or(|last| last.position != q.position);
+        self.last = Some(q);
+        if self.live {
+            self.redraw(now)
+        } else if moved {
+            writeln!(self.out, "{}", text(&q, now))?;
+            self.out.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Re-renders the live line (the relative ETA moves with the clock).
+    pub fn redraw(&mut self, now: SystemTime) -> io::Result<()> {
+        let Some(q) = self.last.filter(|_| self.live) else {
+            return Ok(());
+        };
+        let line = text(&q, now);
+        if self.shown.as_ref() == Some(&line) {
+            return Ok(());
+        }
+        write!(self.out, "\r{line}{CLEAR_EOL}")?;
+        self.out.flush()?;
+        self.shown = Some(line);
+        Ok(())
+    }
+
+    /// Removes the live line, leaving the cursor at the start of an empty
+    /// line. Does nothing in plain mode or when nothing is shown.
+    pub fn clear(&mut self) -> io::Result<()> {
+        if self.shown.take().is_some() {
+            write!(self.out, "\r{CLEAR_EOL}")?;
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn q(position: u32, queue_length: u32) -> Queued {
+        Queued {
+            position,
+            queue_length,
+            eta: None,
+        }
+    }
+
+    #[test]
+    fn text_with_and_without_eta() {
+        let mut queued = q(3, 7);
+        assert_eq!(text(&queued, now()), "waiting: position 3 of 7, no ETA yet");
+        queued.eta = Some(now() + Duration::from_secs(4 * 60 + 10));
+        let t = text(&queued, now());
+        assert!(t.starts_with("waiting: position 3 of 7, ETA "), "{t}");
+        assert!(t.ends_with(" (in 4m)"), "{t}");
+    }
+
+    #[test]
+    fn plain_mode_prints_a_line_per_position_change() {
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, false);
+        w.update(q(3, 7), now()).unwrap();
+        w.update(q(3, 8), now()).unwrap();
+        w.redraw(now()).unwrap();
+        w.update(q(2, 8), now()).unwrap();
+        w.clear().unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "waiting: position 3 of 7, no ETA yet\nwaiting: position 2 of 8, no ETA yet\n"
+        );
+    }
+
+    #[test]
+    fn live_mode_rewrites_one_line_and_clears_it() {
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, true);
+        w.redraw(now()).unwrap(); // nothing to show yet
+        w.update(q(3, 7), now()).unwrap();
+        w.redraw(now()).unwrap(); // unchanged: not rewritten
+        w.update(q(3, 8), now()).unwrap();
+        w.clear().unwrap();
+        w.clear().unwrap(); // idempotent
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\rwaiting: position 3 of 7, no ETA yet\x1b[K\
+             \rwaiting: position 3 of 8, no ETA yet\x1b[K\
+             \r\x1b[K"
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! The event log's record type: one entry for every state change (who, what,
+//! when), committed in the same transaction as the change itself.
+
+use crate::lease::LeaseSpec;
+use crate::types::{HostName, LeaseId, Principal, Timestamp, WaiterId};
+use serde::{Deserialize, Serialize};
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    LeaseRequested,
+    LeaseGranted,
+    LeaseRenewed,
+    LeaseReleased,
+    LeaseExpired,
+    RequestWithdrawn,
+    HostReclaiming,
+    HostAvailable,
+    HostMaintenanceOn,
+    HostMaintenanceOff,
+    InventoryLoaded,
+    HostAdded,
+    HostRetired,
+    HostRemoved,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Gap-free, strictly increasing.
+    pub seq: u64,
+    pub time: Timestamp,
+    pub actor: Principal,
+    pub kind: EventKind,
+    pub hosts: Vec<HostName>,
+    pub lease: Option<LeaseId>,
+    pub waiter: Option<WaiterId>,
+    /// For `LeaseRequested`: what was asked.
+    pub request: Option<LeaseSpec>,
+    pub detail: String,
+}

@@ -1,0 +1,467 @@
+//! The lease and host lifecycles as pure state machines.
+//!
+//! `apply(&self, event) -> Result<Self, TransitionError>`: no I/O, no clock
+//! (time comes in the event), every accepted transition bumps the record's
+//! generation. The store writes with compare-and-set on that generation.
+//!
+//! ```text
+//! lease:  Active --renew--> Active
+//!         Active --release--> Released          (terminal)
+//!         Active --expire (now >= expires_at)--> Expired   (terminal)
+//!
+//! host:   Available --grant--> Leased --end-lease--> Reclaiming --reclaimed--> Available
+//!         maintenance and retired are flags: set or cleared in any state;
+//!         a host is grantable only when Available, not in maintenance, not retired.
+//! ```
+
+use crate::types::{Generation, HostName, LeaseId, Principal, ProfileName, Timestamp, WaiterId};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A transition the state machine refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("lease {lease} is {state}, not active")]
+    LeaseNotActive { lease: LeaseId, state: LeaseState },
+    #[error("lease {lease} expired at {expires_at}")]
+    LeaseExpired {
+        lease: LeaseId,
+        expires_at: Timestamp,
+    },
+    #[error("lease {lease} does not expire before {expires_at}")]
+    NotYetExpired {
+        lease: LeaseId,
+        expires_at: Timestamp,
+    },
+    #[error("host {host} is {state}, cannot {action}")]
+    Host {
+        host: HostName,
+        state: &'static str,
+        action: &'static str,
+    },
+}
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    Active,
+    Released,
+    Expired,
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LeaseState::Active => "active",
+            LeaseState::Released => "released",
+            LeaseState::Expired => "expired",
+        })
+    }
+}
+
+/// A granted lease, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub holder: Principal,
+    pub hosts: Vec<HostName>,
+    pub state: LeaseState,
+    pub profile: Option<ProfileName>,
+    pub priority: i32,
+    pub comment: String,
+    /// TTL used by renewals that name none.
+    pub ttl_ms: u64,
+    pub granted_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// Hard cap: renewals never extend past it.
+    pub max_expires_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+    pub waiter_id: WaiterId,
+    pub generation: Generation,
+}
+
+/// What can happen to a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Extend to `now + ttl`, capped at `max_expires_at`.
+    Renew { now: Timestamp, ttl: Duration },
+    /// The holder (or an operator) gives the hosts back.
+    Release { now: Timestamp },
+    /// The server reclaims a lease whose TTL ran out.
+    Expire { now: Timestamp },
+}
+
+impl Lease {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state == LeaseState::Active
+    }
+
+    /// The pure transition function of the lease lifecycle.
+    pub fn apply(&self, event: &LeaseEvent) -> Result<Lease, TransitionError> {
+        if self.state != LeaseState::Active {
+            return Err(TransitionError::LeaseNotActive {
+                lease: self.id,
+                state: self.state,
+            });
+        }
+        let mut next = self.clone();
+        next.generation = self.generation.next();
+        match *event {
+            LeaseEvent::Renew { now, ttl } => {
+                if now >= self.expires_at {
+                    return Err(TransitionError::LeaseExpired {
+                        lease: self.id,
+                        expires_at: self.expires_at,
+                    });
+                }
+                next.expires_at = now
+                    .saturating_add(ttl)
+                    .min(self.max_expires_at)
+                    .max(self.expires_at);
+            }
+            LeaseEvent::Release { now } => {
+                // A release that arrives after the TTL ran out (but before the
+                // server noticed) is an expiry: the lease was already lost.
+                if now >= self.expires_at {
+                    next.state = LeaseState::Expired;
+                    next.ended_at = Some(self.expires_at);
+                } else {
+                    next.state = LeaseState::Released;
+                    next.ended_at = Some(now);
+                }
+            }
+            LeaseEvent::Expire { now } => {
+                if now < self.expires_at {
+                    return Err(TransitionError::NotYetExpired {
+                        lease: self.id,
+                        expires_at: self.expires_at,
+                    });
+                }
+                next.state = LeaseState::Expired;
+                next.ended_at = Some(self.expires_at);
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// Where a host is in its lease cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "lease")]
+pub enum HostState {
+    Available,
+    Leased(LeaseId),
+    /// The lease ended; the host is being powered off and reset.
+    Reclaiming(LeaseId),
+}
+
+/// A host's lease-cycle record, as persisted (its description lives in the
+/// inventory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: HostName,
+    pub state: HostState,
+    pub maintenance: bool,
+    /// No longer in the inventory: never granted again, deleted once free.
+    pub retired: bool,
+    pub generation: Generation,
+}
+
+/// What can happen to a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostEvent {
+    Grant(LeaseId),
+    /// Its lease was released or expired.
+    EndLease(LeaseId),
+    /// The reclaim step (power off, boot device reset) finished.
+    Reclaimed(LeaseId),
+    SetMaintenance(bool),
+    SetRetired(bool),
+}
+
+impl HostRecord {
+    pub fn new(name: HostName) -> Self {
+        Self {
+            name,
+            state: HostState::Available,
+            maintenance: false,
+            retired: false,
+            generation: Generation(1),
+        }
+    }
+
+    /// May a new lease take this host now?
+    pub fn is_grantable(&self) -> bool {
+        self.state == HostState::Available && !self.maintenance && !self.retired
+    }
+
+    /// The lease holding it (or being reclaimed from it).
+    pub fn lease(&self) -> Option<LeaseId> {
+        match self.state {
+            HostState::Available => None,
+            HostState::Leased(l) | HostState::Reclaiming(l) => Some(l),
+        }
+    }
+
+    /// Short name of the state for messages.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            HostState::Available if self.retired => "retired",
+            HostState::Available if self.maintenance => "in maintenance",
+            HostState::Available => "available",
+            HostState::Leased(_) => "leased",
+            HostState::Reclaiming(_) => "reclaiming",
+        }
+    }
+
+    /// The pure transition function of the host lifecycle.
+    pub fn apply(&self, event: HostEvent) -> Result<HostRecord, TransitionError> {
+        let refuse = |action| TransitionError::Host {
+            host: self.name.clone(),
+            state: self.state_name(),
+            action,
+        };
+        let mut next = self.clone();
+        next.generation = self.generation.next();
+        match event {
+            HostEvent::Grant(l) => {
+                if !self.is_grantable() {
+                    return Err(refuse("be granted"));
+                }
+                next.state = HostState::Leased(l);
+            }
+            HostEvent::EndLease(l) => {
+                if self.state != HostState::Leased(l) {
+                    return Err(refuse("end a lease it does not hold"));
+                }
+                next.state = HostState::Reclaiming(l);
+            }
+            HostEvent::Reclaimed(l) => {
+                if self.state != HostState::Reclaiming(l) {
+                    return Err(refuse("finish a reclaim it is not in"));
+                }
+                next.state = HostState::Available;
+            }
+            HostEvent::SetMaintenance(on) => next.maintenance = on,
+            HostEvent::SetRetired(on) => next.retired = on,
+        }
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(state: LeaseState) -> Lease {
+        Lease {
+            id: LeaseId(uuid::Uuid::from_u128(1)),
+            holder: Principal::new("ci").unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            state,
+            profile: None,
+            priority: 0,
+            comment: String::new(),
+            ttl_ms: 60_000,
+            granted_at: Timestamp(1_000),
+            expires_at: Timestamp(61_000),
+            max_expires_at: Timestamp(100_000),
+            ended_at: None,
+            waiter_id: 1,
+            generation: Generation(1),
+        }
+    }
+
+    /// Every lease state × event, at a time before and after expiry.
+    #[test]
+    fn lease_state_event_table() {
+        use LeaseState::*;
+        let ttl = Duration::from_secs(60);
+        let before = Timestamp(30_000);
+        let after = Timestamp(61_000);
+        // (state, event, expected state or None for refused, expected expires_at, ended_at)
+        let table: Vec<(
+            LeaseState,
+            LeaseEvent,
+            Option<(LeaseState, i64, Option<i64>)>,
+        )> = vec![
+            (
+                Active,
+                LeaseEvent::Renew { now: before, ttl },
+                Some((Active, 90_000, None)),
+            ),
+            (Active, LeaseEvent::Renew { now: after, ttl }, None),
+            (
+                Active,
+                LeaseEvent::Release { now: before },
+                Some((Released, 61_000, Some(30_000))),
+            ),
+            (
+                Active,
+                LeaseEvent::Release { now: after },
+                Some((Expired, 61_000, Some(61_000))),
+            ),
+            (Active, LeaseEvent::Expire { now: before }, None),
+            (
+                Active,
+                LeaseEvent::Expire { now: after },
+                Some((Expired, 61_000, Some(61_000))),
+            ),
+            (Released, LeaseEvent::Renew { now: before, ttl }, None),
+            (Released, LeaseEvent::Release { now: before }, None),
+            (Released, LeaseEvent::Expire { now: after }, None),
+            (Expired, LeaseEvent::Renew { now: before, ttl }, None),
+            (Expired, LeaseEvent::Release { now: before }, None),
+            (Expired, LeaseEvent::Expire { now: after }, None),
+        ];
+        for (state, event, expected) in table {
+            let l = lease(state);
+            let got = l.apply(&event);
+            match expected {
+                None => assert!(
+                    got.is_err(),
+                    "{state:?} × {event:?} should be refused, got {got:?}"
+                ),
+                Some((s, exp, ended)) => {
+                    let n = got.unwrap_or_else(|e| panic!("{state:?} × {event:?}: {e}"));
+                    assert_eq!(n.state, s, "{state:?} × {event:?}");
+                    assert_eq!(n.expires_at, Timestamp(exp), "{state:?} × {event:?}");
+                    assert_eq!(n.ended_at, ended.map(Timestamp), "{state:?} × {event:?}");
+                    assert_eq!(
+                        n.generation,
+                        Generation(2),
+                        "every transition bumps the generation"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn renew_is_capped_and_never_shortens() {
+        let l = lease(LeaseState::Active);
+        let n = l
+            .apply(&LeaseEvent::Renew {
+                now: Timestamp(50_000),
+                ttl: Duration::from_secs(600),
+            })
+            .unwrap();
+        assert_eq!(n.expires_at, Timestamp(100_000), "capped at max_expires_at");
+        let n = l
+            .apply(&LeaseEvent::Renew {
+                now: Timestamp(2_000),
+                ttl: Duration::from_secs(1),
+            })
+            .unwrap();
+        assert_eq!(
+            n.expires_at,
+            Timestamp(61_000),
+            "a short renewal does not shorten the lease"
+        );
+    }
+
+    /// Every host state (× maintenance × retired) × event.
+    #[test]
+    fn host_state_event_table() {
+        let a = LeaseId(uuid::Uuid::from_u128(1));
+        let b = LeaseId(uuid::Uuid::from_u128(2));
+        let states = [
+            HostState::Available,
+            HostState::Leased(a),
+            HostState::Reclaiming(a),
+        ];
+        let events = [
+            HostEvent::Grant(b),
+            HostEvent::EndLease(a),
+            HostEvent::EndLease(b),
+            HostEvent::Reclaimed(a),
+            HostEvent::Reclaimed(b),
+            HostEvent::SetMaintenance(true),
+            HostEvent::SetMaintenance(false),
+            HostEvent::SetRetired(true),
+            HostEvent::SetRetired(false),
+        ];
+        for state in states {
+            for maintenance in [false, true] {
+                for retired in [false, true] {
+                    let h = HostRecord {
+                        name: HostName::new("h1").unwrap(),
+                        state,
+                        maintenance,
+                        retired,
+                        generation: Generation(7),
+                    };
+                    for event in events {
+                        let expected: Option<HostRecord> = match (state, event) {
+                            (HostState::Available, HostEvent::Grant(l))
+                                if !maintenance && !retired =>
+                            {
+                                Some(HostRecord {
+                                    state: HostState::Leased(l),
+                                    ..h.clone()
+                                })
+                            }
+                            (HostState::Leased(x), HostEvent::EndLease(l)) if x == l => {
+                                Some(HostRecord {
+                                    state: HostState::Reclaiming(l),
+                                    ..h.clone()
+                                })
+                            }
+                            (HostState::Reclaiming(x), HostEvent::Reclaimed(l)) if x == l => {
+                                Some(HostRecord {
+                                    state: HostState::Available,
+                                    ..h.clone()
+                                })
+                            }
+                            (_, HostEvent::SetMaintenance(m)) => Some(HostRecord {
+                                maintenance: m,
+                                ..h.clone()
+                            }),
+                            (_, HostEvent::SetRetired(r)) => Some(HostRecord {
+                                retired: r,
+                                ..h.clone()
+                            }),
+                            _ => None,
+                        };
+                        let got = h.apply(event);
+                        match expected {
+                            None => assert!(got.is_err(), "{h:?} × {event:?} should be refused"),
+                            Some(e) => {
+                                let got =
+                                    got.unwrap_or_else(|err| panic!("{h:?} × {event:?}: {err}"));
+                                assert_eq!(
+                                    got,
+                                    HostRecord {
+                                        generation: Generation(8),
+                                        ..e
+                                    },
+                                    "{h:?} × {event:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusal_names_host_and_state() {
+        let h = HostRecord {
+            maintenance: true,
+            ..HostRecord::new(HostName::new("x86-01").unwrap())
+        };
+        let e = h
+            .apply(HostEvent::Grant(LeaseId(uuid::Uuid::from_u128(3))))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host x86-01 is in maintenance, cannot be granted"
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! An in-memory [`Store`] for tests, with the same compare-and-set rules as
+//! the durable one, and a switch that makes commits fail.
+
+use super::{Batch, EventQuery, Snapshot, Store, StoreError, Write, check_generation};
+use crate::events::EventRecord;
+use crate::lease::{HostRecord, Lease};
+use crate::types::{HostName, LeaseId};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Default, Clone)]
+struct Data {
+    hosts: BTreeMap<HostName, HostRecord>,
+    leases: BTreeMap<LeaseId, Lease>,
+    events: Vec<EventRecord>,
+}
+
+/// Volatile store; `fail_commits(true)` makes every commit fail.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    data: Mutex<Data>,
+    failing: AtomicBool,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn fail_commits(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
+    }
+}
+
+fn lock(m: &Mutex<Data>) -> std::sync::MutexGuard<'_, Data> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let d = lock(&self.data);
+        Ok(Snapshot {
+            hosts: d.hosts.values().cloned().collect(),
+            leases: d.leases.values().cloned().collect(),
+            last_event_seq: d.events.last().map_or(0, |e| e.seq),
+        })
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend {
+                op: "commit",
+                source: "commits are switched off for this test".into(),
+            });
+        }
+        let mut guard = lock(&self.data);
+        let mut d = guard.clone();
+        for w in &batch.writes {
+            match w {
+                Write::Host(h) => {
+                    check_generation(
+                        w.key(),
+                        d.hosts.get(&h.name).map(|x| x.generation),
+                        h.generation,
+                    )?;
+                    d.hosts.insert(h.name.clone(), h.clone());
+                }
+                Write::DeleteHost { name, generation } => {
+                    let found = d.hosts.get(name).map(|x| x.generation);
+                    if found != Some(*generation) {
+                        return Err(StoreError::Conflict {
+                            key: w.key(),
+                            expected: Some(*generation),
+                            found,
+                        });
+                    }
+                    d.hosts.remove(name);
+                }
+                Write::Lease(l) => {
+                    check_generation(
+                        w.key(),
+                        d.leases.get(&l.id).map(|x| x.generation),
+                        l.generation,
+                    )?;
+                    d.leases.insert(l.id, l.clone());
+                }
+            }
+        }
+        let mut next = d.events.last().map_or(0, |e| e.seq) + 1;
+        for e in &batch.events {
+            if e.seq != next {
+                return Err(StoreError::EventGap {
+                    expected: next,
+                    got: e.seq,
+                });
+            }
+            next += 1;
+            d.events.push(e.clone());
+        }
+        *guard = d;
+        Ok(())
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {
+        let d = lock(&self.data);
+        let start = d.events.partition_point(|e| e.seq <= query.after_seq);
+        Ok(d.events[start..]
+            .iter()
+            .filter(|e| query.matches(e))
+            .take(query.limit)
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn contract() {
+        super::super::contract::run_all(&super::MemStore::new());
+    }
+}

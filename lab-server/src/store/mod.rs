@@ -1,0 +1,308 @@
+//! Durable state behind a narrow trait: host records, leases and the event
+//! log. Every write is compare-and-set on the record's generation, and one
+//! [`Batch`] (records plus their events) commits atomically and durably, so
+//! a reply is only sent for what is on disk.
+//!
+//! Backends: [`redb::RedbStore`] (the embedded default) and
+//! [`memory::MemStore`] (tests; can be told to fail). A distributed backend
+//! implements the same trait without touching the lease logic.
+
+pub mod memory;
+pub mod redb;
+
+use crate::events::EventRecord;
+use crate::lease::{HostRecord, Lease};
+use crate::types::{Generation, HostName, LeaseId};
+
+/// A store failure. The core answers UNAVAILABLE and reloads its state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("generation conflict on {key}: expected {expected:?}, found {found:?}")]
+    Conflict {
+        key: String,
+        expected: Option<Generation>,
+        found: Option<Generation>,
+    },
+    #[error("stored record {key} is corrupt")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("event sequence gap: next is {expected}, batch starts at {got}")]
+    EventGap { expected: u64, got: u64 },
+    #[error("storage backend failed during {op}")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// One record write. A record whose generation is `g` replaces the stored
+/// one only if that has generation `g - 1` (or is absent when `g` is 1).
+#[derive(Debug, Clone)]
+pub enum Write {
+    Host(HostRecord),
+    /// Delete a host record whose stored generation is the one given.
+    DeleteHost {
+        name: HostName,
+        generation: Generation,
+    },
+    Lease(Lease),
+}
+
+impl Write {
+    fn key(&self) -> String {
+        match self {
+            Write::Host(h) => format!("host/{}", h.name),
+            Write::DeleteHost { name, .. } => format!("host/{name}"),
+            Write::Lease(l) => format!("lease/{}", l.id),
+        }
+    }
+}
+
+/// What commits together: record writes and the events they cause.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub writes: Vec<Write>,
+    /// With consecutive `seq` numbers following the last stored one.
+    pub events: Vec<EventRecord>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.events.is_empty()
+    }
+}
+
+/// Everything the core needs at start.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub hosts: Vec<HostRecord>,
+    pub leases: Vec<Lease>,
+    pub last_event_seq: u64,
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub after_seq: u64,
+    pub limit: usize,
+    pub host: Option<HostName>,
+    pub lease: Option<LeaseId>,
+}
+
+impl EventQuery {
+    pub fn matches(&self, e: &EventRecord) -> bool {
+        e.seq > self.after_seq
+            && self.host.as_ref().is_none_or(|h| e.hosts.contains(h))
+            && self.lease.is_none_or(|l| e.lease == Some(l))
+    }
+}
+
+/// The narrow storage interface. Implementations are synchronous; the core
+/// calls them off the async workers.
+pub trait Store: Send + Sync + 'static {
+    /// All host records, all leases, and the last event's sequence number.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Apply a batch atomically and durably, or not at all.
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Events matching the query, in sequence order, at most `query.limit`.
+    fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError>;
+}
+
+/// The compare-and-set rule shared by the backends.
+fn check_generation(
+    key: String,
+    stored: Option<Generation>,
+    new: Generation,
+) -> Result<(), StoreError> {
+    let expected = if new.0 <= 1 {
+        None
+    } else {
+        Some(Generation(new.0 - 1))
+    };
+    if stored == expected {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key,
+            expected,
+            found: stored,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Tests every backend must pass.
+    use super::*;
+    use crate::events::EventKind;
+    use crate::lease::{HostEvent, LeaseState};
+    use crate::types::{Principal, Timestamp};
+
+    fn host(name: &str) -> HostRecord {
+        HostRecord::new(HostName::new(name).unwrap())
+    }
+
+    fn event(seq: u64, kind: EventKind, hosts: &[&str]) -> EventRecord {
+        EventRecord {
+            seq,
+            time: Timestamp(seq as i64),
+            actor: Principal::server(),
+            kind,
+            hosts: hosts.iter().map(|h| HostName::new(*h).unwrap()).collect(),
+            lease: None,
+            waiter: None,
+            request: None,
+            detail: String::new(),
+        }
+    }
+
+    pub fn run_all(store: &dyn Store) {
+        round_trip_and_cas(store);
+    }
+
+    fn round_trip_and_cas(store: &dyn Store) {
+        let h1 = host("h1");
+        let h2 = host("h2");
+        store
+            .commit(&Batch {
+                writes: vec![Write::Host(h1.clone()), Write::Host(h2.clone())],
+                events: vec![
+                    event(1, EventKind::HostAdded, &["h1"]),
+                    event(2, EventKind::HostAdded, &["h2"]),
+                ],
+            })
+            .unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.hosts.len(), 2);
+        assert_eq!(snap.last_event_seq, 2);
+
+        // Creating again (generation 1 over 1) conflicts; nothing of the batch lands.
+        let err = store
+            .commit(&Batch {
+                writes: vec![
+                    Write::Host(h1.apply(HostEvent::SetMaintenance(true)).unwrap()),
+                    Write::Host(h2.clone()),
+                ],
+                events: vec![event(3, EventKind::HostMaintenanceOn, &["h1"])],
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        let snap = store.load().unwrap();
+        assert!(
+            snap.hosts.iter().all(|h| !h.maintenance),
+            "a failed batch must not be partly applied"
+        );
+        assert_eq!(snap.last_event_seq, 2);
+
+        // Two successive generations of one record in one batch are fine.
+        let g2 = h1.apply(HostEvent::SetMaintenance(true)).unwrap();
+        let g3 = g2.apply(HostEvent::SetMaintenance(false)).unwrap();
+        store
+            .commit(&Batch {
+                writes: vec![Write::Host(g2), Write::Host(g3.clone())],
+                events: vec![
+                    event(3, EventKind::HostMaintenanceOn, &["h1"]),
+                    event(4, EventKind::HostMaintenanceOff, &["h1"]),
+                ],
+            })
+            .unwrap();
+
+        // Event gap refused.
+        let err = store
+            .commit(&Batch {
+                writes: vec![],
+                events: vec![event(9, EventKind::HostAdded, &[])],
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::EventGap {
+                    expected: 5,
+                    got: 9
+                }
+            ),
+            "{err}"
+        );
+
+        // Leases round-trip.
+        let lease = Lease {
+            id: LeaseId(uuid::Uuid::from_u128(42)),
+            holder: Principal::new("ci").unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            state: LeaseState::Active,
+            profile: None,
+            priority: 3,
+            comment: "c".into(),
+            ttl_ms: 1000,
+            granted_at: Timestamp(1),
+            expires_at: Timestamp(1001),
+            max_expires_at: Timestamp(5000),
+            ended_at: None,
+            waiter_id: 7,
+            generation: Generation(1),
+        };
+        store
+            .commit(&Batch {
+                writes: vec![Write::Lease(lease.clone())],
+                events: vec![],
+            })
+            .unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.leases, vec![lease]);
+
+        // Delete with the right generation only.
+        let err = store
+            .commit(&Batch {
+                writes: vec![Write::DeleteHost {
+                    name: h2.name.clone(),
+                    generation: Generation(5),
+                }],
+                events: vec![],
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }));
+        store
+            .commit(&Batch {
+                writes: vec![Write::DeleteHost {
+                    name: h2.name.clone(),
+                    generation: Generation(1),
+                }],
+                events: vec![],
+            })
+            .unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.hosts, vec![g3]);
+
+        // Event queries.
+        let all = store
+            .events(&EventQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        let q = EventQuery {
+            after_seq: 1,
+            limit: 2,
+            host: Some(HostName::new("h1").unwrap()),
+            lease: None,
+        };
+        assert_eq!(
+            store
+                .events(&q)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+    }
+}
