@@ -106,6 +106,10 @@ impl Queue {
         self.waiters.is_empty()
     }
 
+    pub fn get(&self, id: WaiterId) -> Option<&Waiter> {
+        self.waiters.get(self.keys.get(&id)?)
+    }
+
     pub fn contains(&self, id: WaiterId) -> bool {
         self.keys.contains_key(&id)
     }

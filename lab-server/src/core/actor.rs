@@ -1,0 +1,733 @@
+//! The core actor: the one task that owns hosts, leases and the queue, and
+//! the only writer of the store. See the parent module for the batch cycle.
+
+use super::clock::Clock;
+use super::reclaim::Reclaimer;
+use super::{Command, CoreConfig, CoreError, HostView, ReloadSummary, Reply, WaitState};
+use crate::events::{EventKind, EventRecord};
+use crate::inventory::Inventory;
+use crate::lease::{Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseSpec, LeaseState, Queue, Waiter};
+use crate::store::{Batch, Snapshot, Store, StoreError, Write};
+use crate::types::{Caller, Generation, HostName, LeaseId, Principal, Timestamp, WaiterId};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+type AfterCommit = Box<dyn FnOnce(Option<&CoreError>) + Send>;
+
+/// What one batch produced: the records and events to commit, and what to do
+/// once the commit succeeded or failed.
+#[derive(Default)]
+struct Pending {
+    batch: Batch,
+    after: Vec<AfterCommit>,
+    reclaims: Vec<(HostName, LeaseId)>,
+    no_wait: Vec<WaiterId>,
+}
+
+impl Pending {
+    fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, value: Result<T, CoreError>) {
+        self.after.push(Box::new(move |failed| {
+            let _ = tx.send(match failed {
+                None => value,
+                Some(e) => Err(e.clone()),
+            });
+        }));
+    }
+
+    fn notify(&mut self, tx: watch::Sender<WaitState>, state: WaitState) {
+        self.after.push(Box::new(move |failed| {
+            let _ = tx.send(match failed {
+                None => state,
+                Some(e) => WaitState::Failed(e.clone()),
+            });
+        }));
+    }
+}
+
+pub(super) struct Actor {
+    config: CoreConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    reclaimer: Arc<dyn Reclaimer>,
+    /// To let reclaim tasks report back without keeping the actor alive.
+    tx: mpsc::WeakSender<Command>,
+    events: broadcast::Sender<EventRecord>,
+    inventory: Arc<Inventory>,
+    hosts: BTreeMap<HostName, HostRecord>,
+    leases: HashMap<LeaseId, Lease>,
+    /// Active leases by expiry.
+    expiries: BTreeSet<(Timestamp, LeaseId)>,
+    queue: Queue,
+    waiters: HashMap<WaiterId, watch::Sender<WaitState>>,
+    /// Hosts with a reclaim task running.
+    reclaiming: HashSet<HostName>,
+    last_seq: u64,
+    /// The inventory must be reconciled with the host records (after a
+    /// reload of state from the store).
+    resync: bool,
+}
+
+impl Actor {
+    pub(super) async fn start(
+        config: CoreConfig,
+        store: Arc<dyn Store>,
+        inventory: Inventory,
+        reclaimer: Arc<dyn Reclaimer>,
+        clock: Arc<dyn Clock>,
+        tx: mpsc::Sender<Command>,
+        events: broadcast::Sender<EventRecord>,
+    ) -> Result<Actor, CoreError> {
+        let snapshot = load(&store).await?;
+        let mut actor = Actor {
+            config,
+            store,
+            clock,
+            reclaimer,
+            tx: tx.downgrade(),
+            events,
+            inventory: Arc::new(inventory),
+            hosts: BTreeMap::new(),
+            leases: HashMap::new(),
+            expiries: BTreeSet::new(),
+            queue: Queue::default(),
+            waiters: HashMap::new(),
+            reclaiming: HashSet::new(),
+            last_seq: 0,
+            resync: false,
+        };
+        actor.restore(snapshot);
+        let now = actor.clock.now();
+        let mut p = Pending::default();
+        let summary = actor.sync_inventory(&mut p, now, &Principal::server());
+        actor.expire_due(&mut p, now);
+        p.reclaims.extend(actor.reclaiming_hosts());
+        let active = actor.expiries.len();
+        if let Some(e) = actor.commit(p).await {
+            return Err(e);
+        }
+        info!(hosts = summary.hosts, active_leases = active, last_event = actor.last_seq, "core started");
+        Ok(actor)
+    }
+
+    /// Adopt a snapshot from the store as the current state.
+    fn restore(&mut self, snapshot: Snapshot) {
+        self.hosts = snapshot.hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
+        self.expiries =
+            snapshot.leases.iter().filter(|l| l.is_active()).map(|l| (l.expires_at, l.id)).collect();
+        self.leases = snapshot.leases.into_iter().map(|l| (l.id, l)).collect();
+        self.last_seq = snapshot.last_event_seq;
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut cmds = Vec::with_capacity(self.config.max_batch);
+        loop {
+            let deadline = self.expiries.first().map(|(t, _)| self.clock.instant_at(*t));
+            tokio::select! {
+                n = rx.recv_many(&mut cmds, self.config.max_batch) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                () = sleep_until(deadline) => {}
+            }
+            let now = self.clock.now();
+            let mut p = Pending::default();
+            if std::mem::take(&mut self.resync) {
+                self.sync_inventory(&mut p, now, &Principal::server());
+            }
+            self.expire_due(&mut p, now);
+            for cmd in cmds.drain(..) {
+                self.handle(&mut p, now, cmd);
+            }
+            self.schedule(&mut p, now);
+            let changed = !p.batch.is_empty();
+            self.commit(p).await;
+            if changed {
+                self.publish_queue(self.clock.now());
+            }
+        }
+        debug!("core actor stopped");
+    }
+
+    fn handle(&mut self, p: &mut Pending, now: Timestamp, cmd: Command) {
+        match cmd {
+            Command::Acquire { caller, waiter, spec, no_wait, state } => {
+                self.acquire(p, now, caller, waiter, spec, no_wait, state)
+            }
+            Command::Withdraw { waiter } => self.withdraw(p, now, waiter, "the client went away"),
+            Command::Renew { caller, lease, ttl, reply } => {
+                let r = self.renew(p, now, &caller, lease, ttl);
+                p.reply(reply, r);
+            }
+            Command::Release { caller, lease, reply } => {
+                let r = self.release(p, now, &caller, lease);
+                p.reply(reply, r);
+            }
+            Command::GetLease { lease, reply } => {
+                let r = self.leases.get(&lease).cloned().ok_or_else(|| not_found("lease", lease));
+                p.reply(reply, r);
+            }
+            Command::ListLeases { include_ended, holder, reply } => {
+                let mut v: Vec<Lease> = self
+                    .leases
+                    .values()
+                    .filter(|l| include_ended || l.is_active())
+                    .filter(|l| holder.as_ref().is_none_or(|h| &l.holder == h))
+                    .cloned()
+                    .collect();
+                v.sort_by(|a, b| (a.granted_at, a.id).cmp(&(b.granted_at, b.id)));
+                p.reply(reply, Ok(v));
+            }
+            Command::ListHosts { reply } => {
+                let v = self.host_order().into_iter().filter_map(|h| self.view(&h)).collect();
+                p.reply(reply, Ok(v));
+            }
+            Command::GetHost { host, reply } => {
+                let r = self.view(&host).ok_or_else(|| not_found("host", &host));
+                p.reply(reply, r);
+            }
+            Command::SetMaintenance { caller, host, on, reason, reply } => {
+                let r = self.set_maintenance(p, now, &caller, &host, on, reason);
+                p.reply(reply, r);
+            }
+            Command::SetInventory { actor, inventory, reply } => {
+                self.inventory = inventory;
+                let r = self.sync_inventory(p, now, &actor);
+                p.reply(reply, Ok(r));
+            }
+            Command::Reclaimed { host, lease } => self.reclaimed(p, now, host, lease),
+        }
+    }
+
+    // ------------------------------------------------------------ records
+
+    fn event<'p>(&mut self, p: &'p mut Pending, now: Timestamp, actor: &Principal, kind: EventKind) -> &'p mut EventRecord {
+        self.last_seq += 1;
+        p.batch.events.push(EventRecord {
+            seq: self.last_seq,
+            time: now,
+            actor: actor.clone(),
+            kind,
+            hosts: Vec::new(),
+            lease: None,
+            waiter: None,
+            request: None,
+            detail: String::new(),
+        });
+        p.batch.events.last_mut().expect("just pushed")
+    }
+
+    fn put_host(&mut self, p: &mut Pending, rec: HostRecord) {
+        p.batch.writes.push(Write::Host(rec.clone()));
+        self.hosts.insert(rec.name.clone(), rec);
+    }
+
+    fn host_apply(&mut self, p: &mut Pending, name: &HostName, ev: HostEvent) -> Result<(), CoreError> {
+        let rec = self.hosts.get(name).ok_or_else(|| not_found("host", name))?;
+        let next = rec.apply(ev)?;
+        self.put_host(p, next);
+        Ok(())
+    }
+
+    fn put_lease(&mut self, p: &mut Pending, lease: Lease) {
+        if let Some(old) = self.leases.get(&lease.id) {
+            self.expiries.remove(&(old.expires_at, old.id));
+        }
+        if lease.is_active() {
+            self.expiries.insert((lease.expires_at, lease.id));
+        }
+        p.batch.writes.push(Write::Lease(lease.clone()));
+        self.leases.insert(lease.id, lease);
+    }
+
+    // ------------------------------------------------------------ leases
+
+    #[allow(clippy::too_many_arguments)]
+    fn acquire(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: Caller,
+        waiter: WaiterId,
+        spec: LeaseSpec,
+        no_wait: bool,
+        state: watch::Sender<WaitState>,
+    ) {
+        if let Err(e) = self.check_spec(&spec) {
+            debug!(waiter, principal = %caller.principal, error = %e, "lease request refused");
+            p.notify(state, WaitState::Failed(e));
+            return;
+        }
+        let e = self.event(p, now, &caller.principal, EventKind::LeaseRequested);
+        e.waiter = Some(waiter);
+        e.request = Some(spec.clone());
+        debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, "lease requested");
+        self.queue.push(Waiter { id: waiter, principal: caller.principal, spec });
+        self.waiters.insert(waiter, state);
+        if no_wait {
+            p.no_wait.push(waiter);
+        }
+    }
+
+    fn check_spec(&self, spec: &LeaseSpec) -> Result<(), CoreError> {
+        if spec.ttl.is_zero() || spec.ttl > self.config.max_ttl {
+            return Err(CoreError::InvalidArgument {
+                field: "request.ttl",
+                reason: format!(
+                    "must be more than 0 and at most {}",
+                    humantime::format_duration(self.config.max_ttl)
+                ),
+            });
+        }
+        if let Some(h) = spec.hosts.iter().find(|h| self.inventory.host(h).is_none()) {
+            return Err(CoreError::InvalidArgument {
+                field: "request.hosts",
+                reason: format!("no host named {h} in the inventory"),
+            });
+        }
+        let cands = self.candidates(Timestamp(0));
+        let matching = cands.iter().filter(|c| spec.matches(c)).count();
+        if matching < spec.count as usize {
+            return Err(CoreError::Unsatisfiable {
+                reason: format!("{} host(s) asked for, {matching} in the inventory match", spec.count),
+            });
+        }
+        Ok(())
+    }
+
+    fn withdraw(&mut self, p: &mut Pending, now: Timestamp, waiter: WaiterId, why: &str) {
+        if let Some(w) = self.queue.remove(waiter) {
+            self.waiters.remove(&waiter);
+            let e = self.event(p, now, &w.principal, EventKind::RequestWithdrawn);
+            e.waiter = Some(waiter);
+            e.detail = why.to_owned();
+            debug!(waiter, why, "lease request withdrawn");
+        }
+    }
+
+    fn may_manage(caller: &Caller, lease: &Lease, action: &str) -> Result<(), CoreError> {
+        if caller.principal == lease.holder || caller.role.is_operator() {
+            Ok(())
+        } else {
+            Err(CoreError::PermissionDenied {
+                principal: caller.principal.clone(),
+                action: format!("{action} lease {} held by {}", lease.id, lease.holder),
+            })
+        }
+    }
+
+    fn renew(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        id: LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease, CoreError> {
+        let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
+        Self::may_manage(caller, lease, "renew")?;
+        let ttl = ttl.unwrap_or(lease.ttl());
+        if ttl.is_zero() || ttl > self.config.max_ttl {
+            return Err(CoreError::InvalidArgument {
+                field: "ttl",
+                reason: format!("must be more than 0 and at most {}", humantime::format_duration(self.config.max_ttl)),
+            });
+        }
+        let next = lease.apply(&LeaseEvent::Renew { now, ttl })?;
+        let e = self.event(p, now, &caller.principal, EventKind::LeaseRenewed);
+        e.lease = Some(id);
+        e.hosts = next.hosts.clone();
+        e.detail = format!("expires {}", next.expires_at);
+        debug!(lease = %id, expires = %next.expires_at, "lease renewed");
+        self.put_lease(p, next.clone());
+        Ok(next)
+    }
+
+    fn release(&mut self, p: &mut Pending, now: Timestamp, caller: &Caller, id: LeaseId) -> Result<Lease, CoreError> {
+        let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
+        Self::may_manage(caller, lease, "release")?;
+        let next = lease.apply(&LeaseEvent::Release { now })?;
+        let kind = if next.state == LeaseState::Expired { EventKind::LeaseExpired } else { EventKind::LeaseReleased };
+        self.end_lease(p, now, &caller.principal, next.clone(), kind);
+        Ok(next)
+    }
+
+    fn expire_due(&mut self, p: &mut Pending, now: Timestamp) {
+        while let Some(&(t, id)) = self.expiries.first() {
+            if t > now {
+                break;
+            }
+            self.expiries.pop_first();
+            let Some(lease) = self.leases.get(&id) else { continue };
+            match lease.apply(&LeaseEvent::Expire { now }) {
+                Ok(next) => {
+                    info!(lease = %id, holder = %next.holder, hosts = %join(&next.hosts), "lease expired");
+                    self.end_lease(p, now, &Principal::server(), next, EventKind::LeaseExpired);
+                }
+                Err(e) => error!(lease = %id, error = %e, "cannot expire lease"),
+            }
+        }
+    }
+
+    /// Record the lease's end and start reclaiming its hosts.
+    fn end_lease(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal, lease: Lease, kind: EventKind) {
+        let id = lease.id;
+        let hosts = lease.hosts.clone();
+        self.put_lease(p, lease);
+        let e = self.event(p, now, actor, kind);
+        e.lease = Some(id);
+        e.hosts = hosts.clone();
+        for h in &hosts {
+            match self.host_apply(p, h, HostEvent::EndLease(id)) {
+                Ok(()) => p.reclaims.push((h.clone(), id)),
+                Err(err) => error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease"),
+            }
+        }
+        let e = self.event(p, now, &Principal::server(), EventKind::HostReclaiming);
+        e.lease = Some(id);
+        e.hosts = hosts;
+    }
+
+    fn reclaimed(&mut self, p: &mut Pending, now: Timestamp, host: HostName, lease: LeaseId) {
+        self.reclaiming.remove(&host);
+        if let Err(err) = self.host_apply(p, &host, HostEvent::Reclaimed(lease)) {
+            debug!(host = %host, lease = %lease, error = %err, "stale reclaim report");
+            return;
+        }
+        let e = self.event(p, now, &Principal::server(), EventKind::HostAvailable);
+        e.hosts = vec![host.clone()];
+        e.lease = Some(lease);
+        if self.hosts.get(&host).is_some_and(|h| h.retired) {
+            self.remove_host(p, now, &host);
+        }
+    }
+
+    fn remove_host(&mut self, p: &mut Pending, now: Timestamp, host: &HostName) {
+        if let Some(rec) = self.hosts.remove(host) {
+            p.batch.writes.push(Write::DeleteHost { name: host.clone(), generation: rec.generation });
+            let e = self.event(p, now, &Principal::server(), EventKind::HostRemoved);
+            e.hosts = vec![host.clone()];
+        }
+    }
+
+    // ------------------------------------------------------------ scheduling
+
+    /// Hosts in inventory order, as the queue sees them.
+    fn candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
+        self.inventory
+            .hosts
+            .iter()
+            .filter_map(|spec| {
+                let rec = self.hosts.get(&spec.name)?;
+                let free_at = match rec.state {
+                    _ if rec.maintenance || rec.retired => None,
+                    HostState::Available => Some(now),
+                    HostState::Leased(l) => self.leases.get(&l).map(|l| l.expires_at),
+                    HostState::Reclaiming(_) => Some(now),
+                };
+                Some(Candidate {
+                    name: &spec.name,
+                    arch: spec.arch,
+                    flags: &spec.flags,
+                    grantable: rec.is_grantable(),
+                    gone: rec.retired,
+                    free_at,
+                })
+            })
+            .collect()
+    }
+
+    fn schedule(&mut self, p: &mut Pending, now: Timestamp) {
+        // Requests whose client is gone do not take hosts.
+        let gone: Vec<WaiterId> = self.waiters.iter().filter(|(_, tx)| tx.is_closed()).map(|(w, _)| *w).collect();
+        for w in gone {
+            self.withdraw(p, now, w, "the client went away");
+        }
+        let grants = self.queue.schedule(&self.candidates(now));
+        for (waiter_id, hosts) in grants {
+            let Some(waiter) = self.queue.remove(waiter_id) else { continue };
+            let Some(state) = self.waiters.remove(&waiter_id) else { continue };
+            let lease = Lease {
+                id: LeaseId::random(),
+                holder: waiter.principal.clone(),
+                hosts: hosts.clone(),
+                state: LeaseState::Active,
+                profile: waiter.spec.profile.clone(),
+                priority: waiter.spec.priority,
+                comment: waiter.spec.comment.clone(),
+                ttl_ms: u64::try_from(waiter.spec.ttl.as_millis()).unwrap_or(u64::MAX),
+                granted_at: now,
+                expires_at: now.saturating_add(waiter.spec.ttl),
+                max_expires_at: now.saturating_add(self.config.max_lifetime),
+                ended_at: None,
+                waiter_id,
+                generation: Generation(1),
+            };
+            for h in &hosts {
+                if let Err(e) = self.host_apply(p, h, HostEvent::Grant(lease.id)) {
+                    // The queue only offers grantable hosts: this is a bug.
+                    error!(host = %h, error = %e, "scheduler offered a host it may not grant");
+                }
+            }
+            let e = self.event(p, now, &waiter.principal, EventKind::LeaseGranted);
+            e.lease = Some(lease.id);
+            e.waiter = Some(waiter_id);
+            e.hosts = hosts.clone();
+            info!(lease = %lease.id, holder = %lease.holder, hosts = %join(&hosts), waiter = waiter_id, "lease granted");
+            self.put_lease(p, lease.clone());
+            p.notify(state, WaitState::Granted(lease));
+        }
+        for w in std::mem::take(&mut p.no_wait) {
+            if let Some(waiter) = self.queue.get(w) {
+                let matching = self.candidates(now).iter().filter(|c| waiter.spec.matches(c)).count();
+                let state = self.waiters.remove(&w);
+                self.withdraw(p, now, w, "no hosts free and no_wait was set");
+                if let Some(state) = state {
+                    p.notify(state, WaitState::Failed(CoreError::Busy { matching }));
+                }
+            }
+        }
+    }
+
+    /// Tell every waiter its position and ETA (only when they changed).
+    fn publish_queue(&mut self, now: Timestamp) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
+        let estimates = self.queue.estimate(&self.candidates(now), now);
+        for (w, position, eta) in estimates {
+            let Some(tx) = self.waiters.get(&w) else { continue };
+            tx.send_if_modified(|s| {
+                let changed = match s {
+                    WaitState::Queued { position: p0, queue_length: l0, eta: e0, .. } => {
+                        *p0 != position
+                            || *l0 != len
+                            || match (*e0, eta) {
+                                (Some(a), Some(b)) => (a.0 - b.0).abs() >= 5_000,
+                                (a, b) => a.is_some() != b.is_some(),
+                            }
+                    }
+                    _ => false,
+                };
+                if changed {
+                    *s = WaitState::Queued { waiter: w, position, queue_length: len, eta };
+                }
+                changed
+            });
+        }
+    }
+
+    // ------------------------------------------------------------ hosts
+
+    fn reclaiming_hosts(&self) -> Vec<(HostName, LeaseId)> {
+        self.hosts
+            .iter()
+            .filter_map(|(name, rec)| match rec.state {
+                HostState::Reclaiming(l) => Some((name.clone(), l)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn host_order(&self) -> Vec<HostName> {
+        let mut v: Vec<HostName> = self.inventory.hosts.iter().map(|h| h.name.clone()).collect();
+        v.extend(self.hosts.keys().filter(|h| self.inventory.host(h).is_none()).cloned());
+        v
+    }
+
+    fn view(&self, name: &HostName) -> Option<HostView> {
+        let record = self.hosts.get(name)?.clone();
+        Some(HostView {
+            spec: self.inventory.host(name).cloned(),
+            lease: record.lease().and_then(|l| self.leases.get(&l)).cloned(),
+            record,
+        })
+    }
+
+    fn set_maintenance(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        host: &HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        if !caller.role.is_operator() {
+            return Err(CoreError::PermissionDenied {
+                principal: caller.principal.clone(),
+                action: "change maintenance (operators only)".into(),
+            });
+        }
+        let rec = self.hosts.get(host).ok_or_else(|| not_found("host", host))?;
+        if rec.maintenance != on {
+            self.host_apply(p, host, HostEvent::SetMaintenance(on))?;
+            let kind = if on { EventKind::HostMaintenanceOn } else { EventKind::HostMaintenanceOff };
+            let e = self.event(p, now, &caller.principal, kind);
+            e.hosts = vec![host.clone()];
+            e.detail = reason;
+            info!(host = %host, maintenance = on, by = %caller.principal, "maintenance changed");
+        }
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// Bring host records in line with the inventory: add new hosts, retire
+    /// removed ones (deleted at once when free, after their lease otherwise).
+    fn sync_inventory(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal) -> ReloadSummary {
+        let inventory = self.inventory.clone();
+        let mut added = 0;
+        let mut removed = 0;
+        for spec in &inventory.hosts {
+            match self.hosts.get(&spec.name) {
+                None => {
+                    self.put_host(p, HostRecord::new(spec.name.clone()));
+                    let e = self.event(p, now, actor, EventKind::HostAdded);
+                    e.hosts = vec![spec.name.clone()];
+                    added += 1;
+                }
+                Some(rec) if rec.retired => {
+                    let name = spec.name.clone();
+                    if let Err(err) = self.host_apply(p, &name, HostEvent::SetRetired(false)) {
+                        error!(host = %name, error = %err, "cannot bring host back");
+                    }
+                    let e = self.event(p, now, actor, EventKind::HostAdded);
+                    e.hosts = vec![name];
+                    e.detail = "back in the inventory".into();
+                    added += 1;
+                }
+                Some(_) => {}
+            }
+        }
+        let gone: Vec<HostName> =
+            self.hosts.keys().filter(|h| inventory.host(h).is_none()).cloned().collect();
+        for name in gone {
+            let rec = &self.hosts[&name];
+            if rec.state == HostState::Available {
+                self.remove_host(p, now, &name);
+                removed += 1;
+            } else if !rec.retired {
+                if let Err(err) = self.host_apply(p, &name, HostEvent::SetRetired(true)) {
+                    error!(host = %name, error = %err, "cannot retire host");
+                }
+                let e = self.event(p, now, actor, EventKind::HostRetired);
+                e.hosts = vec![name];
+                e.detail = "removed from the inventory; kept until its lease ends".into();
+                removed += 1;
+            }
+        }
+        let summary = ReloadSummary { hosts: inventory.hosts.len(), added, removed };
+        let e = self.event(p, now, actor, EventKind::InventoryLoaded);
+        e.detail = format!("{} hosts, {added} added, {removed} removed", summary.hosts);
+        summary
+    }
+
+    // ------------------------------------------------------------ commit
+
+    /// Commit the batch, then answer. Returns the error if it failed.
+    async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
+        let result = if p.batch.is_empty() {
+            Ok(Batch::default())
+        } else {
+            let store = self.store.clone();
+            let batch = std::mem::take(&mut p.batch);
+            match tokio::task::spawn_blocking(move || store.commit(&batch).map(|()| batch)).await {
+                Ok(r) => r,
+                Err(join) => Err(StoreError::Backend { op: "commit", source: Box::new(join) }),
+            }
+        };
+        match result {
+            Ok(batch) => {
+                for f in p.after {
+                    f(None);
+                }
+                for e in batch.events {
+                    let _ = self.events.send(e);
+                }
+                for (host, lease) in p.reclaims {
+                    self.spawn_reclaim(host, lease);
+                }
+                None
+            }
+            Err(e) => {
+                error!(error = %error_chain(&e), "commit failed; answering UNAVAILABLE and reloading state from the store");
+                let err = CoreError::Store(Arc::new(e));
+                for f in p.after {
+                    f(Some(&err));
+                }
+                match load(&self.store).await {
+                    Ok(snapshot) => {
+                        self.restore(snapshot);
+                        self.resync = true;
+                        for (name, l) in self.reclaiming_hosts() {
+                            self.reclaiming.remove(&name);
+                            self.spawn_reclaim(name, l);
+                        }
+                    }
+                    Err(e2) => error!(error = %e2, "reloading state failed too; state may be ahead of the store"),
+                }
+                Some(err)
+            }
+        }
+    }
+
+    /// Run the reclaim step for a host, retrying with backoff until it
+    /// succeeds, then report back to the actor.
+    fn spawn_reclaim(&mut self, host: HostName, lease: LeaseId) {
+        if !self.reclaiming.insert(host.clone()) {
+            return;
+        }
+        let spec = self.inventory.host(&host).cloned();
+        let reclaimer = self.reclaimer.clone();
+        let Some(tx) = self.tx.upgrade() else { return };
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            if let Some(spec) = spec {
+                while let Err(e) = reclaimer.reclaim(&spec, lease).await {
+                    warn!(host = %host, lease = %lease, error = %e, retry_in = ?delay, "reclaim failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+            let _ = tx.send(Command::Reclaimed { host, lease }).await;
+        });
+    }
+}
+
+async fn load(store: &Arc<dyn Store>) -> Result<Snapshot, CoreError> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.load()).await {
+        Ok(r) => r.map_err(|e| CoreError::Store(Arc::new(e))),
+        Err(_) => Err(CoreError::ShuttingDown),
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn join(hosts: &[HostName]) -> String {
+    hosts.iter().map(HostName::as_str).collect::<Vec<_>>().join(",")
+}
+
+fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {
+    CoreError::NotFound { what, name: name.to_string() }
+}
+
+/// An error with all its sources, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

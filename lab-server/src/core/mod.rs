@@ -1,0 +1,291 @@
+//! The application core: one actor task owns the lab's state (hosts, leases,
+//! the wait queue) and is the only writer of the store. [`Core`] is its
+//! cloneable handle; every gRPC handler calls exactly one method of it.
+//!
+//! The actor works in batches: it takes every request waiting in its channel,
+//! applies them (and any expiries that are due) to its state through the pure
+//! state machines, runs one scheduling pass, commits all resulting records and
+//! events in **one** durable transaction, and only then replies. Concurrent
+//! requests thus share one fsync, and nothing is acknowledged before it is on
+//! disk. If a commit fails, every request of the batch gets UNAVAILABLE and
+//! the actor reloads its state from the store.
+
+mod actor;
+pub use actor::error_chain;
+pub mod clock;
+pub mod reclaim;
+
+use crate::events::EventRecord;
+use crate::inventory::{HostSpec, Inventory, InventoryError};
+use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
+use crate::store::{EventQuery, Store, StoreError};
+use crate::types::{Caller, HostName, LeaseId, Principal, Timestamp, WaiterId};
+use clock::Clock;
+use reclaim::Reclaimer;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Limits the server enforces on leases.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// TTL of a request that names none.
+    pub default_ttl: Duration,
+    /// Longest TTL a request or renewal may ask for.
+    pub max_ttl: Duration,
+    /// Hard cap on a lease's life from its grant, renewals included.
+    pub max_lifetime: Duration,
+    /// Most requests handled in one batch (one commit).
+    pub max_batch: usize,
+    /// Where the inventory is re-read from on reload.
+    pub inventory_path: PathBuf,
+}
+
+impl CoreConfig {
+    pub fn new(inventory_path: PathBuf) -> Self {
+        Self {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+            max_lifetime: Duration::from_secs(7 * 24 * 3600),
+            max_batch: 512,
+            inventory_path,
+        }
+    }
+}
+
+/// Why the core refused or failed a request. Mapped to gRPC codes in one
+/// place (`grpc::status`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoreError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("no {what} named {name}")]
+    NotFound { what: &'static str, name: String },
+    #[error("{principal} may not {action}")]
+    PermissionDenied { principal: Principal, action: String },
+    #[error("the request can never be met: {reason}")]
+    Unsatisfiable { reason: String },
+    #[error("no matching hosts are free now ({matching} match, all busy)")]
+    Busy { matching: usize },
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("the store could not commit the change; retry")]
+    Store(#[source] Arc<StoreError>),
+    #[error("the inventory was not reloaded")]
+    Inventory(#[source] Arc<InventoryError>),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// A host as the API shows it: inventory description, lease-cycle record and
+/// the lease holding it.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub spec: Option<HostSpec>,
+    pub record: HostRecord,
+    pub lease: Option<Lease>,
+}
+
+/// What a waiting acquire sees.
+#[derive(Debug, Clone)]
+pub enum WaitState {
+    /// Still in the queue.
+    Queued { waiter: WaiterId, position: u32, queue_length: u32, eta: Option<Timestamp> },
+    /// Done: the lease.
+    Granted(Lease),
+    /// Done: refused or failed.
+    Failed(CoreError),
+}
+
+impl WaitState {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, WaitState::Queued { .. })
+    }
+}
+
+/// A lease request in progress. Dropping it before the grant withdraws the
+/// request from the queue.
+#[derive(Debug)]
+pub struct Acquisition {
+    rx: watch::Receiver<WaitState>,
+    cancel: Option<(mpsc::Sender<Command>, WaiterId)>,
+}
+
+impl Acquisition {
+    /// The next state: each `Queued` change, then the final one. `None` after
+    /// the final state was returned.
+    pub async fn next(&mut self) -> Option<WaitState> {
+        self.cancel.as_ref()?;
+        if self.rx.changed().await.is_err() {
+            self.cancel = None;
+            return Some(WaitState::Failed(CoreError::ShuttingDown));
+        }
+        let state = self.rx.borrow_and_update().clone();
+        if state.is_final() {
+            self.cancel = None;
+        }
+        Some(state)
+    }
+}
+
+impl Drop for Acquisition {
+    fn drop(&mut self) {
+        if let Some((tx, waiter)) = self.cancel.take() {
+            // Best effort: if the channel is full the actor is busy and the
+            // request will be withdrawn when it notices the receiver is gone.
+            let _ = tx.try_send(Command::Withdraw { waiter });
+        }
+    }
+}
+
+/// Result of an inventory reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub hosts: usize,
+    pub added: usize,
+    pub removed: usize,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+#[derive(Debug)]
+enum Command {
+    Acquire { caller: Caller, waiter: WaiterId, spec: LeaseSpec, no_wait: bool, state: watch::Sender<WaitState> },
+    Withdraw { waiter: WaiterId },
+    Renew { caller: Caller, lease: LeaseId, ttl: Option<Duration>, reply: Reply<Lease> },
+    Release { caller: Caller, lease: LeaseId, reply: Reply<Lease> },
+    GetLease { lease: LeaseId, reply: Reply<Lease> },
+    ListLeases { include_ended: bool, holder: Option<Principal>, reply: Reply<Vec<Lease>> },
+    ListHosts { reply: Reply<Vec<HostView>> },
+    GetHost { host: HostName, reply: Reply<HostView> },
+    SetMaintenance { caller: Caller, host: HostName, on: bool, reason: String, reply: Reply<HostView> },
+    SetInventory { actor: Principal, inventory: Arc<Inventory>, reply: Reply<ReloadSummary> },
+    Reclaimed { host: HostName, lease: LeaseId },
+}
+
+/// The cloneable handle to the core actor.
+#[derive(Clone)]
+pub struct Core {
+    tx: mpsc::Sender<Command>,
+    /// Waiter ids are taken here, so a request's place in line is fixed when
+    /// it is made (and the handle can withdraw it by id).
+    next_waiter: Arc<AtomicU64>,
+    events: broadcast::Sender<EventRecord>,
+    store: Arc<dyn Store>,
+    inventory_path: PathBuf,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("inventory_path", &self.inventory_path).finish()
+    }
+}
+
+impl Core {
+    /// Load the store, reconcile it with the inventory (commit), expire what
+    /// ran out while the server was down, and start the actor.
+    pub async fn start(
+        config: CoreConfig,
+        store: Arc<dyn Store>,
+        inventory: Inventory,
+        reclaimer: Arc<dyn Reclaimer>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Core, tokio::task::JoinHandle<()>), CoreError> {
+        let (tx, rx) = mpsc::channel(8192);
+        let (events, _) = broadcast::channel(8192);
+        let inventory_path = config.inventory_path.clone();
+        let actor = actor::Actor::start(config, store.clone(), inventory, reclaimer, clock, tx.clone(), events.clone())
+            .await?;
+        let handle = tokio::spawn(actor.run(rx));
+        let next_waiter = Arc::new(AtomicU64::new(1));
+        Ok((Core { tx, next_waiter, events, store, inventory_path }, handle))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| CoreError::ShuttingDown)?;
+        rx.await.map_err(|_| CoreError::ShuttingDown)?
+    }
+
+    /// Ask for hosts. Errors that need no queue (unsatisfiable, busy with
+    /// `no_wait`) arrive as the final state.
+    pub async fn acquire(&self, caller: Caller, spec: LeaseSpec, no_wait: bool) -> Result<Acquisition, CoreError> {
+        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (state, mut rx) = watch::channel(WaitState::Queued { waiter, position: 0, queue_length: 0, eta: None });
+        rx.mark_unchanged();
+        self.tx
+            .send(Command::Acquire { caller, waiter, spec, no_wait, state })
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
+        Ok(Acquisition { rx, cancel: Some((self.tx.clone(), waiter)) })
+    }
+
+    pub async fn renew(&self, caller: Caller, lease: LeaseId, ttl: Option<Duration>) -> Result<Lease, CoreError> {
+        self.call(|reply| Command::Renew { caller, lease, ttl, reply }).await
+    }
+
+    pub async fn release(&self, caller: Caller, lease: LeaseId) -> Result<Lease, CoreError> {
+        self.call(|reply| Command::Release { caller, lease, reply }).await
+    }
+
+    pub async fn get_lease(&self, lease: LeaseId) -> Result<Lease, CoreError> {
+        self.call(|reply| Command::GetLease { lease, reply }).await
+    }
+
+    pub async fn list_leases(&self, include_ended: bool, holder: Option<Principal>) -> Result<Vec<Lease>, CoreError> {
+        self.call(|reply| Command::ListLeases { include_ended, holder, reply }).await
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, CoreError> {
+        self.call(|reply| Command::ListHosts { reply }).await
+    }
+
+    pub async fn get_host(&self, host: HostName) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::GetHost { host, reply }).await
+    }
+
+    /// Operators only.
+    pub async fn set_maintenance(
+        &self,
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::SetMaintenance { caller, host, on, reason, reply }).await
+    }
+
+    /// Re-read the inventory file and apply it. Operators only (the server
+    /// itself on SIGHUP). On error the last good inventory stays in force.
+    pub async fn reload_inventory(&self, caller: &Caller) -> Result<ReloadSummary, CoreError> {
+        if !caller.role.is_operator() {
+            return Err(CoreError::PermissionDenied {
+                principal: caller.principal.clone(),
+                action: "reload the inventory (operators only)".into(),
+            });
+        }
+        let path = self.inventory_path.clone();
+        let inventory = tokio::task::spawn_blocking(move || Inventory::load(&path))
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?
+            .map_err(|e| CoreError::Inventory(Arc::new(e)))?;
+        let actor = caller.principal.clone();
+        self.call(|reply| Command::SetInventory { actor, inventory: Arc::new(inventory), reply }).await
+    }
+
+    /// Events from the log.
+    pub async fn list_events(&self, query: EventQuery) -> Result<Vec<EventRecord>, CoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.events(&query))
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?
+            .map_err(|e| CoreError::Store(Arc::new(e)))
+    }
+
+    /// Live events as they are committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+}

@@ -1,0 +1,249 @@
+//! Conversions between domain types and `lab.v1` messages. Requests are
+//! checked here: a bad field becomes INVALID_ARGUMENT naming it.
+
+use super::status::invalid;
+use crate::core::HostView;
+use crate::events::{EventKind, EventRecord};
+use crate::inventory::ConsoleSource;
+use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
+use crate::types::{Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, Timestamp};
+use lab_proto::convert::{duration_from_proto, duration_to_proto, timestamp_from_millis};
+use lab_proto::v1 as pb;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tonic::Status;
+
+fn ts(t: Timestamp) -> prost_types::Timestamp {
+    timestamp_from_millis(t.millis())
+}
+
+pub fn arch_to_proto(a: Arch) -> pb::Arch {
+    match a {
+        Arch::X86_64 => pb::Arch::X8664,
+        Arch::Aarch64 => pb::Arch::Aarch64,
+    }
+}
+
+/// `None` for ARCH_UNSPECIFIED (any arch).
+pub fn arch_from_proto(field: &str, v: i32) -> Result<Option<Arch>, Status> {
+    match pb::Arch::try_from(v) {
+        Ok(pb::Arch::Unspecified) => Ok(None),
+        Ok(pb::Arch::X8664) => Ok(Some(Arch::X86_64)),
+        Ok(pb::Arch::Aarch64) => Ok(Some(Arch::Aarch64)),
+        Err(_) => Err(invalid(field, format!("unknown arch value {v}"))),
+    }
+}
+
+pub fn flags_from_proto(field: &str, v: Vec<String>) -> Result<BTreeSet<Flag>, Status> {
+    v.into_iter().map(|f| Flag::new(f).map_err(|e| invalid(field, e))).collect()
+}
+
+pub fn host_name(field: &str, v: String) -> Result<HostName, Status> {
+    HostName::new(v).map_err(|e| invalid(field, e))
+}
+
+pub fn lease_id(field: &str, v: &str) -> Result<LeaseId, Status> {
+    if v.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    v.parse().map_err(|_| invalid(field, format!("{v:?} is not a lease id (a UUID)")))
+}
+
+pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) => match duration_from_proto(&d) {
+            Some(d) if !d.is_zero() => Ok(Some(d)),
+            _ => Err(invalid(field, "must be a positive duration")),
+        },
+    }
+}
+
+/// The lease request, validated; `default_ttl` fills an unset TTL.
+pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<LeaseSpec, Status> {
+    let r = r.ok_or_else(|| invalid("request", "is required"))?;
+    let hosts: BTreeSet<HostName> =
+        r.hosts.into_iter().map(|h| host_name("request.hosts", h)).collect::<Result<_, _>>()?;
+    let count = if r.count == 0 { 1 } else { r.count };
+    if count > 1024 {
+        return Err(invalid("request.count", "at most 1024 hosts in one lease"));
+    }
+    if !hosts.is_empty() && (count as usize) > hosts.len() {
+        return Err(invalid("request.count", format!("{count} hosts asked for but only {} named", hosts.len())));
+    }
+    let profile = if r.profile.is_empty() {
+        None
+    } else {
+        Some(ProfileName::new(r.profile).map_err(|e| invalid("request.profile", e))?)
+    };
+    if r.comment.len() > 1024 {
+        return Err(invalid("request.comment", "at most 1024 bytes"));
+    }
+    Ok(LeaseSpec {
+        arch: arch_from_proto("request.arch", r.arch)?,
+        flags: flags_from_proto("request.flags", r.flags)?,
+        hosts,
+        count,
+        profile,
+        ttl: duration("request.ttl", r.ttl)?.unwrap_or(default_ttl),
+        priority: r.priority,
+        comment: r.comment,
+    })
+}
+
+pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
+    pb::LeaseRequest {
+        arch: s.arch.map_or(pb::Arch::Unspecified, arch_to_proto) as i32,
+        flags: s.flags.iter().map(|f| f.to_string()).collect(),
+        hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
+        count: s.count,
+        profile: s.profile.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        ttl: Some(duration_to_proto(s.ttl)),
+        priority: s.priority,
+        comment: s.comment.clone(),
+    }
+}
+
+pub fn lease_to_proto(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        id: l.id.to_string(),
+        holder: l.holder.to_string(),
+        hosts: l.hosts.iter().map(|h| h.to_string()).collect(),
+        state: match l.state {
+            LeaseState::Active => pb::LeaseState::Active,
+            LeaseState::Released => pb::LeaseState::Released,
+            LeaseState::Expired => pb::LeaseState::Expired,
+        } as i32,
+        profile: l.profile.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        priority: l.priority,
+        comment: l.comment.clone(),
+        ttl: Some(duration_to_proto(l.ttl())),
+        granted_at: Some(ts(l.granted_at)),
+        expires_at: Some(ts(l.expires_at)),
+        max_expires_at: Some(ts(l.max_expires_at)),
+        ended_at: l.ended_at.map(ts),
+        generation: l.generation.0,
+        waiter_id: l.waiter_id,
+    }
+}
+
+pub fn host_to_proto(v: &HostView) -> pb::Host {
+    let r = &v.record;
+    let state = match r.state {
+        HostState::Leased(_) => pb::HostState::Leased,
+        HostState::Reclaiming(_) => pb::HostState::Reclaiming,
+        HostState::Available if r.retired => pb::HostState::Retired,
+        HostState::Available if r.maintenance => pb::HostState::Maintenance,
+        HostState::Available => pb::HostState::Available,
+    };
+    let mut h = pb::Host {
+        name: r.name.to_string(),
+        state: state as i32,
+        maintenance: r.maintenance,
+        lease_id: r.lease().map(|l| l.to_string()).unwrap_or_default(),
+        generation: r.generation.0,
+        ..Default::default()
+    };
+    if let Some(l) = &v.lease {
+        h.holder = l.holder.to_string();
+        if l.is_active() {
+            h.lease_expires_at = Some(ts(l.expires_at));
+        }
+    }
+    if let Some(s) = &v.spec {
+        h.arch = arch_to_proto(s.arch) as i32;
+        h.firmware = match s.firmware {
+            Firmware::Bios => pb::Firmware::Bios,
+            Firmware::Uefi => pb::Firmware::Uefi,
+        } as i32;
+        h.rack = s.rack.to_string();
+        h.mac = s.mac.to_string();
+        h.ipv4 = s.ipv4.map(|a| a.to_string()).unwrap_or_default();
+        h.flags = s.flags.iter().map(|f| f.to_string()).collect();
+        // The endpoint only: user and password never leave the server.
+        h.bmc = s.bmc.as_ref().map(|b| b.endpoint.to_string()).unwrap_or_default();
+        h.console = match s.console {
+            ConsoleSource::None => pb::ConsoleKind::None,
+            ConsoleSource::IpmiSol => pb::ConsoleKind::IpmiSol,
+            ConsoleSource::Serial { .. } => pb::ConsoleKind::Serial,
+            ConsoleSource::Tcp { .. } => pb::ConsoleKind::Tcp,
+        } as i32;
+    }
+    h
+}
+
+pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
+    use pb::EventKind as P;
+    match k {
+        EventKind::LeaseRequested => P::LeaseRequested,
+        EventKind::LeaseGranted => P::LeaseGranted,
+        EventKind::LeaseRenewed => P::LeaseRenewed,
+        EventKind::LeaseReleased => P::LeaseReleased,
+        EventKind::LeaseExpired => P::LeaseExpired,
+        EventKind::RequestWithdrawn => P::RequestWithdrawn,
+        EventKind::HostReclaiming => P::HostReclaiming,
+        EventKind::HostAvailable => P::HostAvailable,
+        EventKind::HostMaintenanceOn => P::HostMaintenanceOn,
+        EventKind::HostMaintenanceOff => P::HostMaintenanceOff,
+        EventKind::InventoryLoaded => P::InventoryLoaded,
+        EventKind::HostAdded => P::HostAdded,
+        EventKind::HostRetired => P::HostRetired,
+        EventKind::HostRemoved => P::HostRemoved,
+    }
+}
+
+pub fn event_to_proto(e: &EventRecord) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time: Some(ts(e.time)),
+        actor: e.actor.to_string(),
+        kind: event_kind_to_proto(e.kind) as i32,
+        hosts: e.hosts.iter().map(|h| h.to_string()).collect(),
+        lease_id: e.lease.map(|l| l.to_string()).unwrap_or_default(),
+        waiter_id: e.waiter.unwrap_or(0),
+        request: e.request.as_ref().map(spec_to_proto),
+        detail: e.detail.clone(),
+    }
+}
+
+pub fn role_to_proto(r: Role) -> pb::Role {
+    match r {
+        Role::Ci => pb::Role::Ci,
+        Role::Developer => pb::Role::Developer,
+        Role::Operator => pb::Role::Operator,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::LeaseRequest {
+        pb::LeaseRequest { count: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let d = Duration::from_secs(60);
+        let cases: Vec<(pb::LeaseRequest, &str)> = vec![
+            (pb::LeaseRequest { arch: 9, ..req() }, "request.arch: unknown arch value 9"),
+            (pb::LeaseRequest { flags: vec!["a b".into()], ..req() }, "request.flags: invalid flag"),
+            (pb::LeaseRequest { hosts: vec!["".into()], ..req() }, "request.hosts: invalid host name"),
+            (pb::LeaseRequest { count: 2, hosts: vec!["a".into()], ..req() }, "request.count: 2 hosts asked for"),
+            (pb::LeaseRequest { count: 5000, ..req() }, "request.count: at most 1024"),
+            (pb::LeaseRequest { profile: "x/y".into(), ..req() }, "request.profile: invalid profile name"),
+            (
+                pb::LeaseRequest { ttl: Some(prost_types::Duration { seconds: -5, nanos: 0 }), ..req() },
+                "request.ttl: must be a positive duration",
+            ),
+        ];
+        for (r, want) in cases {
+            let s = lease_spec(Some(r.clone()), d).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(s.message().starts_with(want), "{r:?}: {}", s.message());
+        }
+        assert_eq!(lease_spec(None, d).unwrap_err().message(), "request: is required");
+        let ok = lease_spec(Some(pb::LeaseRequest { count: 0, ..req() }), d).unwrap();
+        assert_eq!((ok.count, ok.ttl), (1, d));
+    }
+}

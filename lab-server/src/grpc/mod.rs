@@ -1,0 +1,297 @@
+//! The gRPC face of the core: thin handlers that authenticate the caller,
+//! convert the request (bad fields → INVALID_ARGUMENT naming the field), call
+//! one method of [`Core`], and convert the result. Also serves gRPC health
+//! and reflection (v1 and v1alpha) so that clients nobody here wrote can
+//! discover the API.
+
+pub mod convert;
+pub mod status;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::core::{Core, WaitState};
+use crate::store::EventQuery;
+use crate::types::{Caller, Principal};
+use convert as cv;
+use futures::Stream;
+use lab_proto::convert::timestamp_from_millis;
+use lab_proto::v1 as pb;
+use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
+use lab_proto::v1::host_service_server::{HostService, HostServiceServer};
+use lab_proto::v1::lease_service_server::{LeaseService, LeaseServiceServer};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Implements every `lab.v1` service over one core handle.
+#[derive(Clone)]
+pub struct Api {
+    core: Core,
+    auth: Arc<Authenticator>,
+    default_ttl: Duration,
+}
+
+impl Api {
+    pub fn new(core: Core, auth: Authenticator, default_ttl: Duration) -> Self {
+        Self { core, auth: Arc::new(auth), default_ttl }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let header = match req.metadata().get("authorization") {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| Status::from(AuthError::Malformed))?),
+        };
+        let caller = self.auth.authenticate(header)?;
+        debug!(principal = %caller.principal, role = %caller.role, "authenticated");
+        Ok(caller)
+    }
+}
+
+#[tonic::async_trait]
+impl HostService for Api {
+    async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> Result<Response<pb::ListHostsResponse>, Status> {
+        self.caller(&req)?;
+        let r = req.into_inner();
+        let arch = cv::arch_from_proto("arch", r.arch)?;
+        let flags = cv::flags_from_proto("flags", r.flags)?;
+        let hosts = self
+            .core
+            .list_hosts()
+            .await?
+            .iter()
+            .filter(|v| {
+                v.spec.as_ref().is_none_or(|s| arch.is_none_or(|a| a == s.arch) && flags.is_subset(&s.flags))
+            })
+            .map(cv::host_to_proto)
+            .collect();
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
+    }
+
+    async fn get_host(&self, req: Request<pb::GetHostRequest>) -> Result<Response<pb::Host>, Status> {
+        self.caller(&req)?;
+        let name = cv::host_name("name", req.into_inner().name)?;
+        Ok(Response::new(cv::host_to_proto(&self.core.get_host(name).await?)))
+    }
+}
+
+#[tonic::async_trait]
+impl LeaseService for Api {
+    type AcquireStream = RpcStream<pb::AcquireUpdate>;
+
+    async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<Self::AcquireStream>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let spec = cv::lease_spec(r.request, self.default_ttl)?;
+        let acq = self.core.acquire(caller, spec, r.no_wait).await?;
+        let stream = futures::stream::unfold(Some(acq), |state| async move {
+            let mut acq = state?;
+            let update = |u| pb::AcquireUpdate { update: Some(u) };
+            match acq.next().await? {
+                WaitState::Queued { waiter, position, queue_length, eta } => Some((
+                    Ok(update(pb::acquire_update::Update::Queued(pb::QueueStatus {
+                        waiter_id: waiter,
+                        position,
+                        queue_length,
+                        eta: eta.map(|t| timestamp_from_millis(t.millis())),
+                    }))),
+                    Some(acq),
+                )),
+                WaitState::Granted(lease) => {
+                    Some((Ok(update(pb::acquire_update::Update::Granted(cv::lease_to_proto(&lease)))), None))
+                }
+                WaitState::Failed(e) => Some((Err(Status::from(e)), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::Lease>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = cv::lease_id("lease_id", &r.lease_id)?;
+        let ttl = cv::duration("ttl", r.ttl)?;
+        Ok(Response::new(cv::lease_to_proto(&self.core.renew(caller, id, ttl).await?)))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::Lease>, Status> {
+        let caller = self.caller(&req)?;
+        let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
+        Ok(Response::new(cv::lease_to_proto(&self.core.release(caller, id).await?)))
+    }
+
+    async fn get_lease(&self, req: Request<pb::GetLeaseRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.caller(&req)?;
+        let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
+        Ok(Response::new(cv::lease_to_proto(&self.core.get_lease(id).await?)))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        self.caller(&req)?;
+        let r = req.into_inner();
+        let holder = if r.holder.is_empty() {
+            None
+        } else {
+            Some(Principal::new(r.holder).map_err(|e| status::invalid("holder", e))?)
+        };
+        let leases = self.core.list_leases(r.include_ended, holder).await?;
+        Ok(Response::new(pb::ListLeasesResponse { leases: leases.iter().map(cv::lease_to_proto).collect() }))
+    }
+}
+
+fn event_query(after_seq: u64, limit: u32, host: String, lease: String) -> Result<EventQuery, Status> {
+    Ok(EventQuery {
+        after_seq,
+        limit: match limit {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        },
+        host: if host.is_empty() { None } else { Some(cv::host_name("host", host)?) },
+        lease: if lease.is_empty() { None } else { Some(cv::lease_id("lease_id", &lease)?) },
+    })
+}
+
+#[tonic::async_trait]
+impl EventService for Api {
+    type WatchEventsStream = RpcStream<pb::Event>;
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        self.caller(&req)?;
+        let r = req.into_inner();
+        let q = event_query(r.after_seq, r.limit, r.host, r.lease_id)?;
+        let events = self.core.list_events(q).await?;
+        Ok(Response::new(pb::ListEventsResponse { events: events.iter().map(cv::event_to_proto).collect() }))
+    }
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.caller(&req)?;
+        let r = req.into_inner();
+        let query = event_query(r.after_seq, 1000, r.host, r.lease_id)?;
+        let (tx, rx) = mpsc::channel(256);
+        let core = self.core.clone();
+        tokio::spawn(watch_events(core, query, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Backlog from the store, then live events; after falling behind the live
+/// feed, catch up from the store again. Ends when the client goes away.
+async fn watch_events(core: Core, mut query: EventQuery, tx: mpsc::Sender<Result<pb::Event, Status>>) {
+    let mut live = core.subscribe();
+    loop {
+        loop {
+            let batch = match core.list_events(query.clone()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                query.after_seq = e.seq;
+                if tx.send(Ok(cv::event_to_proto(&e))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        loop {
+            let e = tokio::select! {
+                () = tx.closed() => return,
+                e = live.recv() => e,
+            };
+            match e {
+                Ok(e) if query.matches(&e) => {
+                    query.after_seq = e.seq;
+                    if tx.send(Ok(cv::event_to_proto(&e))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Api {
+    async fn set_maintenance(&self, req: Request<pb::SetMaintenanceRequest>) -> Result<Response<pb::Host>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let host = cv::host_name("host", r.host)?;
+        let view = self.core.set_maintenance(caller, host, r.maintenance, r.reason).await?;
+        Ok(Response::new(cv::host_to_proto(&view)))
+    }
+
+    async fn reload_inventory(
+        &self,
+        req: Request<pb::ReloadInventoryRequest>,
+    ) -> Result<Response<pb::ReloadInventoryResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let s = self.core.reload_inventory(&caller).await?;
+        Ok(Response::new(pb::ReloadInventoryResponse {
+            hosts: s.hosts as u32,
+            added: s.added as u32,
+            removed: s.removed as u32,
+        }))
+    }
+
+    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = self.caller(&req)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            principal: caller.principal.to_string(),
+            role: cv::role_to_proto(caller.role) as i32,
+        }))
+    }
+}
+
+/// Serve every service, health and reflection on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    api: Api,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<HostServiceServer<Api>>().await;
+    reporter.set_serving::<LeaseServiceServer<Api>>().await;
+    reporter.set_serving::<EventServiceServer<Api>>().await;
+    reporter.set_serving::<AdminServiceServer<Api>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lab_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(HostServiceServer::new(api.clone()))
+        .add_service(LeaseServiceServer::new(api.clone()))
+        .add_service(EventServiceServer::new(api.clone()))
+        .add_service(AdminServiceServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `lab-server`: the gRPC control plane of the lab.
+//!
+//! `lab-server --inventory inventory.toml --data-dir /var/lib/lab --tokens tokens.toml`
+//! serves `lab.v1` on `--listen`. `lab-server token new --principal NAME --role ROLE`
+//! prints a fresh token and the line for the tokens file.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use lab_server::auth::{self, Authenticator};
+use lab_server::core::clock::TokioClock;
+use lab_server::core::reclaim::Immediate;
+use lab_server::core::{Core, CoreConfig, error_chain};
+use lab_server::grpc::{self, Api};
+use lab_server::inventory::Inventory;
+use lab_server::store::redb::RedbStore;
+use lab_server::types::{Caller, Principal, Role};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "lab-server", version, about = "The lab's control plane: inventory, leases, gRPC API")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "LAB_LISTEN", default_value = "127.0.0.1:7621")]
+    listen: SocketAddr,
+    /// The inventory file (re-read on SIGHUP and by `lab inventory reload`).
+    #[arg(long, env = "LAB_INVENTORY", default_value = "inventory.toml")]
+    inventory: PathBuf,
+    /// Directory of the durable store (`lab.redb`).
+    #[arg(long, env = "LAB_DATA_DIR", default_value = ".lab-data")]
+    data_dir: PathBuf,
+    /// Tokens file mapping token digests to principals and roles.
+    #[arg(long, env = "LAB_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: accept every caller as an operator named by its token.
+    #[arg(long, env = "LAB_DEV_INSECURE_NO_AUTH", conflicts_with = "tokens")]
+    dev_insecure_no_auth: bool,
+    /// TTL of lease requests that name none.
+    #[arg(long, env = "LAB_DEFAULT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    default_ttl: Duration,
+    /// Longest TTL a request or renewal may ask for.
+    #[arg(long, env = "LAB_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    max_ttl: Duration,
+    /// Hard cap on a lease's life from its grant, renewals included.
+    #[arg(long, env = "LAB_MAX_LIFETIME", default_value = "7days", value_parser = humantime::parse_duration)]
+    max_lifetime: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Token management.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Print a new random token and the tokens-file entry for it.
+    New {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        role: Role,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(Cmd::Token { command: TokenCmd::New { principal, role } }) = &args.command {
+        let principal = Principal::new(principal.clone())?;
+        let token = auth::new_token();
+        println!("# give this token to {principal}; store only the digest below");
+        println!("# token: {token}");
+        println!("[[token]]\nprincipal = \"{principal}\"\nrole = \"{role}\"\nsha256 = \"{}\"", hex_digest(&token));
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+fn hex_digest(token: &str) -> String {
+    auth::digest(token).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn run(args: Args) -> Result<()> {
+    let auth = if args.dev_insecure_no_auth {
+        for _ in 0..3 {
+            warn!("DEVELOPMENT MODE: no authentication. Every caller is an operator named by its token. Never expose this server.");
+        }
+        Authenticator::InsecureDev
+    } else {
+        let path = args.tokens.as_ref().context("--tokens is required (or --dev-insecure-no-auth)")?;
+        Authenticator::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+    };
+    let inventory = Inventory::load(&args.inventory).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let db_path = args.data_dir.join("lab.redb");
+    let store = RedbStore::open(&db_path).map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
+    if args.default_ttl > args.max_ttl {
+        bail!("--default-ttl must not exceed --max-ttl");
+    }
+    let mut config = CoreConfig::new(args.inventory.clone());
+    config.default_ttl = args.default_ttl;
+    config.max_ttl = args.max_ttl;
+    config.max_lifetime = args.max_lifetime;
+    let (core, actor) = Core::start(config, Arc::new(store), inventory, Arc::new(Immediate), Arc::new(TokioClock::new()))
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+
+    // SIGHUP: reload the inventory; keep the last good one on error.
+    let hup_core = core.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        let server = Caller { principal: Principal::server(), role: Role::Operator };
+        while hup.recv().await.is_some() {
+            match hup_core.reload_inventory(&server).await {
+                Ok(s) => info!(hosts = s.hosts, added = s.added, removed = s.removed, "inventory reloaded on SIGHUP"),
+                Err(e) => error!(error = %error_chain(&e), "inventory reload failed; keeping the last good inventory"),
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
+    println!("lab-server listening on {addr}");
+    let api = Api::new(core, auth, args.default_ttl);
+    grpc::serve(listener, api, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?;
+    drop(actor);
+    info!("lab-server stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}
