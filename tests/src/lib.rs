@@ -1,1 +1,237 @@
-//! placeholder
+//! The test harness shared by the cross-process suites and the benchmarks:
+//! generated inventories and tokens files, lab-server in-process (port 0,
+//! temporary store) or as a real child process (killed on drop, logs kept),
+//! and authenticated gRPC clients.
+
+use anyhow::{Context, Result, bail};
+use lab_proto::v1::admin_service_client::AdminServiceClient;
+use lab_proto::v1::event_service_client::EventServiceClient;
+use lab_proto::v1::host_service_client::HostServiceClient;
+use lab_proto::v1::lease_service_client::LeaseServiceClient;
+use lab_server::auth::{Authenticator, digest};
+use lab_server::core::clock::TokioClock;
+use lab_server::core::reclaim::Immediate;
+use lab_server::core::{Core, CoreConfig};
+use lab_server::grpc::{self, Api};
+use lab_server::inventory::Inventory;
+use lab_server::store::redb::RedbStore;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// An inventory TOML with `n` x86_64 hosts `h00`… in one rack; every
+/// fourth host has the flag `iommu`, odd ones are UEFI.
+pub fn inventory_toml(n: usize) -> String {
+    let mut s = String::from("[[rack]]\nname = \"r1\"\nagent = \"agent-r1\"\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "\n[[host]]\nname = \"h{i:02}\"\narch = \"x86_64\"\nfirmware = \"{}\"\nrack = \"r1\"\nmac = \"52:54:00:00:{:02x}:{:02x}\"\nflags = [{}]\n",
+            if i % 2 == 1 { "uefi" } else { "bios" },
+            i / 256,
+            i % 256,
+            if i % 4 == 0 { "\"iommu\"" } else { "" },
+        ));
+    }
+    s
+}
+
+/// A tokens file with the given (token, principal, role) entries.
+pub fn tokens_toml(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(t, p, r)| {
+            format!("[[token]]\nprincipal = \"{p}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", hex::encode(digest(t)))
+        })
+        .collect()
+}
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, Bearer>;
+
+/// Clients of every service over one channel.
+#[derive(Clone)]
+pub struct Clients {
+    pub hosts: HostServiceClient<Svc>,
+    pub leases: LeaseServiceClient<Svc>,
+    pub events: EventServiceClient<Svc>,
+    pub admin: AdminServiceClient<Svc>,
+}
+
+impl Clients {
+    pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<Clients> {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connect to {addr}"))?;
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+        Ok(Clients {
+            hosts: HostServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            leases: LeaseServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            events: EventServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: AdminServiceClient::with_interceptor(channel, bearer),
+        })
+    }
+}
+
+/// Options of an in-process server.
+pub struct ServerOptions {
+    pub hosts: usize,
+    pub auth: Authenticator,
+    pub default_ttl: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { hosts: 8, auth: Authenticator::InsecureDev, default_ttl: Duration::from_secs(600) }
+    }
+}
+
+/// lab-server running inside this process on 127.0.0.1:0 with a redb store
+/// in a temporary directory.
+pub struct InProcessServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub core: Core,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessServer {
+    pub async fn start(opts: ServerOptions) -> Result<InProcessServer> {
+        let dir = tempfile::tempdir()?;
+        let inv_path = dir.path().join("inventory.toml");
+        std::fs::write(&inv_path, inventory_toml(opts.hosts))?;
+        let inventory = Inventory::load(&inv_path)?;
+        let store = RedbStore::open(&dir.path().join("lab.redb"))?;
+        let mut config = CoreConfig::new(inv_path);
+        config.default_ttl = opts.default_ttl;
+        let (core, _actor) =
+            Core::start(config, Arc::new(store), inventory, Arc::new(Immediate), Arc::new(TokioClock::new()))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let api = Api::new(core.clone(), opts.auth, opts.default_ttl);
+        let task = tokio::spawn(async move {
+            if let Err(e) = grpc::serve(listener, api, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                eprintln!("server failed: {e}");
+            }
+        });
+        Ok(InProcessServer { addr, dir, core, shutdown: Some(tx), task: Some(task) })
+    }
+
+    pub async fn clients(&self, token: &str) -> Result<Clients> {
+        Clients::connect(self.addr, Some(token)).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Path of a workspace binary built by cargo (tests are run by cargo, which
+/// builds the workspace's binaries first when asked with `--workspace`).
+pub fn bin_path(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// A real `lab-server` child process; killed on drop. Its stderr goes to a
+/// log file in its directory, printed when a test fails.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Spawn `lab-server` with `args` (add `--listen 127.0.0.1:0`) and wait
+    /// until it says where it listens.
+    pub fn spawn(args: &[&str], log: &Path) -> Result<ServerProcess> {
+        let bin = bin_path("lab-server");
+        if !bin.exists() {
+            bail!("{} is not built: run `cargo build --workspace` first", bin.display());
+        }
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(logf))
+            .env("LAB_LOG", "info")
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("lab-server listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("lab-server did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
+        };
+        let addr = addr.parse()?;
+        Ok(ServerProcess { child, addr, log: log.to_owned() })
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- lab-server log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Percentile of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
