@@ -21,7 +21,11 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "lab-server", version, about = "The lab's control plane: inventory, leases, gRPC API")]
+#[command(
+    name = "lab-server",
+    version,
+    about = "The lab's control plane: inventory, leases, gRPC API"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -73,42 +77,62 @@ enum TokenCmd {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(Cmd::Token { command: TokenCmd::New { principal, role } }) = &args.command {
+    if let Some(Cmd::Token {
+        command: TokenCmd::New { principal, role },
+    }) = &args.command
+    {
         let principal = Principal::new(principal.clone())?;
         let token = auth::new_token();
         println!("# give this token to {principal}; store only the digest below");
         println!("# token: {token}");
-        println!("[[token]]\nprincipal = \"{principal}\"\nrole = \"{role}\"\nsha256 = \"{}\"", hex_digest(&token));
+        println!(
+            "[[token]]\nprincipal = \"{principal}\"\nrole = \"{role}\"\nsha256 = \"{}\"",
+            hex_digest(&token)
+        );
         return Ok(());
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
 
 fn hex_digest(token: &str) -> String {
-    auth::digest(token).iter().map(|b| format!("{b:02x}")).collect()
+    auth::digest(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 async fn run(args: Args) -> Result<()> {
     let auth = if args.dev_insecure_no_auth {
         for _ in 0..3 {
-            warn!("DEVELOPMENT MODE: no authentication. Every caller is an operator named by its token. Never expose this server.");
+            warn!(
+                "DEVELOPMENT MODE: no authentication. Every caller is an operator named by its token. Never expose this server."
+            );
         }
         Authenticator::InsecureDev
     } else {
-        let path = args.tokens.as_ref().context("--tokens is required (or --dev-insecure-no-auth)")?;
+        let path = args
+            .tokens
+            .as_ref()
+            .context("--tokens is required (or --dev-insecure-no-auth)")?;
         Authenticator::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?
     };
-    let inventory = Inventory::load(&args.inventory).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let inventory =
+        Inventory::load(&args.inventory).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
     let db_path = args.data_dir.join("lab.redb");
-    let store = RedbStore::open(&db_path).map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
+    let store = RedbStore::open(&db_path)
+        .map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
     if args.default_ttl > args.max_ttl {
         bail!("--default-ttl must not exceed --max-ttl");
     }
@@ -116,19 +140,38 @@ async fn run(args: Args) -> Result<()> {
     config.default_ttl = args.default_ttl;
     config.max_ttl = args.max_ttl;
     config.max_lifetime = args.max_lifetime;
-    let (core, actor) = Core::start(config, Arc::new(store), inventory, Arc::new(Immediate), Arc::new(TokioClock::new()))
-        .await
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let (core, actor) = Core::start(
+        config,
+        Arc::new(store),
+        inventory,
+        Arc::new(Immediate),
+        Arc::new(TokioClock::new()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
 
     // SIGHUP: reload the inventory; keep the last good one on error.
     let hup_core = core.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-        let server = Caller { principal: Principal::server(), role: Role::Operator };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        let server = Caller {
+            principal: Principal::server(),
+            role: Role::Operator,
+        };
         while hup.recv().await.is_some() {
             match hup_core.reload_inventory(&server).await {
-                Ok(s) => info!(hosts = s.hosts, added = s.added, removed = s.removed, "inventory reloaded on SIGHUP"),
-                Err(e) => error!(error = %error_chain(&e), "inventory reload failed; keeping the last good inventory"),
+                Ok(s) => info!(
+                    hosts = s.hosts,
+                    added = s.added,
+                    removed = s.removed,
+                    "inventory reloaded on SIGHUP"
+                ),
+                Err(e) => {
+                    error!(error = %error_chain(&e), "inventory reload failed; keeping the last good inventory")
+                }
             }
         }
     });
@@ -140,7 +183,9 @@ async fn run(args: Args) -> Result<()> {
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
     println!("lab-server listening on {addr}");
     let api = Api::new(core, auth, args.default_ttl);
-    grpc::serve(listener, api, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?;
+    grpc::serve(listener, api, shutdown_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?;
     drop(actor);
     info!("lab-server stopped");
     Ok(())

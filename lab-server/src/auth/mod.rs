@@ -28,7 +28,12 @@ pub enum TokensError {
         source: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {reason}")]
-    Invalid { path: PathBuf, line: usize, column: usize, reason: String },
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
 }
 
 /// Why a call was not authenticated.
@@ -77,18 +82,24 @@ pub fn new_token() -> String {
     format!("lab_{}", hex::encode(b))
 }
 
-
 impl Authenticator {
     pub fn load(path: &Path) -> Result<Self, TokensError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| TokensError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, TokensError> {
         let invalid = |offset: usize, reason: String| {
             let (line, column) = crate::inventory::line_column(text, offset);
-            TokensError::Invalid { path: path.to_owned(), line, column, reason }
+            TokensError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                reason,
+            }
         };
         let raw: RawFile = toml::from_str(text)
             .map_err(|e| invalid(e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
@@ -114,16 +125,22 @@ impl Authenticator {
         let token = match authorization {
             None => None,
             Some(v) => {
-                let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).ok_or(AuthError::Malformed)?;
+                let t = v
+                    .strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .ok_or(AuthError::Malformed)?;
                 Some(t.trim())
             }
         };
         match self {
             Authenticator::InsecureDev => {
-                let principal = token.and_then(|t| Principal::new(t).ok()).unwrap_or_else(|| {
-                    Principal::new("dev").expect("valid name")
-                });
-                Ok(Caller { principal, role: Role::Operator })
+                let principal = token
+                    .and_then(|t| Principal::new(t).ok())
+                    .unwrap_or_else(|| Principal::new("dev").expect("valid name"));
+                Ok(Caller {
+                    principal,
+                    role: Role::Operator,
+                })
             }
             Authenticator::Tokens(map) => {
                 let token = token.ok_or(AuthError::Missing)?;
@@ -138,7 +155,10 @@ mod tests {
     use super::*;
 
     fn file(token: &str) -> String {
-        format!("[[token]]\nprincipal = \"osstest\"\nrole = \"ci\"\nsha256 = \"{}\"\n", hex::encode(digest(token)))
+        format!(
+            "[[token]]\nprincipal = \"osstest\"\nrole = \"ci\"\nsha256 = \"{}\"\n",
+            hex::encode(digest(token))
+        )
     }
 
     #[test]
@@ -147,7 +167,10 @@ mod tests {
         let c = a.authenticate(Some("Bearer s3cret")).unwrap();
         assert_eq!(c.principal.as_str(), "osstest");
         assert_eq!(c.role, Role::Ci);
-        assert_eq!(a.authenticate(Some("Bearer other")), Err(AuthError::Unknown));
+        assert_eq!(
+            a.authenticate(Some("Bearer other")),
+            Err(AuthError::Unknown)
+        );
         assert_eq!(a.authenticate(None), Err(AuthError::Missing));
         assert_eq!(a.authenticate(Some("Basic abc")), Err(AuthError::Malformed));
     }
@@ -156,15 +179,31 @@ mod tests {
     fn bad_file_names_line_and_reason() {
         let text = "[[token]]\nprincipal = \"a\"\nrole = \"root\"\nsha256 = \"00\"\n";
         let e = Authenticator::parse(text, Path::new("t.toml")).unwrap_err();
-        assert_eq!(e.to_string(), "t.toml:1:1: unknown role \"root\" (expected ci, developer or operator)");
-        let e = Authenticator::parse("[[token]]\nprincipal = \"a\"\nrol = 1\n", Path::new("t.toml")).unwrap_err();
-        assert!(e.to_string().starts_with("t.toml:3:1: unknown field `rol`"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "t.toml:1:1: unknown role \"root\" (expected ci, developer or operator)"
+        );
+        let e = Authenticator::parse(
+            "[[token]]\nprincipal = \"a\"\nrol = 1\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("t.toml:3:1: unknown field `rol`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn dev_mode_takes_the_token_as_name() {
         let a = Authenticator::InsecureDev;
-        assert_eq!(a.authenticate(Some("Bearer alice")).unwrap().principal.as_str(), "alice");
+        assert_eq!(
+            a.authenticate(Some("Bearer alice"))
+                .unwrap()
+                .principal
+                .as_str(),
+            "alice"
+        );
         assert_eq!(a.authenticate(None).unwrap().principal.as_str(), "dev");
     }
 

@@ -6,7 +6,10 @@ use super::reclaim::Reclaimer;
 use super::{Command, CoreConfig, CoreError, HostView, ReloadSummary, Reply, WaitState};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::Inventory;
-use crate::lease::{Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseSpec, LeaseState, Queue, Waiter};
+use crate::lease::{
+    Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseSpec, LeaseState, Queue,
+    Waiter,
+};
 use crate::store::{Batch, Snapshot, Store, StoreError, Write};
 use crate::types::{Caller, Generation, HostName, LeaseId, Principal, Timestamp, WaiterId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -108,15 +111,28 @@ impl Actor {
         if let Some(e) = actor.commit(p).await {
             return Err(e);
         }
-        info!(hosts = summary.hosts, active_leases = active, last_event = actor.last_seq, "core started");
+        info!(
+            hosts = summary.hosts,
+            active_leases = active,
+            last_event = actor.last_seq,
+            "core started"
+        );
         Ok(actor)
     }
 
     /// Adopt a snapshot from the store as the current state.
     fn restore(&mut self, snapshot: Snapshot) {
-        self.hosts = snapshot.hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
-        self.expiries =
-            snapshot.leases.iter().filter(|l| l.is_active()).map(|l| (l.expires_at, l.id)).collect();
+        self.hosts = snapshot
+            .hosts
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+        self.expiries = snapshot
+            .leases
+            .iter()
+            .filter(|l| l.is_active())
+            .map(|l| (l.expires_at, l.id))
+            .collect();
         self.leases = snapshot.leases.into_iter().map(|l| (l.id, l)).collect();
         self.last_seq = snapshot.last_event_seq;
     }
@@ -124,7 +140,10 @@ impl Actor {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut cmds = Vec::with_capacity(self.config.max_batch);
         loop {
-            let deadline = self.expiries.first().map(|(t, _)| self.clock.instant_at(*t));
+            let deadline = self
+                .expiries
+                .first()
+                .map(|(t, _)| self.clock.instant_at(*t));
             tokio::select! {
                 n = rx.recv_many(&mut cmds, self.config.max_batch) => {
                     if n == 0 {
@@ -154,23 +173,44 @@ impl Actor {
 
     fn handle(&mut self, p: &mut Pending, now: Timestamp, cmd: Command) {
         match cmd {
-            Command::Acquire { caller, waiter, spec, no_wait, state } => {
-                self.acquire(p, now, caller, waiter, spec, no_wait, state)
-            }
+            Command::Acquire {
+                caller,
+                waiter,
+                spec,
+                no_wait,
+                state,
+            } => self.acquire(p, now, caller, waiter, spec, no_wait, state),
             Command::Withdraw { waiter } => self.withdraw(p, now, waiter, "the client went away"),
-            Command::Renew { caller, lease, ttl, reply } => {
+            Command::Renew {
+                caller,
+                lease,
+                ttl,
+                reply,
+            } => {
                 let r = self.renew(p, now, &caller, lease, ttl);
                 p.reply(reply, r);
             }
-            Command::Release { caller, lease, reply } => {
+            Command::Release {
+                caller,
+                lease,
+                reply,
+            } => {
                 let r = self.release(p, now, &caller, lease);
                 p.reply(reply, r);
             }
             Command::GetLease { lease, reply } => {
-                let r = self.leases.get(&lease).cloned().ok_or_else(|| not_found("lease", lease));
+                let r = self
+                    .leases
+                    .get(&lease)
+                    .cloned()
+                    .ok_or_else(|| not_found("lease", lease));
                 p.reply(reply, r);
             }
-            Command::ListLeases { include_ended, holder, reply } => {
+            Command::ListLeases {
+                include_ended,
+                holder,
+                reply,
+            } => {
                 let mut v: Vec<Lease> = self
                     .leases
                     .values()
@@ -182,18 +222,32 @@ impl Actor {
                 p.reply(reply, Ok(v));
             }
             Command::ListHosts { reply } => {
-                let v = self.host_order().into_iter().filter_map(|h| self.view(&h)).collect();
+                let v = self
+                    .host_order()
+                    .into_iter()
+                    .filter_map(|h| self.view(&h))
+                    .collect();
                 p.reply(reply, Ok(v));
             }
             Command::GetHost { host, reply } => {
                 let r = self.view(&host).ok_or_else(|| not_found("host", &host));
                 p.reply(reply, r);
             }
-            Command::SetMaintenance { caller, host, on, reason, reply } => {
+            Command::SetMaintenance {
+                caller,
+                host,
+                on,
+                reason,
+                reply,
+            } => {
                 let r = self.set_maintenance(p, now, &caller, &host, on, reason);
                 p.reply(reply, r);
             }
-            Command::SetInventory { actor, inventory, reply } => {
+            Command::SetInventory {
+                actor,
+                inventory,
+                reply,
+            } => {
                 self.inventory = inventory;
                 let r = self.sync_inventory(p, now, &actor);
                 p.reply(reply, Ok(r));
@@ -204,7 +258,13 @@ impl Actor {
 
     // ------------------------------------------------------------ records
 
-    fn event<'p>(&mut self, p: &'p mut Pending, now: Timestamp, actor: &Principal, kind: EventKind) -> &'p mut EventRecord {
+    fn event<'p>(
+        &mut self,
+        p: &'p mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+        kind: EventKind,
+    ) -> &'p mut EventRecord {
         self.last_seq += 1;
         p.batch.events.push(EventRecord {
             seq: self.last_seq,
@@ -225,8 +285,16 @@ impl Actor {
         self.hosts.insert(rec.name.clone(), rec);
     }
 
-    fn host_apply(&mut self, p: &mut Pending, name: &HostName, ev: HostEvent) -> Result<(), CoreError> {
-        let rec = self.hosts.get(name).ok_or_else(|| not_found("host", name))?;
+    fn host_apply(
+        &mut self,
+        p: &mut Pending,
+        name: &HostName,
+        ev: HostEvent,
+    ) -> Result<(), CoreError> {
+        let rec = self
+            .hosts
+            .get(name)
+            .ok_or_else(|| not_found("host", name))?;
         let next = rec.apply(ev)?;
         self.put_host(p, next);
         Ok(())
@@ -265,7 +333,11 @@ impl Actor {
         e.waiter = Some(waiter);
         e.request = Some(spec.clone());
         debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, "lease requested");
-        self.queue.push(Waiter { id: waiter, principal: caller.principal, spec });
+        self.queue.push(Waiter {
+            id: waiter,
+            principal: caller.principal,
+            spec,
+        });
         self.waiters.insert(waiter, state);
         if no_wait {
             p.no_wait.push(waiter);
@@ -292,7 +364,10 @@ impl Actor {
         let matching = cands.iter().filter(|c| spec.matches(c)).count();
         if matching < spec.count as usize {
             return Err(CoreError::Unsatisfiable {
-                reason: format!("{} host(s) asked for, {matching} in the inventory match", spec.count),
+                reason: format!(
+                    "{} host(s) asked for, {matching} in the inventory match",
+                    spec.count
+                ),
             });
         }
         Ok(())
@@ -333,7 +408,10 @@ impl Actor {
         if ttl.is_zero() || ttl > self.config.max_ttl {
             return Err(CoreError::InvalidArgument {
                 field: "ttl",
-                reason: format!("must be more than 0 and at most {}", humantime::format_duration(self.config.max_ttl)),
+                reason: format!(
+                    "must be more than 0 and at most {}",
+                    humantime::format_duration(self.config.max_ttl)
+                ),
             });
         }
         let next = lease.apply(&LeaseEvent::Renew { now, ttl })?;
@@ -346,11 +424,21 @@ impl Actor {
         Ok(next)
     }
 
-    fn release(&mut self, p: &mut Pending, now: Timestamp, caller: &Caller, id: LeaseId) -> Result<Lease, CoreError> {
+    fn release(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        id: LeaseId,
+    ) -> Result<Lease, CoreError> {
         let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
         Self::may_manage(caller, lease, "release")?;
         let next = lease.apply(&LeaseEvent::Release { now })?;
-        let kind = if next.state == LeaseState::Expired { EventKind::LeaseExpired } else { EventKind::LeaseReleased };
+        let kind = if next.state == LeaseState::Expired {
+            EventKind::LeaseExpired
+        } else {
+            EventKind::LeaseReleased
+        };
         self.end_lease(p, now, &caller.principal, next.clone(), kind);
         Ok(next)
     }
@@ -361,7 +449,9 @@ impl Actor {
                 break;
             }
             self.expiries.pop_first();
-            let Some(lease) = self.leases.get(&id) else { continue };
+            let Some(lease) = self.leases.get(&id) else {
+                continue;
+            };
             match lease.apply(&LeaseEvent::Expire { now }) {
                 Ok(next) => {
                     info!(lease = %id, holder = %next.holder, hosts = %join(&next.hosts), "lease expired");
@@ -373,7 +463,14 @@ impl Actor {
     }
 
     /// Record the lease's end and start reclaiming its hosts.
-    fn end_lease(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal, lease: Lease, kind: EventKind) {
+    fn end_lease(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+        lease: Lease,
+        kind: EventKind,
+    ) {
         let id = lease.id;
         let hosts = lease.hosts.clone();
         self.put_lease(p, lease);
@@ -383,7 +480,9 @@ impl Actor {
         for h in &hosts {
             match self.host_apply(p, h, HostEvent::EndLease(id)) {
                 Ok(()) => p.reclaims.push((h.clone(), id)),
-                Err(err) => error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease"),
+                Err(err) => {
+                    error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease")
+                }
             }
         }
         let e = self.event(p, now, &Principal::server(), EventKind::HostReclaiming);
@@ -407,7 +506,10 @@ impl Actor {
 
     fn remove_host(&mut self, p: &mut Pending, now: Timestamp, host: &HostName) {
         if let Some(rec) = self.hosts.remove(host) {
-            p.batch.writes.push(Write::DeleteHost { name: host.clone(), generation: rec.generation });
+            p.batch.writes.push(Write::DeleteHost {
+                name: host.clone(),
+                generation: rec.generation,
+            });
             let e = self.event(p, now, &Principal::server(), EventKind::HostRemoved);
             e.hosts = vec![host.clone()];
         }
@@ -442,14 +544,23 @@ impl Actor {
 
     fn schedule(&mut self, p: &mut Pending, now: Timestamp) {
         // Requests whose client is gone do not take hosts.
-        let gone: Vec<WaiterId> = self.waiters.iter().filter(|(_, tx)| tx.is_closed()).map(|(w, _)| *w).collect();
+        let gone: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(w, _)| *w)
+            .collect();
         for w in gone {
             self.withdraw(p, now, w, "the client went away");
         }
         let grants = self.queue.schedule(&self.candidates(now));
         for (waiter_id, hosts) in grants {
-            let Some(waiter) = self.queue.remove(waiter_id) else { continue };
-            let Some(state) = self.waiters.remove(&waiter_id) else { continue };
+            let Some(waiter) = self.queue.remove(waiter_id) else {
+                continue;
+            };
+            let Some(state) = self.waiters.remove(&waiter_id) else {
+                continue;
+            };
             let lease = Lease {
                 id: LeaseId::random(),
                 holder: waiter.principal.clone(),
@@ -482,7 +593,11 @@ impl Actor {
         }
         for w in std::mem::take(&mut p.no_wait) {
             if let Some(waiter) = self.queue.get(w) {
-                let matching = self.candidates(now).iter().filter(|c| waiter.spec.matches(c)).count();
+                let matching = self
+                    .candidates(now)
+                    .iter()
+                    .filter(|c| waiter.spec.matches(c))
+                    .count();
                 let state = self.waiters.remove(&w);
                 self.withdraw(p, now, w, "no hosts free and no_wait was set");
                 if let Some(state) = state {
@@ -500,10 +615,17 @@ impl Actor {
         let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
         let estimates = self.queue.estimate(&self.candidates(now), now);
         for (w, position, eta) in estimates {
-            let Some(tx) = self.waiters.get(&w) else { continue };
+            let Some(tx) = self.waiters.get(&w) else {
+                continue;
+            };
             tx.send_if_modified(|s| {
                 let changed = match s {
-                    WaitState::Queued { position: p0, queue_length: l0, eta: e0, .. } => {
+                    WaitState::Queued {
+                        position: p0,
+                        queue_length: l0,
+                        eta: e0,
+                        ..
+                    } => {
                         *p0 != position
                             || *l0 != len
                             || match (*e0, eta) {
@@ -514,7 +636,12 @@ impl Actor {
                     _ => false,
                 };
                 if changed {
-                    *s = WaitState::Queued { waiter: w, position, queue_length: len, eta };
+                    *s = WaitState::Queued {
+                        waiter: w,
+                        position,
+                        queue_length: len,
+                        eta,
+                    };
                 }
                 changed
             });
@@ -534,8 +661,18 @@ impl Actor {
     }
 
     fn host_order(&self) -> Vec<HostName> {
-        let mut v: Vec<HostName> = self.inventory.hosts.iter().map(|h| h.name.clone()).collect();
-        v.extend(self.hosts.keys().filter(|h| self.inventory.host(h).is_none()).cloned());
+        let mut v: Vec<HostName> = self
+            .inventory
+            .hosts
+            .iter()
+            .map(|h| h.name.clone())
+            .collect();
+        v.extend(
+            self.hosts
+                .keys()
+                .filter(|h| self.inventory.host(h).is_none())
+                .cloned(),
+        );
         v
     }
 
@@ -563,10 +700,17 @@ impl Actor {
                 action: "change maintenance (operators only)".into(),
             });
         }
-        let rec = self.hosts.get(host).ok_or_else(|| not_found("host", host))?;
+        let rec = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| not_found("host", host))?;
         if rec.maintenance != on {
             self.host_apply(p, host, HostEvent::SetMaintenance(on))?;
-            let kind = if on { EventKind::HostMaintenanceOn } else { EventKind::HostMaintenanceOff };
+            let kind = if on {
+                EventKind::HostMaintenanceOn
+            } else {
+                EventKind::HostMaintenanceOff
+            };
             let e = self.event(p, now, &caller.principal, kind);
             e.hosts = vec![host.clone()];
             e.detail = reason;
@@ -577,7 +721,12 @@ impl Actor {
 
     /// Bring host records in line with the inventory: add new hosts, retire
     /// removed ones (deleted at once when free, after their lease otherwise).
-    fn sync_inventory(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal) -> ReloadSummary {
+    fn sync_inventory(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+    ) -> ReloadSummary {
         let inventory = self.inventory.clone();
         let mut added = 0;
         let mut removed = 0;
@@ -602,8 +751,12 @@ impl Actor {
                 Some(_) => {}
             }
         }
-        let gone: Vec<HostName> =
-            self.hosts.keys().filter(|h| inventory.host(h).is_none()).cloned().collect();
+        let gone: Vec<HostName> = self
+            .hosts
+            .keys()
+            .filter(|h| inventory.host(h).is_none())
+            .cloned()
+            .collect();
         for name in gone {
             let rec = &self.hosts[&name];
             if rec.state == HostState::Available {
@@ -619,7 +772,11 @@ impl Actor {
                 removed += 1;
             }
         }
-        let summary = ReloadSummary { hosts: inventory.hosts.len(), added, removed };
+        let summary = ReloadSummary {
+            hosts: inventory.hosts.len(),
+            added,
+            removed,
+        };
         let e = self.event(p, now, actor, EventKind::InventoryLoaded);
         e.detail = format!("{} hosts, {added} added, {removed} removed", summary.hosts);
         summary
@@ -636,7 +793,10 @@ impl Actor {
             let batch = std::mem::take(&mut p.batch);
             match tokio::task::spawn_blocking(move || store.commit(&batch).map(|()| batch)).await {
                 Ok(r) => r,
-                Err(join) => Err(StoreError::Backend { op: "commit", source: Box::new(join) }),
+                Err(join) => Err(StoreError::Backend {
+                    op: "commit",
+                    source: Box::new(join),
+                }),
             }
         };
         match result {
@@ -667,7 +827,9 @@ impl Actor {
                             self.spawn_reclaim(name, l);
                         }
                     }
-                    Err(e2) => error!(error = %e2, "reloading state failed too; state may be ahead of the store"),
+                    Err(e2) => {
+                        error!(error = %e2, "reloading state failed too; state may be ahead of the store")
+                    }
                 }
                 Some(err)
             }
@@ -713,11 +875,18 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 fn join(hosts: &[HostName]) -> String {
-    hosts.iter().map(HostName::as_str).collect::<Vec<_>>().join(",")
+    hosts
+        .iter()
+        .map(HostName::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {
-    CoreError::NotFound { what, name: name.to_string() }
+    CoreError::NotFound {
+        what,
+        name: name.to_string(),
+    }
 }
 
 /// An error with all its sources, for logs.

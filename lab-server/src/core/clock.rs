@@ -21,13 +21,18 @@ pub struct TokioClock {
 
 impl TokioClock {
     pub fn new() -> Self {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         Self::starting_at(Timestamp(ms))
     }
 
     /// A clock that reads `base` now.
     pub fn starting_at(base: Timestamp) -> Self {
-        Self { base, base_instant: tokio::time::Instant::now() }
+        Self {
+            base,
+            base_instant: tokio::time::Instant::now(),
+        }
     }
 }
 

@@ -23,8 +23,8 @@ use crate::types::{Caller, HostName, LeaseId, Principal, Timestamp, WaiterId};
 use clock::Clock;
 use reclaim::Reclaimer;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -64,7 +64,10 @@ pub enum CoreError {
     #[error("no {what} named {name}")]
     NotFound { what: &'static str, name: String },
     #[error("{principal} may not {action}")]
-    PermissionDenied { principal: Principal, action: String },
+    PermissionDenied {
+        principal: Principal,
+        action: String,
+    },
     #[error("the request can never be met: {reason}")]
     Unsatisfiable { reason: String },
     #[error("no matching hosts are free now ({matching} match, all busy)")]
@@ -92,7 +95,12 @@ pub struct HostView {
 #[derive(Debug, Clone)]
 pub enum WaitState {
     /// Still in the queue.
-    Queued { waiter: WaiterId, position: u32, queue_length: u32, eta: Option<Timestamp> },
+    Queued {
+        waiter: WaiterId,
+        position: u32,
+        queue_length: u32,
+        eta: Option<Timestamp>,
+    },
     /// Done: the lease.
     Granted(Lease),
     /// Done: refused or failed.
@@ -152,17 +160,59 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
 #[derive(Debug)]
 enum Command {
-    Acquire { caller: Caller, waiter: WaiterId, spec: LeaseSpec, no_wait: bool, state: watch::Sender<WaitState> },
-    Withdraw { waiter: WaiterId },
-    Renew { caller: Caller, lease: LeaseId, ttl: Option<Duration>, reply: Reply<Lease> },
-    Release { caller: Caller, lease: LeaseId, reply: Reply<Lease> },
-    GetLease { lease: LeaseId, reply: Reply<Lease> },
-    ListLeases { include_ended: bool, holder: Option<Principal>, reply: Reply<Vec<Lease>> },
-    ListHosts { reply: Reply<Vec<HostView>> },
-    GetHost { host: HostName, reply: Reply<HostView> },
-    SetMaintenance { caller: Caller, host: HostName, on: bool, reason: String, reply: Reply<HostView> },
-    SetInventory { actor: Principal, inventory: Arc<Inventory>, reply: Reply<ReloadSummary> },
-    Reclaimed { host: HostName, lease: LeaseId },
+    Acquire {
+        caller: Caller,
+        waiter: WaiterId,
+        spec: LeaseSpec,
+        no_wait: bool,
+        state: watch::Sender<WaitState>,
+    },
+    Withdraw {
+        waiter: WaiterId,
+    },
+    Renew {
+        caller: Caller,
+        lease: LeaseId,
+        ttl: Option<Duration>,
+        reply: Reply<Lease>,
+    },
+    Release {
+        caller: Caller,
+        lease: LeaseId,
+        reply: Reply<Lease>,
+    },
+    GetLease {
+        lease: LeaseId,
+        reply: Reply<Lease>,
+    },
+    ListLeases {
+        include_ended: bool,
+        holder: Option<Principal>,
+        reply: Reply<Vec<Lease>>,
+    },
+    ListHosts {
+        reply: Reply<Vec<HostView>>,
+    },
+    GetHost {
+        host: HostName,
+        reply: Reply<HostView>,
+    },
+    SetMaintenance {
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+        reply: Reply<HostView>,
+    },
+    SetInventory {
+        actor: Principal,
+        inventory: Arc<Inventory>,
+        reply: Reply<ReloadSummary>,
+    },
+    Reclaimed {
+        host: HostName,
+        lease: LeaseId,
+    },
 }
 
 /// The cloneable handle to the core actor.
@@ -179,7 +229,9 @@ pub struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("inventory_path", &self.inventory_path).finish()
+        f.debug_struct("Core")
+            .field("inventory_path", &self.inventory_path)
+            .finish()
     }
 }
 
@@ -196,46 +248,110 @@ impl Core {
         let (tx, rx) = mpsc::channel(8192);
         let (events, _) = broadcast::channel(8192);
         let inventory_path = config.inventory_path.clone();
-        let actor = actor::Actor::start(config, store.clone(), inventory, reclaimer, clock, tx.clone(), events.clone())
-            .await?;
+        let actor = actor::Actor::start(
+            config,
+            store.clone(),
+            inventory,
+            reclaimer,
+            clock,
+            tx.clone(),
+            events.clone(),
+        )
+        .await?;
         let handle = tokio::spawn(actor.run(rx));
         let next_waiter = Arc::new(AtomicU64::new(1));
-        Ok((Core { tx, next_waiter, events, store, inventory_path }, handle))
+        Ok((
+            Core {
+                tx,
+                next_waiter,
+                events,
+                store,
+                inventory_path,
+            },
+            handle,
+        ))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| CoreError::ShuttingDown)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
     /// Ask for hosts. Errors that need no queue (unsatisfiable, busy with
     /// `no_wait`) arrive as the final state.
-    pub async fn acquire(&self, caller: Caller, spec: LeaseSpec, no_wait: bool) -> Result<Acquisition, CoreError> {
+    pub async fn acquire(
+        &self,
+        caller: Caller,
+        spec: LeaseSpec,
+        no_wait: bool,
+    ) -> Result<Acquisition, CoreError> {
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let (state, mut rx) = watch::channel(WaitState::Queued { waiter, position: 0, queue_length: 0, eta: None });
+        let (state, mut rx) = watch::channel(WaitState::Queued {
+            waiter,
+            position: 0,
+            queue_length: 0,
+            eta: None,
+        });
         rx.mark_unchanged();
         self.tx
-            .send(Command::Acquire { caller, waiter, spec, no_wait, state })
+            .send(Command::Acquire {
+                caller,
+                waiter,
+                spec,
+                no_wait,
+                state,
+            })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
-        Ok(Acquisition { rx, cancel: Some((self.tx.clone(), waiter)) })
+        Ok(Acquisition {
+            rx,
+            cancel: Some((self.tx.clone(), waiter)),
+        })
     }
 
-    pub async fn renew(&self, caller: Caller, lease: LeaseId, ttl: Option<Duration>) -> Result<Lease, CoreError> {
-        self.call(|reply| Command::Renew { caller, lease, ttl, reply }).await
+    pub async fn renew(
+        &self,
+        caller: Caller,
+        lease: LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease, CoreError> {
+        self.call(|reply| Command::Renew {
+            caller,
+            lease,
+            ttl,
+            reply,
+        })
+        .await
     }
 
     pub async fn release(&self, caller: Caller, lease: LeaseId) -> Result<Lease, CoreError> {
-        self.call(|reply| Command::Release { caller, lease, reply }).await
+        self.call(|reply| Command::Release {
+            caller,
+            lease,
+            reply,
+        })
+        .await
     }
 
     pub async fn get_lease(&self, lease: LeaseId) -> Result<Lease, CoreError> {
         self.call(|reply| Command::GetLease { lease, reply }).await
     }
 
-    pub async fn list_leases(&self, include_ended: bool, holder: Option<Principal>) -> Result<Vec<Lease>, CoreError> {
-        self.call(|reply| Command::ListLeases { include_ended, holder, reply }).await
+    pub async fn list_leases(
+        &self,
+        include_ended: bool,
+        holder: Option<Principal>,
+    ) -> Result<Vec<Lease>, CoreError> {
+        self.call(|reply| Command::ListLeases {
+            include_ended,
+            holder,
+            reply,
+        })
+        .await
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, CoreError> {
@@ -254,7 +370,14 @@ impl Core {
         on: bool,
         reason: String,
     ) -> Result<HostView, CoreError> {
-        self.call(|reply| Command::SetMaintenance { caller, host, on, reason, reply }).await
+        self.call(|reply| Command::SetMaintenance {
+            caller,
+            host,
+            on,
+            reason,
+            reply,
+        })
+        .await
     }
 
     /// Re-read the inventory file and apply it. Operators only (the server
@@ -272,7 +395,12 @@ impl Core {
             .map_err(|_| CoreError::ShuttingDown)?
             .map_err(|e| CoreError::Inventory(Arc::new(e)))?;
         let actor = caller.principal.clone();
-        self.call(|reply| Command::SetInventory { actor, inventory: Arc::new(inventory), reply }).await
+        self.call(|reply| Command::SetInventory {
+            actor,
+            inventory: Arc::new(inventory),
+            reply,
+        })
+        .await
     }
 
     /// Events from the log.
@@ -289,3 +417,6 @@ impl Core {
         self.events.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests;

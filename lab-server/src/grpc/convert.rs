@@ -35,7 +35,9 @@ pub fn arch_from_proto(field: &str, v: i32) -> Result<Option<Arch>, Status> {
 }
 
 pub fn flags_from_proto(field: &str, v: Vec<String>) -> Result<BTreeSet<Flag>, Status> {
-    v.into_iter().map(|f| Flag::new(f).map_err(|e| invalid(field, e))).collect()
+    v.into_iter()
+        .map(|f| Flag::new(f).map_err(|e| invalid(field, e)))
+        .collect()
 }
 
 pub fn host_name(field: &str, v: String) -> Result<HostName, Status> {
@@ -46,7 +48,8 @@ pub fn lease_id(field: &str, v: &str) -> Result<LeaseId, Status> {
     if v.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
-    v.parse().map_err(|_| invalid(field, format!("{v:?} is not a lease id (a UUID)")))
+    v.parse()
+        .map_err(|_| invalid(field, format!("{v:?} is not a lease id (a UUID)")))
 }
 
 pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
@@ -62,14 +65,20 @@ pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<
 /// The lease request, validated; `default_ttl` fills an unset TTL.
 pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<LeaseSpec, Status> {
     let r = r.ok_or_else(|| invalid("request", "is required"))?;
-    let hosts: BTreeSet<HostName> =
-        r.hosts.into_iter().map(|h| host_name("request.hosts", h)).collect::<Result<_, _>>()?;
+    let hosts: BTreeSet<HostName> = r
+        .hosts
+        .into_iter()
+        .map(|h| host_name("request.hosts", h))
+        .collect::<Result<_, _>>()?;
     let count = if r.count == 0 { 1 } else { r.count };
     if count > 1024 {
         return Err(invalid("request.count", "at most 1024 hosts in one lease"));
     }
     if !hosts.is_empty() && (count as usize) > hosts.len() {
-        return Err(invalid("request.count", format!("{count} hosts asked for but only {} named", hosts.len())));
+        return Err(invalid(
+            "request.count",
+            format!("{count} hosts asked for but only {} named", hosts.len()),
+        ));
     }
     let profile = if r.profile.is_empty() {
         None
@@ -97,7 +106,11 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
         flags: s.flags.iter().map(|f| f.to_string()).collect(),
         hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
         count: s.count,
-        profile: s.profile.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        profile: s
+            .profile
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         ttl: Some(duration_to_proto(s.ttl)),
         priority: s.priority,
         comment: s.comment.clone(),
@@ -114,7 +127,11 @@ pub fn lease_to_proto(l: &Lease) -> pb::Lease {
             LeaseState::Released => pb::LeaseState::Released,
             LeaseState::Expired => pb::LeaseState::Expired,
         } as i32,
-        profile: l.profile.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        profile: l
+            .profile
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         priority: l.priority,
         comment: l.comment.clone(),
         ttl: Some(duration_to_proto(l.ttl())),
@@ -161,7 +178,11 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
         h.ipv4 = s.ipv4.map(|a| a.to_string()).unwrap_or_default();
         h.flags = s.flags.iter().map(|f| f.to_string()).collect();
         // The endpoint only: user and password never leave the server.
-        h.bmc = s.bmc.as_ref().map(|b| b.endpoint.to_string()).unwrap_or_default();
+        h.bmc = s
+            .bmc
+            .as_ref()
+            .map(|b| b.endpoint.to_string())
+            .unwrap_or_default();
         h.console = match s.console {
             ConsoleSource::None => pb::ConsoleKind::None,
             ConsoleSource::IpmiSol => pb::ConsoleKind::IpmiSol,
@@ -219,21 +240,64 @@ mod tests {
     use super::*;
 
     fn req() -> pb::LeaseRequest {
-        pb::LeaseRequest { count: 1, ..Default::default() }
+        pb::LeaseRequest {
+            count: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn bad_fields_are_named() {
         let d = Duration::from_secs(60);
         let cases: Vec<(pb::LeaseRequest, &str)> = vec![
-            (pb::LeaseRequest { arch: 9, ..req() }, "request.arch: unknown arch value 9"),
-            (pb::LeaseRequest { flags: vec!["a b".into()], ..req() }, "request.flags: invalid flag"),
-            (pb::LeaseRequest { hosts: vec!["".into()], ..req() }, "request.hosts: invalid host name"),
-            (pb::LeaseRequest { count: 2, hosts: vec!["a".into()], ..req() }, "request.count: 2 hosts asked for"),
-            (pb::LeaseRequest { count: 5000, ..req() }, "request.count: at most 1024"),
-            (pb::LeaseRequest { profile: "x/y".into(), ..req() }, "request.profile: invalid profile name"),
             (
-                pb::LeaseRequest { ttl: Some(prost_types::Duration { seconds: -5, nanos: 0 }), ..req() },
+                pb::LeaseRequest { arch: 9, ..req() },
+                "request.arch: unknown arch value 9",
+            ),
+            (
+                pb::LeaseRequest {
+                    flags: vec!["a b".into()],
+                    ..req()
+                },
+                "request.flags: invalid flag",
+            ),
+            (
+                pb::LeaseRequest {
+                    hosts: vec!["".into()],
+                    ..req()
+                },
+                "request.hosts: invalid host name",
+            ),
+            (
+                pb::LeaseRequest {
+                    count: 2,
+                    hosts: vec!["a".into()],
+                    ..req()
+                },
+                "request.count: 2 hosts asked for",
+            ),
+            (
+                pb::LeaseRequest {
+                    count: 5000,
+                    ..req()
+                },
+                "request.count: at most 1024",
+            ),
+            (
+                pb::LeaseRequest {
+                    profile: "x/y".into(),
+                    ..req()
+                },
+                "request.profile: invalid profile name",
+            ),
+            (
+                pb::LeaseRequest {
+                    ttl: Some(prost_types::Duration {
+                        seconds: -5,
+                        nanos: 0,
+                    }),
+                    ..req()
+                },
                 "request.ttl: must be a positive duration",
             ),
         ];
@@ -242,7 +306,10 @@ mod tests {
             assert_eq!(s.code(), tonic::Code::InvalidArgument);
             assert!(s.message().starts_with(want), "{r:?}: {}", s.message());
         }
-        assert_eq!(lease_spec(None, d).unwrap_err().message(), "request: is required");
+        assert_eq!(
+            lease_spec(None, d).unwrap_err().message(),
+            "request: is required"
+        );
         let ok = lease_spec(Some(pb::LeaseRequest { count: 0, ..req() }), d).unwrap();
         assert_eq!((ok.count, ok.ttl), (1, d));
     }

@@ -40,7 +40,11 @@ pub struct Api {
 
 impl Api {
     pub fn new(core: Core, auth: Authenticator, default_ttl: Duration) -> Self {
-        Self { core, auth: Arc::new(auth), default_ttl }
+        Self {
+            core,
+            auth: Arc::new(auth),
+            default_ttl,
+        }
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
@@ -56,7 +60,10 @@ impl Api {
 
 #[tonic::async_trait]
 impl HostService for Api {
-    async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> Result<Response<pb::ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
         self.caller(&req)?;
         let r = req.into_inner();
         let arch = cv::arch_from_proto("arch", r.arch)?;
@@ -67,17 +74,24 @@ impl HostService for Api {
             .await?
             .iter()
             .filter(|v| {
-                v.spec.as_ref().is_none_or(|s| arch.is_none_or(|a| a == s.arch) && flags.is_subset(&s.flags))
+                v.spec
+                    .as_ref()
+                    .is_none_or(|s| arch.is_none_or(|a| a == s.arch) && flags.is_subset(&s.flags))
             })
             .map(cv::host_to_proto)
             .collect();
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
-    async fn get_host(&self, req: Request<pb::GetHostRequest>) -> Result<Response<pb::Host>, Status> {
+    async fn get_host(
+        &self,
+        req: Request<pb::GetHostRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
         self.caller(&req)?;
         let name = cv::host_name("name", req.into_inner().name)?;
-        Ok(Response::new(cv::host_to_proto(&self.core.get_host(name).await?)))
+        Ok(Response::new(cv::host_to_proto(
+            &self.core.get_host(name).await?,
+        )))
     }
 }
 
@@ -85,7 +99,10 @@ impl HostService for Api {
 impl LeaseService for Api {
     type AcquireStream = RpcStream<pb::AcquireUpdate>;
 
-    async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<Self::AcquireStream>, Status> {
+    async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<Self::AcquireStream>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let spec = cv::lease_spec(r.request, self.default_ttl)?;
@@ -94,18 +111,28 @@ impl LeaseService for Api {
             let mut acq = state?;
             let update = |u| pb::AcquireUpdate { update: Some(u) };
             match acq.next().await? {
-                WaitState::Queued { waiter, position, queue_length, eta } => Some((
-                    Ok(update(pb::acquire_update::Update::Queued(pb::QueueStatus {
-                        waiter_id: waiter,
-                        position,
-                        queue_length,
-                        eta: eta.map(|t| timestamp_from_millis(t.millis())),
-                    }))),
+                WaitState::Queued {
+                    waiter,
+                    position,
+                    queue_length,
+                    eta,
+                } => Some((
+                    Ok(update(pb::acquire_update::Update::Queued(
+                        pb::QueueStatus {
+                            waiter_id: waiter,
+                            position,
+                            queue_length,
+                            eta: eta.map(|t| timestamp_from_millis(t.millis())),
+                        },
+                    ))),
                     Some(acq),
                 )),
-                WaitState::Granted(lease) => {
-                    Some((Ok(update(pb::acquire_update::Update::Granted(cv::lease_to_proto(&lease)))), None))
-                }
+                WaitState::Granted(lease) => Some((
+                    Ok(update(pb::acquire_update::Update::Granted(
+                        cv::lease_to_proto(&lease),
+                    ))),
+                    None,
+                )),
                 WaitState::Failed(e) => Some((Err(Status::from(e)), None)),
             }
         });
@@ -117,19 +144,31 @@ impl LeaseService for Api {
         let r = req.into_inner();
         let id = cv::lease_id("lease_id", &r.lease_id)?;
         let ttl = cv::duration("ttl", r.ttl)?;
-        Ok(Response::new(cv::lease_to_proto(&self.core.renew(caller, id, ttl).await?)))
+        Ok(Response::new(cv::lease_to_proto(
+            &self.core.renew(caller, id, ttl).await?,
+        )))
     }
 
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::Lease>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(cv::lease_to_proto(&self.core.release(caller, id).await?)))
+        Ok(Response::new(cv::lease_to_proto(
+            &self.core.release(caller, id).await?,
+        )))
     }
 
-    async fn get_lease(&self, req: Request<pb::GetLeaseRequest>) -> Result<Response<pb::Lease>, Status> {
+    async fn get_lease(
+        &self,
+        req: Request<pb::GetLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
         self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(cv::lease_to_proto(&self.core.get_lease(id).await?)))
+        Ok(Response::new(cv::lease_to_proto(
+            &self.core.get_lease(id).await?,
+        )))
     }
 
     async fn list_leases(
@@ -144,19 +183,34 @@ impl LeaseService for Api {
             Some(Principal::new(r.holder).map_err(|e| status::invalid("holder", e))?)
         };
         let leases = self.core.list_leases(r.include_ended, holder).await?;
-        Ok(Response::new(pb::ListLeasesResponse { leases: leases.iter().map(cv::lease_to_proto).collect() }))
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.iter().map(cv::lease_to_proto).collect(),
+        }))
     }
 }
 
-fn event_query(after_seq: u64, limit: u32, host: String, lease: String) -> Result<EventQuery, Status> {
+fn event_query(
+    after_seq: u64,
+    limit: u32,
+    host: String,
+    lease: String,
+) -> Result<EventQuery, Status> {
     Ok(EventQuery {
         after_seq,
         limit: match limit {
             0 => 1000,
             n => n.min(10_000) as usize,
         },
-        host: if host.is_empty() { None } else { Some(cv::host_name("host", host)?) },
-        lease: if lease.is_empty() { None } else { Some(cv::lease_id("lease_id", &lease)?) },
+        host: if host.is_empty() {
+            None
+        } else {
+            Some(cv::host_name("host", host)?)
+        },
+        lease: if lease.is_empty() {
+            None
+        } else {
+            Some(cv::lease_id("lease_id", &lease)?)
+        },
     })
 }
 
@@ -172,7 +226,9 @@ impl EventService for Api {
         let r = req.into_inner();
         let q = event_query(r.after_seq, r.limit, r.host, r.lease_id)?;
         let events = self.core.list_events(q).await?;
-        Ok(Response::new(pb::ListEventsResponse { events: events.iter().map(cv::event_to_proto).collect() }))
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(cv::event_to_proto).collect(),
+        }))
     }
 
     async fn watch_events(
@@ -185,13 +241,19 @@ impl EventService for Api {
         let (tx, rx) = mpsc::channel(256);
         let core = self.core.clone();
         tokio::spawn(watch_events(core, query, tx));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
 /// Backlog from the store, then live events; after falling behind the live
 /// feed, catch up from the store again. Ends when the client goes away.
-async fn watch_events(core: Core, mut query: EventQuery, tx: mpsc::Sender<Result<pb::Event, Status>>) {
+async fn watch_events(
+    core: Core,
+    mut query: EventQuery,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
     let mut live = core.subscribe();
     loop {
         loop {
@@ -234,11 +296,17 @@ async fn watch_events(core: Core, mut query: EventQuery, tx: mpsc::Sender<Result
 
 #[tonic::async_trait]
 impl AdminService for Api {
-    async fn set_maintenance(&self, req: Request<pb::SetMaintenanceRequest>) -> Result<Response<pb::Host>, Status> {
+    async fn set_maintenance(
+        &self,
+        req: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let host = cv::host_name("host", r.host)?;
-        let view = self.core.set_maintenance(caller, host, r.maintenance, r.reason).await?;
+        let view = self
+            .core
+            .set_maintenance(caller, host, r.maintenance, r.reason)
+            .await?;
         Ok(Response::new(cv::host_to_proto(&view)))
     }
 
@@ -255,7 +323,10 @@ impl AdminService for Api {
         }))
     }
 
-    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let caller = self.caller(&req)?;
         Ok(Response::new(pb::WhoAmIResponse {
             principal: caller.principal.to_string(),

@@ -14,9 +14,9 @@ impl From<CoreError> for Status {
             CoreError::PermissionDenied { .. } => Code::PermissionDenied,
             CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
             CoreError::Busy { .. } => Code::ResourceExhausted,
-            CoreError::Transition(TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. }) => {
-                Code::FailedPrecondition
-            }
+            CoreError::Transition(
+                TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. },
+            ) => Code::FailedPrecondition,
             CoreError::Transition(_) => Code::FailedPrecondition,
             CoreError::Store(_) => Code::Unavailable,
             // The inventory error carries file:line:column: reason.

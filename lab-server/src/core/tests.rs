@@ -1,0 +1,230 @@
+//! Core tests on paused time: TTL expiry, renewal caps, queue hand-over and
+//! commit failures, with an in-memory store and no network.
+
+use super::clock::TokioClock;
+use super::reclaim::Immediate;
+use super::*;
+use crate::lease::LeaseState;
+use crate::store::memory::MemStore;
+use crate::types::{Role, Timestamp};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+const INVENTORY: &str = r#"
+[[rack]]
+name = "r1"
+agent = "a1"
+
+[[host]]
+name = "h1"
+arch = "x86_64"
+firmware = "bios"
+rack = "r1"
+mac = "52:54:00:00:00:01"
+
+[[host]]
+name = "h2"
+arch = "x86_64"
+firmware = "bios"
+rack = "r1"
+mac = "52:54:00:00:00:02"
+"#;
+
+fn caller(name: &str) -> Caller {
+    Caller {
+        principal: Principal::new(name).unwrap(),
+        role: Role::Ci,
+    }
+}
+
+fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
+    LeaseSpec {
+        arch: None,
+        flags: BTreeSet::new(),
+        hosts: BTreeSet::new(),
+        count,
+        profile: None,
+        ttl: Duration::from_secs(ttl_s),
+        priority: 0,
+        comment: String::new(),
+    }
+}
+
+async fn start(store: Arc<MemStore>) -> Core {
+    let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+    let mut config = CoreConfig::new("inv.toml".into());
+    config.max_lifetime = Duration::from_secs(100);
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(1_000_000)));
+    Core::start(config, store, inv, Arc::new(Immediate), clock)
+        .await
+        .unwrap()
+        .0
+}
+
+async fn granted(core: &Core, who: &str, s: LeaseSpec) -> Lease {
+    let mut acq = core.acquire(caller(who), s, false).await.unwrap();
+    loop {
+        match acq.next().await.expect("a final state") {
+            WaitState::Granted(l) => return l,
+            WaitState::Queued { .. } => continue,
+            WaitState::Failed(e) => panic!("{e}"),
+        }
+    }
+}
+
+async fn host_state(core: &Core, h: &str) -> crate::lease::HostState {
+    core.get_host(HostName::new(h).unwrap())
+        .await
+        .unwrap()
+        .record
+        .state
+}
+
+/// Let the actor and the reclaim tasks run (time is paused, so this takes
+/// no real time beyond the work itself).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_without_renewal_expires_exactly_at_its_ttl() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let lease = granted(&core, "ci", spec(1, 30)).await;
+    assert_eq!(
+        lease.expires_at,
+        lease.granted_at.saturating_add(Duration::from_secs(30))
+    );
+    tokio::time::advance(Duration::from_secs(29)).await;
+    settle().await;
+    assert!(
+        core.get_lease(lease.id).await.unwrap().is_active(),
+        "still active 1 s before expiry"
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    let l = core.get_lease(lease.id).await.unwrap();
+    assert_eq!(l.state, LeaseState::Expired);
+    assert_eq!(l.ended_at, Some(lease.expires_at));
+    assert_eq!(
+        host_state(&core, lease.hosts[0].as_str()).await,
+        crate::lease::HostState::Available
+    );
+    let err = core.renew(caller("ci"), lease.id, None).await.unwrap_err();
+    assert!(matches!(err, CoreError::Transition(_)), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_keep_a_lease_alive_up_to_the_hard_cap() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let lease = granted(&core, "ci", spec(1, 30)).await;
+    // Renew every 20 s: alive until the 100 s cap, then expired.
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let l = core.renew(caller("ci"), lease.id, None).await.unwrap();
+        assert!(l.expires_at <= lease.max_expires_at);
+    }
+    tokio::time::advance(Duration::from_secs(19)).await;
+    settle().await;
+    assert!(core.get_lease(lease.id).await.unwrap().is_active());
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    let l = core.get_lease(lease.id).await.unwrap();
+    assert_eq!(l.state, LeaseState::Expired);
+    assert_eq!(l.ended_at, Some(lease.max_expires_at));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiry_hands_the_host_to_the_next_waiter_with_queue_updates() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let first = granted(&core, "a", spec(2, 60)).await;
+    let mut acq = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    match acq.next().await.unwrap() {
+        WaitState::Queued {
+            position,
+            queue_length,
+            eta,
+            ..
+        } => {
+            assert_eq!((position, queue_length), (1, 1));
+            assert_eq!(eta, Some(first.expires_at), "ETA is the holder's expiry");
+        }
+        s => panic!("expected queued, got {s:?}"),
+    }
+    tokio::time::advance(Duration::from_secs(61)).await;
+    match acq.next().await.unwrap() {
+        WaitState::Granted(l) => assert_eq!(l.holder.as_str(), "b"),
+        s => panic!("expected grant, got {s:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_holder_or_an_operator_may_release() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let lease = granted(&core, "alice", spec(1, 60)).await;
+    let err = core.release(caller("bob"), lease.id).await.unwrap_err();
+    assert!(matches!(err, CoreError::PermissionDenied { .. }), "{err}");
+    let op = Caller {
+        principal: Principal::new("root").unwrap(),
+        role: Role::Operator,
+    };
+    assert_eq!(
+        core.release(op, lease.id).await.unwrap().state,
+        LeaseState::Released
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_answers_unavailable_and_loses_nothing_acknowledged() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let kept = granted(&core, "ci", spec(1, 60)).await;
+    store.fail_commits(true);
+    let err = core.renew(caller("ci"), kept.id, None).await.unwrap_err();
+    assert!(matches!(err, CoreError::Store(_)), "{err}");
+    let mut acq = core
+        .acquire(caller("ci"), spec(1, 60), false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        acq.next().await.unwrap(),
+        WaitState::Failed(CoreError::Store(_))
+    ));
+    store.fail_commits(false);
+    // State was reloaded from the store: the acknowledged lease is as acknowledged.
+    let l = core.get_lease(kept.id).await.unwrap();
+    assert_eq!(l, kept);
+    let other = granted(&core, "ci", spec(1, 60)).await;
+    assert_ne!(other.hosts, kept.hosts);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_survive_a_restart_and_their_ttl_keeps_running() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let lease = granted(&core, "ci", spec(1, 30)).await;
+    drop(core);
+    // A new core on the same store, 10 s later (the clock starts again at 1 000 000 ms,
+    // so move it on): the lease is there with its expiry.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(1_010_000)));
+    let (core, _) = Core::start(
+        CoreConfig::new("inv.toml".into()),
+        store,
+        inv,
+        Arc::new(Immediate),
+        clock,
+    )
+    .await
+    .unwrap();
+    assert_eq!(core.get_lease(lease.id).await.unwrap(), lease);
+    tokio::time::advance(Duration::from_secs(21)).await;
+    settle().await;
+    assert_eq!(
+        core.get_lease(lease.id).await.unwrap().state,
+        LeaseState::Expired
+    );
+}
