@@ -41,13 +41,20 @@ struct Held {
 
 fn host_flags(name: &str) -> Vec<&'static str> {
     let i: usize = name[1..].parse().unwrap();
-    if i % 4 == 0 { vec!["iommu"] } else { vec![] }
+    if i.is_multiple_of(4) {
+        vec!["iommu"]
+    } else {
+        vec![]
+    }
 }
 
 fn request(rng: &mut Rng) -> pb::LeaseRequest {
     let mut r = pb::LeaseRequest {
         count: 1,
-        ttl: Some(prost_types::Duration { seconds: 120, nanos: 0 }),
+        ttl: Some(prost_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
         priority: rng.below(3) as i32,
         ..Default::default()
     };
@@ -67,12 +74,15 @@ fn request(rng: &mut Rng) -> pb::LeaseRequest {
 }
 
 async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mutex<usize>>) {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1) * 0x1000_0001);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0001));
     let mut leases = c.leases.clone();
     let mut n = 0;
     for _ in 0..ROUNDS {
         let no_wait = rng.below(8) == 0;
-        let req = pb::AcquireRequest { request: Some(request(&mut rng)), no_wait };
+        let req = pb::AcquireRequest {
+            request: Some(request(&mut rng)),
+            no_wait,
+        };
         n += 1;
         let mut stream = match leases.acquire(req).await {
             Ok(s) => s.into_inner(),
@@ -80,7 +90,9 @@ async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mute
         };
         let lease = loop {
             match stream.message().await {
-                Ok(Some(pb::AcquireUpdate { update: Some(pb::acquire_update::Update::Granted(l)) })) => break Some(l),
+                Ok(Some(pb::AcquireUpdate {
+                    update: Some(pb::acquire_update::Update::Granted(l)),
+                })) => break Some(l),
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("client {i}: stream ended without a grant"),
                 Err(s) if no_wait && s.code() == tonic::Code::ResourceExhausted => break None,
@@ -94,21 +106,31 @@ async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mute
         if rng.below(3) == 0 {
             n += 1;
             leases
-                .renew(pb::RenewRequest { lease_id: lease.id.clone(), ttl: None })
+                .renew(pb::RenewRequest {
+                    lease_id: lease.id.clone(),
+                    ttl: None,
+                })
                 .await
                 .unwrap_or_else(|s| panic!("client {i}: renew: {s}"));
         }
         let to = Instant::now();
         n += 1;
         let released = leases
-            .release(pb::ReleaseRequest { lease_id: lease.id.clone() })
+            .release(pb::ReleaseRequest {
+                lease_id: lease.id.clone(),
+            })
             .await
             .unwrap_or_else(|s| panic!("client {i}: release: {s}"))
             .into_inner();
         assert_eq!(released.state, pb::LeaseState::Released as i32);
         let mut h = held.lock().unwrap();
         for host in lease.hosts {
-            h.push(Held { host, client: i, from, to });
+            h.push(Held {
+                host,
+                client: i,
+                from,
+                to,
+            });
         }
     }
     *ops.lock().unwrap() += n;
@@ -128,14 +150,16 @@ struct WaitingReq {
 
 fn could_use(req: &pb::LeaseRequest, host: &str) -> bool {
     let flags = host_flags(host);
-    req.flags.iter().all(|f| flags.contains(&f.as_str())) && (req.hosts.is_empty() || req.hosts.iter().any(|h| h == host))
+    req.flags.iter().all(|f| flags.contains(&f.as_str()))
+        && (req.hosts.is_empty() || req.hosts.iter().any(|h| h == host))
 }
 
 /// Replays the event log; panics with the offending event on any violation.
 fn check_history(events: &[pb::Event]) -> (usize, usize) {
     use pb::EventKind as K;
-    let mut slots: BTreeMap<String, (Slot, String)> =
-        (0..HOSTS).map(|i| (format!("h{i:02}"), (Slot::Free, String::new()))).collect();
+    let mut slots: BTreeMap<String, (Slot, String)> = (0..HOSTS)
+        .map(|i| (format!("h{i:02}"), (Slot::Free, String::new())))
+        .collect();
     let mut waiting: BTreeMap<(i32, u64), WaitingReq> = BTreeMap::new(); // key: (-priority, waiter)
     let mut keys: HashMap<u64, (i32, u64)> = HashMap::new();
     let mut grants = 0;
@@ -149,21 +173,44 @@ fn check_history(events: &[pb::Event]) -> (usize, usize) {
                 let req = e.request.clone().expect("request recorded");
                 let key = (-req.priority, e.waiter_id);
                 keys.insert(e.waiter_id, key);
-                waiting.insert(key, WaitingReq { priority: req.priority, req });
+                waiting.insert(
+                    key,
+                    WaitingReq {
+                        priority: req.priority,
+                        req,
+                    },
+                );
             }
             K::RequestWithdrawn => {
-                let key = keys.remove(&e.waiter_id).expect("withdrawn waiter was waiting");
+                let key = keys
+                    .remove(&e.waiter_id)
+                    .expect("withdrawn waiter was waiting");
                 waiting.remove(&key);
             }
             K::LeaseGranted => {
                 grants += 1;
-                let key = keys.remove(&e.waiter_id).unwrap_or_else(|| panic!("grant to unknown waiter: {e:?}"));
+                let key = keys
+                    .remove(&e.waiter_id)
+                    .unwrap_or_else(|| panic!("grant to unknown waiter: {e:?}"));
                 let me = waiting.remove(&key).unwrap();
-                assert_eq!(e.hosts.len(), me.req.count.max(1) as usize, "wrong host count: {e:?}");
+                assert_eq!(
+                    e.hosts.len(),
+                    me.req.count.max(1) as usize,
+                    "wrong host count: {e:?}"
+                );
                 for h in &e.hosts {
-                    assert!(could_use(&me.req, h), "granted a host the request cannot use: {e:?}");
+                    assert!(
+                        could_use(&me.req, h),
+                        "granted a host the request cannot use: {e:?}"
+                    );
                     let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(slot.0, Slot::Free, "host {h} granted while {:?} by {}: {e:?}", slot.0, slot.1);
+                    assert_eq!(
+                        slot.0,
+                        Slot::Free,
+                        "host {h} granted while {:?} by {}: {e:?}",
+                        slot.0,
+                        slot.1
+                    );
                     *slot = (Slot::Held, e.lease_id.clone());
                 }
                 // Order: no earlier waiter still waiting could have used any granted host.
@@ -184,33 +231,52 @@ fn check_history(events: &[pb::Event]) -> (usize, usize) {
             K::LeaseReleased | K::LeaseExpired => {
                 for h in &e.hosts {
                     let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(*slot, (Slot::Held, e.lease_id.clone()), "host {h} ended a lease it did not hold: {e:?}");
+                    assert_eq!(
+                        *slot,
+                        (Slot::Held, e.lease_id.clone()),
+                        "host {h} ended a lease it did not hold: {e:?}"
+                    );
                     slot.0 = Slot::Reclaiming;
                 }
             }
             K::HostAvailable => {
                 for h in &e.hosts {
                     let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(slot.0, Slot::Reclaiming, "host {h} available without reclaim: {e:?}");
+                    assert_eq!(
+                        slot.0,
+                        Slot::Reclaiming,
+                        "host {h} available without reclaim: {e:?}"
+                    );
                     *slot = (Slot::Free, String::new());
                 }
             }
             _ => {}
         }
     }
-    assert!(waiting.is_empty(), "requests neither granted nor withdrawn: {:?}", waiting.keys().collect::<Vec<_>>());
+    assert!(
+        waiting.is_empty(),
+        "requests neither granted nor withdrawn: {:?}",
+        waiting.keys().collect::<Vec<_>>()
+    );
     (grants, order_checks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
-    let server = InProcessServer::start(ServerOptions { hosts: HOSTS, ..Default::default() }).await.unwrap();
+    let server = InProcessServer::start(ServerOptions {
+        hosts: HOSTS,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let held = Arc::new(Mutex::new(Vec::new()));
     let ops = Arc::new(Mutex::new(0usize));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
-        let c = Clients::connect(server.addr, Some(&format!("client{i}"))).await.unwrap();
+        let c = Clients::connect(server.addr, Some(&format!("client{i}")))
+            .await
+            .unwrap();
         tasks.push(tokio::spawn(client(i, c, held.clone(), ops.clone())));
     }
     for t in tasks {
@@ -227,7 +293,12 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
     for (host, mut v) in by_host {
         v.sort_by_key(|h| h.from);
         for w in v.windows(2) {
-            assert!(w[0].to <= w[1].from, "clients {} and {} both held {host}", w[0].client, w[1].client);
+            assert!(
+                w[0].to <= w[1].from,
+                "clients {} and {} both held {host}",
+                w[0].client,
+                w[1].client
+            );
         }
     }
 
@@ -240,7 +311,11 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
         loop {
             let page = c
                 .events
-                .list_events(pb::ListEventsRequest { after_seq: after, limit: 10_000, ..Default::default() })
+                .list_events(pb::ListEventsRequest {
+                    after_seq: after,
+                    limit: 10_000,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -249,8 +324,17 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
             after = last.seq;
             events.extend(page);
         }
-        let hosts = c.hosts.list_hosts(pb::ListHostsRequest::default()).await.unwrap().into_inner().hosts;
-        if hosts.iter().all(|h| h.state == pb::HostState::Available as i32) {
+        let hosts = c
+            .hosts
+            .list_hosts(pb::ListHostsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        if hosts
+            .iter()
+            .all(|h| h.state == pb::HostState::Available as i32)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -260,7 +344,10 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
         "{ops} client operations ({grants} grants, {} events, {order_checks} order checks) by {CLIENTS} clients in {elapsed:?}",
         events.len()
     );
-    assert!(ops >= 2_000, "the run must be several thousand operations, was {ops}");
+    assert!(
+        ops >= 2_000,
+        "the run must be several thousand operations, was {ops}"
+    );
     assert!(grants >= CLIENTS * ROUNDS / 2);
     server.stop().await;
 }
@@ -269,7 +356,14 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
 /// proves nothing).
 #[test]
 fn checker_catches_double_grant_and_queue_jumping() {
-    fn ev(seq: u64, kind: pb::EventKind, hosts: &[&str], lease: &str, waiter: u64, req: Option<pb::LeaseRequest>) -> pb::Event {
+    fn ev(
+        seq: u64,
+        kind: pb::EventKind,
+        hosts: &[&str],
+        lease: &str,
+        waiter: u64,
+        req: Option<pb::LeaseRequest>,
+    ) -> pb::Event {
         pb::Event {
             seq,
             kind: kind as i32,
@@ -281,7 +375,12 @@ fn checker_catches_double_grant_and_queue_jumping() {
         }
     }
     use pb::EventKind as K;
-    let one = || Some(pb::LeaseRequest { count: 1, ..Default::default() });
+    let one = || {
+        Some(pb::LeaseRequest {
+            count: 1,
+            ..Default::default()
+        })
+    };
     let double = vec![
         ev(1, K::LeaseRequested, &[], "", 1, one()),
         ev(2, K::LeaseGranted, &["h01"], "a", 1, None),
@@ -290,14 +389,35 @@ fn checker_catches_double_grant_and_queue_jumping() {
     ];
     assert!(std::panic::catch_unwind(|| check_history(&double)).is_err());
     let jump = vec![
-        ev(1, K::LeaseRequested, &[], "", 1, Some(pb::LeaseRequest { count: 2, ..Default::default() })),
+        ev(
+            1,
+            K::LeaseRequested,
+            &[],
+            "",
+            1,
+            Some(pb::LeaseRequest {
+                count: 2,
+                ..Default::default()
+            }),
+        ),
         ev(2, K::LeaseRequested, &[], "", 2, one()),
         ev(3, K::LeaseGranted, &["h01"], "b", 2, None),
         ev(4, K::RequestWithdrawn, &[], "", 1, None),
     ];
     assert!(std::panic::catch_unwind(|| check_history(&jump)).is_err());
     let fine = vec![
-        ev(1, K::LeaseRequested, &[], "", 1, Some(pb::LeaseRequest { count: 1, flags: vec!["iommu".into()], ..Default::default() })),
+        ev(
+            1,
+            K::LeaseRequested,
+            &[],
+            "",
+            1,
+            Some(pb::LeaseRequest {
+                count: 1,
+                flags: vec!["iommu".into()],
+                ..Default::default()
+            }),
+        ),
         ev(2, K::LeaseRequested, &[], "", 2, one()),
         ev(3, K::LeaseGranted, &["h01"], "b", 2, None),
         ev(4, K::LeaseReleased, &["h01"], "b", 0, None),

@@ -218,7 +218,7 @@ impl Actor {
                     .filter(|l| holder.as_ref().is_none_or(|h| &l.holder == h))
                     .cloned()
                     .collect();
-                v.sort_by(|a, b| (a.granted_at, a.id).cmp(&(b.granted_at, b.id)));
+                v.sort_by_key(|l| (l.granted_at, l.id));
                 p.reply(reply, Ok(v));
             }
             Command::ListHosts { reply } => {

@@ -285,11 +285,8 @@ mod tests {
         let before = Timestamp(30_000);
         let after = Timestamp(61_000);
         // (state, event, expected state or None for refused, expected expires_at, ended_at)
-        let table: Vec<(
-            LeaseState,
-            LeaseEvent,
-            Option<(LeaseState, i64, Option<i64>)>,
-        )> = vec![
+        type Expected = Option<(LeaseState, i64, Option<i64>)>;
+        let table: Vec<(LeaseState, LeaseEvent, Expected)> = vec![
             (
                 Active,
                 LeaseEvent::Renew { now: before, ttl },

@@ -1,7 +1,9 @@
 //! An in-memory [`Store`] for tests, with the same compare-and-set rules as
 //! the durable one, and a switch that makes commits fail.
 
-use super::{Batch, EventQuery, Snapshot, Store, StoreError, Write, check_generation};
+use super::{
+    Batch, EventQuery, Snapshot, Store, StoreError, Write, check_event_seqs, check_generation,
+};
 use crate::events::EventRecord;
 use crate::lease::{HostRecord, Lease};
 use crate::types::{HostName, LeaseId};
@@ -87,17 +89,8 @@ impl Store for MemStore {
                 }
             }
         }
-        let mut next = d.events.last().map_or(0, |e| e.seq) + 1;
-        for e in &batch.events {
-            if e.seq != next {
-                return Err(StoreError::EventGap {
-                    expected: next,
-                    got: e.seq,
-                });
-            }
-            next += 1;
-            d.events.push(e.clone());
-        }
+        check_event_seqs(d.events.last().map_or(0, |e| e.seq), &batch.events)?;
+        d.events.extend(batch.events.iter().cloned());
         *guard = d;
         Ok(())
     }

@@ -112,6 +112,19 @@ pub trait Store: Send + Sync + 'static {
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError>;
 }
 
+/// Events of a batch must continue the log without a gap.
+fn check_event_seqs(last: u64, events: &[EventRecord]) -> Result<(), StoreError> {
+    for (expected, e) in (last + 1..).zip(events) {
+        if e.seq != expected {
+            return Err(StoreError::EventGap {
+                expected,
+                got: e.seq,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The compare-and-set rule shared by the backends.
 fn check_generation(
     key: String,

@@ -3,7 +3,9 @@
 //! `hosts` (name → JSON record), `leases` (id → JSON record), `events`
 //! (seq → JSON record). The core groups concurrent changes into one commit.
 
-use super::{Batch, EventQuery, Snapshot, Store, StoreError, Write, check_generation};
+use super::{
+    Batch, EventQuery, Snapshot, Store, StoreError, Write, check_event_seqs, check_generation,
+};
 use crate::events::EventRecord;
 use crate::lease::{HostRecord, Lease};
 use crate::types::Generation;
@@ -130,15 +132,8 @@ impl RedbStore {
                 .last()
                 .map_err(|e| be("read")(e.into()))?
                 .map_or(0, |(k, _)| k.value());
-            let mut next = last + 1;
+            check_event_seqs(last, &batch.events)?;
             for e in &batch.events {
-                if e.seq != next {
-                    return Err(StoreError::EventGap {
-                        expected: next,
-                        got: e.seq,
-                    });
-                }
-                next += 1;
                 events
                     .insert(e.seq, encode(e).as_slice())
                     .map_err(|e| be("write")(e.into()))?;
