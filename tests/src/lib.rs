@@ -46,7 +46,10 @@ pub fn tokens_toml(entries: &[(&str, &str, &str)]) -> String {
     entries
         .iter()
         .map(|(t, p, r)| {
-            format!("[[token]]\nprincipal = \"{p}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", hex::encode(digest(t)))
+            format!(
+                "[[token]]\nprincipal = \"{p}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n",
+                hex::encode(digest(t))
+            )
         })
         .collect()
 }
@@ -102,7 +105,11 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { hosts: 8, auth: Authenticator::InsecureDev, default_ttl: Duration::from_secs(600) }
+        Self {
+            hosts: 8,
+            auth: Authenticator::InsecureDev,
+            default_ttl: Duration::from_secs(600),
+        }
     }
 }
 
@@ -125,10 +132,15 @@ impl InProcessServer {
         let store = RedbStore::open(&dir.path().join("lab.redb"))?;
         let mut config = CoreConfig::new(inv_path);
         config.default_ttl = opts.default_ttl;
-        let (core, _actor) =
-            Core::start(config, Arc::new(store), inventory, Arc::new(Immediate), Arc::new(TokioClock::new()))
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (core, _actor) = Core::start(
+            config,
+            Arc::new(store),
+            inventory,
+            Arc::new(Immediate),
+            Arc::new(TokioClock::new()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -142,7 +154,13 @@ impl InProcessServer {
                 eprintln!("server failed: {e}");
             }
         });
-        Ok(InProcessServer { addr, dir, core, shutdown: Some(tx), task: Some(task) })
+        Ok(InProcessServer {
+            addr,
+            dir,
+            core,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
     }
 
     pub async fn clients(&self, token: &str) -> Result<Clients> {
@@ -185,9 +203,15 @@ impl ServerProcess {
     pub fn spawn(args: &[&str], log: &Path) -> Result<ServerProcess> {
         let bin = bin_path("lab-server");
         if !bin.exists() {
-            bail!("{} is not built: run `cargo build --workspace` first", bin.display());
+            bail!(
+                "{} is not built: run `cargo build --workspace` first",
+                bin.display()
+            );
         }
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut child = Command::new(&bin)
             .args(args)
             .stdout(Stdio::piped())
@@ -201,10 +225,17 @@ impl ServerProcess {
         let Some(addr) = line.trim().strip_prefix("lab-server listening on ") else {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("lab-server did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "lab-server did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         };
         let addr = addr.parse()?;
-        Ok(ServerProcess { child, addr, log: log.to_owned() })
+        Ok(ServerProcess {
+            child,
+            addr,
+            log: log.to_owned(),
+        })
     }
 
     /// SIGKILL and reap.
@@ -222,7 +253,11 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- lab-server log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- lab-server log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn spawn(dir: &Path) -> ServerProcess {
@@ -50,7 +53,10 @@ struct Record {
 }
 
 fn ttl(s: u64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: s as i64, nanos: 0 })
+    Some(prost_types::Duration {
+        seconds: s as i64,
+        nanos: 0,
+    })
 }
 
 async fn load(i: u64, c: Clients, log: Arc<Mutex<HashMap<String, Record>>>) {
@@ -64,41 +70,72 @@ async fn load(i: u64, c: Clients, log: Arc<Mutex<HashMap<String, Record>>>) {
     };
     loop {
         let req = pb::AcquireRequest {
-            request: Some(pb::LeaseRequest { count: 1 + rand(2) as u32, ttl: ttl(3 + rand(3)), ..Default::default() }),
+            request: Some(pb::LeaseRequest {
+                count: 1 + rand(2) as u32,
+                ttl: ttl(3 + rand(3)),
+                ..Default::default()
+            }),
             no_wait: false,
         };
-        let Ok(stream) = leases.acquire(req).await else { return };
+        let Ok(stream) = leases.acquire(req).await else {
+            return;
+        };
         let mut stream = stream.into_inner();
         let lease = loop {
             match stream.message().await {
-                Ok(Some(pb::AcquireUpdate { update: Some(pb::acquire_update::Update::Granted(l)) })) => break l,
+                Ok(Some(pb::AcquireUpdate {
+                    update: Some(pb::acquire_update::Update::Granted(l)),
+                })) => break l,
                 Ok(Some(_)) => {}
                 _ => return,
             }
         };
         let expires_at = millis_from_timestamp(lease.expires_at.as_ref().unwrap());
-        log.lock()
-            .unwrap()
-            .insert(lease.id.clone(), Record { acked: Acked::Active { expires_at }, release_in_flight: false });
+        log.lock().unwrap().insert(
+            lease.id.clone(),
+            Record {
+                acked: Acked::Active { expires_at },
+                release_in_flight: false,
+            },
+        );
         if rand(6) == 0 {
             // Abandoned: the holder "dies"; only the TTL frees the hosts.
             continue;
         }
         if rand(2) == 0 {
-            match leases.renew(pb::RenewRequest { lease_id: lease.id.clone(), ttl: None }).await {
+            match leases
+                .renew(pb::RenewRequest {
+                    lease_id: lease.id.clone(),
+                    ttl: None,
+                })
+                .await
+            {
                 Ok(l) => {
-                    let expires_at = millis_from_timestamp(l.into_inner().expires_at.as_ref().unwrap());
-                    log.lock().unwrap().get_mut(&lease.id).unwrap().acked = Acked::Active { expires_at };
+                    let expires_at =
+                        millis_from_timestamp(l.into_inner().expires_at.as_ref().unwrap());
+                    log.lock().unwrap().get_mut(&lease.id).unwrap().acked =
+                        Acked::Active { expires_at };
                 }
                 Err(_) => return,
             }
         }
-        log.lock().unwrap().get_mut(&lease.id).unwrap().release_in_flight = true;
-        match leases.release(pb::ReleaseRequest { lease_id: lease.id.clone() }).await {
+        log.lock()
+            .unwrap()
+            .get_mut(&lease.id)
+            .unwrap()
+            .release_in_flight = true;
+        match leases
+            .release(pb::ReleaseRequest {
+                lease_id: lease.id.clone(),
+            })
+            .await
+        {
             Ok(l) => {
                 let mut g = log.lock().unwrap();
                 let r = g.get_mut(&lease.id).unwrap();
-                r.acked = Acked::Ended { state: l.into_inner().state };
+                r.acked = Acked::Ended {
+                    state: l.into_inner().state,
+                };
                 r.release_in_flight = false;
             }
             Err(_) => return,
@@ -113,7 +150,9 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
     let log = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = Vec::new();
     for i in 0..16 {
-        let c = Clients::connect(server.addr, Some(&format!("c{i}"))).await.unwrap();
+        let c = Clients::connect(server.addr, Some(&format!("c{i}")))
+            .await
+            .unwrap();
         tasks.push(tokio::spawn(load(i, c, log.clone())));
     }
     // Wait for real load, then kill in the middle of it.
@@ -127,16 +166,24 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
         let _ = t.await;
     }
     let log = log.lock().unwrap().clone();
-    assert!(log.len() >= 200, "not enough load before the kill: {} leases", log.len());
+    assert!(
+        log.len() >= 200,
+        "not enough load before the kill: {} leases",
+        log.len()
+    );
 
     let server = spawn(dir.path());
-    let mut c = Clients::connect(server.addr, Some("checker")).await.unwrap();
+    let mut c = Clients::connect(server.addr, Some("checker"))
+        .await
+        .unwrap();
     let mut still_active = Vec::new();
     let (mut n_active, mut n_ended) = (0, 0);
     for (id, rec) in &log {
         let l = c
             .leases
-            .get_lease(pb::GetLeaseRequest { lease_id: id.clone() })
+            .get_lease(pb::GetLeaseRequest {
+                lease_id: id.clone(),
+            })
             .await
             .unwrap_or_else(|s| panic!("acknowledged lease {id} lost after SIGKILL: {s}"))
             .into_inner();
@@ -144,18 +191,30 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
         match rec.acked {
             Acked::Ended { state } => {
                 n_ended += 1;
-                assert_eq!(l.state, state, "lease {id}: acknowledged end not kept: {l:?}");
+                assert_eq!(
+                    l.state, state,
+                    "lease {id}: acknowledged end not kept: {l:?}"
+                );
             }
             Acked::Active { expires_at } => {
                 n_active += 1;
-                assert!(exp >= expires_at, "lease {id}: acknowledged expiry {expires_at} shortened to {exp}");
+                assert!(
+                    exp >= expires_at,
+                    "lease {id}: acknowledged expiry {expires_at} shortened to {exp}"
+                );
                 match pb::LeaseState::try_from(l.state).unwrap() {
                     pb::LeaseState::Active => {
-                        assert!(exp > killed_at - 1000, "lease {id} should have been expired at restart: {l:?}");
+                        assert!(
+                            exp > killed_at - 1000,
+                            "lease {id} should have been expired at restart: {l:?}"
+                        );
                         still_active.push(id.clone());
                     }
                     pb::LeaseState::Released => {
-                        assert!(rec.release_in_flight, "lease {id} released without a release being sent")
+                        assert!(
+                            rec.release_in_flight,
+                            "lease {id} released without a release being sent"
+                        )
                     }
                     pb::LeaseState::Expired => {
                         assert!(exp <= now_ms(), "lease {id} expired before its time: {l:?}")
@@ -177,20 +236,43 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
     loop {
         let active = c
             .leases
-            .list_leases(pb::ListLeasesRequest { include_ended: false, holder: String::new() })
+            .list_leases(pb::ListLeasesRequest {
+                include_ended: false,
+                holder: String::new(),
+            })
             .await
             .unwrap()
             .into_inner()
             .leases;
-        let hosts = c.hosts.list_hosts(pb::ListHostsRequest::default()).await.unwrap().into_inner().hosts;
-        if active.is_empty() && hosts.iter().all(|h| h.state == pb::HostState::Available as i32) {
+        let hosts = c
+            .hosts
+            .list_hosts(pb::ListHostsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        if active.is_empty()
+            && hosts
+                .iter()
+                .all(|h| h.state == pb::HostState::Available as i32)
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "leases never expired after restart: {active:?}");
+        assert!(
+            Instant::now() < deadline,
+            "leases never expired after restart: {active:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for id in still_active {
-        let l = c.leases.get_lease(pb::GetLeaseRequest { lease_id: id.clone() }).await.unwrap().into_inner();
+        let l = c
+            .leases
+            .get_lease(pb::GetLeaseRequest {
+                lease_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(l.state, pb::LeaseState::Expired as i32, "lease {id}");
         assert_eq!(l.ended_at, l.expires_at, "lease {id} ended at its TTL");
     }
@@ -202,31 +284,55 @@ async fn a_short_lease_without_renewals_frees_its_host() {
     let server = spawn(dir.path());
     let mut c = Clients::connect(server.addr, Some("ci")).await.unwrap();
     let req = pb::AcquireRequest {
-        request: Some(pb::LeaseRequest { hosts: vec!["h03".into()], ttl: ttl(2), ..Default::default() }),
+        request: Some(pb::LeaseRequest {
+            hosts: vec!["h03".into()],
+            ttl: ttl(2),
+            ..Default::default()
+        }),
         no_wait: true,
     };
     let mut s = c.leases.acquire(req).await.unwrap().into_inner();
-    let Some(pb::AcquireUpdate { update: Some(pb::acquire_update::Update::Granted(lease)) }) = s.message().await.unwrap()
+    let Some(pb::AcquireUpdate {
+        update: Some(pb::acquire_update::Update::Granted(lease)),
+    }) = s.message().await.unwrap()
     else {
         panic!("no grant")
     };
     let granted = Instant::now();
     let host = || pb::GetHostRequest { name: "h03".into() };
-    assert_eq!(c.hosts.get_host(host()).await.unwrap().into_inner().state, pb::HostState::Leased as i32);
+    assert_eq!(
+        c.hosts.get_host(host()).await.unwrap().into_inner().state,
+        pb::HostState::Leased as i32
+    );
     loop {
         let h = c.hosts.get_host(host()).await.unwrap().into_inner();
         if h.state == pb::HostState::Available as i32 {
             break;
         }
-        assert!(granted.elapsed() < Duration::from_secs(15), "host never freed: {h:?}");
+        assert!(
+            granted.elapsed() < Duration::from_secs(15),
+            "host never freed: {h:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(granted.elapsed() >= Duration::from_millis(1900), "freed before its TTL: {:?}", granted.elapsed());
-    let l = c.leases.get_lease(pb::GetLeaseRequest { lease_id: lease.id }).await.unwrap().into_inner();
+    assert!(
+        granted.elapsed() >= Duration::from_millis(1900),
+        "freed before its TTL: {:?}",
+        granted.elapsed()
+    );
+    let l = c
+        .leases
+        .get_lease(pb::GetLeaseRequest { lease_id: lease.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(l.state, pb::LeaseState::Expired as i32);
     let events = c
         .events
-        .list_events(pb::ListEventsRequest { lease_id: l.id.clone(), ..Default::default() })
+        .list_events(pb::ListEventsRequest {
+            lease_id: l.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -235,7 +341,12 @@ async fn a_short_lease_without_renewals_frees_its_host() {
     use pb::EventKind as K;
     assert_eq!(
         kinds,
-        vec![K::LeaseGranted as i32, K::LeaseExpired as i32, K::HostReclaiming as i32, K::HostAvailable as i32]
+        vec![
+            K::LeaseGranted as i32,
+            K::LeaseExpired as i32,
+            K::HostReclaiming as i32,
+            K::HostAvailable as i32
+        ]
     );
     assert_eq!(events[1].actor, "server");
 }
