@@ -1,0 +1,114 @@
+//! The real `lab` CLI against the real `lab-server`: acquire, list, renew,
+//! release, events, with `--json`, and the documented exit codes.
+
+use lab_tests::{ServerProcess, bin_path, inventory_toml};
+use std::process::Command;
+
+fn lab(server: &ServerProcess, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path("lab"))
+        .args(args)
+        .env("LAB_SERVER", format!("http://{}", server.addr))
+        .env("LAB_TOKEN", token)
+        .output()
+        .expect("run lab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn a_lease_cycle_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(&inv, inventory_toml(2)).unwrap();
+    let server = ServerProcess::spawn(
+        &[
+            "--dev-insecure-no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--inventory",
+            inv.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    )
+    .unwrap();
+
+    let (code, out, err) = lab(
+        &server,
+        "alice",
+        &[
+            "--json",
+            "lease",
+            "acquire",
+            "--count",
+            "2",
+            "--ttl",
+            "10m",
+            "--profile",
+            "xen",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lease = json(&out);
+    let id = lease["id"].as_str().unwrap().to_owned();
+    assert_eq!(lease["holder"], "alice");
+    assert_eq!(lease["hosts"].as_array().unwrap().len(), 2);
+    assert_eq!(lease["profile"], "xen");
+
+    let (code, out, _) = lab(&server, "alice", &["hosts"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("leased") && l.contains("alice"))
+            .count(),
+        2,
+        "{out}"
+    );
+
+    // No host is free: --no-wait exits 5; more hosts than exist exits 6.
+    let (code, _, err) = lab(&server, "bob", &["lease", "acquire", "--no-wait"]);
+    assert_eq!(code, 5, "{err}");
+    let (code, _, err) = lab(&server, "bob", &["lease", "acquire", "--count", "3"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.starts_with("lab: "), "{err}");
+
+    let (code, out, err) = lab(
+        &server,
+        "alice",
+        &["--json", "lease", "renew", &id, "--ttl", "20m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["state"], "active");
+
+    let (code, _, err) = lab(&server, "alice", &["lease", "release", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = lab(&server, "alice", &["--json", "lease", "show", &id]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["state"], "released");
+    let (code, _, _) = lab(
+        &server,
+        "alice",
+        &["lease", "show", "00000000-0000-0000-0000-000000000000"],
+    );
+    assert_eq!(code, 4);
+
+    let (code, out, _) = lab(&server, "alice", &["--json", "events", "--lease", &id]);
+    assert_eq!(code, 0);
+    let kinds: Vec<String> = out
+        .lines()
+        .map(|l| json(l)["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds[..3],
+        ["lease-granted", "lease-renewed", "lease-released"],
+        "{kinds:?}"
+    );
+}
