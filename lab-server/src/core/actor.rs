@@ -477,9 +477,10 @@ impl Actor {
         let e = self.event(p, now, actor, kind);
         e.lease = Some(id);
         e.hosts = hosts.clone();
+        let mut reclaiming = Vec::with_capacity(hosts.len());
         for h in &hosts {
             match self.host_apply(p, h, HostEvent::EndLease(id)) {
-                Ok(()) => p.reclaims.push((h.clone(), id)),
+                Ok(()) => reclaiming.push(h.clone()),
                 Err(err) => {
                     error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease")
                 }
@@ -488,6 +489,13 @@ impl Actor {
         let e = self.event(p, now, &Principal::server(), EventKind::HostReclaiming);
         e.lease = Some(id);
         e.hosts = hosts;
+        for h in reclaiming {
+            if self.reclaimer.is_immediate() {
+                self.reclaimed(p, now, h, id);
+            } else {
+                p.reclaims.push((h, id));
+            }
+        }
     }
 
     fn reclaimed(&mut self, p: &mut Pending, now: Timestamp, host: HostName, lease: LeaseId) {

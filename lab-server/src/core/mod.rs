@@ -119,13 +119,32 @@ impl WaitState {
 pub struct Acquisition {
     rx: watch::Receiver<WaitState>,
     cancel: Option<(mpsc::Sender<Command>, WaiterId)>,
+    last_queued: Option<tokio::time::Instant>,
 }
 
+/// Queue positions change with every grant; a waiter hears of them at most
+/// this often (a grant or failure is never delayed).
+pub const QUEUE_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Acquisition {
-    /// The next state: each `Queued` change, then the final one. `None` after
-    /// the final state was returned.
+    /// The next state: `Queued` changes (at most one per
+    /// [`QUEUE_UPDATE_INTERVAL`]), then the final one. `None` after the final
+    /// state was returned.
     pub async fn next(&mut self) -> Option<WaitState> {
         self.cancel.as_ref()?;
+        if let Some(t) = self.last_queued {
+            tokio::select! {
+                () = tokio::time::sleep_until(t + QUEUE_UPDATE_INTERVAL) => {}
+                r = self.rx.wait_for(WaitState::is_final) => {
+                    let state = match r {
+                        Ok(s) => s.clone(),
+                        Err(_) => WaitState::Failed(CoreError::ShuttingDown),
+                    };
+                    self.cancel = None;
+                    return Some(state);
+                }
+            }
+        }
         if self.rx.changed().await.is_err() {
             self.cancel = None;
             return Some(WaitState::Failed(CoreError::ShuttingDown));
@@ -133,6 +152,8 @@ impl Acquisition {
         let state = self.rx.borrow_and_update().clone();
         if state.is_final() {
             self.cancel = None;
+        } else {
+            self.last_queued = Some(tokio::time::Instant::now());
         }
         Some(state)
     }
@@ -310,6 +331,7 @@ impl Core {
         Ok(Acquisition {
             rx,
             cancel: Some((self.tx.clone(), waiter)),
+            last_queued: None,
         })
     }
 

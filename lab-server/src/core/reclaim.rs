@@ -21,6 +21,12 @@ pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ReclaimError
 /// core runs it again for every host still in `reclaiming`.
 pub trait Reclaimer: Send + Sync + 'static {
     fn reclaim<'a>(&'a self, host: &'a HostSpec, lease: LeaseId) -> ReclaimFuture<'a>;
+
+    /// True when there is nothing to do: the core then finishes the reclaim
+    /// in the same commit as the lease's end (still recording both steps).
+    fn is_immediate(&self) -> bool {
+        false
+    }
 }
 
 /// Nothing to do: the host is clean at once.
@@ -30,5 +36,9 @@ pub struct Immediate;
 impl Reclaimer for Immediate {
     fn reclaim<'a>(&'a self, _host: &'a HostSpec, _lease: LeaseId) -> ReclaimFuture<'a> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn is_immediate(&self) -> bool {
+        true
     }
 }
