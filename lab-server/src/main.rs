@@ -97,6 +97,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,6 +136,9 @@ async fn run(args: Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
     if args.default_ttl > args.max_ttl {
         bail!("--default-ttl must not exceed --max-ttl");
+    }
+    if args.max_ttl > args.max_lifetime {
+        bail!("--max-ttl must not exceed --max-lifetime");
     }
     let mut config = CoreConfig::new(args.inventory.clone());
     config.default_ttl = args.default_ttl;
@@ -183,13 +187,28 @@ async fn run(args: Args) -> Result<()> {
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
     println!("lab-server listening on {addr}");
     let api = Api::new(core, auth, args.default_ttl);
-    grpc::serve(listener, api, shutdown_signal())
-        .await
-        .map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?;
+    // Graceful shutdown waits for open streams (waiting acquires, event
+    // watchers) only so long: every acknowledged change is already durable,
+    // and waiting clients see the connection end and may retry.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let serve = grpc::serve(listener, api, async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        r = serve => r.map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?,
+        () = async {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => warn!(grace = ?SHUTDOWN_GRACE, "open streams did not end in time; closing them"),
+    }
     drop(actor);
     info!("lab-server stopped");
     Ok(())
 }
+
+/// How long a shutdown waits for open streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -112,6 +112,13 @@ impl Principal {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidName> {
         let s = s.into();
         check_name("principal", &s)?;
+        if s == "server" {
+            return Err(InvalidName {
+                what: "principal",
+                value: s,
+                reason: "is reserved for the server's own actions",
+            });
+        }
         Ok(Self(s))
     }
     /// The server itself (expiry, reclaim, inventory reloads on SIGHUP).

@@ -5,7 +5,7 @@ use super::clock::Clock;
 use super::reclaim::Reclaimer;
 use super::{Command, CoreConfig, CoreError, HostView, ReloadSummary, Reply, WaitState};
 use crate::events::{EventKind, EventRecord};
-use crate::inventory::Inventory;
+use crate::inventory::{HostSpec, Inventory};
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseSpec, LeaseState, Queue,
     Waiter,
@@ -28,6 +28,10 @@ struct Pending {
     after: Vec<AfterCommit>,
     reclaims: Vec<(HostName, LeaseId)>,
     no_wait: Vec<WaiterId>,
+    /// Waiters whose request event is in this batch.
+    queued: Vec<WaiterId>,
+    /// Waiters that left the queue in this batch (granted or withdrawn).
+    ended: Vec<(WaiterId, Principal)>,
 }
 
 impl Pending {
@@ -64,7 +68,15 @@ pub(super) struct Actor {
     /// Active leases by expiry.
     expiries: BTreeSet<(Timestamp, LeaseId)>,
     queue: Queue,
-    waiters: HashMap<WaiterId, watch::Sender<WaitState>>,
+    waiters: HashMap<WaiterId, (u64, watch::Sender<WaitState>)>,
+    /// Request handle → waiter id, for withdrawals by dropped acquisitions.
+    handles: HashMap<u64, WaiterId>,
+    /// Descriptions of hosts removed from the inventory while leased, for
+    /// their reclaim and for display until they are gone.
+    retired_specs: HashMap<HostName, HostSpec>,
+    /// Waiters dropped by a failed commit whose request event was already
+    /// committed: their REQUEST_WITHDRAWN goes into the next batch.
+    deferred_withdrawals: Vec<(WaiterId, Principal)>,
     /// Hosts with a reclaim task running.
     reclaiming: HashSet<HostName>,
     last_seq: u64,
@@ -97,6 +109,9 @@ impl Actor {
             expiries: BTreeSet::new(),
             queue: Queue::default(),
             waiters: HashMap::new(),
+            handles: HashMap::new(),
+            retired_specs: HashMap::new(),
+            deferred_withdrawals: Vec::new(),
             reclaiming: HashSet::new(),
             last_seq: 0,
             resync: false,
@@ -157,6 +172,12 @@ impl Actor {
             if std::mem::take(&mut self.resync) {
                 self.sync_inventory(&mut p, now, &Principal::server());
             }
+            for (waiter, principal) in std::mem::take(&mut self.deferred_withdrawals) {
+                let e = self.event(&mut p, now, &principal, EventKind::RequestWithdrawn);
+                e.waiter = Some(waiter);
+                e.detail =
+                    "the store failed to commit; the request was answered UNAVAILABLE".into();
+            }
             self.expire_due(&mut p, now);
             for cmd in cmds.drain(..) {
                 self.handle(&mut p, now, cmd);
@@ -175,12 +196,16 @@ impl Actor {
         match cmd {
             Command::Acquire {
                 caller,
-                waiter,
+                handle,
                 spec,
                 no_wait,
                 state,
-            } => self.acquire(p, now, caller, waiter, spec, no_wait, state),
-            Command::Withdraw { waiter } => self.withdraw(p, now, waiter, "the client went away"),
+            } => self.acquire(p, now, caller, handle, spec, no_wait, state),
+            Command::Withdraw { handle } => {
+                if let Some(&waiter) = self.handles.get(&handle) {
+                    self.withdraw(p, now, waiter, "the client went away");
+                }
+            }
             Command::Renew {
                 caller,
                 lease,
@@ -248,8 +273,14 @@ impl Actor {
                 inventory,
                 reply,
             } => {
+                for old in &self.inventory.hosts {
+                    if inventory.host(&old.name).is_none() {
+                        self.retired_specs.insert(old.name.clone(), old.clone());
+                    }
+                }
                 self.inventory = inventory;
                 let r = self.sync_inventory(p, now, &actor);
+                self.drop_unsatisfiable(p, now);
                 p.reply(reply, Ok(r));
             }
             Command::Reclaimed { host, lease } => self.reclaimed(p, now, host, lease),
@@ -319,17 +350,20 @@ impl Actor {
         p: &mut Pending,
         now: Timestamp,
         caller: Caller,
-        waiter: WaiterId,
+        handle: u64,
         spec: LeaseSpec,
         no_wait: bool,
         state: watch::Sender<WaitState>,
     ) {
         if let Err(e) = self.check_spec(&spec) {
-            debug!(waiter, principal = %caller.principal, error = %e, "lease request refused");
+            debug!(principal = %caller.principal, error = %e, "lease request refused");
             p.notify(state, WaitState::Failed(e));
             return;
         }
         let e = self.event(p, now, &caller.principal, EventKind::LeaseRequested);
+        // The request's event sequence number is its waiter id: unique
+        // across restarts, and its place in line within a priority.
+        let waiter = e.seq;
         e.waiter = Some(waiter);
         e.request = Some(spec.clone());
         debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, "lease requested");
@@ -338,9 +372,61 @@ impl Actor {
             principal: caller.principal,
             spec,
         });
-        self.waiters.insert(waiter, state);
+        self.waiters.insert(waiter, (handle, state));
+        self.handles.insert(handle, waiter);
+        p.queued.push(waiter);
         if no_wait {
             p.no_wait.push(waiter);
+        }
+    }
+
+    /// Take a waiter out of the queue and the maps; its state sender is
+    /// returned for a final answer (dropping it tells the client nothing more
+    /// will come).
+    fn take_waiter(
+        &mut self,
+        p: &mut Pending,
+        waiter: WaiterId,
+    ) -> Option<(Waiter, watch::Sender<WaitState>)> {
+        let w = self.queue.remove(waiter)?;
+        let (handle, state) = self.waiters.remove(&waiter)?;
+        self.handles.remove(&handle);
+        p.ended.push((waiter, w.principal.clone()));
+        Some((w, state))
+    }
+
+    /// Withdraw a waiting request with a REQUEST_WITHDRAWN event.
+    fn withdraw(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        waiter: WaiterId,
+        why: &str,
+    ) -> Option<watch::Sender<WaitState>> {
+        let (w, state) = self.take_waiter(p, waiter)?;
+        let e = self.event(p, now, &w.principal, EventKind::RequestWithdrawn);
+        e.waiter = Some(waiter);
+        e.detail = why.to_owned();
+        debug!(waiter, why, "lease request withdrawn");
+        Some(state)
+    }
+
+    /// After an inventory change: refuse waiting requests that can never be met now.
+    fn drop_unsatisfiable(&mut self, p: &mut Pending, now: Timestamp) {
+        let doomed: Vec<(WaiterId, CoreError)> = self
+            .queue
+            .iter()
+            .filter_map(|w| self.check_spec(&w.spec).err().map(|e| (w.id, e)))
+            .collect();
+        for (waiter, err) in doomed {
+            if let Some(state) = self.withdraw(
+                p,
+                now,
+                waiter,
+                "the inventory changed and can no longer meet it",
+            ) {
+                p.notify(state, WaitState::Failed(err));
+            }
         }
     }
 
@@ -371,16 +457,6 @@ impl Actor {
             });
         }
         Ok(())
-    }
-
-    fn withdraw(&mut self, p: &mut Pending, now: Timestamp, waiter: WaiterId, why: &str) {
-        if let Some(w) = self.queue.remove(waiter) {
-            self.waiters.remove(&waiter);
-            let e = self.event(p, now, &w.principal, EventKind::RequestWithdrawn);
-            e.waiter = Some(waiter);
-            e.detail = why.to_owned();
-            debug!(waiter, why, "lease request withdrawn");
-        }
     }
 
     fn may_manage(caller: &Caller, lease: &Lease, action: &str) -> Result<(), CoreError> {
@@ -508,17 +584,18 @@ impl Actor {
         e.hosts = vec![host.clone()];
         e.lease = Some(lease);
         if self.hosts.get(&host).is_some_and(|h| h.retired) {
-            self.remove_host(p, now, &host);
+            self.remove_host(p, now, &Principal::server(), &host);
         }
     }
 
-    fn remove_host(&mut self, p: &mut Pending, now: Timestamp, host: &HostName) {
+    fn remove_host(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal, host: &HostName) {
+        self.retired_specs.remove(host);
         if let Some(rec) = self.hosts.remove(host) {
             p.batch.writes.push(Write::DeleteHost {
                 name: host.clone(),
                 generation: rec.generation,
             });
-            let e = self.event(p, now, &Principal::server(), EventKind::HostRemoved);
+            let e = self.event(p, now, actor, EventKind::HostRemoved);
             e.hosts = vec![host.clone()];
         }
     }
@@ -555,20 +632,38 @@ impl Actor {
         let gone: Vec<WaiterId> = self
             .waiters
             .iter()
-            .filter(|(_, tx)| tx.is_closed())
+            .filter(|(_, (_, tx))| tx.is_closed())
             .map(|(w, _)| *w)
             .collect();
         for w in gone {
             self.withdraw(p, now, w, "the client went away");
         }
-        let grants = self.queue.schedule(&self.candidates(now));
+        // No-wait requests that cannot be granted now are refused first, so
+        // they neither hold hosts back from the waiters behind them nor
+        // appear to be waiting when those are granted.
+        let grants = loop {
+            let grants = self.queue.schedule(&self.candidates(now));
+            let refused: Vec<WaiterId> = p
+                .no_wait
+                .iter()
+                .copied()
+                .filter(|w| self.queue.contains(*w) && !grants.iter().any(|(g, _)| g == w))
+                .collect();
+            if refused.is_empty() {
+                break grants;
+            }
+            for w in refused {
+                if let Some(state) = self.withdraw(p, now, w, "no hosts free and no_wait was set") {
+                    p.notify(state, WaitState::Failed(CoreError::Busy));
+                }
+            }
+        };
+        p.no_wait.clear();
         for (waiter_id, hosts) in grants {
-            let Some(waiter) = self.queue.remove(waiter_id) else {
+            let Some((waiter, state)) = self.take_waiter(p, waiter_id) else {
                 continue;
             };
-            let Some(state) = self.waiters.remove(&waiter_id) else {
-                continue;
-            };
+            let max_expires_at = now.saturating_add(self.config.max_lifetime);
             let lease = Lease {
                 id: LeaseId::random(),
                 holder: waiter.principal.clone(),
@@ -579,8 +674,8 @@ impl Actor {
                 comment: waiter.spec.comment.clone(),
                 ttl_ms: u64::try_from(waiter.spec.ttl.as_millis()).unwrap_or(u64::MAX),
                 granted_at: now,
-                expires_at: now.saturating_add(waiter.spec.ttl),
-                max_expires_at: now.saturating_add(self.config.max_lifetime),
+                expires_at: now.saturating_add(waiter.spec.ttl).min(max_expires_at),
+                max_expires_at,
                 ended_at: None,
                 waiter_id,
                 generation: Generation(1),
@@ -599,20 +694,6 @@ impl Actor {
             self.put_lease(p, lease.clone());
             p.notify(state, WaitState::Granted(lease));
         }
-        for w in std::mem::take(&mut p.no_wait) {
-            if let Some(waiter) = self.queue.get(w) {
-                let matching = self
-                    .candidates(now)
-                    .iter()
-                    .filter(|c| waiter.spec.matches(c))
-                    .count();
-                let state = self.waiters.remove(&w);
-                self.withdraw(p, now, w, "no hosts free and no_wait was set");
-                if let Some(state) = state {
-                    p.notify(state, WaitState::Failed(CoreError::Busy { matching }));
-                }
-            }
-        }
     }
 
     /// Tell every waiter its position and ETA (only when they changed).
@@ -623,7 +704,7 @@ impl Actor {
         let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
         let estimates = self.queue.estimate(&self.candidates(now), now);
         for (w, position, eta) in estimates {
-            let Some(tx) = self.waiters.get(&w) else {
+            let Some((_, tx)) = self.waiters.get(&w) else {
                 continue;
             };
             tx.send_if_modified(|s| {
@@ -687,7 +768,11 @@ impl Actor {
     fn view(&self, name: &HostName) -> Option<HostView> {
         let record = self.hosts.get(name)?.clone();
         Some(HostView {
-            spec: self.inventory.host(name).cloned(),
+            spec: self
+                .inventory
+                .host(name)
+                .or_else(|| self.retired_specs.get(name))
+                .cloned(),
             lease: record.lease().and_then(|l| self.leases.get(&l)).cloned(),
             record,
         })
@@ -768,7 +853,7 @@ impl Actor {
         for name in gone {
             let rec = &self.hosts[&name];
             if rec.state == HostState::Available {
-                self.remove_host(p, now, &name);
+                self.remove_host(p, now, actor, &name);
                 removed += 1;
             } else if !rec.retired {
                 if let Err(err) = self.host_apply(p, &name, HostEvent::SetRetired(true)) {
@@ -823,8 +908,22 @@ impl Actor {
             Err(e) => {
                 error!(error = %error_chain(&e), "commit failed; answering UNAVAILABLE and reloading state from the store");
                 let err = CoreError::Store(Arc::new(e));
-                for f in p.after {
+                for f in std::mem::take(&mut p.after) {
                     f(Some(&err));
+                }
+                // The queue is memory only: fail every waiter, so that no
+                // request lives on whose events were lost, and record the
+                // withdrawal of those whose request event was committed.
+                let waiting: Vec<WaiterId> = self.queue.iter().map(|w| w.id).collect();
+                for w in waiting {
+                    if let Some((_, state)) = self.take_waiter(&mut p, w) {
+                        let _ = state.send(WaitState::Failed(err.clone()));
+                    }
+                }
+                for (w, principal) in std::mem::take(&mut p.ended) {
+                    if !p.queued.contains(&w) {
+                        self.deferred_withdrawals.push((w, principal));
+                    }
                 }
                 match load(&self.store).await {
                     Ok(snapshot) => {
@@ -850,7 +949,11 @@ impl Actor {
         if !self.reclaiming.insert(host.clone()) {
             return;
         }
-        let spec = self.inventory.host(&host).cloned();
+        let spec = self
+            .inventory
+            .host(&host)
+            .or_else(|| self.retired_specs.get(&host))
+            .cloned();
         let reclaimer = self.reclaimer.clone();
         let Some(tx) = self.tx.upgrade() else { return };
         tokio::spawn(async move {

@@ -70,8 +70,10 @@ pub enum CoreError {
     },
     #[error("the request can never be met: {reason}")]
     Unsatisfiable { reason: String },
-    #[error("no matching hosts are free now ({matching} match, all busy)")]
-    Busy { matching: usize },
+    #[error(
+        "no matching host can be granted now (busy, in maintenance, or held for earlier requests)"
+    )]
+    Busy,
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("the store could not commit the change; retry")]
@@ -94,7 +96,8 @@ pub struct HostView {
 /// What a waiting acquire sees.
 #[derive(Debug, Clone)]
 pub enum WaitState {
-    /// Still in the queue.
+    /// Still in the queue. `waiter` is the sequence number of the request's
+    /// LEASE_REQUESTED event (0 until the server has taken the request).
     Queued {
         waiter: WaiterId,
         position: u32,
@@ -118,7 +121,7 @@ impl WaitState {
 #[derive(Debug)]
 pub struct Acquisition {
     rx: watch::Receiver<WaitState>,
-    cancel: Option<(mpsc::Sender<Command>, WaiterId)>,
+    cancel: Option<(mpsc::Sender<Command>, u64)>,
     last_queued: Option<tokio::time::Instant>,
 }
 
@@ -161,10 +164,10 @@ impl Acquisition {
 
 impl Drop for Acquisition {
     fn drop(&mut self) {
-        if let Some((tx, waiter)) = self.cancel.take() {
+        if let Some((tx, handle)) = self.cancel.take() {
             // Best effort: if the channel is full the actor is busy and the
             // request will be withdrawn when it notices the receiver is gone.
-            let _ = tx.try_send(Command::Withdraw { waiter });
+            let _ = tx.try_send(Command::Withdraw { handle });
         }
     }
 }
@@ -183,13 +186,14 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 enum Command {
     Acquire {
         caller: Caller,
-        waiter: WaiterId,
+        /// Identifies the request to `Withdraw` before it has a waiter id.
+        handle: u64,
         spec: LeaseSpec,
         no_wait: bool,
         state: watch::Sender<WaitState>,
     },
     Withdraw {
-        waiter: WaiterId,
+        handle: u64,
     },
     Renew {
         caller: Caller,
@@ -240,9 +244,9 @@ enum Command {
 #[derive(Clone)]
 pub struct Core {
     tx: mpsc::Sender<Command>,
-    /// Waiter ids are taken here, so a request's place in line is fixed when
-    /// it is made (and the handle can withdraw it by id).
-    next_waiter: Arc<AtomicU64>,
+    /// Request handles, so that a dropped [`Acquisition`] can withdraw its
+    /// request. (Waiter ids are the sequence numbers of the requests' events.)
+    next_handle: Arc<AtomicU64>,
     events: broadcast::Sender<EventRecord>,
     store: Arc<dyn Store>,
     inventory_path: PathBuf,
@@ -280,11 +284,11 @@ impl Core {
         )
         .await?;
         let handle = tokio::spawn(actor.run(rx));
-        let next_waiter = Arc::new(AtomicU64::new(1));
+        let next_handle = Arc::new(AtomicU64::new(1));
         Ok((
             Core {
                 tx,
-                next_waiter,
+                next_handle,
                 events,
                 store,
                 inventory_path,
@@ -310,9 +314,9 @@ impl Core {
         spec: LeaseSpec,
         no_wait: bool,
     ) -> Result<Acquisition, CoreError> {
-        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (state, mut rx) = watch::channel(WaitState::Queued {
-            waiter,
+            waiter: 0,
             position: 0,
             queue_length: 0,
             eta: None,
@@ -321,7 +325,7 @@ impl Core {
         self.tx
             .send(Command::Acquire {
                 caller,
-                waiter,
+                handle,
                 spec,
                 no_wait,
                 state,
@@ -330,7 +334,7 @@ impl Core {
             .map_err(|_| CoreError::ShuttingDown)?;
         Ok(Acquisition {
             rx,
-            cancel: Some((self.tx.clone(), waiter)),
+            cancel: Some((self.tx.clone(), handle)),
             last_queued: None,
         })
     }

@@ -228,3 +228,119 @@ async fn leases_survive_a_restart_and_their_ttl_keeps_running() {
         LeaseState::Expired
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_no_wait_request_does_not_hold_back_the_waiters_behind_it() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let h2 = granted(
+        &core,
+        "x",
+        LeaseSpec {
+            hosts: [HostName::new("h2").unwrap()].into(),
+            ..spec(1, 60)
+        },
+    )
+    .await;
+    // Both requests reach the actor in one batch: the pair (no_wait) cannot be
+    // met; the single one behind it gets the free host at once.
+    let mut pair = core.acquire(caller("a"), spec(2, 60), true).await.unwrap();
+    let mut single = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    assert!(matches!(
+        pair.next().await.unwrap(),
+        WaitState::Failed(CoreError::Busy)
+    ));
+    match single.next().await.unwrap() {
+        WaitState::Granted(l) => {
+            assert_eq!(l.hosts[0].as_str(), "h1");
+            assert_eq!(
+                l.granted_at, h2.granted_at,
+                "granted at once, not when another lease ends"
+            );
+        }
+        s => panic!("expected a grant, got {s:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hard_cap_applies_from_the_grant() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let l = granted(&core, "ci", spec(1, 200)).await;
+    assert_eq!(l.expires_at, l.max_expires_at);
+    assert_eq!(
+        l.max_expires_at,
+        l.granted_at.saturating_add(Duration::from_secs(100))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_fails_the_waiters_and_logs_their_withdrawal() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let both = granted(&core, "x", spec(2, 60)).await;
+    let mut waiting = core.acquire(caller("w"), spec(1, 60), false).await.unwrap();
+    let WaitState::Queued { waiter, .. } = waiting.next().await.unwrap() else {
+        panic!("not queued")
+    };
+    store.fail_commits(true);
+    let err = core.renew(caller("x"), both.id, None).await.unwrap_err();
+    assert!(matches!(err, CoreError::Store(_)));
+    assert!(matches!(
+        waiting.next().await.unwrap(),
+        WaitState::Failed(CoreError::Store(_))
+    ));
+    store.fail_commits(false);
+    // The next batch records the withdrawal of the request whose event was committed.
+    let _ = core.list_hosts().await.unwrap();
+    let events = core
+        .list_events(EventQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<_> = events
+        .iter()
+        .filter(|e| e.waiter == Some(waiter))
+        .map(|e| e.kind)
+        .collect();
+    use crate::events::EventKind;
+    assert_eq!(
+        kinds,
+        vec![EventKind::LeaseRequested, EventKind::RequestWithdrawn]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_makes_a_request_impossible_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inv.toml");
+    std::fs::write(&path, INVENTORY).unwrap();
+    let inv = Inventory::load(&path).unwrap();
+    let (core, _) = Core::start(
+        CoreConfig::new(path.clone()),
+        Arc::new(MemStore::new()),
+        inv,
+        Arc::new(Immediate),
+        Arc::new(TokioClock::new()),
+    )
+    .await
+    .unwrap();
+    let _one = granted(&core, "x", spec(1, 60)).await;
+    let mut pair = core.acquire(caller("a"), spec(2, 60), false).await.unwrap();
+    assert!(matches!(
+        pair.next().await.unwrap(),
+        WaitState::Queued { .. }
+    ));
+    // Drop h2 from the inventory: two hosts can never be had again.
+    let one_host = &INVENTORY[..INVENTORY.rfind("[[host]]").unwrap()];
+    std::fs::write(&path, one_host).unwrap();
+    let op = Caller {
+        principal: Principal::new("op").unwrap(),
+        role: Role::Operator,
+    };
+    core.reload_inventory(&op).await.unwrap();
+    assert!(matches!(
+        pair.next().await.unwrap(),
+        WaitState::Failed(CoreError::Unsatisfiable { .. })
+    ));
+}

@@ -147,9 +147,9 @@ pub fn lease_to_proto(l: &Lease) -> pb::Lease {
 pub fn host_to_proto(v: &HostView) -> pb::Host {
     let r = &v.record;
     let state = match r.state {
+        _ if r.retired => pb::HostState::Retired,
         HostState::Leased(_) => pb::HostState::Leased,
         HostState::Reclaiming(_) => pb::HostState::Reclaiming,
-        HostState::Available if r.retired => pb::HostState::Retired,
         HostState::Available if r.maintenance => pb::HostState::Maintenance,
         HostState::Available => pb::HostState::Available,
     };

@@ -73,10 +73,9 @@ impl HostService for Api {
             .list_hosts()
             .await?
             .iter()
-            .filter(|v| {
-                v.spec
-                    .as_ref()
-                    .is_none_or(|s| arch.is_none_or(|a| a == s.arch) && flags.is_subset(&s.flags))
+            .filter(|v| match &v.spec {
+                Some(s) => arch.is_none_or(|a| a == s.arch) && flags.is_subset(&s.flags),
+                None => arch.is_none() && flags.is_empty(),
             })
             .map(cv::host_to_proto)
             .collect();

@@ -13,7 +13,7 @@ impl From<CoreError> for Status {
             CoreError::NotFound { .. } => Code::NotFound,
             CoreError::PermissionDenied { .. } => Code::PermissionDenied,
             CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
-            CoreError::Busy { .. } => Code::ResourceExhausted,
+            CoreError::Busy => Code::ResourceExhausted,
             CoreError::Transition(
                 TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. },
             ) => Code::FailedPrecondition,
