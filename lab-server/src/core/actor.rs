@@ -30,8 +30,11 @@ struct Pending {
     no_wait: Vec<WaiterId>,
     /// Waiters whose request event is in this batch.
     queued: Vec<WaiterId>,
-    /// Waiters that left the queue in this batch (granted or withdrawn).
+    /// Waiters that left the queue in this batch (granted or withdrawn), and
+    /// deferred withdrawals written in this batch.
     ended: Vec<(WaiterId, Principal)>,
+    /// The inventory before a reload in this batch, restored if the commit fails.
+    rollback_inventory: Option<(Arc<Inventory>, HashMap<HostName, HostSpec>)>,
 }
 
 impl Pending {
@@ -173,6 +176,7 @@ impl Actor {
                 self.sync_inventory(&mut p, now, &Principal::server());
             }
             for (waiter, principal) in std::mem::take(&mut self.deferred_withdrawals) {
+                p.ended.push((waiter, principal.clone()));
                 let e = self.event(&mut p, now, &principal, EventKind::RequestWithdrawn);
                 e.waiter = Some(waiter);
                 e.detail =
@@ -273,6 +277,7 @@ impl Actor {
                 inventory,
                 reply,
             } => {
+                p.rollback_inventory = Some((self.inventory.clone(), self.retired_specs.clone()));
                 for old in &self.inventory.hosts {
                     if inventory.host(&old.name).is_none() {
                         self.retired_specs.insert(old.name.clone(), old.clone());
@@ -925,12 +930,18 @@ impl Actor {
                         self.deferred_withdrawals.push((w, principal));
                     }
                 }
+                // An inventory reload answered UNAVAILABLE does not take effect.
+                if let Some((inventory, retired)) = p.rollback_inventory.take() {
+                    self.inventory = inventory;
+                    self.retired_specs = retired;
+                }
                 match load(&self.store).await {
                     Ok(snapshot) => {
                         self.restore(snapshot);
                         self.resync = true;
+                        // Reclaims whose start was in the failed batch; running
+                        // ones are not started twice.
                         for (name, l) in self.reclaiming_hosts() {
-                            self.reclaiming.remove(&name);
                             self.spawn_reclaim(name, l);
                         }
                     }
