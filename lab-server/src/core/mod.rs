@@ -438,6 +438,15 @@ impl Core {
             .map_err(|e| CoreError::Store(Arc::new(e)))
     }
 
+    /// The last sequence number of the event log.
+    pub async fn last_event_seq(&self) -> Result<u64, CoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.last_event_seq())
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?
+            .map_err(|e| CoreError::Store(Arc::new(e)))
+    }
+
     /// Live events as they are committed.
     pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
         self.events.subscribe()

@@ -224,9 +224,11 @@ impl EventService for Api {
         self.caller(&req)?;
         let r = req.into_inner();
         let q = event_query(r.after_seq, r.limit, r.host, r.lease_id)?;
+        let last_seq = self.core.last_event_seq().await?;
         let events = self.core.list_events(q).await?;
         Ok(Response::new(pb::ListEventsResponse {
             events: events.iter().map(cv::event_to_proto).collect(),
+            last_seq,
         }))
     }
 

@@ -95,6 +95,10 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.data).events.last().map_or(0, |e| e.seq))
+    }
+
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {
         let d = lock(&self.data);
         let start = d.events.partition_point(|e| e.seq <= query.after_seq);

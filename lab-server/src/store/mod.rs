@@ -110,6 +110,8 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Events matching the query, in sequence order, at most `query.limit`.
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError>;
+    /// Sequence number of the last event in the log (0 when empty).
+    fn last_event_seq(&self) -> Result<u64, StoreError>;
 }
 
 /// Events of a batch must continue the log without a gap.
@@ -192,6 +194,7 @@ pub(crate) mod contract {
         let snap = store.load().unwrap();
         assert_eq!(snap.hosts.len(), 2);
         assert_eq!(snap.last_event_seq, 2);
+        assert_eq!(store.last_event_seq().unwrap(), 2);
 
         // Creating again (generation 1 over 1) conflicts; nothing of the batch lands.
         let err = store

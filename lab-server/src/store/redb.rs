@@ -174,6 +174,19 @@ impl Store for RedbStore {
         self.commit_inner(batch)
     }
 
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        let be = |e: redb::Error| StoreError::Backend {
+            op: "read last event",
+            source: Box::new(e),
+        };
+        let txn = self.db.begin_read().map_err(|e| be(e.into()))?;
+        let events = txn.open_table(EVENTS).map_err(|e| be(e.into()))?;
+        Ok(events
+            .last()
+            .map_err(|e| be(e.into()))?
+            .map_or(0, |(k, _)| k.value()))
+    }
+
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {
         let be = |e: redb::Error| StoreError::Backend {
             op: "list events",
