@@ -7,6 +7,7 @@
 //! - [`tftp`]: read-only TFTP (RFC 1350 + blksize/tsize/timeout/windowsize),
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
+//! - [`sync`]: follows lab-server: the rack's hosts and their lease profiles.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
 //!   scripts from `pxe-assets/` templates.
 #![forbid(unsafe_code)]
@@ -15,4 +16,17 @@ pub mod assets;
 pub mod dhcp;
 pub mod hosts;
 pub mod http;
+pub mod sync;
 pub mod tftp;
+
+/// An error with all its sources, `: `-separated, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

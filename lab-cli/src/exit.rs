@@ -115,7 +115,11 @@ fn classify_status(status: &Status, ctx: &Context<'_>) -> (Exit, Option<String>)
     }
     if status.code() == Code::Unknown && status.source().is_some() {
         // A transport failure mid-call (the server went away or restarted).
-        let msg = format!("lost the connection to {}: {}", ctx.server, status.message());
+        let msg = format!(
+            "lost the connection to {}: {}",
+            ctx.server,
+            status.message()
+        );
         return (Exit::Unavailable, Some(msg));
     }
     let mut msg = status.message().to_owned();

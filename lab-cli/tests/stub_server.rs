@@ -226,7 +226,10 @@ impl EventService for Stub {
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         principal(&req)?;
-        Ok(Response::new(ListEventsResponse { events: events() }))
+        Ok(Response::new(ListEventsResponse {
+            events: events(),
+            last_seq: 0,
+        }))
     }
 
     async fn watch_events(

@@ -2,6 +2,8 @@
 //! [`FileSource`] interface through which TFTP and HTTP serve files, so both
 //! protocols serve exactly the same things with the same confinement.
 
+pub mod boot;
+pub mod render;
 pub mod root;
 
 use std::net::IpAddr;

@@ -1,0 +1,136 @@
+//! [`BootFiles`]: everything the agent serves to booting hosts, over TFTP
+//! and HTTP alike.
+//!
+//! - `hosts/<mac>.ipxe` (MAC hyphenated, as iPXE's `${net0/mac:hexhyp}`):
+//!   rendered on each request from the host's *current* profile in the
+//!   [`HostTable`]; an unknown MAC is not found.
+//! - `hosts/<mac>.preseed`: the profile's preseed, if it has one.
+//! - `artifacts/…`: the artifacts cache (Xen, kernels, iPXE binaries; see
+//!   `pxe-assets/fetch-artifacts.sh`), a second confined [`DirRoot`].
+//! - everything else: the `pxe-assets` directory, confined.
+
+use super::render::{Profiles, RenderConfig, RenderError};
+use super::root::DirRoot;
+use super::{Content, FileSource, OpenError};
+use crate::hosts::{HostTable, Mac};
+use std::net::IpAddr;
+use std::path::{Component, Path};
+
+/// The boot content of one agent.
+#[derive(Debug)]
+pub struct BootFiles {
+    assets: DirRoot,
+    artifacts: Option<DirRoot>,
+    profiles: Profiles,
+    hosts: HostTable,
+    config: RenderConfig,
+}
+
+/// Why [`BootFiles`] could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BootFilesError {
+    #[error("cannot open asset directory {}", path.display())]
+    Root {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load boot profiles")]
+    Profiles(#[source] RenderError),
+}
+
+impl BootFiles {
+    /// `assets` is the `pxe-assets` directory (templates in its `profiles/`);
+    /// `artifacts`, if given, is served under `artifacts/`.
+    pub fn new(
+        assets: &Path,
+        artifacts: Option<&Path>,
+        hosts: HostTable,
+        config: RenderConfig,
+    ) -> Result<Self, BootFilesError> {
+        let root = |path: &Path| {
+            DirRoot::new(path).map_err(|source| BootFilesError::Root {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let assets = root(assets)?;
+        let artifacts = artifacts.map(root).transpose()?;
+        let profiles =
+            Profiles::load(&assets.path().join("profiles")).map_err(BootFilesError::Profiles)?;
+        Ok(Self {
+            assets,
+            artifacts,
+            profiles,
+            hosts,
+            config,
+        })
+    }
+
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
+    /// A generated per-host file, or `None` if `file` is not one.
+    fn host_file(&self, file: &str) -> Option<Result<Content, OpenError>> {
+        let (mac, kind) = file.rsplit_once('.')?;
+        if kind != "ipxe" && kind != "preseed" {
+            return None;
+        }
+        // Only the hyphenated form iPXE sends; anything else is a plain file.
+        if mac.len() != 17 || mac.contains(':') {
+            return None;
+        }
+        let mac: Mac = mac.parse().ok()?;
+        let Some(host) = self.hosts.by_mac(&mac) else {
+            return Some(Err(OpenError::NotFound));
+        };
+        let rendered = if kind == "ipxe" {
+            self.profiles.script(&host, &self.config).map(Some)
+        } else {
+            self.profiles.preseed(&host, &self.config)
+        };
+        Some(match rendered {
+            Ok(Some(text)) => Ok(Content::Bytes(text.into_bytes())),
+            Ok(None) => Err(OpenError::NotFound),
+            Err(e) => {
+                tracing::error!(
+                    host = %host.name,
+                    mac = %mac,
+                    profile = %host.profile,
+                    error = &e as &dyn std::error::Error,
+                    "cannot render boot file"
+                );
+                Err(OpenError::Io(std::io::Error::other(e)))
+            }
+        })
+    }
+}
+
+impl FileSource for BootFiles {
+    fn open(&self, path: &str, client: Option<IpAddr>) -> Result<Content, OpenError> {
+        let rel = DirRoot::normalize(path)?;
+        let mut parts = rel.components().filter_map(|c| match c {
+            Component::Normal(p) => p.to_str(),
+            _ => None,
+        });
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("hosts"), Some(file), None) => {
+                if let Some(result) = self.host_file(file) {
+                    return result;
+                }
+            }
+            (Some("artifacts"), Some(_), _) => {
+                let Some(artifacts) = &self.artifacts else {
+                    return Err(OpenError::NotFound);
+                };
+                let rest = rel
+                    .strip_prefix("artifacts")
+                    .map_err(|_| OpenError::NotFound)?;
+                return artifacts.open(rest.to_str().ok_or(OpenError::NotFound)?, client);
+            }
+            _ => {}
+        }
+        self.assets.open(path, client)
+    }
+}

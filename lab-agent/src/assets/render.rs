@@ -1,0 +1,315 @@
+//! Rendering of boot profiles: the `pxe-assets/profiles/*.j2` templates
+//! turned into one host's iPXE script (and, for profiles that have one, its
+//! installer preseed) with [`minijinja`].
+//!
+//! A profile `NAME` is the template `NAME.ipxe.j2`; `NAME.preseed.j2`, if
+//! present, is its preseed. Templates see these variables (see
+//! `pxe-assets/README.md`):
+//!
+//! | variable | value |
+//! |---|---|
+//! | `host.name`, `host.mac`, `host.mac_hyphen` | `node1`, `52:54:00:ab:cd:01`, `52-54-00-ab-cd-01` |
+//! | `host.ipv4` | the host's address, or `""` |
+//! | `host.arch`, `host.firmware` | `x86_64` / `aarch64`, `bios` / `uefi` |
+//! | `lease` | the lease id, or `""` |
+//! | `profile` | the profile name |
+//! | `agent.http_url`, `agent.tftp_server` | the agent's HTTP base URL and TFTP address, or `""` |
+//! | `artifacts_url` | where the `artifacts/` tree is served (see [`RenderConfig::artifacts_url`]) |
+//! | `extra.*` | free-form strings from the agent's config |
+//!
+//! Undefined variables are errors ([`UndefinedBehavior::Strict`]), reported
+//! with the template, line and expression; a template may still write
+//! `extra.x | default("…")` or `extra.x is defined`.
+
+use crate::hosts::{Arch, BootHost, Firmware};
+use minijinja::{Environment, UndefinedBehavior, Value};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// The suffix of a profile's iPXE template.
+pub const SCRIPT_SUFFIX: &str = ".ipxe.j2";
+/// The suffix of a profile's preseed template.
+pub const PRESEED_SUFFIX: &str = ".preseed.j2";
+
+/// Agent-wide values every template sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderConfig {
+    /// The agent's HTTP base URL as hosts reach it (`http://198.18.0.1:8080`),
+    /// without a trailing `/`; `None` if HTTP is not served.
+    pub http_url: Option<String>,
+    /// The agent's TFTP address as hosts reach it.
+    pub tftp_server: Option<IpAddr>,
+    /// Overrides where artifacts are fetched from.
+    pub artifacts_url: Option<String>,
+    /// Free-form variables from the config, visible as `extra.NAME`.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl RenderConfig {
+    /// `artifacts_url` if set, else `<http_url>/artifacts`, else
+    /// `tftp://<tftp_server>/artifacts`, else `tftp://${next-server}/artifacts`
+    /// (which iPXE expands itself).
+    pub fn artifacts_url(&self) -> String {
+        if let Some(u) = &self.artifacts_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        if let Some(u) = &self.http_url {
+            return format!("{}/artifacts", u.trim_end_matches('/'));
+        }
+        match self.tftp_server {
+            Some(IpAddr::V6(a)) => format!("tftp://[{a}]/artifacts"),
+            Some(a) => format!("tftp://{a}/artifacts"),
+            None => "tftp://${next-server}/artifacts".to_owned(),
+        }
+    }
+}
+
+/// Why a template could not be loaded or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("cannot read profile templates in {}", dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read template {}", path.display())]
+    ReadTemplate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template {template} does not parse")]
+    Parse {
+        template: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    #[error("unknown boot profile {profile:?} (known: {known})")]
+    UnknownProfile { profile: String, known: String },
+    #[error("template {template} line {line}: undefined variable `{variable}`")]
+    Undefined {
+        template: String,
+        variable: String,
+        line: usize,
+    },
+    #[error("template {template} failed to render")]
+    Render {
+        template: String,
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+/// The parsed profile templates of one `profiles/` directory.
+#[derive(Debug)]
+pub struct Profiles {
+    env: Environment<'static>,
+    dir: PathBuf,
+    profiles: Vec<String>,
+}
+
+impl Profiles {
+    /// Parse every `*.j2` file in `dir` (normally `pxe-assets/profiles`).
+    pub fn load(dir: &Path) -> Result<Self, RenderError> {
+        let read_dir = |source| RenderError::ReadDir {
+            dir: dir.to_owned(),
+            source,
+        };
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .keep_trailing_newline(true)
+                .build()
+                .expect("default delimiters are valid"),
+        );
+        env.set_debug(true);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_dir)? {
+            let entry = entry.map_err(read_dir)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.ends_with(".j2") {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut profiles = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            let source =
+                std::fs::read_to_string(&path).map_err(|source| RenderError::ReadTemplate {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Some(profile) = name.strip_suffix(SCRIPT_SUFFIX) {
+                profiles.push(profile.to_owned());
+            }
+            env.add_template_owned(name.clone(), source)
+                .map_err(|source| RenderError::Parse {
+                    template: name,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            env,
+            dir: dir.to_owned(),
+            profiles,
+        })
+    }
+
+    /// The directory the templates came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Profile names (those with a `NAME.ipxe.j2`), sorted.
+    pub fn names(&self) -> &[String] {
+        &self.profiles
+    }
+
+    /// Every template file name (`xen.ipxe.j2`, `xen-install.preseed.j2`, …).
+    pub fn templates(&self) -> Vec<String> {
+        self.env
+            .templates()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    /// The iPXE script for `host` under its current profile.
+    pub fn script(&self, host: &BootHost, config: &RenderConfig) -> Result<String, RenderError> {
+        self.known(&host.profile)?;
+        self.render(&format!("{}{SCRIPT_SUFFIX}", host.profile), host, config)
+    }
+
+    /// The preseed for `host` under its current profile; `None` if the
+    /// profile has no preseed template.
+    pub fn preseed(
+        &self,
+        host: &BootHost,
+        config: &RenderConfig,
+    ) -> Result<Option<String>, RenderError> {
+        self.known(&host.profile)?;
+        let name = format!("{}{PRESEED_SUFFIX}", host.profile);
+        if self.env.get_template(&name).is_err() {
+            return Ok(None);
+        }
+        self.render(&name, host, config).map(Some)
+    }
+
+    /// Render any loaded template by file name for `host`.
+    pub fn render(
+        &self,
+        template: &str,
+        host: &BootHost,
+        config: &RenderConfig,
+    ) -> Result<String, RenderError> {
+        let tmpl = self
+            .env
+            .get_template(template)
+            .map_err(|source| RenderError::Render {
+                template: template.to_owned(),
+                source,
+            })?;
+        tmpl.render(context(host, config))
+            .map_err(|e| classify(template, e))
+    }
+
+    fn known(&self, profile: &str) -> Result<(), RenderError> {
+        if self.profiles.iter().any(|p| p == profile) {
+            Ok(())
+        } else {
+            Err(RenderError::UnknownProfile {
+                profile: profile.to_owned(),
+                known: self.profiles.join(", "),
+            })
+        }
+    }
+}
+
+/// The template context for one host.
+pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
+    let s = |v: &str| Value::from(v.to_owned());
+    let host_v: BTreeMap<&str, Value> = BTreeMap::from([
+        ("name", s(&host.name)),
+        ("mac", Value::from(host.mac.to_string())),
+        ("mac_hyphen", Value::from(host.mac.hyphenated())),
+        (
+            "ipv4",
+            Value::from(host.ipv4.map(|a| a.to_string()).unwrap_or_default()),
+        ),
+        (
+            "arch",
+            s(match host.arch {
+                Arch::X86_64 => "x86_64",
+                Arch::Aarch64 => "aarch64",
+            }),
+        ),
+        (
+            "firmware",
+            s(match host.firmware {
+                Firmware::Bios => "bios",
+                Firmware::Uefi => "uefi",
+            }),
+        ),
+    ]);
+    let agent: BTreeMap<&str, Value> = BTreeMap::from([
+        (
+            "http_url",
+            Value::from(
+                config
+                    .http_url
+                    .as_deref()
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+        (
+            "tftp_server",
+            Value::from(
+                config
+                    .tftp_server
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+        ),
+    ]);
+    let extra: BTreeMap<String, Value> = config
+        .extra
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from(v.clone())))
+        .collect();
+    let ctx: BTreeMap<&str, Value> = BTreeMap::from([
+        ("host", Value::from(host_v)),
+        ("lease", Value::from(host.lease.clone().unwrap_or_default())),
+        ("profile", s(&host.profile)),
+        ("agent", Value::from(agent)),
+        ("artifacts_url", Value::from(config.artifacts_url())),
+        ("extra", Value::from(extra)),
+    ]);
+    Value::from(ctx)
+}
+
+/// Turn minijinja's undefined-value error into one naming the expression.
+fn classify(template: &str, e: minijinja::Error) -> RenderError {
+    if e.kind() == minijinja::ErrorKind::UndefinedError {
+        let variable = match (e.template_source(), e.range()) {
+            (Some(src), Some(r)) => src.get(r).unwrap_or("?").trim().to_owned(),
+            _ => e.detail().unwrap_or("?").to_owned(),
+        };
+        return RenderError::Undefined {
+            template: template.to_owned(),
+            variable,
+            line: e.line().unwrap_or(0),
+        };
+    }
+    RenderError::Render {
+        template: template.to_owned(),
+        source: e,
+    }
+}

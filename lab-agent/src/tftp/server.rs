@@ -1,0 +1,566 @@
+//! The TFTP sockets: one main socket that takes requests, and one task with
+//! its own ephemeral socket (the server's TID, RFC 1350) per transfer. All
+//! decisions come from [`super::packet`] and [`super::session`]; files come
+//! from a [`FileSource`], which does the path confinement.
+//!
+//! Behaviour worth knowing:
+//! - Read-only: a WRQ gets ERROR 4. A refused path gets ERROR 2, a missing
+//!   one ERROR 1 at once (no retries, no delay).
+//! - At most `max_transfers` transfers run at once; a request beyond that is
+//!   answered from the main socket with ERROR 0 "server busy" so the client
+//!   fails fast instead of retrying into a full server.
+//! - Malformed datagrams are dropped and counted in [`TftpStats`]; so are
+//!   stray non-request packets on the main socket.
+//! - The transfer socket is bound to the listen IP and connected to the
+//!   client, so the kernel drops datagrams from other TIDs (no ERROR 5 is
+//!   sent for them). With an unspecified listen IP the kernel chooses the
+//!   source address by route.
+//! - Each transfer runs on tokio's blocking pool with a std socket (blocking
+//!   `recv` with a timeout): a transfer is a sequential, latency-bound
+//!   exchange, and that wakes faster than a reactor round trip. The
+//!   `max_transfers` cap bounds the threads. Files are read in 1 MiB chunks
+//!   with positioned reads; DATA packets are built in one reused buffer.
+
+use super::packet::{DATA_HEADER_LEN, ErrorCode, Packet, Request, error_bytes, write_data_header};
+use super::session::{Limits, Sender, Step, negotiate};
+use crate::assets::{Content, FileSource, OpenError};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use std::time::Instant;
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tracing::{debug, info_span, warn};
+
+/// How much of a file one positioned read fetches.
+const READ_CHUNK: usize = 1 << 20;
+/// Receive buffer for requests and ACKs (options can make a request long).
+const RECV_BUF: usize = 65536;
+
+/// Server settings. [`TftpConfig::default`] gives the documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TftpConfig {
+    pub listen: SocketAddr,
+    /// Largest `blksize` granted; keep DATA within one Ethernet frame for
+    /// firmware that cannot reassemble fragments (1468 = 1500 - IP - UDP -
+    /// TFTP headers... with room for VLAN tags).
+    pub blksize_cap: u16,
+    pub windowsize_cap: u16,
+    pub max_transfers: usize,
+    /// Retransmit timeout when the client does not negotiate one.
+    pub timeout: Duration,
+    /// Resends of the same window before the transfer is abandoned.
+    pub retries: u32,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 69),
+            blksize_cap: 1468,
+            windowsize_cap: 64,
+            max_transfers: 64,
+            timeout: Duration::from_secs(1),
+            retries: 5,
+        }
+    }
+}
+
+impl TftpConfig {
+    fn validate(&self) -> Result<(), TftpError> {
+        let bad = |reason| Err(TftpError::InvalidConfig { reason });
+        if !(8..=super::packet::MAX_BLKSIZE).contains(&self.blksize_cap) {
+            return bad("blksize_cap must be within 8..=65464");
+        }
+        if self.windowsize_cap == 0 {
+            return bad("windowsize_cap must be at least 1");
+        }
+        if self.max_transfers == 0 {
+            return bad("max_transfers must be at least 1");
+        }
+        if self.timeout.is_zero() {
+            return bad("timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the server itself (a transfer's failures are only logged and
+/// counted).
+#[derive(Debug, thiserror::Error)]
+pub enum TftpError {
+    #[error("invalid TFTP config: {reason}")]
+    InvalidConfig { reason: &'static str },
+    #[error("cannot bind TFTP socket on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TFTP main socket failed")]
+    Socket(#[source] std::io::Error),
+}
+
+/// Counters, updated with relaxed atomics; read them with [`TftpStats::snapshot`].
+#[derive(Debug, Default)]
+pub struct TftpStats {
+    requests: AtomicU64,
+    malformed: AtomicU64,
+    stray: AtomicU64,
+    busy: AtomicU64,
+    write_refused: AtomicU64,
+    not_found: AtomicU64,
+    forbidden: AtomicU64,
+    refused: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    retransmits: AtomicU64,
+    bytes_sent: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TftpStatsSnapshot {
+    /// Read requests received (accepted or not).
+    pub requests: u64,
+    /// Datagrams that did not decode, on any socket.
+    pub malformed: u64,
+    /// Valid packets that made no sense where they arrived.
+    pub stray: u64,
+    /// Requests refused because `max_transfers` were running.
+    pub busy: u64,
+    pub write_refused: u64,
+    pub not_found: u64,
+    /// Paths refused by the file source (ERROR 2).
+    pub forbidden: u64,
+    /// Requests refused for their mode or options.
+    pub refused: u64,
+    pub completed: u64,
+    /// Transfers abandoned (timeouts, client errors, I/O errors).
+    pub failed: u64,
+    /// DATA/OACK packets sent again after a timeout.
+    pub retransmits: u64,
+    /// Payload bytes sent, retransmits included.
+    pub bytes_sent: u64,
+}
+
+impl TftpStats {
+    pub fn snapshot(&self) -> TftpStatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TftpStatsSnapshot {
+            requests: g(&self.requests),
+            malformed: g(&self.malformed),
+            stray: g(&self.stray),
+            busy: g(&self.busy),
+            write_refused: g(&self.write_refused),
+            not_found: g(&self.not_found),
+            forbidden: g(&self.forbidden),
+            refused: g(&self.refused),
+            completed: g(&self.completed),
+            failed: g(&self.failed),
+            retransmits: g(&self.retransmits),
+            bytes_sent: g(&self.bytes_sent),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A bound TFTP server. `bind`, then `run` (or `run_until`) in a task.
+pub struct TftpServer {
+    socket: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: TftpConfig,
+    limits: Limits,
+    source: Arc<dyn FileSource>,
+    stats: Arc<TftpStats>,
+    permits: Arc<Semaphore>,
+}
+
+impl TftpServer {
+    /// Validate `config` and bind the main socket (port 0 picks a free one).
+    pub async fn bind(config: TftpConfig, source: Arc<dyn FileSource>) -> Result<Self, TftpError> {
+        config.validate()?;
+        let socket = UdpSocket::bind(config.listen)
+            .await
+            .map_err(|source| TftpError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let limits = Limits {
+            blksize_cap: config.blksize_cap,
+            windowsize_cap: config.windowsize_cap,
+            default_timeout: config.timeout,
+        };
+        let permits = Arc::new(Semaphore::new(config.max_transfers));
+        Ok(Self {
+            socket: Arc::new(socket),
+            shared: Arc::new(Shared {
+                config,
+                limits,
+                source,
+                stats: Arc::new(TftpStats::default()),
+                permits,
+            }),
+        })
+    }
+
+    /// The bound address of the main socket.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<TftpStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Serve forever (until the main socket fails).
+    pub async fn run(self) -> Result<(), TftpError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serve until `shutdown` completes. Transfers already running go on in
+    /// their own tasks until they end.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), TftpError> {
+        tokio::pin!(shutdown);
+        let mut buf = vec![0u8; RECV_BUF];
+        let local_ip = self.socket.local_addr().map_err(TftpError::Socket)?.ip();
+        loop {
+            let (n, peer) = tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    // ICMP errors from earlier replies surface here on some
+                    // systems; they say nothing about this socket.
+                    Err(e) if is_transient(&e) => continue,
+                    Err(e) => return Err(TftpError::Socket(e)),
+                },
+                () = &mut shutdown => return Ok(()),
+            };
+            self.on_datagram(&buf[..n], peer, local_ip).await;
+        }
+    }
+
+    async fn on_datagram(&self, bytes: &[u8], peer: SocketAddr, local_ip: IpAddr) {
+        let stats = &self.shared.stats;
+        match Packet::decode(bytes) {
+            Ok(Packet::Rrq(req)) => {
+                bump(&stats.requests);
+                match self.shared.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = self.shared.clone();
+                        let span = info_span!("tftp", client = %peer, file = %req.filename);
+                        tokio::task::spawn_blocking(move || {
+                            span.in_scope(|| transfer(&shared, req, peer, local_ip));
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        bump(&stats.busy);
+                        self.reply(peer, ErrorCode::NotDefined, "server busy").await;
+                    }
+                }
+            }
+            Ok(Packet::Wrq(_)) => {
+                bump(&stats.write_refused);
+                self.reply(peer, ErrorCode::IllegalOperation, "read-only server")
+                    .await;
+            }
+            Ok(_) => bump(&stats.stray),
+            Err(e) => {
+                bump(&stats.malformed);
+                debug!(client = %peer, error = %e, "malformed TFTP request dropped");
+            }
+        }
+    }
+
+    async fn reply(&self, peer: SocketAddr, code: ErrorCode, msg: &str) {
+        if let Err(e) = self.socket.send_to(&error_bytes(code, msg), peer).await {
+            debug!(client = %peer, error = %e, "cannot send TFTP error");
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+/// The bytes of one transfer.
+enum Body {
+    Bytes(Vec<u8>),
+    File {
+        file: File,
+        len: u64,
+        /// `cache` holds the file from `cache_off`.
+        cache: Vec<u8>,
+        cache_off: u64,
+    },
+}
+
+impl Body {
+    /// `len` bytes at `off`, reading the file when they are not cached.
+    fn slice(&mut self, off: u64, len: usize) -> std::io::Result<&[u8]> {
+        match self {
+            Body::Bytes(b) => {
+                let start = (off as usize).min(b.len());
+                let end = (start + len).min(b.len());
+                Ok(&b[start..end])
+            }
+            Body::File {
+                file,
+                len: file_len,
+                cache,
+                cache_off,
+            } => {
+                let cached_end = *cache_off + cache.len() as u64;
+                if off < *cache_off || off + len as u64 > cached_end {
+                    let want = (*file_len - off.min(*file_len)).min(READ_CHUNK.max(len) as u64);
+                    cache.resize(want as usize, 0);
+                    let mut done = 0;
+                    while done < cache.len() {
+                        match file.read_at(&mut cache[done..], off + done as u64) {
+                            Ok(0) => break,
+                            Ok(n) => done += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    cache.truncate(done);
+                    *cache_off = off;
+                }
+                let start = (off - *cache_off) as usize;
+                let end = (start + len).min(cache.len());
+                if end - start < len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "file shrank during the transfer",
+                    ));
+                }
+                Ok(&cache[start..end])
+            }
+        }
+    }
+}
+
+/// How a transfer ended, for the counters and the log.
+enum Outcome {
+    Completed,
+    Failed(&'static str),
+    Refused,
+}
+
+/// One whole transfer, on a blocking-pool thread: a transfer is a strictly
+/// sequential, latency-bound exchange, and a blocking `recv` with a socket
+/// timeout wakes faster than a reactor round trip (this is what makes
+/// lockstep throughput match tftpd-hpa's).
+fn transfer(shared: &Shared, req: Request, peer: SocketAddr, local_ip: IpAddr) {
+    let stats = &shared.stats;
+    let bind_ip = match (local_ip, peer) {
+        (ip, _) if !ip.is_unspecified() => ip,
+        (_, SocketAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (_, SocketAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let socket = match std::net::UdpSocket::bind((bind_ip, 0)).and_then(|s| {
+        s.connect(peer)?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot open a TFTP transfer socket");
+            bump(&stats.failed);
+            return;
+        }
+    };
+    match run_transfer(shared, &socket, req, peer) {
+        Outcome::Completed => bump(&stats.completed),
+        Outcome::Failed(why) => {
+            bump(&stats.failed);
+            debug!(reason = why, "TFTP transfer failed");
+        }
+        Outcome::Refused => {}
+    }
+}
+
+fn send_error(socket: &std::net::UdpSocket, code: ErrorCode, msg: &str) {
+    let _ = socket.send(&error_bytes(code, msg));
+}
+
+fn run_transfer(
+    shared: &Shared,
+    socket: &std::net::UdpSocket,
+    req: Request,
+    peer: SocketAddr,
+) -> Outcome {
+    let stats = &shared.stats;
+    let negotiated = match negotiate(&req, &shared.limits) {
+        Ok(n) => n,
+        Err(r) => {
+            bump(&stats.refused);
+            send_error(socket, r.code(), &r.to_string());
+            return Outcome::Refused;
+        }
+    };
+    let content = match shared.source.open(&req.filename, Some(peer.ip())) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match &e {
+                OpenError::NotFound => {
+                    bump(&stats.not_found);
+                    ErrorCode::FileNotFound
+                }
+                OpenError::Forbidden(_) => {
+                    bump(&stats.forbidden);
+                    ErrorCode::AccessViolation
+                }
+                OpenError::Io(_) => ErrorCode::NotDefined,
+            };
+            debug!(
+                error = &e as &dyn std::error::Error,
+                "TFTP request not served"
+            );
+            send_error(socket, code, &e.to_string());
+            return match e {
+                OpenError::Io(_) => Outcome::Failed("cannot open file"),
+                _ => Outcome::Refused,
+            };
+        }
+    };
+    let len = content.len();
+    let mut body = match content {
+        Content::Bytes(b) => Body::Bytes(b),
+        Content::File { file, len } => Body::File {
+            file,
+            len,
+            cache: Vec::new(),
+            cache_off: 0,
+        },
+    };
+    let oack = negotiated
+        .oack(len)
+        .map(|options| Packet::Oack { options }.encode());
+    let mut sender = Sender::new(
+        len,
+        negotiated.blksize,
+        negotiated.windowsize,
+        oack.is_some(),
+        shared.config.retries,
+    );
+    let blksize = usize::from(negotiated.blksize);
+    let mut out = vec![0u8; DATA_HEADER_LEN + blksize];
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut step = sender.start();
+    let mut deadline = Instant::now();
+    loop {
+        match step {
+            Step::SendOack => {
+                if sender.is_retry() {
+                    bump(&stats.retransmits);
+                }
+                if let Some(o) = &oack
+                    && let Err(e) = socket.send(o)
+                {
+                    debug!(error = %e, "send failed");
+                    return Outcome::Failed("send failed");
+                }
+                deadline = Instant::now() + negotiated.timeout;
+            }
+            Step::SendBlocks { first, last } => {
+                if sender.is_retry() {
+                    stats
+                        .retransmits
+                        .fetch_add(last - first + 1, Ordering::Relaxed);
+                }
+                for n in first..=last {
+                    let (off, blen) = sender.block_range(n);
+                    let data = match body.slice(off, blen) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read file");
+                            send_error(socket, ErrorCode::NotDefined, "cannot read file");
+                            return Outcome::Failed("read failed");
+                        }
+                    };
+                    let mut header = [0u8; DATA_HEADER_LEN];
+                    write_data_header(&mut header, Sender::wire_block(n));
+                    out[..DATA_HEADER_LEN].copy_from_slice(&header);
+                    out[DATA_HEADER_LEN..DATA_HEADER_LEN + blen].copy_from_slice(data);
+                    if let Err(e) = socket.send(&out[..DATA_HEADER_LEN + blen]) {
+                        debug!(error = %e, "send failed");
+                        return Outcome::Failed("send failed");
+                    }
+                    stats.bytes_sent.fetch_add(blen as u64, Ordering::Relaxed);
+                }
+                deadline = Instant::now() + negotiated.timeout;
+            }
+            Step::Wait => {}
+            Step::Done => return Outcome::Completed,
+            Step::GiveUp => {
+                send_error(socket, ErrorCode::NotDefined, "timed out");
+                return Outcome::Failed("timed out");
+            }
+        }
+        step = match recv_until(socket, &mut buf, deadline) {
+            Recv::Timeout => sender.on_timeout(),
+            Recv::Failed(e) => {
+                debug!(error = %e, "receive failed");
+                return Outcome::Failed("client went away");
+            }
+            Recv::Got(n) => match Packet::decode(&buf[..n]) {
+                Ok(Packet::Ack { block }) => sender.on_ack(block),
+                Ok(Packet::Error { code, message }) => {
+                    debug!(code = code.code(), %message, "client aborted");
+                    return Outcome::Failed("client sent an error");
+                }
+                Ok(_) => {
+                    bump(&stats.stray);
+                    Step::Wait
+                }
+                Err(_) => {
+                    bump(&stats.malformed);
+                    Step::Wait
+                }
+            },
+        };
+    }
+}
+
+enum Recv {
+    Got(usize),
+    Timeout,
+    Failed(std::io::Error),
+}
+
+/// One datagram, or `Timeout` once `deadline` has passed.
+fn recv_until(socket: &std::net::UdpSocket, buf: &mut [u8], deadline: Instant) -> Recv {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Recv::Timeout;
+        }
+        if let Err(e) = socket.set_read_timeout(Some(left)) {
+            return Recv::Failed(e);
+        }
+        match socket.recv(buf) {
+            Ok(n) => return Recv::Got(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Recv::Failed(e),
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The agent follows lab-server: a lease with a profile changes what its host
+//! boots, and the end of the lease brings the default profile back; a
+//! restarted server is followed again after a resync.
+
+use lab_agent::hosts::{HostTable, Mac};
+use lab_agent::sync::{SyncConfig, run};
+use lab_proto::v1 as pb;
+use lab_tests::{InProcessServer, ServerOptions};
+use std::time::{Duration, Instant};
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_boots_each_host_with_its_lease_profile() {
+    let server = InProcessServer::start(ServerOptions {
+        hosts: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = HostTable::default();
+    let cfg = SyncConfig {
+        server: format!("http://{}", server.addr),
+        token: Some("agent-r1".into()),
+        rack: "r1".into(),
+        default_profile: "local-disk".into(),
+    };
+    let agent = tokio::spawn(run(cfg, table.clone()));
+    eventually("4 hosts synced", || table.all().len() == 4).await;
+    assert!(
+        table
+            .all()
+            .iter()
+            .all(|h| h.profile == "local-disk" && h.lease.is_none())
+    );
+
+    let mut c = server.clients("ci").await.unwrap();
+    let req = pb::LeaseRequest {
+        hosts: vec!["h02".into()],
+        profile: "xen".into(),
+        ..Default::default()
+    };
+    let mut s = c
+        .leases
+        .acquire(pb::AcquireRequest {
+            request: Some(req),
+            no_wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::AcquireUpdate {
+        update: Some(pb::acquire_update::Update::Granted(lease)),
+    }) = s.message().await.unwrap()
+    else {
+        panic!("no grant")
+    };
+    let mac: Mac = "52:54:00:00:00:02".parse().unwrap();
+    eventually("h02 boots xen", || {
+        table
+            .by_mac(&mac)
+            .is_some_and(|h| h.profile == "xen" && h.lease.as_deref() == Some(lease.id.as_str()))
+    })
+    .await;
+    assert_eq!(table.all().iter().filter(|h| h.profile == "xen").count(), 1);
+
+    c.leases
+        .release(pb::ReleaseRequest {
+            lease_id: lease.id.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("h02 back to local-disk", || {
+        table
+            .by_mac(&mac)
+            .is_some_and(|h| h.profile == "local-disk" && h.lease.is_none())
+    })
+    .await;
+    agent.abort();
+    server.stop().await;
+}
