@@ -7,12 +7,14 @@
 //! - [`tftp`]: read-only TFTP (RFC 1350 + blksize/tsize/timeout/windowsize),
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
+//! - [`config`]: `agent.toml`, raw and validated.
 //! - [`sync`]: follows lab-server: the rack's hosts and their lease profiles.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
 //!   scripts from `pxe-assets/` templates.
 #![forbid(unsafe_code)]
 
 pub mod assets;
+pub mod config;
 pub mod dhcp;
 pub mod hosts;
 pub mod http;

@@ -1,0 +1,277 @@
+//! `agent.toml`: the agent's configuration, in two layers — raw serde types
+//! that refuse unknown fields, then the validated settings of each service.
+//! Errors carry file, line, column and reason.
+
+use crate::dhcp::{DhcpConfig, Mode};
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    rack: String,
+    server: String,
+    /// File holding the agent's bearer token (else `LAB_TOKEN`).
+    token_file: Option<PathBuf>,
+    #[serde(default = "default_profile")]
+    default_profile: String,
+    dhcp: Option<toml::Spanned<RawDhcp>>,
+    tftp: Option<RawTftp>,
+    http: Option<RawHttp>,
+    assets: RawAssets,
+}
+
+fn default_profile() -> String {
+    "local-disk".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    mode: String,
+    interface: Option<String>,
+    server_ip: Ipv4Addr,
+    next_server: Option<Ipv4Addr>,
+    subnet_mask: Option<Ipv4Addr>,
+    router: Option<Ipv4Addr>,
+    #[serde(default)]
+    dns: Vec<Ipv4Addr>,
+    lease_secs: Option<u32>,
+    #[serde(default)]
+    pool: Vec<Ipv4Addr>,
+    script_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTftp {
+    listen: SocketAddr,
+    blksize_cap: Option<u16>,
+    windowsize_cap: Option<u16>,
+    max_transfers: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: SocketAddr,
+    /// The HTTP base URL as hosts reach it (for templates).
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssets {
+    root: PathBuf,
+    artifacts: Option<PathBuf>,
+}
+
+/// TFTP settings.
+#[derive(Debug, Clone)]
+pub struct TftpSettings {
+    pub listen: SocketAddr,
+    pub blksize_cap: Option<u16>,
+    pub windowsize_cap: Option<u16>,
+    pub max_transfers: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub rack: String,
+    pub server: String,
+    pub token_file: Option<PathBuf>,
+    pub default_profile: String,
+    pub dhcp: Option<DhcpConfig>,
+    pub tftp: Option<TftpSettings>,
+    pub http: Option<(SocketAddr, String)>,
+    pub assets_root: PathBuf,
+    pub artifacts: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Relative asset paths are taken from the config file's directory.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |offset: usize, reason: String| {
+            let (line, column) = line_column(text, offset);
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                reason,
+            }
+        };
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| invalid(e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let dhcp = match raw.dhcp {
+            None => None,
+            Some(d) => {
+                let at = d.span().start;
+                let d = d.into_inner();
+                let mode = match d.mode.as_str() {
+                    "authoritative" => Mode::Authoritative,
+                    "proxy" => Mode::Proxy,
+                    m => {
+                        return Err(invalid(
+                            at,
+                            format!("unknown dhcp mode {m:?} (authoritative or proxy)"),
+                        ));
+                    }
+                };
+                let mut c = DhcpConfig::new(mode, d.server_ip);
+                c.interface = d.interface;
+                if let Some(n) = d.next_server {
+                    c.next_server = n;
+                }
+                if let Some(m) = d.subnet_mask {
+                    c.subnet_mask = m;
+                }
+                c.router = d.router;
+                c.dns = d.dns;
+                if let Some(l) = d.lease_secs {
+                    c.lease_secs = l;
+                }
+                c.pool = d.pool;
+                if let Some(u) = d.script_url {
+                    if !u.contains("{mac}") {
+                        return Err(invalid(at, "dhcp.script_url must contain {mac}".into()));
+                    }
+                    c.script_url_template = u;
+                }
+                Some(c)
+            }
+        };
+        let tftp = raw.tftp.map(|t| TftpSettings {
+            listen: t.listen,
+            blksize_cap: t.blksize_cap,
+            windowsize_cap: t.windowsize_cap,
+            max_transfers: t.max_transfers,
+        });
+        let http = raw
+            .http
+            .map(|h| (h.listen, h.url.trim_end_matches('/').to_owned()));
+        Ok(AgentConfig {
+            rack: raw.rack,
+            server: raw.server,
+            token_file: raw.token_file.map(|p| base.join(p)),
+            default_profile: raw.default_profile,
+            dhcp,
+            tftp,
+            http,
+            assets_root: base.join(raw.assets.root),
+            artifacts: raw.assets.artifacts.map(|p| base.join(p)),
+        })
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+rack = "rack1"
+server = "http://127.0.0.1:7621"
+
+[dhcp]
+mode = "authoritative"
+interface = "br0"
+server_ip = "198.18.0.1"
+script_url = "http://{server_ip}:8080/hosts/{mac}.ipxe"
+
+[tftp]
+listen = "198.18.0.1:69"
+
+[http]
+listen = "198.18.0.1:8080"
+url = "http://198.18.0.1:8080/"
+
+[assets]
+root = "../pxe-assets"
+artifacts = "/var/cache/lab/artifacts"
+"#;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/agent.example.toml"));
+        let c = AgentConfig::load(path).unwrap();
+        assert_eq!(c.rack, "rack1");
+        assert!(c.dhcp.is_some() && c.tftp.is_some() && c.http.is_some());
+    }
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = AgentConfig::parse(GOOD, Path::new("/etc/lab/agent.toml")).unwrap();
+        assert_eq!(c.rack, "rack1");
+        assert_eq!(c.default_profile, "local-disk");
+        assert_eq!(c.assets_root, Path::new("/etc/lab/../pxe-assets"));
+        assert_eq!(
+            c.artifacts.as_deref(),
+            Some(Path::new("/var/cache/lab/artifacts"))
+        );
+        assert_eq!(c.http.as_ref().unwrap().1, "http://198.18.0.1:8080");
+        assert_eq!(c.dhcp.as_ref().unwrap().interface.as_deref(), Some("br0"));
+    }
+
+    #[test]
+    fn errors_name_line_column_and_reason() {
+        let bad = GOOD.replace("mode = \"authoritative\"", "mode = \"rogue\"");
+        let e = AgentConfig::parse(&bad, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("agent.toml:5:1: unknown dhcp mode \"rogue\""),
+            "{e}"
+        );
+        let bad = GOOD.replace(
+            "listen = \"198.18.0.1:69\"",
+            "listen = \"198.18.0.1:69\"\nblksize = 1",
+        );
+        let e = AgentConfig::parse(&bad, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("agent.toml:13:1: unknown field `blksize`"),
+            "{e}"
+        );
+        let bad = GOOD.replace("server_ip = \"198.18.0.1\"", "server_ip = \"198.18.0\"");
+        let e = AgentConfig::parse(&bad, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agent.toml:8:13: invalid IPv4"), "{e}");
+    }
+}

@@ -1,0 +1,155 @@
+//! `lab-agent --config agent.toml`: the rack agent. Follows lab-server for
+//! its rack's hosts and their boot profiles and serves DHCP, TFTP and HTTP
+//! for them, as configured.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lab_agent::assets::FileSource;
+use lab_agent::assets::boot::BootFiles;
+use lab_agent::assets::render::RenderConfig;
+use lab_agent::config::AgentConfig;
+use lab_agent::dhcp::DhcpServer;
+use lab_agent::error_chain;
+use lab_agent::hosts::HostTable;
+use lab_agent::sync::{self, SyncConfig};
+use lab_agent::tftp::{TftpConfig, TftpServer};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lab-agent",
+    version,
+    about = "The rack agent: PXE boot service for one rack"
+)]
+struct Args {
+    /// The agent's configuration file.
+    #[arg(long, env = "LAB_AGENT_CONFIG", default_value = "agent.toml")]
+    config: PathBuf,
+    /// Bearer token for lab-server (else `token_file` from the config).
+    #[arg(long, env = "LAB_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // A DHCP packet that makes the decoder panic is caught and counted; keep
+    // the default hook from printing a backtrace for each one.
+    std::panic::set_hook(Box::new(|info| error!(panic = %info, "panic")));
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let cfg = AgentConfig::load(&args.config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let token = match (args.token, &cfg.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read token file {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let table = HostTable::default();
+    let http_url = cfg.http.as_ref().map(|(_, url)| url.clone());
+    let render = RenderConfig {
+        http_url,
+        tftp_server: cfg.tftp.as_ref().map(|t| t.listen.ip()),
+        artifacts_url: None,
+        extra: Default::default(),
+    };
+    let files: Arc<dyn FileSource> = Arc::new(
+        BootFiles::new(
+            &cfg.assets_root,
+            cfg.artifacts.as_deref(),
+            table.clone(),
+            render,
+        )
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    let sync_cfg = SyncConfig {
+        server: cfg.server.clone(),
+        token,
+        rack: cfg.rack.clone(),
+        default_profile: cfg.default_profile.clone(),
+    };
+    let sync_table = table.clone();
+    tasks.spawn(async move {
+        sync::run(sync_cfg, sync_table).await;
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Some(t) = &cfg.tftp {
+        let mut tc = TftpConfig {
+            listen: t.listen,
+            ..TftpConfig::default()
+        };
+        if let Some(v) = t.blksize_cap {
+            tc.blksize_cap = v;
+        }
+        if let Some(v) = t.windowsize_cap {
+            tc.windowsize_cap = v;
+        }
+        if let Some(v) = t.max_transfers {
+            tc.max_transfers = v;
+        }
+        let server = TftpServer::bind(tc, files.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        let addr = server.local_addr()?;
+        info!(%addr, "TFTP serving");
+        println!("lab-agent tftp listening on {addr}");
+        tasks.spawn(async move {
+            server
+                .run()
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        });
+    }
+    if let Some((listen, _)) = &cfg.http {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "HTTP serving");
+        println!("lab-agent http listening on {addr}");
+        let files = files.clone();
+        tasks.spawn(async move {
+            lab_agent::http::serve(listener, files, std::future::pending())
+                .await
+                .context("HTTP server failed")
+        });
+    }
+    if let Some(d) = cfg.dhcp.clone() {
+        let server =
+            DhcpServer::bind(d, table.clone()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        info!("DHCP serving");
+        tasks.spawn(async move {
+            server
+                .run()
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        });
+    }
+    println!("lab-agent running for rack {}", cfg.rack);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            r??;
+        }
+    }
+    Ok(())
+}
