@@ -59,6 +59,10 @@ struct RawDhcp {
     #[serde(default)]
     pool: Vec<Ipv4Addr>,
     script_url: Option<String>,
+    /// Boot file names (as TFTP paths) for BIOS, x86-64 UEFI and arm64 UEFI.
+    boot_bios: Option<String>,
+    boot_efi_x64: Option<String>,
+    boot_efi_arm64: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +164,15 @@ impl AgentConfig {
                     c.lease_secs = l;
                 }
                 c.pool = d.pool;
+                if let Some(f) = d.boot_bios {
+                    c.boot_files.bios = f;
+                }
+                if let Some(f) = d.boot_efi_x64 {
+                    c.boot_files.efi_x64 = f;
+                }
+                if let Some(f) = d.boot_efi_arm64 {
+                    c.boot_files.efi_arm64 = f;
+                }
                 if let Some(u) = d.script_url {
                     if !u.contains("{mac}") {
                         return Err(invalid(at, "dhcp.script_url must contain {mac}".into()));

@@ -67,7 +67,18 @@ async fn run(args: Args) -> Result<()> {
     let http_url = cfg.http.as_ref().map(|(_, url)| url.clone());
     let render = RenderConfig {
         http_url,
-        tftp_server: cfg.tftp.as_ref().map(|t| t.listen.ip()),
+        // The address hosts reach TFTP at: the DHCP next-server, else the
+        // TFTP listen address unless it is a wildcard.
+        tftp_server: cfg
+            .dhcp
+            .as_ref()
+            .map(|d| std::net::IpAddr::V4(d.next_server))
+            .or_else(|| {
+                cfg.tftp
+                    .as_ref()
+                    .map(|t| t.listen.ip())
+                    .filter(|ip| !ip.is_unspecified())
+            }),
         artifacts_url: None,
         extra: Default::default(),
     };

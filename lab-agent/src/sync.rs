@@ -83,6 +83,10 @@ async fn connect(cfg: &SyncConfig) -> Result<Clients, SyncError> {
             server: cfg.server.clone(),
         })?
         .connect_timeout(Duration::from_secs(5))
+        // Notice a server that vanished without closing the connection.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(err)?;
@@ -190,7 +194,7 @@ fn relevant(kind: i32) -> bool {
 }
 
 /// One connection's life: resync, then follow events until the stream ends.
-async fn follow(cfg: &SyncConfig, table: &HostTable) -> Result<(), SyncError> {
+async fn follow(cfg: &SyncConfig, table: &HostTable, synced: &mut bool) -> Result<(), SyncError> {
     let mut c = connect(cfg).await?;
     // Watch from the log's end first, then list: a change between the two
     // is not missed.
@@ -223,6 +227,7 @@ async fn follow(cfg: &SyncConfig, table: &HostTable) -> Result<(), SyncError> {
     let hosts = resync(&mut c, cfg).await?;
     info!(rack = %cfg.rack, hosts = hosts.len(), "synced with lab-server");
     table.replace(hosts);
+    *synced = true;
     loop {
         match stream.message().await {
             Ok(Some(e)) if relevant(e.kind) => {
@@ -243,18 +248,22 @@ async fn follow(cfg: &SyncConfig, table: &HostTable) -> Result<(), SyncError> {
 
 /// Follow the server for ever, reconnecting with backoff (1 s doubling to 30 s).
 pub async fn run(cfg: SyncConfig, table: HostTable) {
-    let mut delay = Duration::from_secs(1);
+    const FIRST: Duration = Duration::from_secs(1);
+    let mut delay = FIRST;
     loop {
-        match follow(&cfg, &table).await {
-            Ok(()) => {
-                info!("lab-server closed the event stream; reconnecting");
-                delay = Duration::from_secs(1);
-            }
+        let mut synced = false;
+        let result = follow(&cfg, &table, &mut synced).await;
+        if synced {
+            // It worked for a while: the next failure starts the backoff afresh.
+            delay = FIRST;
+        }
+        match result {
+            Ok(()) => info!(retry_in = ?delay, "lab-server closed the event stream; reconnecting"),
             Err(e) => {
-                warn!(error = %crate::error_chain(&e), retry_in = ?delay, "sync with lab-server failed");
-                delay = (delay * 2).min(Duration::from_secs(30));
+                warn!(error = %crate::error_chain(&e), retry_in = ?delay, "sync with lab-server failed")
             }
         }
         tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
