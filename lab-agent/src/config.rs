@@ -63,6 +63,8 @@ struct RawDhcp {
     boot_bios: Option<String>,
     boot_efi_x64: Option<String>,
     boot_efi_arm64: Option<String>,
+    /// Send IPv6 router advertisements on `interface` (default true).
+    router_advertisements: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +108,8 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     pub default_profile: String,
     pub dhcp: Option<DhcpConfig>,
+    /// Interface to send IPv6 router advertisements on.
+    pub ra_interface: Option<String>,
     pub tftp: Option<TftpSettings>,
     pub http: Option<(SocketAddr, String)>,
     pub assets_root: PathBuf,
@@ -135,6 +139,7 @@ impl AgentConfig {
         let raw: Raw = toml::from_str(text)
             .map_err(|e| invalid(e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let mut ra_interface = None;
         let dhcp = match raw.dhcp {
             None => None,
             Some(d) => {
@@ -151,6 +156,9 @@ impl AgentConfig {
                     }
                 };
                 let mut c = DhcpConfig::new(mode, d.server_ip);
+                if d.router_advertisements.unwrap_or(true) {
+                    ra_interface = d.interface.clone();
+                }
                 c.interface = d.interface;
                 if let Some(n) = d.next_server {
                     c.next_server = n;
@@ -197,6 +205,7 @@ impl AgentConfig {
             token_file: raw.token_file.map(|p| base.join(p)),
             default_profile: raw.default_profile,
             dhcp,
+            ra_interface,
             tftp,
             http,
             assets_root: base.join(raw.assets.root),

@@ -7,6 +7,7 @@
 //! - [`tftp`]: read-only TFTP (RFC 1350 + blksize/tsize/timeout/windowsize),
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
+//! - [`ra`]: IPv6 router advertisements so iPXE does not wait for one.
 //! - [`config`]: `agent.toml`, raw and validated.
 //! - [`sync`]: follows lab-server: the rack's hosts and their lease profiles.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
@@ -18,6 +19,7 @@ pub mod config;
 pub mod dhcp;
 pub mod hosts;
 pub mod http;
+pub mod ra;
 pub mod sync;
 pub mod tftp;
 

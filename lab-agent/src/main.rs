@@ -155,6 +155,13 @@ async fn run(args: Args) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!(error_chain(&e)))
         });
     }
+    if let Some(interface) = cfg.ra_interface.clone() {
+        tasks.spawn(async move {
+            lab_agent::ra::run(interface, std::time::Duration::from_secs(10))
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        });
+    }
     println!("lab-agent running for rack {}", cfg.rack);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("shutting down"),
