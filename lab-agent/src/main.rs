@@ -145,15 +145,43 @@ async fn run(args: Args) -> Result<()> {
         });
     }
     if let Some(d) = cfg.dhcp.clone() {
-        let server =
-            DhcpServer::bind(d, table.clone()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        // DHCP runs on its own single-threaded runtime: one datagram at a
+        // time needs no cross-thread wake-ups, which cost more than the
+        // work itself (dhcp-bench: ~32,000 vs ~9,000 DORA/s on 2 cores).
+        let dhcp_table = table.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        std::thread::Builder::new()
+            .name("dhcp".into())
+            .spawn(move || {
+                let result = (|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let server = DhcpServer::bind(d, dhcp_table)
+                            .map_err(|e| anyhow::anyhow!(error_chain(&e)));
+                        let server = match server {
+                            Ok(s) => {
+                                let _ = ready_tx.send(Ok(()));
+                                s
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return Ok(());
+                            }
+                        };
+                        server
+                            .run()
+                            .await
+                            .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+                    })
+                })();
+                let _ = done_tx.send(result);
+            })?;
+        ready_rx.await.context("the DHCP thread died")??;
         info!("DHCP serving");
-        tasks.spawn(async move {
-            server
-                .run()
-                .await
-                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        });
+        tasks.spawn(async move { done_rx.await.context("the DHCP thread died")? });
     }
     if let Some(interface) = cfg.ra_interface.clone() {
         tasks.spawn(async move {

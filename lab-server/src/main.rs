@@ -154,8 +154,12 @@ async fn run(args: Args) -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
 
-    // SIGHUP: reload the inventory; keep the last good one on error.
+    // SIGHUP: reload the inventory and the tokens file; keep the last good
+    // one of each on error.
+    let auth = Arc::new(std::sync::RwLock::new(auth));
     let hup_core = core.clone();
+    let hup_auth = auth.clone();
+    let tokens_path = args.tokens.clone().filter(|_| !args.dev_insecure_no_auth);
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
@@ -166,6 +170,17 @@ async fn run(args: Args) -> Result<()> {
             role: Role::Operator,
         };
         while hup.recv().await.is_some() {
+            if let Some(path) = &tokens_path {
+                match Authenticator::load(path) {
+                    Ok(a) => {
+                        *hup_auth.write().unwrap_or_else(|p| p.into_inner()) = a;
+                        info!(tokens = %path.display(), "tokens reloaded on SIGHUP");
+                    }
+                    Err(e) => {
+                        error!(error = %error_chain(&e), "tokens reload failed; keeping the last good tokens")
+                    }
+                }
+            }
             match hup_core.reload_inventory(&server).await {
                 Ok(s) => info!(
                     hosts = s.hosts,
@@ -186,7 +201,7 @@ async fn run(args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
     println!("lab-server listening on {addr}");
-    let api = Api::new(core, auth, args.default_ttl);
+    let api = Api::with_shared_auth(core, auth, args.default_ttl);
     // Graceful shutdown waits for open streams (waiting acquires, event
     // watchers) only so long: every acknowledged change is already durable,
     // and waiting clients see the connection end and may retry.

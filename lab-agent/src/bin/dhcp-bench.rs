@@ -74,8 +74,8 @@ struct Args {
     /// is relayed unicast, for which `udp` suffices).
     #[arg(long, value_enum, default_value_t = KeaSocket::Raw)]
     kea_socket: KeaSocket,
-    /// The agent's tokio runtime.
-    #[arg(long, value_enum, default_value_t = Runtime::Multi)]
+    /// The agent's tokio runtime (`current` is what lab-agent runs DHCP on).
+    #[arg(long, value_enum, default_value_t = Runtime::Current)]
     agent_runtime: Runtime,
     /// Keep the work directory (perfdhcp outputs, Kea config and log).
     #[arg(long)]

@@ -213,6 +213,11 @@ fn bind_udp(port: u16, interface: Option<&str>) -> Result<UdpSocket, ServerError
     let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
     sock.set_broadcast(true).map_err(err)?;
+    // Bursts of DISCOVERs (a rack powering on) overflow the default receive
+    // buffer long before the CPU is busy; the kernel caps this at rmem_max.
+    if let Err(e) = sock.set_recv_buffer_size(4 << 20) {
+        tracing::debug!(error = %e, "could not enlarge the DHCP receive buffer");
+    }
     if let Some(ifname) = interface {
         sock.bind_device(Some(ifname.as_bytes())).map_err(err)?;
     }

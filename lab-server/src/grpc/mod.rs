@@ -34,15 +34,25 @@ type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct Api {
     core: Core,
-    auth: Arc<Authenticator>,
+    auth: Arc<std::sync::RwLock<Authenticator>>,
     default_ttl: Duration,
 }
 
 impl Api {
     pub fn new(core: Core, auth: Authenticator, default_ttl: Duration) -> Self {
+        Self::with_shared_auth(core, Arc::new(std::sync::RwLock::new(auth)), default_ttl)
+    }
+
+    /// With an authenticator that can be replaced while serving (tokens
+    /// file reloads).
+    pub fn with_shared_auth(
+        core: Core,
+        auth: Arc<std::sync::RwLock<Authenticator>>,
+        default_ttl: Duration,
+    ) -> Self {
         Self {
             core,
-            auth: Arc::new(auth),
+            auth,
             default_ttl,
         }
     }
@@ -52,7 +62,11 @@ impl Api {
             None => None,
             Some(v) => Some(v.to_str().map_err(|_| Status::from(AuthError::Malformed))?),
         };
-        let caller = self.auth.authenticate(header)?;
+        let caller = self
+            .auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticate(header)?;
         debug!(principal = %caller.principal, role = %caller.role, "authenticated");
         Ok(caller)
     }
