@@ -460,3 +460,67 @@ async fn reloads_keep_the_last_good_inventory_on_error() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &inventory_toml(1)).unwrap();
+    let mut old = Clients::connect(server.addr, Some(CI1)).await.unwrap();
+    old.admin.who_am_i(pb::WhoAmIRequest {}).await.unwrap();
+    std::fs::write(
+        dir.path().join("tokens.toml"),
+        tokens_toml(&[("tok-new", "newbie", "developer")]),
+    )
+    .unwrap();
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut new = Clients::connect(server.addr, Some("tok-new"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let who = loop {
+        match new.admin.who_am_i(pb::WhoAmIRequest {}).await {
+            Ok(w) => break w.into_inner(),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unauthenticated);
+                assert!(Instant::now() < deadline, "the new token never worked");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(
+        (who.principal.as_str(), who.role),
+        ("newbie", pb::Role::Developer as i32)
+    );
+    let s = old.admin.who_am_i(pb::WhoAmIRequest {}).await.unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::Unauthenticated,
+        "a removed token must stop working"
+    );
+    // A broken tokens file keeps the last good one.
+    std::fs::write(
+        dir.path().join("tokens.toml"),
+        "[[token]]\nprincipal = \"x\"\n",
+    )
+    .unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("tokens reload failed") {
+        assert!(Instant::now() < deadline, "no reload failure logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    new.admin.who_am_i(pb::WhoAmIRequest {}).await.unwrap();
+}
