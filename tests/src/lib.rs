@@ -270,3 +270,41 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+impl ServerProcess {
+    /// `lab-server` in development mode on 127.0.0.1:0 with `dir/inventory.toml`
+    /// (written from `inventory` unless it exists, so a restart keeps it),
+    /// its store in `dir/data` and its log in `dir/server.log`.
+    pub fn spawn_dev(dir: &Path, inventory: &str) -> Result<ServerProcess> {
+        let inv = dir.join("inventory.toml");
+        if !inv.exists() {
+            std::fs::write(&inv, inventory)?;
+        }
+        let data = dir.join("data");
+        ServerProcess::spawn(
+            &[
+                "--dev-insecure-no-auth",
+                "--listen",
+                "127.0.0.1:0",
+                "--inventory",
+                &inv.to_string_lossy(),
+                "--data-dir",
+                &data.to_string_lossy(),
+            ],
+            &dir.join("server.log"),
+        )
+    }
+}
+
+/// Poll `f` every 10 ms until it holds; panic naming `what` after `timeout`.
+/// (Readiness by polling, never a fixed sleep.)
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

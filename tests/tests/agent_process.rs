@@ -5,10 +5,10 @@
 //! in network namespaces, see lab-agent/tests/dhcp_netns.rs).
 
 use lab_proto::v1 as pb;
-use lab_tests::{Clients, ServerProcess, bin_path, inventory_toml};
+use lab_tests::{Clients, ServerProcess, bin_path, eventually, inventory_toml};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Agent(Child);
 impl Drop for Agent {
@@ -29,32 +29,10 @@ fn curl(url: &str) -> (bool, String) {
     )
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_xen_lease_changes_what_the_agent_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let inv = dir.path().join("inventory.toml");
-    std::fs::write(&inv, inventory_toml(2)).unwrap();
-    let server = ServerProcess::spawn(
-        &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--inventory",
-            inv.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    )
-    .unwrap();
+    let server = ServerProcess::spawn_dev(dir.path(), &inventory_toml(2)).unwrap();
     let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -93,7 +71,10 @@ async fn a_xen_lease_changes_what_the_agent_serves() {
     );
 
     let script = format!("http://{http}/hosts/52-54-00-00-00-00.ipxe");
-    eventually("the agent knows h00", || curl(&script).0).await;
+    eventually("the agent knows h00", Duration::from_secs(15), || {
+        curl(&script).0
+    })
+    .await;
     let (_, body) = curl(&script);
     assert!(
         body.contains("exit"),
@@ -121,7 +102,10 @@ async fn a_xen_lease_changes_what_the_agent_serves() {
     else {
         panic!("no grant")
     };
-    eventually("h00's script boots Xen", || curl(&script).1.contains("xen")).await;
+    eventually("h00's script boots Xen", Duration::from_secs(15), || {
+        curl(&script).1.contains("xen")
+    })
+    .await;
     let (_, body) = curl(&script);
     assert!(
         body.contains(&lease.id),
@@ -139,7 +123,7 @@ async fn a_xen_lease_changes_what_the_agent_serves() {
         .release(pb::ReleaseRequest { lease_id: lease.id })
         .await
         .unwrap();
-    eventually("h00 back to local-disk", || {
+    eventually("h00 back to local-disk", Duration::from_secs(15), || {
         let b = curl(&script).1;
         !b.contains("dom0_mem=") && b.contains("exit")
     })

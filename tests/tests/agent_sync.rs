@@ -5,16 +5,8 @@
 use lab_agent::hosts::{HostTable, Mac};
 use lab_agent::sync::{SyncConfig, run};
 use lab_proto::v1 as pb;
-use lab_tests::{InProcessServer, ServerOptions};
-use std::time::{Duration, Instant};
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use lab_tests::{InProcessServer, ServerOptions, eventually};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_boots_each_host_with_its_lease_profile() {
@@ -32,7 +24,10 @@ async fn the_agent_boots_each_host_with_its_lease_profile() {
         default_profile: "local-disk".into(),
     };
     let agent = tokio::spawn(run(cfg, table.clone()));
-    eventually("4 hosts synced", || table.all().len() == 4).await;
+    eventually("4 hosts synced", Duration::from_secs(10), || {
+        table.all().len() == 4
+    })
+    .await;
     assert!(
         table
             .all()
@@ -62,7 +57,7 @@ async fn the_agent_boots_each_host_with_its_lease_profile() {
         panic!("no grant")
     };
     let mac: Mac = "52:54:00:00:00:02".parse().unwrap();
-    eventually("h02 boots xen", || {
+    eventually("h02 boots xen", Duration::from_secs(10), || {
         table
             .by_mac(&mac)
             .is_some_and(|h| h.profile == "xen" && h.lease.as_deref() == Some(lease.id.as_str()))
@@ -76,7 +71,7 @@ async fn the_agent_boots_each_host_with_its_lease_profile() {
         })
         .await
         .unwrap();
-    eventually("h02 back to local-disk", || {
+    eventually("h02 back to local-disk", Duration::from_secs(10), || {
         table
             .by_mac(&mac)
             .is_some_and(|h| h.profile == "local-disk" && h.lease.is_none())

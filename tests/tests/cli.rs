@@ -25,21 +25,7 @@ fn json(s: &str) -> serde_json::Value {
 #[test]
 fn a_lease_cycle_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let inv = dir.path().join("inventory.toml");
-    std::fs::write(&inv, inventory_toml(2)).unwrap();
-    let server = ServerProcess::spawn(
-        &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--inventory",
-            inv.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    )
-    .unwrap();
+    let server = ServerProcess::spawn_dev(dir.path(), &inventory_toml(2)).unwrap();
 
     let (code, out, err) = lab(
         &server,

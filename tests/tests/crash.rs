@@ -19,23 +19,7 @@ fn now_ms() -> i64 {
 }
 
 fn spawn(dir: &Path) -> ServerProcess {
-    let inv = dir.join("inventory.toml");
-    if !inv.exists() {
-        std::fs::write(&inv, inventory_toml(32)).unwrap();
-    }
-    ServerProcess::spawn(
-        &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--inventory",
-            inv.to_str().unwrap(),
-            "--data-dir",
-            dir.join("data").to_str().unwrap(),
-        ],
-        &dir.join("server.log"),
-    )
-    .unwrap()
+    ServerProcess::spawn_dev(dir, &inventory_toml(32)).unwrap()
 }
 
 /// What a client was told about a lease.
