@@ -16,9 +16,11 @@
 
 pub mod assets;
 pub mod config;
+pub mod console;
 pub mod dhcp;
 pub mod hosts;
 pub mod http;
+pub mod ipmi;
 pub mod ra;
 pub mod sync;
 pub mod tftp;

@@ -1,0 +1,815 @@
+//! The async RMCP+ client. [`IpmiClient::connect`] runs the session
+//! handshake (cipher suite choice, Open Session, RAKP 1–4, Set Session
+//! Privilege Level); afterwards each method is one command. A single task
+//! owns the UDP socket and the session state: it numbers, seals and sends
+//! each request, retransmits with backoff, matches replies and hands them
+//! back over a `oneshot`. Requests to one BMC are serialized and spaced.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
+use zeroize::Zeroizing;
+
+use super::commands::{
+    self, BootDevice, BootFlags, CC_NODE_BUSY, ChassisControl, ChassisStatus, CloseSession,
+    Command, CommandError, GetChannelCipherSuites, GetChassisStatus, GetSystemBootOptions,
+    PowerAction, SetSessionPrivilege, SetSystemBootOptions,
+};
+use super::crypto::{self, CipherSuite, RakpParams, SessionKeys};
+use super::packet::{
+    IpmiRequest, IpmiResponse, OpenSessionRequest, OpenSessionResponse, PacketError, PayloadType,
+    Privilege, Rakp1, Rakp2, Rakp3, Rakp4, decode_packet, encode_packet,
+};
+
+/// A password (or other secret) that is zeroized when dropped and never
+/// printed.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// Wrap secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(Zeroizing::new(bytes))
+    }
+
+    /// Copy secret bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Secret::new(bytes.to_vec())
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum IpmiError {
+    /// Socket setup or I/O failed.
+    #[error("UDP socket to {endpoint}")]
+    Io {
+        endpoint: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No reply after all retransmissions.
+    #[error("{what}: no reply from {endpoint} after {attempts} attempt(s)")]
+    Timeout {
+        endpoint: SocketAddr,
+        what: &'static str,
+        attempts: u32,
+    },
+    /// Encoding a packet failed.
+    #[error("encoding {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: PacketError,
+    },
+    /// The BMC refused every cipher suite we offered.
+    #[error(
+        "{endpoint} accepted none of the cipher suites {offered:?} (last RMCP+ status {status:#04x})"
+    )]
+    NoCipherSuite {
+        endpoint: SocketAddr,
+        offered: Vec<u8>,
+        status: u8,
+    },
+    /// A session setup step returned an RMCP+ error status.
+    #[error("{step} rejected by {endpoint} with RMCP+ status {status:#04x}")]
+    Rejected {
+        endpoint: SocketAddr,
+        step: &'static str,
+        status: u8,
+    },
+    /// The BMC's RAKP 2 code does not match the password (wrong password or user).
+    #[error("RAKP 2 from {endpoint} does not authenticate: wrong user or password")]
+    BadRakp2 { endpoint: SocketAddr },
+    /// RAKP 4's integrity check value does not match.
+    #[error("RAKP 4 from {endpoint} has a wrong integrity check value")]
+    BadRakp4 { endpoint: SocketAddr },
+    /// A command completed with a non-zero completion code.
+    #[error("{command} on {endpoint}: completion code {code:#04x}")]
+    Completion {
+        endpoint: SocketAddr,
+        command: &'static str,
+        code: u8,
+    },
+    /// A command's response data did not parse.
+    #[error("{endpoint}: bad response")]
+    Response {
+        endpoint: SocketAddr,
+        #[source]
+        source: CommandError,
+    },
+    /// The outcome of a power action is unknown (no reply) and the re-read
+    /// state does not confirm it. It was not resent.
+    #[error("{action:?} on {endpoint}: no reply; power is now {}", if *.power_on { "on" } else { "off" })]
+    PowerUnconfirmed {
+        endpoint: SocketAddr,
+        action: PowerAction,
+        power_on: bool,
+    },
+    /// IPMI user names are at most 16 bytes.
+    #[error("user name of {len} bytes is longer than IPMI's 16")]
+    UserTooLong { len: usize },
+    /// Random numbers unavailable.
+    #[error("no random numbers for the session")]
+    Random,
+    /// The socket task has stopped.
+    #[error("session task for {endpoint} has stopped")]
+    Closed { endpoint: SocketAddr },
+}
+
+/// Connection options. Defaults follow ipmitool: 1 s timeout, 4 retries.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Cipher suites in order of preference.
+    pub cipher_suites: Vec<CipherSuite>,
+    /// Session privilege to request and set.
+    pub privilege: Privilege,
+    /// First reply timeout; later attempts wait longer (doubling, at most 4×).
+    pub timeout: Duration,
+    /// Retransmissions after the first attempt (not used for power actions).
+    pub retries: u32,
+    /// How long to wait for Get Channel Cipher Suites before falling back to
+    /// `cipher_suites` (some BMCs, ipmi_sim among them, never answer it).
+    pub cipher_probe_timeout: Duration,
+    /// How often a "node busy" (0xC0) answer is retried.
+    pub busy_retries: u32,
+    /// First pause after a busy answer (doubles each time).
+    pub busy_backoff: Duration,
+    /// Minimum gap between two packets to the BMC.
+    pub min_gap: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            cipher_suites: vec![CipherSuite::Suite17, CipherSuite::Suite3],
+            privilege: Privilege::Administrator,
+            timeout: Duration::from_secs(1),
+            retries: 4,
+            cipher_probe_timeout: Duration::from_millis(300),
+            busy_retries: 3,
+            busy_backoff: Duration::from_millis(100),
+            min_gap: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What a job sends and how its reply is recognised.
+enum Kind {
+    /// A session-setup payload, answered by `expect` with the same tag.
+    Setup {
+        what: &'static str,
+        payload_type: PayloadType,
+        payload: Vec<u8>,
+        expect: PayloadType,
+        tag: u8,
+    },
+    /// An IPMI request, inside the session once one is active.
+    Ipmi {
+        what: &'static str,
+        netfn: u8,
+        cmd: u8,
+        data: Vec<u8>,
+    },
+}
+
+enum Reply {
+    Setup(Vec<u8>),
+    Ipmi(IpmiResponse),
+}
+
+enum Job {
+    Send {
+        kind: Kind,
+        attempts: u32,
+        first_timeout: Duration,
+        reply: oneshot::Sender<Result<Reply, IpmiError>>,
+    },
+    Activate {
+        keys: SessionKeys,
+        console_session_id: u32,
+        bmc_session_id: u32,
+    },
+}
+
+/// The socket-owning task's state.
+struct Actor {
+    socket: UdpSocket,
+    endpoint: SocketAddr,
+    keys: Option<SessionKeys>,
+    console_session_id: u32,
+    bmc_session_id: u32,
+    seq: u32,
+    rq_seq: u8,
+    min_gap: Duration,
+    last_send: Option<Instant>,
+}
+
+fn random<const N: usize>() -> Result<[u8; N], IpmiError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|_| IpmiError::Random)?;
+    Ok(b)
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(job) = rx.recv().await {
+            match job {
+                Job::Activate {
+                    keys,
+                    console_session_id,
+                    bmc_session_id,
+                } => {
+                    self.keys = Some(keys);
+                    self.console_session_id = console_session_id;
+                    self.bmc_session_id = bmc_session_id;
+                    self.seq = 0;
+                }
+                Job::Send {
+                    kind,
+                    attempts,
+                    first_timeout,
+                    reply,
+                } => {
+                    let r = self.exchange(&kind, attempts, first_timeout).await;
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+
+    fn build(&mut self, kind: &Kind, rq_seq: u8) -> Result<Vec<u8>, IpmiError> {
+        let iv = random::<16>()?;
+        match kind {
+            Kind::Setup {
+                what,
+                payload_type,
+                payload,
+                ..
+            } => encode_packet(*payload_type, 0, 0, payload, None, iv)
+                .map_err(|source| IpmiError::Encode { what, source }),
+            Kind::Ipmi {
+                what,
+                netfn,
+                cmd,
+                data,
+            } => {
+                let msg = IpmiRequest {
+                    netfn: *netfn,
+                    cmd: *cmd,
+                    rq_seq,
+                    data: data.clone(),
+                }
+                .encode();
+                let (sid, seq) = if self.keys.is_some() {
+                    self.seq = self.seq.wrapping_add(1).max(1);
+                    (self.bmc_session_id, self.seq)
+                } else {
+                    (0, 0)
+                };
+                encode_packet(PayloadType::Ipmi, sid, seq, &msg, self.keys.as_ref(), iv)
+                    .map_err(|source| IpmiError::Encode { what, source })
+            }
+        }
+    }
+
+    fn matches(&self, kind: &Kind, rq_seq: u8, bytes: &[u8]) -> Option<Reply> {
+        let pkt = match decode_packet(bytes, self.keys.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(endpoint = %self.endpoint, error = %e, "dropping undecodable packet");
+                return None;
+            }
+        };
+        match kind {
+            Kind::Setup { expect, tag, .. } => (pkt.payload_type == *expect
+                && pkt.payload.first() == Some(tag))
+            .then_some(Reply::Setup(pkt.payload)),
+            Kind::Ipmi { netfn, cmd, .. } => {
+                if pkt.payload_type != PayloadType::Ipmi {
+                    return None;
+                }
+                if self.keys.is_some()
+                    && (pkt.session_id != self.console_session_id || !pkt.authenticated)
+                {
+                    return None;
+                }
+                let r = IpmiResponse::decode(&pkt.payload).ok()?;
+                (r.netfn == netfn + 1 && r.cmd == *cmd && r.rq_seq == rq_seq)
+                    .then_some(Reply::Ipmi(r))
+            }
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        kind: &Kind,
+        attempts: u32,
+        first_timeout: Duration,
+    ) -> Result<Reply, IpmiError> {
+        let what = match kind {
+            Kind::Setup { what, .. } | Kind::Ipmi { what, .. } => *what,
+        };
+        self.rq_seq = (self.rq_seq + 1) & 0x3F;
+        let rq_seq = self.rq_seq;
+        let mut buf = vec![0u8; 1024];
+        for attempt in 0..attempts.max(1) {
+            if let Some(last) = self.last_send {
+                sleep_until(last + self.min_gap).await;
+            }
+            let packet = self.build(kind, rq_seq)?;
+            self.last_send = Some(Instant::now());
+            if attempt > 0 {
+                tracing::debug!(endpoint = %self.endpoint, what, attempt, "retransmitting");
+            }
+            self.socket
+                .send(&packet)
+                .await
+                .map_err(|source| IpmiError::Io {
+                    endpoint: self.endpoint,
+                    source,
+                })?;
+            let deadline = Instant::now() + first_timeout * (1u32 << attempt.min(2));
+            loop {
+                match timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                    Err(_) => break,
+                    // ICMP errors from earlier sends surface here; keep waiting.
+                    Ok(Err(e)) => {
+                        tracing::debug!(endpoint = %self.endpoint, error = %e, "recv");
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                    Ok(Ok(n)) => {
+                        if let Some(r) = self.matches(kind, rq_seq, &buf[..n]) {
+                            return Ok(r);
+                        }
+                    }
+                }
+            }
+        }
+        Err(IpmiError::Timeout {
+            endpoint: self.endpoint,
+            what,
+            attempts: attempts.max(1),
+        })
+    }
+}
+
+/// An open RMCP+ session with one BMC.
+#[derive(Debug)]
+pub struct IpmiClient {
+    tx: mpsc::Sender<Job>,
+    endpoint: SocketAddr,
+    options: ConnectOptions,
+    suite: CipherSuite,
+    bmc_session_id: u32,
+}
+
+impl IpmiClient {
+    /// Open a session: choose a cipher suite, authenticate with RAKP and set
+    /// the session privilege.
+    pub async fn connect(
+        endpoint: SocketAddr,
+        user: &str,
+        password: Secret,
+        options: ConnectOptions,
+    ) -> Result<IpmiClient, IpmiError> {
+        if user.len() > 16 {
+            return Err(IpmiError::UserTooLong { len: user.len() });
+        }
+        let io = |source| IpmiError::Io { endpoint, source };
+        let bind: SocketAddr = if endpoint.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal address")
+        } else {
+            "[::]:0".parse().expect("literal address")
+        };
+        let socket = UdpSocket::bind(bind).await.map_err(io)?;
+        socket.connect(endpoint).await.map_err(io)?;
+        let (tx, rx) = mpsc::channel(16);
+        let actor = Actor {
+            socket,
+            endpoint,
+            keys: None,
+            console_session_id: 0,
+            bmc_session_id: 0,
+            seq: 0,
+            rq_seq: 0,
+            min_gap: options.min_gap,
+            last_send: None,
+        };
+        tokio::spawn(actor.run(rx));
+        let mut client = IpmiClient {
+            tx,
+            endpoint,
+            options,
+            suite: CipherSuite::Suite3,
+            bmc_session_id: 0,
+        };
+        let candidates = client.choose_suites().await?;
+        let mut last_status = 0;
+        for suite in &candidates {
+            match client.open_session(*suite, user, &password).await {
+                Ok(()) => {
+                    client.suite = *suite;
+                    let granted = client
+                        .call(&SetSessionPrivilege(client.options.privilege))
+                        .await?;
+                    tracing::debug!(%endpoint, suite = suite.id(), granted, "session open");
+                    return Ok(client);
+                }
+                Err(IpmiError::Rejected {
+                    step: "Open Session",
+                    status,
+                    ..
+                }) => {
+                    tracing::debug!(%endpoint, suite = suite.id(), status, "suite rejected");
+                    last_status = status;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(IpmiError::NoCipherSuite {
+            endpoint,
+            offered: candidates.iter().map(|s| s.id()).collect(),
+            status: last_status,
+        })
+    }
+
+    /// The negotiated cipher suite.
+    pub fn cipher_suite(&self) -> CipherSuite {
+        self.suite
+    }
+
+    /// Ask for the channel's cipher suites; on no answer, fall back to the
+    /// configured list.
+    async fn choose_suites(&self) -> Result<Vec<CipherSuite>, IpmiError> {
+        let mut list = Vec::new();
+        for index in 0..64u8 {
+            let cmd = GetChannelCipherSuites { index };
+            let reply = self
+                .job(
+                    Kind::Ipmi {
+                        what: GetChannelCipherSuites::NAME,
+                        netfn: GetChannelCipherSuites::NETFN,
+                        cmd: GetChannelCipherSuites::CMD,
+                        data: cmd.request_data(),
+                    },
+                    1,
+                    self.options.cipher_probe_timeout,
+                )
+                .await;
+            let block = match reply {
+                Ok(Reply::Ipmi(r)) if r.completion == 0 => match cmd.parse_response(&r.data) {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+                Ok(_) | Err(IpmiError::Timeout { .. }) => {
+                    if index == 0 {
+                        tracing::debug!(endpoint = %self.endpoint, "no cipher suite list; using the configured suites");
+                        return Ok(self.options.cipher_suites.clone());
+                    }
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let short = block.len() < 16;
+            list.extend(block);
+            if short {
+                break;
+            }
+        }
+        let offered = commands::parse_cipher_suite_records(&list);
+        let usable: Vec<_> = self
+            .options
+            .cipher_suites
+            .iter()
+            .copied()
+            .filter(|s| offered.contains(&s.id()))
+            .collect();
+        Ok(if usable.is_empty() {
+            self.options.cipher_suites.clone()
+        } else {
+            usable
+        })
+    }
+
+    async fn setup(
+        &self,
+        what: &'static str,
+        payload_type: PayloadType,
+        payload: Vec<u8>,
+        expect: PayloadType,
+    ) -> Result<Vec<u8>, IpmiError> {
+        let tag = payload[0];
+        match self
+            .job(
+                Kind::Setup {
+                    what,
+                    payload_type,
+                    payload,
+                    expect,
+                    tag,
+                },
+                self.options.retries + 1,
+                self.options.timeout,
+            )
+            .await?
+        {
+            Reply::Setup(p) => Ok(p),
+            Reply::Ipmi(_) => unreachable!("setup jobs get setup replies"),
+        }
+    }
+
+    async fn open_session(
+        &mut self,
+        suite: CipherSuite,
+        user: &str,
+        password: &Secret,
+    ) -> Result<(), IpmiError> {
+        let endpoint = self.endpoint;
+        let bad = |step, source| IpmiError::Encode { what: step, source };
+        let console_session_id = u32::from_le_bytes(random::<4>()?) | 1;
+        let tag = random::<1>()?[0];
+        let req = OpenSessionRequest {
+            tag,
+            max_privilege: self.options.privilege as u8,
+            console_session_id,
+            auth_alg: suite.auth_alg(),
+            integrity_alg: suite.integrity_alg(),
+            confidentiality_alg: suite.confidentiality_alg(),
+        };
+        let resp = self
+            .setup(
+                "Open Session",
+                PayloadType::OpenSessionRequest,
+                req.encode(),
+                PayloadType::OpenSessionResponse,
+            )
+            .await?;
+        let resp = OpenSessionResponse::decode(&resp).map_err(|e| bad("Open Session", e))?;
+        if resp.status != 0 {
+            return Err(IpmiError::Rejected {
+                endpoint,
+                step: "Open Session",
+                status: resp.status,
+            });
+        }
+        let user = user.as_bytes();
+        let role = 0x10 | self.options.privilege as u8; // name-only lookup
+        let console_random = random::<16>()?;
+        let rakp1 = Rakp1 {
+            tag: tag.wrapping_add(1),
+            bmc_session_id: resp.bmc_session_id,
+            console_random,
+            role,
+            user: user.to_vec(),
+        };
+        let r2 = self
+            .setup(
+                "RAKP 1",
+                PayloadType::Rakp1,
+                rakp1.encode(),
+                PayloadType::Rakp2,
+            )
+            .await?;
+        let r2 = Rakp2::decode(&r2).map_err(|e| bad("RAKP 2", e))?;
+        if r2.status != 0 {
+            return Err(IpmiError::Rejected {
+                endpoint,
+                step: "RAKP 1",
+                status: r2.status,
+            });
+        }
+        let params = RakpParams {
+            console_session_id,
+            bmc_session_id: resp.bmc_session_id,
+            console_random,
+            bmc_random: r2.bmc_random,
+            bmc_guid: r2.bmc_guid,
+            role,
+            user,
+        };
+        let h = suite.hash();
+        if crypto::rakp2_auth_code(h, password.expose(), &params) != r2.auth_code {
+            return Err(IpmiError::BadRakp2 { endpoint });
+        }
+        let rakp3 = Rakp3 {
+            tag: tag.wrapping_add(2),
+            status: 0,
+            bmc_session_id: resp.bmc_session_id,
+            auth_code: crypto::rakp3_auth_code(h, password.expose(), &params),
+        };
+        let r4 = self
+            .setup(
+                "RAKP 3",
+                PayloadType::Rakp3,
+                rakp3.encode(),
+                PayloadType::Rakp4,
+            )
+            .await?;
+        let r4 = Rakp4::decode(&r4).map_err(|e| bad("RAKP 4", e))?;
+        if r4.status != 0 {
+            return Err(IpmiError::Rejected {
+                endpoint,
+                step: "RAKP 3",
+                status: r4.status,
+            });
+        }
+        let sik = crypto::session_integrity_key(h, password.expose(), &params);
+        if crypto::rakp4_icv(h, &sik, &params) != r4.icv {
+            return Err(IpmiError::BadRakp4 { endpoint });
+        }
+        let keys = SessionKeys::derive(suite, sik);
+        self.tx
+            .send(Job::Activate {
+                keys,
+                console_session_id,
+                bmc_session_id: resp.bmc_session_id,
+            })
+            .await
+            .map_err(|_| IpmiError::Closed { endpoint })?;
+        self.bmc_session_id = resp.bmc_session_id;
+        Ok(())
+    }
+
+    async fn job(
+        &self,
+        kind: Kind,
+        attempts: u32,
+        first_timeout: Duration,
+    ) -> Result<Reply, IpmiError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || IpmiError::Closed {
+            endpoint: self.endpoint,
+        };
+        self.tx
+            .send(Job::Send {
+                kind,
+                attempts,
+                first_timeout,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Send one command; `attempts` transmissions at most. Busy answers are
+    /// retried with backoff (the command was not executed).
+    async fn call_with<C: Command>(&self, c: &C, attempts: u32) -> Result<C::Output, IpmiError> {
+        let mut backoff = self.options.busy_backoff;
+        let mut busy = 0;
+        loop {
+            let kind = Kind::Ipmi {
+                what: C::NAME,
+                netfn: C::NETFN,
+                cmd: C::CMD,
+                data: c.request_data(),
+            };
+            let r = match self.job(kind, attempts, self.options.timeout).await? {
+                Reply::Ipmi(r) => r,
+                Reply::Setup(_) => unreachable!("IPMI jobs get IPMI replies"),
+            };
+            match r.completion {
+                0 => {
+                    return c
+                        .parse_response(&r.data)
+                        .map_err(|source| IpmiError::Response {
+                            endpoint: self.endpoint,
+                            source,
+                        });
+                }
+                CC_NODE_BUSY if busy < self.options.busy_retries => {
+                    busy += 1;
+                    tracing::debug!(endpoint = %self.endpoint, command = C::NAME, busy, "BMC busy; backing off");
+                    sleep(backoff).await;
+                    backoff *= 2;
+                }
+                code => {
+                    return Err(IpmiError::Completion {
+                        endpoint: self.endpoint,
+                        command: C::NAME,
+                        code,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Send an idempotent command with the configured retransmissions.
+    pub async fn call<C: Command>(&self, c: &C) -> Result<C::Output, IpmiError> {
+        self.call_with(c, self.options.retries + 1).await
+    }
+
+    /// Get Chassis Status.
+    pub async fn chassis_status(&self) -> Result<ChassisStatus, IpmiError> {
+        self.call(&GetChassisStatus).await
+    }
+
+    /// Chassis Control. The request is sent once per try and never
+    /// retransmitted blindly: when no reply comes, the power state is re-read.
+    /// On and Off are then confirmed by that state (and sent again only if
+    /// the state shows they did not happen); Cycle, HardReset and
+    /// SoftShutdown cannot be confirmed and give
+    /// [`IpmiError::PowerUnconfirmed`].
+    pub async fn power(&self, action: PowerAction) -> Result<(), IpmiError> {
+        let target = match action {
+            PowerAction::On => Some(true),
+            PowerAction::Off => Some(false),
+            _ => None,
+        };
+        for _ in 0..=self.options.retries {
+            match self.call_with(&ChassisControl(action), 1).await {
+                Ok(()) => return Ok(()),
+                Err(IpmiError::Timeout { .. }) => {
+                    let status = self.chassis_status().await?;
+                    tracing::warn!(endpoint = %self.endpoint, ?action, power_on = status.power_on, "no reply to Chassis Control; re-read power state");
+                    match target {
+                        Some(t) if status.power_on == t => return Ok(()),
+                        Some(_) => continue, // not done: sending it again is safe
+                        None => {
+                            return Err(IpmiError::PowerUnconfirmed {
+                                endpoint: self.endpoint,
+                                action,
+                                power_on: status.power_on,
+                            });
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let status = self.chassis_status().await?;
+        Err(IpmiError::PowerUnconfirmed {
+            endpoint: self.endpoint,
+            action,
+            power_on: status.power_on,
+        })
+    }
+
+    /// Set the boot device override. Also asks the BMC to keep the override
+    /// past the 60-second Chassis Control timeout (parameter 3); a BMC that
+    /// does not support that parameter is tolerated.
+    pub async fn set_boot_device(
+        &self,
+        device: BootDevice,
+        efi: bool,
+        persistent: bool,
+    ) -> Result<(), IpmiError> {
+        match self
+            .call(&SetSystemBootOptions::keep_valid_past_timeout())
+            .await
+        {
+            Ok(()) => {}
+            Err(IpmiError::Completion { code, .. }) => {
+                tracing::debug!(endpoint = %self.endpoint, code, "BMC does not take boot parameter 3");
+            }
+            Err(e) => return Err(e),
+        }
+        self.call(&SetSystemBootOptions::boot_flags(BootFlags {
+            valid: true,
+            persistent,
+            efi,
+            device,
+        }))
+        .await
+    }
+
+    /// Read the boot flags (parameter 5).
+    pub async fn get_boot_device(&self) -> Result<BootFlags, IpmiError> {
+        let data = self
+            .call(&GetSystemBootOptions {
+                param: commands::boot_param::BOOT_FLAGS,
+            })
+            .await?;
+        BootFlags::decode(&data).map_err(|source| IpmiError::Response {
+            endpoint: self.endpoint,
+            source,
+        })
+    }
+
+    /// Close the session (one attempt per retry; a lost reply is not an
+    /// error worth failing for) and stop the socket task.
+    pub async fn close(self) -> Result<(), IpmiError> {
+        let r = self
+            .call(&CloseSession {
+                bmc_session_id: self.bmc_session_id,
+            })
+            .await;
+        drop(self.tx);
+        r
+    }
+}
