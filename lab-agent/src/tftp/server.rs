@@ -20,6 +20,10 @@
 //!   exchange, and that wakes faster than a reactor round trip. The
 //!   `max_transfers` cap bounds the threads. Files are read in 1 MiB chunks
 //!   with positioned reads; DATA packets are built in one reused buffer.
+//! - A window's DATA packets go out in one `sendmsg` with UDP GSO
+//!   (`UDP_SEGMENT`, Linux), which the kernel splits into the datagrams;
+//!   where GSO is refused the transfer sends packet by packet. Lockstep
+//!   sends one packet, so it is unchanged.
 
 use super::packet::{DATA_HEADER_LEN, ErrorCode, Packet, Request, error_bytes, write_data_header};
 use super::session::{Limits, Sender, Step, negotiate};
@@ -456,9 +460,9 @@ fn run_transfer(
         oack.is_some(),
         shared.config.retries,
     );
-    let blksize = usize::from(negotiated.blksize);
-    let mut out = vec![0u8; DATA_HEADER_LEN + blksize];
+    let mut batch = Batch::new(usize::from(negotiated.blksize));
     let mut buf = vec![0u8; RECV_BUF];
+    let mut rcv_timeout = None;
     let mut step = sender.start();
     let mut deadline = Instant::now();
     loop {
@@ -481,25 +485,23 @@ fn run_transfer(
                         .retransmits
                         .fetch_add(last - first + 1, Ordering::Relaxed);
                 }
-                for n in first..=last {
-                    let (off, blen) = sender.block_range(n);
-                    let data = match body.slice(off, blen) {
-                        Ok(d) => d,
+                let mut n = first;
+                while n <= last {
+                    let upto = last.min(n + batch.max_blocks as u64 - 1);
+                    let payload = match batch.fill(&sender, &mut body, n, upto) {
+                        Ok(p) => p,
                         Err(e) => {
                             warn!(error = %e, "cannot read file");
                             send_error(socket, ErrorCode::NotDefined, "cannot read file");
                             return Outcome::Failed("read failed");
                         }
                     };
-                    let mut header = [0u8; DATA_HEADER_LEN];
-                    write_data_header(&mut header, Sender::wire_block(n));
-                    out[..DATA_HEADER_LEN].copy_from_slice(&header);
-                    out[DATA_HEADER_LEN..DATA_HEADER_LEN + blen].copy_from_slice(data);
-                    if let Err(e) = socket.send(&out[..DATA_HEADER_LEN + blen]) {
+                    if let Err(e) = batch.send(socket) {
                         debug!(error = %e, "send failed");
                         return Outcome::Failed("send failed");
                     }
-                    stats.bytes_sent.fetch_add(blen as u64, Ordering::Relaxed);
+                    stats.bytes_sent.fetch_add(payload, Ordering::Relaxed);
+                    n = upto + 1;
                 }
                 deadline = Instant::now() + negotiated.timeout;
             }
@@ -510,7 +512,7 @@ fn run_transfer(
                 return Outcome::Failed("timed out");
             }
         }
-        step = match recv_until(socket, &mut buf, deadline) {
+        step = match recv_until(socket, &mut buf, deadline, &mut rcv_timeout) {
             Recv::Timeout => sender.on_timeout(),
             Recv::Failed(e) => {
                 debug!(error = %e, "receive failed");
@@ -541,15 +543,30 @@ enum Recv {
     Failed(std::io::Error),
 }
 
-/// One datagram, or `Timeout` once `deadline` has passed.
-fn recv_until(socket: &std::net::UdpSocket, buf: &mut [u8], deadline: Instant) -> Recv {
+/// How far the socket's receive timeout may be off the time left before it
+/// is set again: a retransmit a few milliseconds late does not matter, and
+/// skipping the `setsockopt` saves a syscall per ACK in lockstep.
+const RCV_TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// One datagram, or `Timeout` once `deadline` has passed. `current` is the
+/// receive timeout last set on `socket`.
+fn recv_until(
+    socket: &std::net::UdpSocket,
+    buf: &mut [u8],
+    deadline: Instant,
+    current: &mut Option<Duration>,
+) -> Recv {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Recv::Timeout;
         }
-        if let Err(e) = socket.set_read_timeout(Some(left)) {
-            return Recv::Failed(e);
+        // A timeout that fires early only makes this loop go round again.
+        if !current.is_some_and(|c| c.abs_diff(left) <= RCV_TIMEOUT_SLACK) {
+            if let Err(e) = socket.set_read_timeout(Some(left)) {
+                return Recv::Failed(e);
+            }
+            *current = Some(left);
         }
         match socket.recv(buf) {
             Ok(n) => return Recv::Got(n),
@@ -562,5 +579,181 @@ fn recv_until(socket: &std::net::UdpSocket, buf: &mut [u8], deadline: Instant) -
                 ) => {}
             Err(e) => return Recv::Failed(e),
         }
+    }
+}
+
+/// Most DATA packets one GSO send carries (older kernels allow 64 segments).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes one GSO send carries: below the 64 KiB limit of one UDP
+/// datagram, with room for IP and UDP headers.
+const GSO_MAX_BYTES: usize = 65000;
+
+/// Consecutive DATA packets laid out back to back, header and payload each,
+/// in one buffer reused across windows. Every packet but the last of the
+/// file is `DATA_HEADER_LEN + blksize` long, so the buffer is exactly what
+/// UDP GSO (`UDP_SEGMENT`) splits into the datagrams: a window goes out with
+/// one `sendmsg`. Where GSO is refused (old kernel, no checksum offload on
+/// the route, a segment above the path MTU), the transfer falls back to one
+/// `send` per packet for good.
+struct Batch {
+    /// Length of a full DATA packet.
+    seg: usize,
+    /// Most packets one send carries.
+    max_blocks: usize,
+    buf: Vec<u8>,
+    gso: bool,
+}
+
+impl Batch {
+    fn new(blksize: usize) -> Self {
+        let seg = DATA_HEADER_LEN + blksize;
+        let max_blocks = (GSO_MAX_BYTES / seg).clamp(1, GSO_MAX_SEGMENTS);
+        Self {
+            seg,
+            max_blocks,
+            buf: Vec::with_capacity(seg * max_blocks),
+            gso: cfg!(target_os = "linux") && max_blocks > 1,
+        }
+    }
+
+    /// Lay out blocks `first..=last` (at most `max_blocks`); returns their
+    /// payload bytes.
+    fn fill(
+        &mut self,
+        sender: &Sender,
+        body: &mut Body,
+        first: u64,
+        last: u64,
+    ) -> std::io::Result<u64> {
+        self.buf.clear();
+        let mut payload = 0;
+        for n in first..=last {
+            let (off, blen) = sender.block_range(n);
+            let data = body.slice(off, blen)?;
+            let mut header = [0u8; DATA_HEADER_LEN];
+            write_data_header(&mut header, Sender::wire_block(n));
+            self.buf.extend_from_slice(&header);
+            self.buf.extend_from_slice(data);
+            payload += blen as u64;
+        }
+        Ok(payload)
+    }
+
+    /// Send the packets laid out by [`Batch::fill`].
+    fn send(&mut self, socket: &std::net::UdpSocket) -> std::io::Result<()> {
+        if self.buf.len() <= self.seg {
+            return socket.send(&self.buf).map(drop);
+        }
+        if self.gso {
+            if send_gso(socket, &self.buf, self.seg)? {
+                return Ok(());
+            }
+            self.gso = false;
+        }
+        for packet in self.buf.chunks(self.seg) {
+            socket.send(packet)?;
+        }
+        Ok(())
+    }
+}
+
+/// `buf` as datagrams of `seg` bytes (the last may be shorter), in one
+/// `sendmsg` with a `UDP_SEGMENT` control message. `Ok(false)`: GSO was
+/// refused for GSO's own reasons and nothing was sent.
+#[cfg(target_os = "linux")]
+fn send_gso(socket: &std::net::UdpSocket, buf: &[u8], seg: usize) -> std::io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let Ok(gso_size) = u16::try_from(seg) else {
+        return Ok(false);
+    };
+    let iov = [std::io::IoSlice::new(buf)];
+    let cmsg = [ControlMessage::UdpGsoSegments(&gso_size)];
+    loop {
+        let sent =
+            sendmsg::<SockaddrStorage>(socket.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None);
+        match sent {
+            Ok(_) => return Ok(true),
+            Err(Errno::EINTR) => {}
+            // Old kernels, routes without checksum offload, segments above
+            // the path MTU, too many segments.
+            Err(
+                e @ (Errno::EINVAL
+                | Errno::EIO
+                | Errno::EMSGSIZE
+                | Errno::ENOPROTOOPT
+                | Errno::EOPNOTSUPP),
+            ) => {
+                debug!(error = %e, "UDP GSO refused, sending packet by packet");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_gso(_: &std::net::UdpSocket, _: &[u8], _: usize) -> std::io::Result<bool> {
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (std::net::UdpSocket, std::net::UdpSocket) {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (a, b)
+    }
+
+    /// The datagrams `batch` puts on the wire, as received.
+    fn sent(batch: &mut Batch, count: usize) -> Vec<Vec<u8>> {
+        let (tx, rx) = pair();
+        batch.send(&tx).unwrap();
+        let mut buf = vec![0u8; 65536];
+        (0..count)
+            .map(|_| {
+                let n = rx.recv(&mut buf).unwrap();
+                buf[..n].to_vec()
+            })
+            .collect()
+    }
+
+    fn packets(sizes: &[usize]) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_window_goes_out_as_separate_datagrams() {
+        // Full packets and a short last one, down to a bare header.
+        for sizes in [&[516, 516, 516][..], &[516, 516, 100], &[516, 4], &[200]] {
+            let mut batch = Batch::new(512);
+            let want = packets(sizes);
+            batch.buf = want.concat();
+            assert_eq!(sent(&mut batch, want.len()), want, "{sizes:?}");
+            assert_eq!(batch.gso, cfg!(target_os = "linux"));
+        }
+    }
+
+    #[test]
+    fn refused_gso_falls_back_to_one_send_per_packet() {
+        // More segments than the kernel takes in one send (64 or 128).
+        let mut batch = Batch::new(8 - DATA_HEADER_LEN);
+        batch.max_blocks = 140;
+        let mut sizes = vec![8; 139];
+        sizes.push(5);
+        let want = packets(&sizes);
+        batch.buf = want.concat();
+        assert_eq!(sent(&mut batch, 140), want);
+        assert!(!batch.gso, "GSO stays off for the rest of the transfer");
+        assert_eq!(sent(&mut batch, 140), want);
     }
 }
