@@ -7,6 +7,8 @@
 //! - [`tftp`]: read-only TFTP (RFC 1350 + blksize/tsize/timeout/windowsize),
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
+//! - [`ipmi`]: our async IPMI 2.0 (RMCP+) client: power and boot device.
+//! - [`console`]: always-on console capture: log, fan-out, sources.
 //! - [`ra`]: IPv6 router advertisements so iPXE does not wait for one.
 //! - [`config`]: `agent.toml`, raw and validated.
 //! - [`sync`]: follows lab-server: the rack's hosts and their lease profiles.
