@@ -8,6 +8,7 @@
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
 //! - [`ipmi`]: our async IPMI 2.0 (RMCP+) client: power and boot device.
+//! - [`power`]: the `PowerControl` trait over IPMI, and a simulator for faults.
 //! - [`console`]: always-on console capture: log, fan-out, sources.
 //! - [`ra`]: IPv6 router advertisements so iPXE does not wait for one.
 //! - [`config`]: `agent.toml`, raw and validated.
@@ -23,6 +24,7 @@ pub mod dhcp;
 pub mod hosts;
 pub mod http;
 pub mod ipmi;
+pub mod power;
 pub mod ra;
 pub mod sync;
 pub mod tftp;

@@ -288,3 +288,39 @@ async fn boot_device_round_trips_with_ipmitool() {
     );
     client.close().await.expect("close");
 }
+
+/// The `PowerControl` implementation over IPMI drives the same real peer,
+/// and a BMC that is gone is reported unreachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn power_control_trait_over_ipmi() {
+    use lab_agent::power::{IpmiPower, PowerControl, PowerError};
+    let sim = Sim::start();
+    let bmc = IpmiPower::new(
+        sim.endpoint(),
+        USER.into(),
+        Secret::from_bytes(PASSWORD.as_bytes()),
+        ConnectOptions::default(),
+    );
+    bmc.set_boot_device(lab_agent::ipmi::BootDevice::Pxe, false, false)
+        .await
+        .expect("bootdev");
+    bmc.set_power(PowerAction::On).await.expect("on");
+    wait_reference_power(&sim, true);
+    assert!(bmc.is_on().await.expect("status"));
+    bmc.set_power(PowerAction::Off).await.expect("off");
+    wait_reference_power(&sim, false);
+    let endpoint = sim.endpoint();
+    drop(sim);
+    let gone = IpmiPower::new(
+        endpoint,
+        USER.into(),
+        Secret::from_bytes(PASSWORD.as_bytes()),
+        ConnectOptions::default(),
+    );
+    let e = gone.is_on().await.unwrap_err();
+    assert!(
+        matches!(e, PowerError::Unreachable { .. }),
+        "{}",
+        lab_agent::error_chain(&e)
+    );
+}
