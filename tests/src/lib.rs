@@ -79,6 +79,31 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// Acquire with `no_wait`: the granted lease, or the status that refused it.
+    pub async fn grant_now(
+        &mut self,
+        req: lab_proto::v1::LeaseRequest,
+    ) -> Result<lab_proto::v1::Lease, tonic::Status> {
+        use lab_proto::v1::{AcquireRequest, AcquireUpdate, acquire_update::Update};
+        let mut s = self
+            .leases
+            .acquire(AcquireRequest {
+                request: Some(req),
+                no_wait: true,
+            })
+            .await?
+            .into_inner();
+        loop {
+            match s.message().await? {
+                Some(AcquireUpdate {
+                    update: Some(Update::Granted(l)),
+                }) => return Ok(l),
+                Some(_) => continue,
+                None => return Err(tonic::Status::internal("stream ended without a grant")),
+            }
+        }
+    }
+
     pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<Clients> {
         let channel = Channel::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(5))

@@ -87,21 +87,7 @@ async fn a_xen_lease_changes_what_the_agent_serves() {
         profile: "xen".into(),
         ..Default::default()
     };
-    let mut s = c
-        .leases
-        .acquire(pb::AcquireRequest {
-            request: Some(req),
-            no_wait: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::AcquireUpdate {
-        update: Some(pb::acquire_update::Update::Granted(lease)),
-    }) = s.message().await.unwrap()
-    else {
-        panic!("no grant")
-    };
+    let lease = c.grant_now(req).await.unwrap();
     eventually("h00's script boots Xen", Duration::from_secs(15), || {
         curl(&script).1.contains("xen")
     })

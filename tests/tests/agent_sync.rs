@@ -41,21 +41,7 @@ async fn the_agent_boots_each_host_with_its_lease_profile() {
         profile: "xen".into(),
         ..Default::default()
     };
-    let mut s = c
-        .leases
-        .acquire(pb::AcquireRequest {
-            request: Some(req),
-            no_wait: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::AcquireUpdate {
-        update: Some(pb::acquire_update::Update::Granted(lease)),
-    }) = s.message().await.unwrap()
-    else {
-        panic!("no grant")
-    };
+    let lease = c.grant_now(req).await.unwrap();
     let mac: Mac = "52:54:00:00:00:02".parse().unwrap();
     eventually("h02 boots xen", Duration::from_secs(10), || {
         table

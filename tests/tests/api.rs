@@ -43,26 +43,6 @@ fn start(dir: &Path, inventory: &str) -> anyhow::Result<ServerProcess> {
     )
 }
 
-async fn grant(c: &mut Clients, req: pb::LeaseRequest) -> Result<pb::Lease, tonic::Status> {
-    let mut s = c
-        .leases
-        .acquire(pb::AcquireRequest {
-            request: Some(req),
-            no_wait: true,
-        })
-        .await?
-        .into_inner();
-    loop {
-        match s.message().await? {
-            Some(pb::AcquireUpdate {
-                update: Some(pb::acquire_update::Update::Granted(l)),
-            }) => return Ok(l),
-            Some(_) => continue,
-            None => panic!("stream ended without grant"),
-        }
-    }
-}
-
 fn one(host: &str) -> pb::LeaseRequest {
     pb::LeaseRequest {
         hosts: vec![host.into()],
@@ -111,7 +91,7 @@ async fn tokens_roles_and_holders_are_enforced() {
         ("ci-one", pb::Role::Ci as i32)
     );
 
-    let lease = grant(&mut ci1, one("h01")).await.unwrap();
+    let lease = ci1.grant_now(one("h01")).await.unwrap();
     assert_eq!(lease.holder, "ci-one");
 
     // Another CI principal may not renew or release it.
@@ -164,7 +144,7 @@ async fn tokens_roles_and_holders_are_enforced() {
         .unwrap()
         .into_inner();
     assert_eq!(h.state, pb::HostState::Maintenance as i32);
-    let s = grant(&mut dev, one("h02")).await.unwrap_err();
+    let s = dev.grant_now(one("h02")).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     let h = op
         .admin
@@ -330,15 +310,13 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     // Never satisfiable by this inventory.
-    let s = grant(
-        &mut c,
-        pb::LeaseRequest {
+    let s = c
+        .grant_now(pb::LeaseRequest {
             count: 5,
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
 }
 
@@ -415,7 +393,7 @@ async fn reloads_keep_the_last_good_inventory_on_error() {
     assert_eq!((r.hosts, r.added, r.removed), (3, 1, 0));
 
     // Remove a leased host: it is retired, then removed when its lease ends.
-    let lease = grant(&mut op, one("h02")).await.unwrap();
+    let lease = op.grant_now(one("h02")).await.unwrap();
     std::fs::write(&inv, inventory_toml(2)).unwrap();
     // And by SIGHUP this time.
     let pid = server.child.id().to_string();
