@@ -143,12 +143,16 @@
 
 pub mod hub;
 pub mod log;
+pub mod serial;
+pub mod sol;
 pub mod source;
 
 pub use hub::{
     Chunk, Hub, HubConfig, InputRx, SourceInput, Viewer, ViewerEvent, WriteError, Writer,
 };
 pub use log::{ConsoleHost, ConsoleLog, LogError, LogLimits, Record, RecordKind};
+pub use serial::SerialSource;
+pub use sol::SolSource;
 pub use source::{
     Capture, CaptureConfig, CaptureJoinError, ConsoleSource, GapEvent, KeyStep, SourceError,
     TcpSource, XenDebugKeys, send_break, send_keys, xen_debug_sequence,

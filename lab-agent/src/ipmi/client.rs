@@ -6,6 +6,7 @@
 //! back over a `oneshot`. Requests to one BMC are serialized and spaced.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -20,8 +21,12 @@ use super::commands::{
 };
 use super::crypto::{self, CipherSuite, RakpParams, SessionKeys};
 use super::packet::{
-    IpmiRequest, IpmiResponse, OpenSessionRequest, OpenSessionResponse, PacketError, PayloadType,
-    Privilege, Rakp1, Rakp2, Rakp3, Rakp4, decode_packet, encode_packet,
+    IpmiRequest, IpmiResponse, OpenSessionRequest, OpenSessionResponse, Packet, PacketError,
+    PayloadType, Privilege, Rakp1, Rakp2, Rakp3, Rakp4, decode_packet, encode_packet,
+};
+use super::sol::{
+    DeactivatePayload, GetPayloadInstanceInfo, SolBuffers, SolFailure, SolOptions, SolPacket,
+    SolShared, SolState,
 };
 
 /// A password (or other secret) that is zeroized when dropped and never
@@ -187,6 +192,14 @@ enum Kind {
     },
 }
 
+impl Kind {
+    fn what(&self) -> &'static str {
+        match self {
+            Kind::Setup { what, .. } | Kind::Ipmi { what, .. } => what,
+        }
+    }
+}
+
 enum Reply {
     Setup(Vec<u8>),
     Ipmi(IpmiResponse),
@@ -204,6 +217,44 @@ enum Job {
         console_session_id: u32,
         bmc_session_id: u32,
     },
+    /// Route SOL packets to `shared` from now on.
+    SolAttach {
+        shared: Arc<SolShared>,
+        options: SolOptions,
+        done: oneshot::Sender<()>,
+    },
+    /// Stop routing SOL packets (before Deactivate Payload).
+    SolDetach { done: oneshot::Sender<()> },
+}
+
+/// Who waits for an exchange.
+enum Waiter {
+    Caller(oneshot::Sender<Result<Reply, IpmiError>>),
+    /// The SOL session keepalive: a failure ends the SOL stream.
+    Keepalive,
+}
+
+/// The IPMI exchange in progress (one at a time).
+struct Pending {
+    kind: Kind,
+    rq_seq: u8,
+    attempts: u32,
+    sent: u32,
+    first_timeout: Duration,
+    /// The next transmission is due then (`None`: waiting for the reply).
+    send_at: Option<Instant>,
+    /// The reply to the last transmission is due by then.
+    deadline: Instant,
+    waiter: Waiter,
+}
+
+/// SOL routed through this session.
+struct SolLink {
+    shared: Arc<SolShared>,
+    state: SolState,
+    keepalive: Duration,
+    keepalive_attempts: u32,
+    keepalive_timeout: Duration,
 }
 
 /// The socket-owning task's state.
@@ -216,7 +267,15 @@ struct Actor {
     seq: u32,
     rq_seq: u8,
     min_gap: Duration,
+    /// Last IPMI request sent (for `min_gap`).
     last_send: Option<Instant>,
+    /// Last packet of any kind sent (for the SOL keepalive).
+    last_any: Instant,
+    pending: Option<Pending>,
+    sol: Option<SolLink>,
+    /// A SOL stream owns this session (attached and not detached by
+    /// `close`): when its handle goes, the session is closed from here.
+    sol_owned: bool,
 }
 
 fn random<const N: usize>() -> Result<[u8; N], IpmiError> {
@@ -225,31 +284,387 @@ fn random<const N: usize>() -> Result<[u8; N], IpmiError> {
     Ok(b)
 }
 
+enum Event {
+    Job(Option<Job>),
+    Recv(std::io::Result<usize>),
+    Timer,
+    SolWake,
+}
+
 impl Actor {
+    /// The event loop: jobs (one exchange at a time), inbound packets
+    /// (replies and SOL), timers (retransmits, SOL resends, keepalive) and
+    /// the SOL stream's wake-ups.
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.recv().await {
-            match job {
-                Job::Activate {
-                    keys,
-                    console_session_id,
-                    bmc_session_id,
-                } => {
-                    self.keys = Some(keys);
-                    self.console_session_id = console_session_id;
-                    self.bmc_session_id = bmc_session_id;
-                    self.seq = 0;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let wake = self.next_wake();
+            let sol = self.sol.as_ref().map(|l| l.shared.clone());
+            let event = tokio::select! {
+                job = rx.recv(), if self.pending.is_none() => Event::Job(job),
+                r = self.socket.recv(&mut buf) => Event::Recv(r),
+                _ = sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if wake.is_some() => Event::Timer,
+                _ = async { sol.as_ref().expect("guarded").notify.notified().await }, if sol.is_some() => Event::SolWake,
+            };
+            match event {
+                Event::Job(None) => break,
+                Event::Job(Some(job)) => self.job(job),
+                Event::Recv(Ok(n)) => self.inbound(&buf[..n]),
+                // ICMP errors from earlier sends surface here; keep waiting.
+                Event::Recv(Err(e)) => {
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, "recv");
+                    sleep(Duration::from_millis(10)).await;
                 }
-                Job::Send {
-                    kind,
+                Event::Timer | Event::SolWake => {}
+            }
+            self.drive().await;
+        }
+        self.farewell().await;
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(p) = &self.pending {
+            at(p.send_at.unwrap_or(p.deadline));
+        }
+        if let Some(l) = &self.sol {
+            if let Some(d) = l.state.next_deadline() {
+                at(d);
+            }
+            if self.pending.is_none() {
+                at(self.last_any + l.keepalive);
+            }
+        }
+        t
+    }
+
+    fn job(&mut self, job: Job) {
+        match job {
+            Job::Activate {
+                keys,
+                console_session_id,
+                bmc_session_id,
+            } => {
+                self.keys = Some(keys);
+                self.console_session_id = console_session_id;
+                self.bmc_session_id = bmc_session_id;
+                self.seq = 0;
+            }
+            Job::Send {
+                kind,
+                attempts,
+                first_timeout,
+                reply,
+            } => self.start(kind, attempts, first_timeout, Waiter::Caller(reply)),
+            Job::SolAttach {
+                shared,
+                options,
+                done,
+            } => {
+                self.sol = Some(SolLink {
+                    shared,
+                    keepalive: options.keepalive,
+                    keepalive_attempts: options.retries + 1,
+                    keepalive_timeout: options.retry_timeout,
+                    state: SolState::new(options),
+                });
+                self.sol_owned = true;
+                let _ = done.send(());
+            }
+            Job::SolDetach { done } => {
+                self.sol = None;
+                self.sol_owned = false;
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn start(&mut self, kind: Kind, attempts: u32, first_timeout: Duration, waiter: Waiter) {
+        self.rq_seq = (self.rq_seq + 1) & 0x3F;
+        let now = Instant::now();
+        self.pending = Some(Pending {
+            kind,
+            rq_seq: self.rq_seq,
+            attempts: attempts.max(1),
+            sent: 0,
+            first_timeout,
+            send_at: Some(self.last_send.map_or(now, |l| (l + self.min_gap).max(now))),
+            deadline: now,
+            waiter,
+        });
+    }
+
+    fn finish(&mut self, result: Result<Reply, IpmiError>) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        match p.waiter {
+            Waiter::Caller(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Keepalive => match result {
+                Ok(Reply::Ipmi(r)) if r.completion == 0 => {
+                    let holder = GetPayloadInstanceInfo.parse_response(&r.data).ok();
+                    if let Some(holder) = holder
+                        && holder != self.bmc_session_id
+                        && holder != self.console_session_id
+                    {
+                        tracing::warn!(endpoint = %self.endpoint, holder, "SOL taken over");
+                        self.end_sol(Some(SolFailure::TakenOver { holder }));
+                    }
+                }
+                // Any answer means the session is alive.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "SOL keepalive failed");
+                    self.end_sol(Some(SolFailure::Keepalive));
+                }
+            },
+        }
+    }
+
+    fn end_sol(&mut self, failure: Option<SolFailure>) {
+        if let Some(l) = self.sol.take() {
+            l.shared.buf.lock().expect("SOL buffers").finish(failure);
+        }
+    }
+
+    /// Decode once and dispatch: SOL to the link, IPMI to the pending
+    /// exchange; anything else is dropped.
+    fn inbound(&mut self, bytes: &[u8]) {
+        let pkt = match decode_packet(bytes, self.keys.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(endpoint = %self.endpoint, error = %e, "dropping undecodable packet");
+                return;
+            }
+        };
+        if pkt.payload_type == PayloadType::Sol {
+            self.inbound_sol(&pkt);
+            return;
+        }
+        let Some(p) = &self.pending else {
+            return;
+        };
+        if let Some(r) = self.match_packet(&p.kind, p.rq_seq, pkt) {
+            self.finish(Ok(r));
+        }
+    }
+
+    fn inbound_sol(&mut self, pkt: &Packet) {
+        let Some(link) = &mut self.sol else {
+            return;
+        };
+        if self.keys.is_none() || pkt.session_id != self.console_session_id || !pkt.authenticated {
+            return;
+        }
+        let Ok(sol) = SolPacket::decode(&pkt.payload) else {
+            return;
+        };
+        let mut b = link.shared.buf.lock().expect("SOL buffers");
+        let room = b.rx_cap.saturating_sub(b.rx.len());
+        let got = link.state.receive(&sol, room, Instant::now());
+        if !got.data.is_empty() {
+            b.rx.extend(&got.data);
+        }
+        b.busy = link.state.busy();
+        b.wake_all();
+        drop(b);
+        if got.break_detected || got.trouble {
+            tracing::debug!(endpoint = %self.endpoint, status = sol.flags, "SOL status");
+        }
+        if got.deactivating {
+            tracing::info!(endpoint = %self.endpoint, "BMC deactivates SOL");
+            self.end_sol(None);
+        }
+    }
+
+    /// Send whatever is due: the pending exchange's (re)transmission or its
+    /// timeout, SOL acks, data, resends, the keepalive.
+    async fn drive(&mut self) {
+        let now = Instant::now();
+        if let Some(p) = &mut self.pending
+            && p.send_at.is_none()
+            && now >= p.deadline
+        {
+            if p.sent < p.attempts {
+                let gap = self.last_send.map_or(now, |l| (l + self.min_gap).max(now));
+                p.send_at = Some(gap);
+            } else {
+                let what = p.kind.what();
+                let attempts = p.attempts;
+                self.finish(Err(IpmiError::Timeout {
+                    endpoint: self.endpoint,
+                    what,
                     attempts,
-                    first_timeout,
-                    reply,
-                } => {
-                    let r = self.exchange(&kind, attempts, first_timeout).await;
-                    let _ = reply.send(r);
+                }));
+            }
+        }
+        if let Some(p) = &self.pending
+            && p.send_at.is_some_and(|t| now >= t)
+        {
+            self.transmit_pending().await;
+        }
+        self.drive_sol().await;
+        if self.pending.is_none()
+            && let Some(l) = &self.sol
+            && now >= self.last_any + l.keepalive
+        {
+            let kind = Kind::Ipmi {
+                what: GetPayloadInstanceInfo::NAME,
+                netfn: GetPayloadInstanceInfo::NETFN,
+                cmd: GetPayloadInstanceInfo::CMD,
+                data: GetPayloadInstanceInfo.request_data(),
+            };
+            let (attempts, timeout) = (l.keepalive_attempts, l.keepalive_timeout);
+            self.start(kind, attempts, timeout, Waiter::Keepalive);
+            self.transmit_pending().await;
+        }
+    }
+
+    async fn transmit_pending(&mut self) {
+        let Some(p) = &self.pending else {
+            return;
+        };
+        let rq_seq = p.rq_seq;
+        let packet = match self.build_pending(rq_seq) {
+            Ok(b) => b,
+            Err(e) => return self.finish(Err(e)),
+        };
+        let now = Instant::now();
+        let p = self.pending.as_mut().expect("pending");
+        if p.sent > 0 {
+            tracing::debug!(endpoint = %self.endpoint, what = p.kind.what(), attempt = p.sent, "retransmitting");
+        }
+        p.deadline = now + p.first_timeout * (1u32 << p.sent.min(2));
+        p.sent += 1;
+        p.send_at = None;
+        self.last_send = Some(now);
+        self.last_any = now;
+        if let Err(source) = self.socket.send(&packet).await {
+            self.finish(Err(IpmiError::Io {
+                endpoint: self.endpoint,
+                source,
+            }));
+        }
+    }
+
+    fn build_pending(&mut self, rq_seq: u8) -> Result<Vec<u8>, IpmiError> {
+        let p = self.pending.take().expect("pending");
+        let r = self.build(&p.kind, rq_seq);
+        self.pending = Some(p);
+        r
+    }
+
+    async fn drive_sol(&mut self) {
+        loop {
+            let Some(link) = &mut self.sol else {
+                return;
+            };
+            let r = {
+                let mut b = link.shared.buf.lock().expect("SOL buffers");
+                let before = b.tx.len();
+                let max_chunk = b.max_chunk;
+                let SolBuffers { tx, brk, .. } = &mut *b;
+                let r = link.state.poll_transmit(Instant::now(), tx, brk, max_chunk);
+                b.busy = link.state.busy();
+                if (b.tx.len() != before || !b.busy)
+                    && let Some(w) = b.tx_waker.take()
+                {
+                    w.wake();
+                }
+                r
+            };
+            match r {
+                Ok(Some(pkt)) => {
+                    if let Err(e) = self.send_sol(&pkt).await {
+                        tracing::debug!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "SOL send");
+                    }
+                }
+                Ok(None) => return,
+                Err(f) => {
+                    tracing::warn!(endpoint = %self.endpoint, error = %f, "SOL failed");
+                    self.end_sol(Some(f));
+                    return;
                 }
             }
         }
+    }
+
+    async fn send_sol(&mut self, pkt: &SolPacket) -> Result<(), IpmiError> {
+        let iv = random::<16>()?;
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let bytes = encode_packet(
+            PayloadType::Sol,
+            self.bmc_session_id,
+            self.seq,
+            &pkt.encode(),
+            self.keys.as_ref(),
+            iv,
+        )
+        .map_err(|source| IpmiError::Encode {
+            what: "SOL packet",
+            source,
+        })?;
+        self.last_any = Instant::now();
+        self.socket
+            .send(&bytes)
+            .await
+            .map_err(|source| IpmiError::Io {
+                endpoint: self.endpoint,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// The session's handle is gone. If a SOL stream owned it (dropped
+    /// without `close`): deactivate SOL if it is still routed here and no
+    /// other session holds it, and close the session, one attempt each.
+    async fn farewell(&mut self) {
+        if !self.sol_owned || self.keys.is_none() {
+            return;
+        }
+        let routed = self.sol.is_some();
+        self.end_sol(None);
+        let timeout = Duration::from_millis(500);
+        let deactivate = Kind::Ipmi {
+            what: DeactivatePayload::NAME,
+            netfn: DeactivatePayload::NETFN,
+            cmd: DeactivatePayload::CMD,
+            data: DeactivatePayload.request_data(),
+        };
+        let info = Kind::Ipmi {
+            what: GetPayloadInstanceInfo::NAME,
+            netfn: GetPayloadInstanceInfo::NETFN,
+            cmd: GetPayloadInstanceInfo::CMD,
+            data: GetPayloadInstanceInfo.request_data(),
+        };
+        // Never deactivate a SOL that another session has taken over (or
+        // one that has already ended here).
+        let ours = routed
+            && match self.exchange(&info, 1, timeout).await {
+                Ok(Reply::Ipmi(r)) if r.completion == 0 => GetPayloadInstanceInfo
+                    .parse_response(&r.data)
+                    .map_or(true, |h| {
+                        h == self.bmc_session_id || h == self.console_session_id
+                    }),
+                _ => true,
+            };
+        if ours {
+            let _ = self.exchange(&deactivate, 1, timeout).await;
+        }
+        let close = Kind::Ipmi {
+            what: CloseSession::NAME,
+            netfn: CloseSession::NETFN,
+            cmd: CloseSession::CMD,
+            data: CloseSession {
+                bmc_session_id: self.bmc_session_id,
+            }
+            .request_data(),
+        };
+        let _ = self.exchange(&close, 1, timeout).await;
+        tracing::debug!(endpoint = %self.endpoint, "SOL stream dropped: payload deactivated, session closed");
     }
 
     fn build(&mut self, kind: &Kind, rq_seq: u8) -> Result<Vec<u8>, IpmiError> {
@@ -288,13 +703,16 @@ impl Actor {
     }
 
     fn matches(&self, kind: &Kind, rq_seq: u8, bytes: &[u8]) -> Option<Reply> {
-        let pkt = match decode_packet(bytes, self.keys.as_ref()) {
-            Ok(p) => p,
+        match decode_packet(bytes, self.keys.as_ref()) {
+            Ok(p) => self.match_packet(kind, rq_seq, p),
             Err(e) => {
                 tracing::debug!(endpoint = %self.endpoint, error = %e, "dropping undecodable packet");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    fn match_packet(&self, kind: &Kind, rq_seq: u8, pkt: Packet) -> Option<Reply> {
         match kind {
             Kind::Setup { expect, tag, .. } => (pkt.payload_type == *expect
                 && pkt.payload.first() == Some(tag))
@@ -376,6 +794,7 @@ pub struct IpmiClient {
     options: ConnectOptions,
     suite: CipherSuite,
     bmc_session_id: u32,
+    console_session_id: u32,
 }
 
 impl IpmiClient {
@@ -409,6 +828,10 @@ impl IpmiClient {
             rq_seq: 0,
             min_gap: options.min_gap,
             last_send: None,
+            last_any: Instant::now(),
+            pending: None,
+            sol: None,
+            sol_owned: false,
         };
         tokio::spawn(actor.run(rx));
         let mut client = IpmiClient {
@@ -417,6 +840,7 @@ impl IpmiClient {
             options,
             suite: CipherSuite::Suite3,
             bmc_session_id: 0,
+            console_session_id: 0,
         };
         let candidates = client.choose_suites().await?;
         let mut last_status = 0;
@@ -453,9 +877,59 @@ impl IpmiClient {
         self.suite
     }
 
+    /// The BMC.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    /// Whether a session id reported by the BMC (e.g. the holder of a
+    /// payload) is this session's.
+    pub(crate) fn is_this_session(&self, id: u32) -> bool {
+        id == self.bmc_session_id || id == self.console_session_id
+    }
+
+    /// Route this session's SOL packets to `shared` (see [`super::sol`]).
+    pub(crate) async fn attach_sol(
+        &self,
+        shared: Arc<SolShared>,
+        options: SolOptions,
+    ) -> Result<(), IpmiError> {
+        let (done, rx) = oneshot::channel();
+        let closed = || IpmiError::Closed {
+            endpoint: self.endpoint,
+        };
+        self.tx
+            .send(Job::SolAttach {
+                shared,
+                options,
+                done,
+            })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    }
+
+    /// Stop routing SOL packets.
+    pub(crate) async fn detach_sol(&self) -> Result<(), IpmiError> {
+        let (done, rx) = oneshot::channel();
+        let closed = || IpmiError::Closed {
+            endpoint: self.endpoint,
+        };
+        self.tx
+            .send(Job::SolDetach { done })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    }
+
     /// Ask for the channel's cipher suites; on no answer, fall back to the
     /// configured list.
     async fn choose_suites(&self) -> Result<Vec<CipherSuite>, IpmiError> {
+        // One configured suite: nothing to choose, no probe (a BMC that
+        // never answers the probe, like ipmi_sim, costs its timeout).
+        if self.options.cipher_suites.len() == 1 {
+            return Ok(self.options.cipher_suites.clone());
+        }
         let mut list = Vec::new();
         for index in 0..64u8 {
             let cmd = GetChannelCipherSuites { index };
@@ -642,6 +1116,7 @@ impl IpmiClient {
             .await
             .map_err(|_| IpmiError::Closed { endpoint })?;
         self.bmc_session_id = resp.bmc_session_id;
+        self.console_session_id = console_session_id;
         Ok(())
     }
 

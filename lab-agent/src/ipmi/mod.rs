@@ -11,6 +11,8 @@
 //!   Close Session, Get Chassis Status, Chassis Control, Get/Set System Boot
 //!   Options.
 //! - [`client`]: [`IpmiClient`], one task owning the UDP socket.
+//! - [`sol`]: Serial-over-LAN: the SOL packet and protocol machine (pure)
+//!   and [`SolStream`], the console as `AsyncRead + AsyncWrite`.
 //!
 //! Known BMC quirks handled here (OpenIPMI `ipmi_sim` 2.0.33): it does not
 //! answer Get Channel Cipher Suites outside a session (we fall back to the
@@ -22,8 +24,10 @@ pub mod client;
 pub mod commands;
 pub mod crypto;
 pub mod packet;
+pub mod sol;
 
 pub use client::{ConnectOptions, IpmiClient, IpmiError, Secret};
 pub use commands::{BootDevice, BootFlags, ChassisStatus, PowerAction};
 pub use crypto::CipherSuite;
 pub use packet::Privilege;
+pub use sol::{SolActivation, SolOptions, SolStream};
