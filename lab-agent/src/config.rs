@@ -2,10 +2,14 @@
 //! that refuse unknown fields, then the validated settings of each service.
 //! Errors carry file, line, column and reason.
 
+use crate::console::LogLimits;
 use crate::dhcp::{DhcpConfig, Mode};
+use crate::ipmi::CipherSuite;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,44 @@ struct Raw {
     tftp: Option<RawTftp>,
     http: Option<RawHttp>,
     assets: RawAssets,
+    /// Console logs and provisioning state (default `lab-agent-data` beside
+    /// this file).
+    data_dir: Option<PathBuf>,
+    /// How often each BMC is polled, to notice one going silent (or coming
+    /// back) while nobody uses it ("30s").
+    bmc_probe_interval: Option<toml::Spanned<String>>,
+    console: Option<RawConsole>,
+    ipmi: Option<RawIpmi>,
+    #[serde(default)]
+    profiles: std::collections::BTreeMap<String, toml::Spanned<RawProfile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIpmi {
+    /// Cipher suites in order of preference (17 and 3 are implemented).
+    cipher_suites: Option<toml::Spanned<Vec<u8>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    max_file_bytes: Option<u64>,
+    max_total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    /// Text on the console that means the host is up.
+    ready: Option<String>,
+    /// Texts that mean the boot failed.
+    #[serde(default)]
+    fail: Vec<String>,
+    /// How long the ready text may take ("300s").
+    timeout: Option<String>,
+    /// Xen debug keys sent at lease end ("hqr"); empty or absent: none.
+    xen_debug_keys: Option<String>,
 }
 
 fn default_profile() -> String {
@@ -114,7 +156,41 @@ pub struct AgentConfig {
     pub http: Option<(SocketAddr, String)>,
     pub assets_root: PathBuf,
     pub artifacts: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub bmc_probe_interval: Duration,
+    pub console_limits: LogLimits,
+    /// IPMI cipher suites in order of preference.
+    pub ipmi_cipher_suites: Vec<CipherSuite>,
+    /// Boot expectations per profile name.
+    pub profiles: BTreeMap<String, ProfileSettings>,
 }
+
+/// What the agent expects of a host booting a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileSettings {
+    /// Console text meaning the host is up; `None`: ready once powered on.
+    pub ready: Option<String>,
+    /// Console texts meaning the boot failed.
+    pub fail: Vec<String>,
+    /// How long `ready` may take after power-on.
+    pub timeout: Duration,
+    /// Xen debug keys to send at lease end (empty: none).
+    pub xen_debug_keys: Vec<u8>,
+}
+
+impl Default for ProfileSettings {
+    fn default() -> Self {
+        ProfileSettings {
+            ready: None,
+            fail: Vec::new(),
+            timeout: Duration::from_secs(300),
+            xen_debug_keys: Vec::new(),
+        }
+    }
+}
+
+/// Default BMC poll interval.
+pub const DEFAULT_BMC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -199,7 +275,74 @@ impl AgentConfig {
         let http = raw
             .http
             .map(|h| (h.listen, h.url.trim_end_matches('/').to_owned()));
+        let duration = |at: usize, v: &str, what: &str| {
+            humantime::parse_duration(v)
+                .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))
+        };
+        let bmc_probe_interval = match &raw.bmc_probe_interval {
+            None => DEFAULT_BMC_PROBE_INTERVAL,
+            Some(s) => duration(s.span().start, s.get_ref(), "bmc_probe_interval")?,
+        };
+        let mut console_limits = LogLimits::default();
+        if let Some(c) = &raw.console {
+            if let Some(v) = c.max_file_bytes {
+                console_limits.max_file_bytes = v;
+            }
+            if let Some(v) = c.max_total_bytes {
+                console_limits.max_total_bytes = v;
+            }
+        }
+        let console_limits = console_limits
+            .validate()
+            .map_err(|e| invalid(text.find("[console]").unwrap_or(0), e.to_string()))?;
+        let mut ipmi_cipher_suites = vec![CipherSuite::Suite17, CipherSuite::Suite3];
+        if let Some(list) = raw.ipmi.as_ref().and_then(|i| i.cipher_suites.as_ref()) {
+            let at = list.span().start;
+            ipmi_cipher_suites = list
+                .get_ref()
+                .iter()
+                .map(|n| match n {
+                    17 => Ok(CipherSuite::Suite17),
+                    3 => Ok(CipherSuite::Suite3),
+                    n => Err(invalid(
+                        at,
+                        format!("unsupported cipher suite {n} (17 and 3 are implemented)"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?;
+            if ipmi_cipher_suites.is_empty() {
+                return Err(invalid(at, "cipher_suites is empty".into()));
+            }
+        }
+        let mut profiles = BTreeMap::new();
+        for (name, p) in raw.profiles {
+            let at = p.span().start;
+            let p = p.into_inner();
+            let mut s = ProfileSettings {
+                ready: p.ready.filter(|r| !r.is_empty()),
+                fail: p.fail.into_iter().filter(|f| !f.is_empty()).collect(),
+                ..ProfileSettings::default()
+            };
+            if let Some(t) = &p.timeout {
+                s.timeout = duration(at, t, "timeout")?;
+            }
+            if let Some(k) = p.xen_debug_keys {
+                if !k.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        at,
+                        format!("invalid xen_debug_keys {k:?}: printable ASCII keys only"),
+                    ));
+                }
+                s.xen_debug_keys = k.into_bytes();
+            }
+            profiles.insert(name, s);
+        }
         Ok(AgentConfig {
+            data_dir: base.join(raw.data_dir.unwrap_or_else(|| "lab-agent-data".into())),
+            bmc_probe_interval,
+            console_limits,
+            ipmi_cipher_suites,
+            profiles,
             rack: raw.rack,
             server: raw.server,
             token_file: raw.token_file.map(|p| base.join(p)),

@@ -12,7 +12,10 @@
 //! - [`console`]: always-on console capture: log, fan-out, sources.
 //! - [`ra`]: IPv6 router advertisements so iPXE does not wait for one.
 //! - [`config`]: `agent.toml`, raw and validated.
-//! - [`sync`]: follows lab-server: the rack's hosts and their lease profiles.
+//! - [`link`]: the one Attach stream to lab-server: desired state down,
+//!   reports and command answers up.
+//! - [`rack`]: the rack model: boot entries, BMCs, console captures,
+//!   provisioning and reclaim of each lease.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
 //!   scripts from `pxe-assets/` templates.
 #![forbid(unsafe_code)]
@@ -24,9 +27,10 @@ pub mod dhcp;
 pub mod hosts;
 pub mod http;
 pub mod ipmi;
+pub mod link;
 pub mod power;
 pub mod ra;
-pub mod sync;
+pub mod rack;
 pub mod tftp;
 
 /// An error with all its sources, `: `-separated, for logs.

@@ -1,6 +1,6 @@
-//! `lab-agent --config agent.toml`: the rack agent. Follows lab-server for
-//! its rack's hosts and their boot profiles and serves DHCP, TFTP and HTTP
-//! for them, as configured.
+//! `lab-agent --config agent.toml`: the rack agent. Attaches to lab-server
+//! for its rack (desired state down, reports up), serves DHCP, TFTP and HTTP
+//! for the rack's hosts, drives their BMCs and captures their consoles.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -11,7 +11,8 @@ use lab_agent::config::AgentConfig;
 use lab_agent::dhcp::DhcpServer;
 use lab_agent::error_chain;
 use lab_agent::hosts::HostTable;
-use lab_agent::sync::{self, SyncConfig};
+use lab_agent::link::{self, LinkConfig};
+use lab_agent::rack::{Rack, RackConfig, ipmi_power_factory};
 use lab_agent::tftp::{TftpConfig, TftpServer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,15 +93,30 @@ async fn run(args: Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
     );
     let mut tasks = tokio::task::JoinSet::new();
-    let sync_cfg = SyncConfig {
+    let ipmi = lab_agent::ipmi::ConnectOptions {
+        cipher_suites: cfg.ipmi_cipher_suites.clone(),
+        ..Default::default()
+    };
+    let rack = Rack::new(
+        RackConfig {
+            default_profile: cfg.default_profile.clone(),
+            profiles: cfg.profiles.clone(),
+            data_dir: cfg.data_dir.clone(),
+            console_limits: cfg.console_limits,
+            bmc_probe_interval: cfg.bmc_probe_interval,
+            ipmi: ipmi.clone(),
+            capture: Default::default(),
+        },
+        table.clone(),
+        ipmi_power_factory(ipmi),
+    );
+    let link_cfg = LinkConfig {
         server: cfg.server.clone(),
         token,
         rack: cfg.rack.clone(),
-        default_profile: cfg.default_profile.clone(),
     };
-    let sync_table = table.clone();
     tasks.spawn(async move {
-        sync::run(sync_cfg, sync_table).await;
+        link::run(link_cfg, rack).await;
         Ok::<_, anyhow::Error>(())
     });
     if let Some(t) = &cfg.tftp {

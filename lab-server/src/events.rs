@@ -23,6 +23,8 @@ pub enum EventKind {
     HostAdded,
     HostRetired,
     HostRemoved,
+    HostUnreachable,
+    HostReachable,
 }
 
 /// One entry of the event log.

@@ -12,6 +12,7 @@
 //! - [`events`], [`types`]: the event record; typed ids.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod auth;
 pub mod core;
 pub mod events;

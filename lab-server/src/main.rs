@@ -6,9 +6,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use lab_server::agents::Agents;
 use lab_server::auth::{self, Authenticator};
 use lab_server::core::clock::TokioClock;
-use lab_server::core::reclaim::Immediate;
 use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
@@ -144,11 +144,14 @@ async fn run(args: Args) -> Result<()> {
     config.default_ttl = args.default_ttl;
     config.max_ttl = args.max_ttl;
     config.max_lifetime = args.max_lifetime;
+    // The reclaim step goes through the rack agents (hosts of racks without
+    // an agent are reclaimed at once).
+    let agents = Agents::new();
     let (core, actor) = Core::start(
         config,
         Arc::new(store),
         inventory,
-        Arc::new(Immediate),
+        agents.reclaimer(),
         Arc::new(TokioClock::new()),
     )
     .await
@@ -201,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
     println!("lab-server listening on {addr}");
-    let api = Api::with_shared_auth(core, auth, args.default_ttl);
+    let api = Api::with_agents(core, auth, args.default_ttl, agents);
     // Graceful shutdown waits for open streams (waiting acquires, event
     // watchers) only so long: every acknowledged change is already durable,
     // and waiting clients see the connection end and may retry.

@@ -146,6 +146,9 @@ pub enum Role {
     Developer,
     /// Everything: maintenance, inventory reloads, other holders' leases.
     Operator,
+    /// A rack agent: may only attach for the rack whose `agent` is its
+    /// principal; no user calls.
+    Agent,
 }
 
 impl Role {
@@ -161,8 +164,9 @@ impl FromStr for Role {
             "ci" => Ok(Role::Ci),
             "developer" => Ok(Role::Developer),
             "operator" => Ok(Role::Operator),
+            "agent" => Ok(Role::Agent),
             other => Err(format!(
-                "unknown role {other:?} (expected ci, developer or operator)"
+                "unknown role {other:?} (expected ci, developer, operator or agent)"
             )),
         }
     }
@@ -174,6 +178,7 @@ impl fmt::Display for Role {
             Role::Ci => "ci",
             Role::Developer => "developer",
             Role::Operator => "operator",
+            Role::Agent => "agent",
         })
     }
 }

@@ -8,6 +8,7 @@ use lab_proto::v1::admin_service_client::AdminServiceClient;
 use lab_proto::v1::event_service_client::EventServiceClient;
 use lab_proto::v1::host_service_client::HostServiceClient;
 use lab_proto::v1::lease_service_client::LeaseServiceClient;
+use lab_server::agents::Agents;
 use lab_server::auth::{Authenticator, digest};
 use lab_server::core::clock::TokioClock;
 use lab_server::core::reclaim::Immediate;
@@ -25,10 +26,23 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// An inventory TOML with `n` x86_64 hosts `h00`… in one rack; every
+/// An inventory TOML with `n` x86_64 hosts `h00`… in one rack without an
+/// agent (hosts driven by hand: always reachable, reclaimed at once); every
 /// fourth host has the flag `iommu`, odd ones are UEFI.
 pub fn inventory_toml(n: usize) -> String {
-    let mut s = String::from("[[rack]]\nname = \"r1\"\nagent = \"agent-r1\"\n");
+    inventory_toml_for(n, None)
+}
+
+/// Like [`inventory_toml`], with rack `r1` served by agent `agent-r1`.
+pub fn inventory_toml_with_agent(n: usize) -> String {
+    inventory_toml_for(n, Some("agent-r1"))
+}
+
+fn inventory_toml_for(n: usize, agent: Option<&str>) -> String {
+    let mut s = String::from("[[rack]]\nname = \"r1\"\n");
+    if let Some(a) = agent {
+        s.push_str(&format!("agent = \"{a}\"\n"));
+    }
     for i in 0..n {
         s.push_str(&format!(
             "\n[[host]]\nname = \"h{i:02}\"\narch = \"x86_64\"\nfirmware = \"{}\"\nrack = \"r1\"\nmac = \"52:54:00:00:{:02x}:{:02x}\"\nflags = [{}]\n",
@@ -126,6 +140,11 @@ pub struct ServerOptions {
     pub hosts: usize,
     pub auth: Authenticator,
     pub default_ttl: Duration,
+    /// The inventory instead of `inventory_toml(hosts)`.
+    pub inventory: Option<String>,
+    /// Reclaim through the rack agents (as the real server does) instead of
+    /// at once.
+    pub agents: bool,
 }
 
 impl Default for ServerOptions {
@@ -134,6 +153,8 @@ impl Default for ServerOptions {
             hosts: 8,
             auth: Authenticator::InsecureDev,
             default_ttl: Duration::from_secs(600),
+            inventory: None,
+            agents: false,
         }
     }
 }
@@ -152,16 +173,26 @@ impl InProcessServer {
     pub async fn start(opts: ServerOptions) -> Result<InProcessServer> {
         let dir = tempfile::tempdir()?;
         let inv_path = dir.path().join("inventory.toml");
-        std::fs::write(&inv_path, inventory_toml(opts.hosts))?;
+        let text = opts
+            .inventory
+            .clone()
+            .unwrap_or_else(|| inventory_toml(opts.hosts));
+        std::fs::write(&inv_path, text)?;
         let inventory = Inventory::load(&inv_path)?;
         let store = RedbStore::open(&dir.path().join("lab.redb"))?;
         let mut config = CoreConfig::new(inv_path);
         config.default_ttl = opts.default_ttl;
+        let agents = Agents::new();
+        let reclaimer: Arc<dyn lab_server::core::reclaim::Reclaimer> = if opts.agents {
+            agents.reclaimer()
+        } else {
+            Arc::new(Immediate)
+        };
         let (core, _actor) = Core::start(
             config,
             Arc::new(store),
             inventory,
-            Arc::new(Immediate),
+            reclaimer,
             Arc::new(TokioClock::new()),
         )
         .await
@@ -169,7 +200,12 @@ impl InProcessServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let api = Api::new(core.clone(), opts.auth, opts.default_ttl);
+        let api = Api::with_agents(
+            core.clone(),
+            Arc::new(std::sync::RwLock::new(opts.auth)),
+            opts.default_ttl,
+            agents,
+        );
         let task = tokio::spawn(async move {
             if let Err(e) = grpc::serve(listener, api, async {
                 let _ = rx.await;
@@ -196,8 +232,15 @@ impl InProcessServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+        if let Some(mut t) = self.task.take() {
+            // Like the real server: open streams (an agent's Attach, a
+            // follower) get a grace period, then the server stops anyway.
+            if tokio::time::timeout(Duration::from_secs(2), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! in network namespaces, see lab-agent/tests/dhcp_netns.rs).
 
 use lab_proto::v1 as pb;
-use lab_tests::{Clients, ServerProcess, bin_path, eventually, inventory_toml};
+use lab_tests::{Clients, ServerProcess, bin_path, eventually, inventory_toml_with_agent};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -32,7 +32,7 @@ fn curl(url: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_xen_lease_changes_what_the_agent_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::spawn_dev(dir.path(), &inventory_toml(2)).unwrap();
+    let server = ServerProcess::spawn_dev(dir.path(), &inventory_toml_with_agent(2)).unwrap();
     let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
     let config = dir.path().join("agent.toml");
     std::fs::write(

@@ -5,7 +5,7 @@
 //! ```toml
 //! [[token]]
 //! principal = "osstest"
-//! role = "ci"            # ci | developer | operator
+//! role = "ci"            # ci | developer | operator | agent
 //! sha256 = "9f86d0…"     # hex SHA-256 of the token; `lab-server token new` makes one
 //! ```
 //!
@@ -181,7 +181,7 @@ mod tests {
         let e = Authenticator::parse(text, Path::new("t.toml")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "t.toml:1:1: unknown role \"root\" (expected ci, developer or operator)"
+            "t.toml:1:1: unknown role \"root\" (expected ci, developer, operator or agent)"
         );
         let e = Authenticator::parse(
             "[[token]]\nprincipal = \"a\"\nrol = 1\n",

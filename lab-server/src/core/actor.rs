@@ -82,6 +82,9 @@ pub(super) struct Actor {
     deferred_withdrawals: Vec<(WaiterId, Principal)>,
     /// Hosts with a reclaim task running.
     reclaiming: HashSet<HostName>,
+    /// Hosts that cannot be driven now (agent away, BMC silent) and why.
+    /// Not persisted: agents report it again after every restart.
+    unreachable: BTreeMap<HostName, String>,
     last_seq: u64,
     /// The inventory must be reconciled with the host records (after a
     /// reload of state from the store).
@@ -116,6 +119,7 @@ impl Actor {
             retired_specs: HashMap::new(),
             deferred_withdrawals: Vec::new(),
             reclaiming: HashSet::new(),
+            unreachable: BTreeMap::new(),
             last_seq: 0,
             resync: false,
         };
@@ -289,6 +293,11 @@ impl Actor {
                 p.reply(reply, Ok(r));
             }
             Command::Reclaimed { host, lease } => self.reclaimed(p, now, host, lease),
+            Command::SetUnreachable { hosts } => self.set_unreachable(p, now, hosts),
+            Command::GetInventory { reply } => {
+                let inv = self.inventory.clone();
+                p.reply(reply, Ok(inv));
+            }
         }
     }
 
@@ -571,7 +580,12 @@ impl Actor {
         e.lease = Some(id);
         e.hosts = hosts;
         for h in reclaiming {
-            if self.reclaimer.is_immediate() {
+            let immediate = self
+                .inventory
+                .host(&h)
+                .or_else(|| self.retired_specs.get(&h))
+                .is_none_or(|spec| self.reclaimer.is_immediate(spec, &self.inventory));
+            if immediate {
                 self.reclaimed(p, now, h, id);
             } else {
                 p.reclaims.push((h, id));
@@ -614,8 +628,9 @@ impl Actor {
             .iter()
             .filter_map(|spec| {
                 let rec = self.hosts.get(&spec.name)?;
+                let unreachable = self.unreachable.contains_key(&spec.name);
                 let free_at = match rec.state {
-                    _ if rec.maintenance || rec.retired => None,
+                    _ if rec.maintenance || rec.retired || unreachable => None,
                     HostState::Available => Some(now),
                     HostState::Leased(l) => self.leases.get(&l).map(|l| l.expires_at),
                     HostState::Reclaiming(_) => Some(now),
@@ -624,7 +639,7 @@ impl Actor {
                     name: &spec.name,
                     arch: spec.arch,
                     flags: &spec.flags,
-                    grantable: rec.is_grantable(),
+                    grantable: rec.is_grantable() && !unreachable,
                     gone: rec.retired,
                     free_at,
                 })
@@ -779,8 +794,42 @@ impl Actor {
                 .or_else(|| self.retired_specs.get(name))
                 .cloned(),
             lease: record.lease().and_then(|l| self.leases.get(&l)).cloned(),
+            unreachable: self.unreachable.get(name).cloned(),
             record,
         })
+    }
+
+    /// Replace the set of unreachable hosts; every change is an event.
+    fn set_unreachable(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        hosts: BTreeMap<HostName, String>,
+    ) {
+        let hosts: BTreeMap<HostName, String> = hosts
+            .into_iter()
+            .filter(|(h, _)| self.hosts.contains_key(h))
+            .collect();
+        let back: Vec<HostName> = self
+            .unreachable
+            .keys()
+            .filter(|h| !hosts.contains_key(*h))
+            .cloned()
+            .collect();
+        for h in back {
+            info!(host = %h, "host reachable again");
+            let e = self.event(p, now, &Principal::server(), EventKind::HostReachable);
+            e.hosts = vec![h];
+        }
+        for (h, why) in &hosts {
+            if self.unreachable.get(h) != Some(why) {
+                warn!(host = %h, reason = %why, "host unreachable");
+                let e = self.event(p, now, &Principal::server(), EventKind::HostUnreachable);
+                e.hosts = vec![h.clone()];
+                e.detail = why.clone();
+            }
+        }
+        self.unreachable = hosts;
     }
 
     fn set_maintenance(

@@ -22,6 +22,7 @@ use crate::store::{EventQuery, Store, StoreError};
 use crate::types::{Caller, HostName, LeaseId, Principal, Timestamp, WaiterId};
 use clock::Clock;
 use reclaim::Reclaimer;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +92,8 @@ pub struct HostView {
     pub spec: Option<HostSpec>,
     pub record: HostRecord,
     pub lease: Option<Lease>,
+    /// Why the host cannot be driven now; `None` when it can.
+    pub unreachable: Option<String>,
 }
 
 /// What a waiting acquire sees.
@@ -237,6 +240,12 @@ enum Command {
     Reclaimed {
         host: HostName,
         lease: LeaseId,
+    },
+    SetUnreachable {
+        hosts: BTreeMap<HostName, String>,
+    },
+    GetInventory {
+        reply: Reply<Arc<Inventory>>,
     },
 }
 
@@ -450,6 +459,23 @@ impl Core {
     /// Live events as they are committed.
     pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
         self.events.subscribe()
+    }
+
+    /// The inventory in force.
+    pub async fn inventory(&self) -> Result<Arc<Inventory>, CoreError> {
+        self.call(|reply| Command::GetInventory { reply }).await
+    }
+
+    /// Replace the set of hosts that cannot be driven now (with why); they
+    /// are not granted until they are back. Changes are recorded as events.
+    pub async fn set_unreachable(
+        &self,
+        hosts: BTreeMap<HostName, String>,
+    ) -> Result<(), CoreError> {
+        self.tx
+            .send(Command::SetUnreachable { hosts })
+            .await
+            .map_err(|_| CoreError::ShuttingDown)
     }
 }
 

@@ -1,8 +1,10 @@
 //! The reclaim step: what happens to a host between the end of its lease and
-//! its return to the pool. The rack agent will power the host off and reset
-//! its boot device here; until agents exist, [`Immediate`] finishes at once.
+//! its return to the pool. The server's implementation asks the rack agent
+//! to capture end-of-lease debug output, power the host off and reset its
+//! boot device (`crate::agents::AgentReclaimer`); [`Immediate`] finishes at
+//! once (tests, and racks without an agent).
 
-use crate::inventory::HostSpec;
+use crate::inventory::{HostSpec, Inventory};
 use crate::types::LeaseId;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,9 +24,11 @@ pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ReclaimError
 pub trait Reclaimer: Send + Sync + 'static {
     fn reclaim<'a>(&'a self, host: &'a HostSpec, lease: LeaseId) -> ReclaimFuture<'a>;
 
-    /// True when there is nothing to do: the core then finishes the reclaim
-    /// in the same commit as the lease's end (still recording both steps).
-    fn is_immediate(&self) -> bool {
+    /// True when there is nothing to do for this host: the core then
+    /// finishes the reclaim in the same commit as the lease's end (still
+    /// recording both steps).
+    fn is_immediate(&self, host: &HostSpec, inventory: &Inventory) -> bool {
+        let _ = (host, inventory);
         false
     }
 }
@@ -38,7 +42,7 @@ impl Reclaimer for Immediate {
         Box::pin(async { Ok(()) })
     }
 
-    fn is_immediate(&self) -> bool {
+    fn is_immediate(&self, _host: &HostSpec, _inventory: &Inventory) -> bool {
         true
     }
 }

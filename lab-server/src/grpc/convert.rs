@@ -141,6 +141,7 @@ pub fn lease_to_proto(l: &Lease) -> pb::Lease {
         ended_at: l.ended_at.map(ts),
         generation: l.generation.0,
         waiter_id: l.waiter_id,
+        provisioning: Vec::new(),
     }
 }
 
@@ -159,6 +160,8 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
         maintenance: r.maintenance,
         lease_id: r.lease().map(|l| l.to_string()).unwrap_or_default(),
         generation: r.generation.0,
+        reachable: v.unreachable.is_none(),
+        unreachable_reason: v.unreachable.clone().unwrap_or_default(),
         ..Default::default()
     };
     if let Some(l) = &v.lease {
@@ -210,6 +213,8 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HostAdded => P::HostAdded,
         EventKind::HostRetired => P::HostRetired,
         EventKind::HostRemoved => P::HostRemoved,
+        EventKind::HostUnreachable => P::HostUnreachable,
+        EventKind::HostReachable => P::HostReachable,
     }
 }
 
@@ -232,6 +237,7 @@ pub fn role_to_proto(r: Role) -> pb::Role {
         Role::Ci => pb::Role::Ci,
         Role::Developer => pb::Role::Developer,
         Role::Operator => pb::Role::Operator,
+        Role::Agent => pb::Role::Agent,
     }
 }
 

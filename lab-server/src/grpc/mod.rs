@@ -7,15 +7,17 @@
 pub mod convert;
 pub mod status;
 
+use crate::agents::Agents;
 use crate::auth::{AuthError, Authenticator};
 use crate::core::{Core, WaitState};
 use crate::store::EventQuery;
-use crate::types::{Caller, Principal};
+use crate::types::{Caller, Principal, Role};
 use convert as cv;
 use futures::Stream;
 use lab_proto::convert::timestamp_from_millis;
 use lab_proto::v1 as pb;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use lab_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
 use lab_proto::v1::host_service_server::{HostService, HostServiceServer};
 use lab_proto::v1::lease_service_server::{LeaseService, LeaseServiceServer};
@@ -36,6 +38,7 @@ pub struct Api {
     core: Core,
     auth: Arc<std::sync::RwLock<Authenticator>>,
     default_ttl: Duration,
+    agents: Agents,
 }
 
 impl Api {
@@ -50,14 +53,46 @@ impl Api {
         auth: Arc<std::sync::RwLock<Authenticator>>,
         default_ttl: Duration,
     ) -> Self {
+        Self::with_agents(core, auth, default_ttl, Agents::new())
+    }
+
+    /// With the agents registry whose reclaimer the core was started with
+    /// (the registry is connected to the core here).
+    pub fn with_agents(
+        core: Core,
+        auth: Arc<std::sync::RwLock<Authenticator>>,
+        default_ttl: Duration,
+        agents: Agents,
+    ) -> Self {
+        agents.start(core.clone());
         Self {
             core,
             auth,
             default_ttl,
+            agents,
         }
     }
 
+    /// A lease with its provisioning progress.
+    fn lease_pb(&self, l: &crate::lease::Lease) -> pb::Lease {
+        let mut p = cv::lease_to_proto(l);
+        p.provisioning = self.agents.provisioning(l);
+        p
+    }
+
+    /// The caller of a user call (agents make none).
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let caller = self.any_caller(req)?;
+        if caller.role == Role::Agent {
+            return Err(Status::permission_denied(format!(
+                "{} is an agent: agents may only attach",
+                caller.principal
+            )));
+        }
+        Ok(caller)
+    }
+
+    fn any_caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let header = match req.metadata().get("authorization") {
             None => None,
             Some(v) => Some(v.to_str().map_err(|_| Status::from(AuthError::Malformed))?),
@@ -106,6 +141,182 @@ impl HostService for Api {
             &self.core.get_host(name).await?,
         )))
     }
+
+    async fn power(
+        &self,
+        req: Request<pb::PowerRequest>,
+    ) -> Result<Response<pb::PowerResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let host = cv::host_name("host", r.host)?;
+        let action = match pb::PowerAction::try_from(r.action) {
+            Ok(pb::PowerAction::Unspecified) | Err(_) => {
+                return Err(status::invalid(
+                    "action",
+                    "must be one of STATUS, ON, OFF, CYCLE, RESET",
+                ));
+            }
+            Ok(a) => a,
+        };
+        let on = self.agents.power(&caller, &host, action).await?;
+        Ok(Response::new(pb::PowerResponse {
+            host: host.to_string(),
+            on,
+        }))
+    }
+
+    type ConsoleStream = RpcStream<pb::ConsoleResponse>;
+
+    async fn console(
+        &self,
+        req: Request<tonic::Streaming<pb::ConsoleRequest>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        let caller = self.caller(&req)?;
+        let mut inbound = req.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::ConsoleRequest {
+                msg: Some(pb::console_request::Msg::Open(o)),
+            }) => o,
+            _ => {
+                return Err(status::invalid(
+                    "open",
+                    "the first message must open the console",
+                ));
+            }
+        };
+        let write = open.write;
+        let mut session = self.agents.console(&caller, open).await?;
+        let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    data = session.output.recv() => {
+                        let Some(d) = data else {
+                            let _ = tx.send(Ok(notice("the agent closed the console"))).await;
+                            break;
+                        };
+                        if !d.notice.is_empty() && tx.send(Ok(notice(&d.notice))).await.is_err() {
+                            break;
+                        }
+                        if !d.output.is_empty() && tx.send(Ok(pb::ConsoleResponse {
+                            msg: Some(pb::console_response::Msg::Output(d.output)),
+                        })).await.is_err() {
+                            break;
+                        }
+                        if d.end {
+                            break;
+                        }
+                    }
+                    m = inbound.message() => match m {
+                        Ok(Some(pb::ConsoleRequest { msg: Some(pb::console_request::Msg::Input(b)) })) if write => {
+                            if session.input(b, false).await.is_err() { break; }
+                        }
+                        Ok(Some(pb::ConsoleRequest { msg: Some(pb::console_request::Msg::SendBreak(true)) })) if write => {
+                            if session.input(Vec::new(), true).await.is_err() { break; }
+                        }
+                        Ok(Some(_)) => {
+                            let _ = tx.send(Err(status::invalid("input", "this console was opened read-only"))).await;
+                            break;
+                        }
+                        // The client closed its side: keep streaming output
+                        // until it goes away.
+                        Ok(None) => {
+                            while let Some(d) = session.output.recv().await {
+                                let end = d.end;
+                                if !d.output.is_empty() && tx.send(Ok(pb::ConsoleResponse {
+                                    msg: Some(pb::console_response::Msg::Output(d.output)),
+                                })).await.is_err() || end {
+                                    break;
+                                }
+                            }
+                            break;
+                        }
+                        Err(_) => break,
+                    },
+                    () = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type ConsoleLogStream = RpcStream<pb::ConsoleResponse>;
+
+    async fn console_log(
+        &self,
+        req: Request<pb::ConsoleLogRequest>,
+    ) -> Result<Response<Self::ConsoleLogStream>, Status> {
+        let caller = self.caller(&req)?;
+        let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
+        let lease = self.core.get_lease(id).await?;
+        let parts = self.agents.console_log(&caller, &lease).await?;
+        let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
+        tokio::spawn(async move {
+            for (host, part) in parts {
+                let header = pb::ConsoleResponse {
+                    msg: Some(pb::console_response::Msg::Host(host.to_string())),
+                };
+                if tx.send(Ok(header)).await.is_err() {
+                    return;
+                }
+                let mut data = match part {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let msg = format!("no console log of {host}: {}", e.message());
+                        if tx.send(Ok(notice(&msg))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                while let Some(d) = data.recv().await {
+                    if !d.notice.is_empty() && tx.send(Ok(notice(&d.notice))).await.is_err() {
+                        return;
+                    }
+                    if !d.output.is_empty()
+                        && tx
+                            .send(Ok(pb::ConsoleResponse {
+                                msg: Some(pb::console_response::Msg::Output(d.output)),
+                            }))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if d.end {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn notice(text: &str) -> pb::ConsoleResponse {
+    pb::ConsoleResponse {
+        msg: Some(pb::console_response::Msg::Notice(text.to_owned())),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    type AttachStream = RpcStream<pb::ServerMessage>;
+
+    async fn attach(
+        &self,
+        req: Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let caller = self.any_caller(&req)?;
+        let rx = self.agents.attach(caller, req.into_inner()).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -120,33 +331,36 @@ impl LeaseService for Api {
         let r = req.into_inner();
         let spec = cv::lease_spec(r.request, self.default_ttl)?;
         let acq = self.core.acquire(caller, spec, r.no_wait).await?;
-        let stream = futures::stream::unfold(Some(acq), |state| async move {
-            let mut acq = state?;
-            let update = |u| pb::AcquireUpdate { update: Some(u) };
-            match acq.next().await? {
-                WaitState::Queued {
-                    waiter,
-                    position,
-                    queue_length,
-                    eta,
-                } => Some((
-                    Ok(update(pb::acquire_update::Update::Queued(
-                        pb::QueueStatus {
-                            waiter_id: waiter,
-                            position,
-                            queue_length,
-                            eta: eta.map(|t| timestamp_from_millis(t.millis())),
-                        },
-                    ))),
-                    Some(acq),
-                )),
-                WaitState::Granted(lease) => Some((
-                    Ok(update(pb::acquire_update::Update::Granted(
-                        cv::lease_to_proto(&lease),
-                    ))),
-                    None,
-                )),
-                WaitState::Failed(e) => Some((Err(Status::from(e)), None)),
+        let agents = self.agents.clone();
+        let stream = futures::stream::unfold(Some(acq), move |state| {
+            let agents = agents.clone();
+            async move {
+                let mut acq = state?;
+                let update = |u| pb::AcquireUpdate { update: Some(u) };
+                match acq.next().await? {
+                    WaitState::Queued {
+                        waiter,
+                        position,
+                        queue_length,
+                        eta,
+                    } => Some((
+                        Ok(update(pb::acquire_update::Update::Queued(
+                            pb::QueueStatus {
+                                waiter_id: waiter,
+                                position,
+                                queue_length,
+                                eta: eta.map(|t| timestamp_from_millis(t.millis())),
+                            },
+                        ))),
+                        Some(acq),
+                    )),
+                    WaitState::Granted(lease) => {
+                        let mut l = cv::lease_to_proto(&lease);
+                        l.provisioning = agents.provisioning(&lease);
+                        Some((Ok(update(pb::acquire_update::Update::Granted(l))), None))
+                    }
+                    WaitState::Failed(e) => Some((Err(Status::from(e)), None)),
+                }
             }
         });
         Ok(Response::new(Box::pin(stream)))
@@ -157,9 +371,9 @@ impl LeaseService for Api {
         let r = req.into_inner();
         let id = cv::lease_id("lease_id", &r.lease_id)?;
         let ttl = cv::duration("ttl", r.ttl)?;
-        Ok(Response::new(cv::lease_to_proto(
-            &self.core.renew(caller, id, ttl).await?,
-        )))
+        Ok(Response::new(
+            self.lease_pb(&self.core.renew(caller, id, ttl).await?),
+        ))
     }
 
     async fn release(
@@ -168,9 +382,9 @@ impl LeaseService for Api {
     ) -> Result<Response<pb::Lease>, Status> {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(cv::lease_to_proto(
-            &self.core.release(caller, id).await?,
-        )))
+        Ok(Response::new(
+            self.lease_pb(&self.core.release(caller, id).await?),
+        ))
     }
 
     async fn get_lease(
@@ -179,9 +393,9 @@ impl LeaseService for Api {
     ) -> Result<Response<pb::Lease>, Status> {
         self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(cv::lease_to_proto(
-            &self.core.get_lease(id).await?,
-        )))
+        Ok(Response::new(
+            self.lease_pb(&self.core.get_lease(id).await?),
+        ))
     }
 
     async fn list_leases(
@@ -197,7 +411,7 @@ impl LeaseService for Api {
         };
         let leases = self.core.list_leases(r.include_ended, holder).await?;
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.iter().map(cv::lease_to_proto).collect(),
+            leases: leases.iter().map(|l| self.lease_pb(l)).collect(),
         }))
     }
 }
@@ -361,6 +575,7 @@ pub async fn serve(
     reporter.set_serving::<LeaseServiceServer<Api>>().await;
     reporter.set_serving::<EventServiceServer<Api>>().await;
     reporter.set_serving::<AdminServiceServer<Api>>().await;
+    reporter.set_serving::<AgentServiceServer<Api>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(lab_proto::FILE_DESCRIPTOR_SET)
@@ -376,7 +591,8 @@ pub async fn serve(
         .add_service(HostServiceServer::new(api.clone()))
         .add_service(LeaseServiceServer::new(api.clone()))
         .add_service(EventServiceServer::new(api.clone()))
-        .add_service(AdminServiceServer::new(api))
+        .add_service(AdminServiceServer::new(api.clone()))
+        .add_service(AgentServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

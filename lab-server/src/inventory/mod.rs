@@ -47,8 +47,10 @@ pub struct Inventory {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rack {
     pub name: RackName,
-    /// The id of the agent that serves this rack.
-    pub agent: String,
+    /// The id of the agent that serves this rack (its token's principal).
+    /// `None`: no agent; the rack's hosts are driven by hand (no power
+    /// control, no PXE service, reclaimed at once, never unreachable).
+    pub agent: Option<String>,
 }
 
 /// One host as the inventory describes it.
@@ -382,17 +384,20 @@ impl Cx<'_> {
 
     fn rack(&self, r: &RawRack) -> Result<Rack, InventoryError> {
         let name = RackName::new(r.name.get_ref().as_str()).map_err(|e| self.at(&r.name, e))?;
-        let agent = r.agent.get_ref();
-        if agent.is_empty() || agent.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.at(
-                &r.agent,
-                format!("invalid agent id {agent:?}: must be non-empty, without spaces"),
-            ));
-        }
-        Ok(Rack {
-            name,
-            agent: agent.clone(),
-        })
+        let agent = match &r.agent {
+            None => None,
+            Some(spanned) => {
+                let agent = spanned.get_ref();
+                if agent.is_empty() || agent.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(self.at(
+                        spanned,
+                        format!("invalid agent id {agent:?}: must be non-empty, without spaces"),
+                    ));
+                }
+                Some(agent.clone())
+            }
+        };
+        Ok(Rack { name, agent })
     }
 
     fn host(
@@ -792,7 +797,7 @@ mod tests {
         );
 
         let rack2 = inv.rack(&RackName::new("rack2").unwrap()).unwrap();
-        assert_eq!(rack2.agent, "agent-rack2");
+        assert_eq!(rack2.agent.as_deref(), Some("agent-rack2"));
         assert!(inv.host(&HostName::new("nope").unwrap()).is_none());
     }
 

@@ -23,7 +23,8 @@ pub(super) struct RawInventory {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRack {
     pub name: Spanned<String>,
-    pub agent: Spanned<String>,
+    #[serde(default)]
+    pub agent: Option<Spanned<String>>,
 }
 
 /// One `[[host]]`.

@@ -1,0 +1,351 @@
+//! The agent's one connection to lab-server: `AgentService.Attach`, a
+//! bidirectional stream. The agent says hello with its rack, receives the
+//! rack's desired state (then updates) and applies it to the [`Rack`],
+//! answers commands (power, reclaim, console sessions, console log reads)
+//! by id, and reports each host's reachability and provisioning. When the
+//! stream breaks it reconnects with backoff (0.2 s doubling to 10 s) and
+//! gets the full state again; reports are sent again after every attach.
+
+use crate::console::log::read_slice;
+use crate::console::{ConsoleHost, ViewerEvent, Writer};
+use crate::rack::Rack;
+use lab_proto::convert::millis_from_timestamp;
+use lab_proto::v1 as pb;
+use lab_proto::v1::agent_service_client::AgentServiceClient;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+/// How the agent reaches the server.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub server: String,
+    pub token: Option<String>,
+    pub rack: String,
+}
+
+/// Why an attach ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("bad server address {0:?}")]
+    BadAddress(String),
+    #[error("cannot connect to {server}")]
+    Connect {
+        server: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the server refused the attach")]
+    Refused(#[source] tonic::Status),
+    #[error("the link broke")]
+    Broken(#[source] tonic::Status),
+}
+
+struct Session {
+    writer: Option<Arc<Writer>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Sessions = Arc<Mutex<HashMap<u64, Session>>>;
+
+/// Keeps the rack attached to the server, forever.
+pub async fn run(cfg: LinkConfig, rack: Rack) {
+    let mut failures: u32 = 0;
+    loop {
+        let t0 = tokio::time::Instant::now();
+        match attach_once(&cfg, &rack).await {
+            Ok(()) => info!("the server closed the link"),
+            Err(e) => warn!(error = %crate::error_chain(&e), "link to lab-server lost"),
+        }
+        rack.set_outbound(None);
+        if t0.elapsed() > Duration::from_secs(30) {
+            failures = 0;
+        }
+        let delay = Duration::from_millis(200)
+            .saturating_mul(1 << failures.min(6))
+            .min(Duration::from_secs(10));
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
+    let endpoint = Endpoint::from_shared(cfg.server.clone())
+        .map_err(|_| LinkError::BadAddress(cfg.server.clone()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| LinkError::Connect {
+            server: cfg.server.clone(),
+            source,
+        })?;
+    let token = cfg.token.clone();
+    let mut client =
+        AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(t) = &token {
+                let v = format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| tonic::Status::invalid_argument("token is not ASCII"))?;
+                req.metadata_mut().insert("authorization", v);
+            }
+            Ok(req)
+        });
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1024);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::AgentHello {
+            rack: cfg.rack.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })),
+    })
+    .await
+    .expect("receiver held");
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(LinkError::Refused)?
+        .into_inner();
+    let sessions: Sessions = Arc::default();
+    let mut first = true;
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(LinkError::Broken(e)),
+        };
+        match msg.msg {
+            Some(pb::server_message::Msg::Rack(state)) => {
+                let n = state.hosts.len();
+                rack.apply_rack(state).await;
+                rack.set_outbound(Some(tx.clone()));
+                rack.resend_reports();
+                if first {
+                    info!(hosts = n, "attached to lab-server");
+                    println!("lab-agent attached to {} ({n} hosts)", cfg.server);
+                    first = false;
+                }
+            }
+            Some(pb::server_message::Msg::Host(h)) => rack.apply_host(h).await,
+            Some(pb::server_message::Msg::Command(c)) => {
+                let rack = rack.clone();
+                let tx = tx.clone();
+                let sessions = sessions.clone();
+                tokio::spawn(async move { command(rack, c, tx, sessions).await });
+            }
+            Some(pb::server_message::Msg::Input(i)) => {
+                let writer = sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&i.id)
+                    .and_then(|s| s.writer.clone());
+                if let Some(w) = writer {
+                    let r = if i.send_break {
+                        w.send_break().await
+                    } else {
+                        w.write(i.input.into()).await
+                    };
+                    if let Err(e) = r {
+                        debug!(session = i.id, error = %e, "console input refused");
+                        let _ = tx
+                            .send(data(
+                                i.id,
+                                Vec::new(),
+                                &format!("input refused: {e}"),
+                                false,
+                            ))
+                            .await;
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+fn data(id: u64, output: Vec<u8>, notice: &str, end: bool) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Data(pb::SessionData {
+            id,
+            output,
+            notice: notice.to_owned(),
+            end,
+        })),
+    }
+}
+
+async fn command(
+    rack: Rack,
+    c: pb::AgentCommand,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    sessions: Sessions,
+) {
+    let id = c.id;
+    let mut reply = pb::CommandReply {
+        id,
+        ..Default::default()
+    };
+    let result: Result<(), crate::rack::CommandError> = match c.cmd {
+        Some(pb::agent_command::Cmd::Power(a)) => {
+            let action = pb::PowerAction::try_from(a).unwrap_or(pb::PowerAction::Status);
+            rack.power(&c.host, action).await.map(|on| reply.on = on)
+        }
+        Some(pb::agent_command::Cmd::Reclaim(r)) => {
+            rack.reclaim(&c.host, &r.lease_id, &r.profile).await
+        }
+        Some(pb::agent_command::Cmd::Console(open)) => {
+            open_console(&rack, id, &c.host, open, tx.clone(), &sessions).await
+        }
+        Some(pb::agent_command::Cmd::Log(l)) => read_log(&rack, id, &c.host, l, tx.clone()).await,
+        Some(pb::agent_command::Cmd::CloseSession(_)) => {
+            sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return;
+        }
+        None => Err(crate::rack::CommandError {
+            code: "UNIMPLEMENTED",
+            message: "unknown command".into(),
+        }),
+    };
+    if let Err(e) = result {
+        reply.error = e.message;
+        reply.code = e.code.into();
+    }
+    let _ = tx
+        .send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Reply(reply)),
+        })
+        .await;
+}
+
+async fn open_console(
+    rack: &Rack,
+    id: u64,
+    host: &str,
+    open: pb::ConsoleOpen,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    sessions: &Sessions,
+) -> Result<(), crate::rack::CommandError> {
+    let hub = rack
+        .hub(host)
+        .await
+        .ok_or_else(|| crate::rack::CommandError {
+            code: "FAILED_PRECONDITION",
+            message: format!("the console of {host} is not captured"),
+        })?;
+    let replay = if open.replay_bytes == 0 {
+        16 * 1024
+    } else {
+        u64::from(open.replay_bytes)
+    };
+    let writer = open.write.then(|| Arc::new(hub.take_writer()));
+    let mut viewer = hub.subscribe();
+    let from = hub.head().saturating_sub(replay);
+    let mut watch_writer = writer.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                ev = viewer.next() => match ev {
+                    None => {
+                        let _ = tx.send(data(id, Vec::new(), "console capture stopped", true)).await;
+                        return;
+                    }
+                    Some(ViewerEvent::Lagged { missed, .. }) => {
+                        let note = format!("{missed} bytes skipped (viewer too slow)");
+                        if tx.send(data(id, Vec::new(), &note, false)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(ViewerEvent::Data(chunk)) => {
+                        let end = chunk.offset + chunk.data.len() as u64;
+                        if end <= from {
+                            continue;
+                        }
+                        let skip = from.saturating_sub(chunk.offset) as usize;
+                        if tx.send(data(id, chunk.data[skip..].to_vec(), "", false)).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                _ = tick.tick(), if watch_writer.as_ref().is_some_and(|w| !w.is_current()) => {
+                    watch_writer = None;
+                    let note = "another writer took over this console; you are read-only now";
+                    if tx.send(data(id, Vec::new(), note, false)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Session { writer, task });
+    Ok(())
+}
+
+async fn read_log(
+    rack: &Rack,
+    id: u64,
+    host: &str,
+    l: pb::LogRead,
+    tx: mpsc::Sender<pb::AgentMessage>,
+) -> Result<(), crate::rack::CommandError> {
+    let bad = |m: String| crate::rack::CommandError {
+        code: "INVALID_ARGUMENT",
+        message: m,
+    };
+    let console = ConsoleHost::new(host).map_err(|e| bad(e.to_string()))?;
+    let from = l
+        .from
+        .as_ref()
+        .map_or(0, |t| u64::try_from(millis_from_timestamp(t)).unwrap_or(0));
+    let to = l.to.as_ref().map_or(u64::MAX, |t| {
+        u64::try_from(millis_from_timestamp(t)).unwrap_or(0)
+    });
+    let root = rack.console_root();
+    let bytes = tokio::task::spawn_blocking(move || read_slice(&root, &console, from, to))
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(crate::console::LogError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Vec::new()
+        }
+        Err(e) => {
+            return Err(crate::rack::CommandError {
+                code: "UNAVAILABLE",
+                message: crate::error_chain(&e),
+            });
+        }
+    };
+    // Reply first, then the data: the server registered the session before
+    // sending the command.
+    tokio::spawn(async move {
+        for chunk in bytes.chunks(64 * 1024) {
+            if tx.send(data(id, chunk.to_vec(), "", false)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(data(id, Vec::new(), "", true)).await;
+    });
+    Ok(())
+}
