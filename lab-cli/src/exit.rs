@@ -23,6 +23,8 @@ pub enum Exit {
     NoHostsNow = 5,
     NeverMet = 6,
     Unavailable = 7,
+    ProvisionFailed = 8,
+    TimedOut = 9,
     Interrupted = 130,
 }
 
@@ -47,7 +49,9 @@ Exit codes:
   6    the request can never be met by the inventory, or the lease is no
        longer active (FAILED_PRECONDITION)
   7    server unavailable, or cannot connect to it
-  130  interrupted (Ctrl-C)"
+  8    provisioning failed on a host of the lease (--wait-ready)
+  9    the lease was not ready in time (--wait-ready)
+  130  interrupted (Ctrl-C, or a signal)"
     };
 }
 pub(crate) use exit_codes_help;
@@ -58,11 +62,11 @@ pub const HELP: &str = exit_codes_help!();
 
 /// Ctrl-C: exit 130, printing `message` when there is one.
 #[derive(Debug)]
-pub struct Interrupted(pub Option<&'static str>);
+pub struct Interrupted(pub Option<String>);
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.unwrap_or("interrupted"))
+        f.write_str(self.0.as_deref().unwrap_or("interrupted"))
     }
 }
 
@@ -81,6 +85,43 @@ impl fmt::Display for StreamEnded {
 
 impl std::error::Error for StreamEnded {}
 
+/// A host of the lease reached PROVISION_PHASE_FAILED (`--wait-ready`): exit 8.
+#[derive(Debug)]
+pub struct ProvisionFailed(pub String);
+
+impl fmt::Display for ProvisionFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ProvisionFailed {}
+
+/// `--wait-ready` gave up before every host was ready: exit 9.
+#[derive(Debug)]
+pub struct TimedOut(pub String);
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// The lease ended (released, expired) while we waited on it: exit 6, like
+/// the server's FAILED_PRECONDITION for a lease that is no longer active.
+#[derive(Debug)]
+pub struct LeaseEnded(pub String);
+
+impl fmt::Display for LeaseEnded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LeaseEnded {}
+
 /// What the top level needs to explain an error.
 pub struct Context<'a> {
     pub server: &'a str,
@@ -91,13 +132,22 @@ pub struct Context<'a> {
 /// print nothing) for an error.
 pub fn classify(err: &anyhow::Error, ctx: &Context<'_>) -> (Exit, Option<String>) {
     if let Some(i) = err.downcast_ref::<Interrupted>() {
-        return (Exit::Interrupted, i.0.map(str::to_owned));
+        return (Exit::Interrupted, i.0.clone());
     }
     if let Some(status) = err.downcast_ref::<Status>() {
         return classify_status(status, ctx);
     }
     if let Some(e) = err.downcast_ref::<StreamEnded>() {
         return (Exit::Unavailable, Some(e.to_string()));
+    }
+    if let Some(e) = err.downcast_ref::<ProvisionFailed>() {
+        return (Exit::ProvisionFailed, Some(e.to_string()));
+    }
+    if let Some(e) = err.downcast_ref::<TimedOut>() {
+        return (Exit::TimedOut, Some(e.to_string()));
+    }
+    if let Some(e) = err.downcast_ref::<LeaseEnded>() {
+        return (Exit::NeverMet, Some(e.to_string()));
     }
     if let Some(e) = err.downcast_ref::<io::Error>()
         && e.kind() == io::ErrorKind::BrokenPipe
@@ -241,6 +291,15 @@ mod tests {
         assert_eq!((exit, msg), (Exit::Interrupted, None));
         let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
         assert_eq!(classify(&pipe.into(), &CTX), (Exit::Success, None));
+        let (exit, msg) = classify(&ProvisionFailed("x1 failed".into()).into(), &CTX);
+        assert_eq!(
+            (exit, msg.as_deref()),
+            (Exit::ProvisionFailed, Some("x1 failed"))
+        );
+        let (exit, _) = classify(&TimedOut("slow".into()).into(), &CTX);
+        assert_eq!(exit, Exit::TimedOut);
+        let (exit, _) = classify(&LeaseEnded("gone".into()).into(), &CTX);
+        assert_eq!(exit, Exit::NeverMet);
         let (exit, msg) = classify(&anyhow::anyhow!("boom").context("doing x"), &CTX);
         assert_eq!((exit, msg.as_deref()), (Exit::Other, Some("doing x: boom")));
     }
@@ -256,6 +315,8 @@ mod tests {
             Exit::NoHostsNow,
             Exit::NeverMet,
             Exit::Unavailable,
+            Exit::ProvisionFailed,
+            Exit::TimedOut,
             Exit::Interrupted,
         ] {
             let code = exit as u8;

@@ -7,10 +7,12 @@
 //! - `client`: server URL and token parsing, the bearer-token interceptor,
 //!   the service clients over one lazily connected channel.
 //! - `commands/`: one module per command group (`hosts`, `lease`, `events`,
-//!   `admin`), each with its arguments.
+//!   `power`, `console`, `admin`), each with its arguments.
 //! - `view`: the `--json` output schema; `output`: tables, key/value blocks,
 //!   stdout; `clock`: TTLs and time formatting; `waiting`: the live queue line
-//!   of `lease acquire`; `exit`: exit codes and error messages.
+//!   of `lease acquire`; `ready`: boot progress for `--wait-ready`; `escape`:
+//!   the console's `Ctrl-E c` keys; `rawterm`: raw terminal mode with restore
+//!   on every exit path; `exit`: exit codes and error messages.
 //!
 //! # Exit codes
 //!
@@ -24,7 +26,9 @@
 //! | 5    | no hosts free now (`RESOURCE_EXHAUSTED`, `lease acquire --no-wait`) |
 //! | 6    | the request can never be met, or the lease is no longer active (`FAILED_PRECONDITION`) |
 //! | 7    | server unavailable, or cannot connect to it |
-//! | 130  | interrupted (Ctrl-C) |
+//! | 8    | provisioning failed on a host of the lease (`--wait-ready`) |
+//! | 9    | the lease was not ready in time (`--wait-ready`) |
+//! | 130  | interrupted (Ctrl-C, or SIGTERM/SIGHUP during `lab console`) |
 //!
 //! Errors are printed on stderr as `lab: <message>`, with the gRPC status
 //! message as the server wrote it.
@@ -34,8 +38,11 @@
 mod client;
 mod clock;
 mod commands;
+mod escape;
 mod exit;
 mod output;
+mod rawterm;
+mod ready;
 mod view;
 mod waiting;
 
@@ -44,10 +51,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::admin::InventoryCommand;
+use crate::commands::console::ConsoleArgs;
 use crate::commands::events::EventsArgs;
 use crate::commands::hosts::{HostCommand, HostsArgs};
 use crate::commands::lease::LeaseCommand;
-use crate::commands::{Ctx, admin, events, hosts, lease};
+use crate::commands::power::PowerArgs;
+use crate::commands::{Ctx, admin, console, events, hosts, lease, power};
 
 /// Lease lab hardware: list hosts, acquire and release leases, follow events
 #[derive(Debug, Parser)]
@@ -101,9 +110,41 @@ enum Command {
     /// Show one host, or put it in or out of maintenance
     #[command(subcommand)]
     Host(HostCommand),
-    /// Acquire, renew, release, show and list leases
+    /// Acquire, renew, release, show and list leases; wait for boot
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Power a host on, off, cycle or reset it, or read its power state
+    ///
+    /// Prints the power state read back after the action ("x1: on"). Changing
+    /// power needs the host's active lease (or an operator); anyone may read
+    /// it. Exit 3 when the host is not yours, 7 when its agent or BMC does
+    /// not answer, 6 when the host has no BMC.
+    #[command(verbatim_doc_comment)]
+    Power(PowerArgs),
+    /// Attach to a host's live console, or print a lease's console log
+    ///
+    /// lab console HOST: output goes to stdout as it comes; on a terminal,
+    /// keys go to the host in raw mode (Ctrl-C included) and these escapes
+    /// are read:
+    ///   Ctrl-E c .   detach (exit 0)
+    ///   Ctrl-E c b   send a serial break
+    ///   Ctrl-E c ?   print this list
+    /// Taking the console detaches any other writer. When stdin is not a
+    /// terminal, its bytes are sent as they are (escapes only with
+    /// --escape); at its end, output is printed for one more second, then
+    /// lab exits 0.
+    ///
+    /// lab console HOST --follow: read-only; output until Ctrl-C (exit 130)
+    /// or the server ends the session (exit 0).
+    ///
+    /// lab console --lease ID: the console captured during the lease, all
+    /// its hosts in time order, on stdout; a "==> HOST <==" line goes to
+    /// stderr each time the log switches hosts.
+    ///
+    /// The banner, "[lab: ...]" notices and headers go to stderr, so stdout
+    /// holds the console bytes only. --json does not apply.
+    #[command(verbatim_doc_comment)]
+    Console(ConsoleArgs),
     /// Print the event log, or follow it live
     ///
     /// One line per event: seq, local time, actor, kind (e.g. lease-granted),
@@ -134,6 +175,8 @@ async fn main() -> ExitCode {
         Command::Hosts(args) => hosts::list(&ctx, args).await,
         Command::Host(cmd) => hosts::run(&ctx, cmd).await,
         Command::Lease(cmd) => lease::run(&ctx, cmd).await,
+        Command::Power(args) => power::run(&ctx, args).await,
+        Command::Console(args) => console::run(&ctx, args).await,
         Command::Events(args) => events::run(&ctx, args).await,
         Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
         Command::Whoami => admin::whoami(&ctx).await,

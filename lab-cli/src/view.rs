@@ -9,8 +9,9 @@ use std::time::SystemTime;
 
 use lab_proto::convert;
 use lab_proto::v1::{
-    Arch, ConsoleKind, Event, EventKind, Firmware, Host, HostState, Lease, LeaseRequest,
-    LeaseState, ReloadInventoryResponse, Role, WhoAmIResponse,
+    Arch, ConsoleKind, Event, EventKind, Firmware, Host, HostProvisioning, HostState, Lease,
+    LeaseRequest, LeaseState, PowerResponse, ProvisionPhase, ReloadInventoryResponse, Role,
+    WhoAmIResponse,
 };
 use serde::{Serialize, Serializer};
 
@@ -115,7 +116,20 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HostAdded) => "host-added",
         Ok(EventKind::HostRetired) => "host-retired",
         Ok(EventKind::HostRemoved) => "host-removed",
+        Ok(EventKind::HostUnreachable) => "host-unreachable",
+        Ok(EventKind::HostReachable) => "host-reachable",
         Ok(EventKind::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn phase_name(v: i32) -> &'static str {
+    match ProvisionPhase::try_from(v) {
+        Ok(ProvisionPhase::Pending) => "pending",
+        Ok(ProvisionPhase::Booting) => "booting",
+        Ok(ProvisionPhase::Ready) => "ready",
+        Ok(ProvisionPhase::Failed) => "failed",
+        Ok(ProvisionPhase::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
 }
@@ -125,6 +139,7 @@ pub fn role_name(v: i32) -> &'static str {
         Ok(Role::Ci) => "ci",
         Ok(Role::Developer) => "developer",
         Ok(Role::Operator) => "operator",
+        Ok(Role::Agent) => "agent",
         Ok(Role::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
@@ -147,6 +162,9 @@ pub struct HostView {
     pub bmc: Option<String>,
     pub console: &'static str,
     pub generation: u64,
+    /// False while the host cannot be driven (agent away, BMC silent).
+    pub reachable: bool,
+    pub unreachable_reason: Option<String>,
 }
 
 impl From<&Host> for HostView {
@@ -167,18 +185,35 @@ impl From<&Host> for HostView {
             bmc: non_empty(&h.bmc),
             console: console_name(h.console),
             generation: h.generation,
+            reachable: h.reachable,
+            unreachable_reason: non_empty(&h.unreachable_reason),
         }
     }
 }
 
 impl HostView {
     /// The state as a table shows it: a pending maintenance on a host that is
-    /// still leased (or reclaiming) is appended, e.g. `leased+maint`.
+    /// still leased (or reclaiming) is appended, e.g. `leased+maint`, and an
+    /// unreachable host says so and why, e.g.
+    /// `available (unreachable: BMC does not answer)`.
     pub fn state_label(&self) -> String {
-        if self.maintenance && self.state != "maintenance" {
+        let mut label = if self.maintenance && self.state != "maintenance" {
             format!("{}+maint", self.state)
         } else {
             self.state.to_owned()
+        };
+        if !self.reachable {
+            label.push_str(&format!(" ({})", self.reachability()));
+        }
+        label
+    }
+
+    /// `reachable`, `unreachable` or `unreachable: <reason>`.
+    pub fn reachability(&self) -> String {
+        match (self.reachable, &self.unreachable_reason) {
+            (true, _) => "reachable".to_owned(),
+            (false, None) => "unreachable".to_owned(),
+            (false, Some(why)) => format!("unreachable: {}", why.replace('\n', " ")),
         }
     }
 }
@@ -199,6 +234,62 @@ pub struct LeaseView {
     pub ended_at: Option<Time>,
     pub generation: u64,
     pub waiter_id: Option<u64>,
+    /// How far each host got booting into the profile; empty when the
+    /// server reports nothing.
+    pub provisioning: Vec<ProvisioningView>,
+}
+
+/// One host's boot progress within a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProvisioningView {
+    pub host: String,
+    /// `pending`, `booting`, `ready` or `failed`.
+    pub phase: &'static str,
+    pub stage: Option<String>,
+    pub updated_at: Option<Time>,
+    /// For `failed`: the last lines of the host's console.
+    pub console_tail: Option<String>,
+}
+
+impl From<&HostProvisioning> for ProvisioningView {
+    fn from(p: &HostProvisioning) -> Self {
+        ProvisioningView {
+            host: p.host.clone(),
+            phase: phase_name(p.phase),
+            stage: non_empty(&p.stage),
+            updated_at: time(p.updated_at.as_ref()),
+            console_tail: non_empty(&p.console_tail),
+        }
+    }
+}
+
+impl ProvisioningView {
+    /// `booting — powered on`, or just the phase when there is no stage.
+    pub fn progress(&self) -> String {
+        match &self.stage {
+            Some(stage) => format!("{} \u{2014} {stage}", self.phase),
+            None => self.phase.to_owned(),
+        }
+    }
+}
+
+/// The power state read back after `lab power`.
+#[derive(Debug, Serialize)]
+pub struct PowerView {
+    pub host: String,
+    pub on: bool,
+    /// `on` or `off`, for readers that prefer a word.
+    pub power: &'static str,
+}
+
+impl From<&PowerResponse> for PowerView {
+    fn from(p: &PowerResponse) -> Self {
+        PowerView {
+            host: p.host.clone(),
+            on: p.on,
+            power: if p.on { "on" } else { "off" },
+        }
+    }
 }
 
 impl From<&Lease> for LeaseView {
@@ -218,6 +309,25 @@ impl From<&Lease> for LeaseView {
             ended_at: time(l.ended_at.as_ref()),
             generation: l.generation,
             waiter_id: (l.waiter_id != 0).then_some(l.waiter_id),
+            provisioning: l.provisioning.iter().map(ProvisioningView::from).collect(),
+        }
+    }
+}
+
+impl LeaseView {
+    /// One cell for the lease table: `ready` when every host is in the same
+    /// phase, else `x1:ready,x2:booting`; empty when nothing is reported.
+    pub fn boot_summary(&self) -> String {
+        let phases: Vec<&str> = self.provisioning.iter().map(|p| p.phase).collect();
+        match phases.first() {
+            None => String::new(),
+            Some(first) if phases.iter().all(|p| p == first) => (*first).to_owned(),
+            Some(_) => self
+                .provisioning
+                .iter()
+                .map(|p| format!("{}:{}", p.host, p.phase))
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 }
@@ -362,7 +472,7 @@ mod tests {
             "host-maintenance-off"
         );
         // Every event kind has a short name of its own.
-        for v in 1..=14 {
+        for v in 1..=16 {
             let name = event_kind_name(v);
             assert!(!matches!(name, "unknown" | "unspecified"), "{v}");
             let proto = EventKind::try_from(v).unwrap().as_str_name();
@@ -428,14 +538,83 @@ mod tests {
         let host = Host {
             state: HostState::Leased as i32,
             maintenance: true,
+            reachable: true,
             ..Default::default()
         };
         assert_eq!(HostView::from(&host).state_label(), "leased+maint");
         let host = Host {
             state: HostState::Maintenance as i32,
             maintenance: true,
+            reachable: true,
             ..Default::default()
         };
         assert_eq!(HostView::from(&host).state_label(), "maintenance");
+    }
+
+    #[test]
+    fn unreachable_shows_in_the_state_label_with_its_reason() {
+        let mut host = Host {
+            state: HostState::Available as i32,
+            reachable: false,
+            unreachable_reason: "BMC does not answer".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            HostView::from(&host).state_label(),
+            "available (unreachable: BMC does not answer)"
+        );
+        host.unreachable_reason.clear();
+        assert_eq!(
+            HostView::from(&host).state_label(),
+            "available (unreachable)"
+        );
+        let v = serde_json::to_value(HostView::from(&host)).unwrap();
+        assert_eq!(v["reachable"], false);
+        assert_eq!(v["unreachable_reason"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn provisioning_views_and_summary() {
+        let p = |host: &str, phase: ProvisionPhase, stage: &str| HostProvisioning {
+            host: host.into(),
+            phase: phase as i32,
+            stage: stage.into(),
+            ..Default::default()
+        };
+        let mut lease = Lease {
+            provisioning: vec![
+                p("x1", ProvisionPhase::Ready, "ready marker seen"),
+                p("x2", ProvisionPhase::Ready, ""),
+            ],
+            ..Default::default()
+        };
+        let v = LeaseView::from(&lease);
+        assert_eq!(v.boot_summary(), "ready");
+        assert_eq!(
+            v.provisioning[0].progress(),
+            "ready \u{2014} ready marker seen"
+        );
+        assert_eq!(v.provisioning[1].progress(), "ready");
+        lease.provisioning[1] = p("x2", ProvisionPhase::Booting, "powered on");
+        assert_eq!(
+            LeaseView::from(&lease).boot_summary(),
+            "x1:ready,x2:booting"
+        );
+        lease.provisioning.clear();
+        assert_eq!(LeaseView::from(&lease).boot_summary(), "");
+        let json = serde_json::to_value(LeaseView::from(&lease)).unwrap();
+        assert_eq!(json["provisioning"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn power_view() {
+        let v = PowerView::from(&PowerResponse {
+            host: "x1".into(),
+            on: true,
+        });
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            serde_json::json!({"host": "x1", "on": true, "power": "on"})
+        );
     }
 }

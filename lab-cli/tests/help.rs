@@ -56,3 +56,13 @@ fn lab_short_help() {
 fn lease_acquire_help() {
     check(&["lease", "acquire", "--help"], "lease-acquire-help.txt");
 }
+
+#[test]
+fn console_help() {
+    check(&["console", "--help"], "console-help.txt");
+}
+
+#[test]
+fn power_help() {
+    check(&["power", "--help"], "power-help.txt");
+}

@@ -1,15 +1,17 @@
 //! The real `lab` binary against a stub lab-server running in this process:
 //! exit codes, error messages, the bearer token, the acquire stream (queue
-//! lines, grant, Ctrl-C withdrawing the request) and JSON output.
+//! lines, grant, Ctrl-C withdrawing the request), JSON output, power,
+//! consoles (live, follow, the lease log) and `--wait-ready`.
 //!
 //! The stub answers from fixed data; it checks the token the way the real
-//! server will (`authorization: Bearer good` is alice, a developer).
+//! server will (`authorization: Bearer good` is alice, a developer). Alice
+//! holds x1; a1 is free and unreachable. The console of x1 echoes its input.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use lab_proto::convert::timestamp_from_millis;
@@ -21,12 +23,17 @@ use lab_proto::v1::lease_service_server::{LeaseService, LeaseServiceServer};
 use lab_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Default)]
 struct State {
     /// Set when a waiting Acquire stream was dropped by the client.
     withdrawn: AtomicBool,
+    /// x1's power.
+    power_on: AtomicBool,
+    /// GetLease calls on the leases whose boot progresses per call.
+    polls_ok: AtomicU32,
+    polls_bad: AtomicU32,
 }
 
 #[derive(Clone)]
@@ -59,6 +66,7 @@ fn hosts() -> Vec<Host> {
             lease_id: "L-1".into(),
             holder: "alice".into(),
             lease_expires_at: Some(timestamp_from_millis(now_ms() + 29 * 60_000 + 30_000)),
+            reachable: true,
             ..Default::default()
         },
         Host {
@@ -67,9 +75,69 @@ fn hosts() -> Vec<Host> {
             firmware: Firmware::Uefi as i32,
             rack: "r2".into(),
             state: HostState::Available as i32,
+            reachable: false,
+            unreachable_reason: "BMC does not answer".into(),
             ..Default::default()
         },
     ]
+}
+
+fn prov(host: &str, phase: ProvisionPhase, stage: &str) -> HostProvisioning {
+    HostProvisioning {
+        host: host.into(),
+        phase: phase as i32,
+        stage: stage.into(),
+        updated_at: Some(timestamp_from_millis(now_ms())),
+        console_tail: if phase == ProvisionPhase::Failed {
+            "Loading xen...\r\n(XEN) Panic on CPU 0\r\n".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// The leases with boot progress: `L-ok` boots to ready over three polls,
+/// `L-bad` fails on the second, `L-slow` never gets past booting, `L-gone`
+/// expired, `L-3` has two hosts, one ready and one failed.
+fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
+    use ProvisionPhase::{Booting, Failed, Pending, Ready};
+    let mut l = lease();
+    l.id = id.into();
+    l.profile = "xen".into();
+    let step = |n: &AtomicU32| {
+        if polled {
+            n.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            0
+        }
+    };
+    l.provisioning = match id {
+        "L-ok" => match step(&state.polls_ok) {
+            0 => vec![prov("x1", Pending, "")],
+            1 => vec![prov("x1", Booting, "boot device pxe")],
+            2 => vec![prov("x1", Booting, "powered on")],
+            _ => vec![prov("x1", Ready, "ready marker seen")],
+        },
+        "L-bad" => match step(&state.polls_bad) {
+            0 => vec![prov("x1", Pending, "")],
+            1 => vec![prov("x1", Booting, "powered on")],
+            _ => vec![prov("x1", Failed, "no ready marker within 180s")],
+        },
+        "L-slow" => vec![prov("x1", Booting, "powered on")],
+        "L-gone" => {
+            l.state = LeaseState::Expired as i32;
+            vec![prov("x1", Booting, "powered on")]
+        }
+        "L-3" => {
+            l.hosts = vec!["x1".into(), "a1".into()];
+            vec![
+                prov("x1", Ready, "ready marker seen"),
+                prov("a1", Failed, "no ready marker within 180s"),
+            ]
+        }
+        _ => return None,
+    };
+    Some(l)
 }
 
 fn lease() -> Lease {
@@ -109,6 +177,139 @@ impl HostService for Stub {
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no host named {name}")))
     }
+
+    async fn power(&self, req: Request<PowerRequest>) -> Result<Response<PowerResponse>, Status> {
+        principal(&req)?;
+        let PowerRequest { host, action } = req.into_inner();
+        let action = PowerAction::try_from(action)
+            .ok()
+            .filter(|a| *a != PowerAction::Unspecified)
+            .ok_or_else(|| Status::invalid_argument("action: unspecified"))?;
+        match host.as_str() {
+            "x1" => {}
+            "a1" if action == PowerAction::Status => {
+                return Ok(Response::new(PowerResponse { host, on: false }));
+            }
+            "a1" => return Err(Status::permission_denied("a1 is not leased by alice")),
+            "gone" => return Err(Status::unavailable("the agent of rack r9 is away")),
+            _ => return Err(Status::not_found(format!("no host named {host}"))),
+        }
+        let power = &self.0.power_on;
+        match action {
+            PowerAction::On | PowerAction::Cycle | PowerAction::Reset => {
+                power.store(true, Ordering::SeqCst);
+            }
+            PowerAction::Off => power.store(false, Ordering::SeqCst),
+            PowerAction::Status | PowerAction::Unspecified => {}
+        }
+        let on = power.load(Ordering::SeqCst);
+        Ok(Response::new(PowerResponse { host, on }))
+    }
+
+    type ConsoleStream = Stream<ConsoleResponse>;
+
+    /// Replays `boot: ok\r\n` (its last `replay_bytes`), then: for a
+    /// reader, `login: ` and the end of the session; for a writer, an echo
+    /// of every input and a notice for every break, until the client is
+    /// gone.
+    async fn console(
+        &self,
+        req: Request<Streaming<ConsoleRequest>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        principal(&req)?;
+        let mut input = req.into_inner();
+        let open = match input.message().await? {
+            Some(ConsoleRequest {
+                msg: Some(console_request::Msg::Open(open)),
+            }) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "msg: the first message must be open",
+                ));
+            }
+        };
+        if open.host != "x1" {
+            return Err(Status::permission_denied(format!(
+                "{} is not leased by alice",
+                open.host
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let send = |m| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(ConsoleResponse { msg: Some(m) })).await.is_ok() }
+            };
+            let replay = b"boot: ok\r\n";
+            let n = match open.replay_bytes as usize {
+                0 => replay.len(),
+                n => n.min(replay.len()),
+            };
+            send(console_response::Msg::Notice(format!(
+                "replaying {n} bytes"
+            )))
+            .await;
+            send(console_response::Msg::Output(
+                replay[replay.len() - n..].to_vec(),
+            ))
+            .await;
+            if !open.write {
+                send(console_response::Msg::Output(b"login: ".to_vec())).await;
+                send(console_response::Msg::Notice(
+                    "session closed by the stub".into(),
+                ))
+                .await;
+                return;
+            }
+            while let Ok(Some(req)) = input.message().await {
+                let reply = match req.msg {
+                    Some(console_request::Msg::Input(bytes)) => {
+                        console_response::Msg::Output(bytes)
+                    }
+                    Some(console_request::Msg::SendBreak(_)) => {
+                        console_response::Msg::Notice("break sent".into())
+                    }
+                    _ => console_response::Msg::Notice("unexpected message".into()),
+                };
+                if !send(reply).await {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type ConsoleLogStream = Stream<ConsoleResponse>;
+
+    async fn console_log(
+        &self,
+        req: Request<ConsoleLogRequest>,
+    ) -> Result<Response<Self::ConsoleLogStream>, Status> {
+        use console_response::Msg::{Host, Notice, Output};
+        principal(&req)?;
+        let msgs = match req.get_ref().lease_id.as_str() {
+            "L-1" => vec![
+                Host("x1".into()),
+                Output(b"one\n".to_vec()),
+                Notice("gap: 3 s of output lost".into()),
+                Output(b"two\n".to_vec()),
+            ],
+            "L-3" => vec![
+                Host("x1".into()),
+                Output(b"x1 first\n".to_vec()),
+                Host("a1".into()),
+                Output(b"a1 first\n".to_vec()),
+                Host("x1".into()),
+                Output(b"x1 second\n".to_vec()),
+            ],
+            _ => return Err(Status::not_found("no such lease")),
+        };
+        let (tx, rx) = mpsc::channel(msgs.len());
+        for m in msgs {
+            tx.try_send(Ok(ConsoleResponse { msg: Some(m) })).unwrap();
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
 
 #[tonic::async_trait]
@@ -122,6 +323,14 @@ impl LeaseService for Stub {
         principal(&req)?;
         let AcquireRequest { request, no_wait } = req.into_inner();
         let flags = request.unwrap_or_default().flags;
+        let granted_id = if flags.iter().any(|f| f == "boots") {
+            "L-ok"
+        } else if flags.iter().any(|f| f == "fails") {
+            "L-bad"
+        } else {
+            "L-1"
+        };
+        let granted_lease = booting_lease(&self.0, granted_id, false).unwrap_or_else(lease);
         if no_wait {
             return Err(Status::resource_exhausted("no matching host is free"));
         }
@@ -152,7 +361,7 @@ impl LeaseService for Stub {
                 let _ = tx.send(queued(pos, len)).await;
             }
             let granted = AcquireUpdate {
-                update: Some(Update::Granted(lease())),
+                update: Some(Update::Granted(granted_lease)),
             };
             let _ = tx.send(Ok(granted)).await;
         });
@@ -173,10 +382,13 @@ impl LeaseService for Stub {
 
     async fn get_lease(&self, req: Request<GetLeaseRequest>) -> Result<Response<Lease>, Status> {
         principal(&req)?;
-        if req.get_ref().lease_id != "L-1" {
-            return Err(Status::not_found("no such lease"));
+        let id = &req.get_ref().lease_id;
+        if id == "L-1" {
+            return Ok(Response::new(lease()));
         }
-        Ok(Response::new(lease()))
+        booting_lease(&self.0, id, true)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no such lease"))
     }
 
     async fn list_leases(
@@ -374,9 +586,9 @@ fn hosts_table_json_and_not_found() {
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        "NAME  ARCH     FW    RACK  STATE      HOLDER  LEASE  EXPIRES  FLAGS\n\
-         x1    x86_64   uefi  r1    leased     alice   L-1    in 29m   gpu\n\
-         a1    aarch64  uefi  r2    available  -       -      -        -\n"
+        "NAME  ARCH     FW    RACK  STATE                                         HOLDER  LEASE  EXPIRES  FLAGS\n\
+         x1    x86_64   uefi  r1    leased                                        alice   L-1    in 29m   gpu\n\
+         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  -       -      -        -\n"
     );
     let (code, out, _) = run(addr, GOOD, &["hosts", "--arch", "aarch64", "--json"]);
     assert_eq!(code, 0);
@@ -530,4 +742,407 @@ fn cannot_connect_exits_7_naming_the_server() {
     assert_eq!((code, out.as_str()), (7, ""));
     let prefix = format!("lab: cannot connect to http://{addr}: ");
     assert!(err.starts_with(&prefix), "{err}");
+}
+
+/// Runs `lab` with `input` on its stdin (a pipe, closed after the input).
+fn run_with_stdin(addr: SocketAddr, args: &[&str], input: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut child = lab(addr, GOOD, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    (
+        status.code().expect("exited, not signalled"),
+        stdout,
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+#[test]
+fn power_prints_the_state_read_back() {
+    let (addr, _) = start();
+    assert_eq!(
+        run(addr, GOOD, &["power", "status", "x1"]),
+        (0, "x1: off\n".into(), String::new())
+    );
+    assert_eq!(
+        run(addr, GOOD, &["power", "on", "x1"]),
+        (0, "x1: on\n".into(), String::new())
+    );
+    let (code, out, _) = run(addr, GOOD, &["power", "status", "x1", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"host": "x1", "on": true, "power": "on"})
+    );
+    let (code, out, _) = run(addr, GOOD, &["power", "cycle", "x1"]);
+    assert_eq!((code, out.as_str()), (0, "x1: on\n"));
+}
+
+#[test]
+fn power_errors_map_to_exit_codes() {
+    let (addr, _) = start();
+    // Anyone may read the power of a host that is not theirs.
+    let (code, out, _) = run(addr, GOOD, &["power", "status", "a1"]);
+    assert_eq!((code, out.as_str()), (0, "a1: off\n"));
+    let (code, out, err) = run(addr, GOOD, &["power", "off", "a1"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (3, "", "lab: a1 is not leased by alice\n")
+    );
+    let (code, _, err) = run(addr, GOOD, &["power", "on", "nope"]);
+    assert_eq!((code, err.as_str()), (4, "lab: no host named nope\n"));
+    let (code, _, err) = run(addr, GOOD, &["power", "reset", "gone"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (7, "lab: the agent of rack r9 is away\n")
+    );
+    let (code, _, _) = run(addr, GOOD, &["power", "toggle", "x1"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn hosts_show_unreachable_hosts_and_why() {
+    let (addr, _) = start();
+    let (code, out, _) = run(addr, GOOD, &["host", "show", "a1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\nreachable    no: BMC does not answer\n"),
+        "{out}"
+    );
+    let (code, out, _) = run(addr, GOOD, &["host", "show", "a1", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reachable"], false);
+    assert_eq!(v["unreachable_reason"], "BMC does not answer");
+}
+
+#[test]
+fn console_follow_prints_output_and_notices() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["console", "x1", "--follow"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "boot: ok\r\nlogin: ");
+    assert_eq!(
+        err,
+        "[connected to x1 console, read-only; Ctrl-C to quit]\n\
+         [lab: replaying 10 bytes]\n\
+         [lab: session closed by the stub]\n\
+         [console closed by the server]\n"
+    );
+    let (code, out, err) = run(addr, GOOD, &["console", "x1", "-f", "--replay", "4"]);
+    assert_eq!((code, out.as_str()), (0, "ok\r\nlogin: "), "{err}");
+    assert!(err.contains("[lab: replaying 4 bytes]\n"), "{err}");
+
+    let (code, out, err) = run(addr, GOOD, &["console", "a1", "--follow"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (3, "", "lab: a1 is not leased by alice\n")
+    );
+}
+
+#[test]
+fn console_without_a_terminal_sends_stdin_and_prints_the_echo() {
+    let (addr, _) = start();
+    let started = Instant::now();
+    // No escape processing without --escape: Ctrl-E c . is just bytes.
+    let (code, out, err) = run_with_stdin(addr, &["console", "x1"], b"hello\n\x05c.");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, b"boot: ok\r\nhello\n\x05c.");
+    assert_eq!(
+        err,
+        "[connected to x1 console, write access]\n[lab: replaying 10 bytes]\n"
+    );
+    // It lingers a second after stdin ends, and not much more.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn console_escapes_with_escape_flag() {
+    let (addr, _) = start();
+    let (code, out, err) =
+        run_with_stdin(addr, &["console", "x1", "--escape"], b"ab\x05cbcd\x05c?");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, b"boot: ok\r\nabcd");
+    assert!(
+        err.starts_with("[connected to x1 console, write access; Ctrl-E c . to detach]\n"),
+        "{err}"
+    );
+    assert!(err.contains("[lab: sending a break]\n"), "{err}");
+    assert!(err.contains("[lab: break sent]\n"), "{err}");
+    assert!(
+        err.contains("[lab: Ctrl-E c .  detach from the console]\n"),
+        "{err}"
+    );
+
+    // Detach: what follows the escape is never sent.
+    let (code, out, err) = run_with_stdin(addr, &["console", "x1", "--escape"], b"x\x05c.y");
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(&b'y'), "{out:?}");
+    assert!(err.ends_with("[detached from x1]\n"), "{err}");
+}
+
+#[test]
+fn console_log_of_a_lease_in_order() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["console", "--lease", "L-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "one\ntwo\n");
+    assert_eq!(err, "==> x1 <==\n[lab: gap: 3 s of output lost]\n");
+
+    let (code, out, err) = run(addr, GOOD, &["console", "--lease", "L-3"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "x1 first\na1 first\nx1 second\n");
+    assert_eq!(err, "==> x1 <==\n==> a1 <==\n==> x1 <==\n");
+
+    let (code, _, err) = run(addr, GOOD, &["console", "--lease", "L-9"]);
+    assert_eq!((code, err.as_str()), (4, "lab: no such lease\n"));
+}
+
+#[test]
+fn acquire_wait_ready_prints_stages_until_ready() {
+    let (addr, _) = start();
+    let (code, out, err) = run(
+        addr,
+        GOOD,
+        &["lease", "acquire", "--flag", "boots", "--wait-ready"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let progress: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("waiting: "))
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            "x1: pending",
+            "x1: booting \u{2014} boot device pxe",
+            "x1: booting \u{2014} powered on",
+            "x1: ready \u{2014} ready marker seen",
+        ]
+    );
+    assert!(out.starts_with("lease    L-ok\nhosts    x1\n"), "{out}");
+
+    let (code, out, _) = run(
+        addr,
+        GOOD,
+        &[
+            "lease",
+            "acquire",
+            "--flag",
+            "boots",
+            "--wait-ready=1m",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["provisioning"][0]["phase"], "ready");
+    assert_eq!(v["provisioning"][0]["stage"], "ready marker seen");
+}
+
+#[test]
+fn acquire_wait_ready_fails_with_the_console_tail() {
+    let (addr, _) = start();
+    let (code, out, err) = run(
+        addr,
+        GOOD,
+        &["lease", "acquire", "--flag", "fails", "--wait-ready=1m"],
+    );
+    assert_eq!(code, 8, "{err}");
+    let progress: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("waiting: "))
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            "x1: pending",
+            "x1: booting \u{2014} powered on",
+            "x1: failed \u{2014} no ready marker within 180s",
+            "==> console of x1 (last lines) <==",
+            "Loading xen...",
+            "(XEN) Panic on CPU 0",
+            "lab: provisioning failed on x1: no ready marker within 180s; \
+             lease L-bad is still held",
+        ]
+    );
+    assert!(
+        err.contains("\nLoading xen...\r\n(XEN) Panic on CPU 0\r\n"),
+        "the tail as the server sent it: {err:?}"
+    );
+    // The lease is printed all the same, so a script can release it.
+    assert!(out.starts_with("lease    L-bad\n"), "{out}");
+}
+
+#[test]
+fn wait_ready_on_an_existing_lease() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["lease", "wait-ready", "L-ok"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.ends_with("x1: ready \u{2014} ready marker seen\n"),
+        "{err}"
+    );
+    assert!(out.starts_with("lease    L-ok\n"), "{out}");
+
+    let (code, out, err) = run(
+        addr,
+        GOOD,
+        &["lease", "wait-ready", "L-slow", "--timeout", "1s"],
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            9,
+            "",
+            "x1: booting \u{2014} powered on\n\
+             lab: not ready after 1s (x1: booting \u{2014} powered on); \
+             lease L-slow is still held\n"
+        )
+    );
+
+    let (code, _, err) = run(addr, GOOD, &["lease", "wait-ready", "L-gone"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.ends_with("lab: lease L-gone is expired while its hosts were booting\n"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(addr, GOOD, &["lease", "wait-ready", "L-9"]);
+    assert_eq!((code, err.as_str()), (4, "lab: no such lease\n"));
+}
+
+#[test]
+fn lease_show_has_boot_progress() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["lease", "show", "L-3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "\nHOST  PHASE   STAGE                        UPDATED\n\
+             x1    ready   ready marker seen            now\n\
+             a1    failed  no ready marker within 180s  now\n\
+             \n==> console of a1 (last lines) <==\n\
+             Loading xen...\r\n(XEN) Panic on CPU 0\r\n"
+        ),
+        "{out}"
+    );
+    let (code, out, _) = run(addr, GOOD, &["lease", "show", "L-3", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["provisioning"][1]["host"], "a1");
+    assert_eq!(v["provisioning"][1]["phase"], "failed");
+    assert_eq!(
+        v["provisioning"][1]["console_tail"],
+        "Loading xen...\r\n(XEN) Panic on CPU 0\r\n"
+    );
+    assert_eq!(
+        v["provisioning"][0]["console_tail"],
+        serde_json::Value::Null
+    );
+}
+
+/// Chunks read from a pty master on a thread of their own, so a test can
+/// wait with a deadline.
+struct PtyOutput {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl PtyOutput {
+    fn new(mut master: std::fs::File) -> Self {
+        let (tx, chunks) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        PtyOutput {
+            chunks,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 10 s) until `want` has been seen.
+    fn until(&mut self, want: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.seen.windows(want.len()).any(|w| w == want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend_from_slice(&chunk),
+                Err(_) => panic!(
+                    "never saw {:?} in {:?}",
+                    want.escape_ascii().to_string(),
+                    self.seen.escape_ascii().to_string()
+                ),
+            }
+        }
+    }
+}
+
+/// The terminal path: `lab console` on a pseudo-terminal: raw mode (keys
+/// reach the host one by one, Ctrl-C included, with no local echo; our own
+/// messages end in `\r\n`), the escapes, and the terminal settings restored
+/// after detaching.
+#[test]
+fn console_on_a_terminal_is_raw_and_restored() {
+    use nix::sys::termios::{LocalFlags, OutputFlags, tcgetattr};
+    let (addr, _) = start();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let before = tcgetattr(&pty.slave).unwrap();
+    assert!(
+        before
+            .local_flags
+            .contains(LocalFlags::ICANON | LocalFlags::ECHO)
+    );
+    let mut child = lab(addr, GOOD, &["console", "x1"])
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let mut out = PtyOutput::new(master.try_clone().unwrap());
+    out.until(b"[connected to x1 console, write access; Ctrl-E c . to detach]\r\n");
+    out.until(b"boot: ok\r\n");
+    // No newline: in canonical mode these would never reach lab.
+    master.write_all(b"hi\x03").unwrap();
+    out.until(b"hi\x03");
+    master.write_all(b"\x05c.").unwrap();
+    out.until(b"[detached from x1]\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lab did not exit after detaching"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    let text = out.seen.escape_ascii().to_string();
+    assert_eq!(text.matches("hi").count(), 1, "no local echo: {text}");
+    let after = tcgetattr(&pty.slave).unwrap();
+    assert_eq!(after.local_flags, before.local_flags, "lflag restored");
+    assert_eq!(after.input_flags, before.input_flags, "iflag restored");
+    assert_eq!(after.output_flags, before.output_flags, "oflag restored");
+    assert!(after.output_flags.contains(OutputFlags::OPOST));
 }

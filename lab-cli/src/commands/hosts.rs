@@ -150,8 +150,18 @@ fn details(v: &HostView, now: SystemTime) -> String {
         ),
         ("bmc", v.bmc.clone().unwrap_or_default()),
         ("console", v.console.to_owned()),
+        ("reachable", reachable(v)),
         ("generation", v.generation.to_string()),
     ])
+}
+
+/// `yes`, or `no: <reason>` for `host show`.
+fn reachable(v: &HostView) -> String {
+    match (v.reachable, &v.unreachable_reason) {
+        (true, _) => "yes".to_owned(),
+        (false, None) => "no".to_owned(),
+        (false, Some(why)) => format!("no: {why}"),
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +184,7 @@ mod tests {
             lease_id: "L-1".into(),
             holder: "ci".into(),
             lease_expires_at: Some(timestamp_from_millis(now_ms + 29 * 60_000 + 30_000)),
+            reachable: true,
             ..Default::default()
         };
         let free = Host {
@@ -182,6 +193,7 @@ mod tests {
             firmware: Firmware::Uefi as i32,
             rack: "r2".into(),
             state: HostState::Available as i32,
+            reachable: true,
             ..Default::default()
         };
         let views: Vec<HostView> = [leased, free].iter().map(HostView::from).collect();
@@ -190,6 +202,22 @@ mod tests {
             "NAME  ARCH     FW    RACK  STATE      HOLDER  LEASE  EXPIRES  FLAGS\n\
              x1    x86_64   uefi  r1    leased     ci      L-1    in 29m   gpu,nvme\n\
              a1    aarch64  uefi  r2    available  -       -      -        -\n"
+        );
+    }
+
+    #[test]
+    fn host_details_show_why_it_is_unreachable() {
+        let host = Host {
+            name: "a1".into(),
+            state: HostState::Available as i32,
+            reachable: false,
+            unreachable_reason: "BMC does not answer".into(),
+            ..Default::default()
+        };
+        let text = details(&HostView::from(&host), std::time::UNIX_EPOCH);
+        assert!(
+            text.contains("\nreachable    no: BMC does not answer\n"),
+            "{text}"
         );
     }
 }

@@ -1,22 +1,30 @@
-//! `lab lease acquire|renew|release|show|list`.
+//! `lab lease acquire|renew|release|show|list|wait-ready`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use lab_proto::convert;
 use lab_proto::v1::acquire_update::Update;
 use lab_proto::v1::{
-    AcquireRequest, GetLeaseRequest, Lease, LeaseRequest, ListLeasesRequest, ReleaseRequest,
-    RenewRequest,
+    AcquireRequest, GetLeaseRequest, Lease, LeaseRequest, LeaseState, ListLeasesRequest,
+    ReleaseRequest, RenewRequest,
 };
 
 use super::{ArchArg, Ctx};
 use crate::clock;
-use crate::exit::{Interrupted, StreamEnded};
+use crate::exit::{Interrupted, LeaseEnded, ProvisionFailed, StreamEnded, TimedOut};
 use crate::output::{self, Table};
+use crate::ready::{self, Progress, Verdict};
 use crate::view::LeaseView;
 use crate::waiting::{Queued, WaitLine};
+
+/// How long `--wait-ready` (without a value) and `lease wait-ready` wait for
+/// the hosts to boot, counted from the grant (or the start of the command).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// How often `--wait-ready` asks the server for the lease.
+pub const READY_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Subcommand)]
 pub enum LeaseCommand {
@@ -29,6 +37,12 @@ pub enum LeaseCommand {
     ///
     /// --flag, --host and --arch all narrow the hosts that may be granted;
     /// --count says how many of them, granted together or not at all.
+    ///
+    /// With --wait-ready, after the grant each host's boot progress is shown
+    /// on stderr ("x1: booting — powered on") until every host is ready
+    /// (exit 0), one fails (its console tail on stderr, exit 8) or the
+    /// timeout passes (exit 9). The lease is printed on stdout in every
+    /// case, so a script can release it; it is not released for you.
     #[command(verbatim_doc_comment)]
     Acquire(AcquireArgs),
     /// Extend an active lease by its TTL (or the one given)
@@ -48,6 +62,20 @@ pub enum LeaseCommand {
     Show {
         /// Lease id
         id: String,
+    },
+    /// Wait until every host of a lease has booted into its profile
+    ///
+    /// Prints each host's boot progress on stderr ("x1: booting — powered
+    /// on") and the lease on stdout once every host is ready (exit 0). A host
+    /// that fails prints its console tail on stderr and exits 8; the timeout
+    /// exits 9; a lease that ends meanwhile exits 6.
+    #[command(verbatim_doc_comment)]
+    WaitReady {
+        /// Lease id
+        id: String,
+        /// Give up after this long, e.g. 90s, 10m
+        #[arg(long, value_parser = clock::parse_ttl, default_value = "10m")]
+        timeout: Duration,
     },
     /// List active leases
     List {
@@ -89,6 +117,16 @@ pub struct AcquireArgs {
     /// Free-form note shown with the lease (a CI job URL, say)
     #[arg(long)]
     comment: Option<String>,
+    /// After the grant, wait until every host has booted (exit 8 if one
+    /// fails, 9 after TIMEOUT) [default TIMEOUT: 10m]
+    #[arg(
+        long,
+        value_name = "TIMEOUT",
+        num_args = 0..=1,
+        require_equals = true,
+        value_parser = clock::parse_ttl,
+    )]
+    wait_ready: Option<Option<Duration>>,
 }
 
 impl AcquireArgs {
@@ -112,14 +150,23 @@ impl AcquireArgs {
 pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
     match cmd {
         LeaseCommand::Acquire(args) => {
+            let wait = args.wait_ready.map(|t| t.unwrap_or(READY_TIMEOUT));
             let lease = acquire(ctx, args).await?;
-            if ctx.json {
-                return Ok(output::emit(&output::json(&LeaseView::from(&lease)))?);
-            }
-            Ok(output::emit(&granted(
-                &LeaseView::from(&lease),
-                SystemTime::now(),
-            ))?)
+            let (lease, result) = match wait {
+                Some(timeout) => wait_ready(ctx, lease, timeout).await,
+                None => (lease, Ok(())),
+            };
+            // Printed even when the wait failed: a script needs the id to
+            // release the lease.
+            print_granted(ctx, &lease)?;
+            result
+        }
+        LeaseCommand::WaitReady { id, timeout } => {
+            let req = GetLeaseRequest { lease_id: id };
+            let lease = ctx.lab.leases().get_lease(req).await?.into_inner();
+            let (lease, result) = wait_ready(ctx, lease, timeout).await;
+            result?;
+            print_granted(ctx, &lease)
         }
         LeaseCommand::Renew { id, ttl } => {
             let req = RenewRequest {
@@ -174,6 +221,96 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
     }
 }
 
+fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
+    let view = LeaseView::from(lease);
+    if ctx.json {
+        return Ok(output::emit(&output::json(&view))?);
+    }
+    Ok(output::emit(&granted(&view, SystemTime::now()))?)
+}
+
+/// Polls the lease every [`READY_POLL`] and prints each host's new boot
+/// stage on stderr until every host is ready, one fails, the lease ends or
+/// `timeout` passes. Returns the last lease seen along with the outcome.
+async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
+    let mut last = lease;
+    let id = last.id.clone();
+    let still_held = format!("lease {id} is still held");
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut progress = Progress::default();
+    let mut tick = tokio::time::interval(READY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: we have the lease
+    let result = loop {
+        match judge(&last, &mut progress) {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                break Err(TimedOut(format!(
+                    "not ready after {} ({}); {still_held}",
+                    humantime::format_duration(timeout),
+                    ready::summary(&LeaseView::from(&last)),
+                ))
+                .into());
+            }
+            () = ctrl_c() => {
+                break Err(Interrupted(Some(format!("interrupted: {still_held}"))).into());
+            }
+        }
+        let req = GetLeaseRequest {
+            lease_id: id.clone(),
+        };
+        match ctx.lab.leases().get_lease(req).await {
+            Ok(resp) => last = resp.into_inner(),
+            Err(status) => break Err(status.into()),
+        }
+    };
+    (last, result)
+}
+
+/// Prints what is new about `lease` on stderr; `Ok(true)` when every host is
+/// ready, an error when one failed or the lease ended.
+fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
+    let view = LeaseView::from(lease);
+    let mut err = std::io::stderr().lock();
+    for line in progress.news(&view) {
+        writeln!(err, "{line}")?;
+    }
+    match ready::verdict(&view) {
+        Verdict::Ready => Ok(true),
+        Verdict::Failed(hosts) => {
+            for p in &hosts {
+                if let Some(tail) = ready::tail(p) {
+                    err.write_all(tail.as_bytes())?;
+                }
+            }
+            let what = hosts
+                .iter()
+                .map(|p| match &p.stage {
+                    Some(stage) => format!("{}: {stage}", p.host),
+                    None => p.host.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(ProvisionFailed(format!(
+                "provisioning failed on {what}; lease {} is still held",
+                view.id
+            ))
+            .into())
+        }
+        Verdict::Waiting if lease.state != LeaseState::Active as i32 => Err(LeaseEnded(format!(
+            "lease {} is {} while its hosts were booting",
+            view.id, view.state
+        ))
+        .into()),
+        Verdict::Waiting => Ok(false),
+    }
+}
+
 /// Sends the request and waits for the grant, reporting the queue position
 /// on stderr. Ctrl-C drops the stream, which withdraws the request.
 async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
@@ -182,7 +319,9 @@ async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
     let mut line = WaitLine::new(stderr, live);
     let result = tokio::select! {
         r = wait_for_grant(ctx, args.request(), &mut line) => r,
-        () = ctrl_c() => Err(Interrupted(Some("interrupted: the lease request was withdrawn")).into()),
+        () = ctrl_c() => Err(Interrupted(Some(
+            "interrupted: the lease request was withdrawn".to_owned()
+        )).into()),
     };
     // The wait future (and with it the stream) is gone by now.
     line.clear()?;
@@ -267,11 +406,43 @@ fn details(l: &LeaseView, now: SystemTime) -> String {
         ("max expires", at(l.max_expires_at)),
         ("ended", at(l.ended_at)),
         ("generation", l.generation.to_string()),
-    ])
+    ]) + &provisioning(l, now)
+}
+
+/// The boot progress block of `lease show`: a table of the hosts' phases,
+/// then the console tail of each failed host. Empty when nothing is
+/// reported.
+fn provisioning(l: &LeaseView, now: SystemTime) -> String {
+    if l.provisioning.is_empty() {
+        return String::new();
+    }
+    let mut t = Table::new(&["HOST", "PHASE", "STAGE", "UPDATED"]);
+    for p in &l.provisioning {
+        t.row(vec![
+            p.host.clone(),
+            p.phase.to_owned(),
+            p.stage.clone().unwrap_or_default(),
+            p.updated_at
+                .map(|t| clock::relative(t.0, now))
+                .unwrap_or_default(),
+        ]);
+    }
+    let mut s = format!("\n{}", t.render());
+    for p in &l.provisioning {
+        if p.phase == "failed"
+            && let Some(tail) = ready::tail(p)
+        {
+            s.push('\n');
+            s.push_str(&tail);
+        }
+    }
+    s
 }
 
 fn table(leases: &[LeaseView], now: SystemTime) -> String {
-    let mut t = Table::new(&["ID", "HOLDER", "HOSTS", "STATE", "PROFILE", "EXPIRES"]);
+    let mut t = Table::new(&[
+        "ID", "HOLDER", "HOSTS", "STATE", "PROFILE", "BOOT", "EXPIRES",
+    ]);
     for l in leases {
         t.row(vec![
             l.id.clone(),
@@ -279,6 +450,7 @@ fn table(leases: &[LeaseView], now: SystemTime) -> String {
             output::list(&l.hosts),
             l.state.to_owned(),
             l.profile.clone().unwrap_or_default(),
+            l.boot_summary(),
             l.expires_at
                 .map(|t| clock::relative(t.0, now))
                 .unwrap_or_default(),
@@ -381,8 +553,61 @@ mod tests {
         };
         assert_eq!(
             table(&[LeaseView::from(&lease)], now),
-            "ID   HOLDER  HOSTS  STATE   PROFILE  EXPIRES\n\
-             L-1  ci      x1,x2  active  xen      in 1h\n"
+            "ID   HOLDER  HOSTS  STATE   PROFILE  BOOT  EXPIRES\n\
+             L-1  ci      x1,x2  active  xen      -     in 1h\n"
+        );
+    }
+
+    #[test]
+    fn wait_ready_flag() {
+        let wait = |args: &[&str]| {
+            let argv = std::iter::once("acquire").chain(args.iter().copied());
+            Cli::try_parse_from(argv).map(|c| c.args.wait_ready)
+        };
+        assert_eq!(wait(&[]).unwrap(), None);
+        assert_eq!(wait(&["--wait-ready"]).unwrap(), Some(None));
+        assert_eq!(
+            wait(&["--wait-ready=90s"]).unwrap(),
+            Some(Some(Duration::from_secs(90)))
+        );
+        assert!(wait(&["--wait-ready=soon"]).is_err());
+    }
+
+    #[test]
+    fn lease_details_show_boot_progress_and_failed_tails() {
+        use lab_proto::v1::{HostProvisioning, ProvisionPhase};
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let lease = Lease {
+            id: "L-1".into(),
+            hosts: vec!["x1".into(), "x2".into()],
+            provisioning: vec![
+                HostProvisioning {
+                    host: "x1".into(),
+                    phase: ProvisionPhase::Ready as i32,
+                    stage: "ready marker seen".into(),
+                    updated_at: Some(convert::timestamp_from_millis(1_699_999_940_000)),
+                    ..Default::default()
+                },
+                HostProvisioning {
+                    host: "x2".into(),
+                    phase: ProvisionPhase::Failed as i32,
+                    stage: "no ready marker within 180s".into(),
+                    console_tail: "Loading xen...\npanic\n".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = details(&LeaseView::from(&lease), now);
+        let block = text.split_once("\n\n").unwrap().1;
+        assert_eq!(
+            block,
+            "HOST  PHASE   STAGE                        UPDATED\n\
+             x1    ready   ready marker seen            1m ago\n\
+             x2    failed  no ready marker within 180s  -\n\
+             \n\
+             ==> console of x2 (last lines) <==\n\
+             Loading xen...\npanic\n"
         );
     }
 }

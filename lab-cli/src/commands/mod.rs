@@ -3,9 +3,11 @@
 //! JSON through `output`.
 
 pub mod admin;
+pub mod console;
 pub mod events;
 pub mod hosts;
 pub mod lease;
+pub mod power;
 
 use clap::ValueEnum;
 use lab_proto::v1::Arch;
