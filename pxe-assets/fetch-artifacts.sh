@@ -19,6 +19,19 @@
 #   undionly.kpxe          iPXE for BIOS PXE ROMs (chainloaded)
 #   ipxe.efi snponly.efi   iPXE for x86 UEFI (all drivers / firmware's network stack)
 #   VERSIONS               the package versions used
+# and for aarch64 hosts (UEFI PXE -> GRUB -> Xen on ARM), from :arm64 packages
+# fetched through a private APT configuration (CACHE_DIR/apt-arm64; the
+# machine's dpkg architectures are not changed):
+#   grubnetaa64-lab.efi    GRUB netboot image built with grub-mkimage (from
+#                          grub-common, unpacked, not installed) with efinet,
+#                          tftp, xen_boot, gzio, ... built in; prefix (tftp)/grub
+#   xen-4.17-arm64         Xen hypervisor for arm64
+#   vmlinuz-arm64.gz       Debian arm64 kernel (an Image), gzipped: GRUB's TFTP
+#                          is slow (blksize 1024); loaded with --nounzip, Xen unpacks it
+#   initrd-labbox-arm64.gz the same initramfs as x86, arm64 busybox and modules
+#   VERSIONS-arm64         their package versions and input hashes (the arm64
+#                          outputs are rebuilt only when this changes)
+# LAB_NO_ARM64=1 skips the arm64 part.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -58,6 +71,50 @@ deb_for() {
   echo "$file"
 }
 
+# arm64 packages: a private APT state (lists and cache under CACHE_DIR) whose
+# only architecture is arm64, over the machine's sources. Nothing is
+# installed and dpkg's architectures stay as they are.
+armapt=$out/apt-arm64
+apt_arm() { APT_CONFIG=$armapt/apt.conf "$@"; }
+arm_update() {
+  mkdir -p "$armapt/lists/partial" "$armapt/cache/archives/partial"
+  printf '%s\n' \
+    "Dir::State::Lists \"$armapt/lists\";" \
+    "Dir::Cache \"$armapt/cache\";" \
+    'APT::Architecture "arm64";' \
+    'APT::Architectures { "arm64"; };' \
+    'Acquire::Languages "none";' \
+    'Acquire::IndexTargets::deb::DEP-11::DefaultEnabled "false";' \
+    'Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled "false";' \
+    'Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled "false";' \
+    > "$armapt/apt.conf"
+  apt_arm apt-get update -q ${sandbox:+-o APT::Sandbox::User=root} >/dev/null
+}
+# arm_deb_for PKG: like deb_for, for PKG:arm64 (cached in debs/arm64). If it
+# cannot be resolved or downloaded (private lists older than the mirror),
+# the lists are refreshed once and the lookup repeated.
+arm_deb_for() {
+  local pkg=$1 ver file try
+  for try in 1 2; do
+    ver=$(apt_arm apt-cache policy "$pkg" | awk '/Candidate:/{print $2; exit}')
+    if [ -n "$ver" ] && [ "$ver" != "(none)" ]; then
+      file=$(ls "$out/debs/arm64/${pkg}_${ver//:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
+      if [ -z "$file" ] && (cd "$out/debs/arm64" &&
+          apt_arm apt-get download -q ${sandbox:+-o APT::Sandbox::User=root} "$pkg=$ver" >/dev/null); then
+        file=$(ls "$out/debs/arm64/${pkg}_${ver//:/%3a}_"*.deb | head -n1)
+      fi
+      if [ -n "$file" ]; then
+        echo "$pkg:arm64 $ver" >> "$work/VERSIONS-arm64"
+        echo "$file"
+        return 0
+      fi
+    fi
+    [ "$try" = 1 ] && arm_update
+  done
+  echo "no arm64 candidate for $pkg (APT state in $armapt)" >&2
+  return 1
+}
+
 sandbox=; [ "$(id -u)" = 0 ] && sandbox=1
 work=$(mktemp -d "$out/.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -95,8 +152,78 @@ if [ "$(id -u)" = 0 ]; then mknod -m 600 "$root/dev/console" c 5 1; mknod -m 666
 for f in xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz undionly.kpxe ipxe.efi snponly.efi VERSIONS; do
   mv -f "$work/$f" "$out/$f"
 done
+
+# ------------------------------------------------------------------ arm64
+# UEFI PXE -> GRUB -> Xen on ARM -> dom0 (lab-in-a-box aarch64/). The x86
+# outputs above are in place even if something here fails.
+arm_files=(grubnetaa64-lab.efi xen-4.17-arm64 vmlinuz-arm64.gz initrd-labbox-arm64.gz)
+keep_arm=
+if [ "${LAB_NO_ARM64:-0}" != 1 ]; then
+  mkdir -p "$out/debs/arm64"
+  if [ ! -s "$armapt/apt.conf" ] || ! ls "$armapt"/lists/*_Packages* >/dev/null 2>&1; then
+    arm_update
+  fi
+  akpkg=${KPKG_ARM64:-$(apt_arm apt-cache depends linux-image-arm64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
+  [ -n "$akpkg" ] || { echo "cannot resolve linux-image-arm64 (APT state in $armapt)" >&2; exit 1; }
+  akver=${akpkg#linux-image-}
+  : > "$work/VERSIONS-arm64"
+  akdeb=$(arm_deb_for "$akpkg")
+  axdeb=$(arm_deb_for xen-hypervisor-4.17-arm64)
+  agdeb=$(arm_deb_for grub-efi-arm64-bin)
+  abdeb=$(arm_deb_for busybox-static)
+  # grub-mkimage is an amd64 host tool (grub-common): unpacked, not installed.
+  gcdeb=$(deb_for grub-common)
+  echo "grub-common ${gcdeb##*/}" >> "$work/VERSIONS-arm64"
+  keep_arm="$akdeb $axdeb $agdeb $abdeb $gcdeb"
+  # Inputs besides the packages: this script (GRUB modules, compression)
+  # and the init.
+  (cd "$here" && sha256sum fetch-artifacts.sh initramfs/init) >> "$work/VERSIONS-arm64"
+  have_all=1
+  for f in "${arm_files[@]}"; do [ -s "$out/$f" ] || have_all=; done
+  if [ -n "$have_all" ] && cmp -s "$work/VERSIONS-arm64" "$out/VERSIONS-arm64"; then
+    echo "arm64 artifacts up to date (VERSIONS-arm64)"
+  else
+    a=$work/arm64
+    mkdir -p "$a"
+    AM=./lib/modules/$akver/kernel/drivers
+    (cd "$a" && dpkg-deb --fsys-tarfile "$akdeb" | tar -x "./boot/vmlinuz-$akver" \
+      "$AM/xen/xen-privcmd.ko" "$AM/xen/xenfs/xenfs.ko")
+    # The arm64 vmlinuz is an uncompressed Image (~33 MB): gzipped for GRUB's
+    # slow TFTP; the xen profile loads it with --nounzip and Xen unpacks it.
+    gzip -n -6 < "$a/boot/vmlinuz-$akver" > "$work/vmlinuz-arm64.gz"
+    (cd "$a" && dpkg-deb --fsys-tarfile "$axdeb" | tar -x ./boot/xen-4.17-arm64)
+    cp "$a/boot/xen-4.17-arm64" "$work/xen-4.17-arm64"
+
+    # GRUB: Debian's grubnetaa64.efi lacks xen_boot, so build an image with
+    # every module the lab's GRUB configs use built in (no .mod files over
+    # TFTP). Prefix /grub: GRUB turns it into (tftp,<next-server>)/grub, and
+    # its normal mode reads grub/grub.cfg (pxe-assets/grub/grub.cfg).
+    (cd "$a" && dpkg-deb -x "$agdeb" grub && dpkg-deb -x "$gcdeb" grub-common)
+    "$a/grub-common/usr/bin/grub-mkimage" -O arm64-efi -d "$a/grub/usr/lib/grub/arm64-efi" \
+      -p /grub -o "$work/grubnetaa64-lab.efi" \
+      normal configfile echo test sleep minicmd halt reboot \
+      net efinet tftp gzio xen_boot linux
+
+    # The initramfs: as x86's, with the arm64 busybox and modules (cpio is
+    # run by the amd64 busybox unpacked above).
+    (cd "$a" && dpkg-deb --fsys-tarfile "$abdeb" | tar -x ./bin/busybox)
+    aroot=$a/rootfs
+    mkdir -p "$aroot"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+    cp "$a/bin/busybox" "$aroot/bin/busybox"
+    cp "$a/$AM/xen/xen-privcmd.ko" "$a/$AM/xen/xenfs/xenfs.ko" "$aroot/lib/modules/"
+    install -m 0755 "$here/initramfs/init" "$aroot/init"
+    if [ "$(id -u)" = 0 ]; then mknod -m 600 "$aroot/dev/console" c 5 1; mknod -m 666 "$aroot/dev/null" c 1 3; fi
+    (cd "$aroot" && find . | LC_ALL=C sort | "$work/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -n -6 > "$work/initrd-labbox-arm64.gz"
+    for f in "${arm_files[@]}" VERSIONS-arm64; do
+      mv -f "$work/$f" "$out/$f"
+    done
+  fi
+fi
+
 # drop .debs of versions no longer current
-for d in "$out"/debs/*.deb; do
-  case " $kdeb $xdeb $bdeb $ideb " in *" $d "*) ;; *) rm -f "$d" ;; esac
+for d in "$out"/debs/*.deb "$out"/debs/arm64/*.deb; do
+  [ -e "$d" ] || continue
+  case " $kdeb $xdeb $bdeb $ideb $keep_arm " in *" $d "*) ;; *) rm -f "$d" ;; esac
 done
 cd "$out" && ls -l xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz undionly.kpxe ipxe.efi snponly.efi
+if [ -n "$keep_arm" ]; then ls -l "${arm_files[@]}"; fi

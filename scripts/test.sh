@@ -11,7 +11,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # ROMs (a VM that PXE-boots Xen through the agent), OpenIPMI's ipmi_sim and
 # ipmitool (a real BMC peer and the reference client).
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu openipmi ipmitool"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
   log "apt-get update"

@@ -4,7 +4,7 @@
 //! (`tests/golden/`; regenerate with `UPDATE_GOLDEN=1`).
 
 use lab_agent::assets::render::{
-    PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
+    GRUB_SUFFIX, PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
 };
 use lab_agent::hosts::{Arch, BootHost, Firmware};
 use std::collections::BTreeMap;
@@ -94,7 +94,8 @@ fn every_template_renders_for_every_kind_of_host() {
         let profile = t
             .strip_suffix(SCRIPT_SUFFIX)
             .or_else(|| t.strip_suffix(PRESEED_SUFFIX))
-            .unwrap_or_else(|| panic!("{t}: neither a script nor a preseed"));
+            .or_else(|| t.strip_suffix(GRUB_SUFFIX))
+            .unwrap_or_else(|| panic!("{t}: neither a script, a preseed nor a GRUB config"));
         for h in hosts() {
             let h = with_profile(&h, profile);
             let out = p
@@ -106,6 +107,14 @@ fn every_template_renders_for_every_kind_of_host() {
                 assert!(out.ends_with('\n'));
                 assert!(
                     out.contains(&format!("LAB-IPXE profile={profile} host={}", h.name)),
+                    "{t}: {out}"
+                );
+            }
+            if t.ends_with(GRUB_SUFFIX) {
+                // What grub/grub.cfg's flag check relies on.
+                assert!(out.lines().any(|l| l == "set lab_host=1"), "{t}: {out}");
+                assert!(
+                    out.contains(&format!("LAB-GRUB profile={profile} host={}", h.name)),
                     "{t}: {out}"
                 );
             }

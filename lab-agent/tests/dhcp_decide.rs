@@ -502,3 +502,78 @@ fn captured_ipxe_request_is_acked() {
         Decision::Ignore(IgnoreReason::OtherServer)
     );
 }
+
+/// The boot file the lab gives arm64 UEFI hosts: the GRUB netboot image
+/// that `pxe-assets/fetch-artifacts.sh` builds (agent.toml
+/// `boot_efi_arm64 = "artifacts/grubnetaa64-lab.efi"`).
+const GRUB_ARM64: &str = "artifacts/grubnetaa64-lab.efi";
+
+fn grub_cfg() -> DhcpConfig {
+    let mut c = cfg(Mode::Authoritative);
+    c.boot_files.efi_arm64 = GRUB_ARM64.into();
+    c
+}
+
+#[test]
+fn captured_aavmf_discover_gets_the_grub_image() {
+    let bytes = fixture("aavmf-arm64-discover.hex");
+    let req = Request::decode(&bytes, client(), Arrival::Dhcp).unwrap();
+    assert_eq!(req.mac.to_string(), ARM_MAC);
+    assert_eq!(req.vendor_class(), b"PXEClient:Arch:00011:UNDI:003000");
+    assert_eq!(req.msg.opts().msg_type(), Some(MessageType::Discover));
+    let (m, to) = reply(decide(&req, &hosts(), &grub_cfg()));
+    assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(to, BCAST68);
+    assert_eq!(m.yiaddr(), Ipv4Addr::new(198, 18, 0, 11));
+    assert_eq!(m.siaddr(), SERVER);
+    assert_eq!(m.xid(), req.msg.xid());
+    assert_eq!(file(&m), GRUB_ARM64);
+    assert_eq!(
+        opt(&m, OptionCode::BootfileName),
+        Some(&DhcpOption::BootfileName(GRUB_ARM64.as_bytes().to_vec()))
+    );
+    // Plain PXE: neither iPXE's option 175 nor HTTP boot's class.
+    assert!(opt(&m, OptionCode::Unknown(175)).is_none());
+    assert!(opt(&m, OptionCode::ClassIdentifier).is_none());
+    let bytes = packet::encode(&m).unwrap();
+    assert!(bytes.len() >= 300);
+}
+
+#[test]
+fn captured_aavmf_request_is_acked_with_the_grub_image() {
+    let bytes = fixture("aavmf-arm64-request.hex");
+    let req = Request::decode(&bytes, client(), Arrival::Dhcp).unwrap();
+    assert_eq!(req.mac.to_string(), ARM_MAC);
+    assert_eq!(req.client_arches, vec![11]);
+    assert!(!req.is_ipxe());
+    assert_eq!(req.requested_ip(), Some(Ipv4Addr::new(198, 18, 0, 11)));
+    assert_eq!(req.server_id(), Some(SERVER));
+    let (m, to) = reply(decide(&req, &hosts(), &grub_cfg()));
+    assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(m.yiaddr(), Ipv4Addr::new(198, 18, 0, 11));
+    assert_eq!(m.siaddr(), SERVER);
+    assert_eq!(to, BCAST68);
+    assert_eq!(file(&m), GRUB_ARM64);
+    assert!(opt(&m, OptionCode::Unknown(175)).is_none());
+    // Without the lab's boot_efi_arm64, the default name.
+    let (m, _) = reply(decide(&req, &hosts(), &cfg(Mode::Authoritative)));
+    assert_eq!(file(&m), "ipxe-arm64.efi");
+    // Another agent's address in option 54: silence.
+    let mut other = grub_cfg();
+    other.server_ip = Ipv4Addr::new(198, 18, 0, 2);
+    assert_eq!(
+        decide(&req, &hosts(), &other),
+        Decision::Ignore(IgnoreReason::OtherServer)
+    );
+    // If the inventory had the MAC as another address, the REQUEST is NAKed.
+    let moved = HostTable::new([host(
+        "arm1",
+        ARM_MAC,
+        Some([198, 18, 0, 12]),
+        Arch::Aarch64,
+        Firmware::Uefi,
+    )]);
+    let (m, to) = reply(decide(&req, &moved, &grub_cfg()));
+    assert_eq!(m.opts().msg_type(), Some(MessageType::Nak));
+    assert_eq!(to, BCAST68);
+}

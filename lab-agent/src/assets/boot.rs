@@ -5,6 +5,9 @@
 //!   rendered on each request from the host's *current* profile in the
 //!   [`HostTable`]; an unknown MAC is not found.
 //! - `hosts/<mac>.preseed`: the profile's preseed, if it has one.
+//! - `hosts/<mac>.grub`: the profile's GRUB config, for aarch64 UEFI hosts
+//!   that boot GRUB (`pxe-assets/grub/grub.cfg` sources it); the MAC as
+//!   GRUB's `$net_default_mac` prints it (`52:54:00:aa:00:01`) or hyphenated.
 //! - `artifacts/…`: the artifacts cache (Xen, kernels, iPXE binaries; see
 //!   `pxe-assets/fetch-artifacts.sh`), a second confined [`DirRoot`].
 //! - everything else: the `pxe-assets` directory, confined.
@@ -74,21 +77,22 @@ impl BootFiles {
     /// A generated per-host file, or `None` if `file` is not one.
     fn host_file(&self, file: &str) -> Option<Result<Content, OpenError>> {
         let (mac, kind) = file.rsplit_once('.')?;
-        if kind != "ipxe" && kind != "preseed" {
+        if kind != "ipxe" && kind != "preseed" && kind != "grub" {
             return None;
         }
-        // Only the hyphenated form iPXE sends; anything else is a plain file.
-        if mac.len() != 17 || mac.contains(':') {
+        // iPXE sends the hyphenated form, GRUB the one with colons; anything
+        // else is a plain file.
+        if mac.len() != 17 || (mac.contains(':') && kind != "grub") {
             return None;
         }
         let mac: Mac = mac.parse().ok()?;
         let Some(host) = self.hosts.by_mac(&mac) else {
             return Some(Err(OpenError::NotFound));
         };
-        let rendered = if kind == "ipxe" {
-            self.profiles.script(&host, &self.config).map(Some)
-        } else {
-            self.profiles.preseed(&host, &self.config)
+        let rendered = match kind {
+            "ipxe" => self.profiles.script(&host, &self.config).map(Some),
+            "grub" => self.profiles.grub(&host, &self.config).map(Some),
+            _ => self.profiles.preseed(&host, &self.config),
         };
         Some(match rendered {
             Ok(Some(text)) => Ok(Content::Bytes(text.into_bytes())),

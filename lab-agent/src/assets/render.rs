@@ -1,9 +1,11 @@
 //! Rendering of boot profiles: the `pxe-assets/profiles/*.j2` templates
 //! turned into one host's iPXE script (and, for profiles that have one, its
-//! installer preseed) with [`minijinja`].
+//! installer preseed and its GRUB config) with [`minijinja`].
 //!
 //! A profile `NAME` is the template `NAME.ipxe.j2`; `NAME.preseed.j2`, if
-//! present, is its preseed. Templates see these variables (see
+//! present, is its preseed; `NAME.grub.j2`, if present, is what GRUB hosts
+//! (aarch64 UEFI) source instead of the iPXE script — a profile without one
+//! gets a GRUB config that reports it. Templates see these variables (see
 //! `pxe-assets/README.md`):
 //!
 //! | variable | value |
@@ -31,6 +33,8 @@ use std::path::{Path, PathBuf};
 pub const SCRIPT_SUFFIX: &str = ".ipxe.j2";
 /// The suffix of a profile's preseed template.
 pub const PRESEED_SUFFIX: &str = ".preseed.j2";
+/// The suffix of a profile's GRUB config template.
+pub const GRUB_SUFFIX: &str = ".grub.j2";
 
 /// Agent-wide values every template sees.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,6 +204,32 @@ impl Profiles {
             return Ok(None);
         }
         self.render(&name, host, config).map(Some)
+    }
+
+    /// The GRUB config for `host` under its current profile (sourced by
+    /// `pxe-assets/grub/grub.cfg`). A profile without a GRUB template gets
+    /// a config that marks the host known (`lab_host=1`) and says why it
+    /// cannot boot, so GRUB does not report a missing host.
+    pub fn grub(&self, host: &BootHost, config: &RenderConfig) -> Result<String, RenderError> {
+        self.known(&host.profile)?;
+        let template = format!("{}{GRUB_SUFFIX}", host.profile);
+        if self.env.get_template(&template).is_ok() {
+            return self.render(&template, host, config);
+        }
+        let lease = host
+            .lease
+            .as_deref()
+            .filter(|l| !l.is_empty())
+            .unwrap_or("-");
+        Ok(format!(
+            "# lab host={name} mac={mac} profile={profile} lease={lease}\n\
+             set lab_host=1\n\
+             echo \"LAB-GRUB profile={profile} host={name} lease={lease}\"\n\
+             echo \"LAB-BOOT-FAILED profile={profile} has no GRUB template ({template})\"\n",
+            name = host.name,
+            mac = host.mac,
+            profile = host.profile,
+        ))
     }
 
     /// Render any loaded template by file name for `host`.
