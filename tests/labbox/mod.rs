@@ -13,6 +13,9 @@
 // Each test uses a different subset of the harness.
 #![allow(dead_code)]
 
+/// A lab in a box with a simulated BMC (ipmi_sim) per host; see bmc.rs.
+pub mod bmc;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,91 @@
+#!/bin/bash
+# The chassis_control program of one simulated BMC (OpenIPMI ipmi_sim) in the
+# lab in a box: it starts, stops and resets the host's QEMU VM and keeps the
+# boot device. Adapted from /work/shared/lab-in-a-box/ipmi/bmc-chassis.sh.
+#
+# ipmi_sim's configuration names it as
+#   chassis_control "/bin/bash <this file> <host dir>"
+# and appends the operation:
+#   <host dir> get power|boot          -> prints "power:0|1" / "boot:<device>"
+#   <host dir> set power 1|0 | reset 1 | boot pxe|default|... | shutdown 1 | identify ...
+# ipmi_sim blocks while this runs (popen), so it returns quickly: QEMU is
+# started with -daemonize, and every output goes to the log, never to stdout
+# (except the "get" answers).
+#
+# <host dir>/vm.env (written by tests/labbox/bmc.rs) sets:
+#   NAME MAC TAP SERIAL_PORT MEM ROM QEMU CHASSIS_LOG QEMU_LOG EXTRA_QEMU_ARGS
+# The VM's serial port connects to 127.0.0.1:SERIAL_PORT, the persistent
+# serial relay of the host (serial-relay.py), which ipmi_sim's SOL also uses.
+# QEMU runs inside ipmi_sim's network namespace (it inherits it).
+d=$1; op=$2; item=$3; val=$4
+[ -d "$d" ] || { echo "no host dir: $d" >&2; exit 1; }
+. "$d/vm.env"
+log=${CHASSIS_LOG:-$d/chassis.log}
+echo "$(date +%T.%N) $op $item $val" >> "$log"
+pidfile=$d/qemu.pid
+
+# The VM runs when the pid in the pidfile is a live (not zombie) QEMU of
+# this host (its command line names this pidfile: a recycled pid is not it).
+running() {
+  [ -f "$pidfile" ] || return 1
+  local pid; pid=$(cat "$pidfile" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
+  local state; state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ] || return 1
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pidfile"
+}
+
+qmp() {
+  python3 - "$d/qmp.sock" "$1" <<'PY' >> "$log" 2>&1
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1]); f = s.makefile('rw')
+f.readline(); f.write('{"execute":"qmp_capabilities"}\n'); f.flush(); f.readline()
+f.write(json.dumps({"execute": sys.argv[2]}) + '\n'); f.flush(); f.readline()
+PY
+}
+
+case "$op $item" in
+  "get power") if running; then echo power:1; else echo power:0; fi ;;
+  "get boot")  echo "boot:$(cat "$d/boot" 2>/dev/null || echo default)" ;;
+  "set boot")  echo "$val" > "$d/boot" ;;
+  "set power")
+    if [ "$val" = 1 ]; then
+      running && exit 0
+      # PXE: the NIC carries QEMU's iPXE ROM and is first in the boot order.
+      # Otherwise the NIC has no option ROM (a disk with bootindex=0 would go
+      # here); with no disk SeaBIOS finds nothing to boot.
+      # virtio-net must be modern-only (disable-legacy=on, PCI id 1af4:1041):
+      # SeaBIOS runs a ROM only for a device with the ROM's PCI id.
+      # -nographic (not -display none): only then does SeaBIOS mirror its
+      # screen, and the iPXE ROM's, to the serial port (sercon).
+      case "$(cat "$d/boot" 2>/dev/null)" in
+        pxe) nic=",romfile=$ROM,bootindex=1" ;;
+        *)   nic=",romfile=" ;;
+      esac
+      rm -f "$pidfile" "$d/qmp.sock"
+      # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
+      "${QEMU:-qemu-system-x86_64}" -name "$NAME" -accel tcg -cpu qemu64 -m "${MEM:-1G}" \
+        -nodefaults -nographic -monitor none \
+        -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
+        -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
+        -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" \
+        -device "virtio-net-pci,disable-legacy=on,netdev=n0,mac=$MAC$nic" \
+        -boot strict=on $EXTRA_QEMU_ARGS >> "${QEMU_LOG:-$d/qemu.log}" 2>&1 < /dev/null
+      rc=$?
+      [ $rc = 0 ] || echo "$(date +%T.%N) qemu failed to start: exit $rc" >> "$log"
+    else
+      if running; then
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null
+        for _ in $(seq 1 40); do running || break; sleep 0.05; done
+        running && kill -9 "$pid" 2>/dev/null
+        for _ in $(seq 1 40); do running || break; sleep 0.05; done
+      fi
+      rm -f "$pidfile" "$d/qmp.sock"
+    fi ;;
+  "set reset")    if running; then qmp system_reset; fi ;;
+  "set shutdown") if running; then qmp system_powerdown; fi ;;
+  "set identify") : ;;
+  *) echo "$(date +%T.%N) unknown operation: $*" >> "$log"; exit 1 ;;
+esac
+exit 0

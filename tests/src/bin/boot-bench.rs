@@ -1,0 +1,752 @@
+//! boot-bench: how long a Xen dom0 boot takes through the whole lab,
+//! compared with the hand-tuned peer and with the floor, side by side in
+//! one run (alternating, one VM at a time).
+//!
+//! * (a) the whole lab: `lab lease acquire --host h1 --profile xen` →
+//!   lab-server → lab-agent sets the boot device to PXE and powers the host
+//!   on over IPMI → the agent's DHCP, iPXE script and artifacts → Xen + dom0
+//!   → `LAB-DOM0-OK` in the host's console file; then `lab lease release`.
+//! * (b) the hand-tuned peer a lab admin would script: `dnsmasq` (DHCP +
+//!   TFTP, no ping before offers, iPXE's no-pxedhcp option, router
+//!   advertisements) with a per-host iPXE script loading the same images,
+//!   driven by `ipmitool -I lanplus -C 3 … chassis bootdev pxe` +
+//!   `chassis power on`; from the first ipmitool call to the marker.
+//! * (c) the floor: QEMU boots the same images directly (`-kernel` Xen,
+//!   `-initrd` dom0 kernel + initrd as multiboot modules) with the same
+//!   command lines; from QEMU's start to the marker.
+//!
+//! (a) and (b) each have their own lab in a box (tests/labbox/bmc.rs: a
+//! network namespace, a bridge, a QEMU host behind an `ipmi_sim` BMC, the
+//! console captured by a persistent relay), so the two DHCP servers never
+//! share a link. The kernel command lines come from
+//! `pxe-assets/profiles/xen.ipxe.j2`.
+//!
+//! Run (root; see tests/labbox/README.md):
+//!   cargo build --release --workspace
+//!   cargo run --release -p lab-tests --bin boot-bench -- [--runs N] [--skip-lab] [--timeout SECS]
+//! `--skip-lab` leaves out (a) (which needs lab-agent's IPMI power-on).
+
+#[path = "../../labbox/mod.rs"]
+mod labbox;
+
+use anyhow::{Context, Result, bail};
+use lab_tests::bin_path;
+use labbox::bmc::{self, BoxHost, LabBox};
+use labbox::{LogDir, Proc, WaitError};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MARKER: &str = "LAB-DOM0-OK";
+const FAILURES: [&str; 2] = ["LAB-DOM0-FAIL", "LAB-BOOT-FAILED"];
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const RA_ADDR: &str = "fd00:1ab:b0c5::1/64";
+
+struct Args {
+    runs: usize,
+    skip_lab: bool,
+    timeout: Duration,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        runs: 3,
+        skip_lab: false,
+        timeout: Duration::from_secs(120),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--runs" => {
+                a.runs = it
+                    .next()
+                    .context("--runs needs a number")?
+                    .parse()
+                    .context("--runs needs a number")?;
+                if a.runs == 0 {
+                    bail!("--runs must be at least 1");
+                }
+            }
+            "--skip-lab" => a.skip_lab = true,
+            "--timeout" => {
+                let s: u64 = it
+                    .next()
+                    .context("--timeout needs seconds")?
+                    .parse()
+                    .context("--timeout needs seconds")?;
+                a.timeout = Duration::from_secs(s);
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: boot-bench [--runs N (default 3)] [--skip-lab] [--timeout SECS (per boot, default 120)]\n\
+                     Times a Xen dom0 boot (a) through lab lease acquire, (b) with dnsmasq + ipmitool,\n\
+                     (c) by QEMU direct -kernel boot; see tests/labbox/README.md. Needs root."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    Ok(a)
+}
+
+// ------------------------------------------------------- the xen profile
+
+/// The Xen boot of the `xen` profile: file names in the artifacts cache and
+/// the command lines, read from `pxe-assets/profiles/xen.ipxe.j2` so that
+/// (b) and (c) boot exactly what the lab boots.
+struct XenBoot {
+    xen: (String, String),
+    modules: Vec<(String, String)>,
+}
+
+fn xen_boot() -> Result<XenBoot> {
+    let path = labbox::repo_root().join("pxe-assets/profiles/xen.ipxe.j2");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let mut xen = None;
+    let mut modules = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let (kind, rest) = match line.split_once(' ') {
+            Some((k @ ("kernel" | "module"), r)) => (k, r),
+            _ => continue,
+        };
+        let Some(rest) = rest.strip_prefix("{{ artifacts_url }}/") else {
+            continue;
+        };
+        let rest = rest.split(" || ").next().unwrap_or(rest).trim();
+        let (file, args) = rest.split_once(' ').unwrap_or((rest, ""));
+        let item = (file.to_owned(), args.trim().to_owned());
+        if kind == "kernel" {
+            xen.get_or_insert(item);
+        } else {
+            modules.push(item);
+        }
+    }
+    let xen = xen.with_context(|| {
+        format!(
+            "no `kernel {{{{ artifacts_url }}}}/…` line in {}",
+            path.display()
+        )
+    })?;
+    if modules.len() != 2 {
+        bail!(
+            "expected the dom0 kernel and initrd as two modules in {}, found {modules:?}",
+            path.display()
+        );
+    }
+    Ok(XenBoot { xen, modules })
+}
+
+impl XenBoot {
+    /// The per-host iPXE script of the peer: the profile's lines over TFTP.
+    fn ipxe_script(&self, host: &str) -> String {
+        let mut s = format!("#!ipxe\necho LAB-IPXE profile=xen host={host} peer=dnsmasq\n");
+        s.push_str(&format!(
+            "kernel tftp://${{next-server}}/{} {}\n",
+            self.xen.0, self.xen.1
+        ));
+        for (f, a) in &self.modules {
+            s.push_str(&format!("module tftp://${{next-server}}/{f} {a}\n").replace(" \n", "\n"));
+        }
+        s.push_str("boot\n");
+        s
+    }
+
+    /// QEMU's multiboot arguments: `-kernel`, `-append`, `-initrd`.
+    fn qemu_args(&self, artifacts: &Path) -> Vec<String> {
+        let initrd = self
+            .modules
+            .iter()
+            .map(|(f, a)| {
+                let one = format!("{} {a}", artifacts.join(f).display());
+                one.trim().replace(',', ",,")
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            "-kernel".into(),
+            artifacts.join(&self.xen.0).display().to_string(),
+            "-append".into(),
+            self.xen.1.clone(),
+            "-initrd".into(),
+            initrd,
+        ]
+    }
+
+    fn files(&self) -> Vec<&str> {
+        std::iter::once(self.xen.0.as_str())
+            .chain(self.modules.iter().map(|(f, _)| f.as_str()))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------- console phases
+
+/// Console lines that mark the phases of a PXE boot, in order: the iPXE
+/// ROM runs, DHCP starts (after the ROM's fixed banner), the per-host
+/// script runs, Xen starts (images loaded), the dom0 kernel starts, its
+/// init runs, the marker.
+const PHASES: [(&str, &str); 7] = [
+    ("rom", "iPXE initialising devices"),
+    ("dhcp", "Configuring (net0"),
+    ("script", "LAB-IPXE"),
+    ("xen", "(XEN) Xen version"),
+    ("dom0", "Linux version"),
+    ("init", "LAB-BOOTED"),
+    ("marker", MARKER),
+];
+
+/// When each phase first appeared (seconds after `t0`).
+type Phases = [Option<f64>; PHASES.len()];
+
+/// Polls the host's console file (every 10 ms) from byte `from` until the
+/// marker, noting when each phase appears; fails on a failure marker or
+/// after `timeout` with the console's tail.
+fn wait_phases(
+    lab: &LabBox,
+    h: &BoxHost,
+    from: u64,
+    t0: Instant,
+    timeout: Duration,
+) -> Result<(Duration, Phases)> {
+    let mut seen: Phases = [None; PHASES.len()];
+    loop {
+        let bytes = std::fs::read(lab.console_path(h)).unwrap_or_default();
+        let now = Instant::now();
+        let text = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default());
+        for (i, (_, needle)) in PHASES.iter().enumerate() {
+            if seen[i].is_none() && text.contains(needle) {
+                seen[i] = Some(now.duration_since(t0).as_secs_f64());
+            }
+        }
+        if let Some(f) = FAILURES.iter().find(|f| text.contains(*f)) {
+            bail!("{} reported {f}; console tail:\n{}", h.name, tail(&text));
+        }
+        if seen[PHASES.len() - 1].is_some() {
+            return Ok((now.duration_since(t0), seen));
+        }
+        if now.duration_since(t0) > timeout {
+            bail!(
+                "no {MARKER} on {}'s console within {timeout:?}; console tail:\n{}",
+                h.name,
+                tail(&text)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn phases_line(p: &Phases) -> String {
+    PHASES
+        .iter()
+        .zip(p)
+        .filter(|((name, _), _)| *name != "marker")
+        .map(|((name, _), t)| match t {
+            Some(t) => format!("{name} {t:.2}"),
+            None => format!("{name} -"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ------------------------------------------------------ (b) the peer
+
+/// dnsmasq serving DHCP + TFTP in its own lab box.
+struct Peer {
+    // Dropped first: dnsmasq, then the box.
+    _dnsmasq: Proc,
+    lab: LabBox,
+}
+
+fn dnsmasq_conf(lab: &LabBox, tftp: &Path) -> String {
+    let logs = lab.logs();
+    let mut s = format!(
+        "# boot-bench's hand-tuned peer: DHCP + TFTP only, on br0 inside the box's namespace\n\
+         port=0\n\
+         user=root\n\
+         interface={br}\n\
+         bind-interfaces\n\
+         except-interface=lo\n\
+         dhcp-authoritative\n\
+         dhcp-range={net},static,255.255.255.0,1h\n\
+         # iPXE identifies itself with option 175 and user class iPXE\n\
+         dhcp-match=set:ipxe,175\n\
+         dhcp-userclass=set:ipxe,iPXE\n\
+         # iPXE option 175.176 (no-pxedhcp): don't wait ~3 s for ProxyDHCP offers\n\
+         dhcp-option=tag:ipxe,encap:175,176,1b\n\
+         # no ~3 s ICMP probe before each offer\n\
+         no-ping\n\
+         # answer iPXE's router solicitation (else it waits ~13 s for IPv6)\n\
+         enable-ra\n\
+         dhcp-range=::,constructor:{br},ra-only\n\
+         enable-tftp\n\
+         tftp-root={tftp}\n\
+         log-dhcp\n\
+         pid-file={pid}\n\
+         log-facility={log}\n\
+         dhcp-leasefile={leases}\n",
+        br = bmc::BRIDGE,
+        net = "198.18.0.0",
+        tftp = tftp.display(),
+        pid = logs.join("dnsmasq.pid").display(),
+        log = logs.join("dnsmasq.log").display(),
+        leases = logs.join("dnsmasq.leases").display(),
+    );
+    for h in lab.hosts() {
+        s.push_str(&format!(
+            "dhcp-host={},{},{},set:{}\ndhcp-boot=tag:ipxe,tag:{},hosts/{}.ipxe,,{}\n",
+            h.mac,
+            h.ipv4,
+            h.name,
+            h.name,
+            h.name,
+            h.name,
+            bmc::SERVER_IP
+        ));
+    }
+    s
+}
+
+fn start_peer(boot: &XenBoot, artifacts: &Path) -> Result<Peer> {
+    let lab = LabBox::start("bench-peer", 1);
+    let ns = lab.netns();
+    ns.ip(&["addr", "add", RA_ADDR, "dev", bmc::BRIDGE, "nodad"]);
+    let tftp = lab.logs().join("tftp");
+    std::fs::create_dir_all(tftp.join("hosts"))?;
+    for f in boot.files() {
+        let (src, dst) = (artifacts.join(f), tftp.join(f));
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).with_context(|| format!("copy {}", src.display()))?;
+        }
+    }
+    for h in lab.hosts() {
+        std::fs::write(
+            tftp.join(format!("hosts/{}.ipxe", h.name)),
+            boot.ipxe_script(&h.name),
+        )?;
+    }
+    let conf = lab.logs().join("dnsmasq.conf");
+    std::fs::write(&conf, dnsmasq_conf(&lab, &tftp))?;
+    let mut cmd = ns.command("dnsmasq");
+    cmd.arg("--keep-in-foreground")
+        .arg(format!("--conf-file={}", conf.display()));
+    let dnsmasq = Proc::spawn("dnsmasq", cmd, lab.logs());
+    let log = lab.logs().join("dnsmasq.log");
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("TFTP root is") {
+            break;
+        }
+        let stderr =
+            std::fs::read_to_string(lab.logs().join("dnsmasq.stderr.log")).unwrap_or_default();
+        if Instant::now() > deadline || stderr.contains("dnsmasq:") {
+            bail!("dnsmasq did not start:\n{stderr}\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Peer {
+        _dnsmasq: dnsmasq,
+        lab,
+    })
+}
+
+/// Powers the host off over IPMI and waits until its VM is gone.
+fn power_off(lab: &LabBox, h: &BoxHost) -> Result<()> {
+    lab.ipmitool(h, &["chassis", "power", "off"])
+        .map_err(anyhow::Error::msg)?;
+    if !lab.wait_vm(h, false, Duration::from_secs(15)) {
+        bail!("{}'s VM still runs after IPMI power off", h.name);
+    }
+    Ok(())
+}
+
+fn run_peer(peer: &Peer, timeout: Duration) -> Result<(Duration, Phases)> {
+    let lab = &peer.lab;
+    let h = &lab.hosts()[0];
+    if lab.vm_running(h) {
+        power_off(lab, h)?;
+    }
+    let from = lab.console_len(h);
+    let t0 = Instant::now();
+    let out = lab
+        .ipmitool(h, &["chassis", "bootdev", "pxe"])
+        .map_err(anyhow::Error::msg)?;
+    if !out.contains("pxe") {
+        bail!("chassis bootdev pxe refused: {out}");
+    }
+    lab.ipmitool(h, &["chassis", "power", "on"])
+        .map_err(anyhow::Error::msg)?;
+    let r = wait_phases(lab, h, from, t0, timeout).context("(b) dnsmasq + ipmitool")?;
+    power_off(lab, h)?;
+    Ok(r)
+}
+
+// ---------------------------------------------------- (c) the floor
+
+fn run_direct(
+    boot: &XenBoot,
+    artifacts: &Path,
+    logs: &LogDir,
+    n: usize,
+    timeout: Duration,
+) -> Result<Duration> {
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-cpu", "qemu64", "-m", bmc::VM_MEM])
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-no-reboot")
+        .args(boot.qemu_args(artifacts));
+    let t0 = Instant::now();
+    let mut vm = Proc::spawn(&format!("direct-{n}"), cmd, logs);
+    let r = vm.wait_for(
+        timeout,
+        |l| l.contains(MARKER),
+        |l| FAILURES.iter().any(|f| l.contains(f)),
+    );
+    let dt = t0.elapsed();
+    vm.kill();
+    match r {
+        Ok(_) => Ok(dt),
+        Err(WaitError::Failed(l)) => bail!("(c) direct boot failed: {l}"),
+        Err(e) => bail!(
+            "(c) no {MARKER} from the direct boot within {timeout:?} ({e:?}); see {}",
+            vm.log_path().display()
+        ),
+    }
+}
+
+// ------------------------------------------------- (a) the whole lab
+
+/// lab-server and lab-agent in their own lab box.
+struct Lab {
+    // Dropped first: the agent, the server, then the box.
+    _agent: Proc,
+    _server: Proc,
+    server: String,
+    lab: LabBox,
+}
+
+fn agent_toml(server: &str, artifacts: &Path) -> String {
+    let assets = labbox::repo_root().join("pxe-assets");
+    let ip = bmc::SERVER_IP;
+    format!(
+        r#"rack = "r1"
+server = "http://{server}"
+default_profile = "local-disk"
+
+[dhcp]
+mode = "authoritative"
+interface = "{br}"
+server_ip = "{ip}"
+subnet_mask = "255.255.255.0"
+router = "{ip}"
+lease_secs = 600
+script_url = "http://{{server_ip}}:8080/hosts/{{mac}}.ipxe"
+
+[tftp]
+listen = "{ip}:69"
+
+[http]
+listen = "{ip}:8080"
+url = "http://{ip}:8080"
+
+[assets]
+root = "{}"
+artifacts = "{}"
+"#,
+        assets.display(),
+        artifacts.display(),
+        br = bmc::BRIDGE,
+    )
+}
+
+fn start_lab(artifacts: &Path) -> Result<Lab> {
+    for bin in ["lab-server", "lab-agent", "lab"] {
+        let p = bin_path(bin);
+        if !p.is_file() {
+            bail!(
+                "{} is not built: run `cargo build --release --workspace` first (or pass --skip-lab)",
+                p.display()
+            );
+        }
+    }
+    let lab = LabBox::start("bench-lab", 1);
+    let ns = lab.netns();
+    let logs = lab.logs();
+    let inv = logs.join("inventory.toml");
+    std::fs::write(&inv, lab.inventory_toml("r1"))?;
+    let mut cmd = ns.command(bin_path("lab-server"));
+    cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
+        .arg("--inventory")
+        .arg(&inv)
+        .arg("--data-dir")
+        .arg(logs.join("data"))
+        .env("LAB_LOG", "info")
+        .env(bmc::PASSWORD_ENV, lab.password());
+    let mut server = Proc::spawn("lab-server", cmd, logs);
+    let line = server.expect_line("its address", START_TIMEOUT, |l| {
+        l.starts_with("lab-server listening on ")
+    });
+    let addr = line["lab-server listening on ".len()..].trim().to_owned();
+    let config = logs.join("agent.toml");
+    std::fs::write(&config, agent_toml(&addr, artifacts))?;
+    let mut cmd = ns.command(bin_path("lab-agent"));
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--token", "agent-r1"])
+        .env("LAB_LOG", "info")
+        .env(bmc::PASSWORD_ENV, lab.password());
+    let mut agent = Proc::spawn("lab-agent", cmd, logs);
+    agent.expect_line("that it runs", START_TIMEOUT, |l| {
+        l.starts_with("lab-agent running for rack r1")
+    });
+    let h = &lab.hosts()[0];
+    let url = format!(
+        "http://{}:8080/hosts/{}.ipxe",
+        bmc::SERVER_IP,
+        h.mac_hyphen()
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    while ns.curl(&url, &[]).0 != 200 {
+        if Instant::now() > deadline {
+            bail!("lab-agent never served {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Lab {
+        _agent: agent,
+        _server: server,
+        server: addr,
+        lab,
+    })
+}
+
+/// `lab --json …` inside the box's namespace: its stdout as JSON.
+fn lab_cli(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
+    let out = lab
+        .lab
+        .netns()
+        .command(bin_path("lab"))
+        .arg("--json")
+        .args(args)
+        .env("LAB_SERVER", format!("http://{}", lab.server))
+        .env("LAB_TOKEN", "bench")
+        .output()
+        .context("run lab")?;
+    if !out.status.success() {
+        bail!(
+            "lab {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("lab {args:?} printed no JSON"))
+}
+
+fn run_lab(lab: &Lab, timeout: Duration, warned: &mut bool) -> Result<(Duration, Phases)> {
+    let b = &lab.lab;
+    let h = &b.hosts()[0];
+    if b.vm_running(h) {
+        power_off(b, h)?;
+    }
+    let from = b.console_len(h);
+    let t0 = Instant::now();
+    let lease = lab_cli(
+        lab,
+        &[
+            "lease",
+            "acquire",
+            "--host",
+            &h.name,
+            "--profile",
+            "xen",
+            "--ttl",
+            "10m",
+        ],
+    )?;
+    let id = lease["id"]
+        .as_str()
+        .with_context(|| format!("no lease id in {lease}"))?
+        .to_owned();
+    let r = wait_phases(b, h, from, t0, timeout);
+    let released = lab_cli(lab, &["lease", "release", &id]);
+    let r = r.with_context(|| {
+        format!(
+            "(a) lease {id} (does lab-agent power hosts on over IPMI when a lease starts? \
+             pass --skip-lab until it does)"
+        )
+    })?;
+    released?;
+    // The release should power the host off (issue 5); make sure it is off
+    // before the next boot either way.
+    if !b.wait_vm(h, false, Duration::from_secs(20)) {
+        if !*warned {
+            eprintln!(
+                "boot-bench: (a) the release left {} powered on; powering it off over IPMI",
+                h.name
+            );
+            *warned = true;
+        }
+        power_off(b, h)?;
+    }
+    Ok(r)
+}
+
+// ------------------------------------------------------------ output
+
+struct Series {
+    label: &'static str,
+    runs: Vec<Duration>,
+}
+
+impl Series {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.runs.iter().map(Duration::as_secs_f64).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn median(&self) -> Option<f64> {
+        let v = self.sorted();
+        match v.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(v[n / 2]),
+            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+
+    fn row(&self) -> String {
+        let v = self.sorted();
+        if v.is_empty() {
+            return format!(
+                "{:<46} {:>7} {:>7} {:>7}   (skipped)",
+                self.label, "-", "-", "-"
+            );
+        }
+        let each: Vec<String> = self
+            .runs
+            .iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect();
+        format!(
+            "{:<46} {:>7.2} {:>7.2} {:>7.2}   {}",
+            self.label,
+            v[0],
+            self.median().unwrap_or(0.0),
+            v[v.len() - 1],
+            each.join(" ")
+        )
+    }
+}
+
+fn ratio(a: &Series, b: &Series) -> String {
+    match (a.median(), b.median()) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.3}", x / y),
+        _ => "-".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    LabBox::prereqs()
+        .tool("dnsmasq", &["--version"], "apt-get install -y --no-install-recommends dnsmasq-base (the binary only; it runs only inside the box)")
+        .tool("curl", &["--version"], "apt-get install -y curl")
+        .assert_all();
+    let artifacts = labbox::artifacts_dir();
+    let boot = xen_boot()?;
+    if let Some(why) = labbox::ensure_artifacts(&artifacts, &boot.files()) {
+        bail!("{why}");
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "boot-bench: {} run(s) of each, alternating, one VM at a time; QEMU TCG -cpu qemu64 -m {}; {} CPUs; load {}",
+        args.runs,
+        bmc::VM_MEM,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("boot-bench: artifacts {}", artifacts.display());
+
+    let mut a = Series {
+        label: "(a) lab lease acquire → LAB-DOM0-OK",
+        runs: vec![],
+    };
+    let mut b = Series {
+        label: "(b) dnsmasq + ipmitool → LAB-DOM0-OK",
+        runs: vec![],
+    };
+    let mut c = Series {
+        label: "(c) QEMU direct -kernel → LAB-DOM0-OK",
+        runs: vec![],
+    };
+
+    let lab = if args.skip_lab {
+        None
+    } else {
+        Some(start_lab(&artifacts)?)
+    };
+    let peer = start_peer(&boot, &artifacts)?;
+    let direct_logs = LogDir::new("bench-direct-");
+    let mut warned = false;
+    println!(
+        "boot-bench: [phases] = seconds after the start when the console first shows: rom (iPXE ROM runs), \
+         dhcp (iPXE starts DHCP), script (the per-host iPXE script runs), xen (Xen starts), \
+         dom0 (the dom0 kernel starts), init (its init runs)"
+    );
+    for n in 1..=args.runs {
+        if let Some(lab) = &lab {
+            let (d, p) = run_lab(lab, args.timeout, &mut warned).unwrap_or_else(|e| fail(e));
+            println!(
+                "run {n}: (a) {:.2} s  [{}]",
+                d.as_secs_f64(),
+                phases_line(&p)
+            );
+            a.runs.push(d);
+        }
+        let (d, p) = run_peer(&peer, args.timeout).unwrap_or_else(|e| fail(e));
+        println!(
+            "run {n}: (b) {:.2} s  [{}]",
+            d.as_secs_f64(),
+            phases_line(&p)
+        );
+        b.runs.push(d);
+        let d = run_direct(&boot, &artifacts, &direct_logs, n, args.timeout)
+            .unwrap_or_else(|e| fail(e));
+        println!("run {n}: (c) {:.2} s", d.as_secs_f64());
+        c.runs.push(d);
+    }
+
+    println!();
+    println!(
+        "{:<46} {:>7} {:>7} {:>7}   runs (s)",
+        "time to the dom0 marker", "min", "median", "max"
+    );
+    for s in [&a, &b, &c] {
+        println!("{}", s.row());
+    }
+    println!();
+    println!("(a)/(b) median: {}   (goal ≤ 1.05)", ratio(&a, &b));
+    println!("(b)/(c) median: {}", ratio(&b, &c));
+    Ok(())
+}
+
+/// A failed boot: panic so that the lab boxes keep their logs (consoles,
+/// BMC, dnsmasq, agent) and print them while they are torn down.
+fn fail(e: anyhow::Error) -> ! {
+    panic!("boot-bench: {e:#}")
+}
