@@ -1,24 +1,16 @@
 #!/usr/bin/env bash
-# The lab's main job, on one machine: lab-server with its embedded redb store
-# and the sample inventory, in loud development mode (no tokens needed).
-# Prints what to type next; Ctrl-C stops it. Data lives in .lab-data/.
+# The lab's main job, on one machine with no hardware: lab-server with its
+# embedded redb store, a rack agent and two simulated hosts (QEMU VMs, each
+# behind its own ipmi_sim BMC speaking IPMI over LAN, consoles over
+# Serial-over-LAN), all in a fresh network namespace. It takes a guided tour
+# (lease a host with profile xen, watch it boot Xen to dom0, read its
+# console, release it and see it powered off), then keeps the lab up and
+# prints what to type next until Enter is pressed. Everything it made is
+# removed when it stops. Needs root (or sudo).
+#   --tour-only   stop after the tour      --no-tour   skip the tour
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --bin lab-server --bin lab
-addr=${LAB_LISTEN:-127.0.0.1:7621}
-cat <<TXT
-
-lab-server is starting on $addr (store: .lab-data/lab.redb, inventory: inventory.toml).
-In another terminal, try:
-
-  export PATH=\$PWD/target/release:\$PATH LAB_SERVER=http://$addr LAB_TOKEN=\$USER
-  lab hosts
-  lab lease acquire --arch x86_64 --profile xen --ttl 30m
-  lab lease list
-  LAB_TOKEN=someone-else lab lease acquire --arch x86_64 --count 2   # waits in the queue
-  lab lease release <ID>
-  lab events --follow
-
-TXT
-exec ./target/release/lab-server --dev-insecure-no-auth --listen "$addr" \
-  --inventory inventory.toml --data-dir .lab-data
+./scripts/deps.sh
+cargo build --workspace --bins --locked
+SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+exec $SUDO ./target/debug/lab-demo "$@"

@@ -13,6 +13,7 @@ use lab_proto::convert::millis_from_timestamp;
 use lab_proto::v1 as pb;
 use lab_proto::v1::agent_service_client::AgentServiceClient;
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -135,7 +136,13 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
                 rack.resend_reports();
                 if first {
                     info!(hosts = n, "attached to lab-server");
-                    println!("lab-agent attached to {} ({n} hosts)", cfg.server);
+                    // For scripts and tests that wait for it; nobody may be
+                    // reading any more (println! would panic on EPIPE).
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "lab-agent attached to {} ({n} hosts)",
+                        cfg.server
+                    );
                     first = false;
                 }
             }

@@ -481,6 +481,14 @@ impl LabBox {
     }
 
     /// Kills the host's VM at once (SIGKILL) and reaps it.
+    /// Kills a host's BMC (its `ipmi_sim`): a BMC that stops answering.
+    pub fn kill_bmc(&mut self, host: &BoxHost) {
+        let name = format!("{}-ipmi_sim", host.name);
+        for p in self.procs.iter_mut().filter(|p| p.name == name) {
+            p.kill();
+        }
+    }
+
     pub fn kill_vm(&self, host: &BoxHost) {
         if let Some(pid) = self.vm_pid(host) {
             let _ = nix::sys::signal::kill(

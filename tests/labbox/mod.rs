@@ -15,6 +15,7 @@
 
 /// A lab in a box with a simulated BMC (ipmi_sim) per host; see bmc.rs.
 pub mod bmc;
+pub mod lab;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the lab in a box and the tests need, and
+# builds the boot artifacts from Debian packages. Sourced by test.sh and
+# demo.sh; safe to run repeatedly.
+#
+# Real peers and parts: busybox udhcpc and iproute2 (DHCP in network
+# namespaces), curl and atftp (TFTP and HTTP clients), QEMU with its iPXE
+# ROMs (x86 hosts that PXE-boot Xen through the agent), qemu-system-arm and
+# AAVMF (aarch64 hosts), OpenIPMI's ipmi_sim and ipmitool (a BMC per host
+# and the reference client), python3 (the serial relay between a VM and its
+# BMC, the grpcio client test).
+set -euo pipefail
+SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3"
+missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
+  printf '\n==> %s\n' "apt-get update"
+  $SUDO apt-get update -qq
+fi
+if [ -n "$missing" ]; then
+  printf '\n==> %s\n' "Debian packages: $missing"
+  # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the
+  # image's backport: allow that downgrade explicitly.
+  extra=; case " $missing " in *" qemu-system-x86 "*|*" qemu-system-arm "*) extra="qemu-utils/bookworm";; esac
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    --allow-downgrades $missing $extra
+fi
+
+printf '\n==> %s\n' "Boot artifacts from Debian packages (Xen, dom0 kernels, iPXE, GRUB, test initramfs)"
+./pxe-assets/fetch-artifacts.sh

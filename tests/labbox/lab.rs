@@ -1,0 +1,130 @@
+//! The whole lab in a box: a [`LabBox`] (namespace, BMCs, VMs) with the
+//! real `lab-server` (embedded store in the box's log directory, inventory
+//! generated for the box's hosts) and the real `lab-agent` (DHCP/TFTP/HTTP
+//! on the box's bridge, IPMI to the box's BMCs, consoles over SOL) running
+//! inside it. Used by the end-to-end test, the boot benchmark and the demo.
+
+use super::bmc::{self, LabBox};
+use super::{Proc, repo_root};
+use std::path::Path;
+use std::time::Duration;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent's configuration for a box: its bridge, the artifacts cache,
+/// the xen profile's ready text and end-of-lease debug keys.
+pub fn agent_toml(server: &str, artifacts: &Path, data: &Path, xen_timeout: &str) -> String {
+    let assets = repo_root().join("pxe-assets");
+    let ip = bmc::SERVER_IP;
+    format!(
+        r#"rack = "r1"
+server = "http://{server}"
+default_profile = "local-disk"
+data_dir = "{data}"
+bmc_probe_interval = "2s"
+
+[dhcp]
+mode = "authoritative"
+interface = "{br}"
+server_ip = "{ip}"
+subnet_mask = "255.255.255.0"
+router = "{ip}"
+lease_secs = 600
+script_url = "http://{{server_ip}}:8080/hosts/{{mac}}.ipxe"
+
+[tftp]
+listen = "{ip}:69"
+
+[http]
+listen = "{ip}:8080"
+url = "http://{ip}:8080"
+
+[assets]
+root = "{assets}"
+artifacts = "{artifacts}"
+
+# ipmi_sim offers suite 3 only and never answers the suite probe.
+[ipmi]
+cipher_suites = [3]
+
+[profiles.xen]
+ready = "LAB-DOM0-OK"
+fail = ["LAB-DOM0-FAIL", "LAB-BOOT-FAILED"]
+timeout = "{xen_timeout}"
+xen_debug_keys = "q"
+
+[profiles.health-check]
+ready = "LAB-HEALTH-OK"
+fail = ["LAB-HEALTH-FAIL", "LAB-BOOT-FAILED"]
+timeout = "120s"
+"#,
+        data = data.display(),
+        assets = assets.display(),
+        artifacts = artifacts.display(),
+        br = bmc::BRIDGE,
+    )
+}
+
+/// lab-server and lab-agent running in a box. Drop order: agent, server,
+/// then the box (VMs, BMCs, namespace, logs).
+pub struct RunningLab {
+    pub agent: Proc,
+    pub server: Proc,
+    /// lab-server's address (inside the namespace: 127.0.0.1:port).
+    pub addr: String,
+    pub lab: LabBox,
+}
+
+impl RunningLab {
+    /// Starts a box of `hosts` hosts with the lab in it, and waits until
+    /// the agent has attached.
+    pub fn start(prefix: &str, hosts: usize, artifacts: &Path, xen_timeout: &str) -> RunningLab {
+        let lab = LabBox::start(prefix, hosts);
+        let ns = lab.netns();
+        let logs = lab.logs();
+        let inv = logs.join("inventory.toml");
+        std::fs::write(&inv, lab.inventory_toml("r1")).expect("write inventory");
+        let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
+        cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
+            .arg("--inventory")
+            .arg(&inv)
+            .arg("--data-dir")
+            .arg(logs.join("server-data"))
+            .env("LAB_LOG", "info")
+            .env(bmc::PASSWORD_ENV, lab.password());
+        let mut server = Proc::spawn("lab-server", cmd, logs);
+        let line = server.expect_line("its address", START_TIMEOUT, |l| {
+            l.starts_with("lab-server listening on ")
+        });
+        let addr = line["lab-server listening on ".len()..].trim().to_owned();
+        let config = logs.join("agent.toml");
+        std::fs::write(
+            &config,
+            agent_toml(&addr, artifacts, &logs.join("agent-data"), xen_timeout),
+        )
+        .expect("write agent.toml");
+        let mut cmd = ns.command(lab_tests::bin_path("lab-agent"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--token", "agent-r1"])
+            .env("LAB_LOG", "info,lab_agent=debug");
+        let mut agent = Proc::spawn("lab-agent", cmd, logs);
+        agent.expect_line("its attach to lab-server", START_TIMEOUT, |l| {
+            l.starts_with("lab-agent attached to ")
+        });
+        RunningLab {
+            agent,
+            server,
+            addr,
+            lab,
+        }
+    }
+
+    /// A `lab` command inside the namespace, pointed at the server.
+    pub fn lab_command(&self) -> std::process::Command {
+        let mut cmd = self.lab.netns().command(lab_tests::bin_path("lab"));
+        cmd.env("LAB_SERVER", format!("http://{}", self.addr))
+            .env("LAB_TOKEN", "ci");
+        cmd
+    }
+}

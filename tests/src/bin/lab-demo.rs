@@ -1,0 +1,144 @@
+//! `lab-demo`: the lab in a box, for a person to watch and use. Brings up
+//! lab-server (embedded store), a rack agent and two simulated hosts (QEMU
+//! VMs, each behind its own `ipmi_sim` BMC) in a fresh network namespace,
+//! takes a guided tour through the `lab` CLI (lease a host with profile
+//! `xen`, watch it boot to dom0 on its console, release it and see it
+//! powered off), then keeps the lab up and prints what to type next until
+//! Enter is pressed (or at once with `--tour-only`). Everything it made is
+//! removed when it stops. Needs root; `scripts/demo.sh` builds and runs it.
+
+#[path = "../../labbox/mod.rs"]
+mod labbox;
+
+use labbox::lab::RunningLab;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Instant;
+
+fn main() {
+    let tour_only = std::env::args().any(|a| a == "--tour-only");
+    let skip_tour = std::env::args().any(|a| a == "--no-tour");
+    if !labbox::is_root() {
+        eprintln!("lab-demo: run as root (it creates a network namespace and tap devices)");
+        std::process::exit(2);
+    }
+    let artifacts = labbox::artifacts_dir();
+    if let Some(why) = labbox::ensure_artifacts(&artifacts, &labbox::XEN_ARTIFACTS) {
+        eprintln!("lab-demo: {why}");
+        std::process::exit(2);
+    }
+    println!("==> starting the lab in a box: lab-server, one rack agent, two hosts with BMCs");
+    let l = RunningLab::start("lab-demo", 2, &artifacts, "180s");
+    // A `lab` that runs inside the namespace, for the person at the keyboard.
+    let wrapper = l.lab.logs().join("lab");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {ns} env LAB_SERVER=http://{addr} LAB_TOKEN=${{LAB_TOKEN:-you}} {lab} \"$@\"\n",
+            ns = l.lab.netns().name(),
+            addr = l.addr,
+            lab = lab_tests::bin_path("lab").display()
+        ),
+    )
+    .expect("write the lab wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lab = wrapper.display().to_string();
+    println!(
+        "    namespace {}, lab-server at {} (inside it), logs in {}",
+        l.lab.netns().name(),
+        l.addr,
+        l.lab.logs().path().display()
+    );
+
+    if !skip_tour {
+        tour(&lab);
+    }
+    if tour_only {
+        return;
+    }
+    println!();
+    println!("The lab is up. In another terminal, try:");
+    println!("  {lab} hosts");
+    println!("  {lab} lease acquire --profile xen --wait-ready");
+    println!("  {lab} console h1            # Ctrl-E c . to detach");
+    println!("  {lab} power status h1");
+    println!("  {lab} console --lease LEASE_ID");
+    println!("  {lab} lease release LEASE_ID");
+    println!("  {lab} events --follow");
+    println!();
+    print!("Press Enter to stop the lab and remove everything it made. ");
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().lock().read_line(&mut String::new());
+    drop(l);
+    println!("lab-demo: stopped; namespace, processes and files removed");
+}
+
+/// Runs `lab ARGS` showing the command and its output; returns stdout.
+fn step(lab: &str, args: &[&str]) -> String {
+    println!();
+    println!("$ lab {}", args.join(" "));
+    let t0 = Instant::now();
+    let out = Command::new(lab).args(args).output().expect("run lab");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        eprintln!("lab-demo: `lab {}` failed ({})", args.join(" "), out.status);
+        std::process::exit(1);
+    }
+    println!("    ({:.1} s)", t0.elapsed().as_secs_f64());
+    stdout
+}
+
+fn tour(lab: &str) {
+    println!();
+    println!("==> the tour: lease a host, boot it into Xen, read its console, release it");
+    step(lab, &["hosts"]);
+    let json = step(
+        lab,
+        &[
+            "--json",
+            "lease",
+            "acquire",
+            "--host",
+            "h1",
+            "--profile",
+            "xen",
+            "--ttl",
+            "15m",
+            "--wait-ready=300s",
+        ],
+    );
+    let lease: serde_json::Value = serde_json::from_str(&json).expect("lease JSON");
+    let id = lease["id"].as_str().expect("lease id").to_owned();
+    step(lab, &["lease", "show", &id]);
+    step(lab, &["power", "status", "h1"]);
+    let log = Command::new(lab)
+        .args(["console", "--lease", &id])
+        .output()
+        .expect("run lab console");
+    let text = String::from_utf8_lossy(&log.stdout);
+    println!();
+    println!("$ lab console --lease {id} | tail -n 8");
+    let lines: Vec<&str> = text.lines().collect();
+    for l in &lines[lines.len().saturating_sub(8)..] {
+        println!("{l}");
+    }
+    step(lab, &["lease", "release", &id]);
+    // The reclaim (Xen debug keys, power off, boot device reset) takes a
+    // few seconds.
+    for _ in 0..60 {
+        let out = Command::new(lab)
+            .args(["--json", "host", "show", "h1"])
+            .output()
+            .expect("run lab");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["state"] == "available" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    step(lab, &["power", "status", "h1"]);
+    step(lab, &["hosts"]);
+}
