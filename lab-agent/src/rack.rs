@@ -18,8 +18,8 @@
 
 use crate::config::ProfileSettings;
 use crate::console::{
-    Capture, CaptureConfig, ConsoleHost, ConsoleLog, Hub, HubConfig, LogLimits, TcpSource,
-    ViewerEvent, XenDebugKeys, send_keys, xen_debug_sequence,
+    Capture, CaptureConfig, ConsoleHost, ConsoleLog, Hub, HubConfig, LogLimits, RecordKind,
+    TcpSource, ViewerEvent, XenDebugKeys, send_keys, xen_debug_sequence,
 };
 use crate::hosts::{Arch, BootHost, Firmware, HostTable, Mac};
 use crate::ipmi::{BootDevice, ConnectOptions, PowerAction, Secret};
@@ -424,9 +424,26 @@ impl Rack {
             }
         };
         let open = || -> Option<(ConsoleLog, Hub, crate::console::InputRx)> {
+            let dir = crate::console::log::host_dir(&self.console_root(), &host);
+            let resumed = crate::console::log::list_files(&dir).is_ok_and(|f| !f.is_empty());
             let log = match ConsoleLog::open(&self.console_root(), &host, self.0.cfg.console_limits)
             {
-                Ok(l) => l,
+                Ok(mut l) => {
+                    // A log from an earlier run: whatever the host printed
+                    // while no agent captured it is missing; say so.
+                    if resumed {
+                        let at = std::time::SystemTime::now();
+                        let text = format!(
+                            "\r\n[lab: console capture started at {}; output since the previous capture stopped is missing]\r\n",
+                            humantime::format_rfc3339_millis(at)
+                        );
+                        let ms = crate::console::source::epoch_ms(at);
+                        if let Err(e) = l.append(RecordKind::Gap, ms, text.as_bytes()) {
+                            warn!(host = %h.name, error = %crate::error_chain(&e), "cannot write the gap marker");
+                        }
+                    }
+                    l
+                }
                 Err(e) => {
                     warn!(host = %h.name, error = %crate::error_chain(&e), "cannot open the console log");
                     return None;

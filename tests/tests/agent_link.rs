@@ -440,6 +440,26 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         l2.id,
         "the lease is untouched"
     );
+    // The capture resumed, and the lease's log marks the gap.
+    let mut log = c
+        .hosts
+        .console_log(pb::ConsoleLogRequest {
+            lease_id: l2.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(m) = log.message().await.unwrap() {
+        if let Some(pb::console_response::Msg::Output(b)) = m.msg {
+            text.extend_from_slice(&b);
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("console capture started") && text.contains("is missing"),
+        "no gap marker after the agent restart: {text}"
+    );
     agent.abort();
     server.stop().await;
 }

@@ -368,7 +368,7 @@ async fn reloads_keep_the_last_good_inventory_on_error() {
         .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert!(
-        s.message().contains("inventory.toml:7:8: unknown arch"),
+        s.message().contains("inventory.toml:6:8: unknown arch"),
         "{}",
         s.message()
     );

@@ -32,6 +32,7 @@ mod labbox;
 use anyhow::{Context, Result, bail};
 use lab_tests::bin_path;
 use labbox::bmc::{self, BoxHost, LabBox};
+use labbox::lab::RunningLab;
 use labbox::{LogDir, Proc, WaitError};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -429,48 +430,9 @@ fn run_direct(
 
 // ------------------------------------------------- (a) the whole lab
 
-/// lab-server and lab-agent in their own lab box.
-struct Lab {
-    // Dropped first: the agent, the server, then the box.
-    _agent: Proc,
-    _server: Proc,
-    server: String,
-    lab: LabBox,
-}
-
-fn agent_toml(server: &str, artifacts: &Path) -> String {
-    let assets = labbox::repo_root().join("pxe-assets");
-    let ip = bmc::SERVER_IP;
-    format!(
-        r#"rack = "r1"
-server = "http://{server}"
-default_profile = "local-disk"
-
-[dhcp]
-mode = "authoritative"
-interface = "{br}"
-server_ip = "{ip}"
-subnet_mask = "255.255.255.0"
-router = "{ip}"
-lease_secs = 600
-script_url = "http://{{server_ip}}:8080/hosts/{{mac}}.ipxe"
-
-[tftp]
-listen = "{ip}:69"
-
-[http]
-listen = "{ip}:8080"
-url = "http://{ip}:8080"
-
-[assets]
-root = "{}"
-artifacts = "{}"
-"#,
-        assets.display(),
-        artifacts.display(),
-        br = bmc::BRIDGE,
-    )
-}
+/// lab-server and lab-agent in their own lab box (the same set-up as the
+/// end-to-end test and the demo).
+type Lab = RunningLab;
 
 fn start_lab(artifacts: &Path) -> Result<Lab> {
     for bin in ["lab-server", "lab-agent", "lab"] {
@@ -482,55 +444,7 @@ fn start_lab(artifacts: &Path) -> Result<Lab> {
             );
         }
     }
-    let lab = LabBox::start("bench-lab", 1);
-    let ns = lab.netns();
-    let logs = lab.logs();
-    let inv = logs.join("inventory.toml");
-    std::fs::write(&inv, lab.inventory_toml("r1"))?;
-    let mut cmd = ns.command(bin_path("lab-server"));
-    cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
-        .arg("--inventory")
-        .arg(&inv)
-        .arg("--data-dir")
-        .arg(logs.join("data"))
-        .env("LAB_LOG", "info")
-        .env(bmc::PASSWORD_ENV, lab.password());
-    let mut server = Proc::spawn("lab-server", cmd, logs);
-    let line = server.expect_line("its address", START_TIMEOUT, |l| {
-        l.starts_with("lab-server listening on ")
-    });
-    let addr = line["lab-server listening on ".len()..].trim().to_owned();
-    let config = logs.join("agent.toml");
-    std::fs::write(&config, agent_toml(&addr, artifacts))?;
-    let mut cmd = ns.command(bin_path("lab-agent"));
-    cmd.arg("--config")
-        .arg(&config)
-        .args(["--token", "agent-r1"])
-        .env("LAB_LOG", "info")
-        .env(bmc::PASSWORD_ENV, lab.password());
-    let mut agent = Proc::spawn("lab-agent", cmd, logs);
-    agent.expect_line("that it runs", START_TIMEOUT, |l| {
-        l.starts_with("lab-agent running for rack r1")
-    });
-    let h = &lab.hosts()[0];
-    let url = format!(
-        "http://{}:8080/hosts/{}.ipxe",
-        bmc::SERVER_IP,
-        h.mac_hyphen()
-    );
-    let deadline = Instant::now() + START_TIMEOUT;
-    while ns.curl(&url, &[]).0 != 200 {
-        if Instant::now() > deadline {
-            bail!("lab-agent never served {url}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(Lab {
-        _agent: agent,
-        _server: server,
-        server: addr,
-        lab,
-    })
+    Ok(RunningLab::start("bench-lab", 1, artifacts, "180s"))
 }
 
 /// `lab --json …` inside the box's namespace: its stdout as JSON.
@@ -541,7 +455,7 @@ fn lab_cli(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
         .command(bin_path("lab"))
         .arg("--json")
         .args(args)
-        .env("LAB_SERVER", format!("http://{}", lab.server))
+        .env("LAB_SERVER", format!("http://{}", lab.addr))
         .env("LAB_TOKEN", "bench")
         .output()
         .context("run lab")?;
