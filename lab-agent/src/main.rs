@@ -22,7 +22,7 @@ use tracing::{error, info};
 #[command(
     name = "lab-agent",
     version,
-    about = "The rack agent: PXE boot service for one rack"
+    about = "The rack agent: PXE boot, power and console capture for one rack's hosts"
 )]
 struct Args {
     /// The agent's configuration file.

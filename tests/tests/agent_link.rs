@@ -252,9 +252,8 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         .into_inner();
     assert!(on.on);
     let mut other = server.clients("someone-else").await.unwrap();
-    // Dev mode makes every token an operator; a token file makes roles.
-    // Here the holder check is shown with a non-operator through a
-    // removed lease instead (below); operators may drive any host.
+    // Dev mode makes every token an operator: the holder checks with real
+    // tokens are in `only_the_holder_drives_a_host_and_only_agents_attach`.
     let st = other
         .hosts
         .power(pb::PowerRequest {
@@ -610,6 +609,172 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
     .await;
     assert!(failed.stage.contains("NEVER-PRINTED"), "{failed:?}");
     assert!(failed.console_tail.contains("kernel panic"), "{failed:?}");
+    agent.abort();
+    server.stop().await;
+}
+
+/// With real tokens (not development mode): only the holder drives a
+/// host, agents make no user calls, users cannot attach as agents, and a
+/// holder's console ends with the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_holder_drives_a_host_and_only_agents_attach() {
+    use lab_server::auth::Authenticator;
+    let tmp = tempfile::tempdir().unwrap();
+    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = console.local_addr().unwrap().port();
+    let tokens = lab_tests::tokens_toml(&[
+        ("t-alice", "alice", "ci"),
+        ("t-bob", "bob", "developer"),
+        ("t-op", "root", "operator"),
+        ("agent-r1", "agent-r1", "agent"),
+        ("t-fake", "agent-r2", "agent"),
+    ]);
+    let auth = Authenticator::parse(&tokens, Path::new("tokens.toml")).unwrap();
+    let server = InProcessServer::start(ServerOptions {
+        inventory: Some(inventory(tmp.path(), port)),
+        agents: true,
+        auth,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let bmcs: Bmcs = Arc::default();
+    let agent = start_agent(&server, rack(&tmp.path().join("agent"), bmcs.clone()));
+    let (mut serial, _) = tokio::time::timeout(WAIT, console.accept())
+        .await
+        .expect("capture of h0")
+        .unwrap();
+    let mut alice = server.clients("t-alice").await.unwrap();
+    let mut bob = server.clients("t-bob").await.unwrap();
+    let mut op = server.clients("t-op").await.unwrap();
+    until("h0 reachable", || {
+        let mut c = alice.clone();
+        async move { host(&mut c, "h0").await.reachable.then_some(()) }
+    })
+    .await;
+    let l = alice
+        .grant_now(pb::LeaseRequest {
+            hosts: vec!["h0".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let power = |action: pb::PowerAction| pb::PowerRequest {
+        host: "h0".into(),
+        action: action as i32,
+    };
+    // Bob may read the power state, not switch it; Alice and operators may.
+    assert!(
+        bob.hosts
+            .power(power(pb::PowerAction::Status))
+            .await
+            .is_ok()
+    );
+    let st = bob
+        .hosts
+        .power(power(pb::PowerAction::Off))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    assert!(alice.hosts.power(power(pb::PowerAction::On)).await.is_ok());
+    assert!(op.hosts.power(power(pb::PowerAction::Status)).await.is_ok());
+
+    // Consoles and logs: the holder (and operators), nobody else.
+    let open = |write| pb::ConsoleRequest {
+        msg: Some(pb::console_request::Msg::Open(pb::ConsoleOpen {
+            host: "h0".into(),
+            write,
+            replay_bytes: 0,
+        })),
+    };
+    let st = bob
+        .hosts
+        .console(tokio_stream::iter(vec![open(false)]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    let st = bob
+        .hosts
+        .console_log(pb::ConsoleLogRequest {
+            lease_id: l.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+
+    // Agents make no user calls; users and other agents cannot attach.
+    let mut agent_client = server.clients("agent-r1").await.unwrap();
+    let st = agent_client
+        .hosts
+        .list_hosts(pb::ListHostsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    for (token, code) in [
+        ("t-alice", tonic::Code::PermissionDenied),
+        ("t-fake", tonic::Code::PermissionDenied),
+    ] {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let mut c = lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", bearer.clone());
+                Ok(r)
+            },
+        );
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::AgentHello {
+                rack: "r1".into(),
+                version: "test".into(),
+            })),
+        };
+        let st = c.attach(tokio_stream::iter(vec![hello])).await.unwrap_err();
+        assert_eq!(st.code(), code, "{token}: {st:?}");
+    }
+
+    // Alice's live console ends when her lease does.
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel::<pb::ConsoleRequest>(8);
+    in_tx.send(open(true)).await.unwrap();
+    let mut out = alice
+        .hosts
+        .console(tokio_stream::wrappers::ReceiverStream::new(in_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    serial.write_all(b"alice was here\r\n").await.unwrap();
+    alice
+        .leases
+        .release(pb::ReleaseRequest {
+            lease_id: l.id.clone(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(WAIT, async {
+        let mut notices = Vec::new();
+        loop {
+            match out.message().await {
+                Ok(Some(m)) => {
+                    if let Some(pb::console_response::Msg::Notice(n)) = m.msg {
+                        notices.push(n);
+                    }
+                }
+                Ok(None) | Err(_) => return notices,
+            }
+        }
+    })
+    .await
+    .expect("the holder's console session ends with the lease");
+    assert!(
+        ended.iter().any(|n| n.contains("lease on h0 ended")),
+        "{ended:?}"
+    );
+    drop(in_tx);
     agent.abort();
     server.stop().await;
 }

@@ -22,6 +22,14 @@ mod labbox;
 use labbox::lab::RunningLab;
 use std::time::{Duration, Instant};
 
+/// The tests of this file run one at a time: each boots VMs, and a 2-core
+/// machine runs at most two at once without slowing both down.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn artifacts() -> std::path::PathBuf {
     let dir = labbox::artifacts_dir();
     if let Some(why) = labbox::ensure_artifacts(&dir, &labbox::XEN_ARTIFACTS) {
@@ -89,6 +97,7 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
     if !labbox::is_root() {
         panic!("prerequisites missing: root is needed (network namespaces, tap devices)");
     }
+    let _one = serial();
     let artifacts = artifacts();
     let l = RunningLab::start("lab-e2e", 2, &artifacts, "180s");
     for h in ["h1", "h2"] {
@@ -206,6 +215,7 @@ fn an_expiring_lease_is_reclaimed_mid_boot_and_a_dead_bmc_moves_the_queue_on() {
     if !labbox::is_root() {
         panic!("prerequisites missing: root is needed (network namespaces, tap devices)");
     }
+    let _one = serial();
     let artifacts = artifacts();
     let mut l = RunningLab::start("lab-e2e-fail", 2, &artifacts, "180s");
     for h in ["h1", "h2"] {

@@ -83,6 +83,9 @@ struct Conn {
     next_cmd: u64,
     pending: HashMap<u64, oneshot::Sender<pb::CommandReply>>,
     sessions: HashMap<u64, mpsc::Sender<pb::SessionData>>,
+    /// Console sessions opened on the strength of a lease (not by an
+    /// operator): they end when that host's lease ends.
+    lease_consoles: HashMap<u64, HostName>,
 }
 
 impl std::fmt::Debug for Agents {
@@ -231,6 +234,7 @@ impl Agents {
                     next_cmd: 0,
                     pending: HashMap::new(),
                     sessions: HashMap::new(),
+                    lease_consoles: HashMap::new(),
                 },
             ) {
                 let _ = old.tx.try_send(Err(Status::aborted(
@@ -296,6 +300,25 @@ impl Agents {
         loop {
             let full = match events.recv().await {
                 Ok(e) => match e.kind {
+                    EventKind::HostReclaiming => {
+                        self.end_lease_consoles(&rack, &e.hosts, &tx).await;
+                        for h in &e.hosts {
+                            let Ok(view) = core.get_host(h.clone()).await else {
+                                continue;
+                            };
+                            if view.spec.as_ref().is_some_and(|s| s.rack == rack) {
+                                let msg = pb::server_message::Msg::Host(agent_host(&view));
+                                if tx
+                                    .send(Ok(pb::ServerMessage { msg: Some(msg) }))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        false
+                    }
                     EventKind::InventoryLoaded
                     | EventKind::HostAdded
                     | EventKind::HostRetired
@@ -335,6 +358,49 @@ impl Agents {
                     return;
                 }
             }
+        }
+    }
+
+    /// Ends the console sessions that holders opened on `hosts`, whose
+    /// lease just ended: a former holder keeps no access to the host.
+    async fn end_lease_consoles(&self, rack: &RackName, hosts: &[HostName], tx: &ToAgent) {
+        let ended: Vec<(u64, HostName, Option<mpsc::Sender<pb::SessionData>>)> = {
+            let mut st = self.lock();
+            let Some(conn) = st.conns.get_mut(rack) else {
+                return;
+            };
+            let ids: Vec<u64> = conn
+                .lease_consoles
+                .iter()
+                .filter(|(_, h)| hosts.contains(h))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let host = conn.lease_consoles.remove(&id)?;
+                    Some((id, host, conn.sessions.remove(&id)))
+                })
+                .collect()
+        };
+        for (id, host, sink) in ended {
+            info!(host = %host, session = id, "lease ended: closing its console session");
+            if let Some(s) = sink {
+                let _ = s.try_send(pb::SessionData {
+                    id,
+                    notice: format!("the lease on {host} ended; console closed"),
+                    end: true,
+                    ..Default::default()
+                });
+            }
+            let _ = tx
+                .send(Ok(pb::ServerMessage {
+                    msg: Some(pb::server_message::Msg::Command(pb::AgentCommand {
+                        id,
+                        host: host.to_string(),
+                        cmd: Some(pb::agent_command::Cmd::CloseSession(true)),
+                    })),
+                }))
+                .await;
         }
     }
 
@@ -567,6 +633,11 @@ impl Agents {
         let (id, reply, data, tx) = self
             .command(&spec, pb::agent_command::Cmd::Console(open), true)
             .await?;
+        if caller.role != Role::Operator
+            && let Some(conn) = self.lock().conns.get_mut(&spec.rack)
+        {
+            conn.lease_consoles.insert(id, spec.name.clone());
+        }
         Self::await_reply(&spec.rack, reply, Duration::from_secs(15)).await?;
         Ok(ConsoleSession {
             id,
@@ -809,6 +880,13 @@ impl Reclaimer for AgentReclaimer {
             };
             let agents = &self.0;
             let core = agents.core().map_err(|s| fail(s.message().to_owned()))?;
+            // A rack without an agent (e.g. removed from the inventory while
+            // a host was reclaiming): nothing to do.
+            if let Ok(inv) = core.inventory().await
+                && self.is_immediate(host, &inv)
+            {
+                return Ok(());
+            }
             let profile = core
                 .get_lease(lease)
                 .await

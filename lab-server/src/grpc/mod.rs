@@ -556,7 +556,8 @@ impl AdminService for Api {
         &self,
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let caller = self.caller(&req)?;
+        // Agents may ask too (to check their token).
+        let caller = self.any_caller(&req)?;
         Ok(Response::new(pb::WhoAmIResponse {
             principal: caller.principal.to_string(),
             role: cv::role_to_proto(caller.role) as i32,
@@ -585,6 +586,9 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        // Notice a peer (an agent's machine) that died silently.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
