@@ -326,6 +326,8 @@ async fn read_log(
     let to = l.to.as_ref().map_or(u64::MAX, |t| {
         u64::try_from(millis_from_timestamp(t)).unwrap_or(0)
     });
+    // Everything published so far must be in the file before it is read.
+    rack.flush_console(host).await;
     let root = rack.console_root();
     let bytes = tokio::task::spawn_blocking(move || read_slice(&root, &console, from, to))
         .await

@@ -101,6 +101,14 @@ impl CommandError {
     }
 }
 
+/// How to provision: the host's firmware, the profile's expectations, and
+/// whether this is a restarted agent resuming (no power action).
+struct How<'a> {
+    efi: bool,
+    resume: bool,
+    settings: &'a ProfileSettings,
+}
+
 /// What is persisted per host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct Persisted {
@@ -175,6 +183,16 @@ impl Rack {
     pub async fn shutdown(&self) {
         self.set_outbound(None);
         let hosts: Vec<HostCtl> = self.0.hosts.lock().await.drain().map(|(_, c)| c).collect();
+        // Provisioning tasks first: a capture that stops under a watching
+        // task must not be reported as a failed boot.
+        for ctl in &hosts {
+            if let Some(t) = &ctl.provision {
+                t.abort();
+            }
+            if let Some(t) = &ctl.probe {
+                t.abort();
+            }
+        }
         for mut ctl in hosts {
             if let Some(c) = ctl.capture.take() {
                 let _ = c.stop().await;
@@ -220,7 +238,7 @@ impl Rack {
 
     /// Updates one host's report with `f`, persists provisioning, sends it.
     fn update_report(&self, host: &str, f: impl FnOnce(&mut pb::HostReport)) {
-        let (report, persist) = {
+        let report = {
             let mut reports = self.0.reports.lock().unwrap_or_else(|p| p.into_inner());
             let r = reports
                 .entry(host.to_owned())
@@ -234,15 +252,15 @@ impl Rack {
             if *r == before {
                 return;
             }
-            let persist = (r.lease_id != before.lease_id
-                || r.phase != before.phase
-                || r.stage != before.stage)
-                .then(|| snapshot_persisted(&reports));
-            (reports[host].clone(), persist)
+            let persist =
+                r.lease_id != before.lease_id || r.phase != before.phase || r.stage != before.stage;
+            // Saved under the lock: two hosts' tasks never interleave their
+            // writes, and the file never goes back to an older state.
+            if persist {
+                save_persisted(&self.0.cfg.data_dir, &snapshot_persisted(&reports));
+            }
+            reports[host].clone()
         };
-        if let Some(p) = persist {
-            save_persisted(&self.0.cfg.data_dir, &p);
-        }
         self.send(report);
     }
 
@@ -284,6 +302,14 @@ impl Rack {
             .get(host)
             .map(|r| r.lease_id.clone())
             .filter(|l| !l.is_empty())
+    }
+
+    /// Flushes a host's console capture to its log (before a log read).
+    pub async fn flush_console(&self, host: &str) {
+        let hosts = self.0.hosts.lock().await;
+        if let Some(c) = hosts.get(host).and_then(|h| h.capture.as_ref()) {
+            c.flush(Duration::from_secs(1)).await;
+        }
     }
 
     /// The console hub of a host, if its console is captured.
@@ -374,6 +400,10 @@ impl Rack {
                 }
             }
             if console_changed {
+                // A provisioning watching the old capture would see it stop.
+                if let Some(t) = ctl.provision.take() {
+                    t.abort();
+                }
                 if let Some(c) = ctl.capture.take() {
                     let _ = c.stop().await;
                 }
@@ -388,7 +418,12 @@ impl Rack {
                     t.abort();
                 }
                 let hub = ctl.capture.as_ref().map(|c| c.hub().clone());
-                ctl.provision = Some(self.spawn_provision(&h, ctl.power.clone(), hub));
+                ctl.provision = Some(self.spawn_provision(&h, ctl.power.clone(), hub, false));
+            } else if !h.lease_id.is_empty() && ctl.provision.is_none() && self.was_booting(&name) {
+                // The agent restarted while this lease's host was booting:
+                // no power action again, but watch for the ready text anew.
+                let hub = ctl.capture.as_ref().map(|c| c.hub().clone());
+                ctl.provision = Some(self.spawn_provision(&h, ctl.power.clone(), hub, true));
             }
         }
         .instrument(span)
@@ -513,11 +548,25 @@ impl Rack {
         })
     }
 
+    /// Whether the host's last known provisioning is still under way.
+    fn was_booting(&self, host: &str) -> bool {
+        self.0
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .is_some_and(|r| {
+                r.phase == pb::ProvisionPhase::Pending as i32
+                    || r.phase == pb::ProvisionPhase::Booting as i32
+            })
+    }
+
     fn spawn_provision(
         &self,
         h: &pb::AgentHost,
         power: Option<Arc<dyn PowerControl>>,
         hub: Option<Hub>,
+        resume: bool,
     ) -> JoinHandle<()> {
         let me = self.clone();
         let host = h.name.clone();
@@ -532,8 +581,12 @@ impl Rack {
         let span = info_span!("provision", host = %host, lease = %lease, profile = %profile);
         tokio::spawn(
             async move {
-                me.provision(&host, &lease, power, hub, efi, &settings)
-                    .await;
+                let how = How {
+                    efi,
+                    resume,
+                    settings: &settings,
+                };
+                me.provision(&host, &lease, power, hub, how).await;
             }
             .instrument(span),
         )
@@ -545,14 +598,47 @@ impl Rack {
         lease: &str,
         power: Option<Arc<dyn PowerControl>>,
         hub: Option<Hub>,
-        efi: bool,
-        settings: &ProfileSettings,
+        how: How<'_>,
     ) {
         use pb::ProvisionPhase as P;
+        let How {
+            efi,
+            resume,
+            settings,
+        } = how;
         let started = Instant::now();
-        self.set_phase(host, lease, P::Pending, "starting", "");
         // Output from before the power-on never counts.
         let mut watch = hub.as_ref().map(|h| (h.subscribe(), h.head()));
+        let what = if resume {
+            let what = "the agent restarted; watching the console again";
+            self.set_phase(host, lease, P::Booting, what, "");
+            what
+        } else {
+            match self
+                .power_up(host, lease, power, hub.as_ref(), efi, &mut watch)
+                .await
+            {
+                Some(what) => what,
+                None => return,
+            }
+        };
+        self.watch_ready(host, lease, watch, settings, what, started)
+            .await;
+    }
+
+    /// Boot device PXE, then power on (or reset): the power half of a
+    /// provisioning. `None` when it failed (already reported).
+    async fn power_up(
+        &self,
+        host: &str,
+        lease: &str,
+        power: Option<Arc<dyn PowerControl>>,
+        hub: Option<&Hub>,
+        efi: bool,
+        watch: &mut Option<(crate::console::Viewer, u64)>,
+    ) -> Option<&'static str> {
+        use pb::ProvisionPhase as P;
+        self.set_phase(host, lease, P::Pending, "starting", "");
         let Some(power) = power else {
             self.set_phase(
                 host,
@@ -561,7 +647,7 @@ impl Rack {
                 "no BMC: power the host on by hand",
                 "",
             );
-            return;
+            return None;
         };
         let fail = |me: &Rack, what: &str, e: &PowerError| {
             let why = format!("{what}: {}", crate::error_chain(e));
@@ -571,21 +657,26 @@ impl Rack {
             me.set_phase(host, lease, P::Failed, &why, "");
         };
         if let Err(e) = power.set_boot_device(BootDevice::Pxe, efi, false).await {
-            return fail(self, "setting the boot device to PXE", &e);
+            fail(self, "setting the boot device to PXE", &e);
+            return None;
         }
         self.set_phase(host, lease, P::Pending, "boot device PXE", "");
         let action = match power.is_on().await {
             Ok(true) => PowerAction::HardReset,
             Ok(false) => PowerAction::On,
-            Err(e) => return fail(self, "reading the power state", &e),
+            Err(e) => {
+                fail(self, "reading the power state", &e);
+                return None;
+            }
         };
         if let Some((_, head)) = watch.as_mut()
-            && let Some(h) = &hub
+            && let Some(h) = hub
         {
             *head = h.head();
         }
         if let Err(e) = power.set_power(action).await {
-            return fail(self, "switching the power on", &e);
+            fail(self, "switching the power on", &e);
+            return None;
         }
         self.set_reachable(host, Ok(()));
         let what = if action == PowerAction::On {
@@ -594,6 +685,20 @@ impl Rack {
             "reset (it was on)"
         };
         self.set_phase(host, lease, P::Booting, what, "");
+        Some(what)
+    }
+
+    /// Watches the console for the profile's ready or failure text.
+    async fn watch_ready(
+        &self,
+        host: &str,
+        lease: &str,
+        watch: Option<(crate::console::Viewer, u64)>,
+        settings: &ProfileSettings,
+        what: &str,
+        started: Instant,
+    ) {
+        use pb::ProvisionPhase as P;
         let Some(ready) = &settings.ready else {
             self.set_phase(
                 host,

@@ -415,7 +415,7 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     })
     .await;
     let agent = start_agent(&server, rack(&data, bmcs.clone()));
-    let (_serial2, _) = tokio::time::timeout(WAIT, console.accept())
+    let (mut serial2, _) = tokio::time::timeout(WAIT, console.accept())
         .await
         .expect("capture resumes after the restart")
         .unwrap();
@@ -459,6 +459,31 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         text.contains("console capture started") && text.contains("is missing"),
         "no gap marker after the agent restart: {text}"
     );
+    // The host was still booting: the restarted agent watches again (no
+    // power action) and sees the ready text.
+    let stage = until("watching again", || {
+        let mut c = c.clone();
+        let id = l2.id.clone();
+        async move {
+            let l = lease(&mut c, &id).await;
+            phase(&l, "h0").filter(|(_, s)| s.contains("agent restarted"))
+        }
+    })
+    .await;
+    assert_eq!(stage.0, pb::ProvisionPhase::Booting, "{stage:?}");
+    serial2
+        .write_all(b"LAB-DOM0-OK hypervisor=xen caps=control_d\r\n")
+        .await
+        .unwrap();
+    until("h0 ready after the restart", || {
+        let mut c = c.clone();
+        let id = l2.id.clone();
+        async move {
+            let l = lease(&mut c, &id).await;
+            phase(&l, "h0").filter(|(p, _)| *p == pb::ProvisionPhase::Ready)
+        }
+    })
+    .await;
     agent.abort();
     server.stop().await;
 }

@@ -147,6 +147,35 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
         log.contains("LAB-DOM0-OK hypervisor=xen") && log.contains("control_d"),
         "lab console --lease {id} lacks the dom0 marker:\n{log}"
     );
+    // Type on the console: `lab console h1` (stdin not a terminal: bytes
+    // go as they are) reaches dom0's shell over SOL and its answer comes
+    // back through the agent and the server.
+    let typed = {
+        use std::io::Write;
+        let mut child = l
+            .lab_command()
+            .args(["console", "h1", "--replay", "1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run lab console");
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        stdin
+            .write_all(b"echo LAB-TYPED-$((6*7)) $(cat /proc/xen/capabilities)\r")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .expect("lab console ends after stdin");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        typed.contains("LAB-TYPED-42 control_d"),
+        "what was typed on h1's console did not run in dom0:\n{typed}"
+    );
     let power = lab_ok(&l, &["power", "status", "h1"]);
     assert_eq!(power["on"], true, "{power}");
 

@@ -188,6 +188,7 @@ pub struct Capture {
     hub: Hub,
     dir: PathBuf,
     stop: watch::Sender<bool>,
+    flush: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     task: JoinHandle<ConsoleLog>,
 }
 
@@ -211,6 +212,7 @@ impl Capture {
         config: CaptureConfig,
     ) -> Capture {
         let (stop, stop_rx) = watch::channel(false);
+        let (flush, flush_rx) = tokio::sync::mpsc::channel(16);
         let dir = log.dir().to_owned();
         let span =
             tracing::info_span!("console", source = %source.describe(), dir = %log.dir().display());
@@ -221,6 +223,7 @@ impl Capture {
             input,
             config,
             stop: stop_rx,
+            flush: flush_rx,
             sync: None,
         };
         let task = tokio::spawn(tracing::Instrument::instrument(task.run(), span));
@@ -228,8 +231,21 @@ impl Capture {
             hub,
             dir,
             stop,
+            flush,
             task,
         }
+    }
+
+    /// Asks the capture to hand what it has buffered to the kernel, so that
+    /// a read of the log sees every byte published so far; waits at most
+    /// `timeout` (a source that is reconnecting answers only once it is
+    /// back). Returns whether the flush was confirmed.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.flush.send(tx).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
     /// The hub viewers and writers attach to.
@@ -255,6 +271,7 @@ struct CaptureTask<S> {
     input: InputRx,
     config: CaptureConfig,
     stop: watch::Receiver<bool>,
+    flush: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     sync: Option<JoinHandle<()>>,
 }
 
@@ -263,6 +280,7 @@ enum Step {
     Read(io::Result<usize>),
     Input(Option<SourceInput>),
     Tick,
+    Flush(Option<tokio::sync::oneshot::Sender<()>>),
 }
 
 enum Ended {
@@ -327,6 +345,7 @@ impl<S: ConsoleSource> CaptureTask<S> {
                 _ = self.stop.wait_for(|s| *s) => Step::Stop,
                 r = conn.read(&mut buf) => Step::Read(r),
                 input = self.input.recv() => Step::Input(input),
+                ack = self.flush.recv(), if !self.flush.is_closed() || !self.flush.is_empty() => Step::Flush(ack),
                 _ = tick.tick() => Step::Tick,
             };
             match step {
@@ -348,6 +367,13 @@ impl<S: ConsoleSource> CaptureTask<S> {
                 // task holds the hub: cannot happen.
                 Step::Input(None) => return Ended::Stopped,
                 Step::Tick => self.flush(),
+                Step::Flush(Some(ack)) => {
+                    self.flush();
+                    let _ = ack.send(());
+                }
+                // The capture handle is gone (dropped without `stop`): no
+                // more requests can come; the guard above stops polling.
+                Step::Flush(None) => {}
             }
         }
     }

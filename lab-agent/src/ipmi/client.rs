@@ -269,7 +269,9 @@ struct Actor {
     min_gap: Duration,
     /// Last IPMI request sent (for `min_gap`).
     last_send: Option<Instant>,
-    /// Last packet of any kind sent (for the SOL keepalive).
+    /// Last IPMI request sent (for the SOL keepalive). SOL packets do not
+    /// count: ipmi_sim (and BMCs like it) time a session out after ~30 s
+    /// without an IPMI request, however busy its SOL payload is.
     last_any: Instant,
     pending: Option<Pending>,
     sol: Option<SolLink>,
@@ -607,7 +609,6 @@ impl Actor {
             what: "SOL packet",
             source,
         })?;
-        self.last_any = Instant::now();
         self.socket
             .send(&bytes)
             .await

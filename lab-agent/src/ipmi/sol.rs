@@ -253,8 +253,9 @@ pub struct SolOptions {
     pub retries: u32,
     /// Pause before resending after the BMC accepted nothing (NACK).
     pub nack_backoff: Duration,
-    /// A Get Payload Instance Info is sent when nothing was sent for this
-    /// long.
+    /// A Get Payload Instance Info is sent when no IPMI request went out
+    /// for this long (SOL traffic does not keep a session alive on every
+    /// BMC; ipmi_sim drops a session after ~30 s without a request).
     pub keepalive: Duration,
     /// Bytes from the host buffered for the reader; beyond that, BMC
     /// packets are left unacknowledged (the BMC resends them).
@@ -269,7 +270,7 @@ impl Default for SolOptions {
             retry_timeout: Duration::from_secs(1),
             retries: 4,
             nack_backoff: Duration::from_millis(10),
-            keepalive: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
             read_buffer: 1 << 20,
             write_buffer: 64 * 1024,
         }
