@@ -36,6 +36,9 @@ struct Raw {
     server: String,
     /// File holding the agent's bearer token (else `LAB_TOKEN`).
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// server (else the
+    /// system's roots).
+    ca_file: Option<PathBuf>,
     #[serde(default = "default_profile")]
     default_profile: String,
     dhcp: Option<toml::Spanned<RawDhcp>>,
@@ -148,6 +151,7 @@ pub struct AgentConfig {
     pub rack: String,
     pub server: String,
     pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
     pub default_profile: String,
     pub dhcp: Option<DhcpConfig>,
     /// Interface to send IPv6 router advertisements on.
@@ -346,6 +350,7 @@ impl AgentConfig {
             rack: raw.rack,
             server: raw.server,
             token_file: raw.token_file.map(|p| base.join(p)),
+            ca_file: raw.ca_file.map(|p| base.join(p)),
             default_profile: raw.default_profile,
             dhcp,
             ra_interface,

@@ -27,6 +27,8 @@ pub struct LinkConfig {
     pub server: String,
     pub token: Option<String>,
     pub rack: String,
+    /// CA certificate (PEM) for an https:// server; `None`: system roots.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Why an attach ended.
@@ -34,6 +36,8 @@ pub struct LinkConfig {
 pub enum LinkError {
     #[error("bad server address {0:?}")]
     BadAddress(String),
+    #[error("TLS set-up for {server}: {reason}")]
+    Tls { server: String, reason: String },
     #[error("cannot connect to {server}")]
     Connect {
         server: String,
@@ -88,6 +92,26 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    let endpoint = if cfg.server.starts_with("https://") {
+        let tls_err = |reason: String| LinkError::Tls {
+            server: cfg.server.clone(),
+            reason,
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &cfg.ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| tls_err(format!("cannot read CA file {}: {e}", path.display())))?;
+                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| tls_err(e.to_string()))?
+    } else {
+        endpoint
+    };
     let channel = endpoint
         .connect()
         .await

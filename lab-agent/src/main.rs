@@ -31,6 +31,10 @@ struct Args {
     /// Bearer token for lab-server (else `token_file` from the config).
     #[arg(long, env = "LAB_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) for an https:// server (else `ca_file` from the
+    /// config, else the system's roots).
+    #[arg(long, env = "LAB_CA")]
+    ca: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -114,6 +118,7 @@ async fn run(args: Args) -> Result<()> {
         server: cfg.server.clone(),
         token,
         rack: cfg.rack.clone(),
+        ca: args.ca.clone().or_else(|| cfg.ca_file.clone()),
     };
     tasks.spawn(async move {
         link::run(link_cfg, rack).await;

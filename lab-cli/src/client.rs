@@ -30,11 +30,41 @@ impl Server {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// For an https:// server: trust the CA certificate (PEM) in `ca`, or
+    /// the system's roots when there is none. An http:// server with a CA
+    /// given is refused (the CA would silently not be used).
+    pub fn with_tls(mut self, ca: Option<&std::path::Path>) -> Result<Server, String> {
+        let https = self.url.starts_with("https://");
+        match (https, ca) {
+            (false, None) => Ok(self),
+            (false, Some(_)) => Err(format!(
+                "--ca/LAB_CA is set but the server {} is not https://",
+                self.url
+            )),
+            (true, ca) => {
+                let mut tls = tonic::transport::ClientTlsConfig::new();
+                tls = match ca {
+                    Some(path) => {
+                        let pem = std::fs::read(path)
+                            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+                        tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                    }
+                    None => tls.with_native_roots(),
+                };
+                self.endpoint = self
+                    .endpoint
+                    .tls_config(tls)
+                    .map_err(|e| format!("TLS set-up failed: {e}"))?;
+                Ok(self)
+            }
+        }
+    }
 }
 
-/// clap value parser for `--server`: `http://host:port`, or `host:port`
-/// (http assumed). This build has no TLS, so `https://` is refused here
-/// rather than failing obscurely on the first call.
+/// clap value parser for `--server`: `http://host:port`, `https://host:port`
+/// or `host:port` (http assumed). For https, [`Server::with_tls`] sets the
+/// trusted roots.
 pub fn parse_server(s: &str) -> Result<Server, String> {
     // An empty LAB_SERVER (as CI systems like to set) means the default.
     let s = if s.is_empty() { DEFAULT_SERVER } else { s };
@@ -43,8 +73,8 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
     } else {
         format!("http://{s}")
     };
-    if !url.starts_with("http://") {
-        return Err("only http:// servers are supported (this build has no TLS)".to_owned());
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err("the server URL must start with http:// or https://".to_owned());
     }
     let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| format!("not a URL: {e}"))?;
     if endpoint.uri().host().is_none_or(str::is_empty) {
@@ -151,11 +181,11 @@ mod tests {
             parse_server("[::1]:7621").unwrap().url(),
             "http://[::1]:7621"
         );
-        assert!(
-            parse_server("https://lab:7621")
-                .unwrap_err()
-                .contains("TLS")
+        assert_eq!(
+            parse_server("https://lab:7621").unwrap().url(),
+            "https://lab:7621"
         );
+        assert!(parse_server("ftp://lab:7621").is_err());
         assert_eq!(parse_server("").unwrap().url(), DEFAULT_SERVER);
         assert!(parse_server("http://").is_err());
         assert!(parse_server("http://a b").is_err());

@@ -70,7 +70,7 @@ use crate::commands::{Ctx, admin, console, events, hosts, lease, power};
     ),
 )]
 struct Cli {
-    /// lab-server gRPC address (http://HOST:PORT or HOST:PORT)
+    /// lab-server gRPC address (http://HOST:PORT, https://HOST:PORT or HOST:PORT)
     #[arg(
         long,
         global = true,
@@ -82,6 +82,17 @@ struct Cli {
         value_parser = client::parse_server,
     )]
     server: client::Server,
+
+    /// CA certificate (PEM) to trust for an https:// server [default: the system's roots]
+    #[arg(
+        long,
+        global = true,
+        env = "LAB_CA",
+        hide_env_values = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    ca: Option<std::path::PathBuf>,
 
     /// Bearer token sent with every call [default: none]
     #[arg(
@@ -162,7 +173,14 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.server = match cli.server.clone().with_tls(cli.ca.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lab: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let error_ctx = exit::Context {
         server: cli.server.url(),
         have_token: cli.token.as_ref().is_some_and(client::Token::is_set),
@@ -230,7 +248,7 @@ mod tests {
             &["lab", "hosts", "--arch", "mips"],
             &["lab", "host", "maintenance", "maybe", "x1"],
             &["lab", "events", "--follow", "--limit", "5"],
-            &["lab", "--server", "https://lab:7621", "whoami"],
+            &["lab", "--server", "ftp://lab:7621", "whoami"],
             &["lab", "--token", "two words", "whoami"],
         ] {
             let err = Cli::try_parse_from(argv)

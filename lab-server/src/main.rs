@@ -41,6 +41,12 @@ struct Args {
     /// Tokens file mapping token digests to principals and roles.
     #[arg(long, env = "LAB_TOKENS")]
     tokens: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "LAB_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "LAB_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// DEVELOPMENT ONLY: accept every caller as an operator named by its token.
     #[arg(long, env = "LAB_DEV_INSECURE_NO_AUTH", conflicts_with = "tokens")]
     dev_insecure_no_auth: bool,
@@ -198,18 +204,35 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read(p).with_context(|| format!("cannot read TLS {what} {}", p.display()))
+            };
+            let identity =
+                tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+            Some(tonic::transport::ServerTlsConfig::new().identity(identity))
+        }
+        _ => {
+            if !args.listen.ip().is_loopback() {
+                warn!(listen = %args.listen, "serving without TLS on a non-loopback address: tokens and BMC passwords (sent to agents) cross the network in clear text; use --tls-cert/--tls-key");
+            }
+            None
+        }
+    };
+    let scheme = if tls.is_some() { "TLS" } else { "plaintext" };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), "lab-server listening");
+    info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
     println!("lab-server listening on {addr}");
     let api = Api::with_agents(core, auth, args.default_ttl, agents);
     // Graceful shutdown waits for open streams (waiting acquires, event
     // watchers) only so long: every acknowledged change is already durable,
     // and waiting clients see the connection end and may retry.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let serve = grpc::serve(listener, api, async move {
+    let serve = grpc::serve_tls(listener, api, tls, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });

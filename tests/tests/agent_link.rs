@@ -105,6 +105,7 @@ fn start_agent(server: &InProcessServer, rack: Rack) -> tokio::task::JoinHandle<
             server: format!("http://{}", server.addr),
             token: Some("agent-r1".into()),
             rack: "r1".into(),
+            ca: None,
         },
         rack,
     ))

@@ -571,6 +571,17 @@ pub async fn serve(
     api: Api,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_tls(listener, api, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (certificate chain and key,
+/// PEM).
+pub async fn serve_tls(
+    listener: TcpListener,
+    api: Api,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<HostServiceServer<Api>>().await;
     reporter.set_serving::<LeaseServiceServer<Api>>().await;
@@ -585,7 +596,11 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         // Notice a peer (an agent's machine) that died silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
