@@ -11,8 +11,9 @@ use std::time::Duration;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The agent's configuration for a box: its bridge, the artifacts cache,
-/// the xen profile's ready text and end-of-lease debug keys.
+/// The agent's configuration for a box: its bridge, the artifacts cache
+/// (with GRUB for aarch64 UEFI hosts), the xen profile's ready text and
+/// end-of-lease debug keys.
 pub fn agent_toml(server: &str, artifacts: &Path, data: &Path, xen_timeout: &str) -> String {
     let assets = repo_root().join("pxe-assets");
     let ip = bmc::SERVER_IP;
@@ -31,6 +32,8 @@ subnet_mask = "255.255.255.0"
 router = "{ip}"
 lease_secs = 600
 script_url = "http://{{server_ip}}:8080/hosts/{{mac}}.ipxe"
+# aarch64 UEFI hosts (option 93 = 11) get GRUB; x86 hosts are unaffected.
+boot_efi_arm64 = "artifacts/grubnetaa64-lab.efi"
 
 [tftp]
 listen = "{ip}:69"
@@ -76,10 +79,15 @@ pub struct RunningLab {
 }
 
 impl RunningLab {
-    /// Starts a box of `hosts` hosts with the lab in it, and waits until
-    /// the agent has attached.
+    /// Starts a box of `hosts` x86 hosts with the lab in it, and waits
+    /// until the agent has attached.
     pub fn start(prefix: &str, hosts: usize, artifacts: &Path, xen_timeout: &str) -> RunningLab {
-        let lab = LabBox::start(prefix, hosts);
+        Self::start_in(LabBox::start(prefix, hosts), artifacts, xen_timeout)
+    }
+
+    /// Starts lab-server and lab-agent in a box (any mix of hosts), and
+    /// waits until the agent has attached.
+    pub fn start_in(lab: LabBox, artifacts: &Path, xen_timeout: &str) -> RunningLab {
         let ns = lab.netns();
         let logs = lab.logs();
         let inv = logs.join("inventory.toml");
@@ -118,6 +126,58 @@ impl RunningLab {
             addr,
             lab,
         }
+    }
+
+    /// `lab --json ARGS`: (exit code, stdout as JSON or Null, stderr).
+    pub fn lab_json(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let out = self
+            .lab_command()
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("run lab");
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `lab --json ARGS`, which must succeed.
+    pub fn lab_ok(&self, args: &[&str]) -> serde_json::Value {
+        let (code, json, err) = self.lab_json(args);
+        assert_eq!(code, 0, "lab {args:?} failed: {err}");
+        json
+    }
+
+    /// `lab console --lease ID` (plain output), which must succeed.
+    pub fn console_log(&self, lease: &str) -> String {
+        let out = self
+            .lab_command()
+            .args(["console", "--lease", lease])
+            .output()
+            .expect("run lab console");
+        assert!(
+            out.status.success(),
+            "lab console --lease failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (up to a minute) until `lab host show HOST` satisfies `f`.
+    pub fn wait_host(&self, host: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+        super::eventually(what, Duration::from_secs(60), || {
+            f(&self.lab_ok(&["host", "show", host])).then_some(())
+        });
+    }
+
+    /// `ipmitool chassis power status` of a host's BMC (the reference).
+    pub fn ipmi_power(&self, host: &str) -> String {
+        self.lab
+            .ipmitool(self.lab.host(host), &["chassis", "power", "status"])
+            .unwrap_or_else(|e| panic!("ipmitool power status of {host}: {e}"))
     }
 
     /// A `lab` command inside the namespace, pointed at the server.

@@ -38,60 +38,6 @@ fn artifacts() -> std::path::PathBuf {
     dir
 }
 
-/// `lab --json ARGS`: (exit code, stdout JSON or Null, stderr).
-fn lab(l: &RunningLab, args: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = l
-        .lab_command()
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run lab");
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (
-        out.status.code().unwrap_or(-1),
-        json,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn lab_ok(l: &RunningLab, args: &[&str]) -> serde_json::Value {
-    let (code, json, err) = lab(l, args);
-    assert_eq!(code, 0, "lab {args:?} failed: {err}");
-    json
-}
-
-/// `lab console --lease ID` (plain output).
-fn console_log(l: &RunningLab, lease: &str) -> String {
-    let out = l
-        .lab_command()
-        .args(["console", "--lease", lease])
-        .output()
-        .expect("run lab console");
-    assert!(
-        out.status.success(),
-        "lab console --lease failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn host_state(l: &RunningLab, host: &str) -> serde_json::Value {
-    lab_ok(l, &["host", "show", host])
-}
-
-fn wait_host(l: &RunningLab, host: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
-    labbox::eventually(what, Duration::from_secs(60), || {
-        f(&host_state(l, host)).then_some(())
-    });
-}
-
-fn ipmi_power(l: &RunningLab, host: &str) -> String {
-    let h = l.lab.host(host);
-    l.lab
-        .ipmitool(h, &["chassis", "power", "status"])
-        .unwrap_or_else(|e| panic!("ipmitool power status of {host}: {e}"))
-}
-
 #[test]
 fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
     if !labbox::is_root() {
@@ -101,26 +47,23 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
     let artifacts = artifacts();
     let l = RunningLab::start("lab-e2e", 2, &artifacts, "180s");
     for h in ["h1", "h2"] {
-        wait_host(&l, h, "reachable hosts", |v| v["reachable"] == true);
-        assert!(ipmi_power(&l, h).contains("off"), "{h} starts powered off");
+        l.wait_host(h, "reachable hosts", |v| v["reachable"] == true);
+        assert!(l.ipmi_power(h).contains("off"), "{h} starts powered off");
     }
 
     // ------------------------------------------------ one host, all the way
     let t0 = Instant::now();
-    let lease = lab_ok(
-        &l,
-        &[
-            "lease",
-            "acquire",
-            "--host",
-            "h1",
-            "--profile",
-            "xen",
-            "--ttl",
-            "10m",
-            "--wait-ready=240s",
-        ],
-    );
+    let lease = l.lab_ok(&[
+        "lease",
+        "acquire",
+        "--host",
+        "h1",
+        "--profile",
+        "xen",
+        "--ttl",
+        "10m",
+        "--wait-ready=240s",
+    ]);
     let took = t0.elapsed();
     let id = lease["id"].as_str().expect("lease id").to_owned();
     eprintln!(
@@ -135,14 +78,14 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
         .expect("the dom0 marker on h1's serial console");
     assert!(hit.line.contains("hypervisor=xen"), "{}", hit.line);
     assert!(hit.line.contains("control_d"), "{}", hit.line);
-    assert!(ipmi_power(&l, "h1").contains("on"));
-    let shown = lab_ok(&l, &["lease", "show", &id]);
+    assert!(l.ipmi_power("h1").contains("on"));
+    let shown = l.lab_ok(&["lease", "show", &id]);
     assert_eq!(
         shown["provisioning"][0]["phase"], "ready",
         "provisioning as the server reports it: {shown}"
     );
     // The agent's capture (over SOL) of this lease has the marker.
-    let log = console_log(&l, &id);
+    let log = l.console_log(&id);
     assert!(
         log.contains("LAB-DOM0-OK hypervisor=xen") && log.contains("control_d"),
         "lab console --lease {id} lacks the dom0 marker:\n{log}"
@@ -176,24 +119,24 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
         typed.contains("LAB-TYPED-42 control_d"),
         "what was typed on h1's console did not run in dom0:\n{typed}"
     );
-    let power = lab_ok(&l, &["power", "status", "h1"]);
+    let power = l.lab_ok(&["power", "status", "h1"]);
     assert_eq!(power["on"], true, "{power}");
 
     // ------------------------------------------------ release → clean host
-    lab_ok(&l, &["lease", "release", &id]);
-    wait_host(&l, "h1", "h1 available after its reclaim", |v| {
+    l.lab_ok(&["lease", "release", &id]);
+    l.wait_host("h1", "h1 available after its reclaim", |v| {
         v["state"] == "available"
     });
     assert!(
-        ipmi_power(&l, "h1").contains("off"),
+        l.ipmi_power("h1").contains("off"),
         "the reclaim powers the host off (ipmitool says {:?})",
-        ipmi_power(&l, "h1")
+        l.ipmi_power("h1")
     );
     assert!(
         !l.lab.vm_running(l.lab.host("h1")),
         "h1's VM still runs after the reclaim"
     );
-    let log = console_log(&l, &id);
+    let log = l.console_log(&id);
     assert!(
         log.contains("'q' pressed"),
         "the end-of-lease Xen debug keys (sent over SOL) were not captured in the lease's log:\n{}",
@@ -202,22 +145,19 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
 
     // ------------------------------------------------ a pair in parallel
     let t0 = Instant::now();
-    let pair = lab_ok(
-        &l,
-        &[
-            "lease",
-            "acquire",
-            "--host",
-            "h1",
-            "--host",
-            "h2",
-            "--count",
-            "2",
-            "--profile",
-            "xen",
-            "--wait-ready=300s",
-        ],
-    );
+    let pair = l.lab_ok(&[
+        "lease",
+        "acquire",
+        "--host",
+        "h1",
+        "--host",
+        "h2",
+        "--count",
+        "2",
+        "--profile",
+        "xen",
+        "--wait-ready=300s",
+    ]);
     eprintln!(
         "e2e: a pair leased together → both READY in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -226,16 +166,16 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
     for p in pair["provisioning"].as_array().expect("provisioning") {
         assert_eq!(p["phase"], "ready", "{pair}");
     }
-    let log = console_log(&l, &pid);
+    let log = l.console_log(&pid);
     assert_eq!(
         log.matches("LAB-DOM0-OK").count(),
         2,
         "both hosts' markers in the pair's log:\n{log}"
     );
-    lab_ok(&l, &["lease", "release", &pid]);
+    l.lab_ok(&["lease", "release", &pid]);
     for h in ["h1", "h2"] {
-        wait_host(&l, h, "pair hosts available", |v| v["state"] == "available");
-        assert!(ipmi_power(&l, h).contains("off"));
+        l.wait_host(h, "pair hosts available", |v| v["state"] == "available");
+        assert!(l.ipmi_power(h).contains("off"));
     }
 }
 
@@ -248,59 +188,53 @@ fn an_expiring_lease_is_reclaimed_mid_boot_and_a_dead_bmc_moves_the_queue_on() {
     let artifacts = artifacts();
     let mut l = RunningLab::start("lab-e2e-fail", 2, &artifacts, "180s");
     for h in ["h1", "h2"] {
-        wait_host(&l, h, "reachable hosts", |v| v["reachable"] == true);
+        l.wait_host(h, "reachable hosts", |v| v["reachable"] == true);
     }
 
     // A 4 s lease expires while its host is booting: reclaimed cleanly.
-    let lease = lab_ok(
-        &l,
-        &[
-            "lease",
-            "acquire",
-            "--host",
-            "h1",
-            "--profile",
-            "xen",
-            "--ttl",
-            "4s",
-        ],
-    );
+    let lease = l.lab_ok(&[
+        "lease",
+        "acquire",
+        "--host",
+        "h1",
+        "--profile",
+        "xen",
+        "--ttl",
+        "4s",
+    ]);
     let id = lease["id"].as_str().unwrap().to_owned();
     assert!(
         l.lab
             .wait_vm(l.lab.host("h1"), true, Duration::from_secs(20)),
         "h1 powered on for the lease"
     );
-    wait_host(&l, "h1", "h1 available after expiry", |v| {
+    l.wait_host("h1", "h1 available after expiry", |v| {
         v["state"] == "available"
     });
-    let ended = lab_ok(&l, &["lease", "show", &id]);
+    let ended = l.lab_ok(&["lease", "show", &id]);
     assert_eq!(ended["state"], "expired", "{ended}");
-    assert!(ipmi_power(&l, "h1").contains("off"));
+    assert!(l.ipmi_power("h1").contains("off"));
     assert!(!l.lab.vm_running(l.lab.host("h1")));
 
     // h1's BMC dies: h1 becomes unreachable, is not granted, and a request
     // for either host gets h2.
     let h1 = l.lab.host("h1").clone();
     l.lab.kill_bmc(&h1);
-    wait_host(&l, "h1", "h1 unreachable", |v| v["reachable"] == false);
-    let (code, _, err) = lab(&l, &["power", "status", "h1"]);
+    l.wait_host("h1", "h1 unreachable", |v| v["reachable"] == false);
+    let (code, _, err) = l.lab_json(&["power", "status", "h1"]);
     assert_eq!(
         code, 7,
         "power status of a dead BMC is UNAVAILABLE (7): {err}"
     );
-    let got = lab_ok(
-        &l,
-        &[
-            "lease",
-            "acquire",
-            "--host",
-            "h1",
-            "--host",
-            "h2",
-            "--no-wait",
-        ],
-    );
+    let got = l.lab_ok(&[
+        "lease",
+        "acquire",
+        "--host",
+        "h1",
+        "--host",
+        "h2",
+        "--no-wait",
+    ]);
     assert_eq!(got["hosts"], serde_json::json!(["h2"]), "{got}");
     // The event log says why (one JSON object per line).
     let out = l
@@ -313,6 +247,6 @@ fn an_expiring_lease_is_reclaimed_mid_boot_and_a_dead_bmc_moves_the_queue_on() {
         events.contains("host-unreachable"),
         "no host-unreachable event for h1:\n{events}"
     );
-    lab_ok(&l, &["lease", "release", got["id"].as_str().unwrap()]);
-    wait_host(&l, "h2", "h2 available", |v| v["state"] == "available");
+    l.lab_ok(&["lease", "release", got["id"].as_str().unwrap()]);
+    l.wait_host("h2", "h2 available", |v| v["state"] == "available");
 }

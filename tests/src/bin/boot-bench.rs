@@ -15,6 +15,16 @@
 //!   `-initrd` dom0 kernel + initrd as multiboot modules) with the same
 //!   command lines; from QEMU's start to the marker.
 //!
+//! With aarch64 hosts (`--arch aarch64|all`), two more rows:
+//!
+//! * aarch64 (a): the same lease through the whole lab for an aarch64 UEFI
+//!   host (a `qemu-system-aarch64` virt VM with AAVMF behind its `ipmi_sim`
+//!   BMC): UEFI PXE → the agent's DHCP (option 93 = 11) → GRUB → the
+//!   per-host `hosts/<mac>.grub` → Xen on ARM + dom0 → the marker.
+//! * aarch64 (c): the floor, QEMU boots the same images directly
+//!   (`-kernel` Xen, the dom0 kernel and initrd as two `guest-loader`
+//!   devices) with the command lines of `pxe-assets/profiles/xen.grub.j2`.
+//!
 //! (a) and (b) each have their own lab in a box (tests/labbox/bmc.rs: a
 //! network namespace, a bridge, a QEMU host behind an `ipmi_sim` BMC, the
 //! console captured by a persistent relay), so the two DHCP servers never
@@ -23,15 +33,16 @@
 //!
 //! Run (root; see tests/labbox/README.md):
 //!   cargo build --release --workspace
-//!   cargo run --release -p lab-tests --bin boot-bench -- [--runs N] [--skip-lab] [--timeout SECS]
-//! `--skip-lab` leaves out (a) (which needs lab-agent's IPMI power-on).
+//!   cargo run --release -p lab-tests --bin boot-bench -- [--runs N] [--skip-lab] [--timeout SECS] [--arch x86_64|aarch64|all]
+//! `--skip-lab` leaves out (a) (which needs lab-agent's IPMI power-on);
+//! `--arch` picks the rows (default all: x86_64 (a) (b) (c), aarch64 (a) (c)).
 
 #[path = "../../labbox/mod.rs"]
 mod labbox;
 
 use anyhow::{Context, Result, bail};
 use lab_tests::bin_path;
-use labbox::bmc::{self, BoxHost, LabBox};
+use labbox::bmc::{self, Arch, BoxHost, LabBox};
 use labbox::lab::RunningLab;
 use labbox::{LogDir, Proc, WaitError};
 use std::path::Path;
@@ -46,6 +57,8 @@ struct Args {
     runs: usize,
     skip_lab: bool,
     timeout: Duration,
+    x86: bool,
+    aarch64: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +66,8 @@ fn parse_args() -> Result<Args> {
         runs: 3,
         skip_lab: false,
         timeout: Duration::from_secs(120),
+        x86: true,
+        aarch64: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -76,11 +91,21 @@ fn parse_args() -> Result<Args> {
                     .context("--timeout needs seconds")?;
                 a.timeout = Duration::from_secs(s);
             }
+            "--arch" => {
+                (a.x86, a.aarch64) = match it.next().as_deref() {
+                    Some("x86_64") => (true, false),
+                    Some("aarch64") => (false, true),
+                    Some("all") => (true, true),
+                    _ => bail!("--arch needs x86_64, aarch64 or all"),
+                };
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: boot-bench [--runs N (default 3)] [--skip-lab] [--timeout SECS (per boot, default 120)]\n\
+                     \x20                 [--arch x86_64|aarch64|all (default all)]\n\
                      Times a Xen dom0 boot (a) through lab lease acquire, (b) with dnsmasq + ipmitool,\n\
-                     (c) by QEMU direct -kernel boot; see tests/labbox/README.md. Needs root."
+                     (c) by QEMU direct -kernel boot; for aarch64 (a) and (c) (guest-loader).\n\
+                     See tests/labbox/README.md. Needs root."
                 );
                 std::process::exit(0);
             }
@@ -101,41 +126,56 @@ struct XenBoot {
 }
 
 fn xen_boot() -> Result<XenBoot> {
-    let path = labbox::repo_root().join("pxe-assets/profiles/xen.ipxe.j2");
+    let (xen, modules) = profile_boot("xen.ipxe.j2", "kernel {{ artifacts_url }}/…", |line| {
+        let (kind, rest) = line.split_once(' ')?;
+        let hypervisor = match kind {
+            "kernel" => true,
+            "module" => false,
+            _ => return None,
+        };
+        let rest = rest.strip_prefix("{{ artifacts_url }}/")?;
+        Some((hypervisor, rest.split(" || ").next().unwrap_or(rest).trim()))
+    })?;
+    Ok(XenBoot { xen, modules })
+}
+
+type Item = (String, String);
+
+/// Reads the hypervisor and its two modules (dom0 kernel, initrd), each as
+/// (file, command line), from a profile template; `classify` maps a line to
+/// (is it the hypervisor, "FILE ARGS") or skips it.
+fn profile_boot(
+    template: &str,
+    hypervisor_line: &str,
+    classify: impl Fn(&str) -> Option<(bool, &str)>,
+) -> Result<(Item, Vec<Item>)> {
+    let path = labbox::repo_root()
+        .join("pxe-assets/profiles")
+        .join(template);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let mut xen = None;
     let mut modules = Vec::new();
     for line in text.lines().map(str::trim) {
-        let (kind, rest) = match line.split_once(' ') {
-            Some((k @ ("kernel" | "module"), r)) => (k, r),
-            _ => continue,
-        };
-        let Some(rest) = rest.strip_prefix("{{ artifacts_url }}/") else {
+        let Some((hypervisor, rest)) = classify(line) else {
             continue;
         };
-        let rest = rest.split(" || ").next().unwrap_or(rest).trim();
         let (file, args) = rest.split_once(' ').unwrap_or((rest, ""));
         let item = (file.to_owned(), args.trim().to_owned());
-        if kind == "kernel" {
+        if hypervisor {
             xen.get_or_insert(item);
         } else {
             modules.push(item);
         }
     }
-    let xen = xen.with_context(|| {
-        format!(
-            "no `kernel {{{{ artifacts_url }}}}/…` line in {}",
-            path.display()
-        )
-    })?;
+    let xen = xen.with_context(|| format!("no `{hypervisor_line}` line in {}", path.display()))?;
     if modules.len() != 2 {
         bail!(
             "expected the dom0 kernel and initrd as two modules in {}, found {modules:?}",
             path.display()
         );
     }
-    Ok(XenBoot { xen, modules })
+    Ok((xen, modules))
 }
 
 impl XenBoot {
@@ -181,6 +221,68 @@ impl XenBoot {
     }
 }
 
+/// The aarch64 Xen boot of the `xen` profile, read from
+/// `pxe-assets/profiles/xen.grub.j2` (its `xen_hypervisor` and two
+/// `xen_module` lines) so that (c) boots exactly what the lab boots.
+struct ArmBoot {
+    xen: (String, String),
+    /// The dom0 kernel (gzipped: Xen unpacks it) and the initrd.
+    modules: Vec<(String, String)>,
+}
+
+fn arm_boot() -> Result<ArmBoot> {
+    let (xen, modules) = profile_boot("xen.grub.j2", "xen_hypervisor /artifacts/…", |line| {
+        // `if xen_module --nounzip /artifacts/FILE ARGS; then`
+        let line = line.strip_prefix("if ").unwrap_or(line);
+        let line = line.strip_suffix("; then").unwrap_or(line);
+        let (kind, rest) = line.split_once(' ')?;
+        let hypervisor = match kind {
+            "xen_hypervisor" => true,
+            "xen_module" => false,
+            _ => return None,
+        };
+        rest.trim_start_matches("--nounzip")
+            .trim()
+            .strip_prefix("/artifacts/")
+            .map(|r| (hypervisor, r))
+    })?;
+    Ok(ArmBoot { xen, modules })
+}
+
+impl ArmBoot {
+    /// QEMU's direct boot: `-kernel` Xen with its command line, and the
+    /// dom0 kernel and initrd as `guest-loader` devices (Xen's boot modules
+    /// in the device tree's /chosen), as in lab-in-a-box's xen-direct.sh.
+    fn qemu_args(&self, artifacts: &Path) -> Vec<String> {
+        let (kernel, bootargs) = &self.modules[0];
+        let (initrd, _) = &self.modules[1];
+        vec![
+            "-kernel".into(),
+            artifacts.join(&self.xen.0).display().to_string(),
+            "-append".into(),
+            self.xen.1.clone(),
+            "-device".into(),
+            format!(
+                "guest-loader,addr=0x42000000,kernel={},bootargs={bootargs}",
+                artifacts.join(kernel).display()
+            ),
+            "-device".into(),
+            format!(
+                "guest-loader,addr=0x47000000,initrd={}",
+                artifacts.join(initrd).display()
+            ),
+        ]
+    }
+
+    /// With GRUB, which the lab's DHCP hands out.
+    fn files(&self) -> Vec<&str> {
+        ["grubnetaa64-lab.efi", self.xen.0.as_str()]
+            .into_iter()
+            .chain(self.modules.iter().map(|(f, _)| f.as_str()))
+            .collect()
+    }
+}
+
 // ---------------------------------------------------- console phases
 
 /// Console lines that mark the phases of a PXE boot, in order: the iPXE
@@ -197,25 +299,44 @@ const PHASES: [(&str, &str); 7] = [
     ("marker", MARKER),
 ];
 
-/// When each phase first appeared (seconds after `t0`).
-type Phases = [Option<f64>; PHASES.len()];
+/// The phases of an aarch64 UEFI PXE boot through GRUB, in order: the
+/// firmware starts PXE over IPv4 (after its fixed ~3.8 s of collecting DHCP
+/// offers comes the download), GRUB runs `grub/grub.cfg`, the per-host
+/// config of the profile runs, Xen starts, the dom0 kernel starts, its init
+/// runs, the marker.
+const ARM_PHASES: [(&str, &str); 7] = [
+    ("pxe", "Start PXE over IPv4"),
+    ("grub", "LAB-GRUB mac="),
+    ("config", "LAB-GRUB profile="),
+    ("xen", "Xen version"),
+    ("dom0", "Linux version"),
+    ("init", "LAB-BOOTED"),
+    ("marker", MARKER),
+];
+
+/// A table of phases: (name, console text), the marker last.
+type PhaseTable = [(&'static str, &'static str)];
+
+/// When each phase of a [`PhaseTable`] first appeared (seconds after `t0`).
+type Phases = Vec<Option<f64>>;
 
 /// Polls the host's console file (every 10 ms) from byte `from` until the
-/// marker, noting when each phase appears; fails on a failure marker or
-/// after `timeout` with the console's tail.
+/// marker, noting when each phase of `table` appears; fails on a failure
+/// marker or after `timeout` with the console's tail.
 fn wait_phases(
     lab: &LabBox,
     h: &BoxHost,
+    table: &PhaseTable,
     from: u64,
     t0: Instant,
     timeout: Duration,
 ) -> Result<(Duration, Phases)> {
-    let mut seen: Phases = [None; PHASES.len()];
+    let mut seen: Phases = vec![None; table.len()];
     loop {
         let bytes = std::fs::read(lab.console_path(h)).unwrap_or_default();
         let now = Instant::now();
         let text = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default());
-        for (i, (_, needle)) in PHASES.iter().enumerate() {
+        for (i, (_, needle)) in table.iter().enumerate() {
             if seen[i].is_none() && text.contains(needle) {
                 seen[i] = Some(now.duration_since(t0).as_secs_f64());
             }
@@ -223,7 +344,7 @@ fn wait_phases(
         if let Some(f) = FAILURES.iter().find(|f| text.contains(*f)) {
             bail!("{} reported {f}; console tail:\n{}", h.name, tail(&text));
         }
-        if seen[PHASES.len() - 1].is_some() {
+        if seen[table.len() - 1].is_some() {
             return Ok((now.duration_since(t0), seen));
         }
         if now.duration_since(t0) > timeout {
@@ -242,8 +363,8 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
-fn phases_line(p: &Phases) -> String {
-    PHASES
+fn phases_line(table: &PhaseTable, p: &Phases) -> String {
+    table
         .iter()
         .zip(p)
         .filter(|((name, _), _)| *name != "marker")
@@ -383,7 +504,7 @@ fn run_peer(peer: &Peer, timeout: Duration) -> Result<(Duration, Phases)> {
     }
     lab.ipmitool(h, &["chassis", "power", "on"])
         .map_err(anyhow::Error::msg)?;
-    let r = wait_phases(lab, h, from, t0, timeout).context("(b) dnsmasq + ipmitool")?;
+    let r = wait_phases(lab, h, &PHASES, from, t0, timeout).context("(b) dnsmasq + ipmitool")?;
     power_off(lab, h)?;
     Ok(r)
 }
@@ -409,8 +530,20 @@ fn run_direct(
         ])
         .arg("-no-reboot")
         .args(boot.qemu_args(artifacts));
+    time_to_marker(cmd, &format!("direct-{n}"), "(c)", logs, timeout)
+}
+
+/// Starts `cmd` (a QEMU with its serial console on stdout) and times it to
+/// the dom0 marker.
+fn time_to_marker(
+    cmd: std::process::Command,
+    name: &str,
+    row: &str,
+    logs: &LogDir,
+    timeout: Duration,
+) -> Result<Duration> {
     let t0 = Instant::now();
-    let mut vm = Proc::spawn(&format!("direct-{n}"), cmd, logs);
+    let mut vm = Proc::spawn(name, cmd, logs);
     let r = vm.wait_for(
         timeout,
         |l| l.contains(MARKER),
@@ -420,12 +553,44 @@ fn run_direct(
     vm.kill();
     match r {
         Ok(_) => Ok(dt),
-        Err(WaitError::Failed(l)) => bail!("(c) direct boot failed: {l}"),
+        Err(WaitError::Failed(l)) => bail!("{row} direct boot failed: {l}"),
         Err(e) => bail!(
-            "(c) no {MARKER} from the direct boot within {timeout:?} ({e:?}); see {}",
+            "{row} no {MARKER} from the direct boot within {timeout:?} ({e:?}); see {}",
             vm.log_path().display()
         ),
     }
+}
+
+/// aarch64 (c): QEMU virt boots Xen and dom0 directly (no firmware).
+fn run_direct_arm(
+    boot: &ArmBoot,
+    artifacts: &Path,
+    logs: &LogDir,
+    n: usize,
+    timeout: Duration,
+) -> Result<Duration> {
+    let mut cmd = std::process::Command::new("qemu-system-aarch64");
+    cmd.args(["-accel", "tcg"])
+        .args(["-M", "virt,virtualization=on,gic-version=3,acpi=off"])
+        .args(["-cpu", "cortex-a57", "-m", bmc::VM_MEM])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-no-reboot")
+        .args(boot.qemu_args(artifacts));
+    time_to_marker(
+        cmd,
+        &format!("direct-arm-{n}"),
+        "aarch64 (c)",
+        logs,
+        timeout,
+    )
 }
 
 // ------------------------------------------------- (a) the whole lab
@@ -435,6 +600,12 @@ fn run_direct(
 type Lab = RunningLab;
 
 fn start_lab(artifacts: &Path) -> Result<Lab> {
+    bins_built()?;
+    Ok(RunningLab::start("bench-lab", 1, artifacts, "180s"))
+}
+
+/// (a) runs the workspace's binaries of the bench's own profile.
+fn bins_built() -> Result<()> {
     for bin in ["lab-server", "lab-agent", "lab"] {
         let p = bin_path(bin);
         if !p.is_file() {
@@ -444,7 +615,15 @@ fn start_lab(artifacts: &Path) -> Result<Lab> {
             );
         }
     }
-    Ok(RunningLab::start("bench-lab", 1, artifacts, "180s"))
+    Ok(())
+}
+
+/// Like [`start_lab`] with one aarch64 UEFI host: the steps of
+/// `RunningLab::start` on a box from `LabBox::start_mixed`.
+fn start_arm_lab(artifacts: &Path) -> Result<Lab> {
+    bins_built()?;
+    let lab = LabBox::start_mixed("bench-arm", &[Arch::Aarch64]);
+    Ok(RunningLab::start_in(lab, artifacts, "180s"))
 }
 
 /// `lab --json …` inside the box's namespace: its stdout as JSON.
@@ -469,7 +648,14 @@ fn lab_cli(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("lab {args:?} printed no JSON"))
 }
 
-fn run_lab(lab: &Lab, timeout: Duration, warned: &mut bool) -> Result<(Duration, Phases)> {
+/// One lease of the lab's first host (x86_64 or aarch64: `table` names the
+/// phases of its boot) to the marker, then its release.
+fn run_lab(
+    lab: &Lab,
+    table: &PhaseTable,
+    timeout: Duration,
+    warned: &mut bool,
+) -> Result<(Duration, Phases)> {
     let b = &lab.lab;
     let h = &b.hosts()[0];
     if b.vm_running(h) {
@@ -494,7 +680,7 @@ fn run_lab(lab: &Lab, timeout: Duration, warned: &mut bool) -> Result<(Duration,
         .as_str()
         .with_context(|| format!("no lease id in {lease}"))?
         .to_owned();
-    let r = wait_phases(b, h, from, t0, timeout);
+    let r = wait_phases(b, h, table, from, t0, timeout);
     let released = lab_cli(lab, &["lease", "release", &id]);
     let r = r.with_context(|| {
         format!(
@@ -574,19 +760,43 @@ fn ratio(a: &Series, b: &Series) -> String {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    LabBox::prereqs()
-        .tool("dnsmasq", &["--version"], "apt-get install -y --no-install-recommends dnsmasq-base (the binary only; it runs only inside the box)")
-        .tool("curl", &["--version"], "apt-get install -y curl")
+    let archs: Vec<Arch> = [(args.x86, Arch::X86_64), (args.aarch64, Arch::Aarch64)]
+        .into_iter()
+        .filter_map(|(on, arch)| on.then_some(arch))
+        .collect();
+    let mut pre = LabBox::prereqs_for(&archs);
+    if args.x86 {
+        pre.tool("dnsmasq", &["--version"], "apt-get install -y --no-install-recommends dnsmasq-base (the binary only; it runs only inside the box)");
+    }
+    pre.tool("curl", &["--version"], "apt-get install -y curl")
         .assert_all();
     let artifacts = labbox::artifacts_dir();
-    let boot = xen_boot()?;
-    if let Some(why) = labbox::ensure_artifacts(&artifacts, &boot.files()) {
+    let boot = if args.x86 { Some(xen_boot()?) } else { None };
+    let arm = if args.aarch64 {
+        Some(arm_boot()?)
+    } else {
+        None
+    };
+    let files: Vec<&str> = boot
+        .iter()
+        .flat_map(XenBoot::files)
+        .chain(arm.iter().flat_map(ArmBoot::files))
+        .collect();
+    if let Some(why) = labbox::ensure_artifacts(&artifacts, &files) {
         bail!("{why}");
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let machines: Vec<&str> = [
+        (args.x86, "-cpu qemu64"),
+        (args.aarch64, "aarch64 -M virt -cpu cortex-a57"),
+    ]
+    .into_iter()
+    .filter_map(|(on, m)| on.then_some(m))
+    .collect();
     println!(
-        "boot-bench: {} run(s) of each, alternating, one VM at a time; QEMU TCG -cpu qemu64 -m {}; {} CPUs; load {}",
+        "boot-bench: {} run(s) of each, alternating, one VM at a time; QEMU TCG {} -m {}; {} CPUs; load {}",
         args.runs,
+        machines.join(", "),
         bmc::VM_MEM,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load.split_whitespace()
@@ -608,41 +818,84 @@ fn main() -> Result<()> {
         label: "(c) QEMU direct -kernel → LAB-DOM0-OK",
         runs: vec![],
     };
+    let mut arm_a = Series {
+        label: "aarch64 (a) lab lease acquire → LAB-DOM0-OK",
+        runs: vec![],
+    };
+    let mut arm_c = Series {
+        label: "aarch64 (c) direct, guest-loader → LAB-DOM0-OK",
+        runs: vec![],
+    };
 
-    let lab = if args.skip_lab {
+    let lab = if args.skip_lab || !args.x86 {
         None
     } else {
         Some(start_lab(&artifacts)?)
     };
-    let peer = start_peer(&boot, &artifacts)?;
+    let arm_lab = if args.skip_lab || !args.aarch64 {
+        None
+    } else {
+        Some(start_arm_lab(&artifacts)?)
+    };
+    let peer = match &boot {
+        Some(boot) => Some(start_peer(boot, &artifacts)?),
+        None => None,
+    };
     let direct_logs = LogDir::new("bench-direct-");
     let mut warned = false;
-    println!(
-        "boot-bench: [phases] = seconds after the start when the console first shows: rom (iPXE ROM runs), \
-         dhcp (iPXE starts DHCP), script (the per-host iPXE script runs), xen (Xen starts), \
-         dom0 (the dom0 kernel starts), init (its init runs)"
-    );
-    for n in 1..=args.runs {
-        if let Some(lab) = &lab {
-            let (d, p) = run_lab(lab, args.timeout, &mut warned).unwrap_or_else(|e| fail(e));
-            println!(
-                "run {n}: (a) {:.2} s  [{}]",
-                d.as_secs_f64(),
-                phases_line(&p)
-            );
-            a.runs.push(d);
-        }
-        let (d, p) = run_peer(&peer, args.timeout).unwrap_or_else(|e| fail(e));
+    if args.x86 {
         println!(
-            "run {n}: (b) {:.2} s  [{}]",
-            d.as_secs_f64(),
-            phases_line(&p)
+            "boot-bench: [phases] = seconds after the start when the console first shows: rom (iPXE ROM runs), \
+             dhcp (iPXE starts DHCP), script (the per-host iPXE script runs), xen (Xen starts), \
+             dom0 (the dom0 kernel starts), init (its init runs)"
         );
-        b.runs.push(d);
-        let d = run_direct(&boot, &artifacts, &direct_logs, n, args.timeout)
-            .unwrap_or_else(|e| fail(e));
-        println!("run {n}: (c) {:.2} s", d.as_secs_f64());
-        c.runs.push(d);
+    }
+    if args.aarch64 {
+        println!(
+            "boot-bench: aarch64 [phases]: pxe (the firmware starts PXE over IPv4), grub (GRUB runs grub/grub.cfg), \
+             config (the per-host GRUB config runs), xen, dom0, init"
+        );
+    }
+    for n in 1..=args.runs {
+        if let (Some(boot), Some(peer)) = (&boot, &peer) {
+            if let Some(lab) = &lab {
+                let (d, p) =
+                    run_lab(lab, &PHASES, args.timeout, &mut warned).unwrap_or_else(|e| fail(e));
+                println!(
+                    "run {n}: (a) {:.2} s  [{}]",
+                    d.as_secs_f64(),
+                    phases_line(&PHASES, &p)
+                );
+                a.runs.push(d);
+            }
+            let (d, p) = run_peer(peer, args.timeout).unwrap_or_else(|e| fail(e));
+            println!(
+                "run {n}: (b) {:.2} s  [{}]",
+                d.as_secs_f64(),
+                phases_line(&PHASES, &p)
+            );
+            b.runs.push(d);
+            let d = run_direct(boot, &artifacts, &direct_logs, n, args.timeout)
+                .unwrap_or_else(|e| fail(e));
+            println!("run {n}: (c) {:.2} s", d.as_secs_f64());
+            c.runs.push(d);
+        }
+        if let Some(arm) = &arm {
+            if let Some(lab) = &arm_lab {
+                let (d, p) = run_lab(lab, &ARM_PHASES, args.timeout, &mut warned)
+                    .unwrap_or_else(|e| fail(e));
+                println!(
+                    "run {n}: aarch64 (a) {:.2} s  [{}]",
+                    d.as_secs_f64(),
+                    phases_line(&ARM_PHASES, &p)
+                );
+                arm_a.runs.push(d);
+            }
+            let d = run_direct_arm(arm, &artifacts, &direct_logs, n, args.timeout)
+                .unwrap_or_else(|e| fail(e));
+            println!("run {n}: aarch64 (c) {:.2} s", d.as_secs_f64());
+            arm_c.runs.push(d);
+        }
     }
 
     println!();
@@ -650,12 +903,24 @@ fn main() -> Result<()> {
         "{:<46} {:>7} {:>7} {:>7}   runs (s)",
         "time to the dom0 marker", "min", "median", "max"
     );
-    for s in [&a, &b, &c] {
-        println!("{}", s.row());
+    if args.x86 {
+        for s in [&a, &b, &c] {
+            println!("{}", s.row());
+        }
+    }
+    if args.aarch64 {
+        for s in [&arm_a, &arm_c] {
+            println!("{}", s.row());
+        }
     }
     println!();
-    println!("(a)/(b) median: {}   (goal ≤ 1.05)", ratio(&a, &b));
-    println!("(b)/(c) median: {}", ratio(&b, &c));
+    if args.x86 {
+        println!("(a)/(b) median: {}   (goal ≤ 1.05)", ratio(&a, &b));
+        println!("(b)/(c) median: {}", ratio(&b, &c));
+    }
+    if args.aarch64 {
+        println!("aarch64 (a)/(c) median: {}", ratio(&arm_a, &arm_c));
+    }
     Ok(())
 }
 
