@@ -1,5 +1,5 @@
 //! A lab in a box with a simulated BMC per host: N hosts in one fresh
-//! network namespace — x86_64 BIOS hosts and aarch64 UEFI hosts ([`Arch`]) —
+//! network namespace — x86_64 BIOS hosts and aarch64 UEFI hosts ([`Arch`](crate::labbox::bmc::Arch)) —
 //! each a QEMU VM that its own OpenIPMI `ipmi_sim` powers on and off, with a
 //! persistent serial console.
 //!

@@ -125,8 +125,8 @@ pub fn artifacts_dir() -> PathBuf {
 /// The x86_64 Xen boot artifacts the `xen` profile loads.
 pub const XEN_ARTIFACTS: [&str; 3] = ["xen-4.17-amd64", "vmlinuz-amd64", "initrd-labbox-amd64.gz"];
 
-/// Makes sure `files` are in `dir`, running `pxe-assets/fetch-artifacts.sh
-/// <dir>` once if some are missing (~10 s; needs apt access). Returns what is
+/// Makes sure `files` are in `dir`, running
+/// `pxe-assets/fetch-artifacts.sh <dir>` once if some are missing (~10 s; needs apt access). Returns what is
 /// still missing with the reason, or nothing.
 pub fn ensure_artifacts(dir: &Path, files: &[&str]) -> Option<String> {
     let missing = |d: &Path| -> Vec<String> {
