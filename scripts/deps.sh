@@ -8,10 +8,11 @@
 # ROMs (x86 hosts that PXE-boot Xen through the agent), qemu-system-arm and
 # AAVMF (aarch64 hosts), OpenIPMI's ipmi_sim and ipmitool (a BMC per host
 # and the reference client), python3 (the serial relay between a VM and its
-# BMC, the grpcio client test).
+# BMC, the grpcio client test), dnsmasq-base (only the binary: the boot
+# benchmark's hand-tuned peer; it never runs outside a test namespace).
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
   printf '\n==> %s\n' "apt-get update"

@@ -13,6 +13,19 @@ pub mod v1 {
     tonic::include_proto!("lab.v1");
 }
 
+/// The BMC access an agent receives: printed without its password, so
+/// that no `{:?}` of a message (or of a rack's state) can leak it.
+impl std::fmt::Debug for v1::Bmc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bmc")
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every lab proto file (and its imports),
 /// as served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -70,6 +83,26 @@ pub mod convert {
             for ms in [0, 1, 999, 1000, 1_700_000_000_123, -1, -1001] {
                 assert_eq!(millis_from_timestamp(&timestamp_from_millis(ms)), ms);
             }
+        }
+
+        #[test]
+        fn bmc_debug_never_shows_the_password() {
+            let b = crate::v1::Bmc {
+                address: "198.18.0.101".into(),
+                port: 623,
+                user: "admin".into(),
+                password: "hunter2".into(),
+            };
+            let host = crate::v1::AgentHost {
+                bmc: Some(b),
+                ..Default::default()
+            };
+            let text = format!("{host:?}");
+            assert!(
+                text.contains("198.18.0.101") && text.contains("***"),
+                "{text}"
+            );
+            assert!(!text.contains("hunter2"), "{text}");
         }
 
         #[test]
