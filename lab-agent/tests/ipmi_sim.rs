@@ -3,142 +3,21 @@
 //! implementation. Needs the Debian packages `openipmi` and `ipmitool`;
 //! without them these tests fail and say so.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lab_agent::ipmi::{
     BootDevice, CipherSuite, ConnectOptions, IpmiClient, IpmiError, PowerAction, Secret,
 };
 
-const USER: &str = "admin";
-const PASSWORD: &str = "labpass";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ipmi")
-}
-
-fn require(bin: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{bin}` not found: install the Debian package `{package}` (apt-get install -y openipmi ipmitool)"
-    );
-}
-
-/// One `ipmi_sim` on a free loopback port, killed on drop. Its output and
-/// the chassis log stay in `dir` (printed on failure).
-struct Sim {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
+mod common;
+use common::{PASSWORD, Sim, USER};
 
 impl Sim {
+    /// A ready `ipmi_sim` without SOL.
     fn start() -> Sim {
-        require("ipmi_sim", "openipmi");
-        require("ipmitool", "ipmitool");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
-            s.local_addr().expect("local addr").port()
-        };
-        let script = dir.path().join("chassis.sh");
-        std::fs::copy(fixtures().join("chassis.sh"), &script).expect("copy chassis.sh");
-        std::fs::copy(fixtures().join("bmc.emu"), dir.path().join("bmc.emu"))
-            .expect("copy bmc.emu");
-        let conf = std::fs::read_to_string(fixtures().join("lan.conf.in"))
-            .expect("read lan.conf.in")
-            .replace("@PORT@", &port.to_string())
-            .replace("@DIR@", &dir.path().display().to_string());
-        std::fs::write(dir.path().join("lan.conf"), conf).expect("write lan.conf");
-        std::fs::create_dir(dir.path().join("state")).expect("state dir");
-        let log = std::fs::File::create(dir.path().join("ipmi_sim.log")).expect("log file");
-        let child = Command::new("ipmi_sim")
-            .current_dir(dir.path())
-            .args(["-c", "lan.conf", "-f", "bmc.emu", "-n", "-s", "state"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ipmi_sim");
-        let mut sim = Sim { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(Some(st)) = sim.child.try_wait() {
-                panic!("ipmi_sim exited early ({st}):\n{}", sim.logs());
-            }
-            if sim.ipmitool_ok(&["chassis", "power", "status"]).is_some() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ipmi_sim never answered:\n{}",
-                sim.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut sim = Sim::spawn("");
+        sim.wait_ready(Duration::from_secs(15));
         sim
-    }
-
-    fn endpoint(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn logs(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
-        format!(
-            "--- ipmi_sim.log\n{}--- chassis.log\n{}",
-            read("ipmi_sim.log"),
-            read("chassis.log")
-        )
-    }
-
-    fn ipmitool_ok(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("ipmitool")
-            .args(["-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .args(["-U", USER, "-P", PASSWORD, "-N", "1", "-R", "2"])
-            .args(args)
-            .output()
-            .expect("run ipmitool");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Run ipmitool; panic with the logs if it fails.
-    fn ipmitool(&self, args: &[&str]) -> String {
-        self.ipmitool_ok(args)
-            .unwrap_or_else(|| panic!("ipmitool {args:?} failed\n{}", self.logs()))
-    }
-
-    fn chassis_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("chassis.log")).unwrap_or_default()
-    }
-
-    async fn connect(&self) -> IpmiClient {
-        IpmiClient::connect(
-            self.endpoint(),
-            USER,
-            Secret::from_bytes(PASSWORD.as_bytes()),
-            ConnectOptions::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect: {}\n{}", lab_agent::error_chain(&e), self.logs()))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
     }
 }
 

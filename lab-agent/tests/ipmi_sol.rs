@@ -4,87 +4,46 @@
 //! port. `ipmitool -I lanplus -C 3` is the reference beside ours. Needs the
 //! Debian packages `openipmi` and `ipmitool`.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lab_agent::console::{ConsoleSource, SolSource};
-use lab_agent::ipmi::{ConnectOptions, IpmiClient, Secret, SolOptions, SolStream};
+use lab_agent::ipmi::{ConnectOptions, Secret, SolOptions, SolStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const USER: &str = "admin";
-const PASSWORD: &str = "labpass";
 /// Generous: the suite must pass on a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ipmi")
-}
+mod common;
+use common::{PASSWORD, USER};
 
-fn require(bin: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{bin}` not found: install the Debian package `{package}` (apt-get install -y openipmi ipmitool)"
-    );
-}
-
-/// One `ipmi_sim` with SOL wired to a TCP port this test listens on; the
-/// simulator is killed on drop and its log printed on failure.
+/// An `ipmi_sim` with SOL wired to a TCP port this test listens on: the
+/// test holds the host's side of the serial line.
 struct Sim {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
+    sim: common::Sim,
     /// The host's side of the serial line (ipmi_sim connected to it).
     host: Option<TcpStream>,
 }
 
+impl std::ops::Deref for Sim {
+    type Target = common::Sim;
+    fn deref(&self) -> &common::Sim {
+        &self.sim
+    }
+}
+
 impl Sim {
     async fn start() -> Sim {
-        require("ipmi_sim", "openipmi");
-        require("ipmitool", "ipmitool");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
-            s.local_addr().expect("local addr").port()
-        };
         // The serial side listens before ipmi_sim starts: it connects once
         // at start-up (and retries only every 10 s).
         let serial = TcpListener::bind("127.0.0.1:0").expect("bind serial side");
         let serial_port = serial.local_addr().expect("serial addr").port();
         serial.set_nonblocking(true).expect("nonblocking");
         let serial = tokio::net::TcpListener::from_std(serial).expect("tokio listener");
-
-        let script = dir.path().join("chassis.sh");
-        std::fs::copy(fixtures().join("chassis.sh"), &script).expect("copy chassis.sh");
-        std::fs::copy(fixtures().join("bmc.emu"), dir.path().join("bmc.emu"))
-            .expect("copy bmc.emu");
-        let mut conf = std::fs::read_to_string(fixtures().join("lan.conf.in"))
-            .expect("read lan.conf.in")
-            .replace("@PORT@", &port.to_string())
-            .replace("@DIR@", &dir.path().display().to_string());
-        conf.push_str(&format!("  sol \"tcp:127.0.0.1:{serial_port}\" 115200\n"));
-        std::fs::write(dir.path().join("lan.conf"), conf).expect("write lan.conf");
-        std::fs::create_dir(dir.path().join("state")).expect("state dir");
-        let log = std::fs::File::create(dir.path().join("ipmi_sim.log")).expect("log file");
-        let child = Command::new("ipmi_sim")
-            .current_dir(dir.path())
-            .args(["-c", "lan.conf", "-f", "bmc.emu", "-n", "-s", "state"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ipmi_sim");
-        let mut sim = Sim {
-            child,
-            dir,
-            port,
-            host: None,
-        };
+        let mut sim =
+            common::Sim::spawn(&format!("  sol \"tcp:127.0.0.1:{serial_port}\" 115200\n"));
         let host = match tokio::time::timeout(WAIT, serial.accept()).await {
             Ok(Ok((s, _))) => s,
             other => panic!(
@@ -93,60 +52,15 @@ impl Sim {
             ),
         };
         host.set_nodelay(true).expect("nodelay");
-        sim.host = Some(host);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(Some(st)) = sim.child.try_wait() {
-                panic!("ipmi_sim exited early ({st}):\n{}", sim.logs());
-            }
-            if sim.ipmitool_ok(&["chassis", "power", "status"]).is_some() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ipmi_sim never answered:\n{}",
-                sim.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.wait_ready(WAIT);
+        Sim {
+            sim,
+            host: Some(host),
         }
-        sim
-    }
-
-    fn endpoint(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     fn host(&mut self) -> &mut TcpStream {
         self.host.as_mut().expect("host side")
-    }
-
-    fn logs(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
-        format!("--- ipmi_sim.log\n{}", read("ipmi_sim.log"))
-    }
-
-    fn ipmitool_cmd(&self) -> Command {
-        let mut c = Command::new("ipmitool");
-        c.args(["-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .args(["-U", USER, "-P", PASSWORD, "-N", "1", "-R", "2"]);
-        c
-    }
-
-    fn ipmitool_ok(&self, args: &[&str]) -> Option<String> {
-        let out = self
-            .ipmitool_cmd()
-            .args(args)
-            .output()
-            .expect("run ipmitool");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn ipmitool(&self, args: &[&str]) -> String {
-        self.ipmitool_ok(args)
-            .unwrap_or_else(|| panic!("ipmitool {args:?} failed\n{}", self.logs()))
     }
 
     /// Get Payload Activation Status through the reference: is SOL
@@ -162,27 +76,10 @@ impl Sim {
     }
 
     async fn sol(&self, options: SolOptions) -> SolStream {
-        let client = IpmiClient::connect(
-            self.endpoint(),
-            USER,
-            Secret::from_bytes(PASSWORD.as_bytes()),
-            ConnectOptions::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect: {}\n{}", lab_agent::error_chain(&e), self.logs()));
+        let client = self.connect().await;
         SolStream::activate(client, options)
             .await
             .unwrap_or_else(|e| panic!("activate: {}\n{}", lab_agent::error_chain(&e), self.logs()))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
     }
 }
 

@@ -132,6 +132,42 @@ async fn lease(c: &mut Clients, id: &str) -> pb::Lease {
     .into_inner()
 }
 
+/// Waits until `host`'s provisioning in lease `id` satisfies `f`.
+async fn until_phase(
+    c: &Clients,
+    id: &str,
+    host: &'static str,
+    what: &str,
+    f: impl Fn(&(pb::ProvisionPhase, String)) -> bool,
+) -> (pb::ProvisionPhase, String) {
+    let f = &f;
+    until(what, || {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move { phase(&lease(&mut c, &id).await, host).filter(f) }
+    })
+    .await
+}
+
+/// The console captured during a lease (all its output, as text).
+async fn lease_log(c: &mut Clients, id: &str) -> String {
+    let mut log = c
+        .hosts
+        .console_log(pb::ConsoleLogRequest {
+            lease_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(m) = log.message().await.unwrap() {
+        if let Some(pb::console_response::Msg::Output(b)) = m.msg {
+            text.extend_from_slice(&b);
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
 fn phase(l: &pb::Lease, host: &str) -> Option<(pb::ProvisionPhase, String)> {
     l.provisioning
         .iter()
@@ -216,13 +252,8 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     })
     .await;
     assert_eq!(sim.boot(), Some((BootDevice::Pxe, false, false)));
-    let booting = until("h0 booting", || {
-        let mut c = c.clone();
-        let id = l.id.clone();
-        async move {
-            let l = lease(&mut c, &id).await;
-            phase(&l, "h0").filter(|(p, _)| *p == pb::ProvisionPhase::Booting)
-        }
+    let booting = until_phase(&c, &l.id, "h0", "h0 booting", |(p, _)| {
+        *p == pb::ProvisionPhase::Booting
     })
     .await;
     assert!(booting.1.contains("powered on"), "{booting:?}");
@@ -230,13 +261,8 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         .write_all(b"Xen 4.17 booting\r\nLAB-DOM0-OK hypervisor=xen caps=control_d\r\n")
         .await
         .unwrap();
-    let ready = until("h0 ready", || {
-        let mut c = c.clone();
-        let id = l.id.clone();
-        async move {
-            let l = lease(&mut c, &id).await;
-            phase(&l, "h0").filter(|(p, _)| *p == pb::ProvisionPhase::Ready)
-        }
+    let ready = until_phase(&c, &l.id, "h0", "h0 ready", |(p, _)| {
+        *p == pb::ProvisionPhase::Ready
     })
     .await;
     assert!(ready.1.contains("LAB-DOM0-OK"), "{ready:?}");
@@ -355,21 +381,7 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     assert_eq!(sim.boot(), Some((BootDevice::None, false, false)));
 
     // ------------------------------------------------ the lease's console log
-    let mut log = c
-        .hosts
-        .console_log(pb::ConsoleLogRequest {
-            lease_id: l.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = Vec::new();
-    while let Some(m) = log.message().await.unwrap() {
-        if let Some(pb::console_response::Msg::Output(b)) = m.msg {
-            text.extend_from_slice(&b);
-        }
-    }
-    let text = String::from_utf8_lossy(&text);
+    let text = lease_log(&mut c, &l.id).await;
     assert!(text.contains("LAB-DOM0-OK"), "{text}");
     assert!(text.contains("Linux dom0"), "{text}");
     assert!(
@@ -441,34 +453,15 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         "the lease is untouched"
     );
     // The capture resumed, and the lease's log marks the gap.
-    let mut log = c
-        .hosts
-        .console_log(pb::ConsoleLogRequest {
-            lease_id: l2.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = Vec::new();
-    while let Some(m) = log.message().await.unwrap() {
-        if let Some(pb::console_response::Msg::Output(b)) = m.msg {
-            text.extend_from_slice(&b);
-        }
-    }
-    let text = String::from_utf8_lossy(&text);
+    let text = lease_log(&mut c, &l2.id).await;
     assert!(
         text.contains("console capture started") && text.contains("is missing"),
         "no gap marker after the agent restart: {text}"
     );
     // The host was still booting: the restarted agent watches again (no
     // power action) and sees the ready text.
-    let stage = until("watching again", || {
-        let mut c = c.clone();
-        let id = l2.id.clone();
-        async move {
-            let l = lease(&mut c, &id).await;
-            phase(&l, "h0").filter(|(_, s)| s.contains("agent restarted"))
-        }
+    let stage = until_phase(&c, &l2.id, "h0", "watching again", |(_, s)| {
+        s.contains("agent restarted")
     })
     .await;
     assert_eq!(stage.0, pb::ProvisionPhase::Booting, "{stage:?}");
@@ -476,13 +469,8 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         .write_all(b"LAB-DOM0-OK hypervisor=xen caps=control_d\r\n")
         .await
         .unwrap();
-    until("h0 ready after the restart", || {
-        let mut c = c.clone();
-        let id = l2.id.clone();
-        async move {
-            let l = lease(&mut c, &id).await;
-            phase(&l, "h0").filter(|(p, _)| *p == pb::ProvisionPhase::Ready)
-        }
+    until_phase(&c, &l2.id, "h0", "h0 ready after the restart", |(p, _)| {
+        *p == pb::ProvisionPhase::Ready
     })
     .await;
     agent.abort();
@@ -609,13 +597,8 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
         .unwrap();
     let mut serial = _serial.0;
     // Output counts from the power-on: write once the host is booting.
-    until("h0 booting", || {
-        let mut c = c.clone();
-        let id = l.id.clone();
-        async move {
-            let l = lease(&mut c, &id).await;
-            phase(&l, "h0").filter(|(p, _)| *p == pb::ProvisionPhase::Booting)
-        }
+    until_phase(&c, &l.id, "h0", "h0 booting", |(p, _)| {
+        *p == pb::ProvisionPhase::Booting
     })
     .await;
     serial

@@ -246,13 +246,11 @@ impl Agents {
         info!(rack = %rack, agent = %agent, version = %hello.version, "agent attached");
         // Subscribe before the full state, so that no change falls between.
         let events = core.subscribe();
-        let _ = tx
-            .send(Ok(pb::ServerMessage {
-                msg: Some(pb::server_message::Msg::Rack(
-                    rack_state(&core, &rack).await?,
-                )),
-            }))
-            .await;
+        send(
+            &tx,
+            pb::server_message::Msg::Rack(rack_state(&core, &rack).await?),
+        )
+        .await;
         self.refresh_reachability().await;
         let me = self.clone();
         let span = info_span!("agent", rack = %rack, conn = conn_id);
@@ -298,65 +296,40 @@ impl Agents {
         tx: ToAgent,
     ) {
         loop {
-            let full = match events.recv().await {
-                Ok(e) => match e.kind {
-                    EventKind::HostReclaiming => {
+            match events.recv().await {
+                Ok(e)
+                    if matches!(
+                        e.kind,
+                        EventKind::InventoryLoaded
+                            | EventKind::HostAdded
+                            | EventKind::HostRetired
+                            | EventKind::HostRemoved
+                    ) => {}
+                Ok(e) => {
+                    if e.kind == EventKind::HostReclaiming {
                         self.end_lease_consoles(&rack, &e.hosts, &tx).await;
-                        for h in &e.hosts {
-                            let Ok(view) = core.get_host(h.clone()).await else {
-                                continue;
-                            };
-                            if view.spec.as_ref().is_some_and(|s| s.rack == rack) {
-                                let msg = pb::server_message::Msg::Host(agent_host(&view));
-                                if tx
-                                    .send(Ok(pb::ServerMessage { msg: Some(msg) }))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                        false
                     }
-                    EventKind::InventoryLoaded
-                    | EventKind::HostAdded
-                    | EventKind::HostRetired
-                    | EventKind::HostRemoved => true,
-                    _ => {
-                        for h in &e.hosts {
-                            let Ok(view) = core.get_host(h.clone()).await else {
-                                continue;
-                            };
-                            if view.spec.as_ref().is_some_and(|s| s.rack == rack) {
-                                let msg = pb::server_message::Msg::Host(agent_host(&view));
-                                if tx
-                                    .send(Ok(pb::ServerMessage { msg: Some(msg) }))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
+                    for h in &e.hosts {
+                        let Ok(view) = core.get_host(h.clone()).await else {
+                            continue;
+                        };
+                        if view.spec.as_ref().is_some_and(|s| s.rack == rack)
+                            && !send(&tx, pb::server_message::Msg::Host(agent_host(&view))).await
+                        {
+                            return;
                         }
-                        false
                     }
-                },
-                Err(broadcast::error::RecvError::Lagged(_)) => true,
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if full {
-                let Ok(state) = rack_state(&core, &rack).await else {
-                    return;
-                };
-                let msg = pb::server_message::Msg::Rack(state);
-                if tx
-                    .send(Ok(pb::ServerMessage { msg: Some(msg) }))
-                    .await
-                    .is_err()
-                {
-                    return;
+                    continue;
                 }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+            // The whole rack again (inventory change, or events missed).
+            let Ok(state) = rack_state(&core, &rack).await else {
+                return;
+            };
+            if !send(&tx, pb::server_message::Msg::Rack(state)).await {
+                return;
             }
         }
     }
@@ -392,15 +365,12 @@ impl Agents {
                     ..Default::default()
                 });
             }
-            let _ = tx
-                .send(Ok(pb::ServerMessage {
-                    msg: Some(pb::server_message::Msg::Command(pb::AgentCommand {
-                        id,
-                        host: host.to_string(),
-                        cmd: Some(pb::agent_command::Cmd::CloseSession(true)),
-                    })),
-                }))
-                .await;
+            let close = pb::AgentCommand {
+                id,
+                host: host.to_string(),
+                cmd: Some(pb::agent_command::Cmd::CloseSession(true)),
+            };
+            send(tx, pb::server_message::Msg::Command(close)).await;
         }
     }
 
@@ -754,6 +724,13 @@ impl Drop for ConsoleSession {
             })),
         }));
     }
+}
+
+/// Sends one message down an agent's stream; false once the agent is gone.
+async fn send(tx: &ToAgent, msg: pb::server_message::Msg) -> bool {
+    tx.send(Ok(pb::ServerMessage { msg: Some(msg) }))
+        .await
+        .is_ok()
 }
 
 /// Driving a host (power, console) needs its active lease, or operator.
