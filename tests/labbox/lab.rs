@@ -5,7 +5,7 @@
 //! inside it. Used by the end-to-end test, the boot benchmark and the demo.
 
 use super::bmc::{self, LabBox};
-use super::{Proc, repo_root};
+use super::{LogDir, Netns, Proc, repo_root};
 use std::path::Path;
 use std::time::Duration;
 
@@ -68,6 +68,46 @@ timeout = "120s"
     )
 }
 
+/// Starts the real lab-server (development mode, store under `logs`) with
+/// `inventory` and `env`, then the real lab-agent with the configuration
+/// `agent_toml(server address)`, both inside `ns`; waits until the agent has
+/// attached. Returns (server, agent, server address).
+pub fn start_server_and_agent(
+    ns: &Netns,
+    logs: &LogDir,
+    inventory: &str,
+    env: &[(&str, &str)],
+    agent_toml: impl FnOnce(&str) -> String,
+) -> (Proc, Proc, String) {
+    let inv = logs.join("inventory.toml");
+    std::fs::write(&inv, inventory).expect("write inventory");
+    let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
+    cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
+        .arg("--inventory")
+        .arg(&inv)
+        .arg("--data-dir")
+        .arg(logs.join("server-data"))
+        .env("LAB_LOG", "info")
+        .envs(env.iter().copied());
+    let mut server = Proc::spawn("lab-server", cmd, logs);
+    let line = server.expect_line("its address", START_TIMEOUT, |l| {
+        l.starts_with("lab-server listening on ")
+    });
+    let addr = line["lab-server listening on ".len()..].trim().to_owned();
+    let config = logs.join("agent.toml");
+    std::fs::write(&config, agent_toml(&addr)).expect("write agent.toml");
+    let mut cmd = ns.command(lab_tests::bin_path("lab-agent"));
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--token", "agent-r1"])
+        .env("LAB_LOG", "info,lab_agent=debug");
+    let mut agent = Proc::spawn("lab-agent", cmd, logs);
+    agent.expect_line("its attach to lab-server", START_TIMEOUT, |l| {
+        l.starts_with("lab-agent attached to ")
+    });
+    (server, agent, addr)
+}
+
 /// lab-server and lab-agent running in a box. Drop order: agent, server,
 /// then the box (VMs, BMCs, namespace, logs).
 pub struct RunningLab {
@@ -88,38 +128,13 @@ impl RunningLab {
     /// Starts lab-server and lab-agent in a box (any mix of hosts), and
     /// waits until the agent has attached.
     pub fn start_in(lab: LabBox, artifacts: &Path, xen_timeout: &str) -> RunningLab {
-        let ns = lab.netns();
-        let logs = lab.logs();
-        let inv = logs.join("inventory.toml");
-        std::fs::write(&inv, lab.inventory_toml("r1")).expect("write inventory");
-        let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
-        cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
-            .arg("--inventory")
-            .arg(&inv)
-            .arg("--data-dir")
-            .arg(logs.join("server-data"))
-            .env("LAB_LOG", "info")
-            .env(bmc::PASSWORD_ENV, lab.password());
-        let mut server = Proc::spawn("lab-server", cmd, logs);
-        let line = server.expect_line("its address", START_TIMEOUT, |l| {
-            l.starts_with("lab-server listening on ")
-        });
-        let addr = line["lab-server listening on ".len()..].trim().to_owned();
-        let config = logs.join("agent.toml");
-        std::fs::write(
-            &config,
-            agent_toml(&addr, artifacts, &logs.join("agent-data"), xen_timeout),
-        )
-        .expect("write agent.toml");
-        let mut cmd = ns.command(lab_tests::bin_path("lab-agent"));
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--token", "agent-r1"])
-            .env("LAB_LOG", "info,lab_agent=debug");
-        let mut agent = Proc::spawn("lab-agent", cmd, logs);
-        agent.expect_line("its attach to lab-server", START_TIMEOUT, |l| {
-            l.starts_with("lab-agent attached to ")
-        });
+        let (server, agent, addr) = start_server_and_agent(
+            lab.netns(),
+            lab.logs(),
+            &lab.inventory_toml("r1"),
+            &[(bmc::PASSWORD_ENV, lab.password())],
+            |addr| agent_toml(addr, artifacts, &lab.logs().join("agent-data"), xen_timeout),
+        );
         RunningLab {
             agent,
             server,
@@ -171,6 +186,23 @@ impl RunningLab {
         super::eventually(what, Duration::from_secs(60), || {
             f(&self.lab_ok(&["host", "show", host])).then_some(())
         });
+    }
+
+    /// After a lease on `host` ended: the host comes back available, its
+    /// BMC says off (ipmitool) and its VM is gone.
+    pub fn assert_reclaimed(&self, host: &str) {
+        self.wait_host(host, &format!("{host} available after its reclaim"), |v| {
+            v["state"] == "available"
+        });
+        let power = self.ipmi_power(host);
+        assert!(
+            power.contains("off"),
+            "the reclaim powers {host} off (ipmitool says {power:?})"
+        );
+        assert!(
+            !self.lab.vm_running(self.lab.host(host)),
+            "{host}'s VM still runs after the reclaim"
+        );
     }
 
     /// `ipmitool chassis power status` of a host's BMC (the reference).

@@ -52,21 +52,6 @@ fn start_lab(artifacts: &Path) -> RunningLab {
 }
 
 /// After a release: the host is available, ipmitool says off, no VM.
-fn assert_reclaimed(l: &RunningLab, host: &str) {
-    l.wait_host(host, &format!("{host} available after its reclaim"), |v| {
-        v["state"] == "available"
-    });
-    let power = l.ipmi_power(host);
-    assert!(
-        power.contains("off"),
-        "the reclaim powers {host} off (ipmitool says {power:?})"
-    );
-    assert!(
-        !l.lab.vm_running(l.lab.host(host)),
-        "{host}'s VM still runs after the reclaim"
-    );
-}
-
 #[test]
 fn an_aarch64_host_boots_xen_through_ipmi_uefi_pxe_grub_and_sol() {
     let mut pre = LabBox::prereqs_for(&[Arch::Aarch64, Arch::X86_64]);
@@ -150,7 +135,7 @@ fn an_aarch64_host_boots_xen_through_ipmi_uefi_pxe_grub_and_sol() {
 
     // ------------------------------------------------ release → clean host
     l.lab_ok(&["lease", "release", &id]);
-    assert_reclaimed(&l, ARM);
+    l.assert_reclaimed(ARM);
     let log = l.console_log(&id);
     assert!(
         log.contains("'q' pressed"),
@@ -197,6 +182,6 @@ fn an_aarch64_host_boots_xen_through_ipmi_uefi_pxe_grub_and_sol() {
     );
     l.lab_ok(&["lease", "release", &pid]);
     for h in [ARM, X86] {
-        assert_reclaimed(&l, h);
+        l.assert_reclaimed(h);
     }
 }

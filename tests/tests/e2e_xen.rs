@@ -124,18 +124,7 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
 
     // ------------------------------------------------ release → clean host
     l.lab_ok(&["lease", "release", &id]);
-    l.wait_host("h1", "h1 available after its reclaim", |v| {
-        v["state"] == "available"
-    });
-    assert!(
-        l.ipmi_power("h1").contains("off"),
-        "the reclaim powers the host off (ipmitool says {:?})",
-        l.ipmi_power("h1")
-    );
-    assert!(
-        !l.lab.vm_running(l.lab.host("h1")),
-        "h1's VM still runs after the reclaim"
-    );
+    l.assert_reclaimed("h1");
     let log = l.console_log(&id);
     assert!(
         log.contains("'q' pressed"),
@@ -208,13 +197,9 @@ fn an_expiring_lease_is_reclaimed_mid_boot_and_a_dead_bmc_moves_the_queue_on() {
             .wait_vm(l.lab.host("h1"), true, Duration::from_secs(20)),
         "h1 powered on for the lease"
     );
-    l.wait_host("h1", "h1 available after expiry", |v| {
-        v["state"] == "available"
-    });
+    l.assert_reclaimed("h1");
     let ended = l.lab_ok(&["lease", "show", &id]);
     assert_eq!(ended["state"], "expired", "{ended}");
-    assert!(l.ipmi_power("h1").contains("off"));
-    assert!(!l.lab.vm_running(l.lab.host("h1")));
 
     // h1's BMC dies: h1 becomes unreachable, is not granted, and a request
     // for either host gets h2.

@@ -133,34 +133,11 @@ fn a_xen_lease_pxe_boots_a_qemu_vm_into_dom0() {
         logs.path().display()
     );
 
-    // ------------------------------------------------------- lab-server
-    let inv = logs.join("inventory.toml");
-    std::fs::write(&inv, inventory()).unwrap();
-    let mut cmd = ns.command(bin_path("lab-server"));
-    cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
-        .arg("--inventory")
-        .arg(&inv)
-        .arg("--data-dir")
-        .arg(logs.join("data"))
-        .env("LAB_LOG", "info");
-    let mut server = Proc::spawn("lab-server", cmd, &logs);
-    let line = server.expect_line("its address", START_TIMEOUT, |l| {
-        l.starts_with("lab-server listening on ")
-    });
-    let server_addr = line["lab-server listening on ".len()..].trim().to_owned();
-
-    // -------------------------------------------------------- lab-agent
-    let config = logs.join("agent.toml");
-    std::fs::write(&config, agent_toml(&server_addr, &artifacts)).unwrap();
-    let mut cmd = ns.command(bin_path("lab-agent"));
-    cmd.arg("--config")
-        .arg(&config)
-        .args(["--token", "agent-r1"])
-        .env("LAB_LOG", "info,lab_agent=debug");
-    let mut agent = Proc::spawn("lab-agent", cmd, &logs);
-    agent.expect_line("that it runs", START_TIMEOUT, |l| {
-        l.starts_with("lab-agent running for rack r1")
-    });
+    // ----------------------------------------------- lab-server, lab-agent
+    let (server, agent, server_addr) =
+        labbox::lab::start_server_and_agent(&ns, &logs, &inventory(), &[], |addr| {
+            agent_toml(addr, &artifacts)
+        });
     let script_url = format!("http://{SERVER_IP}:8080/hosts/{MAC_HYPHEN}.ipxe");
     labbox::eventually(
         "the agent serves the host's default (local-disk) script",
