@@ -335,7 +335,7 @@ impl Rack {
     pub async fn apply_rack(&self, state: pb::RackState) {
         let names: Vec<String> = state.hosts.iter().map(|h| h.name.clone()).collect();
         for h in state.hosts {
-            self.apply_host(h).await;
+            self.reconcile_host(h).await;
         }
         let mut gone = Vec::new();
         {
@@ -362,6 +362,13 @@ impl Rack {
 
     /// Applies one host's desired state.
     pub async fn apply_host(&self, h: pb::AgentHost) {
+        self.reconcile_host(h).await;
+        self.refresh_table().await;
+    }
+
+    /// One host's BMC, console capture and provisioning (the boot table is
+    /// refreshed by the caller, once per message).
+    async fn reconcile_host(&self, h: pb::AgentHost) {
         let name = h.name.clone();
         let span = info_span!("host", host = %name);
         async {
@@ -428,7 +435,6 @@ impl Rack {
         }
         .instrument(span)
         .await;
-        self.refresh_table().await;
     }
 
     async fn refresh_table(&self) {
