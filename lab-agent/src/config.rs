@@ -11,23 +11,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Why the configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read agent config {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{column}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        reason: String,
-    },
-}
+/// Why the configuration was refused: unreadable, or invalid at
+/// `path:line:column`.
+pub type ConfigError = lab_types::FileError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +185,7 @@ pub const DEFAULT_BMC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            what: "agent config",
             path: path.to_owned(),
             source,
         })?;
@@ -362,12 +349,7 @@ impl AgentConfig {
     }
 }
 
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
+use lab_types::line_column;
 
 #[cfg(test)]
 mod tests {

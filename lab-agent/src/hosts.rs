@@ -6,60 +6,13 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 
-/// A MAC address (lower-case `aa:bb:cc:dd:ee:ff` when displayed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Mac(pub [u8; 6]);
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("{s:?} is not a MAC address"));
-        }
-        let mut m = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
-        }
-        Ok(Mac(m))
-    }
-}
-
-impl Mac {
-    /// `aa-bb-cc-dd-ee-ff`, as iPXE's `${net0/mac:hexhyp}` prints it.
-    pub fn hyphenated(&self) -> String {
-        self.to_string().replace(':', "-")
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    X86_64,
-    Aarch64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Firmware {
-    Bios,
-    Uefi,
-}
+pub use lab_types::{Arch, Firmware, MacAddr};
 
 /// One host of the rack, as the boot services need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootHost {
     pub name: String,
-    pub mac: Mac,
+    pub mac: MacAddr,
     pub ipv4: Option<Ipv4Addr>,
     pub arch: Arch,
     pub firmware: Firmware,
@@ -72,7 +25,7 @@ pub struct BootHost {
 /// The rack's hosts by MAC; cheap to clone, shared by all servers.
 #[derive(Debug, Clone, Default)]
 pub struct HostTable {
-    inner: Arc<RwLock<BTreeMap<Mac, BootHost>>>,
+    inner: Arc<RwLock<BTreeMap<MacAddr, BootHost>>>,
 }
 
 impl HostTable {
@@ -88,7 +41,7 @@ impl HostTable {
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
 
-    pub fn by_mac(&self, mac: &Mac) -> Option<BootHost> {
+    pub fn by_mac(&self, mac: &MacAddr) -> Option<BootHost> {
         self.inner
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -115,7 +68,7 @@ impl HostTable {
     }
 
     /// Set one host's profile and lease; false if the MAC is unknown.
-    pub fn set_profile(&self, mac: &Mac, profile: &str, lease: Option<String>) -> bool {
+    pub fn set_profile(&self, mac: &MacAddr, profile: &str, lease: Option<String>) -> bool {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match g.get_mut(mac) {
             Some(h) => {
@@ -125,19 +78,5 @@ impl HostTable {
             }
             None => false,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_forms() {
-        let m: Mac = "52:54:00:AB:cd:01".parse().unwrap();
-        assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
-        assert_eq!(m.hyphenated(), "52-54-00-ab-cd-01");
-        assert!("52:54:00".parse::<Mac>().is_err());
-        assert!("zz:54:00:ab:cd:01".parse::<Mac>().is_err());
     }
 }

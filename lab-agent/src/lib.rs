@@ -33,14 +33,4 @@ pub mod ra;
 pub mod rack;
 pub mod tftp;
 
-/// An error with all its sources, `: `-separated, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use lab_types::error_chain;

@@ -249,13 +249,13 @@ async fn command(
             return;
         }
         None => Err(crate::rack::CommandError {
-            code: "UNIMPLEMENTED",
+            code: pb::CommandErrorKind::Unimplemented,
             message: "unknown command".into(),
         }),
     };
     if let Err(e) = result {
         reply.error = e.message;
-        reply.code = e.code.into();
+        reply.code = e.code as i32;
     }
     let _ = tx
         .send(pb::AgentMessage {
@@ -276,7 +276,7 @@ async fn open_console(
         .hub(host)
         .await
         .ok_or_else(|| crate::rack::CommandError {
-            code: "FAILED_PRECONDITION",
+            code: pb::CommandErrorKind::FailedPrecondition,
             message: format!("the console of {host} is not captured"),
         })?;
     let replay = if open.replay_bytes == 0 {
@@ -339,7 +339,7 @@ async fn read_log(
     tx: mpsc::Sender<pb::AgentMessage>,
 ) -> Result<(), crate::rack::CommandError> {
     let bad = |m: String| crate::rack::CommandError {
-        code: "INVALID_ARGUMENT",
+        code: pb::CommandErrorKind::InvalidArgument,
         message: m,
     };
     let console = ConsoleHost::new(host).map_err(|e| bad(e.to_string()))?;
@@ -365,7 +365,7 @@ async fn read_log(
         }
         Err(e) => {
             return Err(crate::rack::CommandError {
-                code: "UNAVAILABLE",
+                code: pb::CommandErrorKind::Unavailable,
                 message: crate::error_chain(&e),
             });
         }

@@ -78,15 +78,7 @@ fn read_sys(interface: &str, file: &str) -> std::io::Result<String> {
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut m = [0u8; 6];
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    for (i, p) in parts.iter().enumerate() {
-        m[i] = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(m)
+    s.parse::<lab_types::MacAddr>().ok().map(|m| m.octets())
 }
 
 /// Advertise on `interface` until the future is dropped: at start, every

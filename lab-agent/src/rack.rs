@@ -21,7 +21,7 @@ use crate::console::{
     Capture, CaptureConfig, ConsoleHost, ConsoleLog, Hub, HubConfig, LogLimits, RecordKind,
     TcpSource, ViewerEvent, XenDebugKeys, send_keys, xen_debug_sequence,
 };
-use crate::hosts::{Arch, BootHost, Firmware, HostTable, Mac};
+use crate::hosts::{Arch, BootHost, Firmware, HostTable, MacAddr};
 use crate::ipmi::{BootDevice, ConnectOptions, PowerAction, Secret};
 use crate::power::{IpmiPower, PowerControl, PowerError};
 use lab_proto::v1 as pb;
@@ -60,7 +60,7 @@ pub fn ipmi_power_factory(options: ConnectOptions) -> PowerFactory {
         Ok(Arc::new(IpmiPower::new(
             endpoint,
             bmc.user.clone(),
-            Secret::from_bytes(bmc.password.as_bytes()),
+            Secret::from_bytes(&bmc.password),
             options.clone(),
         )) as Arc<dyn PowerControl>)
     })
@@ -79,13 +79,13 @@ fn resolve(address: &str, port: u32) -> Result<SocketAddr, String> {
 /// What a finished command answers.
 #[derive(Debug)]
 pub struct CommandError {
-    /// gRPC code name for the user.
-    pub code: &'static str,
+    /// What kind of failure, for the user's gRPC status.
+    pub code: pb::CommandErrorKind,
     pub message: String,
 }
 
 impl CommandError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: pb::CommandErrorKind, message: impl Into<String>) -> Self {
         CommandError {
             code,
             message: message.into(),
@@ -94,8 +94,8 @@ impl CommandError {
 
     fn power(e: &PowerError) -> Self {
         let code = match e {
-            PowerError::Unreachable { .. } => "UNAVAILABLE",
-            PowerError::Refused { .. } => "FAILED_PRECONDITION",
+            PowerError::Unreachable { .. } => pb::CommandErrorKind::Unavailable,
+            PowerError::Refused { .. } => pb::CommandErrorKind::FailedPrecondition,
         };
         CommandError::new(code, crate::error_chain(e))
     }
@@ -519,7 +519,7 @@ impl Rack {
                 let source = crate::console::sol::SolSource::new(
                     endpoint,
                     bmc.user.clone(),
-                    Secret::from_bytes(bmc.password.as_bytes()),
+                    Secret::from_bytes(&bmc.password),
                     self.0.cfg.ipmi.clone(),
                 );
                 Some(Capture::spawn(source, log, hub, input, cfg))
@@ -791,7 +791,10 @@ impl Rack {
     ) -> Result<(pb::AgentHost, Option<Arc<dyn PowerControl>>, Option<Hub>), CommandError> {
         let hosts = self.0.hosts.lock().await;
         let ctl = hosts.get(host).ok_or_else(|| {
-            CommandError::new("NOT_FOUND", format!("no host {host} in this rack"))
+            CommandError::new(
+                pb::CommandErrorKind::NotFound,
+                format!("no host {host} in this rack"),
+            )
         })?;
         Ok((
             ctl.desired.clone(),
@@ -805,7 +808,7 @@ impl Rack {
         let (_, power, _) = self.host_parts(host).await?;
         let power = power.ok_or_else(|| {
             CommandError::new(
-                "FAILED_PRECONDITION",
+                pb::CommandErrorKind::FailedPrecondition,
                 format!("host {host} has no usable BMC"),
             )
         })?;
@@ -878,7 +881,7 @@ impl Rack {
                     .map_err(|e| CommandError::power(&e))?;
                 if p.is_on().await.map_err(|e| CommandError::power(&e))? {
                     return Err(CommandError::new(
-                        "UNAVAILABLE",
+                        pb::CommandErrorKind::Unavailable,
                         format!("host {host} is still on after power off"),
                     ));
                 }
@@ -914,7 +917,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// A desired host as the boot services need it.
 pub fn boot_host(h: &pb::AgentHost, default_profile: &str) -> Result<BootHost, String> {
-    let mac: Mac = h.mac.parse().map_err(|_| format!("bad mac {:?}", h.mac))?;
+    let mac: MacAddr = h.mac.parse().map_err(|_| format!("bad mac {:?}", h.mac))?;
     let ipv4 = if h.ipv4.is_empty() {
         None
     } else {

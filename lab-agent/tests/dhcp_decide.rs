@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder};
 use lab_agent::dhcp::{Arrival, Decision, DhcpConfig, IgnoreReason, Mode, Request, decide, packet};
-use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable, Mac};
+use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable, MacAddr};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const BIOS_MAC: &str = "52:54:00:12:34:56";
@@ -90,14 +90,14 @@ fn client() -> SocketAddrV4 {
 
 /// A raw BOOTREQUEST with the given options (code, value), in order.
 fn raw(mac: &str, ciaddr: [u8; 4], opts: &[(u8, &[u8])]) -> Vec<u8> {
-    let mac: Mac = mac.parse().unwrap();
+    let mac: MacAddr = mac.parse().unwrap();
     let mut b = vec![0u8; 240];
     b[0] = 1;
     b[1] = 1;
     b[2] = 6;
     b[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     b[12..16].copy_from_slice(&ciaddr);
-    b[28..34].copy_from_slice(&mac.0);
+    b[28..34].copy_from_slice(&mac.octets());
     b[236..240].copy_from_slice(&[99, 130, 83, 99]);
     for (code, v) in opts {
         b.push(*code);

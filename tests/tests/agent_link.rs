@@ -54,7 +54,10 @@ type Bmcs = Arc<Mutex<HashMap<String, Arc<SimPower>>>>;
 /// restarts (like real hardware).
 fn sim_factory(bmcs: Bmcs) -> PowerFactory {
     Arc::new(move |host, bmc| {
-        assert_eq!(bmc.password, "secret-pw", "the agent gets the BMC password");
+        assert_eq!(
+            bmc.password, b"secret-pw",
+            "the agent gets the BMC password"
+        );
         let sim = bmcs
             .lock()
             .unwrap()

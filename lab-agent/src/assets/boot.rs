@@ -15,7 +15,7 @@
 use super::render::{Profiles, RenderConfig, RenderError};
 use super::root::DirRoot;
 use super::{Content, FileSource, OpenError};
-use crate::hosts::{HostTable, Mac};
+use crate::hosts::{HostTable, MacAddr};
 use std::net::IpAddr;
 use std::path::{Component, Path};
 
@@ -85,7 +85,7 @@ impl BootFiles {
         if mac.len() != 17 || (mac.contains(':') && kind != "grub") {
             return None;
         }
-        let mac: Mac = mac.parse().ok()?;
+        let mac: MacAddr = mac.parse().ok()?;
         let Some(host) = self.hosts.by_mac(&mac) else {
             return Some(Err(OpenError::NotFound));
         };

@@ -28,7 +28,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
 use lab_agent::dhcp::{DhcpConfig, DhcpServer, Mode};
-use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable, Mac};
+use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable, MacAddr};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
@@ -176,11 +176,11 @@ fn known_hosts(n: u32) -> impl Iterator<Item = BootHost> {
     })
 }
 
-fn mac_of(i: u32) -> Mac {
+fn mac_of(i: u32) -> MacAddr {
     let mut m = BASE_MAC;
     m[4] = (i >> 8) as u8;
     m[5] = i as u8;
-    Mac(m)
+    MacAddr::try_from(m).expect("a unicast MAC")
 }
 
 fn ip_of(i: u32) -> Ipv4Addr {
@@ -456,7 +456,10 @@ impl Bench {
             "-p".into(),
             secs.to_string(),
             "-b".into(),
-            format!("mac={}", Mac(BASE_MAC)),
+            format!(
+                "mac={}",
+                MacAddr::try_from(BASE_MAC).expect("a unicast MAC")
+            ),
             SERVER_IP.to_string(),
         ];
         let rcvbuf_before = self.srv_rcvbuf_errors()?;

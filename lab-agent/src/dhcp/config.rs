@@ -87,7 +87,7 @@ impl DhcpConfig {
     }
 
     /// The per-host iPXE script URL for `mac`.
-    pub fn script_url(&self, mac: &crate::hosts::Mac) -> String {
+    pub fn script_url(&self, mac: &crate::hosts::MacAddr) -> String {
         self.script_url_template
             .replace("{mac}", &mac.hyphenated())
             .replace("{server_ip}", &self.server_ip.to_string())

@@ -219,7 +219,7 @@ fn base_reply(req: &Request, msg_type: MessageType, cfg: &DhcpConfig) -> Message
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
         m.giaddr(),
-        &req.mac.0,
+        &req.mac.octets(),
     );
     reply.set_opcode(v4::Opcode::BootReply);
     reply.set_flags(m.flags());

@@ -15,7 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use dhcproto::v4::{self, Message};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 
-use crate::hosts::Mac;
+use crate::hosts::MacAddr;
 
 /// Well-known server port for DHCP.
 pub const DHCP_SERVER_PORT: u16 = 67;
@@ -42,6 +42,8 @@ pub enum DecodeError {
     Panicked,
     #[error("not a BOOTREQUEST or no Ethernet hardware address")]
     NotEthernetRequest,
+    #[error("client hardware address is multicast or all zeros")]
+    BadClientMac,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,7 @@ pub enum Arrival {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub msg: Message,
-    pub mac: Mac,
+    pub mac: MacAddr,
     /// Every architecture type listed in option 93, in order.
     pub client_arches: Vec<u16>,
     /// The datagram's source (`0.0.0.0:68` for most clients).
@@ -86,8 +88,9 @@ impl Request {
         if msg.opcode() != v4::Opcode::BootRequest || msg.hlen() != 6 {
             return Err(DecodeError::NotEthernetRequest);
         }
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&msg.chaddr()[..6]);
+        let mut octets = [0u8; 6];
+        octets.copy_from_slice(&msg.chaddr()[..6]);
+        let mac = MacAddr::try_from(octets).map_err(|_| DecodeError::BadClientMac)?;
         let client_arches = raw_option(bytes, 93)
             .map(|v| {
                 v.chunks_exact(2)
@@ -97,7 +100,7 @@ impl Request {
             .unwrap_or_default();
         Ok(Self {
             msg,
-            mac: Mac(mac),
+            mac,
             client_arches,
             src,
             arrival,

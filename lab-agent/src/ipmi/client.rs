@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
-use zeroize::Zeroizing;
 
 use super::commands::{
     self, BootDevice, BootFlags, CC_NODE_BUSY, ChassisControl, ChassisStatus, CloseSession,
@@ -29,33 +28,7 @@ use super::sol::{
     SolShared, SolState,
 };
 
-/// A password (or other secret) that is zeroized when dropped and never
-/// printed.
-#[derive(Clone)]
-pub struct Secret(Zeroizing<Vec<u8>>);
-
-impl Secret {
-    /// Wrap secret bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(Zeroizing::new(bytes))
-    }
-
-    /// Copy secret bytes.
-    pub fn from_bytes(bytes: &[u8]) -> Self {
-        Secret::new(bytes.to_vec())
-    }
-
-    /// The secret bytes.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
+pub use lab_types::Secret;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]

@@ -537,7 +537,7 @@ impl Agents {
                 "the agent of rack {rack} went away"
             ))),
             Ok(Ok(r)) if r.error.is_empty() => Ok(r),
-            Ok(Ok(r)) => Err(Status::new(code_from_name(&r.code), r.error)),
+            Ok(Ok(r)) => Err(Status::new(code_from_kind(r.code), r.error)),
         }
     }
 
@@ -753,16 +753,19 @@ fn may_drive(caller: &Caller, view: &HostView, what: &str) -> Result<(), Status>
     }
 }
 
-fn code_from_name(name: &str) -> Code {
-    match name {
-        "INVALID_ARGUMENT" => Code::InvalidArgument,
-        "NOT_FOUND" => Code::NotFound,
-        "FAILED_PRECONDITION" => Code::FailedPrecondition,
-        "PERMISSION_DENIED" => Code::PermissionDenied,
-        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
-        "UNIMPLEMENTED" => Code::Unimplemented,
-        "UNAVAILABLE" => Code::Unavailable,
-        _ => Code::Internal,
+/// The user's status code for an agent's failed command; a kind this
+/// server does not know (a newer agent) is INTERNAL.
+fn code_from_kind(kind: i32) -> Code {
+    use pb::CommandErrorKind as K;
+    match K::try_from(kind) {
+        Ok(K::InvalidArgument) => Code::InvalidArgument,
+        Ok(K::NotFound) => Code::NotFound,
+        Ok(K::FailedPrecondition) => Code::FailedPrecondition,
+        Ok(K::PermissionDenied) => Code::PermissionDenied,
+        Ok(K::DeadlineExceeded) => Code::DeadlineExceeded,
+        Ok(K::Unimplemented) => Code::Unimplemented,
+        Ok(K::Unavailable) => Code::Unavailable,
+        Ok(K::Internal | K::Unspecified) | Err(_) => Code::Internal,
     }
 }
 
@@ -808,11 +811,11 @@ fn agent_host(v: &HostView) -> pb::AgentHost {
     h.flags = s.flags.iter().map(|f| f.to_string()).collect();
     h.bmc = s.bmc.as_ref().map(|b| {
         let password = match b.password.resolve() {
-            Ok(p) => String::from_utf8_lossy(p.expose()).into_owned(),
+            Ok(p) => p.expose().to_vec(),
             Err(e) => {
                 // The reference (variable or file name), never a value.
                 warn!(host = %s.name, error = %e, "cannot resolve the BMC password");
-                String::new()
+                Vec::new()
             }
         };
         pb::Bmc {

@@ -16,25 +16,11 @@ use crate::types::{Caller, Principal, Role};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Why the tokens file was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum TokensError {
-    #[error("cannot read tokens file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{column}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        reason: String,
-    },
-}
+/// Why the tokens file was refused: unreadable, or invalid at
+/// `path:line:column`.
+pub type TokensError = lab_types::FileError;
 
 /// Why a call was not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +71,7 @@ pub fn new_token() -> String {
 impl Authenticator {
     pub fn load(path: &Path) -> Result<Self, TokensError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+            what: "tokens file",
             path: path.to_owned(),
             source,
         })?;

@@ -1060,14 +1060,4 @@ fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {
     }
 }
 
-/// An error with all its sources, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use lab_types::error_chain;

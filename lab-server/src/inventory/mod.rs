@@ -18,7 +18,6 @@ use crate::types::{Arch, Firmware, Flag, HostName, RackName};
 use raw::{RawBmc, RawConsole, RawHost, RawInventory, RawRack};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -110,115 +109,18 @@ pub enum ConsoleSource {
     Tcp { address: String },
 }
 
-/// A unicast Ethernet MAC address.
-///
-/// Parses `aa:bb:cc:dd:ee:ff` or `aa-bb-cc-dd-ee-ff` in either case; displays
-/// lower-case with colons. Multicast (and broadcast) and all-zero addresses
-/// are refused: no NIC boots from them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MacAddr([u8; 6]);
+pub use lab_types::{InvalidMac, MacAddr};
 
-/// Why a MAC address was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid MAC address {value:?}: {reason}")]
-pub struct InvalidMac {
-    pub value: String,
-    pub reason: &'static str,
-}
-
-impl MacAddr {
-    pub fn octets(&self) -> [u8; 6] {
-        self.0
-    }
-
-    fn check(octets: [u8; 6]) -> Result<Self, &'static str> {
-        if octets[0] & 1 != 0 {
-            return Err("is a multicast address");
-        }
-        if octets == [0; 6] {
-            return Err("must not be all zeros");
-        }
-        Ok(Self(octets))
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = InvalidMac;
-
-    fn from_str(s: &str) -> Result<Self, InvalidMac> {
-        let err = |reason| InvalidMac {
-            value: s.to_owned(),
-            reason,
-        };
-        let shape = "expected six two-digit hex octets separated by ':' or '-'";
-        let b = s.as_bytes();
-        if b.len() != 17 {
-            return Err(err(shape));
-        }
-        let sep = b[2];
-        if !matches!(sep, b':' | b'-') {
-            return Err(err(shape));
-        }
-        let mut octets = [0u8; 6];
-        for (i, octet) in octets.iter_mut().enumerate() {
-            let at = i * 3;
-            if i > 0 && b[at - 1] != sep {
-                return Err(err(shape));
-            }
-            let pair = &s[at..at + 2];
-            if !pair.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return Err(err(shape));
-            }
-            *octet = u8::from_str_radix(pair, 16).map_err(|_| err(shape))?;
-        }
-        MacAddr::check(octets).map_err(err)
-    }
-}
-
-impl TryFrom<[u8; 6]> for MacAddr {
-    type Error = InvalidMac;
-
-    fn try_from(octets: [u8; 6]) -> Result<Self, InvalidMac> {
-        MacAddr::check(octets).map_err(|reason| InvalidMac {
-            value: MacAddr(octets).to_string(),
-            reason,
-        })
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
-
-/// Why the inventory could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum InventoryError {
-    /// The file could not be read.
-    #[error("cannot read inventory {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// The file was read but is not a valid inventory: a TOML syntax error,
-    /// a wrong or unknown field, or a failed check. `line` and `column` are
-    /// 1-based and point at the offending value.
-    #[error("{}:{line}:{column}: {reason}", path.display())]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        reason: String,
-    },
-}
+/// Why the inventory could not be loaded: unreadable, or invalid at
+/// `path:line:column` (a TOML syntax error, a wrong or unknown field, or a
+/// failed check; 1-based, pointing at the offending value).
+pub type InventoryError = lab_types::FileError;
 
 impl Inventory {
     /// Reads and validates the inventory at `path`.
     pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
         let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            what: "inventory",
             path: path.to_owned(),
             source,
         })?;
@@ -252,23 +154,7 @@ impl Inventory {
     }
 }
 
-/// Converts a byte offset in `text` into a 1-based (line, column); columns
-/// count characters. Offsets past the end point just after the last character.
-pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let (mut line, mut column) = (1, 1);
-    for (i, c) in text.char_indices() {
-        if i >= offset {
-            break;
-        }
-        if c == '\n' {
-            line += 1;
-            column = 1;
-        } else {
-            column += 1;
-        }
-    }
-    (line, column)
-}
+pub use lab_types::line_column;
 
 /// The text being converted, for turning spans into positioned errors.
 struct Cx<'a> {
@@ -1066,6 +952,14 @@ mod tests {
         assert_eq!(
             err(&format!("{RACK1}{h}")),
             "inventory.toml:9:7: invalid MAC address \"01:00:5e:00:00:01\": is a multicast address"
+        );
+        // Non-ASCII where a hex digit belongs: an error at the value, not a
+        // panic on a char boundary (it used to stop lab-server).
+        let h = host("x86-01", "x86_64", "bios", "rack1", "00:0é:00:00:00:0");
+        assert_eq!(
+            err(&format!("{RACK1}{h}")),
+            "inventory.toml:9:7: invalid MAC address \"00:0é:00:00:00:0\": expected six two-digit \
+             hex octets separated by ':' or '-'"
         );
     }
 

@@ -21,7 +21,7 @@ impl SecretRef {
     pub fn resolve(&self) -> Result<Secret, SecretError> {
         match self {
             SecretRef::Env(var) => match std::env::var_os(var) {
-                Some(value) => Ok(Secret(value.into_encoded_bytes())),
+                Some(value) => Ok(Secret::new(value.into_encoded_bytes())),
                 None => Err(SecretError::EnvUnset { var: var.clone() }),
             },
             SecretRef::File(path) => {
@@ -29,7 +29,7 @@ impl SecretRef {
                     path: path.clone(),
                     source,
                 })?;
-                let mut secret = Secret(bytes);
+                let mut secret = Secret::new(bytes);
                 secret.trim_trailing_newlines();
                 Ok(secret)
             }
@@ -59,47 +59,7 @@ pub enum SecretError {
     },
 }
 
-/// A password's bytes. `Debug` prints `Secret(***)`, there is no `Display`,
-/// and the bytes are overwritten with zeros when the value is dropped.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Self(bytes.into())
-    }
-
-    /// The password, for the one place that sends it to a BMC.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Removes trailing `\n` and `\r`, zeroing them first so that nothing is
-    /// left behind in the spare capacity.
-    fn trim_trailing_newlines(&mut self) {
-        let keep = self
-            .0
-            .iter()
-            .rposition(|b| !matches!(b, b'\n' | b'\r'))
-            .map_or(0, |i| i + 1);
-        self.0[keep..].fill(0);
-        self.0.truncate(keep);
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        self.0.fill(0);
-        // Keep the writes from being optimized away as dead stores.
-        std::hint::black_box(&mut self.0);
-    }
-}
+pub use lab_types::Secret;
 
 #[cfg(test)]
 mod tests {
