@@ -5,10 +5,14 @@
 //! by id, and reports each host's reachability and provisioning. When the
 //! stream breaks it reconnects with backoff (0.2 s doubling to 10 s) and
 //! gets the full state again; reports are sent again after every attach.
+//! The endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
+//! come from `lab-client`, as for the CLI.
 
 use crate::console::log::read_slice;
 use crate::console::{ConsoleHost, ViewerEvent, Writer};
 use crate::rack::Rack;
+use lab_client::endpoint::is_https;
+use lab_client::{BearerAuth, BearerToken, ChannelSettings, EndpointError, ServerEndpoint};
 use lab_proto::convert::millis_from_timestamp;
 use lab_proto::v1 as pb;
 use lab_proto::v1::agent_service_client::AgentServiceClient;
@@ -18,11 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 /// How the agent reaches the server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkConfig {
     pub server: String,
     pub token: Option<String>,
@@ -31,13 +34,40 @@ pub struct LinkConfig {
     pub ca: Option<std::path::PathBuf>,
 }
 
+/// Everything but the token.
+impl std::fmt::Debug for LinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkConfig")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("rack", &self.rack)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// The link's connection: a long-lived stream, watched by HTTP/2 PINGs even
+/// while idle so that a dead server is noticed within seconds.
+const CHANNEL: ChannelSettings = ChannelSettings {
+    connect_timeout: Duration::from_secs(5),
+    keep_alive_interval: Duration::from_secs(10),
+    keep_alive_timeout: Duration::from_secs(5),
+    keep_alive_while_idle: true,
+};
+
 /// Why an attach ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("bad server address {0:?}")]
     BadAddress(String),
-    #[error("TLS set-up for {server}: {reason}")]
-    Tls { server: String, reason: String },
+    #[error("TLS set-up for {server}")]
+    Tls {
+        server: String,
+        #[source]
+        source: EndpointError,
+    },
+    #[error("the bearer token cannot be sent")]
+    Token(#[source] lab_client::InvalidToken),
     #[error("cannot connect to {server}")]
     Connect {
         server: String,
@@ -85,51 +115,27 @@ pub async fn run(cfg: LinkConfig, rack: Rack) {
 }
 
 async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
-    let endpoint = Endpoint::from_shared(cfg.server.clone())
-        .map_err(|_| LinkError::BadAddress(cfg.server.clone()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    let endpoint = if cfg.server.starts_with("https://") {
-        let tls_err = |reason: String| LinkError::Tls {
+    // A CA (LAB_CA may be set for the CLI) is not used for an http:// server.
+    let ca = cfg.ca.as_deref().filter(|_| is_https(&cfg.server));
+    let server = ServerEndpoint::new(&cfg.server, ca, &CHANNEL).map_err(|e| match e {
+        EndpointError::Url(_) => LinkError::BadAddress(cfg.server.clone()),
+        source => LinkError::Tls {
             server: cfg.server.clone(),
-            reason,
-        };
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        tls = match &cfg.ca {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| tls_err(format!("cannot read CA file {}: {e}", path.display())))?;
-                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
-            }
-            None => tls.with_native_roots(),
-        };
-        endpoint
-            .tls_config(tls)
-            .map_err(|e| tls_err(e.to_string()))?
-    } else {
-        endpoint
+            source,
+        },
+    })?;
+    let token = match &cfg.token {
+        Some(t) => Some(BearerToken::new(t).map_err(LinkError::Token)?),
+        None => None,
     };
-    let channel = endpoint
+    let channel = server
         .connect()
         .await
         .map_err(|source| LinkError::Connect {
             server: cfg.server.clone(),
             source,
         })?;
-    let token = cfg.token.clone();
-    let mut client =
-        AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            if let Some(t) = &token {
-                let v = format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| tonic::Status::invalid_argument("token is not ASCII"))?;
-                req.metadata_mut().insert("authorization", v);
-            }
-            Ok(req)
-        });
+    let mut client = AgentServiceClient::with_interceptor(channel, BearerAuth::new(token));
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1024);
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(pb::AgentHello {

@@ -39,14 +39,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lab_client::log::init();
     // A DHCP packet that makes the decoder panic is caught and counted; keep
     // the default hook from printing a backtrace for each one.
     std::panic::set_hook(Box::new(|info| error!(panic = %info, "panic")));

@@ -1,29 +1,38 @@
-//! The connection to lab-server: endpoint parsing, the bearer-token
-//! interceptor and the four service clients over one lazy channel.
+//! The connection to lab-server: what `--server`, `--ca` and `--token`
+//! accept, and the four service clients over one lazy channel. The
+//! endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
+//! come from `lab-client`, shared with lab-agent.
 
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
+use lab_client::{BearerAuth, BearerToken, ChannelSettings, EndpointError, ServerEndpoint};
 use lab_proto::v1::admin_service_client::AdminServiceClient;
 use lab_proto::v1::event_service_client::EventServiceClient;
 use lab_proto::v1::host_service_client::HostServiceClient;
 use lab_proto::v1::lease_service_client::LeaseServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7621";
 
 /// How long to wait for the TCP connection before giving up (exit 7).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A validated server endpoint, as given (for messages) and as tonic wants it.
+/// The CLI's connection: fail fast on connect; a lease request may wait for
+/// hours, so notice a dead server.
+const SETTINGS: ChannelSettings = ChannelSettings {
+    connect_timeout: CONNECT_TIMEOUT,
+    keep_alive_interval: Duration::from_secs(30),
+    keep_alive_timeout: Duration::from_secs(10),
+    keep_alive_while_idle: false,
+};
+
+/// A checked `--server` URL; [`Server::endpoint`] adds `--ca`.
 #[derive(Clone, Debug)]
 pub struct Server {
     url: String,
-    endpoint: Endpoint,
 }
 
 impl Server {
@@ -31,39 +40,21 @@ impl Server {
         &self.url
     }
 
-    /// For an https:// server: trust the CA certificate (PEM) in `ca`, or
-    /// the system's roots when there is none. An http:// server with a CA
-    /// given is refused (the CA would silently not be used).
-    pub fn with_tls(mut self, ca: Option<&std::path::Path>) -> Result<Server, String> {
-        let https = self.url.starts_with("https://");
-        match (https, ca) {
-            (false, None) => Ok(self),
-            (false, Some(_)) => Err(format!(
-                "--ca/LAB_CA is set but the server {} is not https://",
-                self.url
-            )),
-            (true, ca) => {
-                let mut tls = tonic::transport::ClientTlsConfig::new();
-                tls = match ca {
-                    Some(path) => {
-                        let pem = std::fs::read(path)
-                            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-                        tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
-                    }
-                    None => tls.with_native_roots(),
-                };
-                self.endpoint = self
-                    .endpoint
-                    .tls_config(tls)
-                    .map_err(|e| format!("TLS set-up failed: {e}"))?;
-                Ok(self)
+    /// The endpoint. For an https:// server: trust the CA certificate (PEM)
+    /// in `ca`, or the system's roots when there is none. An http:// server
+    /// with a CA given is refused (the CA would silently not be used).
+    pub fn endpoint(&self, ca: Option<&Path>) -> Result<ServerEndpoint, String> {
+        ServerEndpoint::new(&self.url, ca, &SETTINGS).map_err(|e| match e {
+            EndpointError::CaWithoutTls { url } => {
+                format!("--ca/LAB_CA is set but the server {url} is not https://")
             }
-        }
+            e => format!("{:#}", anyhow::Error::from(e)),
+        })
     }
 }
 
 /// clap value parser for `--server`: `http://host:port`, `https://host:port`
-/// or `host:port` (http assumed). For https, [`Server::with_tls`] sets the
+/// or `host:port` (http assumed). For https, [`Server::endpoint`] sets the
 /// trusted roots.
 pub fn parse_server(s: &str) -> Result<Server, String> {
     // An empty LAB_SERVER (as CI systems like to set) means the default.
@@ -80,19 +71,13 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err("the URL has no host".to_owned());
     }
-    let endpoint = endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        // A lease request may wait for hours: notice a dead server.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    Ok(Server { url, endpoint })
+    Ok(Server { url })
 }
 
-/// The `authorization: Bearer <token>` value, marked sensitive, or none
-/// when the token given was empty. Its `Debug` never shows the token.
+/// `--token` / `LAB_TOKEN`: the bearer token, or none when the value was
+/// empty. Its `Debug` never shows the token.
 #[derive(Clone)]
-pub struct Token(Option<MetadataValue<Ascii>>);
+pub struct Token(Option<BearerToken>);
 
 impl Token {
     pub fn is_set(&self) -> bool {
@@ -115,40 +100,25 @@ pub fn parse_token(s: &str) -> Result<Token, String> {
     if !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("the token must be printable ASCII without spaces".to_owned());
     }
-    let mut value = MetadataValue::try_from(format!("Bearer {s}"))
-        .map_err(|_| "the token is not a valid header value".to_owned())?;
-    value.set_sensitive(true);
-    Ok(Token(Some(value)))
+    let token = BearerToken::new(s).map_err(|e| e.to_string())?;
+    Ok(Token(Some(token)))
 }
 
-/// Adds the bearer token to every call; adds nothing when there is none.
-#[derive(Clone, Debug)]
-pub struct Auth(Option<Token>);
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(Token(Some(value))) = &self.0 {
-            req.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub type Svc = InterceptedService<Channel, Auth>;
+pub type Svc = InterceptedService<Channel, BearerAuth>;
 
 /// The server's clients. Nothing touches the network until the first call.
 #[derive(Clone, Debug)]
 pub struct Lab {
     channel: Channel,
-    auth: Auth,
+    auth: BearerAuth,
 }
 
 impl Lab {
     /// Must be called inside a tokio runtime (the channel spawns its worker).
-    pub fn connect_lazy(server: &Server, token: Option<Token>) -> Self {
+    pub fn connect_lazy(endpoint: &ServerEndpoint, token: Option<Token>) -> Self {
         Lab {
-            channel: server.endpoint.connect_lazy(),
-            auth: Auth(token),
+            channel: endpoint.connect_lazy(),
+            auth: BearerAuth::new(token.and_then(|t| t.0)),
         }
     }
 
@@ -172,6 +142,8 @@ impl Lab {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::metadata::Ascii;
+    use tonic::service::Interceptor;
 
     #[test]
     fn server_urls() {
@@ -198,19 +170,40 @@ mod tests {
         assert!(parse_token("tök").is_err());
         let t = parse_token("s3cr3t.token-_~").unwrap();
         assert_eq!(format!("{t:?}"), "Token(..)");
-        let value = t.0.unwrap();
+        let value = header(Some(t)).unwrap();
         assert!(value.is_sensitive());
         assert_eq!(value.to_str().unwrap(), "Bearer s3cr3t.token-_~");
     }
 
+    /// The `authorization` header that the clients of [`Lab`] send.
+    fn header(token: Option<Token>) -> Option<tonic::metadata::MetadataValue<Ascii>> {
+        let mut auth = BearerAuth::new(token.and_then(|t| t.0));
+        let req = auth.call(tonic::Request::new(())).unwrap();
+        req.metadata().get("authorization").cloned()
+    }
+
     #[test]
     fn interceptor_sets_the_header_only_with_a_token() {
-        let mut with = Auth(Some(parse_token("abc").unwrap()));
-        let req = with.call(Request::new(())).unwrap();
-        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer abc");
+        let with = header(Some(parse_token("abc").unwrap()));
+        assert_eq!(with.unwrap(), "Bearer abc");
+        assert!(header(Some(parse_token("").unwrap())).is_none());
+        assert!(header(None).is_none());
+    }
 
-        let mut without = Auth(None);
-        let req = without.call(Request::new(())).unwrap();
-        assert!(req.metadata().get("authorization").is_none());
+    #[test]
+    fn a_ca_needs_https() {
+        let ca = Path::new("/nonexistent/ca.pem");
+        let http = parse_server("lab:7621").unwrap();
+        assert_eq!(
+            http.endpoint(Some(ca)).unwrap_err(),
+            "--ca/LAB_CA is set but the server http://lab:7621 is not https://"
+        );
+        let https = parse_server("https://lab:7621").unwrap();
+        let err = https.endpoint(Some(ca)).unwrap_err();
+        assert!(
+            err.starts_with("cannot read CA file /nonexistent/ca.pem: "),
+            "{err}"
+        );
+        assert!(http.endpoint(None).is_ok());
     }
 }

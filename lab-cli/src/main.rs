@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //! - `main.rs`: the clap command tree, dispatch, and exit.
-//! - `client`: server URL and token parsing, the bearer-token interceptor,
-//!   the service clients over one lazily connected channel.
+//! - `client`: server URL and token parsing, the service clients over one
+//!   lazily connected channel (endpoint, TLS and the bearer-token
+//!   interceptor from the `lab-client` crate).
 //! - `commands/`: one module per command group (`hosts`, `lease`, `events`,
 //!   `power`, `console`, `admin`), each with its arguments.
 //! - `view`: the `--json` output schema; `output`: tables, key/value blocks,
@@ -173,9 +174,9 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    cli.server = match cli.server.clone().with_tls(cli.ca.as_deref()) {
-        Ok(s) => s,
+    let cli = Cli::parse();
+    let endpoint = match cli.server.endpoint(cli.ca.as_deref()) {
+        Ok(e) => e,
         Err(e) => {
             eprintln!("lab: {e}");
             return ExitCode::from(2);
@@ -186,7 +187,7 @@ async fn main() -> ExitCode {
         have_token: cli.token.as_ref().is_some_and(client::Token::is_set),
     };
     let ctx = Ctx {
-        lab: client::Lab::connect_lazy(&cli.server, cli.token.clone()),
+        lab: client::Lab::connect_lazy(&endpoint, cli.token.clone()),
         json: cli.json,
     };
     let result = match cli.command {

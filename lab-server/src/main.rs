@@ -97,14 +97,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lab_client::log::init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -3,7 +3,7 @@
 //! client (`atftp`), in three runs: lockstep (blksize 1468), windowsize 16
 //! (blksize 1468; tftpd-hpa ignores windowsize, so it stays lockstep), and 50
 //! parallel lockstep clients (aggregate). Not a test: run it with
-//! `cargo run --release -p lab-agent --bin tftp-bench` as root (in.tftpd
+//! `cargo run --release -p lab-tests --bin tftp-bench` as root (in.tftpd
 //! wants to chroot). Needs the Debian packages `atftp` and `tftpd-hpa`.
 
 use anyhow::{Context, Result, bail, ensure};

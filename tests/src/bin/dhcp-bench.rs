@@ -2,8 +2,8 @@
 //! ISC Kea's `kea-dhcp4` (memfile, one thread), each loaded by Kea's
 //! `perfdhcp` (`-g single`) with full DORA exchanges from the same set of
 //! known MACs. Not a test: run it as root with
-//! `cargo build --release -p lab-agent && sudo ./target/release/dhcp-bench`.
-//! See `lab-agent/bench/README.md` for what it measures and how.
+//! `cargo build --release -p lab-tests --bin dhcp-bench && sudo ./target/release/dhcp-bench`.
+//! See `tests/bench/dhcp-bench.md` for what it measures and how.
 //!
 //! Network: everything happens in two namespaces it creates,
 //! `lab-dbench-<pid>-a` (server, `veth-a` 198.18.0.1/24) and
