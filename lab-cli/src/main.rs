@@ -13,7 +13,8 @@
 //!   stdout; `clock`: TTLs and time formatting; `waiting`: the live queue line
 //!   of `lease acquire`; `ready`: boot progress for `--wait-ready`; `escape`:
 //!   the console's `Ctrl-E c` keys; `rawterm`: raw terminal mode with restore
-//!   on every exit path; `exit`: exit codes and error messages.
+//!   on every exit path; `exit`: exit codes and error messages; `sanitize`:
+//!   escaping control characters in what the server sends before printing.
 //!
 //! # Exit codes
 //!
@@ -44,6 +45,7 @@ mod exit;
 mod output;
 mod rawterm;
 mod ready;
+mod sanitize;
 mod view;
 mod waiting;
 
@@ -205,7 +207,8 @@ async fn main() -> ExitCode {
         Err(err) => {
             let (code, message) = exit::classify(&err, &error_ctx);
             if let Some(message) = message {
-                eprintln!("lab: {message}");
+                // Status messages are the server's text.
+                eprintln!("lab: {}", sanitize::text(&message));
             }
             code.into()
         }

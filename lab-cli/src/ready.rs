@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::sanitize;
 use crate::view::{LeaseView, ProvisioningView};
 
 /// Where the wait stands.
@@ -78,11 +79,16 @@ pub fn summary(lease: &LeaseView) -> String {
         .join(", ")
 }
 
-/// The console tail of a failed host for stderr: a header, then the lines
-/// as the server sent them, ending in a newline.
+/// The console tail of a failed host: a header, then the lines as the
+/// server sent them but with control characters other than line ends
+/// escaped ([`sanitize::text`]), ending in a newline.
 pub fn tail(p: &ProvisioningView) -> Option<String> {
     let tail = p.console_tail.as_deref()?;
-    let mut s = format!("==> console of {} (last lines) <==\n{tail}", p.host);
+    let mut s = format!(
+        "==> console of {} (last lines) <==\n{}",
+        sanitize::line(&p.host),
+        sanitize::text(tail)
+    );
     if !s.ends_with('\n') {
         s.push('\n');
     }
@@ -142,6 +148,19 @@ mod tests {
         assert_eq!(
             tail(failed[0]).unwrap(),
             "==> console of x2 (last lines) <==\npanic: no root\r\n"
+        );
+    }
+
+    #[test]
+    fn tails_keep_line_ends_and_escape_the_rest() {
+        let mut l = lease(&[("x1", Failed, "")]);
+        l.provisioning[0].host = "x1\x1b[2J".into();
+        l.provisioning[0].console_tail =
+            Some("\x1b[1;31mpanic\x1b[0m\r\n\x1b]0;pwned\x07\u{202e}\r".into());
+        assert_eq!(
+            tail(&l.provisioning[0]).unwrap(),
+            "==> console of x1\\x1b[2J (last lines) <==\n\
+             \\x1b[1;31mpanic\\x1b[0m\r\n\\x1b]0;pwned\\x07\\u{202e}\\r\n"
         );
     }
 

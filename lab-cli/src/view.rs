@@ -4,6 +4,8 @@
 //! generated types: enums are lower-case strings (`"x86_64"`,
 //! `"available"`, `"lease-granted"`), empty strings and unset fields are
 //! `null`, timestamps are RFC 3339 in UTC, durations are whole seconds.
+//! Strings are the server's as they are: the renderers escape them for the
+//! terminal (`sanitize`), `--json` included (`output::json`).
 
 use std::time::SystemTime;
 

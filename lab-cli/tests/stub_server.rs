@@ -1,7 +1,8 @@
 //! The real `lab` binary against a stub lab-server running in this process:
 //! exit codes, error messages, the bearer token, the acquire stream (queue
 //! lines, grant, Ctrl-C withdrawing the request), JSON output, power,
-//! consoles (live, follow, the lease log) and `--wait-ready`.
+//! consoles (live, follow, the lease log), `--wait-ready`, and terminal
+//! escapes in what the server sends shown escaped.
 //!
 //! The stub answers from fixed data; it checks the token the way the real
 //! server will (`authorization: Bearer good` is alice, a developer). Alice
@@ -138,6 +139,25 @@ fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
         _ => return None,
     };
     Some(l)
+}
+
+/// What a hostile user (or host) can put in a lease: a comment that would
+/// retitle and clear the terminal, a stage with an 8-bit CSI and a
+/// right-to-left override, a console tail with colours and a lone `\r`.
+const EVIL_COMMENT: &str = "ci \x1b]0;pwned\x07\x1b[2J";
+
+fn evil_lease() -> Lease {
+    let mut l = lease();
+    l.id = "L-evil".into();
+    l.comment = EVIL_COMMENT.into();
+    l.provisioning = vec![HostProvisioning {
+        host: "x1".into(),
+        phase: ProvisionPhase::Failed as i32,
+        stage: "stage \u{9b}31m\u{202e}txt.exe".into(),
+        updated_at: None,
+        console_tail: "\x1b[1;31mpanic\x1b[0m\r\nfake\rline\r\n".into(),
+    }];
+    l
 }
 
 fn lease() -> Lease {
@@ -385,6 +405,9 @@ impl LeaseService for Stub {
         let id = &req.get_ref().lease_id;
         if id == "L-1" {
             return Ok(Response::new(lease()));
+        }
+        if id == "L-evil" {
+            return Ok(Response::new(evil_lease()));
         }
         booting_lease(&self.0, id, true)
             .map(Response::new)
@@ -1145,4 +1168,59 @@ fn console_on_a_terminal_is_raw_and_restored() {
     assert_eq!(after.input_flags, before.input_flags, "iflag restored");
     assert_eq!(after.output_flags, before.output_flags, "oflag restored");
     assert!(after.output_flags.contains(OutputFlags::OPOST));
+}
+
+#[test]
+fn terminal_escapes_from_the_server_are_shown_escaped() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["lease", "show", "L-evil"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains('\x1b') && !out.contains('\u{9b}') && !out.contains('\u{202e}'));
+    assert!(
+        out.contains("\ncomment      ci \\x1b]0;pwned\\x07\\x1b[2J\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("x1    failed  stage \\u{9b}31m\\u{202e}txt.exe  -\n"),
+        "{out}"
+    );
+    // The tail keeps its line ends; a lone \r would overwrite a line.
+    assert!(
+        out.ends_with(
+            "==> console of x1 (last lines) <==\n\
+             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n"
+        ),
+        "{out:?}"
+    );
+
+    // JSON: the same strings, nothing raw for a terminal either.
+    let (code, out, _) = run(addr, GOOD, &["lease", "show", "L-evil", "--json"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains('\x1b') && !out.contains('\u{9b}') && !out.contains('\u{202e}'));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["comment"], EVIL_COMMENT);
+    assert_eq!(
+        v["provisioning"][0]["stage"],
+        "stage \u{9b}31m\u{202e}txt.exe"
+    );
+
+    // --wait-ready: the stage and the tail on stderr, then the error.
+    let (code, _, err) = run(addr, GOOD, &["lease", "wait-ready", "L-evil"]);
+    assert_eq!(code, 8, "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\u{9b}'), "{err:?}");
+    assert!(
+        err.starts_with("x1: failed \u{2014} stage \\u{9b}31m\\u{202e}txt.exe\n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            "lab: provisioning failed on x1: stage \\u{9b}31m\\u{202e}txt.exe; \
+             lease L-evil is still held\n"
+        ),
+        "{err}"
+    );
+
+    // A status message that echoes what it was given.
+    let (code, _, err) = run(addr, GOOD, &["host", "show", "\x1b[2Jx9"]);
+    assert_eq!((code, err.as_str()), (4, "lab: no host named \\x1b[2Jx9\n"));
 }

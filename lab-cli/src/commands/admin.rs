@@ -42,5 +42,8 @@ pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
     if ctx.json {
         return Ok(output::emit(&output::json(&v))?);
     }
-    Ok(output::emit(&format!("{} ({})\n", v.principal, v.role))?)
+    Ok(output::emit(&output::line(&format!(
+        "{} ({})",
+        v.principal, v.role
+    )))?)
 }

@@ -1,8 +1,9 @@
 //! `lab console HOST` (live, interactive or `--follow`) and
 //! `lab console --lease ID` (the log captured during a lease).
 //!
-//! Console output goes to stdout byte for byte; everything `lab` says itself
-//! (banner, notices, `==> host <==` headers, help) goes to stderr, so
+//! Console output goes to stdout byte for byte (it is a terminal session);
+//! everything `lab` says itself (banner, notices, `==> host <==` headers,
+//! help) goes to stderr, with the server's text in it escaped, so
 //! `lab console --lease L > log` captures the console and nothing else.
 
 use std::io::{self, IsTerminal, Read, Write};
@@ -21,6 +22,7 @@ use super::lease::ctrl_c;
 use crate::escape::{self, Action, Escapes};
 use crate::exit::Interrupted;
 use crate::rawterm::RawMode;
+use crate::sanitize;
 
 /// After stdin ends (not a terminal), how long to keep printing output so
 /// the answer to the last input arrives.
@@ -89,7 +91,9 @@ fn banner(s: &Session) -> String {
     format!("[connected to {} console, {access}{how}]", s.host)
 }
 
-/// Our own messages on stderr; a raw terminal needs `\r\n`.
+/// Our own messages on stderr; a raw terminal needs `\r\n`. Notices and
+/// host names in them come from the server: control characters are
+/// escaped ([`sanitize::line`]).
 struct Say {
     raw: bool,
 }
@@ -98,7 +102,7 @@ impl Say {
     fn line(&self, text: &str) -> io::Result<()> {
         let end = if self.raw { "\r\n" } else { "\n" };
         let mut err = io::stderr().lock();
-        write!(err, "{text}{end}")?;
+        write!(err, "{}{end}", sanitize::line(text))?;
         err.flush()
     }
 }

@@ -83,7 +83,8 @@ fn render(ctx: &Ctx, e: &Event) -> String {
     }
 }
 
-/// `42 2025-11-25 12:08:01 alice lease-granted hosts=x1,x2 lease=L-1 detail`.
+/// `42 2025-11-25 12:08:01 alice lease-granted hosts=x1,x2 lease=L-1 detail`,
+/// control characters escaped.
 fn line(v: &EventView) -> String {
     let time = v
         .time
@@ -110,9 +111,7 @@ fn line(v: &EventView) -> String {
     if let Some(d) = &v.detail {
         parts.push(d.replace('\n', " "));
     }
-    let mut s = parts.join(" ");
-    s.push('\n');
-    s
+    output::line(&parts.join(" "))
 }
 
 #[cfg(test)]
@@ -142,5 +141,29 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(line(&EventView::from(&e)), "43 - server host-available\n");
+    }
+
+    #[test]
+    fn event_line_escapes_what_the_server_sent() {
+        let e = Event {
+            seq: 44,
+            actor: "mallory\u{202e}".into(),
+            kind: EventKind::HostMaintenanceOn as i32,
+            hosts: vec!["x1\x1b[2J".into()],
+            lease_id: "L\x07".into(),
+            request: Some(lab_proto::v1::LeaseRequest {
+                flags: vec!["\u{9b}0m".into()],
+                profile: "p\rq".into(),
+                ..Default::default()
+            }),
+            detail: "\x1b]0;pwned\x07 rack\nmove".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            line(&EventView::from(&e)),
+            "44 - mallory\\u{202e} host-maintenance-on hosts=x1\\x1b[2J lease=L\\x07 \
+             request: count=1 arch=any flags=\\u{9b}0m profile=p\\rq \
+             \\x1b]0;pwned\\x07 rack move\n"
+        );
     }
 }

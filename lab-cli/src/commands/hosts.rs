@@ -114,8 +114,7 @@ pub async fn run(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             if view.maintenance && view.state == "leased" {
                 msg.push_str(" (its lease runs out first)");
             }
-            msg.push('\n');
-            Ok(output::emit(&msg)?)
+            Ok(output::emit(&output::line(&msg))?)
         }
     }
 }

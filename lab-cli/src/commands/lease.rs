@@ -16,6 +16,7 @@ use crate::clock;
 use crate::exit::{Interrupted, LeaseEnded, ProvisionFailed, StreamEnded, TimedOut};
 use crate::output::{self, Table};
 use crate::ready::{self, Progress, Verdict};
+use crate::sanitize;
 use crate::view::LeaseView;
 use crate::waiting::{Queued, WaitLine};
 
@@ -181,10 +182,10 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
                 .expires_at
                 .map(|t| clock::when(t.0, SystemTime::now()))
                 .unwrap_or_else(|| output::NONE.to_owned());
-            Ok(output::emit(&format!(
-                "lease {} renewed: expires {expires}\n",
+            Ok(output::emit(&output::line(&format!(
+                "lease {} renewed: expires {expires}",
                 lease.id
-            ))?)
+            )))?)
         }
         LeaseCommand::Release { id } => {
             let req = ReleaseRequest { lease_id: id };
@@ -193,10 +194,10 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
                 return Ok(output::emit(&output::json(&lease))?);
             }
             let hosts = lease.hosts.join(", ");
-            Ok(output::emit(&format!(
-                "lease {} released ({hosts})\n",
+            Ok(output::emit(&output::line(&format!(
+                "lease {} released ({hosts})",
                 lease.id
-            ))?)
+            )))?)
         }
         LeaseCommand::Show { id } => {
             let req = GetLeaseRequest { lease_id: id };
@@ -278,7 +279,7 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
     let view = LeaseView::from(lease);
     let mut err = std::io::stderr().lock();
     for line in progress.news(&view) {
-        writeln!(err, "{line}")?;
+        writeln!(err, "{}", sanitize::line(&line))?;
     }
     match ready::verdict(&view) {
         Verdict::Ready => Ok(true),

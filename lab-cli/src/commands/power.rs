@@ -63,7 +63,7 @@ pub async fn run(ctx: &Ctx, args: PowerArgs) -> anyhow::Result<()> {
 
 /// `x1: on`: the power state read back after the action.
 fn line(v: &PowerView) -> String {
-    format!("{}: {}\n", v.host, v.power)
+    output::line(&format!("{}: {}", v.host, v.power))
 }
 
 #[cfg(test)]
