@@ -6,7 +6,7 @@
 //! (`lab events --follow | head`) is an error to handle, not a panic.
 //!
 //! Text from the server is escaped here (see `sanitize`): every table cell,
-//! every key/value value and every [`line`]; JSON has the same characters
+//! every key/value value and every [`line()`]; JSON has the same characters
 //! as `\uXXXX`; and [`emit`] escapes whatever else would still reach the
 //! terminal.
 

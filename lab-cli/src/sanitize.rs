@@ -5,7 +5,7 @@
 //! hosts themselves. Printed raw, a comment holding `ESC ] 0 ; … BEL` would
 //! retitle the operator's terminal and `ESC [ 2 J` would clear it; a
 //! right-to-left override would make a line read differently than it is.
-//! Every human-readable line `lab` prints passes through [`line`] or
+//! Every human-readable line `lab` prints passes through [`line()`] or
 //! [`text`]; `--json` output escapes the same characters as `\uXXXX`
 //! ([`json_escape`]). The one exception is the console byte stream of
 //! `lab console`, which is a terminal session by design.
@@ -31,7 +31,7 @@ pub fn line(s: &str) -> Cow<'_, str> {
     escape(s, false)
 }
 
-/// Several lines (a console tail, an error message): like [`line`] but
+/// Several lines (a console tail, an error message): like [`line()`] but
 /// `\n`, `\t` and a `\r` right before `\n` stay as they are.
 pub fn text(s: &str) -> Cow<'_, str> {
     escape(s, true)
