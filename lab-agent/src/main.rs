@@ -1,9 +1,10 @@
 //! `lab-agent --config agent.toml`: the rack agent. Attaches to lab-server
 //! for its rack (desired state down, reports up), serves DHCP, TFTP and HTTP
 //! for the rack's hosts, drives their BMCs and captures their consoles.
+//! `lab-agent manpage DIR` (hidden) writes its man page.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
 use lab_agent::assets::render::RenderConfig;
@@ -35,10 +36,25 @@ struct Args {
     /// config, else the system's roots).
     #[arg(long, env = "LAB_CA")]
     ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write the man page (lab-agent.1) into DIR.
+    #[command(hide = true)]
+    Manpage { dir: PathBuf },
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::Manpage { dir }) = &args.command {
+        use clap::CommandFactory;
+        std::fs::create_dir_all(dir)?;
+        return clap_mangen::generate_to(Args::command(), dir)
+            .with_context(|| format!("cannot write the man page to {}", dir.display()));
+    }
     lab_client::log::init();
     // A DHCP packet that makes the decoder panic is caught and counted; keep
     // the default hook from printing a backtrace for each one.

@@ -172,11 +172,69 @@ enum Command {
     Inventory(InventoryCommand),
     /// Show who the server thinks you are
     Whoami,
+    /// Print the shell completion script for bash, zsh or fish
+    ///
+    /// The Debian package installs them. By hand:
+    ///   lab completions bash > /etc/bash_completion.d/lab
+    ///   lab completions zsh > /usr/local/share/zsh/site-functions/_lab
+    ///   lab completions fish > ~/.config/fish/completions/lab.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Write the man pages (lab.1, lab-lease-acquire.1, ...) into DIR
+    #[command(hide = true)]
+    Manpage { dir: std::path::PathBuf },
+}
+
+/// The shells `lab completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// `lab completions` and `lab manpage`: generated from the command tree,
+/// no server involved.
+fn generate(command: &Command) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    match command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => Shell::Bash,
+                CompletionShell::Zsh => Shell::Zsh,
+                CompletionShell::Fish => Shell::Fish,
+            };
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lab", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &out)
+        }
+        Command::Manpage { dir } => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(Cli::command(), dir)
+        }
+        _ => Ok(()),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Completions { .. } | Command::Manpage { .. }
+    ) {
+        return match generate(&cli.command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lab: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let endpoint = match cli.server.endpoint(cli.ca.as_deref()) {
         Ok(e) => e,
         Err(e) => {
@@ -201,6 +259,7 @@ async fn main() -> ExitCode {
         Command::Events(args) => events::run(&ctx, args).await,
         Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
         Command::Whoami => admin::whoami(&ctx).await,
+        Command::Completions { .. } | Command::Manpage { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

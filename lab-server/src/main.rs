@@ -2,7 +2,9 @@
 //!
 //! `lab-server --inventory inventory.toml --data-dir /var/lib/lab --tokens tokens.toml`
 //! serves `lab.v1` on `--listen`. `lab-server token new --principal NAME --role ROLE`
-//! prints a fresh token and the line for the tokens file.
+//! prints a fresh token and the line for the tokens file; with
+//! `--tokens-file PATH` it adds that line to the file itself and prints only
+//! the token. `lab-server manpage DIR` (hidden) writes the man pages.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -68,34 +70,50 @@ enum Cmd {
         #[command(subcommand)]
         command: TokenCmd,
     },
+    /// Write the man pages (lab-server.1, lab-server-token-new.1, ...) into DIR.
+    #[command(hide = true)]
+    Manpage { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
 enum TokenCmd {
     /// Print a new random token and the tokens-file entry for it.
+    ///
+    /// With --tokens-file, add the entry to that file instead (its mode,
+    /// owner and group kept; replaced atomically; a principal that already
+    /// has a token is refused) and print only the token, once, on stdout.
+    /// Then reload the server (SIGHUP, `systemctl reload lab-server`).
     New {
+        /// Who the token is for: letters, digits, '-', '_', '.' (not "server").
         #[arg(long)]
         principal: String,
+        /// ci, developer, operator or agent.
         #[arg(long)]
         role: Role,
+        /// Add the entry to this tokens file (created with mode 0600 if missing).
+        #[arg(long, value_name = "PATH")]
+        tokens_file: Option<PathBuf>,
     },
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(Cmd::Token {
-        command: TokenCmd::New { principal, role },
-    }) = &args.command
-    {
-        let principal = Principal::new(principal.clone())?;
-        let token = auth::new_token();
-        println!("# give this token to {principal}; store only the digest below");
-        println!("# token: {token}");
-        println!(
-            "[[token]]\nprincipal = \"{principal}\"\nrole = \"{role}\"\nsha256 = \"{}\"",
-            hex_digest(&token)
-        );
-        return Ok(());
+    match &args.command {
+        Some(Cmd::Token {
+            command:
+                TokenCmd::New {
+                    principal,
+                    role,
+                    tokens_file,
+                },
+        }) => return token_new(principal, *role, tokens_file.as_deref()),
+        Some(Cmd::Manpage { dir }) => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(dir)?;
+            return clap_mangen::generate_to(Args::command(), dir)
+                .with_context(|| format!("cannot write man pages to {}", dir.display()));
+        }
+        None => {}
     }
     lab_client::log::init();
     tokio::runtime::Builder::new_multi_thread()
@@ -104,11 +122,28 @@ fn main() -> Result<()> {
         .block_on(run(args))
 }
 
-fn hex_digest(token: &str) -> String {
-    auth::digest(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// `token new`: a fresh token, printed with its entry, or added to the
+/// tokens file with only the token printed.
+fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>) -> Result<()> {
+    let principal = Principal::new(principal.to_owned())?;
+    let token = auth::new_token();
+    match tokens_file {
+        None => {
+            println!("# give this token to {principal}; store only the digest below");
+            println!("# token: {token}");
+            print!("{}", auth::entry(&principal, role, &token));
+        }
+        Some(path) => {
+            auth::append_token(path, &principal, role, &token)
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            eprintln!(
+                "added a {role} token for {principal} to {}; give it to {principal} (it is not stored) and reload lab-server (systemctl reload lab-server, or SIGHUP)",
+                path.display()
+            );
+            println!("{token}");
+        }
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> Result<()> {

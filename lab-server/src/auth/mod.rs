@@ -9,8 +9,15 @@
 //! sha256 = "9f86d0…"     # hex SHA-256 of the token; `lab-server token new` makes one
 //! ```
 //!
+//! `lab-server token new --tokens-file PATH` adds an entry to the file in
+//! place ([`append_token`]).
+//!
 //! Development mode (`--dev-insecure-no-auth`) takes any bearer token as the
 //! caller's name with the operator role, and `dev` when there is none.
+
+mod append;
+
+pub use append::{AppendError, append_token, entry};
 
 use crate::types::{Caller, Principal, Role};
 use serde::Deserialize;
