@@ -137,7 +137,7 @@ fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>)
             auth::append_token(path, &principal, role, &token)
                 .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
             eprintln!(
-                "added a {role} token for {principal} to {}; give it to {principal} (it is not stored) and reload lab-server (systemctl reload lab-server, or SIGHUP)",
+                "added a token for {principal} (role {role}) to {}; give it to {principal} (it is not stored) and reload lab-server (systemctl reload lab-server, or SIGHUP)",
                 path.display()
             );
             println!("{token}");
