@@ -183,9 +183,6 @@ enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
-    /// Write the man pages (lab.1, lab-lease-acquire.1, ...) into DIR
-    #[command(hide = true)]
-    Manpage { dir: std::path::PathBuf },
 }
 
 /// The shells `lab completions` writes for.
@@ -196,38 +193,49 @@ enum CompletionShell {
     Fish,
 }
 
-/// `lab completions` and `lab manpage`: generated from the command tree,
-/// no server involved.
-fn generate(command: &Command) -> std::io::Result<()> {
+/// `lab completions SHELL`: generated from the command tree.
+fn completions(shell: CompletionShell) -> std::io::Result<()> {
     use clap::CommandFactory;
     use clap_complete::Shell;
-    match command {
-        Command::Completions { shell } => {
-            let shell = match shell {
-                CompletionShell::Bash => Shell::Bash,
-                CompletionShell::Zsh => Shell::Zsh,
-                CompletionShell::Fish => Shell::Fish,
-            };
-            let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "lab", &mut out);
-            std::io::Write::write_all(&mut std::io::stdout().lock(), &out)
-        }
-        Command::Manpage { dir } => {
-            std::fs::create_dir_all(dir)?;
-            clap_mangen::generate_to(Cli::command(), dir)
-        }
-        _ => Ok(()),
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "lab", &mut out);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &out)
+}
+
+/// `lab manpage DIR` writes the man pages (lab.1, lab-lease-acquire.1, …)
+/// into DIR: the packages' build step (packaging/build-debs.sh). It is not
+/// part of the command tree, so that help and completions do not offer it
+/// (clap_complete lists hidden subcommands too).
+fn manpage_dir() -> Option<std::path::PathBuf> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match &args[..] {
+        [_, cmd, dir] if cmd == "manpage" => Some(dir.into()),
+        _ => None,
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if let Some(dir) = manpage_dir() {
+        use clap::CommandFactory;
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir));
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lab: cannot write man pages to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
-    if matches!(
-        cli.command,
-        Command::Completions { .. } | Command::Manpage { .. }
-    ) {
-        return match generate(&cli.command) {
+    if let Command::Completions { shell } = cli.command {
+        return match completions(shell) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lab: {e}");
@@ -259,7 +267,7 @@ async fn main() -> ExitCode {
         Command::Events(args) => events::run(&ctx, args).await,
         Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
         Command::Whoami => admin::whoami(&ctx).await,
-        Command::Completions { .. } | Command::Manpage { .. } => unreachable!("handled above"),
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
