@@ -10,9 +10,16 @@
 # and the reference client), python3 (the serial relay between a VM and its
 # BMC, the grpcio client test), dnsmasq-base (only the binary: the boot
 # benchmark's hand-tuned peer; it never runs outside a test namespace).
+#
+# Packaging (tests/tests/packaging.rs, agent_caps.rs, docs/deploy.md):
+# mmdebstrap (a fresh bookworm root to install the .debs into), systemd
+# (systemd-analyze verify, security, syscall-filter; nothing is started),
+# man-db and groff-base (man -l), strace (the agent's and the server's
+# system calls against the units' filters), openssl (the private CA of
+# docs/deploy.md); cargo-deb, pinned, built once with cargo install.
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base mmdebstrap systemd man-db groff-base strace openssl"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
   printf '\n==> %s\n' "apt-get update"
@@ -25,6 +32,12 @@ if [ -n "$missing" ]; then
   extra=; case " $missing " in *" qemu-system-x86 "*|*" qemu-system-arm "*) extra="qemu-utils/bookworm";; esac
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     --allow-downgrades $missing $extra
+fi
+
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  printf '\n==> %s\n' "cargo install cargo-deb $CARGO_DEB_VERSION (packaging/build-debs.sh)"
+  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
 fi
 
 printf '\n==> %s\n' "Boot artifacts from Debian packages (Xen, dom0 kernels, iPXE, GRUB, test initramfs)"
