@@ -11,8 +11,8 @@ const MARKER: &str = "<!-- tests/tests/deploy_tls.rs runs this block";
 
 /// The first ```sh block after the marker in docs/deploy.md.
 fn documented_block() -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md"))
-        .unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md")).unwrap();
     let after = &doc[doc.find(MARKER).expect("the marker is in docs/deploy.md")..];
     let start = after.find("```sh\n").expect("a sh block after the marker") + 6;
     let len = after[start..].find("```").expect("the block ends");
