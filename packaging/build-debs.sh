@@ -68,6 +68,9 @@ chmod 0755 "$stage"
 trap 'rm -rf "$stage"' EXIT
 share=$stage/usr/share/lab/pxe-assets doc=$stage/usr/share/doc/lab-pxe-assets
 install -d "$share/grub" "$share/profiles" "$share/initramfs" "$doc" "$stage/DEBIAN"
+# Where the agent's shipped config finds the artifacts (fetch-artifacts.sh
+# fills it): present and empty, so that the agent starts before the fetch.
+install -d "$stage/var/cache/lab/artifacts"
 install -m 0644 pxe-assets/boot.ipxe "$share/"
 install -m 0644 pxe-assets/grub/grub.cfg "$share/grub/"
 install -m 0644 pxe-assets/profiles/*.j2 "$share/profiles/"
@@ -77,7 +80,7 @@ install -m 0644 pxe-assets/README.md packaging/lab-pxe-assets/copyright "$doc/"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" packaging/lab-pxe-assets/control \
   > "$stage/DEBIAN/control"
-(cd "$stage" && find usr -type f -exec md5sum {} + | sort -k2 > DEBIAN/md5sums)
+(cd "$stage" && find usr var -type f -exec md5sum {} + | sort -k2 > DEBIAN/md5sums)
 deb=$out/lab-pxe-assets_${version}_all.deb
 dpkg-deb --root-owner-group -Zxz ${fast:+-z1} --build "$stage" "$deb" >/dev/null
 echo "$deb"

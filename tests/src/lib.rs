@@ -1,7 +1,10 @@
 //! The test harness shared by the cross-process suites and the benchmarks:
 //! generated inventories and tokens files, lab-server in-process (port 0,
 //! temporary store) or as a real child process (killed on drop, logs kept),
-//! and authenticated gRPC clients.
+//! and authenticated gRPC clients. [`netns`]: network namespaces and the
+//! clients run in them.
+
+pub mod netns;
 
 use anyhow::{Context, Result, bail};
 use lab_proto::v1::admin_service_client::AdminServiceClient;

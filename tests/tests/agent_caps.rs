@@ -29,11 +29,11 @@
 //! strace.
 
 use lab_tests::bin_path;
+use lab_tests::netns::Netns;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -101,72 +101,6 @@ fn setpriv(caps: &[String]) -> Vec<String> {
         "--".into(),
     ]
     .into()
-}
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "lab-caps-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Self(name);
-        // No duplicate address detection: link-local addresses (the RA's
-        // source) are usable at once.
-        for key in ["default", "all"] {
-            ns.exec(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv6.conf.{key}.accept_dad=0"),
-            ]);
-        }
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.0];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    fn command(&self, argv: &[String]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn have(program: &str, args: &[&str]) -> bool {
@@ -306,8 +240,8 @@ impl Lab {
     fn new() -> Lab {
         let dir = tempfile::tempdir().unwrap();
         chmod(dir.path(), 0o755);
-        let srv = Netns::new("srv");
-        let cli = Netns::new("cli");
+        let srv = Netns::new("caps-srv");
+        let cli = Netns::new("caps-cli");
         srv.ip(&[
             "link", "add", SRV_IF, "type", "veth", "peer", "name", CLI_IF, "netns", &cli.0,
         ]);
@@ -409,41 +343,12 @@ impl Lab {
             self.path(&format!("agent-{}.log", caps.join("+"))),
         )
     }
-
-    /// Run `argv` in the client namespace; (success, stdout, stderr).
-    fn client(&self, argv: &[&str]) -> (bool, String, String) {
-        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-        let out = self.cli.command(&argv).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
 }
 
 fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
-
-/// Send a router solicitation on the client side and wait (5 s at most)
-/// for a router advertisement; the advertisement's bytes in hex.
-const SOLICIT: &str = r#"
-import socket, sys, select
-s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
-ifindex = socket.if_nametoindex(sys.argv[1])
-s.sendto(bytes([133, 0, 0, 0, 0, 0, 0, 0]), ("ff02::2", 0, 0, ifindex))
-while True:
-    r, _, _ = select.select([s], [], [], 5)
-    if not r:
-        sys.exit("no router advertisement within 5 s")
-    msg, src = s.recvfrom(1500)
-    if msg[0] == 134:
-        print(msg.hex(), src[0])
-        break
-"#;
 
 /// Every system call (by name) after the traced program's `execve` of
 /// `exe`, and the socket families it asked for, from an `strace -f` log.
@@ -591,47 +496,22 @@ fn the_units_capabilities_are_enough() {
     agent.wait_for("lab-agent attached to ");
 
     // DHCP: port 67, SO_BINDTODEVICE, broadcast replies.
-    let lease = lab.path("lease.env");
-    let script = lab.path("udhcpc.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"ip=$ip serverid=$serverid\" > '{}'\nexit 0\n",
-            lease.display()
-        ),
-    )
-    .unwrap();
-    chmod(&script, 0o755);
-    let (ok, out, err) = lab.client(&[
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-i",
-        CLI_IF,
-        "-n",
-        "-q",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-s",
-        &script.display().to_string(),
-    ]);
-    assert!(
-        ok,
-        "udhcpc got no lease:\n{out}{err}\nagent log:\n{}",
-        agent.log_text()
-    );
-    assert_eq!(
-        std::fs::read_to_string(&lease).unwrap().trim(),
-        format!("ip={HOST_IP} serverid={SERVER_IP}")
-    );
+    let lease = lab
+        .cli
+        .udhcpc(CLI_IF, lab.dir.path())
+        .unwrap_or_else(|out| {
+            panic!(
+                "udhcpc got no lease:\n{out}\nagent log:\n{}",
+                agent.log_text()
+            )
+        });
+    assert_eq!(lease, format!("ip={HOST_IP} serverid={SERVER_IP}"));
 
     // TFTP on 69 and HTTP on 80: the host's boot script, the same bytes.
     lab.cli
         .ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", CLI_IF]);
     let file = "hosts/52-54-00-ca-fe-01.ipxe";
-    let (ok, tftp, err) = lab.client(&[
+    let (ok, tftp, err) = lab.cli.output(&[
         "curl",
         "-fsS",
         "--max-time",
@@ -640,7 +520,7 @@ fn the_units_capabilities_are_enough() {
     ]);
     assert!(ok, "TFTP failed: {err}\nagent log:\n{}", agent.log_text());
     assert!(tftp.starts_with("#!ipxe"), "{tftp}");
-    let (ok, http, err) = lab.client(&[
+    let (ok, http, err) = lab.cli.output(&[
         "curl",
         "-fsS",
         "--max-time",
@@ -651,13 +531,12 @@ fn the_units_capabilities_are_enough() {
     assert_eq!(http, tftp);
 
     // Router advertisements: a raw ICMPv6 socket bound to the interface.
-    let (ok, out, err) = lab.client(&["python3", "-c", SOLICIT, CLI_IF]);
-    assert!(
-        ok,
-        "no router advertisement: {err}\nagent log:\n{}",
-        agent.log_text()
-    );
-    let (ra, src) = out.trim().split_once(' ').unwrap();
+    let (ra, src) = lab.cli.solicit_router(CLI_IF).unwrap_or_else(|e| {
+        panic!(
+            "no router advertisement: {e}\nagent log:\n{}",
+            agent.log_text()
+        )
+    });
     assert!(ra.starts_with("86"), "type 134: {ra}");
     assert!(
         src.starts_with("fe80::"),

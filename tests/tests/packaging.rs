@@ -8,7 +8,9 @@
 //! binaries running in the root, `lab-server token new --tokens-file` on
 //! the installed tokens file, lab-server starting as `lab` with the shipped
 //! configuration; then `dpkg -r` and `dpkg --purge` must leave the root as
-//! it was before the install, path for path.
+//! it was before the install, path for path. `units_run_under_systemd`
+//! then boots such a root with systemd-nspawn and runs both units for real,
+//! every sandboxing option applied.
 //!
 //! The packages hold the release binaries when `target/release` has all
 //! three and they are newer than the debug ones, else the debug binaries
@@ -18,13 +20,15 @@
 //! The install test needs root (chroot, dpkg) and is skipped otherwise, with
 //! a message; the checks of the shipped configuration files, unit files and
 //! man pages run everywhere. Packages: mmdebstrap, systemd
-//! (systemd-analyze), man-db; cargo-deb (scripts/deps.sh).
+//! (systemd-analyze), systemd-container (systemd-nspawn), man-db; busybox,
+//! curl and python3 for the boot clients; cargo-deb (scripts/deps.sh).
 
 use lab_tests::bin_path;
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 fn repo() -> PathBuf {
@@ -341,22 +345,8 @@ impl Root {
     }
 }
 
-#[test]
-fn debs_install_into_bookworm_and_purge_cleanly() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED debs_install_into_bookworm_and_purge_cleanly: needs root (chroot, dpkg); CI runs as root"
-        );
-        return;
-    }
-    for (tool, package) in [
-        (
-            "cargo-deb",
-            "cargo-deb (scripts/deps.sh: cargo install cargo-deb)",
-        ),
-        ("mmdebstrap", "mmdebstrap"),
-        ("systemd-analyze", "systemd"),
-    ] {
+fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, package) in tools {
         let ok = Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -365,45 +355,72 @@ fn debs_install_into_bookworm_and_purge_cleanly() {
             .is_ok();
         assert!(ok, "`{tool}` is missing: install {package}");
     }
+}
 
-    // Build the packages.
-    let profile = profile();
-    eprintln!("packaging the {profile} binaries");
-    let debs = tempfile::tempdir().unwrap();
-    let built = run(Command::new(repo().join("packaging/build-debs.sh"))
-        .args(["--no-build", "--fast", "--profile", profile, "--out"])
-        .arg(debs.path()));
-    let files: Vec<PathBuf> = built.lines().map(PathBuf::from).collect();
-    let names: BTreeSet<String> = files
-        .iter()
-        .map(|f| {
-            f.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .split('_')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(
-        names,
-        ["lab", "lab-agent", "lab-pxe-assets", "lab-server"]
-            .map(String::from)
-            .into(),
-        "{built}"
-    );
+/// The four packages, built once per test run into
+/// `target/<profile>/lab-debs-test/`.
+fn debs() -> &'static [PathBuf] {
+    static DEBS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    DEBS.get_or_init(|| {
+        let profile = profile();
+        eprintln!("packaging the {profile} binaries");
+        let out = bin_path("lab").parent().unwrap().join("lab-debs-test");
+        let _ = std::fs::remove_dir_all(&out);
+        let built = run(Command::new(repo().join("packaging/build-debs.sh"))
+            .args(["--no-build", "--fast", "--profile", profile, "--out"])
+            .arg(&out));
+        let files: Vec<PathBuf> = built.lines().map(PathBuf::from).collect();
+        let names: BTreeSet<String> = files
+            .iter()
+            .map(|f| {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                name.split('_').next().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["lab", "lab-agent", "lab-pxe-assets", "lab-server"]
+                .map(String::from)
+                .into(),
+            "{built}"
+        );
+        files
+    })
+}
 
-    // A fresh root.
-    let tar = rootfs_tarball();
+/// A fresh bookworm root from the cached tarball.
+fn extract_root() -> Root {
+    static TARBALL: OnceLock<PathBuf> = OnceLock::new();
+    let tar = TARBALL.get_or_init(rootfs_tarball);
     let root = Root(tempfile::tempdir().unwrap());
     run(Command::new("tar")
         .arg("-C")
         .arg(root.path())
         .arg("-xf")
-        .arg(&tar));
+        .arg(tar));
+    root
+}
+
+#[test]
+fn debs_install_into_bookworm_and_purge_cleanly() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED debs_install_into_bookworm_and_purge_cleanly: needs root (chroot, dpkg); CI runs as root"
+        );
+        return;
+    }
+    require_tools(&[
+        (
+            "cargo-deb",
+            "cargo-deb (scripts/deps.sh: cargo install cargo-deb)",
+        ),
+        ("mmdebstrap", "mmdebstrap"),
+        ("systemd-analyze", "systemd"),
+    ]);
+    let files = debs();
+    let root = extract_root();
     let before = tree(root.path());
-    for f in &files {
+    for f in files {
         std::fs::copy(f, root.p("tmp").join(f.file_name().unwrap())).unwrap();
     }
 
@@ -607,5 +624,306 @@ fn check_units(root: &Root) {
         .args(["lab-server.service", "lab-agent.service"]));
     for l in out.lines().filter(|l| l.contains("Overall exposure level")) {
         eprintln!("installed: {}", l.trim_start_matches("→ "));
+    }
+}
+
+// ---------------------------------------- under systemd (root) ----
+
+/// The root booted by systemd-nspawn with its own network namespace
+/// (`--private-network`: only loopback until the test adds a link);
+/// powered off (SIGTERM to nspawn), then killed, on drop.
+struct Container {
+    nspawn: std::process::Child,
+    log: PathBuf,
+}
+
+impl Container {
+    fn boot(root: &Root, log: PathBuf) -> Container {
+        use std::os::unix::process::CommandExt;
+        let nspawn = Command::new("systemd-nspawn")
+            .args([
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--boot",
+                "-D",
+            ])
+            .arg(root.path())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("systemd-nspawn (package systemd-container)");
+        let c = Container { nspawn, log };
+        // Readiness: systemd's own account of its boot.
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let (_, state, _) = c.try_sh("systemctl is-system-running --wait");
+            if matches!(state.trim(), "running" | "degraded") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the container did not boot ({state:?}):\n{}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The container's init, as the host sees it.
+    fn init_pid(&self) -> Option<u32> {
+        let pid = self.nspawn.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// `sh -c script` inside the container, in all its namespaces:
+    /// (success, stdout, stderr).
+    fn try_sh(&self, script: &str) -> (bool, String, String) {
+        let Some(init) = self.init_pid() else {
+            return (false, String::new(), "no init yet".into());
+        };
+        let out = Command::new("nsenter")
+            .args(["-t", &init.to_string(), "-a", "/bin/sh", "-c", script])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LC_ALL", "C.UTF-8")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn sh(&self, script: &str) -> String {
+        let (ok, out, err) = self.try_sh(script);
+        assert!(ok, "in the container: {script}\n{out}{err}");
+        out
+    }
+
+    /// `ip ARGS` (the host's) in the container's network namespace.
+    fn ip(&self, args: &[&str]) {
+        let init = self.init_pid().unwrap().to_string();
+        let mut all = vec!["-t", &init, "-n", "ip"];
+        all.extend_from_slice(args);
+        lab_tests::netns::run("nsenter", &all);
+    }
+
+    /// Wait (30 s at most) until `unit`'s journal has `text`.
+    fn wait_journal(&self, unit: &str, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, log, _) = self.try_sh(&format!("journalctl -u {unit} -o cat --no-pager"));
+            if log.contains(text) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{unit} never logged {text:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Uid, CapEff, CapBnd, CapAmb, NoNewPrivs and Seccomp of `unit`'s
+    /// main process.
+    fn sandbox_of(&self, unit: &str) -> BTreeSet<String> {
+        let out = self.sh(&format!(
+            "grep -E '^(Uid|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' \
+             /proc/$(systemctl show -p MainPID --value {unit})/status"
+        ));
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.nspawn.id() as i32));
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.nspawn.try_wait().ok().flatten().is_none()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.nspawn.wait();
+        if std::thread::panicking() {
+            eprintln!("--- container console ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// The units as systemd runs them, with every sandboxing option applied:
+/// the installed root boots under systemd-nspawn; lab-server (enabled by
+/// the package) is up as `lab` with no capability, seccomp and
+/// no-new-privs, answers `lab whoami`, and `systemctl reload` makes a token
+/// added afterwards work; lab-agent, started with the shipped
+/// `/etc/lab/agent.toml` (its interface name changed), attaches and, with
+/// exactly CAP_NET_BIND_SERVICE and CAP_NET_RAW, answers udhcpc, TFTP, HTTP
+/// and a router solicitation from a namespace on the other end of a veth
+/// pair; both stop cleanly.
+#[test]
+fn units_run_under_systemd() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED units_run_under_systemd: needs root (nspawn, namespaces); CI runs as root"
+        );
+        return;
+    }
+    require_tools(&[
+        (
+            "cargo-deb",
+            "cargo-deb (scripts/deps.sh: cargo install cargo-deb)",
+        ),
+        ("mmdebstrap", "mmdebstrap"),
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        ("busybox", "busybox-static"),
+        ("curl", "curl"),
+        ("python3", "python3"),
+    ]);
+    let root = extract_root();
+    for f in debs() {
+        std::fs::copy(f, root.p("tmp").join(f.file_name().unwrap())).unwrap();
+    }
+    root.sh("dpkg -i /tmp/*.deb");
+    // What an operator does (docs/deploy.md): tokens, the inventory, the
+    // agent's token and configuration.
+    let tokens = "--tokens-file /etc/lab/tokens.toml";
+    root.sh(&format!(
+        "lab-server token new --principal alice --role operator {tokens} > /root/alice.token && \
+         install -m 0640 -o root -g lab /dev/null /etc/lab/agent.token && \
+         lab-server token new --principal agent-rack1 --role agent {tokens} > /etc/lab/agent.token"
+    ));
+    let inventory = root.p("etc/lab/inventory.toml");
+    let mut inv = std::fs::read_to_string(&inventory).unwrap();
+    inv.push_str(
+        "\n[[host]]\nname = \"h1\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"rack1\"\n\
+         mac = \"52:54:00:ca:fe:01\"\nipv4 = \"198.18.0.10\"\n",
+    );
+    std::fs::write(&inventory, inv).unwrap();
+    let agent_toml = root.p("etc/lab/agent.toml");
+    let shipped = std::fs::read_to_string(&agent_toml).unwrap();
+    assert!(shipped.contains("interface = \"eth1\""));
+    std::fs::write(
+        &agent_toml,
+        shipped.replace("interface = \"eth1\"", "interface = \"veth-lab\""),
+    )
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Container::boot(&root, dir.path().join("console.log"));
+
+    // lab-server, as the package left it: enabled, running, sandboxed.
+    assert_eq!(c.sh("systemctl is-active lab-server").trim(), "active");
+    let lab_uid = c.sh("id -u lab").trim().to_owned();
+    let sandbox = c.sandbox_of("lab-server");
+    for want in [
+        format!("Uid: {lab_uid} {lab_uid} {lab_uid} {lab_uid}"),
+        "CapEff: 0000000000000000".to_owned(),
+        "CapBnd: 0000000000000000".to_owned(),
+        "NoNewPrivs: 1".to_owned(),
+        "Seccomp: 2".to_owned(),
+    ] {
+        assert!(
+            sandbox.contains(&want),
+            "lab-server: {want:?} not in {sandbox:?}"
+        );
+    }
+    let whoami = c.sh("LAB_TOKEN=$(cat /root/alice.token) lab whoami");
+    assert!(
+        whoami.contains("alice") && whoami.contains("operator"),
+        "{whoami}"
+    );
+    // ExecReload: a token added now works after `systemctl reload`.
+    c.sh(&format!(
+        "lab-server token new --principal bob --role ci {tokens} > /root/bob.token"
+    ));
+    let (ok, _, _) = c.try_sh("LAB_TOKEN=$(cat /root/bob.token) lab whoami");
+    assert!(!ok, "bob's token works before the reload");
+    c.sh("systemctl reload lab-server");
+    c.wait_journal("lab-server", "tokens reloaded on SIGHUP");
+    assert!(
+        c.sh("LAB_TOKEN=$(cat /root/bob.token) lab whoami")
+            .contains("bob")
+    );
+
+    // The boot network: veth-lab in the container, veth-cli in a client
+    // namespace with the host's MAC.
+    let cli = lab_tests::netns::Netns::new("units-cli");
+    // (made inside the two namespaces: nothing appears in the host's)
+    let init = c.init_pid().unwrap().to_string();
+    cli.ip(&[
+        "link", "add", "veth-cli", "type", "veth", "peer", "name", "veth-lab", "netns", &init,
+    ]);
+    c.ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-lab"]);
+    c.ip(&["link", "set", "veth-lab", "up"]);
+    cli.ip(&["link", "set", "veth-cli", "address", "52:54:00:ca:fe:01"]);
+    cli.ip(&["link", "set", "veth-cli", "up"]);
+
+    // lab-agent: started by hand (not enabled by the package), sandboxed,
+    // with exactly its two capabilities.
+    c.sh("systemctl start lab-agent");
+    c.wait_journal(
+        "lab-agent",
+        "lab-agent attached to http://127.0.0.1:7621 (1 hosts)",
+    );
+    let sandbox = c.sandbox_of("lab-agent");
+    for want in [
+        format!("Uid: {lab_uid} {lab_uid} {lab_uid} {lab_uid}"),
+        "CapEff: 0000000000002400".to_owned(),
+        "CapBnd: 0000000000002400".to_owned(),
+        "CapAmb: 0000000000002400".to_owned(),
+        "NoNewPrivs: 1".to_owned(),
+        "Seccomp: 2".to_owned(),
+    ] {
+        assert!(
+            sandbox.contains(&want),
+            "lab-agent: {want:?} not in {sandbox:?}"
+        );
+    }
+    let lease = cli.udhcpc("veth-cli", dir.path()).unwrap_or_else(|out| {
+        panic!(
+            "udhcpc got no lease:\n{out}\n{}",
+            c.sh("journalctl -u lab-agent -o cat --no-pager")
+        )
+    });
+    assert_eq!(lease, "ip=198.18.0.10 serverid=198.18.0.1");
+    cli.ip(&["addr", "add", "198.18.0.10/24", "dev", "veth-cli"]);
+    let file = "hosts/52-54-00-ca-fe-01.ipxe";
+    for url in [
+        format!("tftp://198.18.0.1/{file}"),
+        format!("http://198.18.0.1/{file}"),
+    ] {
+        let (ok, body, err) = cli.output(&["curl", "-fsS", "--max-time", "10", &url]);
+        assert!(ok && body.starts_with("#!ipxe"), "{url}: {err}{body}");
+    }
+    let (ra, _) = cli
+        .solicit_router("veth-cli")
+        .unwrap_or_else(|e| panic!("no router advertisement: {e}"));
+    assert!(ra.starts_with("86"), "{ra}");
+
+    // Both stop cleanly (SIGTERM), not as failed.
+    c.sh("systemctl stop lab-agent lab-server");
+    for unit in ["lab-agent", "lab-server"] {
+        let (_, state, _) = c.try_sh(&format!("systemctl is-active {unit}"));
+        assert_eq!(state.trim(), "inactive", "{unit} after stop");
     }
 }
