@@ -159,8 +159,7 @@ async fn run(args: Args) -> Result<()> {
         });
     }
     if let Some(h) = &cfg.http {
-        let listener = tokio::net::TcpListener::bind(h.listen)
-            .await
+        let listener = lab_agent::http::bind(h.listen)
             .with_context(|| format!("cannot listen on {}", h.listen))?;
         let server = lab_agent::http::HttpServer::new(listener, files.clone(), h.limits.clone())
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

@@ -24,4 +24,6 @@ pub mod request;
 pub mod server;
 pub mod watch;
 
-pub use server::{HttpConfig, HttpError, HttpServer, HttpStats, HttpStatsSnapshot, serve};
+pub use server::{
+    HttpConfig, HttpError, HttpServer, HttpStats, HttpStatsSnapshot, LISTEN_BACKLOG, bind, serve,
+};

@@ -357,6 +357,23 @@ impl HttpServer {
     }
 }
 
+/// Pending connections the kernel queues for `accept`: a connection flood
+/// fills a short queue while the agent is not scheduled for a few
+/// milliseconds, and then honest clients' SYNs are dropped too (retried by
+/// them after 1 s, then 3 s). The kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` (`SO_REUSEADDR`, a [`LISTEN_BACKLOG`] queue).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serve `source` on `listener` with the default [`HttpConfig`] until
 /// `shutdown` completes, then let open connections finish for a bounded
 /// grace period.
