@@ -11,7 +11,10 @@
 //!   `header_timeout` (also the wait for the next request on a kept-alive
 //!   connection), when a send stays blocked for `send_timeout` (the client
 //!   does not read), or when no byte moves for `idle_timeout` (see
-//!   [`super::watch`]).
+//!   [`super::watch`]). With `TCP_NOTSENT_LOWAT` at 128 KiB a send
+//!   progresses each time the client has read 64 KiB, so a client is cut
+//!   only when it reads less than that in `send_timeout` (2 KiB/s with the
+//!   default 30 s).
 //! - Accept errors that are not about one connection (`EMFILE`, `ENFILE`,
 //!   `ENOBUFS`, `ENOMEM`, …) pause accepting, 10 ms doubling to 1 s, and
 //!   are logged once per burst with their count; the first accepted
@@ -49,6 +52,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// First pause after an accept error; doubled per error up to the maximum.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// `TCP_NOTSENT_LOWAT` of every connection: the socket takes more data only
+/// once fewer bytes than this wait unsent, so a send progresses as the
+/// client reads (every 64 KiB it reads), not once half of a send buffer that
+/// autotuning may have grown to megabytes has drained; and a client that
+/// does not read pins at most this much unsent data plus its own window.
+const SEND_LOWAT: u32 = 128 * 1024;
 
 /// Server settings. [`HttpConfig::default`] gives the documented defaults,
 /// sized so that HTTP and TFTP together stay within 1,024 open files: each
@@ -308,6 +317,10 @@ impl HttpServer {
                     continue;
                 }
             };
+            #[cfg(target_os = "linux")]
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(SEND_LOWAT) {
+                debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+            }
             bump(&stats.accepted);
             stats.active.fetch_add(1, Ordering::Relaxed);
             let service = {
