@@ -340,7 +340,7 @@ fn known_mac_gets_address_unknown_gets_nothing() {
     let server = &mut link.server;
 
     // Known MAC: the static address, with mask, router and boot file.
-    let got = udhcpc(&cli, dir.path(), "known");
+    let got = udhcpc(cli, dir.path(), "known");
     let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         got.success,
@@ -361,8 +361,8 @@ fn known_mac_gets_address_unknown_gets_nothing() {
     }
 
     // Unknown MAC: no lease, and the server counted it.
-    set_mac(&cli, UNKNOWN_MAC);
-    let got = udhcpc(&cli, dir.path(), "unknown");
+    set_mac(cli, UNKNOWN_MAC);
+    let got = udhcpc(cli, dir.path(), "unknown");
     assert!(
         !got.success && got.lease.is_none(),
         "udhcpc got a lease for an unknown MAC: {:?}\n{}",
