@@ -180,8 +180,8 @@ pub struct TftpStatsSnapshot {
     /// Requests refused because their client IP address had
     /// `max_transfers_per_client` running.
     pub client_busy: u64,
-    /// Requests ignored because the same client address and port has a
-    /// transfer running (retransmitted RRQs).
+    /// Requests ignored because a transfer of the same request from the
+    /// same client address and port is running (retransmitted RRQs).
     pub duplicates: u64,
     /// Transfers running now.
     pub active: u64,
