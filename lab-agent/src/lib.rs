@@ -18,6 +18,8 @@
 //!   provisioning and reclaim of each lease.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
 //!   scripts from `pxe-assets/` templates.
+//! - [`slots`]: the per-client and global caps of the HTTP and TFTP servers.
+//! - [`ratelimit`]: flood logging, one line per interval with a count.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -31,6 +33,8 @@ pub mod link;
 pub mod power;
 pub mod ra;
 pub mod rack;
+pub mod ratelimit;
+pub mod slots;
 pub mod tftp;
 
 pub use lab_types::error_chain;
