@@ -14,7 +14,8 @@
 //!   Payload Instance Info).
 //! - [`session`]: the RMCP+ handshake (Open Session, RAKP 1–4) as a sans-IO
 //!   [`session::Handshake`], and the cipher suite choice.
-//! - [`error`]: [`IpmiError`].
+//! - [`error`]: one error type, [`IpmiError`], for the handshake, the
+//!   client and SOL.
 //! - [`client`]: [`IpmiClient`], one task owning the UDP socket: requests
 //!   with retransmission, and the hook a payload (SOL) rides on.
 //! - [`sol`]: Serial-over-LAN: the SOL packet, the protocol machine
