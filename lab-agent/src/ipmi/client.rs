@@ -6,7 +6,7 @@
 //! replies and hands them back over a `oneshot`. Requests to one BMC are
 //! serialized and spaced.
 //!
-//! A [`Payload`] (Serial-over-LAN, [`super::sol`]) can ride on the session:
+//! A `Payload` (Serial-over-LAN, [`super::sol`]) can ride on the session:
 //! the task hands it the BMC's packets of its type, sends what it produces
 //! and keeps the session alive for it. The client knows nothing of SOL.
 

@@ -19,7 +19,7 @@
 //! - [`client`]: [`IpmiClient`], one task owning the UDP socket: requests
 //!   with retransmission, and the hook a payload (SOL) rides on.
 //! - [`sol`]: Serial-over-LAN: the SOL packet, the protocol machine
-//!   [`SolState`], and [`SolStream`], the console as `AsyncRead +
+//!   [`sol::SolState`], and [`SolStream`], the console as `AsyncRead +
 //!   AsyncWrite` over a client session.
 //!
 //! Dependencies go one way: `client` → `session`, `commands`, `packet`,

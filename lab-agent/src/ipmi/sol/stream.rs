@@ -1,7 +1,7 @@
 //! [`SolStream`]: an active SOL payload as a tokio `AsyncRead +
 //! AsyncWrite`, on its own RMCP+ session ([`IpmiClient`]). The stream and
-//! the session's request task share buffers ([`SolShared`]); the task drives
-//! them through [`SolLink`], this module's [`Payload`]: it hands it the
+//! the session's request task share buffers (`SolShared`); the task drives
+//! them through `SolLink`, this module's `Payload`: it hands it the
 //! BMC's SOL packets and sends what the [`SolState`] machine produces.
 
 use std::collections::VecDeque;
