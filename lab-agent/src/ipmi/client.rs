@@ -6,7 +6,7 @@
 //! replies and hands them back over a `oneshot`. Requests to one BMC are
 //! serialized and spaced.
 //!
-//! A `Payload` (Serial-over-LAN, [`super::sol`]) can ride on the session:
+//! A `Payload` (Serial-over-LAN: the `ipmi::sol` stream) can ride on the session:
 //! the task hands it the BMC's packets of its type, sends what it produces
 //! and keeps the session alive for it. The client knows nothing of SOL.
 
@@ -762,11 +762,9 @@ impl IpmiClient {
         let mut last_status = 0;
         for suite in &candidates {
             match client.open_session(*suite, user, &password).await {
-                Ok(()) => {
+                Ok(set_privilege) => {
                     client.suite = *suite;
-                    let granted = client
-                        .call(&SetSessionPrivilege(client.options.privilege))
-                        .await?;
+                    let granted = client.call(&set_privilege).await?;
                     tracing::debug!(%endpoint, suite = suite.id(), granted, "session open");
                     return Ok(client);
                 }
@@ -805,7 +803,7 @@ impl IpmiClient {
     }
 
     /// Route this session's packets of `payload`'s type to it (the SOL
-    /// stream, [`super::sol`]); it owns the session from now on.
+    /// stream); it owns the session from now on.
     pub(crate) async fn attach_payload(&self, payload: Box<dyn Payload>) -> Result<(), IpmiError> {
         let (done, rx) = oneshot::channel();
         let closed = || IpmiError::Closed {
@@ -900,13 +898,14 @@ impl IpmiClient {
     }
 
     /// Open Session and RAKP 1–4 with `suite` ([`Handshake`]), then switch
-    /// the socket task to the session's keys.
+    /// the socket task to the session's keys. Returns the handshake's last
+    /// step, Set Session Privilege Level, to send inside the session.
     async fn open_session(
         &mut self,
         suite: CipherSuite,
         user: &str,
         password: &Secret,
-    ) -> Result<(), IpmiError> {
+    ) -> Result<SetSessionPrivilege, IpmiError> {
         let endpoint = self.endpoint;
         let randoms = Randoms {
             console_session_id: u32::from_le_bytes(random::<4>()?) | 1,
@@ -937,7 +936,7 @@ impl IpmiClient {
             .map_err(|_| IpmiError::Closed { endpoint })?;
         self.bmc_session_id = session.bmc_session_id;
         self.console_session_id = session.console_session_id;
-        Ok(())
+        Ok(session.set_privilege)
     }
 
     async fn job(

@@ -1,10 +1,10 @@
 //! The RMCP+ session handshake, sans-IO: Open Session and RAKP 1–4 as a
 //! [`Handshake`] that produces each request and checks each answer, ending
-//! in the session keys; and the choice of cipher suites from the records
-//! the BMC lists ([`usable_suites`]). [`super::client`] sends the requests
-//! outside the session, feeds back the answers, activates the keys and
-//! then sets the session privilege (Set Session Privilege Level, an
-//! ordinary command).
+//! in the session keys and the Set Session Privilege Level command that
+//! completes it; and the choice of cipher suites from the records the BMC
+//! lists ([`usable_suites`]). [`super::client`] sends the requests outside
+//! the session, feeds back the answers, activates the keys and sends the
+//! privilege command inside the session.
 //!
 //! RAKP 1 asks for role = privilege | 0x10 (name-only lookup); the BMC's
 //! RAKP 2 code must verify with the password (else [`IpmiError::BadRakp2`],
@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use lab_types::Secret;
 
-use super::commands;
+use super::commands::{self, SetSessionPrivilege};
 use super::crypto::{self, CipherSuite, RakpParams, SessionKeys};
 use super::error::IpmiError;
 use super::packet::{
@@ -51,6 +51,9 @@ pub struct Established {
     pub keys: SessionKeys,
     pub console_session_id: u32,
     pub bmc_session_id: u32,
+    /// The last step, sent inside the session: the privilege asked for in
+    /// Open Session and RAKP 1.
+    pub set_privilege: SetSessionPrivilege,
 }
 
 /// What the BMC has told us so far.
@@ -228,6 +231,7 @@ impl<'a> Handshake<'a> {
             keys: SessionKeys::derive(self.suite, sik),
             console_session_id: self.randoms.console_session_id,
             bmc_session_id: self.bmc.session_id,
+            set_privilege: SetSessionPrivilege(self.privilege),
         })
     }
 }
@@ -360,6 +364,7 @@ mod tests {
             (est.console_session_id, est.bmc_session_id),
             (0x1234_5679, BMC_SID)
         );
+        assert_eq!(est.set_privilege.0, Privilege::Administrator);
         let sik = crypto::session_integrity_key(
             CipherSuite::Suite3.hash(),
             b"hunter2",

@@ -361,7 +361,11 @@ impl Host {
             }
             self.capture = start_capture(&self.ctx, &self.name, &spec).await;
         }
-        let Some(lease) = &spec.lease else { return };
+        let Some(lease) = &spec.lease else {
+            // Nothing to do in the machine but forget a lease it queued.
+            let actions = self.machine.on(Event::NoLease, Instant::now());
+            return self.execute(actions).await;
+        };
         let known = self.ctx.reports.provisioning(&self.name);
         let resume = match &known {
             // A lease this agent has not provisioned yet (a restarted agent
@@ -401,16 +405,19 @@ impl Host {
                     )));
                     return;
                 };
-                self.commands.spawn(async move {
-                    let result = async {
-                        if let Some(a) = action {
-                            power.set_power(a).await?;
+                self.commands.spawn(
+                    async move {
+                        let result = async {
+                            if let Some(a) = action {
+                                power.set_power(a).await?;
+                            }
+                            power.is_on().await
                         }
-                        power.is_on().await
+                        .await;
+                        (result, reply)
                     }
-                    .await;
-                    (result, reply)
-                });
+                    .in_current_span(),
+                );
             }
             Request::Reclaim {
                 lease,

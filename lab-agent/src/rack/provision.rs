@@ -197,6 +197,9 @@ pub enum Event {
     Provision(Start),
     /// The lease ended: reclaim the host (a command waits for the answer).
     Reclaim(Reclaim),
+    /// The desired state has no lease: a provisioning waiting for a reclaim
+    /// is dropped.
+    NoLease,
     /// The console capture is being replaced: a provisioning watching it
     /// stops, unreported.
     ConsoleReplaced,
@@ -278,18 +281,20 @@ pub enum Seen {
 }
 
 impl Window {
-    /// Adds output; failure texts win over the ready text.
+    /// Adds output; failure texts win over the ready text. Only text that
+    /// ends in the new output is looked for: anything older was seen before.
     pub fn feed(&mut self, data: &[u8], settings: &ProfileSettings) -> Option<Seen> {
         let ready = settings.ready.as_deref().unwrap_or_default();
+        let old = self.recent.len();
         self.recent.extend_from_slice(data);
-        if let Some(f) = settings
-            .fail
-            .iter()
-            .find(|f| contains(&self.recent, f.as_bytes()))
-        {
+        let new = |needle: &str| {
+            let from = old.saturating_sub(needle.len().saturating_sub(1));
+            contains(&self.recent[from..], needle.as_bytes())
+        };
+        if let Some(f) = settings.fail.iter().find(|f| new(f)) {
             return Some(Seen::Fail(f.clone()));
         }
-        if contains(&self.recent, ready.as_bytes()) {
+        if new(ready) {
             return Some(Seen::Ready);
         }
         let keep = 8192 + ready.len() + settings.fail.iter().map(String::len).sum::<usize>();
@@ -393,6 +398,7 @@ impl Machine {
                     self.begin(Purpose::Reclaim(r), now, &mut out);
                 }
             }
+            Event::NoLease => self.queued = None,
             Event::ConsoleReplaced => {
                 if let Some(run) = &self.run
                     && matches!(run.purpose, Purpose::Provision(_))
@@ -1220,6 +1226,18 @@ mod tests {
                 ],
             ),
             (
+                "reclaim done × a waiting lease the desired state dropped",
+                [
+                    reclaiming(false, keys),
+                    vec![E::Provision(start(2)), E::NoLease],
+                ]
+                .concat(),
+                E::BootDeviceSet,
+                0,
+                vec![A::Reclaimed { lease: lease(1) }, A::End],
+            ),
+            ("watching × no lease", watching(), E::NoLease, 0, vec![]),
+            (
                 "reclaim done × never the reclaimed lease again",
                 [reclaiming(false, keys), vec![E::Provision(start(1))]].concat(),
                 E::BootDeviceSet,
@@ -1271,6 +1289,10 @@ mod tests {
         assert_eq!(w.feed(b"ADY", &s), Some(Seen::Ready));
         let mut w = Window::default();
         assert_eq!(w.feed(b"READY FAIL", &s), Some(Seen::Fail("FAIL".into())));
+        let mut w = Window::default();
+        assert_eq!(w.feed(b"x F", &s), None);
+        assert_eq!(w.feed(b"A", &s), None);
+        assert_eq!(w.feed(b"IL", &s), Some(Seen::Fail("FAIL".into())));
         assert_eq!(device_name(BootDevice::Pxe), "PXE");
     }
 }
