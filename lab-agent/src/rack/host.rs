@@ -275,6 +275,10 @@ impl Host {
         spec.mark_changed();
         loop {
             tokio::select! {
+                // The desired state first: a request sent after a desired
+                // state finds it applied (the link applies the rack's state,
+                // then answers the commands that follow it).
+                biased;
                 changed = spec.changed() => {
                     if changed.is_err() {
                         break;

@@ -504,3 +504,23 @@ async fn a_restarted_agent_watches_a_boot_under_way_without_powering_again() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_find_the_desired_state_sent_before_them_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::new(dir.path(), Bmcs::default());
+    for round in 0..20 {
+        let host = format!("h{round}");
+        lab.rack.apply_rack(vec![spec(&host, round, None)]);
+        assert!(
+            lab.rack.hub(&host).await.is_some(),
+            "{host}: the console is captured once its desired state is"
+        );
+        assert!(!lab.rack.power(&host, None).await.unwrap());
+    }
+    // The host of the last round only: the others left the rack.
+    let e = lab.rack.power("h0", None).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(lab.table.all().len(), 1);
+    lab.rack.shutdown().await;
+}
