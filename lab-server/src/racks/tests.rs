@@ -638,7 +638,12 @@ async fn attach_refusals() {
     let a1 = || caller("a1", Role::Agent);
     let bad_rack = RackName::new("r 1").unwrap_err();
     // (who, first messages, close the stream, refusal)
-    type Case = (Caller, Vec<Result<FromAgent, LinkError>>, bool, &'static str);
+    type Case = (
+        Caller,
+        Vec<Result<FromAgent, LinkError>>,
+        bool,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         (
             caller("alice", Role::Ci),
