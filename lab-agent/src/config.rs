@@ -4,6 +4,7 @@
 
 use crate::console::LogLimits;
 use crate::dhcp::{DhcpConfig, Mode};
+use crate::http::HttpConfig;
 use crate::ipmi::CipherSuite;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -105,6 +106,9 @@ struct RawTftp {
     blksize_cap: Option<u16>,
     windowsize_cap: Option<u16>,
     max_transfers: Option<usize>,
+    max_transfers_per_client: Option<toml::Spanned<usize>>,
+    /// The largest client `timeout` option granted ("5s").
+    max_timeout: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +117,11 @@ struct RawHttp {
     listen: SocketAddr,
     /// The HTTP base URL as hosts reach it (for templates).
     url: String,
+    max_connections: Option<toml::Spanned<usize>>,
+    max_connections_per_client: Option<toml::Spanned<usize>>,
+    header_timeout: Option<toml::Spanned<String>>,
+    idle_timeout: Option<toml::Spanned<String>>,
+    send_timeout: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +138,18 @@ pub struct TftpSettings {
     pub blksize_cap: Option<u16>,
     pub windowsize_cap: Option<u16>,
     pub max_transfers: Option<usize>,
+    pub max_transfers_per_client: Option<usize>,
+    pub max_timeout: Option<Duration>,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    /// The base URL as hosts reach it, without a trailing `/`.
+    pub url: String,
+    /// Connection caps and timeouts (the defaults where not set).
+    pub limits: HttpConfig,
 }
 
 /// The validated configuration.
@@ -143,7 +164,7 @@ pub struct AgentConfig {
     /// Interface to send IPv6 router advertisements on.
     pub ra_interface: Option<String>,
     pub tftp: Option<TftpSettings>,
-    pub http: Option<(SocketAddr, String)>,
+    pub http: Option<HttpSettings>,
     pub assets_root: PathBuf,
     pub artifacts: Option<PathBuf>,
     pub data_dir: PathBuf,
@@ -257,18 +278,78 @@ impl AgentConfig {
                 Some(c)
             }
         };
-        let tftp = raw.tftp.map(|t| TftpSettings {
-            listen: t.listen,
-            blksize_cap: t.blksize_cap,
-            windowsize_cap: t.windowsize_cap,
-            max_transfers: t.max_transfers,
-        });
-        let http = raw
-            .http
-            .map(|h| (h.listen, h.url.trim_end_matches('/').to_owned()));
         let duration = |at: usize, v: &str, what: &str| {
             humantime::parse_duration(v)
                 .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))
+        };
+        // A cap or timeout of zero would refuse everything: refused here,
+        // where the error can point at it.
+        let positive = |v: &toml::Spanned<usize>, what: &str| match *v.get_ref() {
+            0 => Err(invalid(
+                v.span().start,
+                format!("{what} must be at least 1"),
+            )),
+            n => Ok(n),
+        };
+        let timeout = |v: &toml::Spanned<String>, what: &str| {
+            let d = duration(v.span().start, v.get_ref(), what)?;
+            if d.is_zero() {
+                return Err(invalid(v.span().start, format!("{what} must be positive")));
+            }
+            Ok(d)
+        };
+        let tftp = match raw.tftp {
+            None => None,
+            Some(t) => Some(TftpSettings {
+                listen: t.listen,
+                blksize_cap: t.blksize_cap,
+                windowsize_cap: t.windowsize_cap,
+                max_transfers: t.max_transfers,
+                max_transfers_per_client: t
+                    .max_transfers_per_client
+                    .as_ref()
+                    .map(|v| positive(v, "max_transfers_per_client"))
+                    .transpose()?,
+                max_timeout: match &t.max_timeout {
+                    None => None,
+                    Some(v) => {
+                        let d = timeout(v, "max_timeout")?;
+                        if d < Duration::from_secs(1) || d > Duration::from_secs(255) {
+                            return Err(invalid(
+                                v.span().start,
+                                "max_timeout must be within 1s..=255s (TFTP timeouts are whole seconds)".into(),
+                            ));
+                        }
+                        Some(d)
+                    }
+                },
+            }),
+        };
+        let http = match raw.http {
+            None => None,
+            Some(h) => {
+                let mut limits = HttpConfig::default();
+                if let Some(v) = &h.max_connections {
+                    limits.max_connections = positive(v, "max_connections")?;
+                }
+                if let Some(v) = &h.max_connections_per_client {
+                    limits.max_connections_per_client = positive(v, "max_connections_per_client")?;
+                }
+                if let Some(v) = &h.header_timeout {
+                    limits.header_timeout = timeout(v, "header_timeout")?;
+                }
+                if let Some(v) = &h.idle_timeout {
+                    limits.idle_timeout = timeout(v, "idle_timeout")?;
+                }
+                if let Some(v) = &h.send_timeout {
+                    limits.send_timeout = timeout(v, "send_timeout")?;
+                }
+                Some(HttpSettings {
+                    listen: h.listen,
+                    url: h.url.trim_end_matches('/').to_owned(),
+                    limits,
+                })
+            }
         };
         let bmc_probe_interval = match &raw.bmc_probe_interval {
             None => DEFAULT_BMC_PROBE_INTERVAL,
@@ -395,8 +476,81 @@ artifacts = "/var/cache/lab/artifacts"
             c.artifacts.as_deref(),
             Some(Path::new("/var/cache/lab/artifacts"))
         );
-        assert_eq!(c.http.as_ref().unwrap().1, "http://198.18.0.1:8080");
+        assert_eq!(c.http.as_ref().unwrap().url, "http://198.18.0.1:8080");
+        assert_eq!(c.http.as_ref().unwrap().limits, HttpConfig::default());
+        let t = c.tftp.as_ref().unwrap();
+        assert_eq!((t.max_transfers_per_client, t.max_timeout), (None, None));
         assert_eq!(c.dhcp.as_ref().unwrap().interface.as_deref(), Some("br0"));
+    }
+
+    #[test]
+    fn connection_limits() {
+        let text = GOOD
+            .replace(
+                "listen = \"198.18.0.1:8080\"",
+                "listen = \"198.18.0.1:8080\"\nmax_connections = 100\nmax_connections_per_client = 4\nheader_timeout = \"10s\"\nidle_timeout = \"2m\"\nsend_timeout = \"15s\"",
+            )
+            .replace(
+                "listen = \"198.18.0.1:69\"",
+                "listen = \"198.18.0.1:69\"\nmax_transfers_per_client = 2\nmax_timeout = \"3s\"",
+            );
+        let c = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap();
+        let h = c.http.unwrap().limits;
+        assert_eq!(
+            (
+                h.max_connections,
+                h.max_connections_per_client,
+                h.header_timeout,
+                h.idle_timeout,
+                h.send_timeout
+            ),
+            (
+                100,
+                4,
+                Duration::from_secs(10),
+                Duration::from_secs(120),
+                Duration::from_secs(15)
+            )
+        );
+        let t = c.tftp.unwrap();
+        assert_eq!(
+            (t.max_transfers_per_client, t.max_timeout),
+            (Some(2), Some(Duration::from_secs(3)))
+        );
+        for (key, value, want) in [
+            (
+                "max_connections",
+                "0",
+                "agent.toml:16:19: max_connections must be at least 1",
+            ),
+            (
+                "send_timeout",
+                "\"0s\"",
+                "agent.toml:16:16: send_timeout must be positive",
+            ),
+            (
+                "idle_timeout",
+                "\"soon\"",
+                "agent.toml:16:16: invalid idle_timeout \"soon\"",
+            ),
+        ] {
+            let bad = GOOD.replace(
+                "listen = \"198.18.0.1:8080\"",
+                &format!("listen = \"198.18.0.1:8080\"\n{key} = {value}"),
+            );
+            let e = AgentConfig::parse(&bad, Path::new("agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let bad = GOOD.replace(
+            "listen = \"198.18.0.1:69\"",
+            "listen = \"198.18.0.1:69\"\nmax_timeout = \"300s\"",
+        );
+        let e = AgentConfig::parse(&bad, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_timeout must be within 1s..=255s"), "{e}");
     }
 
     #[test]

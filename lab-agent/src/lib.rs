@@ -7,17 +7,25 @@
 //! - [`tftp`]: read-only TFTP (RFC 1350 + blksize/tsize/timeout/windowsize),
 //!   confined to the assets root and the per-host generated files.
 //! - [`http`]: the same content over HTTP (faster for kernels and initrds).
-//! - [`ipmi`]: our async IPMI 2.0 (RMCP+) client: power and boot device.
+//! - [`ipmi`]: our async IPMI 2.0 (RMCP+) client: power, boot device and
+//!   Serial-over-LAN. The bytes are built by pure code (`packet`, `crypto`,
+//!   `commands`, the `session` handshake, `sol::packet`/`sol::state`); only
+//!   `ipmi::client` has a socket.
 //! - [`power`]: the `PowerControl` trait over IPMI, and a simulator for faults.
 //! - [`console`]: always-on console capture: log, fan-out, sources.
 //! - [`ra`]: IPv6 router advertisements so iPXE does not wait for one.
 //! - [`config`]: `agent.toml`, raw and validated.
 //! - [`link`]: the one Attach stream to lab-server: desired state down,
-//!   reports and command answers up.
-//! - [`rack`]: the rack model: boot entries, BMCs, console captures,
-//!   provisioning and reclaim of each lease.
+//!   reports and command answers up; `link::convert` is the one place
+//!   protobuf meets the domain types.
+//! - [`rack`]: the rack model: a handle that routes to one reconciler task
+//!   per host (BMC, probe, console capture, power commands) and keeps the
+//!   boot table; a host is provisioned and reclaimed by the pure plan/step
+//!   machine in `rack::provision`, which its task carries out.
 //! - [`assets`]: the confined asset root and the rendering of per-host iPXE
 //!   scripts from `pxe-assets/` templates.
+//! - [`slots`]: the per-client and global caps of the HTTP and TFTP servers.
+//! - [`ratelimit`]: flood logging, one line per interval with a count.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -31,6 +39,8 @@ pub mod link;
 pub mod power;
 pub mod ra;
 pub mod rack;
+pub mod ratelimit;
+pub mod slots;
 pub mod tftp;
 
 pub use lab_types::error_chain;

@@ -7,10 +7,15 @@
 //! gets the full state again; reports are sent again after every attach.
 //! The endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
 //! come from `lab-client`, as for the CLI.
+//!
+//! [`convert`] turns the wire messages into the rack's domain types and
+//! back; nothing past it sees a protobuf type.
+
+pub mod convert;
 
 use crate::console::log::read_slice;
 use crate::console::{ConsoleHost, ViewerEvent, Writer};
-use crate::rack::Rack;
+use crate::rack::{CommandError, ErrorKind, Rack};
 use lab_client::endpoint::is_https;
 use lab_client::{BearerAuth, BearerToken, ChannelSettings, EndpointError, ServerEndpoint};
 use lab_proto::convert::millis_from_timestamp;
@@ -161,8 +166,8 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
         match msg.msg {
             Some(pb::server_message::Msg::Rack(state)) => {
                 let n = state.hosts.len();
-                rack.apply_rack(state).await;
-                rack.set_outbound(Some(tx.clone()));
+                rack.apply_rack(convert::rack_hosts(state));
+                rack.set_outbound(Some(convert::report_sink(tx.clone())));
                 rack.resend_reports();
                 if first {
                     info!(hosts = n, "attached to lab-server");
@@ -176,7 +181,10 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
                     first = false;
                 }
             }
-            Some(pb::server_message::Msg::Host(h)) => rack.apply_host(h).await,
+            Some(pb::server_message::Msg::Host(h)) => match convert::host_spec(h) {
+                Ok(spec) => rack.apply_host(spec),
+                Err(e) => warn!(error = %crate::error_chain(&e), "desired host ignored"),
+            },
             Some(pb::server_message::Msg::Command(c)) => {
                 let rack = rack.clone();
                 let tx = tx.clone();
@@ -235,14 +243,15 @@ async fn command(
         id,
         ..Default::default()
     };
-    let result: Result<(), crate::rack::CommandError> = match c.cmd {
-        Some(pb::agent_command::Cmd::Power(a)) => {
-            let action = pb::PowerAction::try_from(a).unwrap_or(pb::PowerAction::Status);
-            rack.power(&c.host, action).await.map(|on| reply.on = on)
-        }
-        Some(pb::agent_command::Cmd::Reclaim(r)) => {
-            rack.reclaim(&c.host, &r.lease_id, &r.profile).await
-        }
+    let result: Result<(), CommandError> = match c.cmd {
+        Some(pb::agent_command::Cmd::Power(a)) => rack
+            .power(&c.host, convert::power_action(a))
+            .await
+            .map(|on| reply.on = on),
+        Some(pb::agent_command::Cmd::Reclaim(r)) => match convert::reclaim(r) {
+            Ok((lease, profile)) => rack.reclaim(&c.host, lease, profile).await,
+            Err(e) => Err(e),
+        },
         Some(pb::agent_command::Cmd::Console(open)) => {
             open_console(&rack, id, &c.host, open, tx.clone(), &sessions).await
         }
@@ -254,14 +263,14 @@ async fn command(
                 .remove(&id);
             return;
         }
-        None => Err(crate::rack::CommandError {
-            code: pb::CommandErrorKind::Unimplemented,
-            message: "unknown command".into(),
-        }),
+        None => Err(CommandError::new(
+            ErrorKind::Unimplemented,
+            "unknown command",
+        )),
     };
     if let Err(e) = result {
         reply.error = e.message;
-        reply.code = e.code as i32;
+        reply.code = convert::error_kind(e.kind) as i32;
     }
     let _ = tx
         .send(pb::AgentMessage {
@@ -277,14 +286,13 @@ async fn open_console(
     open: pb::ConsoleOpen,
     tx: mpsc::Sender<pb::AgentMessage>,
     sessions: &Sessions,
-) -> Result<(), crate::rack::CommandError> {
-    let hub = rack
-        .hub(host)
-        .await
-        .ok_or_else(|| crate::rack::CommandError {
-            code: pb::CommandErrorKind::FailedPrecondition,
-            message: format!("the console of {host} is not captured"),
-        })?;
+) -> Result<(), CommandError> {
+    let hub = rack.hub(host).await.ok_or_else(|| {
+        CommandError::new(
+            ErrorKind::FailedPrecondition,
+            format!("the console of {host} is not captured"),
+        )
+    })?;
     let replay = if open.replay_bytes == 0 {
         16 * 1024
     } else {
@@ -343,11 +351,8 @@ async fn read_log(
     host: &str,
     l: pb::LogRead,
     tx: mpsc::Sender<pb::AgentMessage>,
-) -> Result<(), crate::rack::CommandError> {
-    let bad = |m: String| crate::rack::CommandError {
-        code: pb::CommandErrorKind::InvalidArgument,
-        message: m,
-    };
+) -> Result<(), CommandError> {
+    let bad = |m: String| CommandError::new(ErrorKind::InvalidArgument, m);
     let console = ConsoleHost::new(host).map_err(|e| bad(e.to_string()))?;
     let from = l
         .from
@@ -370,10 +375,10 @@ async fn read_log(
             Vec::new()
         }
         Err(e) => {
-            return Err(crate::rack::CommandError {
-                code: pb::CommandErrorKind::Unavailable,
-                message: crate::error_chain(&e),
-            });
+            return Err(CommandError::new(
+                ErrorKind::Unavailable,
+                crate::error_chain(&e),
+            ));
         }
     };
     // Reply first, then the data: the server registered the session before

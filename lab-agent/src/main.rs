@@ -67,6 +67,7 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let cfg = AgentConfig::load(&args.config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    raise_open_files_limit(&cfg);
     let token = match (args.token, &cfg.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(f)) => Some(
@@ -78,7 +79,7 @@ async fn run(args: Args) -> Result<()> {
         (None, None) => None,
     };
     let table = HostTable::default();
-    let http_url = cfg.http.as_ref().map(|(_, url)| url.clone());
+    let http_url = cfg.http.as_ref().map(|h| h.url.clone());
     let render = RenderConfig {
         http_url,
         // The address hosts reach TFTP at: the DHCP next-server, else the
@@ -147,6 +148,12 @@ async fn run(args: Args) -> Result<()> {
         if let Some(v) = t.max_transfers {
             tc.max_transfers = v;
         }
+        if let Some(v) = t.max_transfers_per_client {
+            tc.max_transfers_per_client = v;
+        }
+        if let Some(v) = t.max_timeout {
+            tc.max_timeout = v;
+        }
         let server = TftpServer::bind(tc, files.clone())
             .await
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -160,16 +167,17 @@ async fn run(args: Args) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!(error_chain(&e)))
         });
     }
-    if let Some((listen, _)) = &cfg.http {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let addr = listener.local_addr()?;
+    if let Some(h) = &cfg.http {
+        let listener = lab_agent::http::bind(h.listen)
+            .with_context(|| format!("cannot listen on {}", h.listen))?;
+        let server = lab_agent::http::HttpServer::new(listener, files.clone(), h.limits.clone())
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        let addr = server.local_addr()?;
         info!(%addr, "HTTP serving");
         println!("lab-agent http listening on {addr}");
-        let files = files.clone();
         tasks.spawn(async move {
-            lab_agent::http::serve(listener, files, std::future::pending())
+            server
+                .run_until(std::future::pending())
                 .await
                 .context("HTTP server failed")
         });
@@ -228,4 +236,50 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raise the soft open-files limit to the hard one (the common service
+/// default of 1,024 is low for a boot server), log both, and warn when the
+/// configured HTTP and TFTP caps could need more descriptors than that. The
+/// caps hold whatever the limit: they are what keeps the boot services
+/// answering under a flood.
+fn raise_open_files_limit(cfg: &AgentConfig) {
+    #[cfg(target_os = "linux")]
+    let soft = {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return;
+        };
+        let soft = if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => hard,
+                Err(e) => {
+                    tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+                    soft
+                }
+            }
+        } else {
+            soft
+        };
+        info!(soft, hard, "open files limit");
+        soft
+    };
+    #[cfg(not(target_os = "linux"))]
+    let soft = u64::MAX;
+    // Each HTTP connection and each TFTP transfer holds a socket and a file;
+    // the rest of the agent (listeners, the link, consoles) gets a reserve.
+    let http = cfg.http.as_ref().map_or(0, |h| h.limits.max_connections);
+    let tftp = cfg.tftp.as_ref().map_or(0, |t| {
+        t.max_transfers
+            .unwrap_or(TftpConfig::default().max_transfers)
+    });
+    let needed = 2 * (http + tftp) as u64 + 256;
+    if needed > soft {
+        tracing::warn!(
+            soft,
+            needed,
+            "the open files limit is below what the HTTP and TFTP caps may use; lower \
+             [http] max_connections or [tftp] max_transfers, or raise the limit"
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Process test of the DHCP server in network namespaces: busybox `udhcpc`
 //! gets the configured static address for a known MAC and nothing for an
-//! unknown one.
+//! unknown one; a flood of 2,000 datagrams with a malformed option 94 (which
+//! panics dhcproto's decoder in debug builds) is counted to the last one and
+//! costs a handful of log lines, with the agent's panic hook installed.
 //!
 //! How it runs (root needed; CI is root):
 //! - two namespaces `lab-dhcp-<pid>-<n>` joined by a veth pair; the server
@@ -14,7 +16,10 @@
 //!   its socket is bound, and a stats line whenever the counters change;
 //!   the parent waits for those lines, never for a fixed time;
 //! - `udhcpc` runs in the other namespace with `-n -q -t 3 -T 1` and a
-//!   script that writes its environment to a file.
+//!   script that writes its environment to a file;
+//! - the flood is sent by a thread of this test that has joined the client
+//!   namespace (`setns`), in bursts of 200 each waited for in the counters
+//!   (so that no datagram is lost to a full socket buffer).
 //!
 //! Packages: `iproute2` (ip), `busybox-static` or `busybox` (udhcpc). A
 //! missing tool fails the test, naming the package.
@@ -135,10 +140,18 @@ fn server_child() {
     cfg.router = cfg.server_ip.into();
     // Knob for manual timing runs against QEMU's iPXE (see the report).
     cfg.ipxe_no_pxedhcp = std::env::var("LAB_DHCP_NO_PXEDHCP").as_deref() != Ok("0");
+    if let Ok(ms) = std::env::var("LAB_DHCP_LOG_INTERVAL_MS") {
+        cfg.log_interval = Duration::from_millis(ms.parse().unwrap());
+    }
+    let filter = std::env::var("LAB_DHCP_FILTER").unwrap_or_else(|_| "lab_agent=debug".into());
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter("lab_agent=debug")
+        .with_ansi(false)
+        .with_env_filter(filter)
         .try_init();
+    // The agent's own hook (lab-agent/src/main.rs): a panic that reached it
+    // would be an ERROR line.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let server = DhcpServer::bind(cfg, HostTable::new([host])).expect("bind");
@@ -149,9 +162,14 @@ fn server_child() {
             loop {
                 let now = stats.snapshot();
                 if last != Some(now) {
-                    let [received, replied, unknown, other, malformed, _] = now;
                     println!(
-                        "{STATS} received={received} replied={replied} ignored_unknown={unknown} ignored_other={other} malformed={malformed}"
+                        "{STATS} received={} replied={} ignored_unknown={} ignored_other={} malformed={} decoder_panics={}",
+                        now.received,
+                        now.replied,
+                        now.ignored_unknown,
+                        now.ignored_other,
+                        now.malformed,
+                        now.decoder_panics
                     );
                     last = Some(now);
                 }
@@ -244,55 +262,85 @@ fn set_mac(ns: &Netns, mac: &str) {
     ns.ip(&["link", "set", "dev", CLI_IF, "up"]);
 }
 
+/// Two namespaces joined by a veth pair, and the server child running in
+/// the first; all torn down on drop.
+struct Link {
+    dir: tempfile::TempDir,
+    cli: Netns,
+    log: PathBuf,
+    server: ServerOutput,
+    // Dropped last: the child before its namespace.
+    _child: ChildGuard,
+    _srv: Netns,
+}
+
+impl Link {
+    /// Set up the link and start the server child with `env`; returns once
+    /// its socket is bound.
+    fn up(env: &[(&str, &str)]) -> Link {
+        require_tool("ip", &["-V"], "iproute2");
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Netns::new();
+        let cli = Netns::new();
+        srv.ip(&[
+            "link", "add", SRV_IF, "type", "veth", "peer", "name", CLI_IF, "netns", &cli.0,
+        ]);
+        srv.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SRV_IF]);
+        srv.ip(&["link", "set", "dev", SRV_IF, "up"]);
+        set_mac(&cli, KNOWN_MAC);
+
+        let log: PathBuf = dir.path().join("server.log");
+        let mut child = srv
+            .command(std::env::current_exe().unwrap())
+            .args(["--exact", "server_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .env("LAB_DHCP_IFACE", SRV_IF)
+            .env("LAB_DHCP_SERVER", SERVER_IP)
+            .env("LAB_DHCP_MAC", KNOWN_MAC)
+            .env("LAB_DHCP_IP", KNOWN_IP)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn server child");
+        let stdout = child.stdout.take().unwrap();
+        let child = ChildGuard(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = ServerOutput {
+            lines: rx,
+            seen: Vec::new(),
+        };
+        server.wait_for("readiness", &log, |l| l.contains(READY));
+        Link {
+            dir,
+            cli,
+            log,
+            server,
+            _child: child,
+            _srv: srv,
+        }
+    }
+}
+
 #[test]
 fn known_mac_gets_address_unknown_gets_nothing() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    require_tool("ip", &["-V"], "iproute2");
     require_tool("busybox", &["udhcpc", "--help"], "busybox-static");
-
-    let dir = tempfile::tempdir().unwrap();
-    let srv = Netns::new();
-    let cli = Netns::new();
-    srv.ip(&[
-        "link", "add", SRV_IF, "type", "veth", "peer", "name", CLI_IF, "netns", &cli.0,
-    ]);
-    srv.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SRV_IF]);
-    srv.ip(&["link", "set", "dev", SRV_IF, "up"]);
-    set_mac(&cli, KNOWN_MAC);
-
-    let log: PathBuf = dir.path().join("server.log");
-    let mut child = srv
-        .command(std::env::current_exe().unwrap())
-        .args(["--exact", "server_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .env("LAB_DHCP_IFACE", SRV_IF)
-        .env("LAB_DHCP_SERVER", SERVER_IP)
-        .env("LAB_DHCP_MAC", KNOWN_MAC)
-        .env("LAB_DHCP_IP", KNOWN_IP)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn server child");
-    let stdout = child.stdout.take().unwrap();
-    let _child = ChildGuard(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut server = ServerOutput {
-        lines: rx,
-        seen: Vec::new(),
-    };
-    server.wait_for("readiness", &log, |l| l.contains(READY));
+    let mut link = Link::up(&[]);
+    let (dir, cli, log) = (&link.dir, &link.cli, link.log.clone());
+    let server = &mut link.server;
 
     // Known MAC: the static address, with mask, router and boot file.
-    let got = udhcpc(&cli, dir.path(), "known");
+    let got = udhcpc(cli, dir.path(), "known");
     let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         got.success,
@@ -313,8 +361,8 @@ fn known_mac_gets_address_unknown_gets_nothing() {
     }
 
     // Unknown MAC: no lease, and the server counted it.
-    set_mac(&cli, UNKNOWN_MAC);
-    let got = udhcpc(&cli, dir.path(), "unknown");
+    set_mac(cli, UNKNOWN_MAC);
+    let got = udhcpc(cli, dir.path(), "unknown");
     assert!(
         !got.success && got.lease.is_none(),
         "udhcpc got a lease for an unknown MAC: {:?}\n{}",
@@ -324,4 +372,123 @@ fn known_mac_gets_address_unknown_gets_nothing() {
     server.wait_for("an ignored unknown MAC", &log, |l| {
         l.starts_with(STATS) && !l.contains("ignored_unknown=0 ")
     });
+}
+
+/// A DISCOVER from a well-formed client whose option 94 (client network
+/// interface identifier, 3 bytes) has 1 byte: dhcproto 0.15
+/// `debug_assert!`s on it.
+fn discover_with_short_option_94() -> Vec<u8> {
+    let mut b = vec![0u8; 240];
+    b[0] = 1; // BOOTREQUEST
+    b[1] = 1; // Ethernet
+    b[2] = 6;
+    b[4..8].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    b[28..34].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x94]);
+    b[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    b.extend_from_slice(&[53, 1, 1, 94, 1, 1, 255]);
+    b.resize(300, 0);
+    b
+}
+
+/// The counter `name=N` of a stats line.
+fn counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+}
+
+#[test]
+fn malformed_option_94_flood_is_counted_and_logged_once() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    const FLOOD: u64 = 2000;
+    const BURST: u64 = 200;
+    // The agent's log level; one summary line per 2 s instead of 10 s to
+    // keep the test short.
+    let mut link = Link::up(&[
+        ("LAB_DHCP_FILTER", "info"),
+        ("LAB_DHCP_LOG_INTERVAL_MS", "2000"),
+    ]);
+    let (cli, log) = (&link.cli, link.log.clone());
+    let server = &mut link.server;
+    cli.ip(&["addr", "add", "198.18.0.2/24", "dev", CLI_IF]);
+    let log_before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+
+    // The sender joins the client namespace; it sends a burst when told.
+    let (go, bursts) = mpsc::channel::<u64>();
+    let (sent_tx, sent) = mpsc::channel::<()>();
+    let ns_file = std::fs::File::open(format!("/run/netns/{}", cli.0)).unwrap();
+    let sender = std::thread::spawn(move || {
+        nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let sock = std::net::UdpSocket::bind("198.18.0.2:68").unwrap();
+        let packet = discover_with_short_option_94();
+        for n in bursts {
+            for _ in 0..n {
+                sock.send_to(&packet, (SERVER_IP, 67)).unwrap();
+            }
+            sent_tx.send(()).unwrap();
+        }
+    });
+    let t = std::time::Instant::now();
+    let mut total = 0;
+    while total < FLOOD {
+        go.send(BURST).unwrap();
+        sent.recv().unwrap();
+        total += BURST;
+        server.wait_for(&format!("{total} malformed"), &log, |l| {
+            l.starts_with(STATS) && counter(l, "malformed") >= total
+        });
+    }
+    drop(go);
+    sender.join().unwrap();
+    let took = t.elapsed();
+    let stats = server.wait_for("the flood counted", &log, |l| {
+        l.starts_with(STATS) && counter(l, "malformed") == FLOOD
+    });
+    assert_eq!(counter(&stats, "received"), FLOOD, "{stats}");
+    if cfg!(debug_assertions) {
+        assert_eq!(counter(&stats, "decoder_panics"), FLOOD, "{stats}");
+    }
+    // The log: the first datagram, then a summary per 2 s with the count;
+    // the counts of all lines add up to the flood.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().skip(log_before).map(str::to_owned).collect();
+        let counted: u64 = lines
+            .iter()
+            .filter(|l| l.contains("malformed DHCP datagram"))
+            .map(|l| counter(l, "count"))
+            .sum();
+        if counted == FLOOD {
+            break lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log lines count {counted} of {FLOOD}:\n{}",
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "{FLOOD} malformed datagrams in {took:?}: {} log lines\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert!(lines.len() < 5, "{}", lines.join("\n"));
+    assert!(
+        !lines.iter().any(|l| l.contains("ERROR")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines[0].contains("dhcproto panicked") || !cfg!(debug_assertions),
+        "the first line names the reason: {}",
+        lines[0]
+    );
 }

@@ -1,13 +1,19 @@
 //! The HTTP boot server against a real client (`curl`, Debian package
 //! `curl`): whole downloads, HEAD, ranges, traversal and symlink escapes
-//! refused, per-host scripts rendered from the host table.
+//! refused, per-host scripts rendered from the host table; and its limits
+//! against hand-made clients: connection caps per client address and in
+//! all, the header, send and idle timeouts, a slow reader left alone.
+//! (The flood of a hostile lease holder against the whole agent binary is
+//! `boot_flood.rs`.)
 
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
 use lab_agent::assets::render::RenderConfig;
 use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable};
+use lab_agent::http::{HttpConfig, HttpServer, HttpStats};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 struct Server {
@@ -15,12 +21,20 @@ struct Server {
     hosts: HostTable,
     artifacts: PathBuf,
     tmp: tempfile::TempDir,
+    stats: Arc<HttpStats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+/// Larger than every socket buffer between server and client (sparse).
+const HUGE_LEN: u64 = 32 << 20;
+
 impl Server {
     async fn start() -> Server {
+        Self::start_with(HttpConfig::default()).await
+    }
+
+    async fn start_with(http: HttpConfig) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let artifacts = tmp.path().join("artifacts");
         std::fs::create_dir_all(artifacts.join("sub")).unwrap();
@@ -30,6 +44,10 @@ impl Server {
             .collect();
         std::fs::write(artifacts.join("blob.bin"), &blob).unwrap();
         std::fs::write(artifacts.join("sub/small.txt"), b"small\n").unwrap();
+        std::fs::File::create(artifacts.join("huge.bin"))
+            .unwrap()
+            .set_len(HUGE_LEN)
+            .unwrap();
         std::fs::write(tmp.path().join("secret"), b"outside").unwrap();
         std::os::unix::fs::symlink(tmp.path().join("secret"), artifacts.join("escape")).unwrap();
         std::os::unix::fs::symlink("/etc", artifacts.join("etc")).unwrap();
@@ -43,7 +61,7 @@ impl Server {
             profile: "xen".into(),
             lease: Some("L-1".into()),
         }]);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = lab_agent::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let config = RenderConfig {
             http_url: Some(base.clone()),
@@ -53,7 +71,9 @@ impl Server {
         let files = BootFiles::new(&assets, Some(&artifacts), hosts.clone(), config).unwrap();
         let source: Arc<dyn FileSource> = Arc::new(files);
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(lab_agent::http::serve(listener, source, async {
+        let server = HttpServer::new(listener, source, http).unwrap();
+        let stats = server.stats();
+        let task = tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
         Server {
@@ -61,9 +81,14 @@ impl Server {
             hosts,
             artifacts,
             tmp,
+            stats,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().unwrap()
     }
 
     async fn stop(mut self) {
@@ -291,6 +316,223 @@ async fn per_host_scripts_follow_the_host_table() {
         500
     );
     s.stop().await;
+}
+
+/// A connection to `s` from the loopback address `from`; `None` if the
+/// server reset it before `connect` returned (refused).
+async fn connect_from(s: &Server, from: &str) -> Option<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    match sock.connect(s.addr()).await {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+        Err(e) => panic!("connect from {from}: {e}"),
+    }
+}
+
+/// Whether the server has closed (or reset) `c`, waiting up to `wait` for
+/// it; a connection still open after that is not closed. Reads nothing the
+/// server might send (a test connection sends no request).
+async fn closed_within(c: &mut Option<tokio::net::TcpStream>, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Some(stream) = c else { return true };
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(wait, stream.read(&mut b)).await {
+        Err(_) => false,
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => panic!("unexpected bytes from the server"),
+    }
+}
+
+/// Poll the server's counters until `pred` holds (10 s at most).
+async fn wait_stats(
+    s: &Server,
+    what: &str,
+    pred: impl Fn(&lab_agent::http::HttpStatsSnapshot) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        let now = s.stats.snapshot();
+        if pred(&now) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_caps_are_closed_at_once() {
+    let s = Server::start_with(HttpConfig {
+        max_connections: 4,
+        max_connections_per_client: 2,
+        ..HttpConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.2"] {
+        held.push(connect_from(&s, from).await);
+    }
+    wait_stats(&s, "two held", |n| n.active == 2).await;
+    // A third from the same address: the per-client cap.
+    let mut third = connect_from(&s, "127.0.0.2").await;
+    wait_stats(&s, "per-client refusal", |n| n.refused_client == 1).await;
+    assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+    for from in ["127.0.0.3", "127.0.0.3"] {
+        held.push(connect_from(&s, from).await);
+    }
+    wait_stats(&s, "four held", |n| n.active == 4).await;
+    // A fifth client address: the global cap.
+    let mut fifth = connect_from(&s, "127.0.0.4").await;
+    wait_stats(&s, "global refusal", |n| n.refused_full == 1).await;
+    assert!(closed_within(&mut fifth, Duration::from_secs(5)).await);
+    for c in &mut held {
+        assert!(
+            !closed_within(c, Duration::from_millis(100)).await,
+            "a held connection was closed"
+        );
+    }
+    // A held connection is served.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let c = held[0].as_mut().unwrap();
+        c.write_all(
+            b"GET /artifacts/sub/small.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200") && out.ends_with(b"small\n"),
+            "{out:?}"
+        );
+    }
+    let n = s.stats.snapshot();
+    assert_eq!(
+        (n.accepted, n.refused_client, n.refused_full),
+        (4, 1, 1),
+        "{n:?}"
+    );
+    // Once the clients go, their slots are free again.
+    drop(held);
+    wait_stats(&s, "all released", |n| n.active == 0).await;
+    let r = curl(&s, "/artifacts/sub/small.txt", &[]).await;
+    assert_eq!(r.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_non_reading_clients_time_out_slow_readers_do_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start_with(HttpConfig {
+        header_timeout: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(2),
+        ..HttpConfig::default()
+    })
+    .await;
+    const GET_HUGE: &[u8] = b"GET /artifacts/huge.bin HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    // Connects and says nothing: the header timeout.
+    let t = Instant::now();
+    let mut silent = connect_from(&s, "127.0.0.2").await;
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    wait_stats(&s, "header timeout", |n| n.header_timeouts == 1).await;
+
+    // Asks for 32 MiB and reads 128 KiB every 400 ms for 6 s (three send
+    // timeouts): never cut; then reads the rest at full speed.
+    let mut slow = connect_from(&s, "127.0.0.3").await.unwrap();
+    slow.write_all(GET_HUGE).await.unwrap();
+    // Meanwhile another asks for it and never reads: cut after 2 s.
+    let mut stalled = connect_from(&s, "127.0.0.2").await.unwrap();
+    stalled.write_all(GET_HUGE).await.unwrap();
+    let t = Instant::now();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 128 * 1024];
+    while t.elapsed() < Duration::from_secs(6) {
+        slow.read_exact(&mut buf).await.unwrap();
+        got += buf.len() as u64;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let n = s.stats.snapshot();
+    assert_eq!(
+        n.send_timeouts, 1,
+        "the non-reader is cut, the slow reader is not: {n:?}"
+    );
+    let mut rest = Vec::new();
+    slow.read_to_end(&mut rest)
+        .await
+        .unwrap_or_else(|e| panic!("slow reader cut after {got} bytes: {e}"));
+    // (Connection stays open after the body: read_to_end ends at the
+    // idle timeout; what matters is that the whole body arrived.)
+    let total = got + rest.len() as u64;
+    let headers = total - HUGE_LEN;
+    assert!(
+        headers > 50 && headers < 1024,
+        "{total} bytes for {HUGE_LEN}"
+    );
+    // The non-reader finds its connection closed short of the file.
+    let mut partial = Vec::new();
+    let _ = stalled.read_to_end(&mut partial).await;
+    assert!(
+        (partial.len() as u64) < HUGE_LEN,
+        "the non-reader got everything"
+    );
+    s.stop().await;
+}
+
+/// A source whose files take 10 s to open (a hung file system).
+struct Hung;
+
+impl FileSource for Hung {
+    fn open(
+        &self,
+        _path: &str,
+        _client: Option<std::net::IpAddr>,
+    ) -> Result<lab_agent::assets::Content, lab_agent::assets::OpenError> {
+        std::thread::sleep(Duration::from_secs(10));
+        Err(lab_agent::assets::OpenError::NotFound)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_where_nothing_moves_ends_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = lab_agent::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new(
+        listener,
+        Arc::new(Hung),
+        HttpConfig {
+            idle_timeout: Duration::from_secs(2),
+            ..HttpConfig::default()
+        },
+    )
+    .unwrap();
+    let stats = server.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run_until(async {
+        let _ = stopped.await;
+    }));
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t = Instant::now();
+    c.write_all(b"GET /anything HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), c.read_to_end(&mut out)).await;
+    let took = t.elapsed();
+    assert!(out.is_empty(), "{out:?}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let n = stats.snapshot();
+    assert_eq!((n.idle_timeouts, n.active), (1, 0), "{n:?}");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
 }
 
 /// End to end: QEMU's iPXE ROM (BIOS, TCG) fetches the per-host script,

@@ -515,3 +515,149 @@ fn error_code_busy() -> Packet {
         message: "server busy".into(),
     }
 }
+
+/// Poll the counters until `pred` holds (10 s at most).
+async fn wait_stats(
+    fx: &Fixture,
+    what: &str,
+    pred: impl Fn(&lab_agent::tftp::TftpStatsSnapshot) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        let s = fx.stats.snapshot();
+        if pred(&s) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retransmitted_request_does_not_start_a_second_transfer() {
+    let fx = start(TftpConfig::default()).await;
+    let sock = client().await;
+    let req = rrq(SMALL.0, &[]);
+    let (p, tid) = exchange(&sock, fx.addr, &req).await;
+    assert!(matches!(p, Packet::Data { block: 1, .. }), "{p:?}");
+    // The client thinks its request was lost and sends it again, twice.
+    sock.send_to(&req, fx.addr).await.unwrap();
+    sock.send_to(&req, fx.addr).await.unwrap();
+    wait_stats(&fx, "duplicates counted", |s| s.duplicates == 2).await;
+    // Only the first transfer answers: its retransmission of DATA 1 after
+    // the 1 s timeout, from the same port; nothing from anywhere else.
+    let (p, from) = recv(&sock).await;
+    assert!(matches!(p, Packet::Data { block: 1, .. }), "{p:?}");
+    assert_eq!(from, tid, "a second transfer answered");
+    let s = fx.stats.snapshot();
+    assert_eq!((s.requests, s.duplicates, s.active), (3, 2, 1), "{s:?}");
+    // It completes; then the same request from the same port is a new
+    // transfer (the slot was released with the first).
+    sock.send_to(&Packet::Ack { block: 1 }.encode(), tid)
+        .await
+        .unwrap();
+    wait_stats(&fx, "completed", |s| s.completed == 1 && s.active == 0).await;
+    let (p, tid2) = exchange(&sock, fx.addr, &req).await;
+    assert!(matches!(p, Packet::Data { block: 1, .. }), "{p:?}");
+    assert_ne!(tid2, tid);
+    // A different request from the same port while that one runs is not a
+    // retransmission: it gets its own transfer.
+    let (p, tid3) = exchange(&sock, fx.addr, &rrq(EXACT.0, &[])).await;
+    assert!(matches!(p, Packet::Data { block: 1, .. }), "{p:?}");
+    assert_ne!(tid3, tid2);
+    let s = fx.stats.snapshot();
+    assert_eq!((s.duplicates, s.active), (2, 2), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_client_cap_and_a_refused_timeout_option() {
+    let fx = start(TftpConfig {
+        max_transfers_per_client: 2,
+        ..TftpConfig::default()
+    })
+    .await;
+    let from = |ip: &'static str| async move { UdpSocket::bind(format!("{ip}:0")).await.unwrap() };
+    // Two transfers for 127.0.0.2, never acknowledged; a third is refused.
+    let (a, b, c) = (
+        from("127.0.0.2").await,
+        from("127.0.0.2").await,
+        from("127.0.0.2").await,
+    );
+    for s in [&a, &b] {
+        let (p, _) = exchange(
+            s,
+            fx.addr,
+            &rrq(EXACT.0, &[("timeout", "255"), ("tsize", "0")]),
+        )
+        .await;
+        // timeout=255 is left out of the OACK (max_timeout is 5 s); tsize is kept.
+        assert_eq!(
+            p,
+            Packet::Oack {
+                options: vec![TftpOption::new("tsize", EXACT.1)]
+            }
+        );
+    }
+    let (p, _) = exchange(&c, fx.addr, &rrq(SMALL.0, &[])).await;
+    assert_eq!(p, error_code_busy());
+    // Another client address is served meanwhile, with curl.
+    let out = fx.out("other");
+    let (code, err) = curl(&["-o", out.to_str().unwrap(), &fx.url(SMALL.0)]).await;
+    assert_eq!(code, 0, "{err}");
+    let s = fx.stats.snapshot();
+    assert_eq!((s.client_busy, s.busy, s.completed), (1, 0, 1), "{s:?}");
+    // The silent transfers end after (retries + 1) x 1 s, the default
+    // timeout: the client's 255 s was not granted.
+    let t = Instant::now();
+    wait_stats(&fx, "silent transfers given up", |s| {
+        s.failed == 2 && s.active == 0
+    })
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
+    let (p, _) = exchange(&c, fx.addr, &rrq(SMALL.0, &[])).await;
+    assert!(matches!(p, Packet::Data { block: 1, .. }), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_acks_just_in_time_meets_the_overall_deadline() {
+    // 2 s plus 20 KiB at 1 MiB/s: ~2 s for this 20 KiB file.
+    let fx = start(TftpConfig {
+        deadline_floor: Duration::from_secs(2),
+        min_rate: 1 << 20,
+        ..TftpConfig::default()
+    })
+    .await;
+    let sock = client().await;
+    let (mut p, tid) = exchange(&sock, fx.addr, &rrq(EXACT.0, &[])).await;
+    let t = Instant::now();
+    // ACK each block after 600 ms: below the 1 s retransmit timeout, so the
+    // transfer never times out, but 41 blocks would take 25 s.
+    let err = loop {
+        match p {
+            Packet::Data { block, .. } => {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                p = exchange(&sock, tid, &Packet::Ack { block }.encode())
+                    .await
+                    .0;
+            }
+            other => break other,
+        }
+    };
+    let took = t.elapsed();
+    assert_eq!(
+        err,
+        Packet::Error {
+            code: ErrorCode::NotDefined,
+            message: "transfer too slow".into()
+        }
+    );
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    wait_stats(&fx, "deadline counted", |s| {
+        s.deadline_exceeded == 1 && s.failed == 1 && s.active == 0
+    })
+    .await;
+    assert_eq!(fx.stats.snapshot().retransmits, 0);
+}

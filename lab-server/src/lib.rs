@@ -1,23 +1,30 @@
 //! `lab-server`: the lab's control plane.
 //!
 //! A tour, from the wire inwards:
-//! - [`grpc`]: thin tonic handlers for `lab.v1` (plus health and reflection);
-//!   errors become statuses in `grpc::status` only.
+//! - [`grpc`]: thin tonic handlers for `lab.v1` (plus health and reflection)
+//!   and the `AgentService.Attach` adapter (`grpc/agent.rs`); requests are
+//!   converted in `grpc::convert`, domain errors become statuses in
+//!   `grpc::status` only. Nothing outside `grpc` knows tonic or `lab.v1`
+//!   (besides `main.rs`, which serves).
 //! - [`auth`]: bearer tokens → principal and role.
 //! - [`core`]: the actor that owns all state, batches requests into one
-//!   durable commit, enforces TTLs and runs the queue.
+//!   durable commit, enforces TTLs and runs the queue; the clock; the
+//!   reclaim hook; `core::policy`, every "who may do what" rule.
+//! - [`racks`]: the rack registry — one link per rack agent, the desired
+//!   state pushed down it, reports (reachability, provisioning), commands
+//!   (power, consoles, console logs) and the agents' reclaim step.
 //! - [`lease`]: the pure lease/host state machines and the grant rule.
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`events`], [`types`]: the event record; typed ids.
 #![forbid(unsafe_code)]
 
-pub mod agents;
 pub mod auth;
 pub mod core;
 pub mod events;
 pub mod grpc;
 pub mod inventory;
 pub mod lease;
+pub mod racks;
 pub mod store;
 pub mod types;

@@ -8,12 +8,12 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use lab_server::agents::Agents;
 use lab_server::auth::{self, Authenticator};
 use lab_server::core::clock::TokioClock;
 use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
+use lab_server::racks::RackRegistry;
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
 use std::net::SocketAddr;
@@ -175,21 +175,15 @@ async fn run(args: Args) -> Result<()> {
         bail!("--max-ttl must not exceed --max-lifetime");
     }
     let mut config = CoreConfig::new(args.inventory.clone());
-    config.default_ttl = args.default_ttl;
     config.max_ttl = args.max_ttl;
     config.max_lifetime = args.max_lifetime;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
-    let agents = Agents::new();
-    let (core, actor) = Core::start(
-        config,
-        Arc::new(store),
-        inventory,
-        agents.reclaimer(),
-        Arc::new(TokioClock::new()),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let clock = Arc::new(TokioClock::new());
+    let racks = RackRegistry::new(clock.clone());
+    let (core, actor) = Core::start(config, Arc::new(store), inventory, racks.reclaimer(), clock)
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
 
     // SIGHUP: reload the inventory and the tokens file; keep the last good
     // one of each on error.
@@ -255,7 +249,7 @@ async fn run(args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
     println!("lab-server listening on {addr}");
-    let api = Api::with_agents(core, auth, args.default_ttl, agents);
+    let api = Api::with_racks(core, auth, args.default_ttl, racks);
     // Graceful shutdown waits for open streams (waiting acquires, event
     // watchers) only so long: every acknowledged change is already durable,
     // and waiting clients see the connection end and may retry.

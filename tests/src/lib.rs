@@ -11,13 +11,13 @@ use lab_proto::v1::admin_service_client::AdminServiceClient;
 use lab_proto::v1::event_service_client::EventServiceClient;
 use lab_proto::v1::host_service_client::HostServiceClient;
 use lab_proto::v1::lease_service_client::LeaseServiceClient;
-use lab_server::agents::Agents;
 use lab_server::auth::{Authenticator, digest};
 use lab_server::core::clock::TokioClock;
 use lab_server::core::reclaim::Immediate;
 use lab_server::core::{Core, CoreConfig};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
+use lab_server::racks::RackRegistry;
 use lab_server::store::redb::RedbStore;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -183,31 +183,25 @@ impl InProcessServer {
         std::fs::write(&inv_path, text)?;
         let inventory = Inventory::load(&inv_path)?;
         let store = RedbStore::open(&dir.path().join("lab.redb"))?;
-        let mut config = CoreConfig::new(inv_path);
-        config.default_ttl = opts.default_ttl;
-        let agents = Agents::new();
+        let config = CoreConfig::new(inv_path);
+        let clock = Arc::new(TokioClock::new());
+        let racks = RackRegistry::new(clock.clone());
         let reclaimer: Arc<dyn lab_server::core::reclaim::Reclaimer> = if opts.agents {
-            agents.reclaimer()
+            racks.reclaimer()
         } else {
             Arc::new(Immediate)
         };
-        let (core, _actor) = Core::start(
-            config,
-            Arc::new(store),
-            inventory,
-            reclaimer,
-            Arc::new(TokioClock::new()),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (core, _actor) = Core::start(config, Arc::new(store), inventory, reclaimer, clock)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let api = Api::with_agents(
+        let api = Api::with_racks(
             core.clone(),
             Arc::new(std::sync::RwLock::new(opts.auth)),
             opts.default_ttl,
-            agents,
+            racks,
         );
         let task = tokio::spawn(async move {
             if let Err(e) = grpc::serve(listener, api, async {

@@ -55,7 +55,8 @@ type Bmcs = Arc<Mutex<HashMap<String, Arc<SimPower>>>>;
 fn sim_factory(bmcs: Bmcs) -> PowerFactory {
     Arc::new(move |host, bmc| {
         assert_eq!(
-            bmc.password, b"secret-pw",
+            bmc.password.expose(),
+            b"secret-pw",
             "the agent gets the BMC password"
         );
         let sim = bmcs

@@ -2,6 +2,7 @@
 //! file names and the per-host script URL template.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 /// How the agent takes part in DHCP on its rack's link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct DhcpConfig {
     /// Send iPXE's encapsulated option 175.176 = 1 (no-pxedhcp) so iPXE
     /// does not wait ~3 s for a ProxyDHCP reply. Authoritative mode only.
     pub ipxe_no_pxedhcp: bool,
+    /// One log line per this interval for a flood of malformed datagrams.
+    pub log_interval: Duration,
 }
 
 impl DhcpConfig {
@@ -83,6 +86,7 @@ impl DhcpConfig {
             },
             script_url_template: "tftp://{next_server}/hosts/{mac}.ipxe".to_owned(),
             ipxe_no_pxedhcp: true,
+            log_interval: crate::ratelimit::DEFAULT_LOG_INTERVAL,
         }
     }
 

@@ -30,4 +30,4 @@ pub mod server;
 pub use config::{BootFiles, DhcpConfig, Mode};
 pub use decide::{ClientKind, Decision, IgnoreReason, decide};
 pub use packet::{Arrival, Request};
-pub use server::{DhcpServer, DhcpStats};
+pub use server::{DhcpServer, DhcpStats, DhcpStatsSnapshot};

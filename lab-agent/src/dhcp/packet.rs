@@ -4,13 +4,21 @@
 //! dhcproto 0.15 has `debug_assert!`s (option 94 must be 3 bytes, …) and
 //! unchecked subtractions in its option decoder, so a malformed packet can
 //! panic it in debug builds. [`Request::decode`] runs the decoder under
-//! `catch_unwind` and turns a panic into [`DecodeError::Panicked`].
+//! `catch_unwind` and turns a panic into [`DecodeError::Panicked`], which
+//! carries the panic's message. Such a panic is expected and handled, so it
+//! must not reach the process's panic hook (the default one prints it to
+//! stderr, the agent's logs it as an error: a line per packet for a flood):
+//! the first guarded decode installs, once per process, a hook in front of
+//! the existing one that keeps the message of a panic raised inside the
+//! guard on that thread and hands every other panic to the previous hook.
 //!
 //! dhcproto keeps only the first architecture of option 93; we read the
 //! whole list from the raw bytes ourselves ([`raw_option`]).
 
+use std::cell::{Cell, RefCell};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
 
 use dhcproto::v4::{self, Message};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
@@ -38,8 +46,8 @@ pub enum DecodeError {
     NoMagic,
     #[error("dhcproto rejected the message")]
     Invalid(#[source] dhcproto::error::DecodeError),
-    #[error("dhcproto panicked while decoding the message")]
-    Panicked,
+    #[error("dhcproto panicked while decoding the message: {message}")]
+    Panicked { message: String },
     #[error("not a BOOTREQUEST or no Ethernet hardware address")]
     NotEthernetRequest,
     #[error("client hardware address is multicast or all zeros")]
@@ -80,11 +88,9 @@ impl Request {
         if bytes[236..OPTIONS_OFFSET] != MAGIC {
             return Err(DecodeError::NoMagic);
         }
-        let msg = catch_unwind(AssertUnwindSafe(|| {
-            Message::decode(&mut Decoder::new(bytes))
-        }))
-        .map_err(|_| DecodeError::Panicked)?
-        .map_err(DecodeError::Invalid)?;
+        let msg = guarded(|| Message::decode(&mut Decoder::new(bytes)))
+            .map_err(|message| DecodeError::Panicked { message })?
+            .map_err(DecodeError::Invalid)?;
         if msg.opcode() != v4::Opcode::BootRequest || msg.hlen() != 6 {
             return Err(DecodeError::NotEthernetRequest);
         }
@@ -140,6 +146,42 @@ impl Request {
             _ => None,
         }
     }
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs its closure on this thread.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+    /// What the last panic inside [`guarded`] on this thread said.
+    static CAUGHT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, turning a panic into `Err(message)` without the panic hook
+/// seeing it (see the module docs).
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(Cell::get) {
+                let what = info.payload_as_str().unwrap_or("(no message)");
+                let message = match info.location() {
+                    Some(at) => format!("{what} at {at}"),
+                    None => what.to_owned(),
+                };
+                CAUGHT.with(|c| *c.borrow_mut() = Some(message));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(false));
+    r.map_err(|_| {
+        CAUGHT
+            .with(|c| c.borrow_mut().take())
+            .unwrap_or_else(|| "(no message)".to_owned())
+    })
 }
 
 /// The value of option `code` in a raw BOOTP message, with RFC 3396
@@ -206,7 +248,24 @@ mod tests {
         let b = with_options(&[53, 1, 1, 94, 1, 1, 255]);
         let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
         // Whatever the build profile, no panic escapes.
-        let _ = Request::decode(&b, src, Arrival::Dhcp);
+        let r = Request::decode(&b, src, Arrival::Dhcp);
+        if cfg!(debug_assertions) {
+            let Err(DecodeError::Panicked { message }) = r else {
+                panic!("{r:?}")
+            };
+            assert!(message.contains("dhcproto"), "{message}");
+        }
+    }
+
+    #[test]
+    fn guarded_panics_come_back_with_their_message() {
+        let r: Result<(), String> = guarded(|| panic!("boom {}", 7));
+        let message = r.unwrap_err();
+        assert!(message.starts_with("boom 7 at "), "{message}");
+        assert!(message.contains("packet.rs"), "{message}");
+        assert_eq!(guarded(|| 5), Ok(5));
+        // (That the process's hook does not see them is shown by the
+        // process test in tests/dhcp_netns.rs, with the agent's hook.)
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! on `0.0.0.0:4011`. Each datagram is decoded ([`Request::decode`], which
 //! never panics), decided ([`decide`]) and the reply sent from the socket it
 //! came in on. Counters live in [`DhcpStats`].
+//!
+//! A datagram that does not decode (too short, no magic cookie, refused by
+//! dhcproto, a dhcproto panic) is dropped and counted. The first one is
+//! logged with its reason, then at most one line per
+//! [`DhcpConfig::log_interval`] with the count since the previous line
+//! (a [`LogLimiter`]): a flood of malformed packets costs two log lines, not
+//! one per packet.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -16,8 +23,9 @@ use tracing::{debug, info, warn};
 
 use super::config::{DhcpConfig, Mode};
 use super::decide::{Decision, IgnoreReason, decide};
-use super::packet::{self, Arrival, DHCP_SERVER_PORT, PXE_PORT, Request};
+use super::packet::{self, Arrival, DHCP_SERVER_PORT, DecodeError, PXE_PORT, Request};
 use crate::hosts::HostTable;
+use crate::ratelimit::LogLimiter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -49,8 +57,22 @@ pub struct DhcpStats {
     pub ignored_other: AtomicU64,
     /// Datagrams that did not decode (including decoder panics).
     pub malformed: AtomicU64,
+    /// Of `malformed`: those that made dhcproto panic (debug builds).
+    pub decoder_panics: AtomicU64,
     /// Replies that could not be encoded or sent.
     pub send_errors: AtomicU64,
+}
+
+/// A copy of the counters at one moment (fields as in [`DhcpStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DhcpStatsSnapshot {
+    pub received: u64,
+    pub replied: u64,
+    pub ignored_unknown: u64,
+    pub ignored_other: u64,
+    pub malformed: u64,
+    pub decoder_panics: u64,
+    pub send_errors: u64,
 }
 
 impl DhcpStats {
@@ -58,18 +80,17 @@ impl DhcpStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A plain copy of the counters (received, replied, ignored_unknown,
-    /// ignored_other, malformed, send_errors).
-    pub fn snapshot(&self) -> [u64; 6] {
-        [
-            &self.received,
-            &self.replied,
-            &self.ignored_unknown,
-            &self.ignored_other,
-            &self.malformed,
-            &self.send_errors,
-        ]
-        .map(|c| c.load(Ordering::Relaxed))
+    pub fn snapshot(&self) -> DhcpStatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DhcpStatsSnapshot {
+            received: g(&self.received),
+            replied: g(&self.replied),
+            ignored_unknown: g(&self.ignored_unknown),
+            ignored_other: g(&self.ignored_other),
+            malformed: g(&self.malformed),
+            decoder_panics: g(&self.decoder_panics),
+            send_errors: g(&self.send_errors),
+        }
     }
 }
 
@@ -80,6 +101,7 @@ pub struct DhcpServer {
     cfg: Arc<DhcpConfig>,
     hosts: HostTable,
     stats: Arc<DhcpStats>,
+    malformed_log: LogLimiter,
     dhcp: UdpSocket,
     pxe: Option<UdpSocket>,
 }
@@ -95,6 +117,7 @@ impl DhcpServer {
             Mode::Authoritative => None,
         };
         Ok(Self {
+            malformed_log: LogLimiter::new(cfg.log_interval),
             cfg: Arc::new(cfg),
             hosts,
             stats: Arc::default(),
@@ -117,8 +140,16 @@ impl DhcpServer {
         );
         let mut buf67 = vec![0u8; 1500];
         let mut buf4011 = vec![0u8; 1500];
+        let mut tick = tokio::time::interval(self.cfg.log_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (sock, arrival, len, src) = tokio::select! {
+                _ = tick.tick() => {
+                    if let Some(count) = self.malformed_log.flush() {
+                        warn!(count, "malformed DHCP datagrams dropped");
+                    }
+                    continue;
+                }
                 r = self.dhcp.recv_from(&mut buf67) => {
                     let (len, src) = r.map_err(|source| ServerError::Recv { port: DHCP_SERVER_PORT, source })?;
                     (&self.dhcp, Arrival::Dhcp, len, src)
@@ -147,7 +178,12 @@ impl DhcpServer {
             Ok(r) => r,
             Err(e) => {
                 DhcpStats::bump(&stats.malformed);
-                debug!(%src, error = %e, "dropped malformed DHCP datagram");
+                if matches!(e, DecodeError::Panicked { .. }) {
+                    DhcpStats::bump(&stats.decoder_panics);
+                }
+                if let Some(count) = self.malformed_log.check() {
+                    warn!(%src, error = %e, count, "malformed DHCP datagram dropped");
+                }
                 return;
             }
         };

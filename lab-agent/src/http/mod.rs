@@ -9,12 +9,21 @@
 //! the source, so `%2e%2e/` meets the same confinement as `../`. Files are
 //! streamed in 64 KiB chunks, never read whole into memory.
 //!
+//! Every client is on a network where lease holders have root, so the
+//! server bounds what one client can hold: connections in all and per IP
+//! address, header, idle and send timeouts, and a back-off when `accept`
+//! fails ([`HttpConfig`], counted in [`HttpStats`]).
+//!
 //! - [`request`]: pure decisions (path decoding, range parsing).
-//! - [`server`]: the socket loop on hyper ([`serve`]).
+//! - [`watch`]: the progress watchdog of one connection.
+//! - [`server`]: the socket loop on hyper ([`HttpServer`], [`serve`]).
 //!
 //! [`FileSource`]: crate::assets::FileSource
 
 pub mod request;
 pub mod server;
+pub mod watch;
 
-pub use server::serve;
+pub use server::{
+    HttpConfig, HttpError, HttpServer, HttpStats, HttpStatsSnapshot, LISTEN_BACKLOG, bind, serve,
+};

@@ -1,113 +1,36 @@
-//! The async RMCP+ client. [`IpmiClient::connect`] runs the session
-//! handshake (cipher suite choice, Open Session, RAKP 1–4, Set Session
-//! Privilege Level); afterwards each method is one command. A single task
-//! owns the UDP socket and the session state: it numbers, seals and sends
-//! each request, retransmits with backoff, matches replies and hands them
-//! back over a `oneshot`. Requests to one BMC are serialized and spaced.
+//! The async RMCP+ client. [`IpmiClient::connect`] chooses the cipher
+//! suite and runs the session handshake ([`super::session`]: Open Session,
+//! RAKP 1–4), then Set Session Privilege Level; afterwards each method is
+//! one command. A single task owns the UDP socket and the session state: it
+//! numbers, seals and sends each request, retransmits with backoff, matches
+//! replies and hands them back over a `oneshot`. Requests to one BMC are
+//! serialized and spaced.
+//!
+//! A `Payload` (Serial-over-LAN: the `ipmi::sol` stream) can ride on the session:
+//! the task hands it the BMC's packets of its type, sends what it produces
+//! and keeps the session alive for it. The client knows nothing of SOL.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 use super::commands::{
     self, BootDevice, BootFlags, CC_NODE_BUSY, ChassisControl, ChassisStatus, CloseSession,
-    Command, CommandError, GetChannelCipherSuites, GetChassisStatus, GetSystemBootOptions,
-    PowerAction, SetSessionPrivilege, SetSystemBootOptions,
+    Command, DeactivatePayload, GetChannelCipherSuites, GetChassisStatus, GetPayloadInstanceInfo,
+    GetSystemBootOptions, PowerAction, SetSessionPrivilege, SetSystemBootOptions,
 };
-use super::crypto::{self, CipherSuite, RakpParams, SessionKeys};
+use super::crypto::{CipherSuite, SessionKeys};
+use super::error::IpmiError;
 use super::packet::{
-    IpmiRequest, IpmiResponse, OpenSessionRequest, OpenSessionResponse, Packet, PacketError,
-    PayloadType, Privilege, Rakp1, Rakp2, Rakp3, Rakp4, decode_packet, encode_packet,
+    IpmiRequest, IpmiResponse, Packet, PayloadType, Privilege, decode_packet, encode_packet,
 };
-use super::sol::{
-    DeactivatePayload, GetPayloadInstanceInfo, SolBuffers, SolFailure, SolOptions, SolPacket,
-    SolShared, SolState,
-};
+use super::session::{Handshake, Randoms, Request, usable_suites};
 
 pub use lab_types::Secret;
-
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum IpmiError {
-    /// Socket setup or I/O failed.
-    #[error("UDP socket to {endpoint}")]
-    Io {
-        endpoint: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// No reply after all retransmissions.
-    #[error("{what}: no reply from {endpoint} after {attempts} attempt(s)")]
-    Timeout {
-        endpoint: SocketAddr,
-        what: &'static str,
-        attempts: u32,
-    },
-    /// Encoding a packet failed.
-    #[error("encoding {what}")]
-    Encode {
-        what: &'static str,
-        #[source]
-        source: PacketError,
-    },
-    /// The BMC refused every cipher suite we offered.
-    #[error(
-        "{endpoint} accepted none of the cipher suites {offered:?} (last RMCP+ status {status:#04x})"
-    )]
-    NoCipherSuite {
-        endpoint: SocketAddr,
-        offered: Vec<u8>,
-        status: u8,
-    },
-    /// A session setup step returned an RMCP+ error status.
-    #[error("{step} rejected by {endpoint} with RMCP+ status {status:#04x}")]
-    Rejected {
-        endpoint: SocketAddr,
-        step: &'static str,
-        status: u8,
-    },
-    /// The BMC's RAKP 2 code does not match the password (wrong password or user).
-    #[error("RAKP 2 from {endpoint} does not authenticate: wrong user or password")]
-    BadRakp2 { endpoint: SocketAddr },
-    /// RAKP 4's integrity check value does not match.
-    #[error("RAKP 4 from {endpoint} has a wrong integrity check value")]
-    BadRakp4 { endpoint: SocketAddr },
-    /// A command completed with a non-zero completion code.
-    #[error("{command} on {endpoint}: completion code {code:#04x}")]
-    Completion {
-        endpoint: SocketAddr,
-        command: &'static str,
-        code: u8,
-    },
-    /// A command's response data did not parse.
-    #[error("{endpoint}: bad response")]
-    Response {
-        endpoint: SocketAddr,
-        #[source]
-        source: CommandError,
-    },
-    /// The outcome of a power action is unknown (no reply) and the re-read
-    /// state does not confirm it. It was not resent.
-    #[error("{action:?} on {endpoint}: no reply; power is now {}", if *.power_on { "on" } else { "off" })]
-    PowerUnconfirmed {
-        endpoint: SocketAddr,
-        action: PowerAction,
-        power_on: bool,
-    },
-    /// IPMI user names are at most 16 bytes.
-    #[error("user name of {len} bytes is longer than IPMI's 16")]
-    UserTooLong { len: usize },
-    /// Random numbers unavailable.
-    #[error("no random numbers for the session")]
-    Random,
-    /// The socket task has stopped.
-    #[error("session task for {endpoint} has stopped")]
-    Closed { endpoint: SocketAddr },
-}
 
 /// Connection options. Defaults follow ipmitool: 1 s timeout, 4 retries.
 #[derive(Clone, Debug)]
@@ -144,6 +67,61 @@ impl Default for ConnectOptions {
             min_gap: Duration::from_millis(5),
         }
     }
+}
+
+/// How a [`Payload`] keeps its session alive: when no IPMI request went out
+/// for `every`, Get Payload Instance Info is sent (`attempts` transmissions,
+/// the first reply awaited `timeout`); no answer ends the payload, and so
+/// does an answer naming another session as the payload's holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Keepalive {
+    pub every: Duration,
+    pub attempts: u32,
+    pub timeout: Duration,
+}
+
+/// Why the session stopped carrying a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PayloadEnd {
+    /// The session is going away (a clean end).
+    Closed,
+    /// The session keepalive got no answer.
+    Keepalive,
+    /// Another session holds the payload now.
+    TakenOver { holder: u32 },
+}
+
+/// What a [`Payload`] has to send.
+#[derive(Debug)]
+pub(crate) enum Transmit {
+    /// This payload, now.
+    Send(Vec<u8>),
+    /// Nothing now (ask again at [`Payload::next_deadline`] or on a wake-up).
+    Idle,
+    /// The payload failed and has ended.
+    Ended,
+}
+
+/// A payload other than IPMI messages riding on this session (the SOL
+/// stream): the request task hands it the authenticated packets of its
+/// type, sends what it produces, keeps the session alive for it and ends it.
+/// Its methods never block.
+pub(crate) trait Payload: Send {
+    /// The payload type of its packets.
+    fn payload_type(&self) -> PayloadType;
+    /// Notified when the payload's other side has something new (data to
+    /// send, room to read, a break, the stream dropped).
+    fn wakeup(&self) -> Arc<Notify>;
+    fn keepalive(&self) -> Keepalive;
+    /// When [`Payload::transmit`] should be called again without new input.
+    fn next_deadline(&self) -> Option<Instant>;
+    /// A packet of the payload from the BMC; false once the payload ended
+    /// (the BMC deactivated it).
+    fn receive(&mut self, payload: &[u8], now: Instant) -> bool;
+    /// The next packet to send.
+    fn transmit(&mut self, now: Instant) -> Transmit;
+    /// The session stops carrying it.
+    fn end(&mut self, why: PayloadEnd);
 }
 
 /// What a job sends and how its reply is recognised.
@@ -190,20 +168,19 @@ enum Job {
         console_session_id: u32,
         bmc_session_id: u32,
     },
-    /// Route SOL packets to `shared` from now on.
-    SolAttach {
-        shared: Arc<SolShared>,
-        options: SolOptions,
+    /// Route a payload's packets to it from now on.
+    Attach {
+        payload: Box<dyn Payload>,
         done: oneshot::Sender<()>,
     },
-    /// Stop routing SOL packets (before Deactivate Payload).
-    SolDetach { done: oneshot::Sender<()> },
+    /// Stop routing the payload's packets (before Deactivate Payload).
+    Detach { done: oneshot::Sender<()> },
 }
 
 /// Who waits for an exchange.
 enum Waiter {
     Caller(oneshot::Sender<Result<Reply, IpmiError>>),
-    /// The SOL session keepalive: a failure ends the SOL stream.
+    /// The payload's session keepalive: a failure ends the payload.
     Keepalive,
 }
 
@@ -221,15 +198,6 @@ struct Pending {
     waiter: Waiter,
 }
 
-/// SOL routed through this session.
-struct SolLink {
-    shared: Arc<SolShared>,
-    state: SolState,
-    keepalive: Duration,
-    keepalive_attempts: u32,
-    keepalive_timeout: Duration,
-}
-
 /// The socket-owning task's state.
 struct Actor {
     socket: UdpSocket,
@@ -242,15 +210,15 @@ struct Actor {
     min_gap: Duration,
     /// Last IPMI request sent (for `min_gap`).
     last_send: Option<Instant>,
-    /// Last IPMI request sent (for the SOL keepalive). SOL packets do not
-    /// count: ipmi_sim (and BMCs like it) time a session out after ~30 s
-    /// without an IPMI request, however busy its SOL payload is.
+    /// Last IPMI request sent (for the payload keepalive). Payload packets
+    /// do not count: ipmi_sim (and BMCs like it) time a session out after
+    /// ~30 s without an IPMI request, however busy its SOL payload is.
     last_any: Instant,
     pending: Option<Pending>,
-    sol: Option<SolLink>,
-    /// A SOL stream owns this session (attached and not detached by
+    payload: Option<Box<dyn Payload>>,
+    /// A payload owns this session (attached and not detached by its
     /// `close`): when its handle goes, the session is closed from here.
-    sol_owned: bool,
+    payload_owned: bool,
 }
 
 fn random<const N: usize>() -> Result<[u8; N], IpmiError> {
@@ -263,23 +231,23 @@ enum Event {
     Job(Option<Job>),
     Recv(std::io::Result<usize>),
     Timer,
-    SolWake,
+    PayloadWake,
 }
 
 impl Actor {
     /// The event loop: jobs (one exchange at a time), inbound packets
-    /// (replies and SOL), timers (retransmits, SOL resends, keepalive) and
-    /// the SOL stream's wake-ups.
+    /// (replies and payload), timers (retransmits, payload resends,
+    /// keepalive) and the payload's wake-ups.
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut buf = vec![0u8; 2048];
         loop {
             let wake = self.next_wake();
-            let sol = self.sol.as_ref().map(|l| l.shared.clone());
+            let wakeup = self.payload.as_ref().map(|p| p.wakeup());
             let event = tokio::select! {
                 job = rx.recv(), if self.pending.is_none() => Event::Job(job),
                 r = self.socket.recv(&mut buf) => Event::Recv(r),
                 _ = sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if wake.is_some() => Event::Timer,
-                _ = async { sol.as_ref().expect("guarded").notify.notified().await }, if sol.is_some() => Event::SolWake,
+                _ = async { wakeup.as_ref().expect("guarded").notified().await }, if wakeup.is_some() => Event::PayloadWake,
             };
             match event {
                 Event::Job(None) => break,
@@ -290,7 +258,7 @@ impl Actor {
                     tracing::debug!(endpoint = %self.endpoint, error = %e, "recv");
                     sleep(Duration::from_millis(10)).await;
                 }
-                Event::Timer | Event::SolWake => {}
+                Event::Timer | Event::PayloadWake => {}
             }
             self.drive().await;
         }
@@ -303,12 +271,12 @@ impl Actor {
         if let Some(p) = &self.pending {
             at(p.send_at.unwrap_or(p.deadline));
         }
-        if let Some(l) = &self.sol {
-            if let Some(d) = l.state.next_deadline() {
+        if let Some(p) = &self.payload {
+            if let Some(d) = p.next_deadline() {
                 at(d);
             }
             if self.pending.is_none() {
-                at(self.last_any + l.keepalive);
+                at(self.last_any + p.keepalive().every);
             }
         }
         t
@@ -332,24 +300,14 @@ impl Actor {
                 first_timeout,
                 reply,
             } => self.start(kind, attempts, first_timeout, Waiter::Caller(reply)),
-            Job::SolAttach {
-                shared,
-                options,
-                done,
-            } => {
-                self.sol = Some(SolLink {
-                    shared,
-                    keepalive: options.keepalive,
-                    keepalive_attempts: options.retries + 1,
-                    keepalive_timeout: options.retry_timeout,
-                    state: SolState::new(options),
-                });
-                self.sol_owned = true;
+            Job::Attach { payload, done } => {
+                self.payload = Some(payload);
+                self.payload_owned = true;
                 let _ = done.send(());
             }
-            Job::SolDetach { done } => {
-                self.sol = None;
-                self.sol_owned = false;
+            Job::Detach { done } => {
+                self.payload = None;
+                self.payload_owned = false;
                 let _ = done.send(());
             }
         }
@@ -385,28 +343,28 @@ impl Actor {
                         && holder != self.bmc_session_id
                         && holder != self.console_session_id
                     {
-                        tracing::warn!(endpoint = %self.endpoint, holder, "SOL taken over");
-                        self.end_sol(Some(SolFailure::TakenOver { holder }));
+                        tracing::warn!(endpoint = %self.endpoint, holder, "payload taken over by another session");
+                        self.end_payload(PayloadEnd::TakenOver { holder });
                     }
                 }
                 // Any answer means the session is alive.
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "SOL keepalive failed");
-                    self.end_sol(Some(SolFailure::Keepalive));
+                    tracing::warn!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "payload keepalive failed");
+                    self.end_payload(PayloadEnd::Keepalive);
                 }
             },
         }
     }
 
-    fn end_sol(&mut self, failure: Option<SolFailure>) {
-        if let Some(l) = self.sol.take() {
-            l.shared.buf.lock().expect("SOL buffers").finish(failure);
+    fn end_payload(&mut self, why: PayloadEnd) {
+        if let Some(mut p) = self.payload.take() {
+            p.end(why);
         }
     }
 
-    /// Decode once and dispatch: SOL to the link, IPMI to the pending
-    /// exchange; anything else is dropped.
+    /// Decode once and dispatch: the payload's packets to it, IPMI to the
+    /// pending exchange; anything else is dropped.
     fn inbound(&mut self, bytes: &[u8]) {
         let pkt = match decode_packet(bytes, self.keys.as_ref()) {
             Ok(p) => p,
@@ -415,8 +373,12 @@ impl Actor {
                 return;
             }
         };
-        if pkt.payload_type == PayloadType::Sol {
-            self.inbound_sol(&pkt);
+        if self
+            .payload
+            .as_ref()
+            .is_some_and(|p| p.payload_type() == pkt.payload_type)
+        {
+            self.inbound_payload(&pkt);
             return;
         }
         let Some(p) = &self.pending else {
@@ -427,36 +389,21 @@ impl Actor {
         }
     }
 
-    fn inbound_sol(&mut self, pkt: &Packet) {
-        let Some(link) = &mut self.sol else {
+    fn inbound_payload(&mut self, pkt: &Packet) {
+        let Some(p) = &mut self.payload else {
             return;
         };
         if self.keys.is_none() || pkt.session_id != self.console_session_id || !pkt.authenticated {
             return;
         }
-        let Ok(sol) = SolPacket::decode(&pkt.payload) else {
-            return;
-        };
-        let mut b = link.shared.buf.lock().expect("SOL buffers");
-        let room = b.rx_cap.saturating_sub(b.rx.len());
-        let got = link.state.receive(&sol, room, Instant::now());
-        if !got.data.is_empty() {
-            b.rx.extend(&got.data);
-        }
-        b.busy = link.state.busy();
-        b.wake_all();
-        drop(b);
-        if got.break_detected || got.trouble {
-            tracing::debug!(endpoint = %self.endpoint, status = sol.flags, "SOL status");
-        }
-        if got.deactivating {
-            tracing::info!(endpoint = %self.endpoint, "BMC deactivates SOL");
-            self.end_sol(None);
+        if !p.receive(&pkt.payload, Instant::now()) {
+            self.payload = None;
         }
     }
 
     /// Send whatever is due: the pending exchange's (re)transmission or its
-    /// timeout, SOL acks, data, resends, the keepalive.
+    /// timeout, the payload's packets (SOL acks, data, resends), the
+    /// keepalive.
     async fn drive(&mut self) {
         let now = Instant::now();
         if let Some(p) = &mut self.pending
@@ -481,10 +428,11 @@ impl Actor {
         {
             self.transmit_pending().await;
         }
-        self.drive_sol().await;
+        self.drive_payload().await;
+        let keepalive = self.payload.as_ref().map(|p| p.keepalive());
         if self.pending.is_none()
-            && let Some(l) = &self.sol
-            && now >= self.last_any + l.keepalive
+            && let Some(keepalive) = keepalive
+            && now >= self.last_any + keepalive.every
         {
             let kind = Kind::Ipmi {
                 what: GetPayloadInstanceInfo::NAME,
@@ -492,8 +440,12 @@ impl Actor {
                 cmd: GetPayloadInstanceInfo::CMD,
                 data: GetPayloadInstanceInfo.request_data(),
             };
-            let (attempts, timeout) = (l.keepalive_attempts, l.keepalive_timeout);
-            self.start(kind, attempts, timeout, Waiter::Keepalive);
+            self.start(
+                kind,
+                keepalive.attempts,
+                keepalive.timeout,
+                Waiter::Keepalive,
+            );
             self.transmit_pending().await;
         }
     }
@@ -532,54 +484,43 @@ impl Actor {
         r
     }
 
-    async fn drive_sol(&mut self) {
+    async fn drive_payload(&mut self) {
         loop {
-            let Some(link) = &mut self.sol else {
+            let Some(p) = &mut self.payload else {
                 return;
             };
-            let r = {
-                let mut b = link.shared.buf.lock().expect("SOL buffers");
-                let before = b.tx.len();
-                let max_chunk = b.max_chunk;
-                let SolBuffers { tx, brk, .. } = &mut *b;
-                let r = link.state.poll_transmit(Instant::now(), tx, brk, max_chunk);
-                b.busy = link.state.busy();
-                if (b.tx.len() != before || !b.busy)
-                    && let Some(w) = b.tx_waker.take()
-                {
-                    w.wake();
-                }
-                r
-            };
-            match r {
-                Ok(Some(pkt)) => {
-                    if let Err(e) = self.send_sol(&pkt).await {
-                        tracing::debug!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "SOL send");
+            match p.transmit(Instant::now()) {
+                Transmit::Send(bytes) => {
+                    if let Err(e) = self.send_payload(&bytes).await {
+                        tracing::debug!(endpoint = %self.endpoint, error = %crate::error_chain(&e), "payload send");
                     }
                 }
-                Ok(None) => return,
-                Err(f) => {
-                    tracing::warn!(endpoint = %self.endpoint, error = %f, "SOL failed");
-                    self.end_sol(Some(f));
+                Transmit::Idle => return,
+                Transmit::Ended => {
+                    self.payload = None;
                     return;
                 }
             }
         }
     }
 
-    async fn send_sol(&mut self, pkt: &SolPacket) -> Result<(), IpmiError> {
+    async fn send_payload(&mut self, payload: &[u8]) -> Result<(), IpmiError> {
+        let Some(p) = &self.payload else {
+            return Ok(());
+        };
+        let payload_type = p.payload_type();
         let iv = random::<16>()?;
         self.seq = self.seq.wrapping_add(1).max(1);
         let bytes = encode_packet(
-            PayloadType::Sol,
+            payload_type,
             self.bmc_session_id,
             self.seq,
-            &pkt.encode(),
+            payload,
             self.keys.as_ref(),
             iv,
         )
         .map_err(|source| IpmiError::Encode {
-            what: "SOL packet",
+            what: "payload packet",
             source,
         })?;
         self.socket
@@ -592,15 +533,16 @@ impl Actor {
         Ok(())
     }
 
-    /// The session's handle is gone. If a SOL stream owned it (dropped
-    /// without `close`): deactivate SOL if it is still routed here and no
-    /// other session holds it, and close the session, one attempt each.
+    /// The session's handle is gone. If a payload owned it (a SOL stream
+    /// dropped without `close`): deactivate the payload if it is still
+    /// routed here and no other session holds it, and close the session, one
+    /// attempt each.
     async fn farewell(&mut self) {
-        if !self.sol_owned || self.keys.is_none() {
+        if !self.payload_owned || self.keys.is_none() {
             return;
         }
-        let routed = self.sol.is_some();
-        self.end_sol(None);
+        let routed = self.payload.is_some();
+        self.end_payload(PayloadEnd::Closed);
         let timeout = Duration::from_millis(500);
         let deactivate = Kind::Ipmi {
             what: DeactivatePayload::NAME,
@@ -614,8 +556,8 @@ impl Actor {
             cmd: GetPayloadInstanceInfo::CMD,
             data: GetPayloadInstanceInfo.request_data(),
         };
-        // Never deactivate a SOL that another session has taken over (or
-        // one that has already ended here).
+        // Never deactivate a payload that another session has taken over
+        // (or one that has already ended here).
         let ours = routed
             && match self.exchange(&info, 1, timeout).await {
                 Ok(Reply::Ipmi(r)) if r.completion == 0 => GetPayloadInstanceInfo
@@ -638,7 +580,7 @@ impl Actor {
             .request_data(),
         };
         let _ = self.exchange(&close, 1, timeout).await;
-        tracing::debug!(endpoint = %self.endpoint, "SOL stream dropped: payload deactivated, session closed");
+        tracing::debug!(endpoint = %self.endpoint, "payload owner dropped: payload deactivated, session closed");
     }
 
     fn build(&mut self, kind: &Kind, rq_seq: u8) -> Result<Vec<u8>, IpmiError> {
@@ -804,8 +746,8 @@ impl IpmiClient {
             last_send: None,
             last_any: Instant::now(),
             pending: None,
-            sol: None,
-            sol_owned: false,
+            payload: None,
+            payload_owned: false,
         };
         tokio::spawn(actor.run(rx));
         let mut client = IpmiClient {
@@ -820,11 +762,9 @@ impl IpmiClient {
         let mut last_status = 0;
         for suite in &candidates {
             match client.open_session(*suite, user, &password).await {
-                Ok(()) => {
+                Ok(set_privilege) => {
                     client.suite = *suite;
-                    let granted = client
-                        .call(&SetSessionPrivilege(client.options.privilege))
-                        .await?;
+                    let granted = client.call(&set_privilege).await?;
                     tracing::debug!(%endpoint, suite = suite.id(), granted, "session open");
                     return Ok(client);
                 }
@@ -862,35 +802,28 @@ impl IpmiClient {
         id == self.bmc_session_id || id == self.console_session_id
     }
 
-    /// Route this session's SOL packets to `shared` (see [`super::sol`]).
-    pub(crate) async fn attach_sol(
-        &self,
-        shared: Arc<SolShared>,
-        options: SolOptions,
-    ) -> Result<(), IpmiError> {
+    /// Route this session's packets of `payload`'s type to it (the SOL
+    /// stream); it owns the session from now on.
+    pub(crate) async fn attach_payload(&self, payload: Box<dyn Payload>) -> Result<(), IpmiError> {
         let (done, rx) = oneshot::channel();
         let closed = || IpmiError::Closed {
             endpoint: self.endpoint,
         };
         self.tx
-            .send(Job::SolAttach {
-                shared,
-                options,
-                done,
-            })
+            .send(Job::Attach { payload, done })
             .await
             .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())
     }
 
-    /// Stop routing SOL packets.
-    pub(crate) async fn detach_sol(&self) -> Result<(), IpmiError> {
+    /// Stop routing the payload's packets.
+    pub(crate) async fn detach_payload(&self) -> Result<(), IpmiError> {
         let (done, rx) = oneshot::channel();
         let closed = || IpmiError::Closed {
             endpoint: self.endpoint,
         };
         self.tx
-            .send(Job::SolDetach { done })
+            .send(Job::Detach { done })
             .await
             .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())
@@ -939,36 +872,19 @@ impl IpmiClient {
                 break;
             }
         }
-        let offered = commands::parse_cipher_suite_records(&list);
-        let usable: Vec<_> = self
-            .options
-            .cipher_suites
-            .iter()
-            .copied()
-            .filter(|s| offered.contains(&s.id()))
-            .collect();
-        Ok(if usable.is_empty() {
-            self.options.cipher_suites.clone()
-        } else {
-            usable
-        })
+        Ok(usable_suites(&self.options.cipher_suites, &list))
     }
 
-    async fn setup(
-        &self,
-        what: &'static str,
-        payload_type: PayloadType,
-        payload: Vec<u8>,
-        expect: PayloadType,
-    ) -> Result<Vec<u8>, IpmiError> {
-        let tag = payload[0];
+    /// One handshake step: a payload outside the session and its answer.
+    async fn setup(&self, req: Request) -> Result<Vec<u8>, IpmiError> {
+        let tag = req.payload[0];
         match self
             .job(
                 Kind::Setup {
-                    what,
-                    payload_type,
-                    payload,
-                    expect,
+                    what: req.what,
+                    payload_type: req.payload_type,
+                    payload: req.payload,
+                    expect: req.expect,
                     tag,
                 },
                 self.options.retries + 1,
@@ -981,117 +897,46 @@ impl IpmiClient {
         }
     }
 
+    /// Open Session and RAKP 1–4 with `suite` ([`Handshake`]), then switch
+    /// the socket task to the session's keys. Returns the handshake's last
+    /// step, Set Session Privilege Level, to send inside the session.
     async fn open_session(
         &mut self,
         suite: CipherSuite,
         user: &str,
         password: &Secret,
-    ) -> Result<(), IpmiError> {
+    ) -> Result<SetSessionPrivilege, IpmiError> {
         let endpoint = self.endpoint;
-        let bad = |step, source| IpmiError::Encode { what: step, source };
-        let console_session_id = u32::from_le_bytes(random::<4>()?) | 1;
-        let tag = random::<1>()?[0];
-        let req = OpenSessionRequest {
-            tag,
-            max_privilege: self.options.privilege as u8,
-            console_session_id,
-            auth_alg: suite.auth_alg(),
-            integrity_alg: suite.integrity_alg(),
-            confidentiality_alg: suite.confidentiality_alg(),
+        let randoms = Randoms {
+            console_session_id: u32::from_le_bytes(random::<4>()?) | 1,
+            tag: random::<1>()?[0],
+            console_random: random::<16>()?,
         };
-        let resp = self
-            .setup(
-                "Open Session",
-                PayloadType::OpenSessionRequest,
-                req.encode(),
-                PayloadType::OpenSessionResponse,
-            )
-            .await?;
-        let resp = OpenSessionResponse::decode(&resp).map_err(|e| bad("Open Session", e))?;
-        if resp.status != 0 {
-            return Err(IpmiError::Rejected {
-                endpoint,
-                step: "Open Session",
-                status: resp.status,
-            });
-        }
-        let user = user.as_bytes();
-        let role = 0x10 | self.options.privilege as u8; // name-only lookup
-        let console_random = random::<16>()?;
-        let rakp1 = Rakp1 {
-            tag: tag.wrapping_add(1),
-            bmc_session_id: resp.bmc_session_id,
-            console_random,
-            role,
-            user: user.to_vec(),
-        };
-        let r2 = self
-            .setup(
-                "RAKP 1",
-                PayloadType::Rakp1,
-                rakp1.encode(),
-                PayloadType::Rakp2,
-            )
-            .await?;
-        let r2 = Rakp2::decode(&r2).map_err(|e| bad("RAKP 2", e))?;
-        if r2.status != 0 {
-            return Err(IpmiError::Rejected {
-                endpoint,
-                step: "RAKP 1",
-                status: r2.status,
-            });
-        }
-        let params = RakpParams {
-            console_session_id,
-            bmc_session_id: resp.bmc_session_id,
-            console_random,
-            bmc_random: r2.bmc_random,
-            bmc_guid: r2.bmc_guid,
-            role,
+        let mut handshake = Handshake::new(
+            endpoint,
+            suite,
+            self.options.privilege,
             user,
-        };
-        let h = suite.hash();
-        if crypto::rakp2_auth_code(h, password.expose(), &params) != r2.auth_code {
-            return Err(IpmiError::BadRakp2 { endpoint });
-        }
-        let rakp3 = Rakp3 {
-            tag: tag.wrapping_add(2),
-            status: 0,
-            bmc_session_id: resp.bmc_session_id,
-            auth_code: crypto::rakp3_auth_code(h, password.expose(), &params),
-        };
-        let r4 = self
-            .setup(
-                "RAKP 3",
-                PayloadType::Rakp3,
-                rakp3.encode(),
-                PayloadType::Rakp4,
-            )
-            .await?;
-        let r4 = Rakp4::decode(&r4).map_err(|e| bad("RAKP 4", e))?;
-        if r4.status != 0 {
-            return Err(IpmiError::Rejected {
-                endpoint,
-                step: "RAKP 3",
-                status: r4.status,
-            });
-        }
-        let sik = crypto::session_integrity_key(h, password.expose(), &params);
-        if crypto::rakp4_icv(h, &sik, &params) != r4.icv {
-            return Err(IpmiError::BadRakp4 { endpoint });
-        }
-        let keys = SessionKeys::derive(suite, sik);
+            password,
+            randoms,
+        );
+        let answer = self.setup(handshake.open_session()).await?;
+        let rakp1 = handshake.rakp1(&answer)?;
+        let rakp2 = self.setup(rakp1).await?;
+        let rakp3 = handshake.rakp3(&rakp2)?;
+        let rakp4 = self.setup(rakp3).await?;
+        let session = handshake.finish(&rakp4)?;
         self.tx
             .send(Job::Activate {
-                keys,
-                console_session_id,
-                bmc_session_id: resp.bmc_session_id,
+                keys: session.keys,
+                console_session_id: session.console_session_id,
+                bmc_session_id: session.bmc_session_id,
             })
             .await
             .map_err(|_| IpmiError::Closed { endpoint })?;
-        self.bmc_session_id = resp.bmc_session_id;
-        self.console_session_id = console_session_id;
-        Ok(())
+        self.bmc_session_id = session.bmc_session_id;
+        self.console_session_id = session.console_session_id;
+        Ok(session.set_privilege)
     }
 
     async fn job(

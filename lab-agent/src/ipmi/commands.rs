@@ -407,3 +407,165 @@ impl Command for GetSystemBootOptions {
         Ok(d[2..].to_vec())
     }
 }
+
+// ------------------------------------------------------------ payloads (SOL)
+
+/// The payload instance we activate (the host's first serial port).
+pub const SOL_INSTANCE: u8 = 1;
+/// Completion code of Activate Payload: the payload is already active (in
+/// another session, or a stale one of ours).
+pub const CC_PAYLOAD_ALREADY_ACTIVE: u8 = 0x80;
+/// Completion code of Deactivate Payload: the payload is not active.
+pub const CC_PAYLOAD_ALREADY_INACTIVE: u8 = 0x80;
+
+/// What the BMC answered to Activate Payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SolActivation {
+    /// Auxiliary data (test mode etc.).
+    pub aux: [u8; 4],
+    /// Largest payload the BMC accepts from us.
+    pub inbound_size: u16,
+    /// Largest payload the BMC sends.
+    pub outbound_size: u16,
+    /// UDP port for the payload (we stay on the session's port).
+    pub port: u16,
+    /// VLAN, 0xFFFF if none.
+    pub vlan: u16,
+}
+
+impl SolActivation {
+    /// Characters per packet we send: the inbound size less the 4-byte
+    /// header, within 1..=255 (32 if the BMC gives a size too small to use).
+    pub fn max_chunk(&self) -> usize {
+        let n = usize::from(self.inbound_size);
+        if n <= 4 { 32 } else { (n - 4).min(255) }
+    }
+}
+
+/// Activate Payload (App 0x48) for SOL instance 1.
+#[derive(Clone, Copy, Debug)]
+pub struct ActivatePayload {
+    /// Ask for encrypted SOL packets.
+    pub encrypt: bool,
+    /// Ask for authenticated SOL packets.
+    pub authenticate: bool,
+}
+
+impl Command for ActivatePayload {
+    type Output = SolActivation;
+    const NAME: &'static str = "Activate Payload";
+    const NETFN: u8 = netfn::APP;
+    const CMD: u8 = 0x48;
+    fn request_data(&self) -> Vec<u8> {
+        let mut aux = 0x04; // serial alerts deferred while SOL is active
+        if self.encrypt {
+            aux |= 0x80;
+        }
+        if self.authenticate {
+            aux |= 0x40;
+        }
+        // Payload type, instance, auxiliary data (CTS/DCD/DSR asserted).
+        vec![0x01, SOL_INSTANCE, aux, 0, 0, 0]
+    }
+    fn parse_response(&self, d: &[u8]) -> Result<SolActivation, CommandError> {
+        if d.len() < 12 {
+            return Err(CommandError::Truncated {
+                command: Self::NAME,
+                need: 12,
+                have: d.len(),
+            });
+        }
+        let u16le = |i: usize| u16::from_le_bytes([d[i], d[i + 1]]);
+        Ok(SolActivation {
+            aux: [d[0], d[1], d[2], d[3]],
+            inbound_size: u16le(4),
+            outbound_size: u16le(6),
+            port: u16le(8),
+            vlan: u16le(10),
+        })
+    }
+}
+
+/// Deactivate Payload (App 0x49) for SOL instance 1, whichever session
+/// holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct DeactivatePayload;
+
+impl Command for DeactivatePayload {
+    type Output = ();
+    const NAME: &'static str = "Deactivate Payload";
+    const NETFN: u8 = netfn::APP;
+    const CMD: u8 = 0x49;
+    fn request_data(&self) -> Vec<u8> {
+        vec![0x01, SOL_INSTANCE, 0, 0, 0, 0]
+    }
+    fn parse_response(&self, _d: &[u8]) -> Result<(), CommandError> {
+        Ok(())
+    }
+}
+
+/// Get Payload Instance Info (App 0x4B) for SOL instance 1: the session
+/// keepalive, which also tells whether SOL is still ours. Returns the id of
+/// the session holding the payload (0: not active).
+#[derive(Clone, Copy, Debug)]
+pub struct GetPayloadInstanceInfo;
+
+impl Command for GetPayloadInstanceInfo {
+    type Output = u32;
+    const NAME: &'static str = "Get Payload Instance Info";
+    const NETFN: u8 = netfn::APP;
+    const CMD: u8 = 0x4B;
+    fn request_data(&self) -> Vec<u8> {
+        vec![0x01, SOL_INSTANCE]
+    }
+    fn parse_response(&self, d: &[u8]) -> Result<u32, CommandError> {
+        if d.len() < 4 {
+            return Err(CommandError::Truncated {
+                command: Self::NAME,
+                need: 4,
+                have: d.len(),
+            });
+        }
+        Ok(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activate_and_deactivate_bytes() {
+        let a = ActivatePayload {
+            encrypt: true,
+            authenticate: true,
+        };
+        assert_eq!(a.request_data(), [0x01, 0x01, 0xC4, 0, 0, 0]);
+        // ipmi_sim's answer: aux 0, inbound 32, outbound 16384, port 623, no VLAN.
+        let r = a
+            .parse_response(&[0, 0, 0, 0, 32, 0, 0x00, 0x40, 0x6F, 0x02, 0xFF, 0xFF])
+            .unwrap();
+        assert_eq!(
+            r,
+            SolActivation {
+                aux: [0; 4],
+                inbound_size: 32,
+                outbound_size: 16384,
+                port: 623,
+                vlan: 0xFFFF
+            }
+        );
+        assert_eq!(r.max_chunk(), 28);
+        assert!(a.parse_response(&[0; 11]).is_err());
+        assert_eq!(DeactivatePayload.request_data(), [0x01, 0x01, 0, 0, 0, 0]);
+        assert_eq!(ActivatePayload::CMD, 0x48);
+        assert_eq!(DeactivatePayload::CMD, 0x49);
+        // ipmi_sim's answer while session 0x182 holds SOL.
+        let info = GetPayloadInstanceInfo;
+        assert_eq!(info.request_data(), [0x01, 0x01]);
+        assert_eq!(
+            info.parse_response(&[0x82, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+            Ok(0x182)
+        );
+    }
+}

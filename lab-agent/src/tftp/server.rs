@@ -6,11 +6,23 @@
 //! Behaviour worth knowing:
 //! - Read-only: a WRQ gets ERROR 4. A refused path gets ERROR 2, a missing
 //!   one ERROR 1 at once (no retries, no delay).
-//! - At most `max_transfers` transfers run at once; a request beyond that is
-//!   answered from the main socket with ERROR 0 "server busy" so the client
-//!   fails fast instead of retrying into a full server.
-//! - Malformed datagrams are dropped and counted in [`TftpStats`]; so are
-//!   stray non-request packets on the main socket.
+//! - At most `max_transfers` transfers run at once, and at most
+//!   `max_transfers_per_client` for one client IP address; a request beyond
+//!   either is answered from the main socket with ERROR 0 "server busy" so
+//!   the client fails fast instead of retrying into a full server. Refusals
+//!   are counted and logged once per `log_interval` with their count.
+//! - A request identical to one whose transfer is running, from the same
+//!   client address and port (a retransmitted RRQ), is ignored and counted:
+//!   it never starts a second transfer; the running one answers it by its
+//!   own retransmissions. A different request from that port is a new
+//!   transfer (a client that gave up on the first, or a tsize probe
+//!   followed by the real request).
+//! - A transfer ends when the client is silent for (`retries` + 1) × its
+//!   timeout (client timeouts above `max_timeout` are not granted), and in
+//!   any case at its overall deadline ([`Limits::deadline`]).
+//! - Malformed datagrams are dropped and counted in [`TftpStats`] (and
+//!   logged once per `log_interval` on the main socket); so are stray
+//!   non-request packets on the main socket.
 //! - The transfer socket is bound to the listen IP and connected to the
 //!   client, so the kernel drops datagrams from other TIDs (no ERROR 5 is
 //!   sent for them). With an unspecified listen IP the kernel chooses the
@@ -28,6 +40,8 @@
 use super::packet::{DATA_HEADER_LEN, ErrorCode, Packet, Request, error_bytes, write_data_header};
 use super::session::{Limits, Sender, Step, negotiate};
 use crate::assets::{Content, FileSource, OpenError};
+use crate::ratelimit::{DEFAULT_LOG_INTERVAL, LogLimiter};
+use crate::slots::{Refused, SlotLimits, Slots};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::FileExt;
@@ -36,7 +50,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use std::time::Instant;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
 use tracing::{debug, info_span, warn};
 
 /// How much of a file one positioned read fetches.
@@ -53,11 +66,23 @@ pub struct TftpConfig {
     /// TFTP headers... with room for VLAN tags).
     pub blksize_cap: u16,
     pub windowsize_cap: u16,
+    /// Transfers at once, from all clients (also the bound on threads).
     pub max_transfers: usize,
+    /// Transfers at once from one IP address.
+    pub max_transfers_per_client: usize,
     /// Retransmit timeout when the client does not negotiate one.
     pub timeout: Duration,
+    /// The largest `timeout` option granted; a larger one is not
+    /// acknowledged and `timeout` is used.
+    pub max_timeout: Duration,
     /// Resends of the same window before the transfer is abandoned.
     pub retries: u32,
+    /// Every transfer may take `deadline_floor` plus its length at
+    /// `min_rate` bytes per second, then it is abandoned.
+    pub deadline_floor: Duration,
+    pub min_rate: u64,
+    /// One log line per this interval for each kind of flood.
+    pub log_interval: Duration,
 }
 
 impl Default for TftpConfig {
@@ -67,8 +92,13 @@ impl Default for TftpConfig {
             blksize_cap: 1468,
             windowsize_cap: 64,
             max_transfers: 64,
+            max_transfers_per_client: 8,
             timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
             retries: 5,
+            deadline_floor: Duration::from_secs(60),
+            min_rate: 16 * 1024,
+            log_interval: DEFAULT_LOG_INTERVAL,
         }
     }
 }
@@ -82,11 +112,18 @@ impl TftpConfig {
         if self.windowsize_cap == 0 {
             return bad("windowsize_cap must be at least 1");
         }
-        if self.max_transfers == 0 {
-            return bad("max_transfers must be at least 1");
+        if self.max_transfers == 0 || self.max_transfers_per_client == 0 {
+            return bad("max_transfers and max_transfers_per_client must be at least 1");
         }
         if self.timeout.is_zero() {
             return bad("timeout must be positive");
+        }
+        if self.max_timeout < Duration::from_secs(1) || self.max_timeout > Duration::from_secs(255)
+        {
+            return bad("max_timeout must be within 1..=255 s");
+        }
+        if self.min_rate == 0 || self.deadline_floor.is_zero() || self.log_interval.is_zero() {
+            return bad("min_rate, deadline_floor and log_interval must be positive");
         }
         Ok(())
     }
@@ -115,12 +152,16 @@ pub struct TftpStats {
     malformed: AtomicU64,
     stray: AtomicU64,
     busy: AtomicU64,
+    client_busy: AtomicU64,
+    duplicates: AtomicU64,
+    active: AtomicU64,
     write_refused: AtomicU64,
     not_found: AtomicU64,
     forbidden: AtomicU64,
     refused: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
+    deadline_exceeded: AtomicU64,
     retransmits: AtomicU64,
     bytes_sent: AtomicU64,
 }
@@ -136,6 +177,14 @@ pub struct TftpStatsSnapshot {
     pub stray: u64,
     /// Requests refused because `max_transfers` were running.
     pub busy: u64,
+    /// Requests refused because their client IP address had
+    /// `max_transfers_per_client` running.
+    pub client_busy: u64,
+    /// Requests ignored because a transfer of the same request from the
+    /// same client address and port is running (retransmitted RRQs).
+    pub duplicates: u64,
+    /// Transfers running now.
+    pub active: u64,
     pub write_refused: u64,
     pub not_found: u64,
     /// Paths refused by the file source (ERROR 2).
@@ -143,8 +192,10 @@ pub struct TftpStatsSnapshot {
     /// Requests refused for their mode or options.
     pub refused: u64,
     pub completed: u64,
-    /// Transfers abandoned (timeouts, client errors, I/O errors).
+    /// Transfers abandoned (timeouts, client errors, I/O errors, deadline).
     pub failed: u64,
+    /// Transfers abandoned at their overall deadline (also in `failed`).
+    pub deadline_exceeded: u64,
     /// DATA/OACK packets sent again after a timeout.
     pub retransmits: u64,
     /// Payload bytes sent, retransmits included.
@@ -159,12 +210,16 @@ impl TftpStats {
             malformed: g(&self.malformed),
             stray: g(&self.stray),
             busy: g(&self.busy),
+            client_busy: g(&self.client_busy),
+            duplicates: g(&self.duplicates),
+            active: g(&self.active),
             write_refused: g(&self.write_refused),
             not_found: g(&self.not_found),
             forbidden: g(&self.forbidden),
             refused: g(&self.refused),
             completed: g(&self.completed),
             failed: g(&self.failed),
+            deadline_exceeded: g(&self.deadline_exceeded),
             retransmits: g(&self.retransmits),
             bytes_sent: g(&self.bytes_sent),
         }
@@ -186,7 +241,27 @@ struct Shared {
     limits: Limits,
     source: Arc<dyn FileSource>,
     stats: Arc<TftpStats>,
-    permits: Arc<Semaphore>,
+    /// Keyed by client address and port and the request's bytes: a
+    /// retransmitted request is a duplicate, another request is not.
+    slots: Arc<Slots<(SocketAddr, Box<[u8]>)>>,
+    floods: Floods,
+}
+
+/// The flood log limiters of one server.
+struct Floods {
+    busy: LogLimiter,
+    malformed: LogLimiter,
+}
+
+impl Floods {
+    fn flush(&self) {
+        if let Some(count) = self.busy.flush() {
+            warn!(count, "TFTP requests refused: server busy");
+        }
+        if let Some(count) = self.malformed.flush() {
+            warn!(count, "malformed TFTP requests dropped");
+        }
+    }
 }
 
 impl TftpServer {
@@ -203,8 +278,18 @@ impl TftpServer {
             blksize_cap: config.blksize_cap,
             windowsize_cap: config.windowsize_cap,
             default_timeout: config.timeout,
+            max_timeout: config.max_timeout,
+            deadline_floor: config.deadline_floor,
+            min_rate: config.min_rate,
         };
-        let permits = Arc::new(Semaphore::new(config.max_transfers));
+        let slots = Slots::new(SlotLimits {
+            total: config.max_transfers,
+            per_client: config.max_transfers_per_client,
+        });
+        let floods = Floods {
+            busy: LogLimiter::new(config.log_interval),
+            malformed: LogLimiter::new(config.log_interval),
+        };
         Ok(Self {
             socket: Arc::new(socket),
             shared: Arc::new(Shared {
@@ -212,7 +297,8 @@ impl TftpServer {
                 limits,
                 source,
                 stats: Arc::new(TftpStats::default()),
-                permits,
+                slots,
+                floods,
             }),
         })
     }
@@ -237,6 +323,8 @@ impl TftpServer {
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; RECV_BUF];
         let local_ip = self.socket.local_addr().map_err(TftpError::Socket)?.ip();
+        let mut tick = tokio::time::interval(self.shared.config.log_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (n, peer) = tokio::select! {
                 r = self.socket.recv_from(&mut buf) => match r {
@@ -246,7 +334,14 @@ impl TftpServer {
                     Err(e) if is_transient(&e) => continue,
                     Err(e) => return Err(TftpError::Socket(e)),
                 },
-                () = &mut shutdown => return Ok(()),
+                _ = tick.tick() => {
+                    self.shared.floods.flush();
+                    continue;
+                }
+                () = &mut shutdown => {
+                    self.shared.floods.flush();
+                    return Ok(());
+                }
             };
             self.on_datagram(&buf[..n], peer, local_ip).await;
         }
@@ -257,17 +352,33 @@ impl TftpServer {
         match Packet::decode(bytes) {
             Ok(Packet::Rrq(req)) => {
                 bump(&stats.requests);
-                match self.shared.permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                match self
+                    .shared
+                    .slots
+                    .try_acquire(peer.ip(), (peer, bytes.into()))
+                {
+                    Ok(slot) => {
                         let shared = self.shared.clone();
                         let span = info_span!("tftp", client = %peer, file = %req.filename);
+                        stats.active.fetch_add(1, Ordering::Relaxed);
                         tokio::task::spawn_blocking(move || {
                             span.in_scope(|| transfer(&shared, req, peer, local_ip));
-                            drop(permit);
+                            drop(slot);
+                            shared.stats.active.fetch_sub(1, Ordering::Relaxed);
                         });
                     }
-                    Err(_) => {
-                        bump(&stats.busy);
+                    Err(Refused::Duplicate) => {
+                        bump(&stats.duplicates);
+                        debug!(client = %peer, "repeated TFTP request ignored: its transfer is running");
+                    }
+                    Err(why) => {
+                        bump(match why {
+                            Refused::ClientFull(_) => &stats.client_busy,
+                            _ => &stats.busy,
+                        });
+                        if let Some(count) = self.shared.floods.busy.check() {
+                            warn!(client = %peer.ip(), reason = %why, count, "TFTP request refused: server busy");
+                        }
                         self.reply(peer, ErrorCode::NotDefined, "server busy").await;
                     }
                 }
@@ -280,7 +391,9 @@ impl TftpServer {
             Ok(_) => bump(&stats.stray),
             Err(e) => {
                 bump(&stats.malformed);
-                debug!(client = %peer, error = %e, "malformed TFTP request dropped");
+                if let Some(count) = self.shared.floods.malformed.check() {
+                    warn!(client = %peer, error = %e, count, "malformed TFTP request dropped");
+                }
             }
         }
     }
@@ -361,6 +474,8 @@ impl Body {
 enum Outcome {
     Completed,
     Failed(&'static str),
+    /// The overall deadline passed (also a failure).
+    TooSlow,
     Refused,
 }
 
@@ -392,6 +507,11 @@ fn transfer(shared: &Shared, req: Request, peer: SocketAddr, local_ip: IpAddr) {
             bump(&stats.failed);
             debug!(reason = why, "TFTP transfer failed");
         }
+        Outcome::TooSlow => {
+            bump(&stats.failed);
+            bump(&stats.deadline_exceeded);
+            debug!("TFTP transfer abandoned at its deadline");
+        }
         Outcome::Refused => {}
     }
 }
@@ -407,6 +527,7 @@ fn run_transfer(
     peer: SocketAddr,
 ) -> Outcome {
     let stats = &shared.stats;
+    let started = Instant::now();
     let negotiated = match negotiate(&req, &shared.limits) {
         Ok(n) => n,
         Err(r) => {
@@ -441,6 +562,7 @@ fn run_transfer(
         }
     };
     let len = content.len();
+    let give_up_at = started + shared.limits.deadline(len);
     let mut body = match content {
         Content::Bytes(b) => Body::Bytes(b),
         Content::File { file, len } => Body::File {
@@ -512,7 +634,13 @@ fn run_transfer(
                 return Outcome::Failed("timed out");
             }
         }
-        step = match recv_until(socket, &mut buf, deadline, &mut rcv_timeout) {
+        if Instant::now() >= give_up_at {
+            send_error(socket, ErrorCode::NotDefined, "transfer too slow");
+            return Outcome::TooSlow;
+        }
+        step = match recv_until(socket, &mut buf, deadline.min(give_up_at), &mut rcv_timeout) {
+            // The loop head sees whether it was the overall deadline.
+            Recv::Timeout if Instant::now() >= give_up_at => Step::Wait,
             Recv::Timeout => sender.on_timeout(),
             Recv::Failed(e) => {
                 debug!(error = %e, "receive failed");

@@ -11,6 +11,13 @@
 //!   option with a value that is not a number or is out of its range is
 //!   refused with ERROR 8. `blksize` above the cap (or above 65464) is
 //!   lowered to the cap, `windowsize` likewise.
+//! - A `timeout` above the server's `max_timeout` is not acknowledged (RFC
+//!   2349 lets the server leave it out of the OACK, not change it): the
+//!   transfer keeps the server's default. A client asking `timeout=255`
+//!   would otherwise hold a slot for (retries + 1) × 255 s without a reply.
+//! - Every transfer has an overall deadline ([`Limits::deadline`]): a floor
+//!   plus the file's length at a minimum rate, so a client that ACKs just
+//!   often enough never to time out still lets go of its slot.
 //! - A duplicate ACK (of the block already acknowledged) is ignored, which
 //!   avoids the Sorcerer's Apprentice syndrome; the retransmit timer is the
 //!   only thing that resends.
@@ -26,8 +33,25 @@ pub const DEFAULT_BLKSIZE: u16 = 512;
 pub struct Limits {
     pub blksize_cap: u16,
     pub windowsize_cap: u16,
-    /// Used when the client does not ask for a timeout.
+    /// Used when the client does not ask for a timeout, or asks more than
+    /// `max_timeout`.
     pub default_timeout: Duration,
+    /// The largest `timeout` option acknowledged.
+    pub max_timeout: Duration,
+    /// Every transfer may take this long, whatever its size ...
+    pub deadline_floor: Duration,
+    /// ... plus its length at this many bytes per second.
+    pub min_rate: u64,
+}
+
+impl Limits {
+    /// How long a transfer of `len` bytes may take in all:
+    /// `deadline_floor + len / min_rate`.
+    pub fn deadline(&self, len: u64) -> Duration {
+        let ms = u128::from(len) * 1000 / u128::from(self.min_rate.max(1));
+        self.deadline_floor
+            .saturating_add(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+    }
 }
 
 /// What a transfer will use, and which options go in the OACK.
@@ -121,8 +145,11 @@ pub fn negotiate(req: &Request, limits: &Limits) -> Result<Negotiated, Refusal> 
                 if v == 0 {
                     return Err(refuse("timeout"));
                 }
-                n.timeout = Duration::from_secs(u64::from(v));
-                n.acked.push(Acked::Timeout(v));
+                let asked = Duration::from_secs(u64::from(v));
+                if asked <= limits.max_timeout {
+                    n.timeout = asked;
+                    n.acked.push(Acked::Timeout(v));
+                }
             }
             "tsize" => {
                 let _: u64 = opt.value.parse().map_err(|_| refuse("tsize"))?;
@@ -282,6 +309,9 @@ mod tests {
         blksize_cap: 1468,
         windowsize_cap: 64,
         default_timeout: Duration::from_secs(1),
+        max_timeout: Duration::from_secs(5),
+        deadline_floor: Duration::from_secs(60),
+        min_rate: 16 * 1024,
     };
 
     fn rrq(mode: Mode, opts: &[(&str, &str)]) -> Request {
@@ -349,6 +379,50 @@ mod tests {
         // Above the RFC maximum is lowered too, not refused.
         let n = negotiate(&rrq(Mode::Octet, &[("blksize", "99999")]), &LIMITS).unwrap();
         assert_eq!(n.blksize, 1468);
+    }
+
+    #[test]
+    fn timeouts_above_the_cap_are_not_acknowledged() {
+        let sec = Duration::from_secs;
+        for (asked, timeout, acked) in [
+            ("1", sec(1), true),
+            ("5", sec(5), true),
+            ("6", sec(1), false),
+            ("255", sec(1), false),
+        ] {
+            let n = negotiate(&rrq(Mode::Octet, &[("timeout", asked)]), &LIMITS).unwrap();
+            assert_eq!(n.timeout, timeout, "timeout={asked}");
+            let want = acked.then(|| vec![TftpOption::new("timeout", asked)]);
+            assert_eq!(n.oack(10), want, "timeout={asked}");
+        }
+        // With other options the OACK carries those, without the timeout.
+        let n = negotiate(
+            &rrq(Mode::Octet, &[("timeout", "255"), ("tsize", "0")]),
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(n.oack(10).unwrap(), vec![TftpOption::new("tsize", 10)]);
+        // The worst a silent client can hold a slot: (retries + 1) x 5 s.
+    }
+
+    #[test]
+    fn deadlines_grow_with_the_length_from_a_floor() {
+        let sec = Duration::from_secs;
+        for (len, want) in [
+            (0, sec(60)),
+            (100, Duration::from_millis(60_006)),
+            (16 * 1024, sec(61)),
+            // A 50 MiB initrd: 60 s + 3,200 s.
+            (50 << 20, sec(3260)),
+            (u64::MAX, Duration::MAX),
+        ] {
+            let got = LIMITS.deadline(len);
+            if want == Duration::MAX {
+                assert!(got > sec(1 << 40), "{len}: {got:?}");
+            } else {
+                assert_eq!(got, want, "{len}");
+            }
+        }
     }
 
     #[test]

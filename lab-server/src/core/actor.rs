@@ -2,7 +2,8 @@
 //! the only writer of the store. See the parent module for the batch cycle.
 
 use super::clock::Clock;
-use super::reclaim::Reclaimer;
+use super::policy;
+use super::reclaim::{ReclaimJob, Reclaimer};
 use super::{Command, CoreConfig, CoreError, HostView, ReloadSummary, Reply, WaitState};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::{HostSpec, Inventory};
@@ -444,16 +445,22 @@ impl Actor {
         }
     }
 
-    fn check_spec(&self, spec: &LeaseSpec) -> Result<(), CoreError> {
-        if spec.ttl.is_zero() || spec.ttl > self.config.max_ttl {
+    /// The one TTL rule, for requests and renewals alike.
+    fn check_ttl(&self, field: &'static str, ttl: Duration) -> Result<(), CoreError> {
+        if ttl.is_zero() || ttl > self.config.max_ttl {
             return Err(CoreError::InvalidArgument {
-                field: "request.ttl",
+                field,
                 reason: format!(
                     "must be more than 0 and at most {}",
                     humantime::format_duration(self.config.max_ttl)
                 ),
             });
         }
+        Ok(())
+    }
+
+    fn check_spec(&self, spec: &LeaseSpec) -> Result<(), CoreError> {
+        self.check_ttl("request.ttl", spec.ttl)?;
         if let Some(h) = spec.hosts.iter().find(|h| self.inventory.host(h).is_none()) {
             return Err(CoreError::InvalidArgument {
                 field: "request.hosts",
@@ -473,17 +480,6 @@ impl Actor {
         Ok(())
     }
 
-    fn may_manage(caller: &Caller, lease: &Lease, action: &str) -> Result<(), CoreError> {
-        if caller.principal == lease.holder || caller.role.is_operator() {
-            Ok(())
-        } else {
-            Err(CoreError::PermissionDenied {
-                principal: caller.principal.clone(),
-                action: format!("{action} lease {} held by {}", lease.id, lease.holder),
-            })
-        }
-    }
-
     fn renew(
         &mut self,
         p: &mut Pending,
@@ -493,17 +489,9 @@ impl Actor {
         ttl: Option<Duration>,
     ) -> Result<Lease, CoreError> {
         let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
-        Self::may_manage(caller, lease, "renew")?;
+        policy::may_manage_lease(caller, lease, "renew")?;
         let ttl = ttl.unwrap_or(lease.ttl());
-        if ttl.is_zero() || ttl > self.config.max_ttl {
-            return Err(CoreError::InvalidArgument {
-                field: "ttl",
-                reason: format!(
-                    "must be more than 0 and at most {}",
-                    humantime::format_duration(self.config.max_ttl)
-                ),
-            });
-        }
+        self.check_ttl("ttl", ttl)?;
         let next = lease.apply(&LeaseEvent::Renew { now, ttl })?;
         let e = self.event(p, now, &caller.principal, EventKind::LeaseRenewed);
         e.lease = Some(id);
@@ -522,7 +510,7 @@ impl Actor {
         id: LeaseId,
     ) -> Result<Lease, CoreError> {
         let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
-        Self::may_manage(caller, lease, "release")?;
+        policy::may_manage_lease(caller, lease, "release")?;
         let next = lease.apply(&LeaseEvent::Release { now })?;
         let kind = if next.state == LeaseState::Expired {
             EventKind::LeaseExpired
@@ -841,12 +829,7 @@ impl Actor {
         on: bool,
         reason: String,
     ) -> Result<HostView, CoreError> {
-        if !caller.role.is_operator() {
-            return Err(CoreError::PermissionDenied {
-                principal: caller.principal.clone(),
-                action: "change maintenance (operators only)".into(),
-            });
-        }
+        policy::operators_only(caller, "change maintenance")?;
         let rec = self
             .hosts
             .get(host)
@@ -1009,18 +992,32 @@ impl Actor {
         if !self.reclaiming.insert(host.clone()) {
             return;
         }
-        let spec = self
+        let job = self
             .inventory
             .host(&host)
             .or_else(|| self.retired_specs.get(&host))
-            .cloned();
+            .map(|spec| ReclaimJob {
+                host: spec.clone(),
+                lease,
+                profile: self.leases.get(&lease).and_then(|l| l.profile.clone()),
+            });
         let reclaimer = self.reclaimer.clone();
         let Some(tx) = self.tx.upgrade() else { return };
         tokio::spawn(async move {
             let mut delay = Duration::from_secs(1);
-            if let Some(spec) = spec {
-                while let Err(e) = reclaimer.reclaim(&spec, lease).await {
-                    warn!(host = %host, lease = %lease, error = %e, retry_in = ?delay, "reclaim failed");
+            if let Some(job) = job {
+                loop {
+                    // Nothing to do any more, e.g. the rack lost its agent in
+                    // an inventory reload while this was being retried.
+                    if let Some(inventory) = current_inventory(&tx).await
+                        && reclaimer.is_immediate(&job.host, &inventory)
+                    {
+                        break;
+                    }
+                    let Err(e) = reclaimer.reclaim(&job).await else {
+                        break;
+                    };
+                    warn!(host = %host, lease = %lease, error = %error_chain(&e), retry_in = ?delay, "reclaim failed");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(60));
                 }
@@ -1036,6 +1033,13 @@ async fn load(store: &Arc<dyn Store>) -> Result<Snapshot, CoreError> {
         Ok(r) => r.map_err(|e| CoreError::Store(Arc::new(e))),
         Err(_) => Err(CoreError::ShuttingDown),
     }
+}
+
+/// The inventory in force, asked of the actor from a task of its own.
+async fn current_inventory(tx: &mpsc::Sender<Command>) -> Option<Arc<Inventory>> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tx.send(Command::GetInventory { reply }).await.ok()?;
+    rx.await.ok()?.ok()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

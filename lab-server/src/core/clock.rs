@@ -11,7 +11,7 @@ pub trait Clock: Send + Sync + 'static {
     fn instant_at(&self, t: Timestamp) -> tokio::time::Instant;
 }
 
-/// Wall clock at start plus tokio's monotonic time since then. Under
+/// Wall clock at start plus the time tokio has counted since then. Under
 /// `tokio::time::pause()` it advances only when the test advances it.
 #[derive(Debug, Clone)]
 pub struct TokioClock {

@@ -1,6 +1,9 @@
 //! The application core: one actor task owns the lab's state (hosts, leases,
 //! the wait queue) and is the only writer of the store. [`Core`] is its
-//! cloneable handle; every gRPC handler calls exactly one method of it.
+//! cloneable handle; a gRPC handler calls one method of it (or, for power,
+//! consoles and agents, one method of the rack registry, `crate::racks`,
+//! which reads the core through the same handle). Who may do what is
+//! decided in [`policy`], for the core and the rack registry alike.
 //!
 //! The actor works in batches: it takes every request waiting in its channel,
 //! applies them (and any expiries that are due) to its state through the pure
@@ -13,6 +16,7 @@
 mod actor;
 pub use actor::error_chain;
 pub mod clock;
+pub mod policy;
 pub mod reclaim;
 
 use crate::events::EventRecord;
@@ -21,6 +25,7 @@ use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
 use crate::types::{Caller, HostName, LeaseId, Principal, Timestamp, WaiterId};
 use clock::Clock;
+use policy::Denied;
 use reclaim::Reclaimer;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,11 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-/// Limits the server enforces on leases.
+/// Limits the server enforces on leases. (The TTL of a request that names
+/// none is filled in where the request is read: `grpc::Api`'s default TTL.)
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// TTL of a request that names none.
-    pub default_ttl: Duration,
     /// Longest TTL a request or renewal may ask for.
     pub max_ttl: Duration,
     /// Hard cap on a lease's life from its grant, renewals included.
@@ -47,7 +51,6 @@ pub struct CoreConfig {
 impl CoreConfig {
     pub fn new(inventory_path: PathBuf) -> Self {
         Self {
-            default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(24 * 3600),
             max_lifetime: Duration::from_secs(7 * 24 * 3600),
             max_batch: 512,
@@ -64,11 +67,8 @@ pub enum CoreError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("no {what} named {name}")]
     NotFound { what: &'static str, name: String },
-    #[error("{principal} may not {action}")]
-    PermissionDenied {
-        principal: Principal,
-        action: String,
-    },
+    #[error(transparent)]
+    PermissionDenied(#[from] Denied),
     #[error("the request can never be met: {reason}")]
     Unsatisfiable { reason: String },
     #[error(
@@ -259,6 +259,7 @@ pub struct Core {
     events: broadcast::Sender<EventRecord>,
     store: Arc<dyn Store>,
     inventory_path: PathBuf,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Core {
@@ -287,7 +288,7 @@ impl Core {
             store.clone(),
             inventory,
             reclaimer,
-            clock,
+            clock.clone(),
             tx.clone(),
             events.clone(),
         )
@@ -301,6 +302,7 @@ impl Core {
                 events,
                 store,
                 inventory_path,
+                clock,
             },
             handle,
         ))
@@ -418,12 +420,7 @@ impl Core {
     /// Re-read the inventory file and apply it. Operators only (the server
     /// itself on SIGHUP). On error the last good inventory stays in force.
     pub async fn reload_inventory(&self, caller: &Caller) -> Result<ReloadSummary, CoreError> {
-        if !caller.role.is_operator() {
-            return Err(CoreError::PermissionDenied {
-                principal: caller.principal.clone(),
-                action: "reload the inventory (operators only)".into(),
-            });
-        }
+        policy::operators_only(caller, "reload the inventory")?;
         let path = self.inventory_path.clone();
         let inventory = tokio::task::spawn_blocking(move || Inventory::load(&path))
             .await
@@ -454,6 +451,12 @@ impl Core {
             .await
             .map_err(|_| CoreError::ShuttingDown)?
             .map_err(|e| CoreError::Store(Arc::new(e)))
+    }
+
+    /// The clock the core reads (for what works alongside it, e.g. the rack
+    /// registry's records).
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
     }
 
     /// Live events as they are committed.

@@ -1,11 +1,13 @@
 //! Conversions between domain types and `lab.v1` messages. Requests are
 //! checked here: a bad field becomes INVALID_ARGUMENT naming it.
 
+use super::agent::phase_to_proto;
 use super::status::invalid;
 use crate::core::HostView;
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
+use crate::racks::{ConsoleOpen, PowerAction, Provisioning};
 use crate::types::{Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, Timestamp};
 use lab_proto::convert::{duration_from_proto, duration_to_proto, timestamp_from_millis};
 use lab_proto::v1 as pb;
@@ -117,7 +119,42 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
     }
 }
 
-pub fn lease_to_proto(l: &Lease) -> pb::Lease {
+/// A power action to run; UNSPECIFIED is refused.
+pub fn power_action(field: &str, v: i32) -> Result<PowerAction, Status> {
+    match pb::PowerAction::try_from(v) {
+        Ok(pb::PowerAction::Status) => Ok(PowerAction::Status),
+        Ok(pb::PowerAction::On) => Ok(PowerAction::On),
+        Ok(pb::PowerAction::Off) => Ok(PowerAction::Off),
+        Ok(pb::PowerAction::Cycle) => Ok(PowerAction::Cycle),
+        Ok(pb::PowerAction::Reset) => Ok(PowerAction::Reset),
+        Ok(pb::PowerAction::Unspecified) | Err(_) => Err(invalid(
+            field,
+            "must be one of STATUS, ON, OFF, CYCLE, RESET",
+        )),
+    }
+}
+
+/// The console a user asks to open.
+pub fn console_open(o: pb::ConsoleOpen) -> Result<ConsoleOpen, Status> {
+    Ok(ConsoleOpen {
+        host: host_name("open.host", o.host)?,
+        write: o.write,
+        replay_bytes: o.replay_bytes,
+    })
+}
+
+pub fn provisioning_to_proto(p: &Provisioning) -> pb::HostProvisioning {
+    pb::HostProvisioning {
+        host: p.host.to_string(),
+        phase: phase_to_proto(p.phase) as i32,
+        stage: p.stage.clone(),
+        updated_at: p.updated_at.map(ts),
+        console_tail: p.console_tail.clone(),
+    }
+}
+
+/// The lease with its hosts' provisioning (from the rack registry).
+pub fn lease_to_proto(l: &Lease, provisioning: &[Provisioning]) -> pb::Lease {
     pb::Lease {
         id: l.id.to_string(),
         holder: l.holder.to_string(),
@@ -141,7 +178,7 @@ pub fn lease_to_proto(l: &Lease) -> pb::Lease {
         ended_at: l.ended_at.map(ts),
         generation: l.generation.0,
         waiter_id: l.waiter_id,
-        provisioning: Vec::new(),
+        provisioning: provisioning.iter().map(provisioning_to_proto).collect(),
     }
 }
 

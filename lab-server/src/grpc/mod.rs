@@ -1,23 +1,27 @@
 //! The gRPC face of the core: thin handlers that authenticate the caller,
 //! convert the request (bad fields → INVALID_ARGUMENT naming the field), call
-//! one method of [`Core`], and convert the result. Also serves gRPC health
-//! and reflection (v1 and v1alpha) so that clients nobody here wrote can
-//! discover the API.
+//! one method of [`Core`] — or of the rack registry ([`Racks`]) for `Power`,
+//! `Console`, `ConsoleLog` and `AgentService.Attach` (`agent.rs`) — and
+//! convert the result; domain errors become statuses in `status.rs` only.
+//! Also serves gRPC health and reflection (v1 and v1alpha) so that clients
+//! nobody here wrote can discover the API.
 
+pub mod agent;
 pub mod convert;
 pub mod status;
 
-use crate::agents::Agents;
 use crate::auth::{AuthError, Authenticator};
-use crate::core::{Core, WaitState};
+use crate::core::{Core, WaitState, policy};
+use crate::lease::Lease;
+use crate::racks::{RackRegistry, Racks};
 use crate::store::EventQuery;
-use crate::types::{Caller, Principal, Role};
+use crate::types::{Caller, Principal};
 use convert as cv;
 use futures::Stream;
 use lab_proto::convert::timestamp_from_millis;
 use lab_proto::v1 as pb;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
-use lab_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use lab_proto::v1::agent_service_server::AgentServiceServer;
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
 use lab_proto::v1::host_service_server::{HostService, HostServiceServer};
 use lab_proto::v1::lease_service_server::{LeaseService, LeaseServiceServer};
@@ -37,8 +41,9 @@ type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct Api {
     core: Core,
     auth: Arc<std::sync::RwLock<Authenticator>>,
+    /// TTL of a lease request that names none.
     default_ttl: Duration,
-    agents: Agents,
+    racks: Racks,
 }
 
 impl Api {
@@ -53,42 +58,31 @@ impl Api {
         auth: Arc<std::sync::RwLock<Authenticator>>,
         default_ttl: Duration,
     ) -> Self {
-        Self::with_agents(core, auth, default_ttl, Agents::new())
+        let registry = RackRegistry::new(core.clock());
+        Self::with_racks(core, auth, default_ttl, registry)
     }
 
-    /// With the agents registry whose reclaimer the core was started with
+    /// With the rack registry whose reclaimer the core was started with
     /// (the registry is connected to the core here).
-    pub fn with_agents(
+    pub fn with_racks(
         core: Core,
         auth: Arc<std::sync::RwLock<Authenticator>>,
         default_ttl: Duration,
-        agents: Agents,
+        registry: RackRegistry,
     ) -> Self {
-        agents.start(core.clone());
+        let racks = Racks::start(core.clone(), registry);
         Self {
             core,
             auth,
             default_ttl,
-            agents,
+            racks,
         }
-    }
-
-    /// A lease with its provisioning progress.
-    fn lease_pb(&self, l: &crate::lease::Lease) -> pb::Lease {
-        let mut p = cv::lease_to_proto(l);
-        p.provisioning = self.agents.provisioning(l);
-        p
     }
 
     /// The caller of a user call (agents make none).
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let caller = self.any_caller(req)?;
-        if caller.role == Role::Agent {
-            return Err(Status::permission_denied(format!(
-                "{} is an agent: agents may only attach",
-                caller.principal
-            )));
-        }
+        policy::may_call(&caller)?;
         Ok(caller)
     }
 
@@ -149,16 +143,8 @@ impl HostService for Api {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let host = cv::host_name("host", r.host)?;
-        let action = match pb::PowerAction::try_from(r.action) {
-            Ok(pb::PowerAction::Unspecified) | Err(_) => {
-                return Err(status::invalid(
-                    "action",
-                    "must be one of STATUS, ON, OFF, CYCLE, RESET",
-                ));
-            }
-            Ok(a) => a,
-        };
-        let on = self.agents.power(&caller, &host, action).await?;
+        let action = cv::power_action("action", r.action)?;
+        let on = self.racks.power(&caller, &host, action).await?;
         Ok(Response::new(pb::PowerResponse {
             host: host.to_string(),
             on,
@@ -185,7 +171,7 @@ impl HostService for Api {
             }
         };
         let write = open.write;
-        let mut session = self.agents.console(&caller, open).await?;
+        let mut session = self.racks.console(&caller, cv::console_open(open)?).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
         tokio::spawn(async move {
             loop {
@@ -251,7 +237,7 @@ impl HostService for Api {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
         let lease = self.core.get_lease(id).await?;
-        let parts = self.agents.console_log(&caller, &lease).await?;
+        let parts = self.racks.console_log(&caller, &lease).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
         tokio::spawn(async move {
             for (host, part) in parts {
@@ -264,7 +250,8 @@ impl HostService for Api {
                 let mut data = match part {
                     Ok(d) => d,
                     Err(e) => {
-                        let msg = format!("no console log of {host}: {}", e.message());
+                        let msg =
+                            format!("no console log of {host}: {}", Status::from(e).message());
                         if tx.send(Ok(notice(&msg))).await.is_err() {
                             return;
                         }
@@ -297,25 +284,14 @@ impl HostService for Api {
     }
 }
 
+/// A lease as the API shows it: with its hosts' provisioning progress.
+fn lease_pb(racks: &Racks, l: &Lease) -> pb::Lease {
+    cv::lease_to_proto(l, &racks.provisioning(l))
+}
+
 fn notice(text: &str) -> pb::ConsoleResponse {
     pb::ConsoleResponse {
         msg: Some(pb::console_response::Msg::Notice(text.to_owned())),
-    }
-}
-
-#[tonic::async_trait]
-impl AgentService for Api {
-    type AttachStream = RpcStream<pb::ServerMessage>;
-
-    async fn attach(
-        &self,
-        req: Request<tonic::Streaming<pb::AgentMessage>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        let caller = self.any_caller(&req)?;
-        let rx = self.agents.attach(caller, req.into_inner()).await?;
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
     }
 }
 
@@ -331,9 +307,9 @@ impl LeaseService for Api {
         let r = req.into_inner();
         let spec = cv::lease_spec(r.request, self.default_ttl)?;
         let acq = self.core.acquire(caller, spec, r.no_wait).await?;
-        let agents = self.agents.clone();
+        let racks = self.racks.clone();
         let stream = futures::stream::unfold(Some(acq), move |state| {
-            let agents = agents.clone();
+            let racks = racks.clone();
             async move {
                 let mut acq = state?;
                 let update = |u| pb::AcquireUpdate { update: Some(u) };
@@ -355,8 +331,7 @@ impl LeaseService for Api {
                         Some(acq),
                     )),
                     WaitState::Granted(lease) => {
-                        let mut l = cv::lease_to_proto(&lease);
-                        l.provisioning = agents.provisioning(&lease);
+                        let l = lease_pb(&racks, &lease);
                         Some((Ok(update(pb::acquire_update::Update::Granted(l))), None))
                     }
                     WaitState::Failed(e) => Some((Err(Status::from(e)), None)),
@@ -371,9 +346,10 @@ impl LeaseService for Api {
         let r = req.into_inner();
         let id = cv::lease_id("lease_id", &r.lease_id)?;
         let ttl = cv::duration("ttl", r.ttl)?;
-        Ok(Response::new(
-            self.lease_pb(&self.core.renew(caller, id, ttl).await?),
-        ))
+        Ok(Response::new(lease_pb(
+            &self.racks,
+            &self.core.renew(caller, id, ttl).await?,
+        )))
     }
 
     async fn release(
@@ -382,9 +358,10 @@ impl LeaseService for Api {
     ) -> Result<Response<pb::Lease>, Status> {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(
-            self.lease_pb(&self.core.release(caller, id).await?),
-        ))
+        Ok(Response::new(lease_pb(
+            &self.racks,
+            &self.core.release(caller, id).await?,
+        )))
     }
 
     async fn get_lease(
@@ -393,9 +370,10 @@ impl LeaseService for Api {
     ) -> Result<Response<pb::Lease>, Status> {
         self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
-        Ok(Response::new(
-            self.lease_pb(&self.core.get_lease(id).await?),
-        ))
+        Ok(Response::new(lease_pb(
+            &self.racks,
+            &self.core.get_lease(id).await?,
+        )))
     }
 
     async fn list_leases(
@@ -411,7 +389,7 @@ impl LeaseService for Api {
         };
         let leases = self.core.list_leases(r.include_ended, holder).await?;
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.iter().map(|l| self.lease_pb(l)).collect(),
+            leases: leases.iter().map(|l| lease_pb(&self.racks, l)).collect(),
         }))
     }
 }

@@ -1,9 +1,14 @@
-//! The one place where core errors become gRPC statuses.
+//! The one place where domain errors become gRPC statuses: the core's
+//! ([`CoreError`]), the permission rules' ([`Denied`]), the rack
+//! registry's ([`RackError`], including an agent's failed command) and
+//! authentication's ([`AuthError`]).
 
 use crate::auth::AuthError;
 use crate::core::CoreError;
 use crate::core::error_chain;
+use crate::core::policy::Denied;
 use crate::lease::TransitionError;
+use crate::racks::{FailureKind, LinkError, RackError};
 use tonic::{Code, Status};
 
 impl From<CoreError> for Status {
@@ -24,6 +29,59 @@ impl From<CoreError> for Status {
             CoreError::ShuttingDown => Code::Unavailable,
         };
         Status::new(code, error_chain(&e))
+    }
+}
+
+impl From<Denied> for Status {
+    fn from(e: Denied) -> Status {
+        Status::permission_denied(e.to_string())
+    }
+}
+
+impl From<RackError> for Status {
+    fn from(e: RackError) -> Status {
+        let code = match &e {
+            RackError::Core(e) => return e.clone().into(),
+            RackError::Denied(e) => return e.clone().into(),
+            // The transport's own status, as it was.
+            RackError::Link(LinkError::Broken(source)) => {
+                return match source.downcast_ref::<Status>() {
+                    Some(status) => status.clone(),
+                    None => Status::unavailable(error_chain(&e)),
+                };
+            }
+            RackError::AgentFailed { kind, message, .. } => {
+                return Status::new(code_from_kind(*kind), message.clone());
+            }
+            RackError::Link(
+                LinkError::Empty | LinkError::BadHello { .. } | LinkError::BadReport { .. },
+            )
+            | RackError::NoHello => Code::InvalidArgument,
+            RackError::HelloTimeout { .. } | RackError::Timeout { .. } => Code::DeadlineExceeded,
+            RackError::UnknownRack { .. } => Code::NotFound,
+            RackError::RackHasNoAgent { .. }
+            | RackError::NoAgent { .. }
+            | RackError::HostRemoved { .. }
+            | RackError::NoBmc { .. }
+            | RackError::NoConsole { .. } => Code::FailedPrecondition,
+            RackError::AgentAway { .. } | RackError::AgentGone { .. } => Code::Unavailable,
+            RackError::Replaced { .. } => Code::Aborted,
+        };
+        Status::new(code, error_chain(&e))
+    }
+}
+
+/// The user's status code for an agent's failed command.
+fn code_from_kind(kind: FailureKind) -> Code {
+    match kind {
+        FailureKind::InvalidArgument => Code::InvalidArgument,
+        FailureKind::NotFound => Code::NotFound,
+        FailureKind::FailedPrecondition => Code::FailedPrecondition,
+        FailureKind::PermissionDenied => Code::PermissionDenied,
+        FailureKind::DeadlineExceeded => Code::DeadlineExceeded,
+        FailureKind::Unimplemented => Code::Unimplemented,
+        FailureKind::Unavailable => Code::Unavailable,
+        FailureKind::Internal => Code::Internal,
     }
 }
 

@@ -150,9 +150,14 @@ fn agent_child() -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = stats.snapshot();
                 if last != Some(now) {
-                    let [rx, replied, unknown, other, malformed, send_err] = now;
                     eprintln!(
-                        "stats received={rx} replied={replied} ignored_unknown={unknown} ignored_other={other} malformed={malformed} send_errors={send_err}"
+                        "stats received={} replied={} ignored_unknown={} ignored_other={} malformed={} send_errors={}",
+                        now.received,
+                        now.replied,
+                        now.ignored_unknown,
+                        now.ignored_other,
+                        now.malformed,
+                        now.send_errors
                     );
                     last = Some(now);
                 }

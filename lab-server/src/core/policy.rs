@@ -1,0 +1,329 @@
+//! Who may do what: every permission rule of the server, in one place.
+//!
+//! | Who | May |
+//! |-----|-----|
+//! | anyone but an agent | every user call (hosts, leases, events, who-am-i) |
+//! | a lease's holder, an operator | renew or release the lease, read its console log |
+//! | the holder of a host's active lease, an operator | switch the host's power, open its console |
+//! | any user | read a host's power state |
+//! | an operator | maintenance, inventory reloads |
+//! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
+//!
+//! The core applies the lease and operator rules, the rack registry
+//! (`crate::racks`) the host and attach rules, the gRPC layer the first
+//! one. Each rule is a plain function of the caller and what it acts on; a
+//! refusal is a [`Denied`] naming the principal and the action.
+
+use super::HostView;
+use crate::lease::{HostState, Lease};
+use crate::types::{Caller, HostName, LeaseId, Principal, RackName, Role};
+
+/// A refusal: who may not do what, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Agents only attach; they make no user calls.
+    #[error("{principal} is an agent: agents may only attach")]
+    AgentsOnlyAttach { principal: Principal },
+    /// Renewing or releasing someone else's lease.
+    #[error("{principal} may not {action} lease {lease} held by {holder}")]
+    NotLeaseHolder {
+        principal: Principal,
+        action: &'static str,
+        lease: LeaseId,
+        holder: Principal,
+    },
+    /// Maintenance and inventory reloads.
+    #[error("{principal} may not {action} (operators only)")]
+    OperatorsOnly {
+        principal: Principal,
+        action: &'static str,
+    },
+    /// Driving (power, console) a host without holding its active lease.
+    #[error("{principal} may not {action} host {host}: it does not hold the host's active lease")]
+    NotHolder {
+        principal: Principal,
+        host: HostName,
+        action: &'static str,
+    },
+    /// Reading the console log of someone else's lease.
+    #[error("{principal} may not read the console log of lease {lease} (held by {holder})")]
+    NotLogReader {
+        principal: Principal,
+        lease: LeaseId,
+        holder: Principal,
+    },
+    /// Attaching without being an agent (or an operator).
+    #[error("{principal} ({role}) is not an agent")]
+    NotAnAgent { principal: Principal, role: Role },
+    /// Attaching for a rack whose agent is someone else.
+    #[error("{principal} may not attach for rack {rack} (its agent is {agent})")]
+    NotTheRacksAgent {
+        principal: Principal,
+        rack: RackName,
+        agent: String,
+    },
+}
+
+/// User calls: anyone but an agent.
+pub fn may_call(caller: &Caller) -> Result<(), Denied> {
+    if caller.role == Role::Agent {
+        return Err(Denied::AgentsOnlyAttach {
+            principal: caller.principal.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Renewing or releasing `lease`: its holder, or an operator.
+pub fn may_manage_lease(
+    caller: &Caller,
+    lease: &Lease,
+    action: &'static str,
+) -> Result<(), Denied> {
+    if caller.principal == lease.holder || caller.role.is_operator() {
+        return Ok(());
+    }
+    Err(Denied::NotLeaseHolder {
+        principal: caller.principal.clone(),
+        action,
+        lease: lease.id,
+        holder: lease.holder.clone(),
+    })
+}
+
+/// Operators only (maintenance, inventory reloads).
+pub fn operators_only(caller: &Caller, action: &'static str) -> Result<(), Denied> {
+    if caller.role.is_operator() {
+        return Ok(());
+    }
+    Err(Denied::OperatorsOnly {
+        principal: caller.principal.clone(),
+        action,
+    })
+}
+
+/// Driving a host (switching its power, opening its console): the holder
+/// of its active lease, or an operator.
+pub fn may_drive_host(
+    caller: &Caller,
+    host: &HostView,
+    action: &'static str,
+) -> Result<(), Denied> {
+    if caller.role.is_operator() {
+        return Ok(());
+    }
+    let holds = matches!(host.record.state, HostState::Leased(_))
+        && host
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.is_active() && l.holder == caller.principal);
+    if holds {
+        return Ok(());
+    }
+    Err(Denied::NotHolder {
+        principal: caller.principal.clone(),
+        host: host.record.name.clone(),
+        action,
+    })
+}
+
+/// Reading the console captured during `lease`: its holder, or an operator.
+pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied> {
+    if caller.role.is_operator() || caller.principal == lease.holder {
+        return Ok(());
+    }
+    Err(Denied::NotLogReader {
+        principal: caller.principal.clone(),
+        lease: lease.id,
+        holder: lease.holder.clone(),
+    })
+}
+
+/// Opening an agent link at all (before the hello names a rack): agents,
+/// and operators (the development mode).
+pub fn may_link(caller: &Caller) -> Result<(), Denied> {
+    if matches!(caller.role, Role::Agent | Role::Operator) {
+        return Ok(());
+    }
+    Err(Denied::NotAnAgent {
+        principal: caller.principal.clone(),
+        role: caller.role,
+    })
+}
+
+/// Attaching for `rack`, whose agent is `agent`: that agent, or an
+/// operator (any rack).
+pub fn may_attach(caller: &Caller, rack: &RackName, agent: &str) -> Result<(), Denied> {
+    if caller.role.is_operator() || caller.principal.as_str() == agent {
+        return Ok(());
+    }
+    Err(Denied::NotTheRacksAgent {
+        principal: caller.principal.clone(),
+        rack: rack.clone(),
+        agent: agent.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{HostRecord, LeaseState};
+    use crate::types::{Generation, Timestamp};
+
+    fn caller(name: &str, role: Role) -> Caller {
+        Caller {
+            principal: Principal::new(name).unwrap(),
+            role,
+        }
+    }
+
+    fn lease(holder: &str, state: LeaseState) -> Lease {
+        Lease {
+            id: LeaseId::random(),
+            holder: Principal::new(holder).unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            state,
+            profile: None,
+            priority: 0,
+            comment: String::new(),
+            ttl_ms: 60_000,
+            granted_at: Timestamp(0),
+            expires_at: Timestamp(60_000),
+            max_expires_at: Timestamp(600_000),
+            ended_at: None,
+            waiter_id: 1,
+            generation: Generation(1),
+        }
+    }
+
+    fn host(lease: Option<Lease>, leased: bool) -> HostView {
+        let mut record = HostRecord::new(HostName::new("h1").unwrap());
+        if leased {
+            record.state = HostState::Leased(lease.as_ref().unwrap().id);
+        }
+        HostView {
+            spec: None,
+            record,
+            lease,
+            unreachable: None,
+        }
+    }
+
+    #[test]
+    fn each_rule_allows_and_refuses_whom_it_should() {
+        use LeaseState::{Active, Released};
+        use Role::{Agent, Ci, Developer, Operator};
+        // (rule, caller, allowed)
+        type Rule = Box<dyn Fn(&Caller) -> Result<(), Denied>>;
+        let held = || host(Some(lease("alice", Active)), true);
+        let rules: Vec<(&str, Rule)> = vec![
+            ("call", Box::new(may_call)),
+            (
+                "manage",
+                Box::new(|c| may_manage_lease(c, &lease("alice", Active), "renew")),
+            ),
+            (
+                "operate",
+                Box::new(|c| operators_only(c, "reload the inventory")),
+            ),
+            (
+                "drive",
+                Box::new(move |c| may_drive_host(c, &held(), "open the console of")),
+            ),
+            (
+                "drive ended",
+                Box::new(|c| may_drive_host(c, &host(Some(lease("alice", Released)), true), "x")),
+            ),
+            (
+                "drive free",
+                Box::new(|c| may_drive_host(c, &host(None, false), "x")),
+            ),
+            (
+                "log",
+                Box::new(|c| may_read_console_log(c, &lease("alice", Released))),
+            ),
+            ("link", Box::new(may_link)),
+            (
+                "attach",
+                Box::new(|c| may_attach(c, &RackName::new("r1").unwrap(), "agent-r1")),
+            ),
+        ];
+        let callers = [
+            ("alice", Ci),
+            ("bob", Developer),
+            ("root", Operator),
+            ("agent-r1", Agent),
+            ("agent-r2", Agent),
+        ];
+        #[rustfmt::skip]
+        let want: [(&str, [bool; 5]); 9] = [
+            //              alice  bob    root   agent1 agent2
+            ("call",        [true,  true,  true,  false, false]),
+            ("manage",      [true,  false, true,  false, false]),
+            ("operate",     [false, false, true,  false, false]),
+            ("drive",       [true,  false, true,  false, false]),
+            ("drive ended", [false, false, true,  false, false]),
+            ("drive free",  [false, false, true,  false, false]),
+            ("log",         [true,  false, true,  false, false]),
+            ("link",        [false, false, true,  true,  true]),
+            ("attach",      [false, false, true,  true,  false]),
+        ];
+        for ((name, rule), (want_name, allowed)) in rules.iter().zip(want) {
+            assert_eq!(*name, want_name);
+            for ((who, role), allowed) in callers.iter().zip(allowed) {
+                let got = rule(&caller(who, *role));
+                assert_eq!(got.is_ok(), allowed, "{name} by {who}: {got:?}");
+                if let Err(e) = got {
+                    assert!(e.to_string().starts_with(who), "{name}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_principal_and_the_action() {
+        let l = lease("alice", LeaseState::Active);
+        let bob = caller("bob", Role::Developer);
+        let cases: Vec<(Denied, String)> =
+            vec![
+            (
+                may_call(&caller("agent-r1", Role::Agent)).unwrap_err(),
+                "agent-r1 is an agent: agents may only attach".into(),
+            ),
+            (
+                may_manage_lease(&bob, &l, "release").unwrap_err(),
+                format!("bob may not release lease {} held by alice", l.id),
+            ),
+            (
+                operators_only(&bob, "change maintenance").unwrap_err(),
+                "bob may not change maintenance (operators only)".into(),
+            ),
+            (
+                may_drive_host(&bob, &host(Some(l.clone()), true), "switch the power of")
+                    .unwrap_err(),
+                "bob may not switch the power of host h1: it does not hold the host's active lease"
+                    .into(),
+            ),
+            (
+                may_read_console_log(&bob, &l).unwrap_err(),
+                format!("bob may not read the console log of lease {} (held by alice)", l.id),
+            ),
+            (
+                may_link(&bob).unwrap_err(),
+                "bob (developer) is not an agent".into(),
+            ),
+            (
+                may_attach(
+                    &caller("agent-r2", Role::Agent),
+                    &RackName::new("r1").unwrap(),
+                    "agent-r1",
+                )
+                .unwrap_err(),
+                "agent-r2 may not attach for rack r1 (its agent is agent-r1)".into(),
+            ),
+        ];
+        for (denied, want) in cases {
+            assert_eq!(denied.to_string(), want);
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Which hosts cannot be driven now, and why. A host of a rack that has an
+//! agent is unreachable while that agent is not attached, or while the
+//! agent reports it unreachable (its BMC silent). Hosts of racks without an
+//! agent are always reachable. Pure: the registry feeds it the inventory,
+//! the attached racks and the reports, and hands the result to the core
+//! (`Core::set_unreachable`), which grants no unreachable host.
+
+use crate::inventory::Inventory;
+use crate::types::{HostName, RackName};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// What an agent last said about driving a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostReachability {
+    Reachable,
+    Unreachable { reason: String },
+}
+
+/// The agents' last word on each host, and which hosts have an agent.
+#[derive(Debug, Default)]
+pub(super) struct Reachability {
+    reports: HashMap<HostName, HostReachability>,
+    /// Hosts whose rack has an agent, as of the last [`Self::refresh`].
+    managed: HashSet<HostName>,
+}
+
+impl Reachability {
+    /// Records a report; true when it changes what is known of the host.
+    pub(super) fn report(&mut self, host: HostName, now: HostReachability) -> bool {
+        self.reports.insert(host, now.clone()) != Some(now)
+    }
+
+    /// Does `host`'s rack have an agent?
+    pub(super) fn is_managed(&self, host: &HostName) -> bool {
+        self.managed.contains(host)
+    }
+
+    /// The unreachable hosts of `inventory` with why, given which racks
+    /// have their agent attached.
+    pub(super) fn refresh(
+        &mut self,
+        inventory: &Inventory,
+        attached: impl Fn(&RackName) -> bool,
+    ) -> BTreeMap<HostName, String> {
+        self.managed.clear();
+        let mut unreachable = BTreeMap::new();
+        for h in &inventory.hosts {
+            let Some(agent) = inventory.rack(&h.rack).and_then(|r| r.agent.as_ref()) else {
+                continue;
+            };
+            self.managed.insert(h.name.clone());
+            if !attached(&h.rack) {
+                unreachable.insert(
+                    h.name.clone(),
+                    format!("agent {agent} of rack {} is not attached", h.rack),
+                );
+            } else if let Some(HostReachability::Unreachable { reason }) = self.reports.get(&h.name)
+            {
+                unreachable.insert(h.name.clone(), reason.clone());
+            }
+        }
+        unreachable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const INVENTORY: &str = r#"
+[[rack]]
+name = "r1"
+agent = "a1"
+
+[[rack]]
+name = "r2"
+
+[[host]]
+name = "h1"
+arch = "x86_64"
+firmware = "bios"
+rack = "r1"
+mac = "52:54:00:00:00:01"
+
+[[host]]
+name = "h2"
+arch = "x86_64"
+firmware = "bios"
+rack = "r1"
+mac = "52:54:00:00:00:02"
+
+[[host]]
+name = "h3"
+arch = "x86_64"
+firmware = "bios"
+rack = "r2"
+mac = "52:54:00:00:00:03"
+"#;
+
+    fn h(name: &str) -> HostName {
+        HostName::new(name).unwrap()
+    }
+
+    fn silent(reason: &str) -> HostReachability {
+        HostReachability::Unreachable {
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn agent_presence_and_reports_decide() {
+        let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+        let away = "agent a1 of rack r1 is not attached";
+        // (r1 attached, reports, unreachable hosts)
+        type Case<'a> = (
+            bool,
+            Vec<(&'a str, HostReachability)>,
+            Vec<(&'a str, &'a str)>,
+        );
+        let cases: Vec<Case> = vec![
+            (false, vec![], vec![("h1", away), ("h2", away)]),
+            // An absent agent's reports do not count.
+            (
+                false,
+                vec![("h1", silent("bmc"))],
+                vec![("h1", away), ("h2", away)],
+            ),
+            (true, vec![], vec![]),
+            (
+                true,
+                vec![("h1", silent("bmc of h1 silent"))],
+                vec![("h1", "bmc of h1 silent")],
+            ),
+            (
+                true,
+                vec![("h1", silent("x")), ("h1", HostReachability::Reachable)],
+                vec![],
+            ),
+            // r2 has no agent: h3 is never unreachable.
+            (true, vec![("h3", silent("x"))], vec![]),
+        ];
+        for (attached, reports, want) in cases {
+            let mut r = Reachability::default();
+            for (host, rep) in reports.clone() {
+                r.report(h(host), rep);
+            }
+            let got = r.refresh(&inv, |rack| attached && rack.as_str() == "r1");
+            let want: BTreeMap<HostName, String> =
+                want.iter().map(|(k, v)| (h(k), v.to_string())).collect();
+            assert_eq!(got, want, "attached={attached} {reports:?}");
+            assert!(r.is_managed(&h("h1")) && r.is_managed(&h("h2")));
+            assert!(!r.is_managed(&h("h3")));
+        }
+    }
+
+    #[test]
+    fn only_a_change_is_news() {
+        let mut r = Reachability::default();
+        assert!(r.report(h("h1"), HostReachability::Reachable));
+        assert!(!r.report(h("h1"), HostReachability::Reachable));
+        assert!(r.report(h("h1"), silent("a")));
+        assert!(!r.report(h("h1"), silent("a")));
+        assert!(r.report(h("h1"), silent("b")));
+        assert!(r.report(h("h1"), HostReachability::Reachable));
+    }
+}

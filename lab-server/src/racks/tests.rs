@@ -1,0 +1,866 @@
+//! Registry tests on paused time, with a fake agent in place of the Attach
+//! stream (two channels, no gRPC) and a real core on the in-memory store:
+//! the hello and the full state, detach and replacement, commands that time
+//! out or fail, reports, the reclaim step, and every refusal.
+
+use super::*;
+use crate::core::clock::TokioClock;
+use crate::core::reclaim::ReclaimJob;
+use crate::core::{Core, CoreConfig, CoreError, WaitState};
+use crate::inventory::Inventory;
+use crate::lease::{HostState, Lease, LeaseSpec};
+use crate::store::memory::MemStore;
+use crate::types::{Caller, HostName, Principal, ProfileName, RackName, Role, Timestamp};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+
+const INVENTORY: &str = r#"
+[[rack]]
+name = "r1"
+agent = "a1"
+
+[[rack]]
+name = "r2"
+
+[[host]]
+name = "h1"
+arch = "x86_64"
+firmware = "bios"
+rack = "r1"
+mac = "52:54:00:00:00:01"
+[host.bmc]
+address = "127.0.0.1"
+port = 10001
+user = "admin"
+password_file = "PW"
+[host.console]
+kind = "tcp"
+address = "127.0.0.1:9"
+
+[[host]]
+name = "h2"
+arch = "x86_64"
+firmware = "uefi"
+rack = "r1"
+mac = "52:54:00:00:00:02"
+[host.console]
+kind = "none"
+
+[[host]]
+name = "h3"
+arch = "x86_64"
+firmware = "bios"
+rack = "r2"
+mac = "52:54:00:00:00:03"
+[host.bmc]
+address = "127.0.0.1"
+port = 10003
+user = "admin"
+password_file = "PW"
+"#;
+
+/// A core on the in-memory store with the registry's reclaimer, and the
+/// registry wired to it.
+struct Lab {
+    core: Core,
+    racks: Racks,
+    dir: tempfile::TempDir,
+}
+
+fn inventory_text(dir: &Path, with_agent: bool) -> String {
+    let text = INVENTORY.replace("PW", &dir.join("bmc.pw").display().to_string());
+    if with_agent {
+        text
+    } else {
+        text.replace("agent = \"a1\"\n", "")
+    }
+}
+
+async fn lab() -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bmc.pw"), "secret-pw\n").unwrap();
+    let path = dir.path().join("inventory.toml");
+    std::fs::write(&path, inventory_text(dir.path(), true)).unwrap();
+    let inventory = Inventory::load(&path).unwrap();
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(1_000_000)));
+    let registry = RackRegistry::new(clock.clone());
+    let (core, _actor) = Core::start(
+        CoreConfig::new(path),
+        Arc::new(MemStore::new()),
+        inventory,
+        registry.reclaimer(),
+        clock,
+    )
+    .await
+    .unwrap();
+    let racks = Racks::start(core.clone(), registry);
+    settle().await;
+    Lab { core, racks, dir }
+}
+
+fn h(name: &str) -> HostName {
+    HostName::new(name).unwrap()
+}
+
+fn caller(name: &str, role: Role) -> Caller {
+    Caller {
+        principal: Principal::new(name).unwrap(),
+        role,
+    }
+}
+
+fn hello(rack: &str) -> FromAgent {
+    FromAgent::Hello(Hello {
+        rack: RackName::new(rack).unwrap(),
+        version: "test".into(),
+    })
+}
+
+/// Let the core, the registry and their tasks run.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// Polls `f` (every 10 ms of paused time, up to a minute) until it gives a
+/// value.
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    for _ in 0..6000 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no {what} within a minute");
+}
+
+/// Fails the test rather than hanging it.
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(600), f)
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 600 s"))
+}
+
+/// The registry's side of a link, played by the test.
+struct FakeAgent {
+    up: mpsc::Sender<Result<FromAgent, LinkError>>,
+    down: mpsc::Receiver<Outbound>,
+}
+
+/// Opens a link as `who`, sending `first` before the registry looks.
+async fn link(
+    racks: &Racks,
+    who: Caller,
+    first: Vec<Result<FromAgent, LinkError>>,
+    close: bool,
+) -> Result<FakeAgent, RackError> {
+    let (up, rx) = mpsc::channel(64);
+    for m in first {
+        up.send(m).await.unwrap();
+    }
+    let keep = (!close).then_some(up);
+    let down = racks.attach(who, Box::pin(ReceiverStream::new(rx))).await?;
+    let up = keep.unwrap_or_else(|| mpsc::channel(1).0);
+    Ok(FakeAgent { up, down })
+}
+
+/// Agent `a1` attached for rack r1.
+async fn attach(racks: &Racks) -> FakeAgent {
+    link(
+        racks,
+        caller("a1", Role::Agent),
+        vec![Ok(hello("r1"))],
+        false,
+    )
+    .await
+    .unwrap()
+}
+
+impl FakeAgent {
+    async fn recv(&mut self) -> ToAgent {
+        within("message for the agent", self.down.recv())
+            .await
+            .expect("the link is open")
+            .expect("no error down the link")
+    }
+
+    /// The next command, skipping desired-state updates.
+    async fn command(&mut self) -> Command {
+        loop {
+            if let ToAgent::Command(c) = self.recv().await {
+                return c;
+            }
+        }
+    }
+
+    async fn send(&self, m: FromAgent) {
+        self.up.send(Ok(m)).await.unwrap();
+    }
+
+    async fn reply(&self, id: CommandId, outcome: Result<Done, AgentFailure>) {
+        self.send(FromAgent::Reply(CommandReply { id, outcome }))
+            .await;
+    }
+
+    /// Commands received so far, without waiting.
+    fn commands_so_far(&mut self) -> Vec<Command> {
+        let mut v = Vec::new();
+        while let Ok(m) = self.down.try_recv() {
+            if let Ok(ToAgent::Command(c)) = m {
+                v.push(c);
+            }
+        }
+        v
+    }
+}
+
+async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lease {
+    let spec = LeaseSpec {
+        arch: None,
+        flags: BTreeSet::new(),
+        hosts: BTreeSet::from([h(host)]),
+        count: 1,
+        profile: profile.map(|p| ProfileName::new(p).unwrap()),
+        ttl: Duration::from_secs(3600),
+        priority: 0,
+        comment: String::new(),
+    };
+    let mut acq = core
+        .acquire(caller(who, Role::Ci), spec, true)
+        .await
+        .unwrap();
+    loop {
+        match acq.next().await.expect("a final state") {
+            WaitState::Granted(l) => return l,
+            WaitState::Queued { .. } => continue,
+            WaitState::Failed(e) => panic!("{host} not granted: {e}"),
+        }
+    }
+}
+
+async fn unreachable(core: &Core, host: &str) -> Option<String> {
+    core.get_host(h(host)).await.unwrap().unreachable
+}
+
+async fn state(core: &Core, host: &str) -> HostState {
+    core.get_host(h(host)).await.unwrap().record.state
+}
+
+const AWAY: &str = "agent a1 of rack r1 is not attached";
+
+#[tokio::test(start_paused = true)]
+async fn hello_gets_the_full_rack_state_and_its_hosts_become_reachable() {
+    let lab = lab().await;
+    assert_eq!(unreachable(&lab.core, "h1").await.as_deref(), Some(AWAY));
+    assert_eq!(unreachable(&lab.core, "h2").await.as_deref(), Some(AWAY));
+    // A rack without an agent is never unreachable.
+    assert_eq!(unreachable(&lab.core, "h3").await, None);
+
+    let mut agent = attach(&lab.racks).await;
+    let ToAgent::Rack(rack) = agent.recv().await else {
+        panic!("the full state first")
+    };
+    assert_eq!(rack.rack.as_str(), "r1");
+    let names: Vec<&str> = rack.hosts.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["h1", "h2"]);
+    let h1 = rack.hosts[0].hardware.as_ref().unwrap();
+    let bmc = h1.bmc.as_ref().unwrap();
+    assert_eq!((bmc.endpoint.port, bmc.user.as_str()), (10001, "admin"));
+    assert_eq!(
+        bmc.password.expose(),
+        b"secret-pw",
+        "resolved, newline trimmed"
+    );
+    assert!(rack.hosts[1].hardware.as_ref().unwrap().bmc.is_none());
+    assert!(rack.hosts.iter().all(|d| d.lease.is_none() && !d.retired));
+    assert!(
+        lab.racks
+            .registry()
+            .is_attached(&RackName::new("r1").unwrap())
+    );
+    assert_eq!(unreachable(&lab.core, "h1").await, None);
+
+    // A grant sends that host's desired state again, with the lease.
+    let lease = grant(&lab.core, "alice", "h1", Some("xen")).await;
+    let update = loop {
+        if let ToAgent::Host(d) = agent.recv().await
+            && d.lease.is_some()
+        {
+            break d;
+        }
+    };
+    assert_eq!(update.name.as_str(), "h1");
+    assert_eq!(
+        update.lease,
+        Some(ActiveLease {
+            id: lease.id,
+            profile: Some(ProfileName::new("xen").unwrap())
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detach_marks_the_racks_hosts_unreachable() {
+    let lab = lab().await;
+    let agent = attach(&lab.racks).await;
+    assert_eq!(unreachable(&lab.core, "h1").await, None);
+    drop(agent);
+    for host in ["h1", "h2"] {
+        let why = until("unreachable after the detach", || async {
+            unreachable(&lab.core, host).await
+        })
+        .await;
+        assert_eq!(why, AWAY);
+    }
+    assert!(
+        !lab.racks
+            .registry()
+            .is_attached(&RackName::new("r1").unwrap())
+    );
+    assert_eq!(unreachable(&lab.core, "h3").await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_attach_replaces_the_first() {
+    let lab = lab().await;
+    let mut first = attach(&lab.racks).await;
+    let mut second = attach(&lab.racks).await;
+    let ended = loop {
+        match within("the replacement", first.down.recv()).await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(ended, Some(Err(RackError::Replaced { .. }))),
+        "{ended:?}"
+    );
+    // The older link's end is no detach: the rack stays reachable.
+    drop(first);
+    settle().await;
+    assert_eq!(unreachable(&lab.core, "h1").await, None);
+    // Commands go to the newer link.
+    let (root, h1) = (caller("root", Role::Operator), h("h1"));
+    let (on, ()) = tokio::join!(lab.racks.power(&root, &h1, PowerAction::Status), async {
+        let c = second.command().await;
+        assert_eq!(
+            (c.host.as_str(), &c.kind),
+            ("h1", &CommandKind::Power(PowerAction::Status))
+        );
+        second.reply(c.id, Ok(Done { on: true })).await;
+    });
+    assert!(on.unwrap());
+}
+
+/// An operation that sends one command to the agent of rack r1.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Power,
+    Console,
+    Log,
+    Reclaim,
+}
+
+/// What the fake agent does with the command.
+#[derive(Debug, Clone, Copy)]
+enum AgentDoes {
+    Nothing,
+    Fails,
+    Leaves,
+}
+
+async fn run(lab: &Lab, op: Op, lease: &Lease) -> Result<(), RackError> {
+    let root = caller("root", Role::Operator);
+    match op {
+        Op::Power => lab
+            .racks
+            .power(&root, &h("h1"), PowerAction::Cycle)
+            .await
+            .map(drop),
+        Op::Console => {
+            let open = ConsoleOpen {
+                host: h("h1"),
+                write: true,
+                replay_bytes: 0,
+            };
+            lab.racks.console(&root, open).await.map(drop)
+        }
+        Op::Log => {
+            let mut parts = lab.racks.console_log(&root, lease).await?;
+            assert_eq!(parts.len(), 1);
+            parts.remove(0).1.map(drop)
+        }
+        Op::Reclaim => {
+            let inventory = lab.core.inventory().await.unwrap();
+            let job = ReclaimJob {
+                host: inventory.host(&h("h1")).unwrap().clone(),
+                lease: lease.id,
+                profile: None,
+            };
+            let reclaimer = lab.racks.registry().reclaimer();
+            reclaimer
+                .reclaim(&job)
+                .await
+                .map_err(|e| *e.source.downcast::<RackError>().expect("a rack error"))
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_that_time_out_or_fail_are_forgotten() {
+    let r1 = RackName::new("r1").unwrap();
+    let cases = [
+        (Op::Power, POWER_TIMEOUT),
+        (Op::Console, CONSOLE_OPEN_TIMEOUT),
+        (Op::Log, LOG_READ_TIMEOUT),
+        (Op::Reclaim, RECLAIM_TIMEOUT),
+    ];
+    for (op, timeout) in cases {
+        for does in [AgentDoes::Nothing, AgentDoes::Fails, AgentDoes::Leaves] {
+            let lab = lab().await;
+            let mut agent = attach(&lab.racks).await;
+            let lease = grant(&lab.core, "alice", "h1", None).await;
+            let start = Instant::now();
+            let (result, ()) = tokio::join!(run(&lab, op, &lease), async {
+                let c = agent.command().await;
+                assert_eq!(c.host.as_str(), "h1");
+                match does {
+                    AgentDoes::Nothing => {}
+                    AgentDoes::Fails => {
+                        let failure = AgentFailure {
+                            kind: FailureKind::Unavailable,
+                            message: "the BMC did not answer".into(),
+                        };
+                        agent.reply(c.id, Err(failure)).await;
+                    }
+                    AgentDoes::Leaves => {
+                        let (up, _) = mpsc::channel(1);
+                        drop(std::mem::replace(&mut agent.up, up));
+                        agent.down.close();
+                    }
+                }
+            });
+            let err = result.expect_err("the command cannot succeed");
+            let what = format!("{op:?} when the agent does {does:?}: {err}");
+            match does {
+                AgentDoes::Nothing => {
+                    assert!(
+                        matches!(err, RackError::Timeout { after, .. } if after == timeout),
+                        "{what}"
+                    );
+                    assert_eq!(start.elapsed(), timeout, "{what}");
+                    assert_eq!(
+                        err.to_string(),
+                        format!("the agent of rack r1 did not answer within {timeout:?}")
+                    );
+                }
+                AgentDoes::Fails => assert!(
+                    matches!(
+                        &err,
+                        RackError::AgentFailed { kind: FailureKind::Unavailable, message, .. }
+                            if message == "the BMC did not answer"
+                    ),
+                    "{what}"
+                ),
+                AgentDoes::Leaves => {
+                    assert!(matches!(err, RackError::AgentGone { .. }), "{what}");
+                }
+            }
+            // Nothing is left waiting for a reply or session data.
+            assert_eq!(lab.racks.registry().under_way(&r1), (0, 0), "{what}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reports_update_provisioning_and_reachability() {
+    let lab = lab().await;
+    let agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", Some("xen")).await;
+    let before = lab.racks.provisioning(&lease);
+    assert_eq!(before.len(), 1);
+    assert_eq!(
+        (
+            before[0].phase,
+            before[0].stage.as_str(),
+            before[0].updated_at
+        ),
+        (
+            ProvisionPhase::Pending,
+            "waiting for the rack's agent",
+            None
+        )
+    );
+    // A host of a rack without an agent gets no provisioning at all.
+    let other = grant(&lab.core, "alice", "h3", None).await;
+    assert!(lab.racks.provisioning(&other).is_empty());
+
+    let report = |reachability, phase, stage: &str| {
+        FromAgent::Report(HostReport {
+            host: h("h1"),
+            reachability,
+            provisioning: Some(ProvisionReport {
+                lease: lease.id,
+                phase,
+                stage: stage.into(),
+                console_tail: String::new(),
+            }),
+        })
+    };
+    let silent = HostReachability::Unreachable {
+        reason: "BMC of h1 silent".into(),
+    };
+    let steps = [
+        (
+            silent,
+            ProvisionPhase::Booting,
+            "powered on",
+            Some("BMC of h1 silent"),
+        ),
+        (
+            HostReachability::Reachable,
+            ProvisionPhase::Ready,
+            "ready",
+            None,
+        ),
+    ];
+    for (reachability, phase, stage, want_unreachable) in steps {
+        let now = lab.racks.registry().now();
+        agent.send(report(reachability, phase, stage)).await;
+        let p = until("the report's provisioning", || async {
+            let p = lab.racks.provisioning(&lease).remove(0);
+            (p.phase == phase).then_some(p)
+        })
+        .await;
+        assert_eq!(p.stage, stage);
+        assert!(p.updated_at.is_some_and(|t| t >= now), "{p:?}");
+        let why = until("the report's reachability", || async {
+            let why = unreachable(&lab.core, "h1").await;
+            (why.as_deref() == want_unreachable).then_some(why)
+        })
+        .await;
+        assert_eq!(why.as_deref(), want_unreachable);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reclaim_waits_for_the_agent() {
+    let lab = lab().await;
+    let agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", Some("xen")).await;
+    drop(agent);
+    until("h1 unreachable", || async {
+        unreachable(&lab.core, "h1").await
+    })
+    .await;
+    lab.core
+        .release(caller("alice", Role::Ci), lease.id)
+        .await
+        .unwrap();
+    // The agent is away: the reclaim fails and is retried; the host is
+    // never handed out meanwhile.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        state(&lab.core, "h1").await,
+        HostState::Reclaiming(lease.id)
+    );
+
+    let mut agent = attach(&lab.racks).await;
+    let c = agent.command().await;
+    assert_eq!(c.host.as_str(), "h1");
+    assert_eq!(
+        c.kind,
+        CommandKind::Reclaim {
+            lease: lease.id,
+            profile: Some(ProfileName::new("xen").unwrap())
+        }
+    );
+    agent.reply(c.id, Ok(Done::default())).await;
+    until("h1 available", || async {
+        (state(&lab.core, "h1").await == HostState::Available).then_some(())
+    })
+    .await;
+    assert!(
+        lab.racks
+            .registry()
+            .reclaimed_at(lease.id, &h("h1"))
+            .is_some_and(|t| t.0 > 1_000_000 + 30_000)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reclaim_ends_when_the_rack_loses_its_agent() {
+    let lab = lab().await;
+    let agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    drop(agent);
+    lab.core
+        .release(caller("alice", Role::Ci), lease.id)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        state(&lab.core, "h1").await,
+        HostState::Reclaiming(lease.id)
+    );
+    // The rack is driven by hand from now on: nothing left to do.
+    std::fs::write(
+        lab.dir.path().join("inventory.toml"),
+        inventory_text(lab.dir.path(), false),
+    )
+    .unwrap();
+    lab.core
+        .reload_inventory(&caller("root", Role::Operator))
+        .await
+        .unwrap();
+    until("h1 available", || async {
+        (state(&lab.core, "h1").await == HostState::Available).then_some(())
+    })
+    .await;
+    assert_eq!(unreachable(&lab.core, "h1").await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attach_refusals() {
+    let lab = lab().await;
+    let a1 = || caller("a1", Role::Agent);
+    let bad_rack = RackName::new("r 1").unwrap_err();
+    // (who, first messages, close the stream, refusal)
+    type Case = (
+        Caller,
+        Vec<Result<FromAgent, LinkError>>,
+        bool,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            caller("alice", Role::Ci),
+            vec![Ok(hello("r1"))],
+            false,
+            "alice (ci) is not an agent",
+        ),
+        (
+            caller("a2", Role::Agent),
+            vec![Ok(hello("r1"))],
+            false,
+            "a2 may not attach for rack r1 (its agent is a1)",
+        ),
+        (
+            a1(),
+            vec![Ok(hello("r9"))],
+            false,
+            "hello.rack: no rack r9 in the inventory",
+        ),
+        (
+            a1(),
+            vec![Ok(hello("r2"))],
+            false,
+            "rack r2 has no agent in the inventory",
+        ),
+        (
+            a1(),
+            vec![Err(LinkError::BadHello { source: bad_rack })],
+            false,
+            "hello.rack",
+        ),
+        (
+            a1(),
+            vec![Ok(FromAgent::Data(SessionData::default())), Ok(hello("r1"))],
+            false,
+            "hello: the first message must be a hello",
+        ),
+        (
+            a1(),
+            vec![Err(LinkError::Empty)],
+            false,
+            "hello: the first message must be a hello",
+        ),
+        (
+            a1(),
+            vec![],
+            true,
+            "hello: the first message must be a hello",
+        ),
+        (a1(), vec![], false, "no hello within 10s"),
+    ];
+    for (who, first, close, want) in cases {
+        let what = format!("{who:?} {first:?}");
+        let start = Instant::now();
+        let err = link(&lab.racks, who, first, close)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what} attached"));
+        assert_eq!(err.to_string(), want, "{what}");
+        let waited = start.elapsed();
+        if want.starts_with("no hello") {
+            assert_eq!(waited, Duration::from_secs(10));
+        } else {
+            assert!(waited < Duration::from_secs(1), "{what}: {waited:?}");
+        }
+        assert!(
+            !lab.racks
+                .registry()
+                .is_attached(&RackName::new("r1").unwrap())
+        );
+    }
+    // An operator may attach for any rack that has an agent (development
+    // mode).
+    link(
+        &lab.racks,
+        caller("root", Role::Operator),
+        vec![Ok(hello("r1"))],
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(
+        lab.racks
+            .registry()
+            .is_attached(&RackName::new("r1").unwrap())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn drive_refusals() {
+    let lab = lab().await;
+    let mut agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    let alice = caller("alice", Role::Ci);
+    let bob = caller("bob", Role::Developer);
+    let root = caller("root", Role::Operator);
+    let console = |host: &str| ConsoleOpen {
+        host: h(host),
+        write: false,
+        replay_bytes: 0,
+    };
+    let power = |who: &Caller, host: &str, action| {
+        let (racks, who, host) = (lab.racks.clone(), who.clone(), h(host));
+        async move { racks.power(&who, &host, action).await.map(drop) }
+    };
+    let results: Vec<(Result<(), RackError>, String)> = vec![
+        (
+            power(&bob, "h1", PowerAction::Off).await,
+            "bob may not switch the power of host h1: it does not hold the host's active lease"
+                .into(),
+        ),
+        (
+            power(&alice, "h2", PowerAction::On).await,
+            "alice may not switch the power of host h2: it does not hold the host's active lease"
+                .into(),
+        ),
+        (
+            lab.racks.console(&bob, console("h1")).await.map(drop),
+            "bob may not open the console of host h1: it does not hold the host's active lease"
+                .into(),
+        ),
+        (
+            lab.racks.console_log(&bob, &lease).await.map(drop),
+            format!(
+                "bob may not read the console log of lease {} (held by alice)",
+                lease.id
+            ),
+        ),
+        (
+            power(&root, "h2", PowerAction::Status).await,
+            "host h2 has no BMC in the inventory".into(),
+        ),
+        (
+            power(&root, "h3", PowerAction::Status).await,
+            "rack r2 has no agent".into(),
+        ),
+        (
+            lab.racks.console(&root, console("h2")).await.map(drop),
+            "host h2 has no console in the inventory".into(),
+        ),
+        (
+            power(&root, "h9", PowerAction::Status).await,
+            "no host named h9".into(),
+        ),
+    ];
+    for (result, want) in results {
+        let err = result.expect_err(&want);
+        assert_eq!(err.to_string(), want);
+        let is_denial = matches!(err, RackError::Denied(_));
+        assert_eq!(is_denial, want.contains("may not"), "{err:?}");
+        if want.starts_with("no host") {
+            assert!(matches!(err, RackError::Core(CoreError::NotFound { .. })));
+        }
+    }
+    settle().await;
+    assert!(
+        agent.commands_so_far().is_empty(),
+        "a refused operation sends no command"
+    );
+    // Reading the power state needs no lease.
+    let (on, ()) = tokio::join!(power(&bob, "h1", PowerAction::Status), async {
+        let c = agent.command().await;
+        agent.reply(c.id, Ok(Done { on: false })).await;
+    });
+    on.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holders_console_ends_with_the_lease() {
+    let lab = lab().await;
+    let mut agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    let alice = caller("alice", Role::Ci);
+    let open = ConsoleOpen {
+        host: h("h1"),
+        write: true,
+        replay_bytes: 0,
+    };
+    let (session, id) = tokio::join!(lab.racks.console(&alice, open.clone()), async {
+        let c = agent.command().await;
+        assert_eq!(c.kind, CommandKind::Console(open.clone()));
+        agent.reply(c.id, Ok(Done::default())).await;
+        c.id
+    });
+    let mut session = session.unwrap();
+    assert_eq!(session.id, id);
+    // Output and input flow.
+    agent
+        .send(FromAgent::Data(SessionData {
+            id,
+            output: b"login: ".to_vec(),
+            ..Default::default()
+        }))
+        .await;
+    let d = within("console output", session.output.recv())
+        .await
+        .unwrap();
+    assert_eq!(d.output, b"login: ");
+    session.input(b"root\n".to_vec(), false).await.unwrap();
+    let input = loop {
+        if let ToAgent::Input(i) = agent.recv().await {
+            break i;
+        }
+    };
+    assert_eq!((input.id, input.input.as_slice()), (id, &b"root\n"[..]));
+
+    lab.core.release(alice, lease.id).await.unwrap();
+    let last = within("the session's end", session.output.recv())
+        .await
+        .unwrap();
+    assert!(last.end, "{last:?}");
+    assert_eq!(last.notice, "the lease on h1 ended; console closed");
+    let close = loop {
+        let c = agent.command().await;
+        if c.kind == CommandKind::CloseSession {
+            break c;
+        }
+    };
+    assert_eq!((close.id, close.host.as_str()), (id, "h1"));
+}
