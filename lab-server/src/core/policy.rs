@@ -4,7 +4,7 @@
 //! |-----|-----|
 //! | anyone but an agent | every user call (hosts, leases, events, who-am-i) |
 //! | a lease's holder, an operator | renew or release the lease, read its console log |
-//! | the holder of a host's active lease, an operator | switch the host's power, open its console |
+//! | the holder of a host's active lease, an operator | switch the host's power, open its console, forward to its TCP ports |
 //! | any user | read a host's power state |
 //! | an operator | maintenance, inventory reloads |
 //! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
@@ -127,6 +127,13 @@ pub fn may_drive_host(
     })
 }
 
+/// Forwarding to a host's TCP ports: the holder of its active lease, or an
+/// operator (the rule of [`may_drive_host`]: a port of a leased host is
+/// the lease's, like its console).
+pub fn may_forward(caller: &Caller, host: &HostView) -> Result<(), Denied> {
+    may_drive_host(caller, host, "forward to")
+}
+
 /// Reading the console captured during `lease`: its holder, or an operator.
 pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied> {
     if caller.role.is_operator() || caller.principal == lease.holder {
@@ -193,6 +200,7 @@ mod tests {
             ended_at: None,
             waiter_id: 1,
             generation: Generation(1),
+            ssh_public_key: None,
         }
     }
 

@@ -14,7 +14,9 @@
 //!         a host is grantable only when Available, not in maintenance, not retired.
 //! ```
 
-use crate::types::{Generation, HostName, LeaseId, Principal, ProfileName, Timestamp, WaiterId};
+use crate::types::{
+    Generation, HostName, LeaseId, Principal, ProfileName, SshPublicKey, Timestamp, WaiterId,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -79,6 +81,10 @@ pub struct Lease {
     pub ended_at: Option<Timestamp>,
     pub waiter_id: WaiterId,
     pub generation: Generation,
+    /// The holder's OpenSSH public key for root on the hosts, from the
+    /// request. Leases stored before keys existed load with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// What can happen to a lease.
@@ -274,6 +280,7 @@ mod tests {
             ended_at: None,
             waiter_id: 1,
             generation: Generation(1),
+            ssh_public_key: None,
         }
     }
 

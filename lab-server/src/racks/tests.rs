@@ -236,6 +236,7 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
         ttl: Duration::from_secs(3600),
         priority: 0,
         comment: String::new(),
+        ssh_public_key: None,
     };
     let mut acq = core
         .acquire(caller(who, Role::Ci), spec, true)
@@ -306,7 +307,9 @@ async fn hello_gets_the_full_rack_state_and_its_hosts_become_reachable() {
         update.lease,
         Some(ActiveLease {
             id: lease.id,
-            profile: Some(ProfileName::new("xen").unwrap())
+            profile: Some(ProfileName::new("xen").unwrap()),
+            holder: Principal::new("alice").unwrap(),
+            ssh_public_key: None,
         })
     );
 }
