@@ -107,30 +107,32 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         lease: &lease,
         artifacts: args.artifacts.as_deref(),
     };
+    // Renewing from the grant on: booting may take longer than a short TTL.
+    let ttl = lease
+        .ttl
+        .as_ref()
+        .and_then(convert::duration_from_proto)
+        .unwrap_or(Duration::from_secs(3600));
+    let renewer = Renewer(tokio::spawn(renew_every(
+        ctx.lab.clone(),
+        id.clone(),
+        (ttl / 3).max(Duration::from_millis(500)),
+    )));
     if let Some(timeout) = wait {
         let ready = tokio::select! {
             (_, r) = lease::wait_ready(ctx, lease.clone(), timeout) => r,
             sig = signals.recv() => Err(Interrupted(Some(format!("{sig}: lease {id} released"))).into()),
         };
         if let Err(e) = ready {
+            drop(renewer);
             done.give_back().await;
             // wait_ready's message says the lease is still held; it is not.
             return Err(e.context(format!("lease {id} released")));
         }
     }
 
-    let ttl = lease
-        .ttl
-        .as_ref()
-        .and_then(convert::duration_from_proto)
-        .unwrap_or(Duration::from_secs(3600));
-    let renewer = tokio::spawn(renew_every(
-        ctx.lab.clone(),
-        id.clone(),
-        (ttl / 3).max(Duration::from_millis(500)),
-    ));
     let status = run_command(ctx, &lease, &args.command, &mut signals).await;
-    renewer.abort();
+    drop(renewer);
     let code = match status {
         Ok(s) => exit_code(s),
         Err(e) => {
@@ -146,6 +148,15 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(ChildExit(code).into())
+    }
+}
+
+/// The renewal task; stopped when dropped.
+struct Renewer(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -66,9 +66,9 @@ fn quote(s: &str) -> String {
 }
 
 /// The ProxyCommand: this `lab` with the same server and CA, forwarding
-/// to `host`'s `port`.
+/// to `host`'s `port` (ssh runs it with `exec` through the user's shell).
 fn proxy_command(lab: &str, reach: &Reach, host: &str, port: u16) -> String {
-    let mut cmd = format!("exec {} --server {}", quote(lab), quote(&reach.server));
+    let mut cmd = format!("{} --server {}", quote(lab), quote(&reach.server));
     if let Some(ca) = &reach.ca {
         cmd.push_str(&format!(" --ca {}", quote(&ca.display().to_string())));
     }
@@ -183,7 +183,7 @@ mod tests {
         };
         assert_eq!(
             proxy_command("/usr/bin/lab", &reach, "h1", 22),
-            "exec '/usr/bin/lab' --server 'https://lab:7621' --ca '/etc/lab/it'\\''s 100%%.pem' forward 'h1' 22"
+            "'/usr/bin/lab' --server 'https://lab:7621' --ca '/etc/lab/it'\\''s 100%%.pem' forward 'h1' 22"
         );
     }
 

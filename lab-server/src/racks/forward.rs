@@ -283,9 +283,13 @@ impl Racks {
         let end = forward.pump(from_user, &to_user, idle).await;
         let (host, port, lease) = (forward.host.clone(), forward.port, forward.lease);
         let (to_host, from_host) = (forward.to_host, forward.from_host);
+        let (actor, rack) = (forward.caller.principal.clone(), forward.rack.clone());
+        // Closed on the agent and its slot given back before the event
+        // says it is closed.
+        drop(forward);
         info!(host = %host, port, to_host, from_host, why = %end, "forward closed");
         let note = Note {
-            actor: forward.caller.principal.clone(),
+            actor,
             kind: EventKind::ForwardClosed,
             hosts: vec![host.clone()],
             lease,
@@ -301,9 +305,7 @@ impl Racks {
             ForwardEnd::LeaseEnded => Err(RackError::ForwardLeaseEnded { host }),
             ForwardEnd::Idle(after) => Err(RackError::ForwardIdle { host, after }),
             ForwardEnd::Broken(message) => Err(RackError::ForwardBroken { host, message }),
-            ForwardEnd::AgentGone => Err(RackError::AgentGone {
-                rack: forward.rack.clone(),
-            }),
+            ForwardEnd::AgentGone => Err(RackError::AgentGone { rack }),
         }
     }
 }
