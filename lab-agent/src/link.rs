@@ -360,17 +360,14 @@ async fn open_console(
             }
         }
     });
-    sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            id,
-            Session {
-                writer,
-                forward: None,
-                task,
-            },
-        );
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Session {
+            writer,
+            forward: None,
+            task,
+        },
+    );
     Ok(())
 }
 

@@ -110,7 +110,10 @@ pub fn parse_token(s: &str) -> Result<Token, String> {
         return Err("the token must be printable ASCII without spaces".to_owned());
     }
     let token = BearerToken::new(s).map_err(|e| e.to_string())?;
-    Ok(Token(Some(token), Some(lab_types::Secret::from_bytes(s.as_bytes()))))
+    Ok(Token(
+        Some(token),
+        Some(lab_types::Secret::from_bytes(s.as_bytes())),
+    ))
 }
 
 pub type Svc = InterceptedService<Channel, BearerAuth>;

@@ -103,7 +103,8 @@ pub fn describe(line: &str) -> String {
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
 
     #[test]
     fn defaults_explicit_files_and_none() {
@@ -138,7 +139,10 @@ mod tests {
         std::fs::write(&p, "ssh-foo AAAA").unwrap();
         let e = format!("{:#}", read_public(&p).unwrap_err());
         assert!(e.contains("unknown key type"), "{e}");
-        let e = format!("{:#}", read_public(&dir.path().join("gone.pub")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            read_public(&dir.path().join("gone.pub")).unwrap_err()
+        );
         assert!(e.starts_with("cannot read the SSH public key"), "{e}");
     }
 

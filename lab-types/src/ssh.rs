@@ -51,15 +51,13 @@ pub enum InvalidSshKey {
 }
 
 /// A validated OpenSSH public key line: type, base64 body, optional
-/// comment (as given, single spaces between the parts).
+/// comment (as given, single spaces between the parts). Only the line is
+/// kept (it travels in every desired state); the type and the key blob
+/// are read from it again when asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SshPublicKey {
     line: String,
-    /// Index into [`KEY_TYPES`] (an index, not a `&'static str`, so that
-    /// serde does not ask for a `'static` deserializer).
-    key_type: usize,
-    blob: Vec<u8>,
 }
 
 impl SshPublicKey {
@@ -76,13 +74,9 @@ impl SshPublicKey {
         }
         let mut parts = line.splitn(3, ' ');
         let declared = parts.next().unwrap_or_default();
-        let index = KEY_TYPES
-            .iter()
-            .position(|t| *t == declared)
-            .ok_or_else(|| InvalidSshKey::UnknownType {
-                found: declared.to_owned(),
-            })?;
-        let key_type = KEY_TYPES[index];
+        let key_type = known_type(declared).ok_or_else(|| InvalidSshKey::UnknownType {
+            found: declared.to_owned(),
+        })?;
         let body = parts
             .next()
             .filter(|b| !b.is_empty())
@@ -97,14 +91,12 @@ impl SshPublicKey {
         }
         Ok(SshPublicKey {
             line: line.to_owned(),
-            key_type: index,
-            blob,
         })
     }
 
     /// The key type, e.g. `ssh-ed25519`.
     pub fn key_type(&self) -> &'static str {
-        KEY_TYPES[self.key_type]
+        known_type(self.line.split(' ').next().unwrap_or_default()).unwrap_or_default()
     }
 
     /// The comment after the body (empty when there is none).
@@ -115,7 +107,8 @@ impl SshPublicKey {
     /// `SHA256:<base64 without padding>` of the key blob, as
     /// `ssh-keygen -l` and sshd's logs print it.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(&self.blob);
+        let body = self.line.split(' ').nth(1).unwrap_or_default();
+        let digest = Sha256::digest(base64_decode(body).unwrap_or_default());
         format!("SHA256:{}", base64_encode_unpadded(&digest))
     }
 
@@ -151,6 +144,11 @@ impl From<SshPublicKey> for String {
     }
 }
 
+/// `name` if it is one of [`KEY_TYPES`].
+fn known_type(name: &str) -> Option<&'static str> {
+    KEY_TYPES.iter().copied().find(|t| *t == name)
+}
+
 /// The type name at the start of a key blob (an SSH `string`: a 32-bit
 /// big-endian length, then the bytes).
 fn blob_type(blob: &[u8]) -> Option<String> {
@@ -168,7 +166,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         .strip_suffix(b"==")
         .or_else(|| s.strip_suffix(b"="))
         .unwrap_or(s);
-    if s.len() != body.len() && s.len() % 4 != 0 {
+    if s.len() != body.len() && !s.len().is_multiple_of(4) {
         return None;
     }
     if body.len() % 4 == 1 {

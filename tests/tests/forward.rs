@@ -279,7 +279,13 @@ async fn grant(c: &mut Clients, host: &str) -> pb::Lease {
 }
 
 /// `lab forward` with `input` on stdin: (exit code, stdout, stderr).
-async fn forward_bytes(lab: &Lab, token: &str, host: &str, port: u16, input: Vec<u8>) -> (i32, Vec<u8>, String) {
+async fn forward_bytes(
+    lab: &Lab,
+    token: &str,
+    host: &str,
+    port: u16,
+    input: Vec<u8>,
+) -> (i32, Vec<u8>, String) {
     let mut child = lab
         .lab(token, &["forward", host, &port.to_string()])
         .stdin(Stdio::piped())
@@ -329,14 +335,19 @@ async fn forwards_carry_bytes_for_the_holder_only_and_end_with_the_lease() {
     );
 
     // ------------------------------------------------ who may
-    let (code, _, err) = lab.run("t-bob", &["forward", "h1", &echo.to_string()]).await;
+    let (code, _, err) = lab
+        .run("t-bob", &["forward", "h1", &echo.to_string()])
+        .await;
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("bob may not forward to host h1: it does not hold the host's active lease"),
         "{err}"
     );
     let (code, _, err) = lab
-        .run("t-bob", &["ssh", "h1", "--port", &echo.to_string(), "--", "true"])
+        .run(
+            "t-bob",
+            &["ssh", "h1", "--port", &echo.to_string(), "--", "true"],
+        )
         .await;
     assert_eq!(code, 3, "lab ssh passes on the refusal's code: {err}");
     assert!(err.contains("bob may not forward to host h1"), "{err}");
@@ -346,18 +357,29 @@ async fn forwards_carry_bytes_for_the_holder_only_and_end_with_the_lease() {
     // ------------------------------------------------ what cannot be reached
     let closed = closed_port();
     let t0 = Instant::now();
-    let (code, _, err) = lab.run("t-alice", &["forward", "h1", &closed.to_string()]).await;
+    let (code, _, err) = lab
+        .run("t-alice", &["forward", "h1", &closed.to_string()])
+        .await;
     assert_eq!(code, 7, "{err}");
-    assert!(err.contains(&format!("cannot connect to port {closed} of h1")), "{err}");
+    assert!(
+        err.contains(&format!("cannot connect to port {closed} of h1")),
+        "{err}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10), "refused at once");
     let _h2 = grant(&mut alice, "h2").await;
     let (code, _, err) = lab.run("t-alice", &["forward", "h2", "22"]).await;
     assert_eq!(code, 6, "{err}");
-    assert!(err.contains("host h2 has no ipv4 in the inventory"), "{err}");
+    assert!(
+        err.contains("host h2 has no ipv4 in the inventory"),
+        "{err}"
+    );
 
     // ------------------------------------------------ --listen
     let mut listener = lab
-        .lab("t-alice", &["forward", "h1", &echo.to_string(), "--listen", "0"])
+        .lab(
+            "t-alice",
+            &["forward", "h1", &echo.to_string(), "--listen", "0"],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -395,7 +417,9 @@ async fn forwards_carry_bytes_for_the_holder_only_and_end_with_the_lease() {
         .await
         .unwrap()
         .unwrap();
-    let (code, _, err) = lab.run("t-alice", &["forward", "h1", &echo.to_string()]).await;
+    let (code, _, err) = lab
+        .run("t-alice", &["forward", "h1", &echo.to_string()])
+        .await;
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("already has 3 forwards open"), "{err}");
     drop((a, b, c3));
@@ -441,7 +465,10 @@ async fn forwards_carry_bytes_for_the_holder_only_and_end_with_the_lease() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(6), "{err}");
-    assert!(err.contains("the lease on h1 ended; forward closed"), "{err}");
+    assert!(
+        err.contains("the lease on h1 ended; forward closed"),
+        "{err}"
+    );
     drop(stdin);
 
     // ------------------------------------------------ events
@@ -473,12 +500,18 @@ async fn forwards_carry_bytes_for_the_holder_only_and_end_with_the_lease() {
         )
     );
     assert!(
-        events.iter().any(|e| e.kind == pb::EventKind::ForwardClosed as i32
-            && e.detail.ends_with("; the lease ended")
-            && e.detail.contains("4 bytes to the host, 4 bytes from it")),
+        events
+            .iter()
+            .any(|e| e.kind == pb::EventKind::ForwardClosed as i32
+                && e.detail.ends_with("; the lease ended")
+                && e.detail.contains("4 bytes to the host, 4 bytes from it")),
         "{events:#?}"
     );
-    assert!(events.iter().any(|e| e.kind == pb::EventKind::ForwardOpened as i32 && e.actor == "root"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == pb::EventKind::ForwardOpened as i32 && e.actor == "root")
+    );
 }
 
 /// Runs `ssh-keygen` quietly.
@@ -503,7 +536,16 @@ async fn sshd(dir: &Path, authorized: &Path) -> (tokio::process::Child, u16) {
     // sshd insists on its privilege separation directory.
     std::fs::create_dir_all("/run/sshd").unwrap();
     let host_key = dir.join("ssh_host_ed25519_key");
-    keygen(&["-q", "-t", "ed25519", "-N", "", "-f", host_key.to_str().unwrap()]).await;
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        host_key.to_str().unwrap(),
+    ])
+    .await;
     let port = closed_port();
     let config = dir.join("sshd_config");
     std::fs::write(
@@ -520,7 +562,9 @@ async fn sshd(dir: &Path, authorized: &Path) -> (tokio::process::Child, u16) {
     .unwrap();
     let child = Command::new(sshd)
         .args(["-D", "-e", "-f", config.to_str().unwrap()])
-        .stderr(Stdio::from(std::fs::File::create(dir.join("sshd.log")).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("sshd.log")).unwrap(),
+        ))
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -536,14 +580,33 @@ async fn lab_ssh_logs_into_a_real_sshd_through_the_forward() {
     let lab = Lab::start(ForwardLimits::default()).await;
     let dir = lab.dir.path().to_owned();
     let key = dir.join("id_test");
-    keygen(&["-q", "-t", "ed25519", "-N", "", "-C", "alice@ci", "-f", key.to_str().unwrap()]).await;
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "alice@ci",
+        "-f",
+        key.to_str().unwrap(),
+    ])
+    .await;
     let public = PathBuf::from(format!("{}.pub", key.display()));
 
     // The lease carries the key, shown by its fingerprint.
     let (code, out, err) = lab
         .run(
             "t-alice",
-            &["--json", "lease", "acquire", "--host", "h1", "--ssh-key", public.to_str().unwrap()],
+            &[
+                "--json",
+                "lease",
+                "acquire",
+                "--host",
+                "h1",
+                "--ssh-key",
+                public.to_str().unwrap(),
+            ],
         )
         .await;
     assert_eq!(code, 0, "{err}");
@@ -582,16 +645,39 @@ async fn lab_ssh_logs_into_a_real_sshd_through_the_forward() {
         }
     };
     let (code, out, err) = run(ssh(&["echo", "hi"])).await;
-    assert_eq!((code, out.as_str()), (0, "hi\n"), "{err}\n{}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default());
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hi\n"),
+        "{err}\n{}",
+        std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+    );
     let (code, _, err) = run(ssh(&["exit 7"])).await;
     assert_eq!(code, 7, "the remote status passes through: {err}");
     // A wrong key: ssh's own failure (255), not lab's.
     let other = dir.join("id_other");
-    keygen(&["-q", "-t", "ed25519", "-N", "", "-f", other.to_str().unwrap()]).await;
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        other.to_str().unwrap(),
+    ])
+    .await;
     let (code, _, err) = lab
         .run(
             "t-alice",
-            &["ssh", "h1", "--port", &port, "--ssh-key", other.to_str().unwrap(), "--", "true"],
+            &[
+                "ssh",
+                "h1",
+                "--port",
+                &port,
+                "--ssh-key",
+                other.to_str().unwrap(),
+                "--",
+                "true",
+            ],
         )
         .await;
     assert_eq!(code, 255, "{err}");
@@ -623,8 +709,19 @@ async fn lab_run_exports_the_lease_renews_it_and_always_gives_it_back() {
         .lab(
             "t-alice",
             &[
-                "run", "--host", "h1", "--ttl", "30s", "--ssh-key", "none", "--artifacts",
-                artifacts.to_str().unwrap(), "--", "sh", "-c", &script,
+                "run",
+                "--host",
+                "h1",
+                "--ttl",
+                "30s",
+                "--ssh-key",
+                "none",
+                "--artifacts",
+                artifacts.to_str().unwrap(),
+                "--",
+                "sh",
+                "-c",
+                &script,
             ],
         )
         .stderr(Stdio::piped())
@@ -674,9 +771,16 @@ async fn lab_run_exports_the_lease_renews_it_and_always_gives_it_back() {
     assert_eq!(parts[1], "h1");
     assert_eq!(parts[2], format!("http://{}", lab.server.addr));
     let id = parts[0].to_owned();
-    assert_eq!(lab.lease(&id).await.state, pb::LeaseState::Released as i32, "{err}");
+    assert_eq!(
+        lab.lease(&id).await.state,
+        pb::LeaseState::Released as i32,
+        "{err}"
+    );
     let console = std::fs::read_to_string(artifacts.join("h1.console")).unwrap();
-    assert!(console.contains("LEASE-CONSOLE-MARKER"), "{console:?}\n{err}");
+    assert!(
+        console.contains("LEASE-CONSOLE-MARKER"),
+        "{console:?}\n{err}"
+    );
 
     // ------------------------------------------------ SIGTERM
     for f in ["started", "env"] {
@@ -687,7 +791,20 @@ async fn lab_run_exports_the_lease_renews_it_and_always_gives_it_back() {
         d = dir.display()
     );
     let run = lab
-        .lab("t-alice", &["run", "--host", "h1", "--ssh-key", "none", "--", "sh", "-c", &script])
+        .lab(
+            "t-alice",
+            &[
+                "run",
+                "--host",
+                "h1",
+                "--ssh-key",
+                "none",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -700,23 +817,47 @@ async fn lab_run_exports_the_lease_renews_it_and_always_gives_it_back() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "killed by SIGTERM: {err}");
-    let id = std::fs::read_to_string(dir.join("env")).unwrap().trim().to_owned();
-    assert_eq!(lab.lease(&id).await.state, pb::LeaseState::Released as i32, "{err}");
+    let id = std::fs::read_to_string(dir.join("env"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        lab.lease(&id).await.state,
+        pb::LeaseState::Released as i32,
+        "{err}"
+    );
 
     // ------------------------------------------------ --hold-on-failure
     let (code, _, err) = lab
         .run(
             "t-alice",
             &[
-                "run", "--host", "h1", "--ttl", "20s", "--ssh-key", "none", "--hold-on-failure",
-                "2m", "--", "sh", "-c", "echo $LAB_LEASE > \"$0\"; exit 1",
+                "run",
+                "--host",
+                "h1",
+                "--ttl",
+                "20s",
+                "--ssh-key",
+                "none",
+                "--hold-on-failure",
+                "2m",
+                "--",
+                "sh",
+                "-c",
+                "echo $LAB_LEASE > \"$0\"; exit 1",
                 dir.join("held").to_str().unwrap(),
             ],
         )
         .await;
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("lab ssh h1") && err.contains("lab lease release"), "{err}");
-    let id = std::fs::read_to_string(dir.join("held")).unwrap().trim().to_owned();
+    assert!(
+        err.contains("lab ssh h1") && err.contains("lab lease release"),
+        "{err}"
+    );
+    let id = std::fs::read_to_string(dir.join("held"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let held = lab.lease(&id).await;
     assert_eq!(held.state, pb::LeaseState::Active as i32);
     let expires = lab_proto::convert::system_time(held.expires_at.as_ref().unwrap());
@@ -741,7 +882,19 @@ async fn lab_run_exports_the_lease_renews_it_and_always_gives_it_back() {
     let (code, _, err) = lab
         .run(
             "t-alice",
-            &["run", "--host", "h1", "--ttl", "3s", "--ssh-key", "none", "--", "sh", "-c", &script],
+            &[
+                "run",
+                "--host",
+                "h1",
+                "--ttl",
+                "3s",
+                "--ssh-key",
+                "none",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
         )
         .await;
     assert_eq!(code, 0, "{err}");

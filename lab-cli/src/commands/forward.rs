@@ -214,13 +214,19 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(parse_listen("8022").unwrap(), "127.0.0.1:8022".parse().unwrap());
+        assert_eq!(
+            parse_listen("8022").unwrap(),
+            "127.0.0.1:8022".parse().unwrap()
+        );
         assert_eq!(parse_listen("0").unwrap(), "127.0.0.1:0".parse().unwrap());
         assert_eq!(
             parse_listen("0.0.0.0:8022").unwrap(),
             "0.0.0.0:8022".parse().unwrap()
         );
-        assert_eq!(parse_listen("[::1]:22").unwrap(), "[::1]:22".parse().unwrap());
+        assert_eq!(
+            parse_listen("[::1]:22").unwrap(),
+            "[::1]:22".parse().unwrap()
+        );
         for bad in ["", "x", "70000", "host:22", "1.2.3.4"] {
             assert!(parse_listen(bad).is_err(), "{bad:?}");
         }

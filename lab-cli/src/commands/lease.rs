@@ -246,11 +246,7 @@ fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
 /// Polls the lease every [`READY_POLL`] and prints each host's new boot
 /// stage on stderr until every host is ready, one fails, the lease ends or
 /// `timeout` passes. Returns the last lease seen along with the outcome.
-pub async fn wait_ready(
-    ctx: &Ctx,
-    lease: Lease,
-    timeout: Duration,
-) -> (Lease, anyhow::Result<()>) {
+pub async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
     let mut last = lease;
     let id = last.id.clone();
     let still_held = format!("lease {id} is still held");

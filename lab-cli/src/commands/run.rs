@@ -88,12 +88,8 @@ impl Signals {
 
 pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
-    let wait = (!args.no_wait_ready).then(|| {
-        args.acquire
-            .wait_ready
-            .flatten()
-            .unwrap_or(READY_TIMEOUT)
-    });
+    let wait =
+        (!args.no_wait_ready).then(|| args.acquire.wait_ready.flatten().unwrap_or(READY_TIMEOUT));
     let lease = tokio::select! {
         r = lease::acquire(ctx, args.acquire) => r?,
         _ = signals.recv() => {
@@ -180,11 +176,17 @@ async fn renew_every(lab: Lab, id: String, every: Duration) {
                         | tonic::Code::PermissionDenied
                 ) =>
             {
-                say(&format!("lease {id} can no longer be renewed: {}", s.message()));
+                say(&format!(
+                    "lease {id} can no longer be renewed: {}",
+                    s.message()
+                ));
                 return;
             }
             Err(s) => {
-                say(&format!("renewing lease {id} failed, retrying: {}", s.message()));
+                say(&format!(
+                    "renewing lease {id} failed, retrying: {}",
+                    s.message()
+                ));
                 next = every.min(Duration::from_secs(1));
             }
         }
@@ -312,7 +314,10 @@ impl Done<'_> {
     async fn save_consoles(&self) {
         let Some(dir) = self.artifacts else { return };
         if let Err(e) = self.try_save_consoles(dir).await {
-            say(&format!("cannot save the consoles to {}: {e:#}", dir.display()));
+            say(&format!(
+                "cannot save the consoles to {}: {e:#}",
+                dir.display()
+            ));
         }
     }
 

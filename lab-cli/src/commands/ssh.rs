@@ -93,7 +93,12 @@ fn ssh_args(a: &SshArgs, proxy: &str, key: Option<PathBuf>) -> Vec<String> {
     for o in &a.options {
         v.extend(["-o".to_owned(), o.clone()]);
     }
-    v.extend(["-l".to_owned(), a.user.clone(), "--".to_owned(), a.host.clone()]);
+    v.extend([
+        "-l".to_owned(),
+        a.user.clone(),
+        "--".to_owned(),
+        a.host.clone(),
+    ]);
     v.extend(a.command.iter().cloned());
     v
 }
@@ -109,8 +114,8 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 }
 
 pub async fn run(ctx: &Ctx, args: SshArgs) -> anyhow::Result<()> {
-    let lab = std::env::current_exe()
-        .map_err(|e| anyhow::anyhow!("cannot find this lab binary: {e}"))?;
+    let lab =
+        std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find this lab binary: {e}"))?;
     let proxy = proxy_command(&lab.to_string_lossy(), &ctx.reach, &args.host, args.port);
     let key = sshkey::public_path(args.ssh_key.as_ref(), sshkey::home().as_deref())
         .map(|p| sshkey::private_path(&p))
@@ -189,7 +194,16 @@ mod tests {
 
     #[test]
     fn ssh_gets_the_proxy_the_key_and_the_command() {
-        let a = parse(&["h1", "--port", "2222", "-o", "ConnectTimeout=5", "--", "echo", "hi there"]);
+        let a = parse(&[
+            "h1",
+            "--port",
+            "2222",
+            "-o",
+            "ConnectTimeout=5",
+            "--",
+            "echo",
+            "hi there",
+        ]);
         let v = ssh_args(&a, "PROXY", Some("/home/a/.ssh/id_ed25519".into()));
         assert_eq!(
             v,

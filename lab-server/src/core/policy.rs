@@ -238,6 +238,11 @@ mod tests {
                 "drive",
                 Box::new(move |c| may_drive_host(c, &held(), "open the console of")),
             ),
+            ("forward", Box::new(move |c| may_forward(c, &held()))),
+            (
+                "forward free",
+                Box::new(|c| may_forward(c, &host(None, false))),
+            ),
             (
                 "drive ended",
                 Box::new(|c| may_drive_host(c, &host(Some(lease("alice", Released)), true), "x")),
@@ -264,12 +269,14 @@ mod tests {
             ("agent-r2", Agent),
         ];
         #[rustfmt::skip]
-        let want: [(&str, [bool; 5]); 9] = [
+        let want: [(&str, [bool; 5]); 11] = [
             //              alice  bob    root   agent1 agent2
             ("call",        [true,  true,  true,  false, false]),
             ("manage",      [true,  false, true,  false, false]),
             ("operate",     [false, false, true,  false, false]),
             ("drive",       [true,  false, true,  false, false]),
+            ("forward",     [true,  false, true,  false, false]),
+            ("forward free",[false, false, true,  false, false]),
             ("drive ended", [false, false, true,  false, false]),
             ("drive free",  [false, false, true,  false, false]),
             ("log",         [true,  false, true,  false, false]),
@@ -311,6 +318,10 @@ mod tests {
                     .unwrap_err(),
                 "bob may not switch the power of host h1: it does not hold the host's active lease"
                     .into(),
+            ),
+            (
+                may_forward(&bob, &host(Some(l.clone()), true)).unwrap_err(),
+                "bob may not forward to host h1: it does not hold the host's active lease".into(),
             ),
             (
                 may_read_console_log(&bob, &l).unwrap_err(),

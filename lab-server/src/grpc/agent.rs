@@ -390,7 +390,8 @@ mod tests {
         assert_eq!(phase_from_proto(42), ProvisionPhase::Unknown);
     }
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
 
     #[test]
     fn desired_state_carries_the_password_as_bytes() {
@@ -423,7 +424,10 @@ mod tests {
         let pb = agent_host(host.clone());
         assert_eq!(pb.profile, "xen");
         // The holder and its key go down for an installing profile.
-        assert_eq!((pb.holder.as_str(), pb.ssh_public_key.as_str()), ("alice", KEY));
+        assert_eq!(
+            (pb.holder.as_str(), pb.ssh_public_key.as_str()),
+            ("alice", KEY)
+        );
         assert_eq!(pb.firmware, pb::Firmware::Uefi as i32);
         let bmc = pb.bmc.clone().unwrap();
         assert_eq!(

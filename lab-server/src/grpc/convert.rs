@@ -383,6 +383,20 @@ mod tests {
                 },
                 "request.ttl: must be a positive duration",
             ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("{KEY}\nssh-rsa AAAA"),
+                    ..req()
+                },
+                "request.ssh_public_key: must be one line without control characters",
+            ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("command=\"sh\" {KEY}"),
+                    ..req()
+                },
+                "request.ssh_public_key: unknown key type",
+            ),
         ];
         for (r, want) in cases {
             let s = lease_spec(Some(r.clone()), d).unwrap_err();
@@ -394,6 +408,30 @@ mod tests {
             "request: is required"
         );
         let ok = lease_spec(Some(pb::LeaseRequest { count: 0, ..req() }), d).unwrap();
-        assert_eq!((ok.count, ok.ttl), (1, d));
+        assert_eq!((ok.count, ok.ttl, ok.ssh_public_key), (1, d, None));
+        let keyed = pb::LeaseRequest {
+            ssh_public_key: KEY.into(),
+            ..req()
+        };
+        let ok = lease_spec(Some(keyed.clone()), d).unwrap();
+        assert_eq!(ok.ssh_public_key.as_ref().unwrap().as_str(), KEY);
+        assert_eq!(spec_to_proto(&ok).ssh_public_key, KEY);
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+
+    #[test]
+    fn forward_ports_are_checked() {
+        let open = |port| pb::ForwardOpen {
+            host: "h1".into(),
+            port,
+        };
+        assert_eq!(forward_open(open(22)).unwrap().port, 22);
+        for bad in [0, 65_536] {
+            let s = forward_open(open(bad)).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(s.message().starts_with("open.port: "), "{}", s.message());
+        }
     }
 }

@@ -284,6 +284,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn leases_stored_before_ssh_keys_load_without_one() {
+        let plain = lease(LeaseState::Active);
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("ssh_public_key"), "{json}");
+        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), plain);
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI a@b";
+        let keyed = Lease {
+            ssh_public_key: Some(key.parse().unwrap()),
+            ..plain
+        };
+        let json = serde_json::to_string(&keyed).unwrap();
+        assert!(
+            json.contains(&format!("\"ssh_public_key\":\"{key}\"")),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), keyed);
+        // A stored key that no longer validates is a corrupt record.
+        let bad = json.replace("ssh-ed25519 ", "ssh-dss ");
+        assert!(serde_json::from_str::<Lease>(&bad).is_err());
+    }
+
     /// Every lease state × event, at a time before and after expiry.
     #[test]
     fn lease_state_event_table() {
