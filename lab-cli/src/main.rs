@@ -190,9 +190,10 @@ enum Command {
     /// the lease ended (or the host has no address), 7 when nothing answers
     /// on the port or the agent is away.
     ///
-    /// lab forward HOST PORT --listen [ADDR:]LOCALPORT: listen on
-    /// LOCALPORT (of 127.0.0.1 unless ADDR is given; 0 picks a port, printed
-    /// on stdout) and forward each connection accepted there, until Ctrl-C.
+    /// lab forward HOST PORT --listen LOCALPORT (or ADDR:LOCALPORT): listen
+    /// on LOCALPORT (of 127.0.0.1 unless ADDR is given; 0 picks a port,
+    /// printed on stdout) and forward each connection accepted there, until
+    /// Ctrl-C.
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
     /// ssh to root on your leased host, through lab forward

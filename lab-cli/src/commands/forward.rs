@@ -41,8 +41,8 @@ pub struct ForwardArgs {
     /// TCP port on the host
     #[arg(value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
-    /// Listen on [ADDR:]LOCALPORT instead (ADDR defaults to 127.0.0.1; port
-    /// 0 picks one): each connection accepted there is one forward
+    /// Listen on LOCALPORT (of 127.0.0.1) or ADDR:LOCALPORT instead (port 0
+    /// picks one): each connection accepted there is one forward
     #[arg(long, value_name = "[ADDR:]LOCALPORT", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
 }
