@@ -31,7 +31,7 @@ use super::lease::{self, AcquireArgs, READY_TIMEOUT};
 use super::ssh::exit_code;
 use crate::client::Lab;
 use crate::clock;
-use crate::exit::{ChildExit, Interrupted};
+use crate::exit::{ChildExit, Interrupted, ProvisionFailed, TimedOut};
 use crate::sanitize;
 
 /// How long CMD has to exit after a passed-on SIGINT or SIGTERM.
@@ -122,8 +122,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         if let Err(e) = ready {
             drop(renewer);
             done.give_back().await;
-            // wait_ready's message says the lease is still held; it is not.
-            return Err(e.context(format!("lease {id} released")));
+            return Err(released(e));
         }
     }
 
@@ -145,6 +144,22 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
     } else {
         Err(ChildExit(code).into())
     }
+}
+
+/// `wait_ready`'s error, whose message says the lease is still held, for a
+/// lease `lab run` released: same kind (same exit code), true words.
+fn released(e: anyhow::Error) -> anyhow::Error {
+    let fix = |m: &str| m.replace("is still held", "was released");
+    if let Some(ProvisionFailed(m)) = e.downcast_ref() {
+        return ProvisionFailed(fix(m)).into();
+    }
+    if let Some(TimedOut(m)) = e.downcast_ref() {
+        return TimedOut(fix(m)).into();
+    }
+    if let Some(Interrupted(m)) = e.downcast_ref() {
+        return Interrupted(m.as_deref().map(fix)).into();
+    }
+    e
 }
 
 /// The renewal task; stopped when dropped.
@@ -367,6 +382,22 @@ mod tests {
     fn parse(argv: &[&str]) -> Result<RunArgs, clap::Error> {
         let argv = std::iter::once("run").chain(argv.iter().copied());
         Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn a_released_lease_is_not_said_to_be_held() {
+        let e = released(ProvisionFailed("x1 failed; lease L is still held".into()).into());
+        let (code, msg) = crate::exit::classify(
+            &e,
+            &crate::exit::Context {
+                server: "s",
+                have_token: true,
+            },
+        );
+        assert_eq!(code, crate::exit::Exit::ProvisionFailed);
+        assert_eq!(msg.as_deref(), Some("x1 failed; lease L was released"));
+        let e = released(TimedOut("slow; lease L is still held".into()).into());
+        assert_eq!(e.to_string(), "slow; lease L was released");
     }
 
     #[test]
