@@ -9,7 +9,10 @@
 # AAVMF (aarch64 hosts), OpenIPMI's ipmi_sim and ipmitool (a BMC per host
 # and the reference client), python3 (the serial relay between a VM and its
 # BMC, the grpcio client test), dnsmasq-base (only the binary: the boot
-# benchmark's hand-tuned peer; it never runs outside a test namespace).
+# benchmark's hand-tuned peer; it never runs outside a test namespace),
+# openssh-client and openssh-server (`lab ssh`, and the real sshd that the
+# forward test starts on 127.0.0.2 with its own config; the package's own
+# sshd service is never started, see below).
 #
 # Packaging (tests/tests/packaging.rs, agent_caps.rs, docs/deploy.md):
 # mmdebstrap (a fresh bookworm root to install the .debs into), systemd
@@ -21,7 +24,7 @@
 # docs/deploy.md); cargo-deb, pinned, built once with cargo install.
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base mmdebstrap systemd systemd-container man-db groff-base strace openssl"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
   printf '\n==> %s\n' "apt-get update"
@@ -32,8 +35,18 @@ if [ -n "$missing" ]; then
   # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the
   # image's backport: allow that downgrade explicitly.
   extra=; case " $missing " in *" qemu-system-x86 "*|*" qemu-system-arm "*) extra="qemu-utils/bookworm";; esac
+  # No package may start its service here (openssh-server's sshd on port
+  # 22 of every address): a policy-rc.d that says no, for the install only,
+  # unless one is there already.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     --allow-downgrades $missing $extra
+  [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 CARGO_DEB_VERSION=3.8.0

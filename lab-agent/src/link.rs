@@ -1,17 +1,20 @@
 //! The agent's one connection to lab-server: `AgentService.Attach`, a
 //! bidirectional stream. The agent says hello with its rack, receives the
 //! rack's desired state (then updates) and applies it to the [`Rack`],
-//! answers commands (power, reclaim, console sessions, console log reads)
-//! by id, and reports each host's reachability and provisioning. When the
+//! answers commands (power, reclaim, console sessions, console log reads,
+//! forwards to a host's TCP port) by id, and reports each host's
+//! reachability and provisioning. When the
 //! stream breaks it reconnects with backoff (0.2 s doubling to 10 s) and
 //! gets the full state again; reports are sent again after every attach.
 //! The endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
 //! come from `lab-client`, as for the CLI.
 //!
 //! [`convert`] turns the wire messages into the rack's domain types and
-//! back; nothing past it sees a protobuf type.
+//! back; nothing past it sees a protobuf type. [`forward`] carries a
+//! forward's bytes with its credit window.
 
 pub mod convert;
+pub mod forward;
 
 use crate::console::log::read_slice;
 use crate::console::{ConsoleHost, ViewerEvent, Writer};
@@ -86,7 +89,10 @@ pub enum LinkError {
 }
 
 struct Session {
+    /// A console session's input (when opened for writing).
     writer: Option<Arc<Writer>>,
+    /// A forward's input and credit.
+    forward: Option<forward::ForwardInput>,
     task: JoinHandle<()>,
 }
 
@@ -192,12 +198,24 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
                 tokio::spawn(async move { command(rack, c, tx, sessions).await });
             }
             Some(pb::server_message::Msg::Input(i)) => {
-                let writer = sessions
+                let (writer, fwd) = sessions
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&i.id)
-                    .and_then(|s| s.writer.clone());
-                if let Some(w) = writer {
+                    .map(|s| (s.writer.clone(), s.forward.clone()))
+                    .unwrap_or_default();
+                if let Some(f) = fwd {
+                    // Never waits: the window bounds what is queued.
+                    let id = i.id;
+                    if let Err(e) = f.take(i) {
+                        warn!(session = id, error = %e, "closing the forward");
+                        sessions
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                        let _ = tx.send(data(id, Vec::new(), &e.to_string(), true)).await;
+                    }
+                } else if let Some(w) = writer {
                     let r = if i.send_break {
                         w.send_break().await
                     } else {
@@ -228,6 +246,7 @@ fn data(id: u64, output: Vec<u8>, notice: &str, end: bool) -> pb::AgentMessage {
             output,
             notice: notice.to_owned(),
             end,
+            credit: 0,
         })),
     }
 }
@@ -256,6 +275,9 @@ async fn command(
             open_console(&rack, id, &c.host, open, tx.clone(), &sessions).await
         }
         Some(pb::agent_command::Cmd::Log(l)) => read_log(&rack, id, &c.host, l, tx.clone()).await,
+        Some(pb::agent_command::Cmd::Forward(f)) => {
+            open_forward(&rack, id, &c.host, f, tx.clone(), &sessions).await
+        }
         Some(pb::agent_command::Cmd::CloseSession(_)) => {
             sessions
                 .lock()
@@ -338,10 +360,45 @@ async fn open_console(
             }
         }
     });
-    sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, Session { writer, task });
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Session {
+            writer,
+            forward: None,
+            task,
+        },
+    );
+    Ok(())
+}
+
+async fn open_forward(
+    rack: &Rack,
+    id: u64,
+    host: &str,
+    open: pb::ForwardOpen,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    sessions: &Sessions,
+) -> Result<(), CommandError> {
+    let port = u16::try_from(open.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            CommandError::new(
+                ErrorKind::InvalidArgument,
+                format!("{} is not a TCP port", open.port),
+            )
+        })?;
+    let target = rack.forward_target(host, port)?;
+    let (input, task) = forward::open(host, target, id, tx).await?;
+    info!(host = %host, port, %target, session = id, "forward opened");
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Session {
+            writer: None,
+            forward: Some(input),
+            task,
+        },
+    );
     Ok(())
 }
 

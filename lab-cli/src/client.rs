@@ -77,11 +77,20 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
 /// `--token` / `LAB_TOKEN`: the bearer token, or none when the value was
 /// empty. Its `Debug` never shows the token.
 #[derive(Clone)]
-pub struct Token(Option<BearerToken>);
+pub struct Token(Option<BearerToken>, Option<lab_types::Secret>);
 
 impl Token {
     pub fn is_set(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The token as given, for the `LAB_TOKEN` of a child `lab` (`lab run`'s
+    /// command, `lab ssh`'s proxy): in an environment variable, never on a
+    /// command line that `ps` shows.
+    pub fn expose(&self) -> Option<&str> {
+        self.1
+            .as_ref()
+            .and_then(|s| std::str::from_utf8(s.expose()).ok())
     }
 }
 
@@ -95,13 +104,16 @@ impl fmt::Debug for Token {
 /// `LAB_TOKEN`, as CI systems like to set) means none.
 pub fn parse_token(s: &str) -> Result<Token, String> {
     if s.is_empty() {
-        return Ok(Token(None));
+        return Ok(Token(None, None));
     }
     if !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("the token must be printable ASCII without spaces".to_owned());
     }
     let token = BearerToken::new(s).map_err(|e| e.to_string())?;
-    Ok(Token(Some(token)))
+    Ok(Token(
+        Some(token),
+        Some(lab_types::Secret::from_bytes(s.as_bytes())),
+    ))
 }
 
 pub type Svc = InterceptedService<Channel, BearerAuth>;

@@ -120,6 +120,8 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HostRemoved) => "host-removed",
         Ok(EventKind::HostUnreachable) => "host-unreachable",
         Ok(EventKind::HostReachable) => "host-reachable",
+        Ok(EventKind::ForwardOpened) => "forward-opened",
+        Ok(EventKind::ForwardClosed) => "forward-closed",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
@@ -239,6 +241,9 @@ pub struct LeaseView {
     /// How far each host got booting into the profile; empty when the
     /// server reports nothing.
     pub provisioning: Vec<ProvisioningView>,
+    /// The lease's SSH public key by type and fingerprint, e.g.
+    /// `ssh-ed25519 SHA256:… (alice@ci)`; never the whole key.
+    pub ssh_key: Option<String>,
 }
 
 /// One host's boot progress within a lease.
@@ -312,6 +317,8 @@ impl From<&Lease> for LeaseView {
             generation: l.generation,
             waiter_id: (l.waiter_id != 0).then_some(l.waiter_id),
             provisioning: l.provisioning.iter().map(ProvisioningView::from).collect(),
+            ssh_key: (!l.ssh_public_key.is_empty())
+                .then(|| crate::sshkey::describe(&l.ssh_public_key)),
         }
     }
 }

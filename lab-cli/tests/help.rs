@@ -66,3 +66,18 @@ fn console_help() {
 fn power_help() {
     check(&["power", "--help"], "power-help.txt");
 }
+
+#[test]
+fn forward_help() {
+    check(&["forward", "--help"], "forward-help.txt");
+}
+
+#[test]
+fn ssh_help() {
+    check(&["ssh", "--help"], "ssh-help.txt");
+}
+
+#[test]
+fn run_help() {
+    check(&["run", "--help"], "run-help.txt");
+}

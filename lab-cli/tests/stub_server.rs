@@ -299,6 +299,16 @@ impl HostService for Stub {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type ForwardStream = Stream<ForwardResponse>;
+
+    /// Forwards are tested against the real server (tests/tests/forward.rs).
+    async fn forward(
+        &self,
+        _req: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        Err(Status::unimplemented("the stub has no forwards"))
+    }
+
     type ConsoleLogStream = Stream<ConsoleResponse>;
 
     async fn console_log(

@@ -25,6 +25,10 @@ pub enum EventKind {
     HostRemoved,
     HostUnreachable,
     HostReachable,
+    /// A forward to a host's TCP port opened (detail: the port).
+    ForwardOpened,
+    /// A forward ended (detail: port, bytes each way, why).
+    ForwardClosed,
 }
 
 /// One entry of the event log.

@@ -13,7 +13,7 @@ use lab_server::core::clock::TokioClock;
 use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
-use lab_server::racks::RackRegistry;
+use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
 use std::net::SocketAddr;
@@ -61,6 +61,12 @@ struct Args {
     /// Hard cap on a lease's life from its grant, renewals included.
     #[arg(long, env = "LAB_MAX_LIFETIME", default_value = "7days", value_parser = humantime::parse_duration)]
     max_lifetime: Duration,
+    /// Forwards (`lab forward`, `lab ssh`) open at once per lease.
+    #[arg(long, env = "LAB_FORWARDS_PER_LEASE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    forwards_per_lease: u16,
+    /// A forward with no bytes either way for this long is closed.
+    #[arg(long, env = "LAB_FORWARD_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    forward_idle_timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,6 +187,10 @@ async fn run(args: Args) -> Result<()> {
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());
     let racks = RackRegistry::new(clock.clone());
+    racks.set_forward_limits(ForwardLimits {
+        per_lease: usize::from(args.forwards_per_lease),
+        idle_timeout: args.forward_idle_timeout,
+    });
     let (core, actor) = Core::start(config, Arc::new(store), inventory, racks.reclaimer(), clock)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

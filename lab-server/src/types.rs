@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 pub use lab_types::{
     Arch, Firmware, Flag, HostName, InvalidName, LeaseId, Principal, ProfileName, RackName,
+    SshPublicKey,
 };
 
 /// What a principal may do.

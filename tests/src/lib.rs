@@ -17,7 +17,7 @@ use lab_server::core::reclaim::Immediate;
 use lab_server::core::{Core, CoreConfig};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
-use lab_server::racks::RackRegistry;
+use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -148,6 +148,8 @@ pub struct ServerOptions {
     /// Reclaim through the rack agents (as the real server does) instead of
     /// at once.
     pub agents: bool,
+    /// Limits on forwards (the server's `--forward-*` flags).
+    pub forward_limits: ForwardLimits,
 }
 
 impl Default for ServerOptions {
@@ -158,6 +160,7 @@ impl Default for ServerOptions {
             default_ttl: Duration::from_secs(600),
             inventory: None,
             agents: false,
+            forward_limits: ForwardLimits::default(),
         }
     }
 }
@@ -186,6 +189,7 @@ impl InProcessServer {
         let config = CoreConfig::new(inv_path);
         let clock = Arc::new(TokioClock::new());
         let racks = RackRegistry::new(clock.clone());
+        racks.set_forward_limits(opts.forward_limits);
         let reclaimer: Arc<dyn lab_server::core::reclaim::Reclaimer> = if opts.agents {
             racks.reclaimer()
         } else {

@@ -10,7 +10,9 @@ use crate::rack::{
     Report, ReportSink, SpecError,
 };
 use lab_proto::v1 as pb;
-use lab_types::{HostName, InvalidName, LeaseId, ProfileName, Secret};
+use lab_types::{
+    HostName, InvalidName, InvalidSshKey, LeaseId, Principal, ProfileName, Secret, SshPublicKey,
+};
 use std::path::PathBuf;
 use std::str::FromStr;
 use tokio::sync::mpsc;
@@ -41,6 +43,18 @@ pub enum HostError {
     },
     #[error("host {host}: BMC port {port} out of range")]
     BmcPort { host: String, port: u32 },
+    #[error("host {host}: bad lease holder")]
+    Holder {
+        host: String,
+        #[source]
+        source: InvalidName,
+    },
+    #[error("host {host}: bad SSH public key")]
+    SshKey {
+        host: String,
+        #[source]
+        source: InvalidSshKey,
+    },
 }
 
 /// The host's boot identity, checked in the order the boot table always
@@ -96,7 +110,32 @@ pub fn host_spec(h: pb::AgentHost) -> Result<HostSpec, HostError> {
                 })?,
             )
         };
-        Some(LeaseSpec { id, profile })
+        let holder = if h.holder.is_empty() {
+            None
+        } else {
+            Some(
+                Principal::new(h.holder).map_err(|source| HostError::Holder {
+                    host: name.to_string(),
+                    source,
+                })?,
+            )
+        };
+        let ssh_public_key = if h.ssh_public_key.is_empty() {
+            None
+        } else {
+            Some(
+                SshPublicKey::parse(&h.ssh_public_key).map_err(|source| HostError::SshKey {
+                    host: name.to_string(),
+                    source,
+                })?,
+            )
+        };
+        Some(LeaseSpec {
+            id,
+            profile,
+            holder,
+            ssh_public_key,
+        })
     };
     let bmc = match h.bmc {
         None => None,
@@ -232,6 +271,9 @@ pub fn error_kind(k: ErrorKind) -> pb::CommandErrorKind {
 mod tests {
     use super::*;
 
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+
     fn agent_host() -> pb::AgentHost {
         pb::AgentHost {
             name: "h0".into(),
@@ -241,6 +283,8 @@ mod tests {
             ipv4: "10.0.0.5".into(),
             lease_id: "7f1c4a8e-3b1d-4c2e-9a55-0d6b1f2e3a4b".into(),
             profile: "xen".into(),
+            holder: "alice".into(),
+            ssh_public_key: KEY.into(),
             bmc: Some(pb::Bmc {
                 address: "bmc-h0".into(),
                 port: 0,
@@ -280,6 +324,17 @@ mod tests {
             Some("7f1c4a8e-3b1d-4c2e-9a55-0d6b1f2e3a4b")
         );
         assert_eq!(boot.profile, "xen");
+        // The holder and its key, for an installing profile's metadata.
+        let lease = s.lease.clone().unwrap();
+        assert_eq!(lease.holder.unwrap().as_str(), "alice");
+        assert_eq!(lease.ssh_public_key.unwrap().as_str(), KEY);
+        assert_eq!(s.ipv4(), Some("10.0.0.5".parse().unwrap()));
+        // A lease without them (an older server).
+        let mut h = agent_host();
+        h.holder.clear();
+        h.ssh_public_key.clear();
+        let lease = host_spec(h).unwrap().lease.unwrap();
+        assert_eq!((lease.holder, lease.ssh_public_key), (None, None));
     }
 
     #[test]
@@ -319,6 +374,12 @@ mod tests {
         h.bmc.as_mut().unwrap().port = 70_000;
         let e = host_spec(h).unwrap_err();
         assert_eq!(e.to_string(), "host h0: BMC port 70000 out of range");
+        let mut h = agent_host();
+        h.ssh_public_key = format!("command=\"sh\" {KEY}");
+        assert!(matches!(host_spec(h), Err(HostError::SshKey { .. })));
+        let mut h = agent_host();
+        h.holder = "a b".into();
+        assert!(matches!(host_spec(h), Err(HostError::Holder { .. })));
         let state = pb::RackState {
             rack: "r1".into(),
             hosts: vec![agent_host(), pb::AgentHost::default()],

@@ -47,7 +47,7 @@ use lab_types::{HostName, LeaseId, ProfileName};
 use persist::Persister;
 use report::Reports;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -320,6 +320,22 @@ impl Rack {
                 format!("host {host} left the rack before answering"),
             )
         })
+    }
+
+    /// Where a forward to `host`'s `port` connects: the host's own IPv4
+    /// from the inventory (never an address a user names).
+    pub fn forward_target(&self, host: &str, port: u16) -> Result<SocketAddrV4, CommandError> {
+        let not_found =
+            || CommandError::new(ErrorKind::NotFound, format!("no host {host} in this rack"));
+        let name = HostName::new(host).map_err(|_| not_found())?;
+        let spec = self.hosts().live.get(&name).ok_or_else(not_found)?.spec();
+        let ip = spec.ipv4().ok_or_else(|| {
+            CommandError::new(
+                ErrorKind::FailedPrecondition,
+                format!("host {host} has no ipv4 in the inventory"),
+            )
+        })?;
+        Ok(SocketAddrV4::new(ip, port))
     }
 
     /// Flushes a host's console capture to its log (before a log read).

@@ -96,6 +96,8 @@ fn spec(host: &str, n: u8, lease: Option<LeaseId>) -> HostSpec {
         lease: lease.map(|id| LeaseSpec {
             id,
             profile: Some(ProfileName::new("xen").unwrap()),
+            holder: None,
+            ssh_public_key: None,
         }),
         bmc: Some(BmcSpec {
             address: "127.0.0.1".into(),

@@ -17,6 +17,7 @@ use crate::exit::{Interrupted, LeaseEnded, ProvisionFailed, StreamEnded, TimedOu
 use crate::output::{self, Table};
 use crate::ready::{self, Progress, Verdict};
 use crate::sanitize;
+use crate::sshkey::{self, SshKeyArg};
 use crate::view::LeaseView;
 use crate::waiting::{Queued, WaitLine};
 
@@ -44,6 +45,11 @@ pub enum LeaseCommand {
     /// (exit 0), one fails (its console tail on stderr, exit 8) or the
     /// timeout passes (exit 9). The lease is printed on stdout in every
     /// case, so a script can release it; it is not released for you.
+    ///
+    /// The lease carries your OpenSSH public key for root on its hosts
+    /// (profiles that install an OS put it into authorized_keys; see
+    /// lab ssh): --ssh-key FILE, else ~/.ssh/id_ed25519.pub, else
+    /// ~/.ssh/id_rsa.pub, else none; --ssh-key none sends none.
     #[command(verbatim_doc_comment)]
     Acquire(AcquireArgs),
     /// Extend an active lease by its TTL (or the one given)
@@ -115,6 +121,10 @@ pub struct AcquireArgs {
     /// Fail at once with exit code 5 when no hosts are free, instead of waiting
     #[arg(long)]
     no_wait: bool,
+    /// OpenSSH public key for root on the hosts, or none [default:
+    /// ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub, if one exists]
+    #[arg(long, value_name = "FILE|none", value_parser = sshkey::parse_arg)]
+    pub ssh_key: Option<SshKeyArg>,
     /// Free-form note shown with the lease (a CI job URL, say)
     #[arg(long)]
     comment: Option<String>,
@@ -127,11 +137,13 @@ pub struct AcquireArgs {
         require_equals = true,
         value_parser = clock::parse_ttl,
     )]
-    wait_ready: Option<Option<Duration>>,
+    pub wait_ready: Option<Option<Duration>>,
 }
 
 impl AcquireArgs {
-    fn request(self) -> AcquireRequest {
+    /// The request, with the public key read from `--ssh-key` (or a
+    /// default file).
+    fn request(self, ssh_public_key: Option<String>) -> AcquireRequest {
         AcquireRequest {
             request: Some(LeaseRequest {
                 arch: super::arch(self.arch),
@@ -142,6 +154,7 @@ impl AcquireArgs {
                 ttl: self.ttl.map(convert::duration_to_proto),
                 priority: self.priority,
                 comment: self.comment.unwrap_or_default(),
+                ssh_public_key: ssh_public_key.unwrap_or_default(),
             }),
             no_wait: self.no_wait,
         }
@@ -233,7 +246,7 @@ fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
 /// Polls the lease every [`READY_POLL`] and prints each host's new boot
 /// stage on stderr until every host is ready, one fails, the lease ends or
 /// `timeout` passes. Returns the last lease seen along with the outcome.
-async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
+pub async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
     let mut last = lease;
     let id = last.id.clone();
     let still_held = format!("lease {id} is still held");
@@ -314,12 +327,13 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
 
 /// Sends the request and waits for the grant, reporting the queue position
 /// on stderr. Ctrl-C drops the stream, which withdraws the request.
-async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
+pub async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
+    let ssh_public_key = sshkey::for_request(args.ssh_key.as_ref())?;
     let stderr = std::io::stderr();
     let live = stderr.is_terminal();
     let mut line = WaitLine::new(stderr, live);
     let result = tokio::select! {
-        r = wait_for_grant(ctx, args.request(), &mut line) => r,
+        r = wait_for_grant(ctx, args.request(ssh_public_key), &mut line) => r,
         () = ctrl_c() => Err(Interrupted(Some(
             "interrupted: the lease request was withdrawn".to_owned()
         )).into()),
@@ -396,6 +410,7 @@ fn details(l: &LeaseView, now: SystemTime) -> String {
         ("profile", l.profile.clone().unwrap_or_default()),
         ("priority", l.priority.to_string()),
         ("comment", l.comment.clone().unwrap_or_default()),
+        ("ssh key", l.ssh_key.clone().unwrap_or_default()),
         (
             "ttl",
             l.ttl_seconds
@@ -473,7 +488,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<AcquireRequest, clap::Error> {
         let argv = std::iter::once("acquire").chain(args.iter().copied());
-        Cli::try_parse_from(argv).map(|c| c.args.request())
+        Cli::try_parse_from(argv).map(|c| c.args.request(None))
     }
 
     #[test]

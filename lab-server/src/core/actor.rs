@@ -299,6 +299,14 @@ impl Actor {
                 let inv = self.inventory.clone();
                 p.reply(reply, Ok(inv));
             }
+            Command::Record { note, reply } => {
+                let e = self.event(p, now, &note.actor, note.kind);
+                e.hosts = note.hosts;
+                e.lease = note.lease;
+                e.detail = note.detail;
+                let seq = e.seq;
+                p.reply(reply, Ok(seq));
+            }
         }
     }
 
@@ -687,6 +695,7 @@ impl Actor {
                 ended_at: None,
                 waiter_id,
                 generation: Generation(1),
+                ssh_public_key: waiter.spec.ssh_public_key.clone(),
             };
             for h in &hosts {
                 if let Err(e) = self.host_apply(p, h, HostEvent::Grant(lease.id)) {

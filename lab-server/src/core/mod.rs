@@ -19,7 +19,7 @@ pub mod clock;
 pub mod policy;
 pub mod reclaim;
 
-use crate::events::EventRecord;
+use crate::events::{EventKind, EventRecord};
 use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
@@ -175,6 +175,17 @@ impl Drop for Acquisition {
     }
 }
 
+/// An event from outside the lease cycle (a forward opened or closed),
+/// committed and broadcast like the core's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub actor: Principal,
+    pub kind: EventKind,
+    pub hosts: Vec<HostName>,
+    pub lease: Option<LeaseId>,
+    pub detail: String,
+}
+
 /// Result of an inventory reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadSummary {
@@ -246,6 +257,10 @@ enum Command {
     },
     GetInventory {
         reply: Reply<Arc<Inventory>>,
+    },
+    Record {
+        note: Note,
+        reply: Reply<u64>,
     },
 }
 
@@ -467,6 +482,11 @@ impl Core {
     /// The inventory in force.
     pub async fn inventory(&self) -> Result<Arc<Inventory>, CoreError> {
         self.call(|reply| Command::GetInventory { reply }).await
+    }
+
+    /// Commits `note` to the event log; its sequence number once durable.
+    pub async fn record(&self, note: Note) -> Result<u64, CoreError> {
+        self.call(|reply| Command::Record { note, reply }).await
     }
 
     /// Replace the set of hosts that cannot be driven now (with why); they

@@ -4,7 +4,7 @@
 //! |-----|-----|
 //! | anyone but an agent | every user call (hosts, leases, events, who-am-i) |
 //! | a lease's holder, an operator | renew or release the lease, read its console log |
-//! | the holder of a host's active lease, an operator | switch the host's power, open its console |
+//! | the holder of a host's active lease, an operator | switch the host's power, open its console, forward to its TCP ports |
 //! | any user | read a host's power state |
 //! | an operator | maintenance, inventory reloads |
 //! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
@@ -127,6 +127,13 @@ pub fn may_drive_host(
     })
 }
 
+/// Forwarding to a host's TCP ports: the holder of its active lease, or an
+/// operator (the rule of [`may_drive_host`]: a port of a leased host is
+/// the lease's, like its console).
+pub fn may_forward(caller: &Caller, host: &HostView) -> Result<(), Denied> {
+    may_drive_host(caller, host, "forward to")
+}
+
 /// Reading the console captured during `lease`: its holder, or an operator.
 pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied> {
     if caller.role.is_operator() || caller.principal == lease.holder {
@@ -193,6 +200,7 @@ mod tests {
             ended_at: None,
             waiter_id: 1,
             generation: Generation(1),
+            ssh_public_key: None,
         }
     }
 
@@ -230,6 +238,11 @@ mod tests {
                 "drive",
                 Box::new(move |c| may_drive_host(c, &held(), "open the console of")),
             ),
+            ("forward", Box::new(move |c| may_forward(c, &held()))),
+            (
+                "forward free",
+                Box::new(|c| may_forward(c, &host(None, false))),
+            ),
             (
                 "drive ended",
                 Box::new(|c| may_drive_host(c, &host(Some(lease("alice", Released)), true), "x")),
@@ -256,12 +269,14 @@ mod tests {
             ("agent-r2", Agent),
         ];
         #[rustfmt::skip]
-        let want: [(&str, [bool; 5]); 9] = [
+        let want: [(&str, [bool; 5]); 11] = [
             //              alice  bob    root   agent1 agent2
             ("call",        [true,  true,  true,  false, false]),
             ("manage",      [true,  false, true,  false, false]),
             ("operate",     [false, false, true,  false, false]),
             ("drive",       [true,  false, true,  false, false]),
+            ("forward",     [true,  false, true,  false, false]),
+            ("forward free",[false, false, true,  false, false]),
             ("drive ended", [false, false, true,  false, false]),
             ("drive free",  [false, false, true,  false, false]),
             ("log",         [true,  false, true,  false, false]),
@@ -303,6 +318,10 @@ mod tests {
                     .unwrap_err(),
                 "bob may not switch the power of host h1: it does not hold the host's active lease"
                     .into(),
+            ),
+            (
+                may_forward(&bob, &host(Some(l.clone()), true)).unwrap_err(),
+                "bob may not forward to host h1: it does not hold the host's active lease".into(),
             ),
             (
                 may_read_console_log(&bob, &l).unwrap_err(),

@@ -47,6 +47,7 @@ fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
         ttl: Duration::from_secs(ttl_s),
         priority: 0,
         comment: String::new(),
+        ssh_public_key: None,
     }
 }
 

@@ -84,6 +84,8 @@ pub(crate) fn from_agent(m: pb::AgentMessage) -> Result<FromAgent, LinkError> {
             output: d.output,
             notice: d.notice,
             end: d.end,
+            credit: d.credit,
+            lease_ended: false,
         }),
     })
 }
@@ -137,6 +139,8 @@ pub(crate) fn to_agent(m: ToAgent) -> pb::ServerMessage {
             id: i.id.0,
             input: i.input,
             send_break: i.send_break,
+            credit: i.credit,
+            eof: i.eof,
         }),
     };
     pb::ServerMessage { msg: Some(msg) }
@@ -159,6 +163,8 @@ fn agent_host(d: DesiredHost) -> pb::AgentHost {
     if let Some(l) = d.lease {
         h.lease_id = l.id.to_string();
         h.profile = l.profile.map(|p| p.to_string()).unwrap_or_default();
+        h.holder = l.holder.to_string();
+        h.ssh_public_key = l.ssh_public_key.map(String::from).unwrap_or_default();
     }
     let Some(hw) = d.hardware else { return h };
     h.arch = arch_to_proto(hw.arch) as i32;
@@ -216,6 +222,10 @@ fn command(c: Command) -> pb::AgentCommand {
             to: l.to.map(|t| timestamp_from_millis(t.millis())),
         }),
         CommandKind::CloseSession => Cmd::CloseSession(true),
+        CommandKind::Forward(o) => Cmd::Forward(pb::ForwardOpen {
+            host: o.host.to_string(),
+            port: u32::from(o.port),
+        }),
     };
     pb::AgentCommand {
         id: c.id.0,
@@ -380,6 +390,9 @@ mod tests {
         assert_eq!(phase_from_proto(42), ProvisionPhase::Unknown);
     }
 
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+
     #[test]
     fn desired_state_carries_the_password_as_bytes() {
         let host = DesiredHost {
@@ -388,6 +401,8 @@ mod tests {
             lease: Some(ActiveLease {
                 id: LeaseId::random(),
                 profile: Some(ProfileName::new("xen").unwrap()),
+                holder: crate::types::Principal::new("alice").unwrap(),
+                ssh_public_key: Some(KEY.parse().unwrap()),
             }),
             hardware: Some(Hardware {
                 arch: Arch::X86_64,
@@ -408,6 +423,11 @@ mod tests {
         };
         let pb = agent_host(host.clone());
         assert_eq!(pb.profile, "xen");
+        // The holder and its key go down for an installing profile.
+        assert_eq!(
+            (pb.holder.as_str(), pb.ssh_public_key.as_str()),
+            ("alice", KEY)
+        );
         assert_eq!(pb.firmware, pb::Firmware::Uefi as i32);
         let bmc = pb.bmc.clone().unwrap();
         assert_eq!(

@@ -7,8 +7,10 @@ use crate::core::HostView;
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
-use crate::racks::{ConsoleOpen, PowerAction, Provisioning};
-use crate::types::{Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, Timestamp};
+use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
+use crate::types::{
+    Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, SshPublicKey, Timestamp,
+};
 use lab_proto::convert::{duration_from_proto, duration_to_proto, timestamp_from_millis};
 use lab_proto::v1 as pb;
 use std::collections::BTreeSet;
@@ -90,6 +92,14 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
     if r.comment.len() > 1024 {
         return Err(invalid("request.comment", "at most 1024 bytes"));
     }
+    let ssh_public_key = if r.ssh_public_key.is_empty() {
+        None
+    } else {
+        Some(
+            SshPublicKey::parse(&r.ssh_public_key)
+                .map_err(|e| invalid("request.ssh_public_key", e))?,
+        )
+    };
     Ok(LeaseSpec {
         arch: arch_from_proto("request.arch", r.arch)?,
         flags: flags_from_proto("request.flags", r.flags)?,
@@ -99,6 +109,7 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
         ttl: duration("request.ttl", r.ttl)?.unwrap_or(default_ttl),
         priority: r.priority,
         comment: r.comment,
+        ssh_public_key,
     })
 }
 
@@ -116,6 +127,11 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
         ttl: Some(duration_to_proto(s.ttl)),
         priority: s.priority,
         comment: s.comment.clone(),
+        ssh_public_key: s
+            .ssh_public_key
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -140,6 +156,23 @@ pub fn console_open(o: pb::ConsoleOpen) -> Result<ConsoleOpen, Status> {
         host: host_name("open.host", o.host)?,
         write: o.write,
         replay_bytes: o.replay_bytes,
+    })
+}
+
+/// The forward a user asks to open: a host and a port (1-65535).
+pub fn forward_open(o: pb::ForwardOpen) -> Result<ForwardOpen, Status> {
+    let port = u16::try_from(o.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            invalid(
+                "open.port",
+                format!("{} is not a TCP port (1-65535)", o.port),
+            )
+        })?;
+    Ok(ForwardOpen {
+        host: host_name("open.host", o.host)?,
+        port,
     })
 }
 
@@ -179,6 +212,11 @@ pub fn lease_to_proto(l: &Lease, provisioning: &[Provisioning]) -> pb::Lease {
         generation: l.generation.0,
         waiter_id: l.waiter_id,
         provisioning: provisioning.iter().map(provisioning_to_proto).collect(),
+        ssh_public_key: l
+            .ssh_public_key
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -252,6 +290,8 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HostRemoved => P::HostRemoved,
         EventKind::HostUnreachable => P::HostUnreachable,
         EventKind::HostReachable => P::HostReachable,
+        EventKind::ForwardOpened => P::ForwardOpened,
+        EventKind::ForwardClosed => P::ForwardClosed,
     }
 }
 
@@ -343,6 +383,20 @@ mod tests {
                 },
                 "request.ttl: must be a positive duration",
             ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("{KEY}\nssh-rsa AAAA"),
+                    ..req()
+                },
+                "request.ssh_public_key: must be one line without control characters",
+            ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("command=\"sh\" {KEY}"),
+                    ..req()
+                },
+                "request.ssh_public_key: unknown key type",
+            ),
         ];
         for (r, want) in cases {
             let s = lease_spec(Some(r.clone()), d).unwrap_err();
@@ -354,6 +408,30 @@ mod tests {
             "request: is required"
         );
         let ok = lease_spec(Some(pb::LeaseRequest { count: 0, ..req() }), d).unwrap();
-        assert_eq!((ok.count, ok.ttl), (1, d));
+        assert_eq!((ok.count, ok.ttl, ok.ssh_public_key), (1, d, None));
+        let keyed = pb::LeaseRequest {
+            ssh_public_key: KEY.into(),
+            ..req()
+        };
+        let ok = lease_spec(Some(keyed.clone()), d).unwrap();
+        assert_eq!(ok.ssh_public_key.as_ref().unwrap().as_str(), KEY);
+        assert_eq!(spec_to_proto(&ok).ssh_public_key, KEY);
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+
+    #[test]
+    fn forward_ports_are_checked() {
+        let open = |port| pb::ForwardOpen {
+            host: "h1".into(),
+            port,
+        };
+        assert_eq!(forward_open(open(22)).unwrap().port, 22);
+        for bad in [0, 65_536] {
+            let s = forward_open(open(bad)).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(s.message().starts_with("open.port: "), "{}", s.message());
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The gRPC face of the core: thin handlers that authenticate the caller,
 //! convert the request (bad fields → INVALID_ARGUMENT naming the field), call
 //! one method of [`Core`] — or of the rack registry ([`Racks`]) for `Power`,
-//! `Console`, `ConsoleLog` and `AgentService.Attach` (`agent.rs`) — and
+//! `Console`, `ConsoleLog`, `Forward` and `AgentService.Attach`
+//! (`agent.rs`) — and
 //! convert the result; domain errors become statuses in `status.rs` only.
 //! Also serves gRPC health and reflection (v1 and v1alpha) so that clients
 //! nobody here wrote can discover the API.
@@ -13,11 +14,11 @@ pub mod status;
 use crate::auth::{AuthError, Authenticator};
 use crate::core::{Core, WaitState, policy};
 use crate::lease::Lease;
-use crate::racks::{RackRegistry, Racks};
+use crate::racks::{FromUser, RackRegistry, Racks, ToUser};
 use crate::store::EventQuery;
 use crate::types::{Caller, Principal};
 use convert as cv;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use lab_proto::convert::timestamp_from_millis;
 use lab_proto::v1 as pb;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
@@ -225,6 +226,75 @@ impl HostService for Api {
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type ForwardStream = RpcStream<pb::ForwardResponse>;
+
+    async fn forward(
+        &self,
+        req: Request<tonic::Streaming<pb::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        use pb::forward_request::Msg as In;
+        use pb::forward_response::Msg as Out;
+        let caller = self.caller(&req)?;
+        let mut inbound = req.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::ForwardRequest {
+                msg: Some(In::Open(o)),
+            }) => o,
+            _ => {
+                return Err(status::invalid(
+                    "open",
+                    "the first message must open the forward",
+                ));
+            }
+        };
+        let forward = self.racks.forward(&caller, cv::forward_open(open)?).await?;
+        let from_user = inbound
+            .map(|m| match m {
+                Ok(pb::ForwardRequest {
+                    msg: Some(In::Data(b)),
+                }) => FromUser::Data(b),
+                // A second open, or an empty message: nothing to send.
+                Ok(_) => FromUser::Data(Vec::new()),
+                Err(_) => FromUser::Broken,
+            })
+            .boxed();
+        let (to_user, mut rx) = mpsc::channel::<ToUser>(4);
+        let (tx, out) = mpsc::channel::<Result<pb::ForwardResponse, Status>>(4);
+        let racks = self.racks.clone();
+        tokio::spawn(async move {
+            let run = racks.run_forward(forward, from_user, to_user);
+            // Ends when the forward does, or when the user's call is gone
+            // (then dropping `rx` tells the forward).
+            let relay = async {
+                loop {
+                    let m = tokio::select! {
+                        m = rx.recv() => m,
+                        () = tx.closed() => return,
+                    };
+                    let Some(m) = m else { return };
+                    let msg = match m {
+                        ToUser::Data(b) => Out::Data(b),
+                        ToUser::Notice(n) => Out::Notice(n),
+                    };
+                    if tx
+                        .send(Ok(pb::ForwardResponse { msg: Some(msg) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(run, relay);
+            if let Err(e) = result {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
         )))
     }
 

@@ -63,7 +63,12 @@ impl From<RackError> for Status {
             | RackError::NoAgent { .. }
             | RackError::HostRemoved { .. }
             | RackError::NoBmc { .. }
-            | RackError::NoConsole { .. } => Code::FailedPrecondition,
+            | RackError::NoConsole { .. }
+            | RackError::NoIpv4 { .. }
+            | RackError::ForwardLeaseEnded { .. } => Code::FailedPrecondition,
+            RackError::TooManyForwards { .. } => Code::ResourceExhausted,
+            RackError::ForwardIdle { .. } => Code::DeadlineExceeded,
+            RackError::ForwardBroken { .. } => Code::Unavailable,
             RackError::AgentAway { .. } | RackError::AgentGone { .. } => Code::Unavailable,
             RackError::Replaced { .. } => Code::Aborted,
         };

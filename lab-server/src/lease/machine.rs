@@ -14,7 +14,9 @@
 //!         a host is grantable only when Available, not in maintenance, not retired.
 //! ```
 
-use crate::types::{Generation, HostName, LeaseId, Principal, ProfileName, Timestamp, WaiterId};
+use crate::types::{
+    Generation, HostName, LeaseId, Principal, ProfileName, SshPublicKey, Timestamp, WaiterId,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -79,6 +81,10 @@ pub struct Lease {
     pub ended_at: Option<Timestamp>,
     pub waiter_id: WaiterId,
     pub generation: Generation,
+    /// The holder's OpenSSH public key for root on the hosts, from the
+    /// request. Leases stored before keys existed load with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// What can happen to a lease.
@@ -274,7 +280,31 @@ mod tests {
             ended_at: None,
             waiter_id: 1,
             generation: Generation(1),
+            ssh_public_key: None,
         }
+    }
+
+    #[test]
+    fn leases_stored_before_ssh_keys_load_without_one() {
+        let plain = lease(LeaseState::Active);
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("ssh_public_key"), "{json}");
+        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), plain);
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI a@b";
+        let keyed = Lease {
+            ssh_public_key: Some(key.parse().unwrap()),
+            ..plain
+        };
+        let json = serde_json::to_string(&keyed).unwrap();
+        assert!(
+            json.contains(&format!("\"ssh_public_key\":\"{key}\"")),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), keyed);
+        // A stored key that no longer validates is a corrupt record.
+        let bad = json.replace("ssh-ed25519 ", "ssh-dss ");
+        assert!(serde_json::from_str::<Lease>(&bad).is_err());
     }
 
     /// Every lease state × event, at a time before and after expiry.

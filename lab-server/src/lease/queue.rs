@@ -19,7 +19,9 @@
 //! Priorities are absolute: a steady stream of higher-priority requests can
 //! delay lower ones indefinitely; that is what priority means here.
 
-use crate::types::{Arch, Flag, HostName, Principal, ProfileName, Timestamp, WaiterId};
+use crate::types::{
+    Arch, Flag, HostName, Principal, ProfileName, SshPublicKey, Timestamp, WaiterId,
+};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -36,6 +38,10 @@ pub struct LeaseSpec {
     pub ttl: Duration,
     pub priority: i32,
     pub comment: String,
+    /// For root on the hosts (an installing profile puts it into
+    /// `authorized_keys`). Requests logged before keys existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// What the scheduler needs to know of a host.
@@ -243,6 +249,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             priority,
             comment: String::new(),
+            ssh_public_key: None,
         }
     }
 

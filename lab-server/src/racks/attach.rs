@@ -107,6 +107,10 @@ impl Racks {
                             | EventKind::HostRetired
                             | EventKind::HostRemoved
                     ) => {}
+                // A forward changes nothing the agent is told.
+                Ok(e) if matches!(e.kind, EventKind::ForwardOpened | EventKind::ForwardClosed) => {
+                    continue;
+                }
                 Ok(e) => {
                     if e.kind == EventKind::HostReclaiming {
                         self.registry.end_holder_sessions(rack, &e.hosts).await;

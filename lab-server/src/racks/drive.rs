@@ -21,7 +21,7 @@ pub type LogPart = (HostName, Result<mpsc::Receiver<SessionData>, RackError>);
 
 impl Racks {
     /// The host's spec and view, for commands.
-    async fn host(&self, name: &HostName) -> Result<(HostSpec, HostView), RackError> {
+    pub(super) async fn host(&self, name: &HostName) -> Result<(HostSpec, HostView), RackError> {
         let view = self.core.get_host(name.clone()).await?;
         let spec = view
             .spec

@@ -154,6 +154,7 @@ mod tests {
             ended_at: None,
             waiter_id: 1,
             generation: Generation(1),
+            ssh_public_key: None,
         }
     }
 

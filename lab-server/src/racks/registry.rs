@@ -8,7 +8,8 @@
 //! State sits behind one `std::sync::Mutex`, held for short sections with
 //! no `.await`.
 
-use super::commands::{Answer, Commands, Done};
+use super::commands::{Answer, Commands, Done, Ended};
+use super::forward::{ForwardLimits, ForwardScope, ForwardSlot};
 use super::link::{HostReport, Outbound, SessionData, ToAgent};
 use super::provisioning::{Provisioning, Records};
 use super::reachability::Reachability;
@@ -43,6 +44,10 @@ struct State {
     last_conn: u64,
     reachability: Reachability,
     records: Records,
+    /// Open forwards per lease (or per host, for an operator's forward to
+    /// a host without a lease).
+    forwards: HashMap<ForwardScope, usize>,
+    forward_limits: ForwardLimits,
 }
 
 /// Identifies one attach of a rack's agent (a newer one replaces it).
@@ -240,13 +245,21 @@ impl RackRegistry {
             };
             (c.commands.end_holder_sessions(hosts), c.tx.clone())
         };
-        for (id, host, sink) in ended {
-            info!(host = %host, session = %id, "lease ended: closing its console session");
+        for Ended {
+            id,
+            host,
+            forward,
+            sink,
+        } in ended
+        {
+            let what = if forward { "forward" } else { "console" };
+            info!(host = %host, session = %id, "lease ended: closing its {what}");
             if let Some(s) = sink {
                 let _ = s.try_send(SessionData {
                     id,
-                    notice: format!("the lease on {host} ended; console closed"),
+                    notice: format!("the lease on {host} ended; {what} closed"),
                     end: true,
+                    lease_ended: true,
                     ..Default::default()
                 });
             }
@@ -257,6 +270,72 @@ impl RackRegistry {
             };
             let _ = tx.send(Ok(ToAgent::Command(close))).await;
         }
+    }
+
+    /// Closes session `id` of connection `conn` whose reader went away:
+    /// nothing more is expected of it here, and the agent closes it.
+    pub(super) fn close_session(
+        &self,
+        rack: &RackName,
+        conn: ConnId,
+        id: CommandId,
+        host: &HostName,
+    ) {
+        let tx = {
+            let mut st = self.lock();
+            match st.conns.get_mut(rack).filter(|c| c.id == conn) {
+                Some(c) => {
+                    c.commands.forget(id);
+                    c.tx.clone()
+                }
+                None => return,
+            }
+        };
+        let _ = tx.try_send(Ok(ToAgent::Command(Command {
+            id,
+            host: host.clone(),
+            kind: CommandKind::CloseSession,
+        })));
+    }
+
+    // ------------------------------------------------------------ forwards
+
+    /// Sets the limits on forwards (the server's flags).
+    pub fn set_forward_limits(&self, limits: ForwardLimits) {
+        self.lock().forward_limits = limits;
+    }
+
+    pub(super) fn forward_limits(&self) -> ForwardLimits {
+        self.lock().forward_limits
+    }
+
+    /// One more open forward in `scope`, unless it has as many as the
+    /// limit allows; the slot is given back when dropped.
+    pub(super) fn take_forward_slot(&self, scope: ForwardScope) -> Result<ForwardSlot, RackError> {
+        let mut st = self.lock();
+        let limit = st.forward_limits.per_lease;
+        let open = st.forwards.entry(scope.clone()).or_default();
+        if *open >= limit {
+            return Err(RackError::TooManyForwards { scope, limit });
+        }
+        *open += 1;
+        Ok(ForwardSlot::new(self.clone(), scope))
+    }
+
+    pub(super) fn give_back_forward_slot(&self, scope: &ForwardScope) {
+        let mut st = self.lock();
+        if let Some(n) = st.forwards.get_mut(scope) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.forwards.remove(scope);
+            }
+        }
+    }
+
+    /// Open forwards in `scope`.
+    #[cfg(test)]
+    pub(super) fn open_forwards(&self, scope: &ForwardScope) -> usize {
+        self.lock().forwards.get(scope).copied().unwrap_or(0)
     }
 
     // ------------------------------------------------------------ records
@@ -313,7 +392,7 @@ impl RackRegistry {
 pub(super) struct Issued {
     registry: RackRegistry,
     pub rack: RackName,
-    conn: ConnId,
+    pub conn: ConnId,
     pub host: HostName,
     pub id: CommandId,
     reply: oneshot::Receiver<CommandReply>,

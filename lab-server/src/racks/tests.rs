@@ -34,6 +34,7 @@ arch = "x86_64"
 firmware = "bios"
 rack = "r1"
 mac = "52:54:00:00:00:01"
+ipv4 = "10.0.0.1"
 [host.bmc]
 address = "127.0.0.1"
 port = 10001
@@ -236,6 +237,7 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
         ttl: Duration::from_secs(3600),
         priority: 0,
         comment: String::new(),
+        ssh_public_key: None,
     };
     let mut acq = core
         .acquire(caller(who, Role::Ci), spec, true)
@@ -306,7 +308,9 @@ async fn hello_gets_the_full_rack_state_and_its_hosts_become_reachable() {
         update.lease,
         Some(ActiveLease {
             id: lease.id,
-            profile: Some(ProfileName::new("xen").unwrap())
+            profile: Some(ProfileName::new("xen").unwrap()),
+            holder: Principal::new("alice").unwrap(),
+            ssh_public_key: None,
         })
     );
 }
@@ -863,4 +867,228 @@ async fn a_holders_console_ends_with_the_lease() {
         }
     };
     assert_eq!((close.id, close.host.as_str()), (id, "h1"));
+}
+
+/// The agent's next session input, skipping everything else.
+async fn next_input(agent: &mut FakeAgent) -> SessionInput {
+    loop {
+        if let ToAgent::Input(i) = agent.recv().await {
+            return i;
+        }
+    }
+}
+
+/// Session inputs the agent has now, without waiting.
+fn inputs_so_far(agent: &mut FakeAgent) -> Vec<SessionInput> {
+    let mut v = Vec::new();
+    while let Ok(m) = agent.down.try_recv() {
+        if let Ok(ToAgent::Input(i)) = m {
+            v.push(i);
+        }
+    }
+    v
+}
+
+#[tokio::test(start_paused = true)]
+async fn forwards_keep_to_their_windows_and_limits_and_end_with_the_lease() {
+    let lab = lab().await;
+    lab.racks.registry().set_forward_limits(ForwardLimits {
+        per_lease: 1,
+        idle_timeout: Duration::from_secs(3600),
+    });
+    let mut agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    let alice = caller("alice", Role::Ci);
+    let open = ForwardOpen {
+        host: h("h1"),
+        port: 22,
+    };
+    let (forward, id) = tokio::join!(lab.racks.forward(&alice, open.clone()), async {
+        let c = agent.command().await;
+        assert_eq!(c.kind, CommandKind::Forward(open.clone()));
+        agent.reply(c.id, Ok(Done::default())).await;
+        c.id
+    });
+    let forward = forward.unwrap();
+    assert_eq!((forward.id, forward.lease), (id, Some(lease.id)));
+    let scope = ForwardScope::Lease(lease.id);
+    assert_eq!(lab.racks.registry().open_forwards(&scope), 1);
+
+    // Refusals: the lease's limit, someone else, a host without ipv4.
+    let e = lab.racks.forward(&alice, open.clone()).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("lease {} already has 1 forwards open (the limit)", lease.id)
+    );
+    let bob = caller("bob", Role::Ci);
+    let e = lab.racks.forward(&bob, open.clone()).await.unwrap_err();
+    assert!(matches!(e, RackError::Denied(_)), "{e}");
+    let root = caller("root", Role::Operator);
+    let no_ip = ForwardOpen {
+        host: h("h2"),
+        port: 22,
+    };
+    let e = lab.racks.forward(&root, no_ip).await.unwrap_err();
+    assert_eq!(e.to_string(), "host h2 has no ipv4 in the inventory");
+    assert!(
+        agent.commands_so_far().is_empty(),
+        "no refusal reached the agent"
+    );
+
+    // A user who sends a lot and reads nothing.
+    let (user_tx, user_rx) = mpsc::channel::<FromUser>(64);
+    let (to_user, mut user_out) = mpsc::channel::<ToUser>(1);
+    let racks = lab.racks.clone();
+    let run = tokio::spawn(async move {
+        racks
+            .run_forward(forward, ReceiverStream::new(user_rx), to_user)
+            .await
+    });
+    for _ in 0..20 {
+        user_tx.send(FromUser::Data(vec![7; 10])).await.unwrap();
+    }
+    // One message of 100 KiB goes to the agent in 32 KiB pieces.
+    user_tx
+        .send(FromUser::Data(vec![8; 100 * 1024]))
+        .await
+        .unwrap();
+    settle().await;
+    let first = inputs_so_far(&mut agent);
+    assert_eq!(first.len(), FORWARD_WINDOW as usize, "a window's worth");
+    assert!(first.iter().all(|i| i.id == id && i.input == [7; 10]));
+    // The agent wrote 4 of them: 4 more may come.
+    agent
+        .send(FromAgent::Data(SessionData {
+            id,
+            credit: 4,
+            ..Default::default()
+        }))
+        .await;
+    settle().await;
+    assert_eq!(inputs_so_far(&mut agent).len(), 4);
+    agent
+        .send(FromAgent::Data(SessionData {
+            id,
+            credit: 16,
+            ..Default::default()
+        }))
+        .await;
+    settle().await;
+    let rest = inputs_so_far(&mut agent);
+    let sizes: Vec<usize> = rest.iter().map(|i| i.input.len()).collect();
+    assert_eq!(sizes, [32 * 1024, 32 * 1024, 32 * 1024, 4 * 1024]);
+
+    // The host's bytes: credited back only as the user takes them.
+    for n in 0..FORWARD_WINDOW {
+        agent
+            .send(FromAgent::Data(SessionData {
+                id,
+                output: vec![n as u8; 100],
+                ..Default::default()
+            }))
+            .await;
+    }
+    settle().await;
+    assert!(
+        inputs_so_far(&mut agent).iter().all(|i| i.credit == 0),
+        "no credit while the user reads nothing"
+    );
+    for n in 0..FORWARD_WINDOW / 2 {
+        let got = within("output for the user", user_out.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, ToUser::Data(vec![n as u8; 100]));
+    }
+    let credit = next_input(&mut agent).await;
+    assert_eq!((credit.id, credit.credit), (id, FORWARD_WINDOW / 2));
+
+    // The user's end of input half-closes (once the user reads again: a
+    // user who does not read holds the whole forward back); the lease's
+    // end cuts the forward.
+    let drain = tokio::spawn(async move { while user_out.recv().await.is_some() {} });
+    drop(user_tx);
+    let eof = loop {
+        let i = next_input(&mut agent).await;
+        if i.credit == 0 {
+            break i;
+        }
+    };
+    assert!(eof.eof && eof.input.is_empty(), "{eof:?}");
+    lab.core.release(alice.clone(), lease.id).await.unwrap();
+    let end = within("the forward's end", run).await.unwrap();
+    assert!(
+        matches!(end, Err(RackError::ForwardLeaseEnded { .. })),
+        "{end:?}"
+    );
+    drain.await.unwrap();
+    let close = loop {
+        let c = agent.command().await;
+        if c.kind == CommandKind::CloseSession {
+            break c;
+        }
+    };
+    assert_eq!(close.id, id);
+    assert_eq!(
+        lab.racks.registry().open_forwards(&scope),
+        0,
+        "slot given back"
+    );
+    let events = lab
+        .core
+        .list_events(crate::store::EventQuery {
+            after_seq: 0,
+            limit: 1000,
+            host: Some(h("h1")),
+            lease: None,
+        })
+        .await
+        .unwrap();
+    let details: Vec<(EventKind, &str)> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ForwardOpened | EventKind::ForwardClosed))
+        .map(|e| (e.kind, e.detail.as_str()))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            (EventKind::ForwardOpened, "port 22"),
+            (
+                EventKind::ForwardClosed,
+                "port 22: 102600 bytes to the host, 1600 bytes from it; the lease ended"
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_forward_is_closed() {
+    let lab = lab().await;
+    let idle = Duration::from_secs(60);
+    lab.racks.registry().set_forward_limits(ForwardLimits {
+        per_lease: 16,
+        idle_timeout: idle,
+    });
+    let mut agent = attach(&lab.racks).await;
+    grant(&lab.core, "alice", "h1", None).await;
+    let alice = caller("alice", Role::Ci);
+    let open = ForwardOpen {
+        host: h("h1"),
+        port: 22,
+    };
+    let (forward, _) = tokio::join!(lab.racks.forward(&alice, open), async {
+        let c = agent.command().await;
+        agent.reply(c.id, Ok(Done::default())).await;
+    });
+    let (_user_tx, user_rx) = mpsc::channel::<FromUser>(1);
+    let (to_user, _user_out) = mpsc::channel::<ToUser>(1);
+    let t0 = Instant::now();
+    let end = lab
+        .racks
+        .run_forward(forward.unwrap(), ReceiverStream::new(user_rx), to_user)
+        .await;
+    assert_eq!(t0.elapsed(), idle);
+    assert_eq!(
+        end.unwrap_err().to_string(),
+        "forward to h1 closed after 1m without traffic"
+    );
 }

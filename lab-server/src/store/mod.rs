@@ -261,6 +261,7 @@ pub(crate) mod contract {
             ended_at: None,
             waiter_id: 7,
             generation: Generation(1),
+            ssh_public_key: None,
         };
         store
             .commit(&Batch {
