@@ -41,7 +41,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-if [ $# -ge 1 ]; then
+if [ -n "${1:-}" ]; then
   out=$1
 elif [ -n "${XDG_CACHE_HOME:-}" ]; then
   out=$XDG_CACHE_HOME/lab/artifacts

@@ -14,9 +14,10 @@
 //! appends every console byte to `<logs>/hI-console.log`, across power
 //! cycles: the ground truth of the console for tests and benchmarks.
 //!
-//! Each x86_64 host has a disk: a qcow2 file (`<logs>/hI/disk.qcow2`,
-//! [`DISK_SIZE`], created empty by `qemu-img` when the box starts, deleted
-//! at teardown) that its VM sees as a virtio-blk disk. The boot device the
+//! Each x86_64 host has a disk: a qcow2 file (`<logs>/hI/disk.qcow2`, of
+//! [`DISK_SIZE`](crate::labbox::bmc::DISK_SIZE), created empty by
+//! `qemu-img` when the box starts, deleted at teardown) that its VM sees as
+//! a virtio-blk disk. The boot device the
 //! BMC keeps decides what boots: `pxe` the NIC's iPXE ROM, then the disk;
 //! `disk` (and any other) the disk alone. A reset after the boot device
 //! changed restarts the VM with the new one, as a real BMC's next boot
