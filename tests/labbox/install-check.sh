@@ -8,7 +8,8 @@
 #
 # Usage: tests/labbox/install-check.sh [--failures] [--keep]
 #   --failures  also check that the installer fails loudly and powers off:
-#               wrong sha256, HTTP 404, no disk, a server that stalls
+#               wrong sha256, HTTP 404, metadata of another host, no disk,
+#               a server that stalls
 #   --keep      keep the work directory (logs, disk) under /tmp
 #   LAB_ARTIFACTS  the artifacts cache (default as fetch-artifacts.sh); it
 #               needs vmlinuz-amd64, initrd-install-amd64.gz (fetch-artifacts.sh)
@@ -265,6 +266,8 @@ if [ -n "$failures" ]; then
   fi
   rm -f "$work/scratch.raw"
   expect_failure http-404 http "lab.image=$URL/no-such-image.zst lab.sha256=$SHA" "${SCRATCH[@]}"
+  # the metadata names h1; this host boots as h2 (BASE's lab.host comes first)
+  expect_failure other-host metadata "lab.image=$URL/xenlab-amd64.img.zst lab.sha256=$SHA lab.metadata=$URL/lease.env lab.host=h2" "${SCRATCH[@]}"
   expect_failure no-disk no-disk "lab.image=$URL/xenlab-amd64.img.zst lab.sha256=$SHA"
   expect_failure stalled stalled "lab.image=$URL/stall/xenlab-amd64.img.zst lab.sha256=$SHA lab.stall=10" "${SCRATCH[@]}"
 fi
