@@ -287,18 +287,15 @@ async fn per_host_scripts_follow_the_host_table() {
     let text = String::from_utf8(r.body).unwrap();
     assert!(
         text.contains(&format!(
-            "preseed/url={}/hosts/52-54-00-00-00-01.preseed",
+            "lab.image={}/artifacts/xenlab-amd64.img.zst ",
             s.base
         )),
         "{text}"
     );
+    assert!(text.contains(" lab.lease=L-2 "), "{text}");
+    // No profile has a preseed.
     let r = curl(&s, "/hosts/52-54-00-00-00-01.preseed", &[]).await;
-    assert_eq!(r.status, 200);
-    assert!(
-        String::from_utf8(r.body)
-            .unwrap()
-            .contains("xen-system-amd64")
-    );
+    assert_eq!(r.status, 404);
 
     assert!(s.hosts.set_profile(&mac, "local-disk", None));
     let r = curl(&s, "/hosts/52-54-00-00-00-01.ipxe", &[]).await;
