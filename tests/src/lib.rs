@@ -104,6 +104,7 @@ impl Clients {
             .acquire(AcquireRequest {
                 request: Some(req),
                 no_wait: true,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -82,6 +82,7 @@ async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mute
         let req = pb::AcquireRequest {
             request: Some(request(&mut rng)),
             no_wait,
+            ..Default::default()
         };
         n += 1;
         let mut stream = match leases.acquire(req).await {

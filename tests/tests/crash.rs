@@ -60,6 +60,7 @@ async fn load(i: u64, c: Clients, log: Arc<Mutex<HashMap<String, Record>>>) {
                 ..Default::default()
             }),
             no_wait: false,
+            ..Default::default()
         };
         let Ok(stream) = leases.acquire(req).await else {
             return;
@@ -223,6 +224,7 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
             .list_leases(pb::ListLeasesRequest {
                 include_ended: false,
                 holder: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -274,6 +276,7 @@ async fn a_short_lease_without_renewals_frees_its_host() {
             ..Default::default()
         }),
         no_wait: true,
+        ..Default::default()
     };
     let mut s = c.leases.acquire(req).await.unwrap().into_inner();
     let Some(pb::AcquireUpdate {

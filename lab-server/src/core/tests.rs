@@ -50,6 +50,15 @@ fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
     }
 }
 
+/// A request without a request id.
+fn ask(spec: LeaseSpec, no_wait: bool) -> AcquireRequest {
+    AcquireRequest {
+        spec,
+        no_wait,
+        request_id: None,
+    }
+}
+
 async fn start(store: Arc<MemStore>) -> Core {
     let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
     let mut config = CoreConfig::new("inv.toml".into());
@@ -62,7 +71,7 @@ async fn start(store: Arc<MemStore>) -> Core {
 }
 
 async fn granted(core: &Core, who: &str, s: LeaseSpec) -> Lease {
-    let mut acq = core.acquire(caller(who), s, false).await.unwrap();
+    let mut acq = core.acquire(caller(who), ask(s, false)).await.unwrap();
     loop {
         match acq.next().await.expect("a final state") {
             WaitState::Granted(l) => return l,
@@ -140,7 +149,10 @@ async fn renewals_keep_a_lease_alive_up_to_the_hard_cap() {
 async fn an_expiry_hands_the_host_to_the_next_waiter_with_queue_updates() {
     let core = start(Arc::new(MemStore::new())).await;
     let first = granted(&core, "a", spec(2, 60)).await;
-    let mut acq = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    let mut acq = core
+        .acquire(caller("b"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     match acq.next().await.unwrap() {
         WaitState::Queued {
             position,
@@ -185,7 +197,7 @@ async fn a_failed_commit_answers_unavailable_and_loses_nothing_acknowledged() {
     let err = core.renew(caller("ci"), kept.id, None).await.unwrap_err();
     assert!(matches!(err, CoreError::Store(_)), "{err}");
     let mut acq = core
-        .acquire(caller("ci"), spec(1, 60), false)
+        .acquire(caller("ci"), ask(spec(1, 60), false))
         .await
         .unwrap();
     assert!(matches!(
@@ -243,8 +255,14 @@ async fn a_refused_no_wait_request_does_not_hold_back_the_waiters_behind_it() {
     .await;
     // Both requests reach the actor in one batch: the pair (no_wait) cannot be
     // met; the single one behind it gets the free host at once.
-    let mut pair = core.acquire(caller("a"), spec(2, 60), true).await.unwrap();
-    let mut single = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    let mut pair = core
+        .acquire(caller("a"), ask(spec(2, 60), true))
+        .await
+        .unwrap();
+    let mut single = core
+        .acquire(caller("b"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     assert!(matches!(
         pair.next().await.unwrap(),
         WaitState::Failed(CoreError::Busy)
@@ -277,7 +295,10 @@ async fn a_failed_commit_fails_the_waiters_and_logs_their_withdrawal() {
     let store = Arc::new(MemStore::new());
     let core = start(store.clone()).await;
     let both = granted(&core, "x", spec(2, 60)).await;
-    let mut waiting = core.acquire(caller("w"), spec(1, 60), false).await.unwrap();
+    let mut waiting = core
+        .acquire(caller("w"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     let WaitState::Queued { waiter, .. } = waiting.next().await.unwrap() else {
         panic!("not queued")
     };
@@ -297,7 +318,8 @@ async fn a_failed_commit_fails_the_waiters_and_logs_their_withdrawal() {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     let kinds: Vec<_> = events
         .iter()
         .filter(|e| e.waiter == Some(waiter))
@@ -326,7 +348,10 @@ async fn a_reload_that_makes_a_request_impossible_refuses_it() {
     .await
     .unwrap();
     let _one = granted(&core, "x", spec(1, 60)).await;
-    let mut pair = core.acquire(caller("a"), spec(2, 60), false).await.unwrap();
+    let mut pair = core
+        .acquire(caller("a"), ask(spec(2, 60), false))
+        .await
+        .unwrap();
     assert!(matches!(
         pair.next().await.unwrap(),
         WaitState::Queued { .. }

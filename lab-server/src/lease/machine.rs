@@ -14,7 +14,9 @@
 //!         a host is grantable only when Available, not in maintenance, not retired.
 //! ```
 
-use crate::types::{Generation, HostName, LeaseId, Principal, ProfileName, Timestamp, WaiterId};
+use crate::types::{
+    Generation, HostName, LeaseId, Principal, ProfileName, RequestId, Timestamp, WaiterId,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -78,6 +80,10 @@ pub struct Lease {
     pub max_expires_at: Timestamp,
     pub ended_at: Option<Timestamp>,
     pub waiter_id: WaiterId,
+    /// The client's id of the request this lease was granted to, if it gave
+    /// one: a retry with the same id gets this lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
     pub generation: Generation,
 }
 
@@ -273,6 +279,7 @@ mod tests {
             max_expires_at: Timestamp(100_000),
             ended_at: None,
             waiter_id: 1,
+            request_id: None,
             generation: Generation(1),
         }
     }

@@ -238,7 +238,14 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
         comment: String::new(),
     };
     let mut acq = core
-        .acquire(caller(who, Role::Ci), spec, true)
+        .acquire(
+            caller(who, Role::Ci),
+            crate::core::AcquireRequest {
+                spec,
+                no_wait: true,
+                request_id: None,
+            },
+        )
         .await
         .unwrap();
     loop {
@@ -638,7 +645,12 @@ async fn attach_refusals() {
     let a1 = || caller("a1", Role::Agent);
     let bad_rack = RackName::new("r 1").unwrap_err();
     // (who, first messages, close the stream, refusal)
-    type Case = (Caller, Vec<Result<FromAgent, LinkError>>, bool, &'static str);
+    type Case = (
+        Caller,
+        Vec<Result<FromAgent, LinkError>>,
+        bool,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         (
             caller("alice", Role::Ci),

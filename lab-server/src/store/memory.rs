@@ -2,11 +2,12 @@
 //! the durable one, and a switch that makes commits fail.
 
 use super::{
-    Batch, EventQuery, Snapshot, Store, StoreError, Write, check_event_seqs, check_generation,
+    Batch, EventQuery, Pruned, Snapshot, Store, StoreError, Write, check_delete, check_event_seqs,
+    check_generation, check_waiter,
 };
 use crate::events::EventRecord;
-use crate::lease::{HostRecord, Lease};
-use crate::types::{HostName, LeaseId};
+use crate::lease::{HostRecord, Lease, Waiter};
+use crate::types::{HostName, LeaseId, Timestamp, WaiterId};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 struct Data {
     hosts: BTreeMap<HostName, HostRecord>,
     leases: BTreeMap<LeaseId, Lease>,
+    waiters: BTreeMap<WaiterId, Waiter>,
     events: Vec<EventRecord>,
+    /// Sequence number of the last event ever stored.
+    last_seq: u64,
 }
 
 /// Volatile store; `fail_commits(true)` makes every commit fail.
@@ -45,7 +49,8 @@ impl Store for MemStore {
         Ok(Snapshot {
             hosts: d.hosts.values().cloned().collect(),
             leases: d.leases.values().cloned().collect(),
-            last_event_seq: d.events.last().map_or(0, |e| e.seq),
+            waiters: d.waiters.values().cloned().collect(),
+            last_event_seq: d.last_seq,
         })
     }
 
@@ -69,15 +74,24 @@ impl Store for MemStore {
                     d.hosts.insert(h.name.clone(), h.clone());
                 }
                 Write::DeleteHost { name, generation } => {
-                    let found = d.hosts.get(name).map(|x| x.generation);
-                    if found != Some(*generation) {
-                        return Err(StoreError::Conflict {
-                            key: w.key(),
-                            expected: Some(*generation),
-                            found,
-                        });
-                    }
+                    check_delete(
+                        w.key(),
+                        d.hosts.get(name).map(|x| x.generation),
+                        *generation,
+                    )?;
                     d.hosts.remove(name);
+                }
+                Write::DeleteLease { id, generation } => {
+                    check_delete(w.key(), d.leases.get(id).map(|x| x.generation), *generation)?;
+                    d.leases.remove(id);
+                }
+                Write::Waiter(waiter) => {
+                    check_waiter(waiter.id, true, d.waiters.contains_key(&waiter.id))?;
+                    d.waiters.insert(waiter.id, waiter.clone());
+                }
+                Write::DeleteWaiter(id) => {
+                    check_waiter(*id, false, d.waiters.contains_key(id))?;
+                    d.waiters.remove(id);
                 }
                 Write::Lease(l) => {
                     check_generation(
@@ -89,14 +103,31 @@ impl Store for MemStore {
                 }
             }
         }
-        check_event_seqs(d.events.last().map_or(0, |e| e.seq), &batch.events)?;
+        check_event_seqs(d.last_seq, &batch.events)?;
         d.events.extend(batch.events.iter().cloned());
+        d.last_seq = d.events.last().map_or(d.last_seq, |e| e.seq);
         *guard = d;
         Ok(())
     }
 
     fn last_event_seq(&self) -> Result<u64, StoreError> {
-        Ok(lock(&self.data).events.last().map_or(0, |e| e.seq))
+        Ok(lock(&self.data).last_seq)
+    }
+
+    fn prune_events(&self, before: Timestamp, max: usize) -> Result<Pruned, StoreError> {
+        let mut d = lock(&self.data);
+        // Never the last event.
+        let prunable = d.events.len().saturating_sub(1);
+        let old = d.events[..prunable]
+            .iter()
+            .take_while(|e| e.time < before)
+            .count();
+        let n = old.min(max);
+        d.events.drain(..n);
+        Ok(Pruned {
+            events: n,
+            more: old > n,
+        })
     }
 
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {

@@ -1,7 +1,14 @@
-//! Durable state behind a narrow trait: host records, leases and the event
-//! log. Every write is compare-and-set on the record's generation, and one
-//! [`Batch`] (records plus their events) commits atomically and durably, so
-//! a reply is only sent for what is on disk.
+//! Durable state behind a narrow trait: host records, leases, waiting
+//! requests and the event log. Every record write is compare-and-set on the
+//! record's generation, and one [`Batch`] (records plus their events)
+//! commits atomically and durably, so a reply is only sent for what is on
+//! disk.
+//!
+//! The event log is indexed by host and by lease (written in the same
+//! transaction as the events), so a filtered query reads only the events it
+//! returns. Retention removes old events in bounded steps
+//! ([`Store::prune_events`]); ended leases are removed through the batch
+//! ([`Write::DeleteLease`]).
 //!
 //! Backends: [`redb::RedbStore`] (the embedded default) and
 //! [`memory::MemStore`] (tests; can be told to fail). A distributed backend
@@ -11,8 +18,8 @@ pub mod memory;
 pub mod redb;
 
 use crate::events::EventRecord;
-use crate::lease::{HostRecord, Lease};
-use crate::types::{Generation, HostName, LeaseId};
+use crate::lease::{HostRecord, Lease, Waiter};
+use crate::types::{Generation, HostName, LeaseId, Timestamp, WaiterId};
 
 /// A store failure. The core answers UNAVAILABLE and reloads its state.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +38,8 @@ pub enum StoreError {
     },
     #[error("event sequence gap: next is {expected}, batch starts at {got}")]
     EventGap { expected: u64, got: u64 },
+    #[error("waiter {id} is {}", if *.stored { "already stored" } else { "not stored" })]
+    WaiterConflict { id: WaiterId, stored: bool },
     #[error("storage backend failed during {op}")]
     Backend {
         op: &'static str,
@@ -50,6 +59,18 @@ pub enum Write {
         generation: Generation,
     },
     Lease(Lease),
+    /// Delete an (ended) lease whose stored generation is the one given
+    /// (retention).
+    DeleteLease {
+        id: LeaseId,
+        generation: Generation,
+    },
+    /// A request entered the queue. Waiters have no generation: one is
+    /// written once and deleted once; writing an existing one, or deleting
+    /// one that is not stored, is a conflict.
+    Waiter(Waiter),
+    /// A waiting request left the queue (granted or withdrawn).
+    DeleteWaiter(WaiterId),
 }
 
 impl Write {
@@ -58,6 +79,9 @@ impl Write {
             Write::Host(h) => format!("host/{}", h.name),
             Write::DeleteHost { name, .. } => format!("host/{name}"),
             Write::Lease(l) => format!("lease/{}", l.id),
+            Write::DeleteLease { id, .. } => format!("lease/{id}"),
+            Write::Waiter(w) => format!("waiter/{}", w.id),
+            Write::DeleteWaiter(id) => format!("waiter/{id}"),
         }
     }
 }
@@ -81,6 +105,8 @@ impl Batch {
 pub struct Snapshot {
     pub hosts: Vec<HostRecord>,
     pub leases: Vec<Lease>,
+    /// Requests that were waiting (in id order).
+    pub waiters: Vec<Waiter>,
     pub last_event_seq: u64,
 }
 
@@ -101,17 +127,32 @@ impl EventQuery {
     }
 }
 
+/// What one [`Store::prune_events`] step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    /// Events removed.
+    pub events: usize,
+    /// More events are older than the cutoff (the step hit its bound).
+    pub more: bool,
+}
+
 /// The narrow storage interface. Implementations are synchronous; the core
 /// calls them off the async workers.
 pub trait Store: Send + Sync + 'static {
-    /// All host records, all leases, and the last event's sequence number.
+    /// All host records, all leases, all waiting requests, and the last
+    /// event's sequence number.
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Apply a batch atomically and durably, or not at all.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Events matching the query, in sequence order, at most `query.limit`.
+    /// With a host or lease filter, reads only matching events (an index).
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError>;
     /// Sequence number of the last event in the log (0 when empty).
     fn last_event_seq(&self) -> Result<u64, StoreError>;
+    /// Remove at most `max` of the oldest events whose time is before
+    /// `before`, in one transaction. The last event of the log is never
+    /// removed, so sequence numbers continue after a restart.
+    fn prune_events(&self, before: Timestamp, max: usize) -> Result<Pruned, StoreError>;
 }
 
 /// Events of a batch must continue the log without a gap.
@@ -146,6 +187,32 @@ fn check_generation(
             expected,
             found: stored,
         })
+    }
+}
+
+/// A delete's compare-and-set: the stored generation is the one given.
+fn check_delete(
+    key: String,
+    stored: Option<Generation>,
+    expected: Generation,
+) -> Result<(), StoreError> {
+    if stored == Some(expected) {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key,
+            expected: Some(expected),
+            found: stored,
+        })
+    }
+}
+
+/// A waiter is written once and deleted once (`stored`: it is stored now).
+fn check_waiter(id: WaiterId, write: bool, stored: bool) -> Result<(), StoreError> {
+    if write != stored {
+        Ok(())
+    } else {
+        Err(StoreError::WaiterConflict { id, stored })
     }
 }
 
@@ -260,6 +327,7 @@ pub(crate) mod contract {
             max_expires_at: Timestamp(5000),
             ended_at: None,
             waiter_id: 7,
+            request_id: None,
             generation: Generation(1),
         };
         store
