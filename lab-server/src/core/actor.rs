@@ -559,15 +559,13 @@ impl Actor {
                 .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
             None => self.by_grant.range(..),
         };
-        let mut scanned = 0;
         let mut last = None;
-        for key in range {
+        for (scanned, key) in range.enumerate() {
             if page.leases.len() == limit || scanned == LEASE_SCAN_LIMIT {
                 // More follow: continue after the last one looked at.
                 page.next = last;
                 break;
             }
-            scanned += 1;
             last = Some(*key);
             if let Some(l) = self.leases.get(&key.1)
                 && wanted(l)

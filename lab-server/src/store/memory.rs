@@ -1,5 +1,6 @@
 //! An in-memory [`Store`] for tests, with the same compare-and-set rules as
-//! the durable one, and a switch that makes commits fail.
+//! the durable one, a switch that makes commits fail, and counters of what
+//! was written (commits, the largest commit, the largest prune step).
 
 use super::{
     Batch, EventQuery, Pruned, Snapshot, Store, StoreError, Write, check_delete, check_event_seqs,
@@ -10,7 +11,7 @@ use crate::lease::{HostRecord, Lease, Waiter};
 use crate::types::{HostName, LeaseId, Timestamp, WaiterId};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 #[derive(Debug, Default, Clone)]
 struct Data {
@@ -27,6 +28,9 @@ struct Data {
 pub struct MemStore {
     data: Mutex<Data>,
     failing: AtomicBool,
+    commits: AtomicUsize,
+    largest_commit: AtomicUsize,
+    largest_prune: AtomicUsize,
 }
 
 impl MemStore {
@@ -36,6 +40,31 @@ impl MemStore {
 
     pub fn fail_commits(&self, on: bool) {
         self.failing.store(on, Ordering::SeqCst);
+    }
+
+    /// Successful commits so far.
+    pub fn commits(&self) -> usize {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// Most records and events one commit wrote.
+    pub fn largest_commit(&self) -> usize {
+        self.largest_commit.load(Ordering::SeqCst)
+    }
+
+    /// Most events one `prune_events` call removed.
+    pub fn largest_prune(&self) -> usize {
+        self.largest_prune.load(Ordering::SeqCst)
+    }
+
+    /// Every event in the store.
+    pub fn all_events(&self) -> Vec<EventRecord> {
+        lock(&self.data).events.clone()
+    }
+
+    /// Every stored waiting request.
+    pub fn waiters(&self) -> Vec<Waiter> {
+        lock(&self.data).waiters.values().cloned().collect()
     }
 }
 
@@ -107,6 +136,9 @@ impl Store for MemStore {
         d.events.extend(batch.events.iter().cloned());
         d.last_seq = d.events.last().map_or(d.last_seq, |e| e.seq);
         *guard = d;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.largest_commit
+            .fetch_max(batch.writes.len() + batch.events.len(), Ordering::SeqCst);
         Ok(())
     }
 
@@ -124,6 +156,7 @@ impl Store for MemStore {
             .count();
         let n = old.min(max);
         d.events.drain(..n);
+        self.largest_prune.fetch_max(n, Ordering::SeqCst);
         Ok(Pruned {
             events: n,
             more: old > n,
@@ -147,5 +180,7 @@ mod tests {
     #[test]
     fn contract() {
         super::super::contract::run_all(&super::MemStore::new());
+        super::super::contract::waiters_and_deletes(&super::MemStore::new());
+        super::super::contract::pruning(&super::MemStore::new());
     }
 }

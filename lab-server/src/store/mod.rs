@@ -222,7 +222,7 @@ pub(crate) mod contract {
     use super::*;
     use crate::events::EventKind;
     use crate::lease::{HostEvent, LeaseState};
-    use crate::types::{Principal, Timestamp};
+    use crate::types::Principal;
 
     fn host(name: &str) -> HostRecord {
         HostRecord::new(HostName::new(name).unwrap())
@@ -387,6 +387,209 @@ pub(crate) mod contract {
                 .map(|e| e.seq)
                 .collect::<Vec<_>>(),
             vec![3, 4]
+        );
+    }
+
+    fn waiter(id: WaiterId) -> Waiter {
+        Waiter {
+            id,
+            principal: Principal::new("ci").unwrap(),
+            spec: crate::lease::LeaseSpec {
+                arch: None,
+                flags: Default::default(),
+                hosts: Default::default(),
+                count: 1,
+                profile: None,
+                ttl: std::time::Duration::from_secs(60),
+                priority: 0,
+                comment: "c".into(),
+            },
+            request_id: Some(crate::types::RequestId::new("r-1").unwrap()),
+            queued_at: Timestamp(5),
+            detached: false,
+        }
+    }
+
+    /// Waiters are written once and deleted once; ended leases are deleted
+    /// with compare-and-set. (A fresh store.)
+    pub fn waiters_and_deletes(store: &dyn Store) {
+        store
+            .commit(&Batch {
+                writes: vec![Write::Waiter(waiter(7)), Write::Waiter(waiter(9))],
+                events: vec![],
+            })
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().waiters,
+            vec![waiter(7), waiter(9)],
+            "round trip, in id order"
+        );
+        let again = store.commit(&Batch {
+            writes: vec![Write::Waiter(waiter(7))],
+            events: vec![],
+        });
+        assert!(
+            matches!(
+                again,
+                Err(StoreError::WaiterConflict {
+                    id: 7,
+                    stored: true
+                })
+            ),
+            "{again:?}"
+        );
+        store
+            .commit(&Batch {
+                writes: vec![Write::DeleteWaiter(7)],
+                events: vec![],
+            })
+            .unwrap();
+        let twice = store.commit(&Batch {
+            writes: vec![Write::DeleteWaiter(7)],
+            events: vec![],
+        });
+        assert!(
+            matches!(
+                twice,
+                Err(StoreError::WaiterConflict {
+                    id: 7,
+                    stored: false
+                })
+            ),
+            "{twice:?}"
+        );
+        assert_eq!(store.load().unwrap().waiters, vec![waiter(9)]);
+
+        let lease = Lease {
+            id: LeaseId(uuid::Uuid::from_u128(5)),
+            holder: Principal::new("ci").unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            state: LeaseState::Released,
+            profile: None,
+            priority: 0,
+            comment: String::new(),
+            ttl_ms: 1000,
+            granted_at: Timestamp(1),
+            expires_at: Timestamp(1001),
+            max_expires_at: Timestamp(5000),
+            ended_at: Some(Timestamp(2)),
+            waiter_id: 9,
+            request_id: None,
+            generation: Generation(1),
+        };
+        store
+            .commit(&Batch {
+                writes: vec![Write::Lease(lease.clone())],
+                events: vec![],
+            })
+            .unwrap();
+        let stale = store.commit(&Batch {
+            writes: vec![Write::DeleteLease {
+                id: lease.id,
+                generation: Generation(3),
+            }],
+            events: vec![],
+        });
+        assert!(
+            matches!(stale, Err(StoreError::Conflict { .. })),
+            "{stale:?}"
+        );
+        store
+            .commit(&Batch {
+                writes: vec![Write::DeleteLease {
+                    id: lease.id,
+                    generation: Generation(1),
+                }],
+                events: vec![],
+            })
+            .unwrap();
+        assert!(store.load().unwrap().leases.is_empty());
+    }
+
+    /// Pruning removes the oldest events before the cutoff, at most `max` a
+    /// step, never the last one, and their index entries with them. (A
+    /// fresh store.)
+    pub fn pruning(store: &dyn Store) {
+        let lease = LeaseId(uuid::Uuid::from_u128(9));
+        let events: Vec<EventRecord> = (1..=10)
+            .map(|seq| {
+                let mut e = event(seq, EventKind::LeaseRenewed, &["h1"]);
+                e.time = Timestamp(seq as i64 * 100);
+                e.lease = Some(lease);
+                e
+            })
+            .collect();
+        store
+            .commit(&Batch {
+                writes: vec![],
+                events,
+            })
+            .unwrap();
+        let seqs = |q: EventQuery| -> Vec<u64> {
+            store.events(&q).unwrap().iter().map(|e| e.seq).collect()
+        };
+        let all = || EventQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        // Times 100..=1000: before 450 are 1..=4; three per step.
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 3,
+                more: true
+            }
+        );
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 1,
+                more: false
+            }
+        );
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 0,
+                more: false
+            }
+        );
+        assert_eq!(seqs(all()), (5..=10).collect::<Vec<_>>());
+        for q in [
+            EventQuery {
+                host: Some(HostName::new("h1").unwrap()),
+                ..all()
+            },
+            EventQuery {
+                lease: Some(lease),
+                ..all()
+            },
+        ] {
+            assert_eq!(seqs(q), (5..=10).collect::<Vec<_>>(), "the indexes follow");
+        }
+        // Everything is old: all but the last event go; numbering goes on.
+        assert_eq!(
+            store.prune_events(Timestamp(i64::MAX), 100).unwrap(),
+            Pruned {
+                events: 5,
+                more: false
+            }
+        );
+        assert_eq!(seqs(all()), [10]);
+        assert_eq!(store.last_event_seq().unwrap(), 10);
+        assert_eq!(store.load().unwrap().last_event_seq, 10);
+        store
+            .commit(&Batch {
+                writes: vec![],
+                events: vec![event(11, EventKind::HostAdded, &["h2"])],
+            })
+            .unwrap();
+        assert_eq!(
+            seqs(EventQuery {
+                after_seq: 10,
+                ..all()
+            }),
+            [11]
         );
     }
 }
