@@ -91,10 +91,11 @@ impl<W: Write> WaitLine<W> {
         Ok(())
     }
 
-    /// Prints a line of its own (the live line is redrawn below it at the
-    /// next update).
+    /// Prints a line of its own; the position is shown again (below it) at
+    /// the next update, moved or not.
     pub fn notice(&mut self, text: &str) -> io::Result<()> {
         self.clear()?;
+        self.last = None;
         writeln!(self.out, "{text}")?;
         self.out.flush()
     }
@@ -149,6 +150,23 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "waiting: position 3 of 7, no ETA yet\nwaiting: position 2 of 8, no ETA yet\n"
+        );
+    }
+
+    #[test]
+    fn after_a_notice_the_position_is_shown_again() {
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, false);
+        w.update(q(1, 1), now()).unwrap();
+        w.notice("lab: the request is back with the server")
+            .unwrap();
+        w.update(q(1, 1), now()).unwrap();
+        w.update(q(1, 1), now()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "waiting: position 1 of 1, no ETA yet\n\
+             lab: the request is back with the server\n\
+             waiting: position 1 of 1, no ETA yet\n"
         );
     }
 

@@ -3,6 +3,9 @@
 //! temporary store) or as a real child process (killed on drop, logs kept),
 //! and authenticated gRPC clients.
 
+pub mod crash_loop;
+pub mod history;
+
 use anyhow::{Context, Result, bail};
 use lab_proto::v1::admin_service_client::AdminServiceClient;
 use lab_proto::v1::event_service_client::EventServiceClient;
@@ -146,6 +149,8 @@ pub struct ServerOptions {
     /// Reclaim through the rack agents (as the real server does) instead of
     /// at once.
     pub agents: bool,
+    /// Changes to the core's limits (the defaults of `CoreConfig::new`).
+    pub configure: fn(&mut CoreConfig),
 }
 
 impl Default for ServerOptions {
@@ -156,6 +161,7 @@ impl Default for ServerOptions {
             default_ttl: Duration::from_secs(600),
             inventory: None,
             agents: false,
+            configure: |_| {},
         }
     }
 }
@@ -166,6 +172,8 @@ pub struct InProcessServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub core: Core,
+    /// The store, for its counters (`rows_read`) and its file.
+    pub store: Arc<RedbStore>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -180,8 +188,9 @@ impl InProcessServer {
             .unwrap_or_else(|| inventory_toml(opts.hosts));
         std::fs::write(&inv_path, text)?;
         let inventory = Inventory::load(&inv_path)?;
-        let store = RedbStore::open(&dir.path().join("lab.redb"))?;
-        let config = CoreConfig::new(inv_path);
+        let store = Arc::new(RedbStore::open(&dir.path().join("lab.redb"))?);
+        let mut config = CoreConfig::new(inv_path);
+        (opts.configure)(&mut config);
         let clock = Arc::new(TokioClock::new());
         let racks = RackRegistry::new(clock.clone());
         let reclaimer: Arc<dyn lab_server::core::reclaim::Reclaimer> = if opts.agents {
@@ -189,7 +198,7 @@ impl InProcessServer {
         } else {
             Arc::new(Immediate)
         };
-        let (core, _actor) = Core::start(config, Arc::new(store), inventory, reclaimer, clock)
+        let (core, _actor) = Core::start(config, store.clone(), inventory, reclaimer, clock)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -214,6 +223,7 @@ impl InProcessServer {
             addr,
             dir,
             core,
+            store,
             shutdown: Some(tx),
             task: Some(task),
         })
