@@ -1,7 +1,9 @@
 //! The test harness shared by the cross-process suites and the benchmarks:
 //! generated inventories and tokens files, lab-server in-process (port 0,
 //! temporary store) or as a real child process (killed on drop, logs kept),
-//! and authenticated gRPC clients.
+//! and authenticated gRPC clients; [`history`], the checker that replays an
+//! event log; [`crash_loop`], SIGKILLs under load with everything
+//! acknowledged checked afterwards.
 
 pub mod crash_loop;
 pub mod history;
