@@ -5,6 +5,12 @@
 //! convert the result; domain errors become statuses in `status.rs` only.
 //! Also serves gRPC health and reflection (v1 and v1alpha) so that clients
 //! nobody here wrote can discover the API.
+//!
+//! What one caller may take is bounded here too: HTTP/2 streams per
+//! connection, request and header sizes, keep-alives, and the size of a
+//! `ListLeases` / `ListEvents` page (page tokens are made in `convert.rs`).
+//! On shutdown the core is stopped before the server drains, so waiting
+//! requests stay stored for their clients to resume.
 
 pub mod agent;
 pub mod convert;

@@ -14,7 +14,10 @@
 //! `--pause` between cycles; every tenth cycle also a `no_wait` request for
 //! a host it cannot get (refused), a filtered `ListEvents` and a page of
 //! `ListLeases`. The server is the `lab-server` binary next to this one,
-//! as a child process with `--retention`.
+//! as a child process with `--retention`. At the end it compares the last
+//! third of the samples with the middle third (the first fills the
+//! retention window): flat means the mean grew by less than 5 % and the
+//! peak by less than 10 %.
 
 use anyhow::{Context, Result, bail, ensure};
 use lab_proto::v1 as pb;
@@ -298,23 +301,36 @@ async fn soak(o: Arc<Opts>) -> Result<()> {
     for t in tasks {
         t.await?;
     }
-    // Flat: after the first retention period has passed (a third of the
-    // run at least), the largest value is within 10 % of the smallest.
-    let warm = samples.len() / 3;
-    let rest = &samples[warm.max(2).min(samples.len().saturating_sub(1))..];
-    let spread = |f: fn(&(u64, u64)) -> u64| {
-        let max = rest.iter().map(f).max().unwrap_or(0);
-        let min = rest.iter().map(f).min().unwrap_or(0);
-        (min, max)
-    };
-    let (smin, smax) = spread(|s| s.0);
-    let (rmin, rmax) = spread(|s| s.1);
-    let flat = |min: u64, max: u64| max as f64 <= min as f64 * 1.10;
-    println!(
-        "after warm-up: store {smin}..{smax} KiB ({}), server RSS {rmin}..{rmax} KiB ({})",
-        if flat(smin, smax) { "flat" } else { "GROWING" },
-        if flat(rmin, rmax) { "flat" } else { "GROWING" },
-    );
+    // Flat: the last third of the run against the middle third (the first
+    // fills the retention window): the mean grows by less than 5 %, and
+    // the largest value of the last third is within 10 % of the middle
+    // third's.
+    let third = samples.len() / 3;
+    if third == 0 {
+        println!("too short to judge (fewer than 3 samples)");
+    } else {
+        let (middle, last) = (&samples[third..2 * third], &samples[2 * third..]);
+        let mean = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| {
+            v.iter().map(f).sum::<u64>() as f64 / v.len() as f64
+        };
+        let max = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap_or(0);
+        let judge = |f: fn(&(u64, u64)) -> u64| {
+            let growth = mean(last, f) / mean(middle, f) - 1.0;
+            let peak = max(last, f) as f64 / max(middle, f) as f64 - 1.0;
+            let flat = growth < 0.05 && peak < 0.10;
+            format!(
+                "mean {:+.1} %, max {:+.1} % ({})",
+                growth * 100.0,
+                peak * 100.0,
+                if flat { "flat" } else { "GROWING" }
+            )
+        };
+        println!(
+            "last third against the middle third: store {}; server RSS {}",
+            judge(|s| s.0),
+            judge(|s| s.1)
+        );
+    }
     drop(server);
     Ok(())
 }
