@@ -35,6 +35,8 @@ struct State {
     /// GetLease calls on the leases whose boot progresses per call.
     polls_ok: AtomicU32,
     polls_bad: AtomicU32,
+    /// The request ids of Acquire calls, in order.
+    request_ids: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -351,8 +353,20 @@ impl LeaseService for Stub {
         req: Request<AcquireRequest>,
     ) -> Result<Response<Self::AcquireStream>, Status> {
         principal(&req)?;
-        let AcquireRequest { request, no_wait } = req.into_inner();
+        let AcquireRequest {
+            request,
+            no_wait,
+            request_id,
+        } = req.into_inner();
         let flags = request.unwrap_or_default().flags;
+        let tries = {
+            let mut ids = self.0.request_ids.lock().unwrap();
+            ids.push(request_id.clone());
+            ids.iter().filter(|id| **id == request_id).count()
+        };
+        // "flaky": the first stream of a request breaks after one update,
+        // as when the server restarts; the request asked again is granted.
+        let flaky = flags.iter().any(|f| f == "flaky") && tries == 1;
         let granted_id = if flags.iter().any(|f| f == "boots") {
             "L-ok"
         } else if flags.iter().any(|f| f == "fails") {
@@ -385,6 +399,13 @@ impl LeaseService for Stub {
                 let _ = tx.send(queued(1, 1)).await;
                 tx.closed().await;
                 state.withdrawn.store(true, Ordering::SeqCst);
+                return;
+            }
+            if flaky {
+                let _ = tx.send(queued(2, 3)).await;
+                let _ = tx
+                    .send(Err(Status::unavailable("the server is shutting down")))
+                    .await;
                 return;
             }
             for (pos, len) in [(2, 3), (2, 2), (1, 2)] {
@@ -429,8 +450,20 @@ impl LeaseService for Stub {
         req: Request<ListLeasesRequest>,
     ) -> Result<Response<ListLeasesResponse>, Status> {
         principal(&req)?;
+        // Two pages: L-1, then L-2.
+        let (leases, next_page_token) = match req.get_ref().page_token.as_str() {
+            "" => (vec![lease()], "p2".to_owned()),
+            "p2" => {
+                let mut l = lease();
+                l.id = "L-2".into();
+                l.hosts = vec!["x2".into()];
+                (vec![l], String::new())
+            }
+            _ => return Err(Status::invalid_argument("page_token: not a token")),
+        };
         Ok(Response::new(ListLeasesResponse {
-            leases: vec![lease()],
+            leases,
+            next_page_token,
         }))
     }
 }
@@ -471,9 +504,27 @@ impl EventService for Stub {
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         principal(&req)?;
+        // One event per page, whatever the limit.
+        let r = req.get_ref();
+        let after = match r.page_token.as_str() {
+            "" => r.after_seq,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token"))?,
+        };
+        let page: Vec<Event> = events()
+            .into_iter()
+            .filter(|e| e.seq > after)
+            .take(1)
+            .collect();
+        let next_page_token = match page.last() {
+            Some(e) if e.seq < 2 => e.seq.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(ListEventsResponse {
-            events: events(),
-            last_seq: 0,
+            events: page,
+            last_seq: 2,
+            next_page_token,
         }))
     }
 
@@ -690,6 +741,48 @@ fn acquire_failures_have_their_own_exit_codes() {
 }
 
 #[test]
+fn a_broken_acquire_stream_is_resumed_with_the_same_request_id() {
+    let (addr, state) = start();
+    let (code, out, err) = run(addr, GOOD, &["lease", "acquire", "--flag", "flaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("lease    L-1\n"), "{out}");
+    let ids = state.request_ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], ids[1], "asked again with the same request id");
+    assert!(
+        err.contains(&format!(
+            "lab: lost the request's stream (the server is shutting down); sending it again as request {}\n",
+            ids[0]
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("lab: the request is back with the server\n"),
+        "{err}"
+    );
+
+    // --request-id is sent as given.
+    let (code, _, err) = run(addr, GOOD, &["lease", "acquire", "--request-id", "job-42"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(state.request_ids.lock().unwrap().last().unwrap(), "job-42");
+}
+
+#[test]
+fn lease_list_follows_pages() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["--json", "lease", "list", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["L-1", "L-2"]);
+}
+
+#[test]
 fn ctrl_c_while_waiting_withdraws_the_request() {
     let (addr, state) = start();
     let mut child = lab(addr, GOOD, &["lease", "acquire", "--flag", "hang"])
@@ -737,6 +830,10 @@ fn events_lines_json_and_follow() {
         lines[1].ends_with(" alice lease-granted hosts=x1 lease=L-1"),
         "{out}"
     );
+
+    // --limit bounds the events printed, over pages.
+    let (code, out, _) = run(addr, GOOD, &["events", "--limit", "1"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}");
 
     let (code, out, _) = run(addr, GOOD, &["events", "--json"]);
     assert_eq!(code, 0);

@@ -67,6 +67,25 @@ struct Args {
     /// A forward with no bytes either way for this long is closed.
     #[arg(long, env = "LAB_FORWARD_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     forward_idle_timeout: Duration,
+    /// Highest lease priority roles ci and developer may ask for (operators: any).
+    #[arg(
+        long,
+        env = "LAB_MAX_USER_PRIORITY",
+        default_value_t = 10,
+        allow_negative_numbers = true
+    )]
+    max_user_priority: i32,
+    /// Most requests one principal may have waiting in the queue at once.
+    #[arg(long, env = "LAB_MAX_WAITING_PER_PRINCIPAL", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting_per_principal: u32,
+    /// How long a waiting request keeps its place after a restart for its
+    /// client to resume it (by request id) before it is withdrawn.
+    #[arg(long, env = "LAB_REATTACH_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    reattach_grace: Duration,
+    /// Ended leases and events older than this are removed from the store
+    /// (archive the log first: `lab --json events`).
+    #[arg(long, env = "LAB_RETENTION", default_value = "90days", value_parser = humantime::parse_duration)]
+    retention: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,6 +172,15 @@ fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>)
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.dev_insecure_no_auth && !args.listen.ip().is_loopback() {
+        bail!(
+            "--dev-insecure-no-auth refuses to listen on {}: in development mode every caller is an operator, so only a loopback address (127.0.0.1, ::1) is allowed",
+            args.listen
+        );
+    }
+    if args.retention.is_zero() {
+        bail!("--retention must be more than 0");
+    }
     let auth = if args.dev_insecure_no_auth {
         for _ in 0..3 {
             warn!(
@@ -183,6 +211,10 @@ async fn run(args: Args) -> Result<()> {
     let mut config = CoreConfig::new(args.inventory.clone());
     config.max_ttl = args.max_ttl;
     config.max_lifetime = args.max_lifetime;
+    config.max_user_priority = args.max_user_priority;
+    config.max_waiting_per_principal = args.max_waiting_per_principal as usize;
+    config.reattach_grace = args.reattach_grace;
+    config.retention = args.retention;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());

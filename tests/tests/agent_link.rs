@@ -511,6 +511,7 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
         .acquire(pb::AcquireRequest {
             request: Some(pb::LeaseRequest::default()),
             no_wait: true,
+            ..Default::default()
         })
         .await
     {

@@ -37,6 +37,11 @@ pub enum LeaseCommand {
     /// otherwise. On grant the lease is printed on stdout (as JSON with
     /// --json). Ctrl-C while waiting withdraws the request and exits with 130.
     ///
+    /// When the connection breaks (the server restarts, the network drops),
+    /// the request is sent again with the same request id, with backoff, for
+    /// up to 5 minutes: it keeps its place in the queue, or gets its lease
+    /// if it was granted meanwhile.
+    ///
     /// --flag, --host and --arch all narrow the hosts that may be granted;
     /// --count says how many of them, granted together or not at all.
     ///
@@ -84,7 +89,7 @@ pub enum LeaseCommand {
         #[arg(long, value_parser = clock::parse_ttl, default_value = "10m")]
         timeout: Duration,
     },
-    /// List active leases
+    /// List active leases (every page of them)
     List {
         /// Also list released and expired leases
         #[arg(long)]
@@ -128,6 +133,11 @@ pub struct AcquireArgs {
     /// Free-form note shown with the lease (a CI job URL, say)
     #[arg(long)]
     comment: Option<String>,
+    /// Id of this request, to resume it after a broken connection (also
+    /// from another process: the same id asks for the same lease) [default:
+    /// a random UUID]
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
     /// After the grant, wait until every host has booted (exit 8 if one
     /// fails, 9 after TIMEOUT) [default TIMEOUT: 10m]
     #[arg(
@@ -144,7 +154,11 @@ impl AcquireArgs {
     /// The request, with the public key read from `--ssh-key` (or a
     /// default file).
     fn request(self, ssh_public_key: Option<String>) -> AcquireRequest {
+        let request_id = self
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         AcquireRequest {
+            request_id,
             request: Some(LeaseRequest {
                 arch: super::arch(self.arch),
                 flags: self.flags,
@@ -221,11 +235,7 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
             Ok(output::emit(&details(&lease, SystemTime::now()))?)
         }
         LeaseCommand::List { all, holder } => {
-            let req = ListLeasesRequest {
-                include_ended: all,
-                holder: holder.unwrap_or_default(),
-            };
-            let leases = ctx.lab.leases().list_leases(req).await?.into_inner().leases;
+            let leases = list(ctx, all, holder.unwrap_or_default()).await?;
             let views: Vec<LeaseView> = leases.iter().map(LeaseView::from).collect();
             if ctx.json {
                 return Ok(output::emit(&output::json(&views))?);
@@ -234,6 +244,29 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+/// The leases, following the server's pages.
+async fn list(ctx: &Ctx, include_ended: bool, holder: String) -> anyhow::Result<Vec<Lease>> {
+    let mut leases = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = ListLeasesRequest {
+            include_ended,
+            holder: holder.clone(),
+            page_size: LIST_PAGE,
+            page_token: page_token.clone(),
+        };
+        let page = ctx.lab.leases().list_leases(req).await?.into_inner();
+        leases.extend(page.leases);
+        if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            return Ok(leases);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Leases asked for per `ListLeases` call (the server's maximum).
+const LIST_PAGE: u32 = 1000;
 
 fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
     let view = LeaseView::from(lease);
@@ -343,10 +376,86 @@ pub async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
     result
 }
 
+/// How long `lease acquire` keeps sending its request again after the
+/// connection broke, before it gives up (exit 7).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(5 * 60);
+/// The first pause before sending it again; doubled up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Waits for the grant; when the connection breaks, sends the request again
+/// with the same request id (so it keeps its place, or gets its lease if
+/// it was granted meanwhile), with backoff, for up to [`RECONNECT_FOR`].
 async fn wait_for_grant<W: std::io::Write>(
     ctx: &Ctx,
     req: AcquireRequest,
     line: &mut WaitLine<W>,
+) -> anyhow::Result<Lease> {
+    let mut broken_since: Option<tokio::time::Instant> = None;
+    let mut delay = RECONNECT_FIRST;
+    loop {
+        let err = match wait_once(ctx, req.clone(), line, &mut broken_since).await {
+            Ok(lease) => return Ok(lease),
+            Err(e) if reconnectable(&e) => e,
+            Err(e) => return Err(e),
+        };
+        let since = match broken_since {
+            Some(t) => t,
+            None => {
+                let msg = format!(
+                    "lab: lost the request's stream ({}); sending it again as request {}",
+                    one_line(&err),
+                    req.request_id
+                );
+                line.notice(&sanitize::line(&msg))?;
+                delay = RECONNECT_FIRST;
+                *broken_since.insert(tokio::time::Instant::now())
+            }
+        };
+        if since.elapsed() >= RECONNECT_FOR {
+            return Err(err);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Errors after which the request is sent again: the server or the
+/// connection went away (UNAVAILABLE, a transport failure, a stream that
+/// ended without an answer), not the server's refusal.
+fn reconnectable(err: &anyhow::Error) -> bool {
+    use std::error::Error as _;
+    if err.downcast_ref::<StreamEnded>().is_some() {
+        return true;
+    }
+    let Some(status) = err.downcast_ref::<tonic::Status>() else {
+        return false;
+    };
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        // A transport failure mid-call (h2: connection reset, GOAWAY).
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => {
+            status.source().is_some()
+        }
+        _ => false,
+    }
+}
+
+fn one_line(err: &anyhow::Error) -> String {
+    match err.downcast_ref::<tonic::Status>() {
+        Some(s) if !s.message().is_empty() => s.message().replace('\n', " "),
+        Some(s) => s.code().description().to_owned(),
+        None => err.to_string(),
+    }
+}
+
+/// One Acquire stream, until the grant or an error. A message from the
+/// server clears `broken_since`.
+async fn wait_once<W: std::io::Write>(
+    ctx: &Ctx,
+    req: AcquireRequest,
+    line: &mut WaitLine<W>,
+    broken_since: &mut Option<tokio::time::Instant>,
 ) -> anyhow::Result<Lease> {
     let mut stream = ctx.lab.leases().acquire(req).await?.into_inner();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -359,6 +468,9 @@ async fn wait_for_grant<W: std::io::Write>(
                 continue;
             }
         };
+        if msg.is_some() && broken_since.take().is_some() {
+            line.notice("lab: the request is back with the server")?;
+        }
         match msg.and_then(|m| m.update) {
             Some(Update::Queued(q)) => {
                 let q = Queued {
@@ -499,6 +611,13 @@ mod tests {
         assert_eq!(r.count, 1);
         assert_eq!(r.ttl, None, "the server's default TTL");
         assert!(!req.no_wait);
+        // A fresh request id each time.
+        assert!(
+            uuid::Uuid::parse_str(&req.request_id).is_ok(),
+            "{}",
+            req.request_id
+        );
+        assert_ne!(req.request_id, parse(&[]).unwrap().request_id);
     }
 
     #[test]
@@ -525,8 +644,11 @@ mod tests {
             "--no-wait",
             "--comment",
             "ci#42",
+            "--request-id",
+            "job-42",
         ])
         .unwrap();
+        assert_eq!(req.request_id, "job-42");
         let r = req.request.unwrap();
         assert_eq!(r.arch, lab_proto::v1::Arch::Aarch64 as i32);
         assert_eq!(r.flags, ["gpu", "nvme"]);

@@ -7,6 +7,7 @@
 //! | the holder of a host's active lease, an operator | switch the host's power, open its console, forward to its TCP ports |
 //! | any user | read a host's power state |
 //! | an operator | maintenance, inventory reloads |
+//! | `ci`, `developer`: up to the maximum user priority; an operator: any | a lease request's priority |
 //! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
 //!
 //! The core applies the lease and operator rules, the rack registry
@@ -55,6 +56,16 @@ pub enum Denied {
     /// Attaching without being an agent (or an operator).
     #[error("{principal} ({role}) is not an agent")]
     NotAnAgent { principal: Principal, role: Role },
+    /// A lease request above the priority the caller's role may use.
+    #[error(
+        "{principal} ({role}) may not ask for priority {priority}: at most {max} for roles ci and developer"
+    )]
+    PriorityAboveLimit {
+        principal: Principal,
+        role: Role,
+        priority: i32,
+        max: i32,
+    },
     /// Attaching for a rack whose agent is someone else.
     #[error("{principal} may not attach for rack {rack} (its agent is {agent})")]
     NotTheRacksAgent {
@@ -99,6 +110,20 @@ pub fn operators_only(caller: &Caller, action: &'static str) -> Result<(), Denie
     Err(Denied::OperatorsOnly {
         principal: caller.principal.clone(),
         action,
+    })
+}
+
+/// A lease request's priority: at most `max` for `ci` and `developer`,
+/// anything for an operator. (Lower priorities only hurt the asker.)
+pub fn may_use_priority(caller: &Caller, priority: i32, max: i32) -> Result<(), Denied> {
+    if caller.role.is_operator() || priority <= max {
+        return Ok(());
+    }
+    Err(Denied::PriorityAboveLimit {
+        principal: caller.principal.clone(),
+        role: caller.role,
+        priority,
+        max,
     })
 }
 
@@ -199,6 +224,7 @@ mod tests {
             max_expires_at: Timestamp(600_000),
             ended_at: None,
             waiter_id: 1,
+            request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
         }
@@ -256,6 +282,7 @@ mod tests {
                 Box::new(|c| may_read_console_log(c, &lease("alice", Released))),
             ),
             ("link", Box::new(may_link)),
+            ("priority", Box::new(|c| may_use_priority(c, i32::MAX, 10))),
             (
                 "attach",
                 Box::new(|c| may_attach(c, &RackName::new("r1").unwrap(), "agent-r1")),
@@ -269,7 +296,7 @@ mod tests {
             ("agent-r2", Agent),
         ];
         #[rustfmt::skip]
-        let want: [(&str, [bool; 5]); 11] = [
+        let want: [(&str, [bool; 5]); 12] = [
             //              alice  bob    root   agent1 agent2
             ("call",        [true,  true,  true,  false, false]),
             ("manage",      [true,  false, true,  false, false]),
@@ -281,6 +308,7 @@ mod tests {
             ("drive free",  [false, false, true,  false, false]),
             ("log",         [true,  false, true,  false, false]),
             ("link",        [false, false, true,  true,  true]),
+            ("priority",    [false, false, true,  false, false]),
             ("attach",      [false, false, true,  true,  false]),
         ];
         for ((name, rule), (want_name, allowed)) in rules.iter().zip(want) {
@@ -293,6 +321,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn user_priorities_are_capped_operators_are_not() {
+        let ci = caller("ci", Role::Ci);
+        let root = caller("root", Role::Operator);
+        for (priority, allowed) in [(i32::MIN, true), (-5, true), (10, true), (11, false)] {
+            assert_eq!(
+                may_use_priority(&ci, priority, 10).is_ok(),
+                allowed,
+                "{priority}"
+            );
+        }
+        assert!(may_use_priority(&root, i32::MAX, 10).is_ok());
     }
 
     #[test]
@@ -326,6 +368,11 @@ mod tests {
             (
                 may_read_console_log(&bob, &l).unwrap_err(),
                 format!("bob may not read the console log of lease {} (held by alice)", l.id),
+            ),
+            (
+                may_use_priority(&bob, 2_147_483_647, 10).unwrap_err(),
+                "bob (developer) may not ask for priority 2147483647: at most 10 for roles ci and developer"
+                    .into(),
             ),
             (
                 may_link(&bob).unwrap_err(),

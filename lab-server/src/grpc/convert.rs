@@ -3,13 +3,13 @@
 
 use super::agent::phase_to_proto;
 use super::status::invalid;
-use crate::core::HostView;
+use crate::core::{AcquireRequest, HostView, LeaseKey};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
 use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
 use crate::types::{
-    Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, SshPublicKey, Timestamp,
+    Arch, Firmware, Flag, HostName, LeaseId, ProfileName, RequestId, Role, SshPublicKey, Timestamp,
 };
 use lab_proto::convert::{duration_from_proto, duration_to_proto, timestamp_from_millis};
 use lab_proto::v1 as pb;
@@ -56,6 +56,88 @@ pub fn lease_id(field: &str, v: &str) -> Result<LeaseId, Status> {
         .map_err(|_| invalid(field, format!("{v:?} is not a lease id (a UUID)")))
 }
 
+/// Most bytes of free text a person writes into a request (a lease's
+/// comment, a maintenance reason).
+pub const MAX_TEXT: usize = 1024;
+
+/// Free text that ends up in the event log and on other people's
+/// terminals: at most [`MAX_TEXT`] bytes and no control characters (C0
+/// including tab and newline, DEL, C1).
+pub fn text(field: &str, s: String) -> Result<String, Status> {
+    if s.len() > MAX_TEXT {
+        return Err(invalid(field, format!("at most {MAX_TEXT} bytes")));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("must not contain control characters (found {c:?})"),
+        ));
+    }
+    Ok(s)
+}
+
+/// An optional request id (empty: none).
+pub fn request_id(field: &str, v: String) -> Result<Option<RequestId>, Status> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    RequestId::new(v).map(Some).map_err(|e| invalid(field, e))
+}
+
+/// The Acquire call, validated; `default_ttl` fills an unset TTL.
+pub fn acquire_request(
+    r: pb::AcquireRequest,
+    default_ttl: Duration,
+) -> Result<AcquireRequest, Status> {
+    Ok(AcquireRequest {
+        spec: lease_spec(r.request, default_ttl)?,
+        no_wait: r.no_wait,
+        request_id: request_id("request_id", r.request_id)?,
+    })
+}
+
+// Page tokens are opaque to clients: hex of a tagged key, so that a token
+// of one list is refused by the other.
+
+/// The `next_page_token` after a lease with this key.
+pub fn lease_page_token(key: LeaseKey) -> String {
+    hex::encode(format!("L{}/{}", key.0.millis(), key.1))
+}
+
+/// The key a lease page token continues after; `None` for the first page.
+pub fn lease_page_after(field: &str, token: &str) -> Result<Option<LeaseKey>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parse = || -> Option<LeaseKey> {
+        let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        let (ms, id) = text.strip_prefix('L')?.split_once('/')?;
+        Some((Timestamp(ms.parse().ok()?), id.parse().ok()?))
+    };
+    parse()
+        .map(Some)
+        .ok_or_else(|| invalid(field, "not a token this server returned for ListLeases"))
+}
+
+/// The `next_page_token` after the event `seq`.
+pub fn event_page_token(seq: u64) -> String {
+    hex::encode(format!("E{seq}"))
+}
+
+/// The seq an event page token continues after; `None` for the first page.
+pub fn event_page_after(field: &str, token: &str) -> Result<Option<u64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parse = || -> Option<u64> {
+        let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        text.strip_prefix('E')?.parse().ok()
+    };
+    parse()
+        .map(Some)
+        .ok_or_else(|| invalid(field, "not a token this server returned for ListEvents"))
+}
+
 pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
     match d {
         None => Ok(None),
@@ -89,9 +171,7 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
     } else {
         Some(ProfileName::new(r.profile).map_err(|e| invalid("request.profile", e))?)
     };
-    if r.comment.len() > 1024 {
-        return Err(invalid("request.comment", "at most 1024 bytes"));
-    }
+    let comment = text("request.comment", r.comment)?;
     let ssh_public_key = if r.ssh_public_key.is_empty() {
         None
     } else {
@@ -108,7 +188,7 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
         profile,
         ttl: duration("request.ttl", r.ttl)?.unwrap_or(default_ttl),
         priority: r.priority,
-        comment: r.comment,
+        comment,
         ssh_public_key,
     })
 }
@@ -332,7 +412,7 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let d = Duration::from_secs(60);
-        let cases: Vec<(pb::LeaseRequest, &str)> = vec![
+        let mut cases: Vec<(pb::LeaseRequest, &str)> = vec![
             (
                 pb::LeaseRequest { arch: 9, ..req() },
                 "request.arch: unknown arch value 9",
@@ -398,6 +478,13 @@ mod tests {
                 "request.ssh_public_key: unknown key type",
             ),
         ];
+        cases.push((
+            pb::LeaseRequest {
+                comment: "x".repeat(1025),
+                ..req()
+            },
+            "request.comment: at most 1024 bytes",
+        ));
         for (r, want) in cases {
             let s = lease_spec(Some(r.clone()), d).unwrap_err();
             assert_eq!(s.code(), tonic::Code::InvalidArgument);
@@ -416,6 +503,84 @@ mod tests {
         let ok = lease_spec(Some(keyed.clone()), d).unwrap();
         assert_eq!(ok.ssh_public_key.as_ref().unwrap().as_str(), KEY);
         assert_eq!(spec_to_proto(&ok).ssh_public_key, KEY);
+        // Control characters (C0 including tab and newline, DEL, C1) are
+        // refused and named escaped, never as themselves.
+        for (c, shown) in [
+            ('\n', "'\\n'"),
+            ('\t', "'\\t'"),
+            ('\x1b', "'\\u{1b}'"),
+            ('\x7f', "'\\u{7f}'"),
+            ('\u{9b}', "'\\u{9b}'"),
+        ] {
+            let r = pb::LeaseRequest {
+                comment: format!("job 42{c}"),
+                ..req()
+            };
+            let s = lease_spec(Some(r), d).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                s.message(),
+                format!("request.comment: must not contain control characters (found {shown})")
+            );
+        }
+        // Printable text of any script is fine.
+        let ok = lease_spec(
+            Some(pb::LeaseRequest {
+                comment: "CI job https://ci.example/42 — grüße, 日本".into(),
+                ..req()
+            }),
+            d,
+        )
+        .unwrap();
+        assert!(ok.comment.starts_with("CI job"));
+    }
+
+    #[test]
+    fn maintenance_reasons_refuse_control_characters() {
+        assert_eq!(
+            text("reason", "fan replacement".into()).unwrap(),
+            "fan replacement"
+        );
+        let e = text("reason", "fan\x1b[2J".into()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "reason: must not contain control characters (found '\\u{1b}')"
+        );
+    }
+
+    #[test]
+    fn request_ids_and_page_tokens() {
+        assert_eq!(request_id("request_id", String::new()).unwrap(), None);
+        assert!(
+            request_id("request_id", "ci-42:try.1".into())
+                .unwrap()
+                .is_some()
+        );
+        let e = request_id("request_id", "a b".into()).unwrap_err();
+        assert!(
+            e.message().starts_with("request_id: invalid request id"),
+            "{}",
+            e.message()
+        );
+
+        let key = (
+            Timestamp(1_700_000_000_123),
+            LeaseId(uuid::Uuid::from_u128(7)),
+        );
+        let t = lease_page_token(key);
+        assert_eq!(lease_page_after("page_token", &t).unwrap(), Some(key));
+        assert_eq!(lease_page_after("page_token", "").unwrap(), None);
+        assert_eq!(
+            event_page_after("page_token", &event_page_token(42)).unwrap(),
+            Some(42)
+        );
+        // A token of the other list, or made up, is refused.
+        for bad in [event_page_token(42).as_str(), "zz", "4c31", "deadbeef"] {
+            let e = lease_page_after("page_token", bad).unwrap_err();
+            assert!(e.message().starts_with("page_token: not a token"), "{bad}");
+        }
+        assert!(event_page_after("page_token", &t).is_err());
     }
 
     const KEY: &str =

@@ -18,7 +18,8 @@ impl From<CoreError> for Status {
             CoreError::NotFound { .. } => Code::NotFound,
             CoreError::PermissionDenied { .. } => Code::PermissionDenied,
             CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
-            CoreError::Busy => Code::ResourceExhausted,
+            CoreError::Busy | CoreError::TooManyWaiting { .. } => Code::ResourceExhausted,
+            CoreError::Superseded { .. } => Code::Aborted,
             CoreError::Transition(
                 TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. },
             ) => Code::FailedPrecondition,

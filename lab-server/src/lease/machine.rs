@@ -15,7 +15,8 @@
 //! ```
 
 use crate::types::{
-    Generation, HostName, LeaseId, Principal, ProfileName, SshPublicKey, Timestamp, WaiterId,
+    Generation, HostName, LeaseId, Principal, ProfileName, RequestId, SshPublicKey, Timestamp,
+    WaiterId,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -80,6 +81,10 @@ pub struct Lease {
     pub max_expires_at: Timestamp,
     pub ended_at: Option<Timestamp>,
     pub waiter_id: WaiterId,
+    /// The client's id of the request this lease was granted to, if it gave
+    /// one: a retry with the same id gets this lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
     pub generation: Generation,
     /// The holder's OpenSSH public key for root on the hosts, from the
     /// request. Leases stored before keys existed load with none.
@@ -279,6 +284,7 @@ mod tests {
             max_expires_at: Timestamp(100_000),
             ended_at: None,
             waiter_id: 1,
+            request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
         }

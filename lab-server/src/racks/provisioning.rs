@@ -153,6 +153,7 @@ mod tests {
             max_expires_at: Timestamp(1000),
             ended_at: None,
             waiter_id: 1,
+            request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
         }

@@ -240,7 +240,14 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
         ssh_public_key: None,
     };
     let mut acq = core
-        .acquire(caller(who, Role::Ci), spec, true)
+        .acquire(
+            caller(who, Role::Ci),
+            crate::core::AcquireRequest {
+                spec,
+                no_wait: true,
+                request_id: None,
+            },
+        )
         .await
         .unwrap();
     loop {
@@ -1044,6 +1051,7 @@ async fn forwards_keep_to_their_windows_and_limits_and_end_with_the_lease() {
         .await
         .unwrap();
     let details: Vec<(EventKind, &str)> = events
+        .events
         .iter()
         .filter(|e| matches!(e.kind, EventKind::ForwardOpened | EventKind::ForwardClosed))
         .map(|e| (e.kind, e.detail.as_str()))
