@@ -31,6 +31,7 @@ struct Raw {
     dhcp: Option<toml::Spanned<RawDhcp>>,
     tftp: Option<RawTftp>,
     http: Option<RawHttp>,
+    metrics: Option<RawMetrics>,
     assets: RawAssets,
     /// Console logs and provisioning state (default `lab-agent-data` beside
     /// this file).
@@ -124,6 +125,13 @@ struct RawHttp {
     send_timeout: Option<toml::Spanned<String>>,
 }
 
+/// `[metrics]`: where `/metrics` is served (plain HTTP).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: SocketAddr,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAssets {
@@ -163,6 +171,8 @@ pub struct AgentConfig {
     pub dhcp: Option<DhcpConfig>,
     /// Interface to send IPv6 router advertisements on.
     pub ra_interface: Option<String>,
+    /// Where `/metrics` is served (`[metrics] listen`); none when absent.
+    pub metrics_listen: Option<SocketAddr>,
     pub tftp: Option<TftpSettings>,
     pub http: Option<HttpSettings>,
     pub assets_root: PathBuf,
@@ -422,6 +432,7 @@ impl AgentConfig {
             default_profile: raw.default_profile,
             dhcp,
             ra_interface,
+            metrics_listen: raw.metrics.map(|m| m.listen),
             tftp,
             http,
             assets_root: base.join(raw.assets.root),

@@ -27,6 +27,8 @@
 //!   scripts from `pxe-assets/` templates.
 //! - [`slots`]: the per-client and global caps of the HTTP and TFTP servers.
 //! - [`ratelimit`]: flood logging, one line per interval with a count.
+//! - [`metrics`]: `/metrics` (`[metrics] listen`): the boot services'
+//!   counters, BMC commands, console bytes and viewer lags, process metrics.
 #![forbid(unsafe_code)]
 
 pub mod assets;
@@ -37,6 +39,7 @@ pub mod hosts;
 pub mod http;
 pub mod ipmi;
 pub mod link;
+pub mod metrics;
 pub mod power;
 pub mod ra;
 pub mod rack;

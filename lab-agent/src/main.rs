@@ -107,6 +107,7 @@ async fn run(args: Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
     );
     let mut tasks = tokio::task::JoinSet::new();
+    let mut services = lab_agent::metrics::Services::default();
     let ipmi = lab_agent::ipmi::ConnectOptions {
         cipher_suites: cfg.ipmi_cipher_suites.clone(),
         ..Default::default()
@@ -158,6 +159,7 @@ async fn run(args: Args) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
         let addr = server.local_addr()?;
+        services.tftp = Some(server.stats());
         info!(%addr, "TFTP serving");
         println!("lab-agent tftp listening on {addr}");
         tasks.spawn(async move {
@@ -173,6 +175,7 @@ async fn run(args: Args) -> Result<()> {
         let server = lab_agent::http::HttpServer::new(listener, files.clone(), h.limits.clone())
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
         let addr = server.local_addr()?;
+        services.http = Some(server.stats());
         info!(%addr, "HTTP serving");
         println!("lab-agent http listening on {addr}");
         tasks.spawn(async move {
@@ -201,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
                             .map_err(|e| anyhow::anyhow!(error_chain(&e)));
                         let server = match server {
                             Ok(s) => {
-                                let _ = ready_tx.send(Ok(()));
+                                let _ = ready_tx.send(Ok(s.stats()));
                                 s
                             }
                             Err(e) => {
@@ -217,13 +220,27 @@ async fn run(args: Args) -> Result<()> {
                 })();
                 let _ = done_tx.send(result);
             })?;
-        ready_rx.await.context("the DHCP thread died")??;
+        services.dhcp = Some(ready_rx.await.context("the DHCP thread died")??);
         info!("DHCP serving");
         tasks.spawn(async move { done_rx.await.context("the DHCP thread died")? });
     }
     if let Some(interface) = cfg.ra_interface.clone() {
         tasks.spawn(async move {
             lab_agent::ra::run(interface, std::time::Duration::from_secs(10))
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        });
+    }
+    if let Some(listen) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} ([metrics] listen)"))?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "metrics serving");
+        println!("lab-agent metrics listening on {addr}");
+        let registry = lab_agent::metrics::registry(&cfg.rack, services);
+        tasks.spawn(async move {
+            lab_agent::metrics::serve(listener, registry)
                 .await
                 .map_err(|e| anyhow::anyhow!(error_chain(&e)))
         });

@@ -57,6 +57,8 @@ pub struct IpmiPower {
     options: ConnectOptions,
 }
 
+use crate::metrics::{BmcOp, BmcOutcome};
+
 impl std::fmt::Debug for IpmiPower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IpmiPower")
@@ -111,9 +113,25 @@ impl IpmiPower {
     }
 }
 
+/// Runs one BMC command and counts it in `/metrics` (its time and outcome).
+async fn counted<T>(
+    op: BmcOp,
+    f: impl Future<Output = Result<T, PowerError>>,
+) -> Result<T, PowerError> {
+    let started = std::time::Instant::now();
+    let r = f.await;
+    let outcome = match &r {
+        Ok(_) => BmcOutcome::Ok,
+        Err(PowerError::Unreachable { .. }) => BmcOutcome::Unreachable,
+        Err(_) => BmcOutcome::Refused,
+    };
+    crate::metrics::COUNTERS.bmc(op, outcome, started.elapsed());
+    r
+}
+
 impl PowerControl for IpmiPower {
     fn is_on(&self) -> PowerFuture<'_, bool> {
-        Box::pin(async move {
+        Box::pin(counted(BmcOp::ChassisStatus, async move {
             let c = self.session().await?;
             let r = c
                 .chassis_status()
@@ -122,11 +140,11 @@ impl PowerControl for IpmiPower {
                 .map_err(|e| self.refused("chassis status", e));
             let _ = c.close().await;
             r
-        })
+        }))
     }
 
     fn set_power(&self, action: PowerAction) -> PowerFuture<'_, ()> {
-        Box::pin(async move {
+        Box::pin(counted(BmcOp::ChassisControl, async move {
             let c = self.session().await?;
             let r = c
                 .power(action)
@@ -134,7 +152,7 @@ impl PowerControl for IpmiPower {
                 .map_err(|e| self.refused("chassis control", e));
             let _ = c.close().await;
             r
-        })
+        }))
     }
 
     fn set_boot_device(
@@ -143,7 +161,7 @@ impl PowerControl for IpmiPower {
         efi: bool,
         persistent: bool,
     ) -> PowerFuture<'_, ()> {
-        Box::pin(async move {
+        Box::pin(counted(BmcOp::BootOptions, async move {
             let c = self.session().await?;
             let r = c
                 .set_boot_device(device, efi, persistent)
@@ -151,7 +169,7 @@ impl PowerControl for IpmiPower {
                 .map_err(|e| self.refused("boot options", e));
             let _ = c.close().await;
             r
-        })
+        }))
     }
 }
 

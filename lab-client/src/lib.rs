@@ -9,6 +9,8 @@
 //!   every call.
 //! - `log` (feature `log`): `log::init`, the `tracing` subscriber of
 //!   lab-server and lab-agent, filtered by `LAB_LOG`.
+//! - `web` (feature `web`): the daemons' metrics plumbing and the HTTP/1.1
+//!   server of lab-server's web port and the agent's metrics port.
 //!
 //! Nothing here knows the lab's services or any server internals: callers
 //! build their generated clients over the channel with the interceptor.
@@ -17,6 +19,8 @@ pub mod auth;
 pub mod endpoint;
 #[cfg(feature = "log")]
 pub mod log;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use auth::{BearerAuth, BearerToken, InvalidToken};
 pub use endpoint::{ChannelSettings, EndpointError, ServerEndpoint};

@@ -17,6 +17,8 @@
 //! - [`lease`]: the pure lease/host state machines and the grant rule.
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
+//! - [`metrics`]: the OpenMetrics registry of `/metrics`; [`web`]: the web
+//!   port (`--web-listen`): `/metrics` and the dashboard.
 //! - [`events`], [`types`]: the event record; typed ids.
 #![forbid(unsafe_code)]
 
@@ -26,6 +28,8 @@ pub mod events;
 pub mod grpc;
 pub mod inventory;
 pub mod lease;
+pub mod metrics;
 pub mod racks;
 pub mod store;
 pub mod types;
+pub mod web;

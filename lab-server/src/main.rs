@@ -34,6 +34,12 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "LAB_LISTEN", default_value = "127.0.0.1:7621")]
     listen: SocketAddr,
+    /// Address of the web port: /metrics and the dashboard (TLS as the API).
+    #[arg(long, env = "LAB_WEB_LISTEN", default_value = "127.0.0.1:7622")]
+    web_listen: SocketAddr,
+    /// Connections the web port keeps open at once (more are refused).
+    #[arg(long, env = "LAB_WEB_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    web_max_connections: u32,
     /// The inventory file (re-read on SIGHUP and by `lab inventory reload`).
     #[arg(long, env = "LAB_INVENTORY", default_value = "inventory.toml")]
     inventory: PathBuf,
@@ -172,11 +178,12 @@ fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>)
 }
 
 async fn run(args: Args) -> Result<()> {
-    if args.dev_insecure_no_auth && !args.listen.ip().is_loopback() {
-        bail!(
-            "--dev-insecure-no-auth refuses to listen on {}: in development mode every caller is an operator, so only a loopback address (127.0.0.1, ::1) is allowed",
-            args.listen
-        );
+    for addr in [args.listen, args.web_listen] {
+        if args.dev_insecure_no_auth && !addr.ip().is_loopback() {
+            bail!(
+                "--dev-insecure-no-auth refuses to listen on {addr}: in development mode every caller is an operator, so only a loopback address (127.0.0.1, ::1) is allowed",
+            );
+        }
     }
     if args.retention.is_zero() {
         bail!("--retention must be more than 0");
@@ -268,6 +275,13 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let web_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            lab_client::web::WebTls::from_pem_files(cert, key)
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        ),
+        _ => None,
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &PathBuf, what: &str| {
@@ -291,7 +305,39 @@ async fn run(args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
     println!("lab-server listening on {addr}");
+    let web_listener = tokio::net::TcpListener::bind(args.web_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--web-listen)", args.web_listen))?;
+    let web_addr = web_listener.local_addr()?;
+    let web_scheme = if web_tls.is_some() { "https" } else { "http" };
+    info!(addr = %web_addr, transport = scheme, "web port listening (/metrics, dashboard)");
+    {
+        // Scripts read the first line only; a closed stdout is no error.
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "lab-server web listening on {web_addr} ({web_scheme}://{web_addr}/)"
+        );
+        let _ = out.flush();
+    }
     let api = Api::with_racks(core, auth, args.default_ttl, racks);
+    let web_state = lab_server::web::WebState::new(api.clone());
+    let web_limits = lab_client::web::WebLimits {
+        max_connections: args.web_max_connections as usize,
+        ..Default::default()
+    };
+    let (web_stop_tx, mut web_stop_rx) = tokio::sync::watch::channel(false);
+    let web = tokio::spawn(lab_client::web::serve(
+        web_listener,
+        lab_server::web::router(web_state),
+        web_tls,
+        web_limits,
+        async move {
+            let _ = web_stop_rx.wait_for(|s| *s).await;
+        },
+        SHUTDOWN_GRACE,
+    ));
     // Graceful shutdown waits for open streams (waiting acquires, event
     // watchers) only so long: every acknowledged change is already durable,
     // and waiting clients see the connection end and may retry.
@@ -299,6 +345,7 @@ async fn run(args: Args) -> Result<()> {
     let serve = grpc::serve_tls(listener, api, tls, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
+        let _ = web_stop_tx.send(true);
     });
     tokio::select! {
         r = serve => r.map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?,
@@ -307,6 +354,7 @@ async fn run(args: Args) -> Result<()> {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => warn!(grace = ?SHUTDOWN_GRACE, "open streams did not end in time; closing them"),
     }
+    web.abort();
     drop(actor);
     info!("lab-server stopped");
     Ok(())

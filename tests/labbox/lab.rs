@@ -83,6 +83,7 @@ pub fn start_server_and_agent(
     std::fs::write(&inv, inventory).expect("write inventory");
     let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
     cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
+        .args(["--web-listen", "127.0.0.1:0"])
         .arg("--inventory")
         .arg(&inv)
         .arg("--data-dir")

@@ -391,6 +391,8 @@ fn spawn(dir: &Path, port: u16) -> Result<ServerProcess> {
             "--dev-insecure-no-auth",
             "--listen",
             &listen,
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             &inv.to_string_lossy(),
             "--data-dir",

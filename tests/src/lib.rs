@@ -275,11 +275,14 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The web port (`/metrics`, the dashboard), from its line on stdout.
+    pub web: Option<SocketAddr>,
     pub log: PathBuf,
 }
 
 impl ServerProcess {
-    /// Spawn `lab-server` with `args` (add `--listen 127.0.0.1:0`) and wait
+    /// Spawn `lab-server` with `args` (add `--listen 127.0.0.1:0` and
+    /// `--web-listen 127.0.0.1:0`) and wait
     /// until it says where it listens.
     pub fn spawn(args: &[&str], log: &Path) -> Result<ServerProcess> {
         let bin = bin_path("lab-server");
@@ -302,7 +305,8 @@ impl ServerProcess {
             .with_context(|| format!("spawn {}", bin.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        let mut reader = BufReader::new(stdout);
+        reader.read_line(&mut line)?;
         let Some(addr) = line.trim().strip_prefix("lab-server listening on ") else {
             let _ = child.kill();
             let _ = child.wait();
@@ -312,9 +316,18 @@ impl ServerProcess {
             );
         };
         let addr = addr.parse()?;
+        // The web port's line follows at once.
+        let mut web_line = String::new();
+        reader.read_line(&mut web_line)?;
+        let web = web_line
+            .trim()
+            .strip_prefix("lab-server web listening on ")
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
         Ok(ServerProcess {
             child,
             addr,
+            web,
             log: log.to_owned(),
         })
     }
@@ -366,6 +379,8 @@ impl ServerProcess {
             &[
                 "--dev-insecure-no-auth",
                 "--listen",
+                "127.0.0.1:0",
+                "--web-listen",
                 "127.0.0.1:0",
                 "--inventory",
                 &inv.to_string_lossy(),

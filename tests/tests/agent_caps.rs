@@ -296,6 +296,8 @@ impl Lab {
             "--dev-insecure-no-auth".into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--web-listen".into(),
+            "127.0.0.1:0".into(),
             "--inventory".into(),
             inventory.display().to_string(),
             "--data-dir".into(),

@@ -30,6 +30,8 @@ fn start(dir: &Path, inventory: &str) -> anyhow::Result<ServerProcess> {
         &[
             "--listen",
             "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             inv.to_str().unwrap(),
             "--data-dir",

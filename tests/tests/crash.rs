@@ -397,6 +397,8 @@ async fn a_waiting_cli_keeps_its_place_across_a_sigkill() {
                 "--dev-insecure-no-auth",
                 "--listen",
                 &listen,
+                "--web-listen",
+                "127.0.0.1:0",
                 "--inventory",
                 &dir.path().join("inventory.toml").to_string_lossy(),
                 "--data-dir",

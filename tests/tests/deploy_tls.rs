@@ -47,6 +47,8 @@ fn the_documented_private_ca_serves_lab_server() {
             "--dev-insecure-no-auth",
             "--listen",
             "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             &p("inventory.toml"),
             "--data-dir",

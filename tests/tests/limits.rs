@@ -524,7 +524,8 @@ fn dev_mode_refuses_a_non_loopback_address() {
     std::fs::write(&inv, inventory_toml(1)).unwrap();
     for listen in ["0.0.0.0:0", "[::]:0"] {
         let out = Command::new(bin_path("lab-server"))
-            .args(["--dev-insecure-no-auth", "--listen", listen, "--inventory"])
+            .args(["--dev-insecure-no-auth", "--listen", listen])
+            .args(["--web-listen", "127.0.0.1:0", "--inventory"])
             .arg(&inv)
             .arg("--data-dir")
             .arg(dir.path().join("data"))

@@ -98,6 +98,8 @@ fn python_client_discovers_and_drives_the_server_through_reflection() {
         &[
             "--listen",
             "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             inventory.to_str().expect("utf-8 path"),
             "--data-dir",

@@ -60,6 +60,8 @@ fn the_api_and_the_agent_link_work_over_tls_and_only_with_a_trusted_ca() {
     let mut server = ServerProcess::spawn(
         &[
             "--dev-insecure-no-auth",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             dir.path().join("inventory.toml").to_str().unwrap(),
             "--data-dir",

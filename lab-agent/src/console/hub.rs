@@ -138,6 +138,7 @@ impl Hub {
         if data.is_empty() {
             return;
         }
+        crate::metrics::COUNTERS.console_bytes(data.len());
         let head = {
             let mut ring = self.inner.ring.lock().expect("hub lock");
             let offset = ring.head;
@@ -256,6 +257,7 @@ impl Viewer {
                 if self.pos < ring.start {
                     let missed = ring.start - self.pos;
                     self.pos = ring.start;
+                    crate::metrics::COUNTERS.viewer_lagged(missed);
                     return Some(ViewerEvent::Lagged {
                         missed,
                         resume_at: self.pos,

@@ -131,6 +131,7 @@ pub struct HttpStats {
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
     send_timeouts: AtomicU64,
+    bytes_sent: Arc<AtomicU64>,
 }
 
 /// A copy of the counters at one moment.
@@ -155,6 +156,8 @@ pub struct HttpStatsSnapshot {
     pub idle_timeouts: u64,
     /// Connections ended by `send_timeout`.
     pub send_timeouts: u64,
+    /// Bytes written to clients (heads and bodies).
+    pub bytes_sent: u64,
 }
 
 impl HttpStats {
@@ -170,6 +173,7 @@ impl HttpStats {
             header_timeouts: g(&self.header_timeouts),
             idle_timeouts: g(&self.idle_timeouts),
             send_timeouts: g(&self.send_timeouts),
+            bytes_sent: g(&self.bytes_sent),
         }
     }
 }
@@ -333,7 +337,9 @@ impl HttpServer {
                 })
             };
             let progress = Progress::new();
-            let io = TokioIo::new(Watched::new(stream, progress.clone()));
+            let io = TokioIo::new(
+                Watched::new(stream, progress.clone()).counting(stats.bytes_sent.clone()),
+            );
             let conn = graceful.watch(builder.serve_connection(io, service));
             let stats = stats.clone();
             let (idle, send) = (config.idle_timeout, config.send_timeout);

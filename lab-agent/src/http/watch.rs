@@ -96,11 +96,23 @@ pub async fn watchdog(progress: &Progress, idle: Duration, send: Duration) -> Ex
 pub struct Watched<T> {
     io: T,
     progress: Arc<Progress>,
+    /// Adds the bytes written (for `/metrics`).
+    sent: Option<Arc<AtomicU64>>,
 }
 
 impl<T> Watched<T> {
     pub fn new(io: T, progress: Arc<Progress>) -> Self {
-        Self { io, progress }
+        Self {
+            io,
+            progress,
+            sent: None,
+        }
+    }
+
+    /// Also add every byte written to `sent`.
+    pub fn counting(mut self, sent: Arc<AtomicU64>) -> Self {
+        self.sent = Some(sent);
+        self
     }
 }
 
@@ -127,6 +139,9 @@ impl<T: AsyncWrite + Unpin> Watched<T> {
             Poll::Ready(Ok(n)) => {
                 if *n > 0 {
                     self.progress.touch();
+                    if let Some(sent) = &self.sent {
+                        sent.fetch_add(*n as u64, Ordering::Relaxed);
+                    }
                 }
                 self.progress.set_sending(false);
             }

@@ -8,6 +8,7 @@
 use super::clock::Clock;
 use super::policy;
 use super::reclaim::{ReclaimJob, Reclaimer};
+use super::stats::CoreStats;
 use super::{
     AcquireRequest, Command, CoreConfig, CoreError, HostView, LEASE_SCAN_LIMIT, LeaseKey,
     LeasePage, LeaseQuery, ReloadSummary, Reply, WaitState,
@@ -186,6 +187,8 @@ pub(super) struct Actor {
     resync: bool,
     /// When the next retention step runs.
     next_retention: tokio::time::Instant,
+    /// Gauges and histograms for `/metrics` (relaxed atomics).
+    stats: Arc<CoreStats>,
 }
 
 impl Actor {
@@ -197,6 +200,7 @@ impl Actor {
         clock: Arc<dyn Clock>,
         tx: mpsc::Sender<Command>,
         events: broadcast::Sender<EventRecord>,
+        stats: Arc<CoreStats>,
     ) -> Result<Actor, CoreError> {
         let snapshot = load(&store).await?;
         let mut actor = Actor {
@@ -227,6 +231,7 @@ impl Actor {
             last_seq: 0,
             resync: false,
             next_retention: tokio::time::Instant::now(),
+            stats,
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -241,6 +246,7 @@ impl Actor {
         if let Some(e) = actor.commit(p).await {
             return Err(e);
         }
+        actor.publish_stats();
         info!(
             hosts = summary.hosts,
             active_leases = active,
@@ -331,6 +337,7 @@ impl Actor {
                     if n == 0 {
                         break;
                     }
+                    self.stats.batch_commands.observe(n as f64);
                 }
                 () = sleep_until(deadline) => {}
             }
@@ -349,6 +356,7 @@ impl Actor {
             let changed = !p.batch.is_empty() || p.publish;
             let stop = p.stop.take();
             self.commit(p).await;
+            self.publish_stats();
             if let Some(reply) = stop {
                 let _ = reply.send(Ok(()));
                 info!(
@@ -1044,6 +1052,9 @@ impl Actor {
             } else {
                 granted
             };
+            self.stats
+                .queue_wait
+                .observe(now.0.saturating_sub(waiter.queued_at.0).max(0) as f64 / 1000.0);
             let max_expires_at = now.saturating_add(self.config.max_lifetime);
             let lease = Lease {
                 id: LeaseId::random(),
@@ -1358,19 +1369,36 @@ impl Actor {
     // ------------------------------------------------------------ commit
 
     /// Commit the batch, then answer. Returns the error if it failed.
+    /// The gauges of `/metrics`, from the state after a batch.
+    fn publish_stats(&self) {
+        self.stats.set_state(
+            self.hosts.values(),
+            self.unreachable.len(),
+            self.expiries.len(),
+            self.queue.len(),
+        );
+    }
+
     async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
         let result = if p.batch.is_empty() {
             Ok(Batch::default())
         } else {
             let store = self.store.clone();
             let batch = std::mem::take(&mut p.batch);
-            match tokio::task::spawn_blocking(move || store.commit(&batch).map(|()| batch)).await {
+            let started = std::time::Instant::now();
+            let r = match tokio::task::spawn_blocking(move || store.commit(&batch).map(|()| batch))
+                .await
+            {
                 Ok(r) => r,
                 Err(join) => Err(StoreError::Backend {
                     op: "commit",
                     source: Box::new(join),
                 }),
-            }
+            };
+            self.stats
+                .commit_seconds
+                .observe_duration(started.elapsed());
+            r
         };
         match result {
             Ok(batch) => {

@@ -25,6 +25,7 @@ pub use actor::error_chain;
 pub mod clock;
 pub mod policy;
 pub mod reclaim;
+pub mod stats;
 
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::{HostSpec, Inventory, InventoryError};
@@ -34,6 +35,7 @@ use crate::types::{Caller, HostName, LeaseId, Principal, RequestId, Timestamp, W
 use clock::Clock;
 use policy::Denied;
 use reclaim::Reclaimer;
+use stats::CoreStats;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -386,6 +388,7 @@ pub struct Core {
     inventory_path: PathBuf,
     clock: Arc<dyn Clock>,
     event_reads: Arc<Semaphore>,
+    stats: Arc<CoreStats>,
 }
 
 impl std::fmt::Debug for Core {
@@ -409,6 +412,7 @@ impl Core {
         let (tx, rx) = mpsc::channel(8192);
         let (events, _) = broadcast::channel(8192);
         let inventory_path = config.inventory_path.clone();
+        let stats = Arc::new(CoreStats::default());
         let actor = actor::Actor::start(
             config,
             store.clone(),
@@ -417,6 +421,7 @@ impl Core {
             clock.clone(),
             tx.clone(),
             events.clone(),
+            stats.clone(),
         )
         .await?;
         let handle = tokio::spawn(actor.run(rx));
@@ -430,6 +435,7 @@ impl Core {
                 inventory_path,
                 clock,
                 event_reads: Arc::new(Semaphore::new(CONCURRENT_EVENT_READS)),
+                stats,
             },
             handle,
         ))
@@ -593,6 +599,11 @@ impl Core {
     /// registry's records).
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
+    }
+
+    /// The actor's gauges and histograms (for `/metrics`).
+    pub fn stats(&self) -> Arc<CoreStats> {
+        self.stats.clone()
     }
 
     /// Live events as they are committed.

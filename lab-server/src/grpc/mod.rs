@@ -20,6 +20,7 @@ pub mod status;
 use crate::auth::{AuthError, Authenticator};
 use crate::core::{Core, LeaseQuery, WaitState, policy};
 use crate::lease::Lease;
+use crate::metrics::ApiStats;
 use crate::racks::{FromUser, RackRegistry, Racks, ToUser};
 use crate::store::EventQuery;
 use crate::types::{Caller, Principal};
@@ -76,6 +77,7 @@ pub struct Api {
     /// TTL of a lease request that names none.
     default_ttl: Duration,
     racks: Racks,
+    stats: ApiStats,
 }
 
 impl Api {
@@ -108,7 +110,38 @@ impl Api {
             auth,
             default_ttl,
             racks,
+            stats: ApiStats::default(),
         }
+    }
+
+    /// The core handle (for the web port, which serves the same core).
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// The rack registry.
+    pub fn racks(&self) -> &Racks {
+        &self.racks
+    }
+
+    /// What the gRPC layer measures.
+    pub fn stats(&self) -> &ApiStats {
+        &self.stats
+    }
+
+    /// The caller a bearer token names (the dashboard's login checks the
+    /// same tokens, with the same authenticator, as every call).
+    pub fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let header = format!("Bearer {token}");
+        self.auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticate(Some(&header))
+    }
+
+    /// The TTL of a request that names none.
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
     }
 
     /// The caller of a user call (agents make none).
@@ -404,12 +437,15 @@ impl LeaseService for Api {
         &self,
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<Self::AcquireStream>, Status> {
+        let arrived = std::time::Instant::now();
         let caller = self.caller(&req)?;
         let request = cv::acquire_request(req.into_inner(), self.default_ttl)?;
         let acq = self.core.acquire(caller, request).await?;
         let racks = self.racks.clone();
+        let latency = self.stats.grant_latency.clone();
         let stream = futures::stream::unfold(Some(acq), move |state| {
             let racks = racks.clone();
+            let latency = latency.clone();
             async move {
                 let mut acq = state?;
                 let update = |u| pb::AcquireUpdate { update: Some(u) };
@@ -431,6 +467,7 @@ impl LeaseService for Api {
                         Some(acq),
                     )),
                     WaitState::Granted(lease) => {
+                        latency.observe_duration(arrived.elapsed());
                         let l = lease_pb(&racks, &lease);
                         Some((Ok(update(pb::acquire_update::Update::Granted(l))), None))
                     }

@@ -143,6 +143,11 @@ impl RackRegistry {
         }
     }
 
+    /// How many racks have an agent attached now.
+    pub fn attached_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
     /// Is an agent attached for `rack`?
     pub fn is_attached(&self, rack: &RackName) -> bool {
         self.lock().conns.contains_key(rack)

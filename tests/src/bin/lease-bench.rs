@@ -187,6 +187,8 @@ impl Server {
             "--dev-insecure-no-auth",
             "--listen",
             "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             path_str(&inv)?,
             "--data-dir",

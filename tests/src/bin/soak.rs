@@ -231,6 +231,8 @@ async fn soak(o: Arc<Opts>) -> Result<()> {
             "--dev-insecure-no-auth",
             "--listen",
             "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
             "--inventory",
             &inv.to_string_lossy(),
             "--data-dir",

@@ -61,6 +61,8 @@ async fn flood(waiters: usize, connections: usize, extra: Vec<String>) -> Result
         "--dev-insecure-no-auth",
         "--listen",
         "127.0.0.1:0",
+        "--web-listen",
+        "127.0.0.1:0",
         "--inventory",
         &inv.to_string_lossy(),
         "--data-dir",
