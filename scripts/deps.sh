@@ -17,7 +17,9 @@
 # install-to-disk image: mmdebstrap, zstd, fdisk (sfdisk), e2fsprogs.
 # prometheus (it ships promtool): tests/tests/metrics.rs scrapes lab-server
 # and an agent with it on loopback; its own service is never started (the
-# policy-rc.d below).
+# policy-rc.d below). chromium, chromium-driver and python3-selenium:
+# tests/tests/dashboard.rs drives the dashboard in headless Chromium (Debian's
+# /usr/bin/python3, where python3-selenium lives).
 #
 # Packaging (tests/tests/packaging.rs, agent_caps.rs, docs/deploy.md):
 # mmdebstrap (a fresh bookworm root to install the .debs into), systemd
@@ -29,7 +31,7 @@
 # docs/deploy.md); cargo-deb, pinned, built once with cargo install.
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the
 # image's backport: allow that downgrade explicitly. qemu-img itself (the

@@ -322,12 +322,14 @@ async fn run(args: Args) -> Result<()> {
         let _ = out.flush();
     }
     let api = Api::with_racks(core, auth, args.default_ttl, racks);
-    let web_state = lab_server::web::WebState::new(api.clone());
+    let (web_stop_tx, web_stop_rx) = tokio::sync::watch::channel(false);
+    let web_state =
+        lab_server::web::WebState::new(api.clone(), web_scheme == "https", web_stop_rx.clone());
     let web_limits = lab_client::web::WebLimits {
         max_connections: args.web_max_connections as usize,
         ..Default::default()
     };
-    let (web_stop_tx, mut web_stop_rx) = tokio::sync::watch::channel(false);
+    let mut web_stop_rx = web_stop_rx;
     let web = tokio::spawn(lab_client::web::serve(
         web_listener,
         lab_server::web::router(web_state),

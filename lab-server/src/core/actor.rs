@@ -11,7 +11,7 @@ use super::reclaim::{ReclaimJob, Reclaimer};
 use super::stats::CoreStats;
 use super::{
     AcquireRequest, Command, CoreConfig, CoreError, HostView, LEASE_SCAN_LIMIT, LeaseKey,
-    LeasePage, LeaseQuery, ReloadSummary, Reply, WaitState,
+    LeasePage, LeaseQuery, QueueEntry, ReloadSummary, Reply, WaitState,
 };
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::{HostSpec, Inventory};
@@ -404,6 +404,36 @@ impl Actor {
             } => {
                 let r = self.release(p, now, &caller, lease);
                 p.reply(reply, r);
+            }
+            Command::ListQueue { reply } => {
+                let entries = self
+                    .queue
+                    .estimate(&self.candidates(now), now)
+                    .into_iter()
+                    .filter_map(|(id, position, eta)| {
+                        let w = self.queue.get(id)?;
+                        Some(QueueEntry {
+                            waiter: id,
+                            principal: w.principal.clone(),
+                            spec: w.spec.clone(),
+                            queued_at: w.queued_at,
+                            position,
+                            eta,
+                            detached: w.detached,
+                        })
+                    })
+                    .collect();
+                p.reply(reply, Ok(entries));
+            }
+            Command::RecentLeases { limit, reply } => {
+                let leases = self
+                    .by_grant
+                    .iter()
+                    .rev()
+                    .take(limit)
+                    .filter_map(|(_, id)| self.leases.get(id).cloned())
+                    .collect();
+                p.reply(reply, Ok(leases));
             }
             Command::GetLease { lease, reply } => {
                 let r = self

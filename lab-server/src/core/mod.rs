@@ -326,6 +326,13 @@ enum Command {
     GetInventory {
         reply: Reply<Arc<Inventory>>,
     },
+    ListQueue {
+        reply: Reply<Vec<QueueEntry>>,
+    },
+    RecentLeases {
+        limit: usize,
+        reply: Reply<Vec<Lease>>,
+    },
     Record {
         note: Note,
         reply: Reply<u64>,
@@ -359,6 +366,21 @@ pub struct LeaseQuery {
 pub struct LeasePage {
     pub leases: Vec<Lease>,
     pub next: Option<LeaseKey>,
+}
+
+/// A waiting request as the dashboard shows it: in service order.
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    pub waiter: WaiterId,
+    pub principal: Principal,
+    pub spec: LeaseSpec,
+    pub queued_at: Timestamp,
+    /// 1-based place in the service order.
+    pub position: u32,
+    /// When its hosts are expected to be free (none: not known).
+    pub eta: Option<Timestamp>,
+    /// Its client is away (after a restart), within its grace period.
+    pub detached: bool,
 }
 
 /// Most leases one `ListLeases` call looks at.
@@ -609,6 +631,18 @@ impl Core {
     /// Live events as they are committed.
     pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
         self.events.subscribe()
+    }
+
+    /// The waiting requests in service order, with positions and ETAs.
+    pub async fn list_queue(&self) -> Result<Vec<QueueEntry>, CoreError> {
+        self.call(|reply| Command::ListQueue { reply }).await
+    }
+
+    /// The `limit` most recently granted leases (ended ones included),
+    /// newest first.
+    pub async fn recent_leases(&self, limit: usize) -> Result<Vec<Lease>, CoreError> {
+        self.call(|reply| Command::RecentLeases { limit, reply })
+            .await
     }
 
     /// The inventory in force.
