@@ -71,14 +71,14 @@ timeout = "120s"
 /// Starts the real lab-server (development mode, store under `logs`) with
 /// `inventory` and `env`, then the real lab-agent with the configuration
 /// `agent_toml(server address)`, both inside `ns`; waits until the agent has
-/// attached. Returns (server, agent, server address).
+/// attached. Returns (server, agent, server address, web port address).
 pub fn start_server_and_agent(
     ns: &Netns,
     logs: &LogDir,
     inventory: &str,
     env: &[(&str, &str)],
     agent_toml: impl FnOnce(&str) -> String,
-) -> (Proc, Proc, String) {
+) -> (Proc, Proc, String, String) {
     let inv = logs.join("inventory.toml");
     std::fs::write(&inv, inventory).expect("write inventory");
     let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
@@ -95,6 +95,14 @@ pub fn start_server_and_agent(
         l.starts_with("lab-server listening on ")
     });
     let addr = line["lab-server listening on ".len()..].trim().to_owned();
+    let line = server.expect_line("its web address", START_TIMEOUT, |l| {
+        l.starts_with("lab-server web listening on ")
+    });
+    let web = line["lab-server web listening on ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let config = logs.join("agent.toml");
     std::fs::write(&config, agent_toml(&addr)).expect("write agent.toml");
     let mut cmd = ns.command(lab_tests::bin_path("lab-agent"));
@@ -106,7 +114,7 @@ pub fn start_server_and_agent(
     agent.expect_line("its attach to lab-server", START_TIMEOUT, |l| {
         l.starts_with("lab-agent attached to ")
     });
-    (server, agent, addr)
+    (server, agent, addr, web)
 }
 
 /// lab-server and lab-agent running in a box. Drop order: agent, server,
@@ -116,6 +124,8 @@ pub struct RunningLab {
     pub server: Proc,
     /// lab-server's address (inside the namespace: 127.0.0.1:port).
     pub addr: String,
+    /// lab-server's web port (dashboard, /metrics), inside the namespace.
+    pub web: String,
     pub lab: LabBox,
 }
 
@@ -129,7 +139,7 @@ impl RunningLab {
     /// Starts lab-server and lab-agent in a box (any mix of hosts), and
     /// waits until the agent has attached.
     pub fn start_in(lab: LabBox, artifacts: &Path, xen_timeout: &str) -> RunningLab {
-        let (server, agent, addr) = start_server_and_agent(
+        let (server, agent, addr, web) = start_server_and_agent(
             lab.netns(),
             lab.logs(),
             &lab.inventory_toml("r1"),
@@ -140,6 +150,7 @@ impl RunningLab {
             agent,
             server,
             addr,
+            web,
             lab,
         }
     }

@@ -271,6 +271,54 @@ impl Netns {
         c
     }
 
+    /// Forwards TCP connections made to the returned address on the root
+    /// namespace's loopback to `target` inside this namespace (so that a
+    /// browser outside can reach a port that listens on the namespace's
+    /// loopback). Runs until the process ends; each connection is two
+    /// copying threads.
+    pub fn forward_to_loopback(&self, target: std::net::SocketAddr) -> std::net::SocketAddr {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let addr = listener.local_addr().expect("its address");
+        let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+        let ns_path = format!("/run/netns/{}", self.name);
+        // The thread that dials enters the namespace once: its sockets are
+        // made there.
+        std::thread::spawn(move || {
+            let Ok(ns) = std::fs::File::open(&ns_path) else {
+                return;
+            };
+            if nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                return;
+            }
+            for outside in rx {
+                let Ok(inside) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (Ok(mut o2), Ok(mut i2)) = (outside.try_clone(), inside.try_clone()) else {
+                    continue;
+                };
+                let (mut o, mut i) = (outside, inside);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut o, &mut i);
+                    let _ = i.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut i2, &mut o2);
+                    let _ = o2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        std::thread::spawn(move || {
+            for c in listener.incoming().flatten() {
+                if tx.send(c).is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
     /// A bridge `name` with `cidr`, up, forwarding at once (no STP delay).
     pub fn bridge(&self, name: &str, cidr: &str) {
         self.ip(&["link", "add", name, "type", "bridge", "forward_delay", "0"]);

@@ -148,12 +148,11 @@ fn wait_for<T: std::fmt::Debug>(
     log: &Path,
 ) -> T {
     let deadline = Instant::now() + timeout;
-    let mut last = None;
     loop {
-        match f() {
+        let last = match f() {
             Some(v) if ok(&v) => return v,
-            v => last = v,
-        }
+            v => v,
+        };
         assert!(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what} (last: {last:?}); log:\n{}",

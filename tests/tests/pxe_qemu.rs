@@ -134,7 +134,7 @@ fn a_xen_lease_pxe_boots_a_qemu_vm_into_dom0() {
     );
 
     // ----------------------------------------------- lab-server, lab-agent
-    let (server, agent, server_addr) =
+    let (server, agent, server_addr, _web) =
         labbox::lab::start_server_and_agent(&ns, &logs, &inventory(), &[], |addr| {
             agent_toml(addr, &artifacts)
         });

@@ -51,6 +51,17 @@ fn main() {
         l.lab.logs().path().display()
     );
 
+    // The dashboard, forwarded to the root namespace's loopback for a
+    // browser on this machine (dev mode: sign in with any name as token).
+    let dashboard = l
+        .web
+        .parse()
+        .ok()
+        .map(|web| l.lab.netns().forward_to_loopback(web));
+    if let Some(d) = dashboard {
+        println!("    dashboard at http://{d}/ (sign in with any name as the token)");
+    }
+
     if !skip_tour {
         tour(&lab);
     }
@@ -66,6 +77,9 @@ fn main() {
     println!("  {lab} console --lease LEASE_ID");
     println!("  {lab} lease release LEASE_ID");
     println!("  {lab} events --follow");
+    if let Some(d) = dashboard {
+        println!("  open http://{d}/ in a browser (the dashboard; metrics at http://{d}/metrics)");
+    }
     println!();
     print!("Press Enter to stop the lab and remove everything it made. ");
     let _ = std::io::stdout().flush();
