@@ -16,6 +16,10 @@
 //! 3. the `lab` CLI: `lab lease acquire --ttl 60s` and `lab lease release ID`
 //!    as separate processes, timed from spawn to exit.
 //!
+//! With `--scrape-metrics`, every row of scenario 1 is run twice, side by
+//! side: without, then with `/metrics` of the server's web port scraped
+//! every second (as Prometheus would), and the difference is printed.
+//!
 //! By default the server is the release binary `lab-server` run as a child
 //! process (so the client's CPU is not the server's); `--in-process` runs it
 //! inside this process instead. `--with-labgrid` also runs
@@ -49,6 +53,7 @@ usage: lease-bench [options]
   --clients LIST      concurrent clients of the loop rows [1,8,64]
   --waiters N         queued waiters of the drain scenario [1000]
   --cli-n N           runs of each timed CLI command [50]
+  --scrape-metrics    run each loop row again with /metrics scraped every 1 s; print the difference
   --in-process        run lab-server inside this process instead of as a child
   --with-labgrid      also run tests/bench/labgrid_bench.py and print its table
   --labgrid-python P  python interpreter with labgrid installed [$LABGRID_PYTHON or python3]
@@ -63,6 +68,7 @@ struct Opts {
     waiters: usize,
     cli_n: usize,
     in_process: bool,
+    scrape_metrics: bool,
     with_labgrid: bool,
     labgrid_python: String,
     labgrid_clients: Vec<usize>,
@@ -108,6 +114,7 @@ fn parse_args() -> Result<Opts> {
         waiters: 1000,
         cli_n: 50,
         in_process: false,
+        scrape_metrics: false,
         with_labgrid: false,
         labgrid_python: std::env::var("LABGRID_PYTHON").unwrap_or_else(|_| "python3".to_owned()),
         labgrid_clients: vec![1, 64],
@@ -131,6 +138,7 @@ fn parse_args() -> Result<Opts> {
             "--waiters" => o.waiters = value()?.parse().context("--waiters")?,
             "--cli-n" => o.cli_n = value()?.parse().context("--cli-n")?,
             "--in-process" => o.in_process = true,
+            "--scrape-metrics" => o.scrape_metrics = true,
             "--with-labgrid" => o.with_labgrid = true,
             "--labgrid-python" => o.labgrid_python = value()?,
             "--labgrid-clients" => o.labgrid_clients = parse_list(&value()?)?,
@@ -142,6 +150,10 @@ fn parse_args() -> Result<Opts> {
         }
     }
     ensure!(o.hosts > 0, "--hosts must be positive");
+    ensure!(
+        !(o.scrape_metrics && o.in_process),
+        "--scrape-metrics needs the server as a child process (its web port)"
+    );
     ensure!(
         o.waiters > 0 && o.cli_n > 0,
         "--waiters and --cli-n must be positive"
@@ -155,6 +167,8 @@ fn parse_args() -> Result<Opts> {
 /// a fresh inventory and store.
 struct Server {
     addr: SocketAddr,
+    /// The web port (`/metrics`), for a child process.
+    web: Option<SocketAddr>,
     run: Running,
     _dir: tempfile::TempDir,
 }
@@ -175,6 +189,7 @@ impl Server {
             .await?;
             return Ok(Server {
                 addr: s.addr,
+                web: None,
                 run: Running::InProcess(s),
                 _dir: dir,
             });
@@ -197,6 +212,7 @@ impl Server {
         let p = tokio::task::block_in_place(|| ServerProcess::spawn(&args, &log))?;
         Ok(Server {
             addr: p.addr,
+            web: p.web,
             run: Running::Child(p),
             _dir: dir,
         })
@@ -353,9 +369,38 @@ struct LoopRow {
     queued: usize,
     server_cpu: String,
     client_cpu: String,
+    /// `/metrics` scrapes made during the row (with `--scrape-metrics`).
+    scrapes: usize,
 }
 
-async fn loop_row(o: &Opts, n: usize) -> Result<LoopRow> {
+/// Scrapes `GET /metrics` (OpenMetrics, as Prometheus asks) every second
+/// until `stop`; how many scrapes succeeded.
+async fn scraper(web: SocketAddr, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ok = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(ok),
+        }
+        let mut s = tokio::net::TcpStream::connect(web).await?;
+        s.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: bench\r\nAccept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        ensure!(
+            body.starts_with(b"HTTP/1.1 200") && body.ends_with(b"# EOF\n"),
+            "a /metrics scrape failed: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        );
+        ok += 1;
+    }
+}
+
+async fn loop_row(o: &Opts, n: usize, scrape: bool) -> Result<LoopRow> {
     let server = Server::start(o).await?;
     let conns = connect_many(
         server.addr,
@@ -390,6 +435,12 @@ async fn loop_row(o: &Opts, n: usize) -> Result<LoopRow> {
         }));
     }
     barrier.wait().await;
+    let (stop_scrape, stop_rx) = tokio::sync::watch::channel(false);
+    let scraping = match (scrape, server.web) {
+        (false, _) => None,
+        (true, Some(web)) => Some(tokio::spawn(scraper(web, stop_rx))),
+        (true, None) => bail!("the server printed no web port to scrape"),
+    };
     let start = Instant::now();
     let (s0, c0) = (server.cpu(), own_cpu());
     let mut row = LoopRow {
@@ -404,6 +455,7 @@ async fn loop_row(o: &Opts, n: usize) -> Result<LoopRow> {
         queued: 0,
         server_cpu: String::new(),
         client_cpu: String::new(),
+        scrapes: 0,
     };
     for t in tasks {
         let (samples, errors) = t.await??;
@@ -421,6 +473,10 @@ async fn loop_row(o: &Opts, n: usize) -> Result<LoopRow> {
     }
     row.wall = start.elapsed();
     let (s1, c1) = (server.cpu(), own_cpu());
+    let _ = stop_scrape.send(true);
+    if let Some(t) = scraping {
+        row.scrapes = t.await??;
+    }
     row.server_cpu = cpu_pct(s0, s1, row.wall);
     row.client_cpu = cpu_pct(c0, c1, row.wall);
     row.grant.sort();
@@ -803,32 +859,54 @@ fn main() -> Result<()> {
     );
     let mut errors = Vec::new();
     for &n in &o.clients {
-        let r = rt.block_on(loop_row(&o, n))?;
-        let goal = if n == 64 {
-            "≥ 2600/s, p99 ≤ 10 ms"
+        let runs: &[bool] = if o.scrape_metrics {
+            &[false, true]
         } else {
-            ""
+            &[false]
         };
-        println!(
-            "{:>7} {:>8} {:>9.1} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8.1} {:>6} {:>7} {:>7}  {goal}",
-            r.clients,
-            r.count,
-            r.count as f64 / r.wall.as_secs_f64(),
-            ms(percentile(&r.grant, 0.5)),
-            ms(percentile(&r.grant, 0.99)),
-            ms(percentile(&r.release, 0.5)),
-            ms(percentile(&r.release, 0.99)),
-            ms(percentile(&r.rt, 0.5)),
-            ms(percentile(&r.rt, 0.99)),
-            r.queued as f64 / r.count.max(1) as f64,
-            r.errors,
-            r.server_cpu,
-            r.client_cpu,
-        );
-        if let Some(e) = r.first_error {
-            errors.push(format!("{n} clients: {e}"));
+        let mut pair: Vec<(f64, Duration)> = Vec::new();
+        for &scrape in runs {
+            let r = rt.block_on(loop_row(&o, n, scrape))?;
+            let goal = if scrape {
+                format!("/metrics scraped {}×", r.scrapes)
+            } else if n == 64 {
+                "≥ 2600/s, p99 ≤ 10 ms".to_owned()
+            } else {
+                String::new()
+            };
+            pair.push((
+                r.count as f64 / r.wall.as_secs_f64(),
+                percentile(&r.rt, 0.99),
+            ));
+            println!(
+                "{:>7} {:>8} {:>9.1} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8.1} {:>6} {:>7} {:>7}  {goal}",
+                r.clients,
+                r.count,
+                r.count as f64 / r.wall.as_secs_f64(),
+                ms(percentile(&r.grant, 0.5)),
+                ms(percentile(&r.grant, 0.99)),
+                ms(percentile(&r.release, 0.5)),
+                ms(percentile(&r.release, 0.99)),
+                ms(percentile(&r.rt, 0.5)),
+                ms(percentile(&r.rt, 0.99)),
+                r.queued as f64 / r.count.max(1) as f64,
+                r.errors,
+                r.server_cpu,
+                r.client_cpu,
+            );
+            if let Some(e) = r.first_error {
+                errors.push(format!("{n} clients: {e}"));
+            }
+            std::io::stdout().flush()?;
         }
-        std::io::stdout().flush()?;
+        if let [(without, p99_without), (with, p99_with)] = pair[..] {
+            println!(
+                "        /metrics every 1 s vs none, {n} clients: trips/s {:+.1} %, rt p99 {} -> {} ms",
+                100.0 * (with - without) / without,
+                ms(p99_without),
+                ms(p99_with)
+            );
+        }
     }
     for e in &errors {
         println!("   error: {e}");
