@@ -5,7 +5,7 @@
 //!   `observe` is a few relaxed atomic adds (prometheus-client's own
 //!   histogram takes a mutex), for hot paths such as the core actor's.
 //! - [`process`]: `process_*` metrics read from `/proc/self` at scrape time.
-//! - [`serve`]: the HTTP/1.1 server loop over an axum router: a cap on open
+//! - [`mod@serve`]: the HTTP/1.1 server loop over an axum router: a cap on open
 //!   connections (more are reset at once, and logged once per interval), a
 //!   timeout for a request's head (which also ends an idle keep-alive
 //!   connection), a bounded TLS handshake when a certificate is given, and

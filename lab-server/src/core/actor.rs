@@ -192,6 +192,7 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn start(
         config: CoreConfig,
         store: Arc<dyn Store>,

@@ -43,6 +43,16 @@ const MAX_CONSOLE_INPUT: usize = 4096;
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
+/// A request refused before it reached the core: a status and why.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
 /// A signed-in request: the caller the token names now, and its session.
 struct Signed {
     caller: Caller,
@@ -98,20 +108,23 @@ impl WebState {
         Some(Signed { caller, session })
     }
 
-    fn api_signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
+    fn api_signed(&self, headers: &HeaderMap) -> Result<Signed, Refusal> {
         self.signed(headers)
-            .ok_or_else(|| (StatusCode::UNAUTHORIZED, "sign in first").into_response())
+            .ok_or_else(|| Refusal(StatusCode::UNAUTHORIZED, "sign in first".into()))
     }
 
     /// A POST's session, with its CSRF token checked.
-    fn post_signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
+    fn post_signed(&self, headers: &HeaderMap) -> Result<Signed, Refusal> {
         let s = self.api_signed(headers)?;
         let sent = headers
             .get("x-csrf-token")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if !s.session.csrf_ok(sent) {
-            return Err((StatusCode::FORBIDDEN, "missing or wrong CSRF token").into_response());
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "missing or wrong CSRF token".into(),
+            ));
         }
         Ok(s)
     }
@@ -224,7 +237,7 @@ pub(super) async fn login(State(st): State<WebState>, Form(f): Form<LoginForm>) 
 
 pub(super) async fn logout(State(st): State<WebState>, headers: HeaderMap) -> Response {
     if let Err(r) = st.post_signed(&headers) {
-        return r;
+        return r.into_response();
     }
     if let Some(id) = cookie_value(&headers, COOKIE) {
         st.sessions.remove(&id);
@@ -353,13 +366,13 @@ pub(super) async fn me(State(st): State<WebState>, h: HeaderMap) -> Response {
             "csrf": s.session.csrf,
         }))
         .into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
 pub(super) async fn hosts(State(st): State<WebState>, h: HeaderMap) -> Response {
     if let Err(r) = st.api_signed(&h) {
-        return r;
+        return r.into_response();
     }
     match st.api.core().list_hosts().await {
         Ok(v) => Json(v.iter().map(host_json).collect::<Vec<_>>()).into_response(),
@@ -367,13 +380,13 @@ pub(super) async fn hosts(State(st): State<WebState>, h: HeaderMap) -> Response 
     }
 }
 
-fn host_name(name: String) -> Result<HostName, Response> {
-    HostName::new(name).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()).into_response())
+fn host_name(name: String) -> Result<HostName, Refusal> {
+    HostName::new(name).map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
-fn lease_id(id: &str) -> Result<LeaseId, Response> {
+fn lease_id(id: &str) -> Result<LeaseId, Refusal> {
     id.parse()
-        .map_err(|_| (StatusCode::BAD_REQUEST, "not a lease id").into_response())
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "not a lease id".into()))
 }
 
 pub(super) async fn host(
@@ -383,11 +396,11 @@ pub(super) async fn host(
 ) -> Response {
     let s = match st.api_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let name = match host_name(name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let view = match st.api.core().get_host(name).await {
         Ok(v) => v,
@@ -408,7 +421,7 @@ pub(super) async fn host(
 
 pub(super) async fn queue(State(st): State<WebState>, h: HeaderMap) -> Response {
     if let Err(r) = st.api_signed(&h) {
-        return r;
+        return r.into_response();
     }
     match st.api.core().list_queue().await {
         Ok(mut q) => {
@@ -440,7 +453,7 @@ pub(super) async fn queue(State(st): State<WebState>, h: HeaderMap) -> Response 
 
 pub(super) async fn leases(State(st): State<WebState>, h: HeaderMap) -> Response {
     if let Err(r) = st.api_signed(&h) {
-        return r;
+        return r.into_response();
     }
     let core = st.api.core();
     let active = match core
@@ -471,11 +484,11 @@ pub(super) async fn lease(
 ) -> Response {
     let s = match st.api_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match lease_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.api.core().get_lease(id).await {
         Ok(l) => {
@@ -498,11 +511,11 @@ pub(super) async fn renew(
 ) -> Response {
     let s = match st.post_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match lease_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.api.core().renew(s.caller, id, None).await {
         Ok(l) => Json(lease_json(&st, &l)).into_response(),
@@ -517,11 +530,11 @@ pub(super) async fn release(
 ) -> Response {
     let s = match st.post_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match lease_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.api.core().release(s.caller, id).await {
         Ok(l) => Json(lease_json(&st, &l)).into_response(),
@@ -544,11 +557,11 @@ pub(super) async fn maintenance(
 ) -> Response {
     let s = match st.post_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let name = match host_name(name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let reason = match crate::grpc::convert::text("reason", m.reason) {
         Ok(r) => r,
@@ -580,11 +593,11 @@ pub(super) async fn console_input(
 ) -> Response {
     let s = match st.post_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let host = match host_name(name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if input.text.len() > MAX_CONSOLE_INPUT {
         return (StatusCode::PAYLOAD_TOO_LARGE, "console input too long").into_response();
@@ -612,11 +625,11 @@ pub(super) async fn console_log(
 ) -> Response {
     let s = match st.api_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match lease_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let lease = match st.api.core().get_lease(id).await {
         Ok(l) => l,
@@ -706,7 +719,7 @@ fn event_json(e: &EventRecord) -> String {
 pub(super) async fn events(State(st): State<WebState>, h: HeaderMap) -> Response {
     let s = match st.api_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(slot) = s.session.stream() else {
         return (
@@ -774,11 +787,11 @@ pub(super) async fn console(
 ) -> Response {
     let s = match st.api_signed(&h) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let host = match host_name(name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(slot) = s.session.stream() else {
         return (
