@@ -96,6 +96,28 @@ fn the_api_and_the_agent_link_work_over_tls_and_only_with_a_trusted_ca() {
     // Plaintext to a TLS server: nothing.
     let out = lab(&http, None, &["whoami"]);
     assert!(!out.status.success());
+    // The web port (/metrics, the dashboard) serves HTTPS with the same
+    // certificate: curl with the CA gets the metrics, plaintext gets nothing.
+    let web = server.web.expect("the web port's line");
+    let curl = |args: &[&str]| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .expect("curl")
+    };
+    let out = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("https://127.0.0.1:{}/metrics", web.port()),
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("lab_leases_active"),
+        "/metrics over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl(&["-f", &format!("http://127.0.0.1:{}/metrics", web.port())]);
+    assert!(!out.status.success(), "plaintext to the TLS web port");
     // A CA with a plaintext URL is a usage error, not silently ignored.
     let out = lab(&http, Some(&ca), &["whoami"]);
     assert_eq!(out.status.code(), Some(2));
