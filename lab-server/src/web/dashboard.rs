@@ -217,7 +217,7 @@ pub(super) async fn login(State(st): State<WebState>, Form(f): Form<LoginForm>) 
     let caller = match st.api.authenticate(token) {
         Ok(c) => c,
         Err(e) => {
-            tracing::info!(error = %e, "dashboard sign-in refused");
+            tracing::debug!(error = %e, "dashboard sign-in refused");
             return (StatusCode::UNAUTHORIZED, Html(
                 "<!doctype html><p>That token was not accepted. <a href=\"/login\">Try again</a>.</p>",
             ))
@@ -228,7 +228,10 @@ pub(super) async fn login(State(st): State<WebState>, Form(f): Form<LoginForm>) 
         return error(e.into());
     }
     tracing::info!(principal = %caller.principal, role = %caller.role, "dashboard sign-in");
-    let id = st.sessions.create(Secret::from_bytes(token.as_bytes()));
+    let id = st.sessions.create(
+        Secret::from_bytes(token.as_bytes()),
+        caller.principal.clone(),
+    );
     let mut r = Redirect::to("/hosts").into_response();
     r.headers_mut()
         .insert(header::SET_COOKIE, st.cookie(&id, None));

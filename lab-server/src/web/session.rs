@@ -6,10 +6,14 @@
 //! API's authenticator: a token removed from the tokens file stops working
 //! in the dashboard at the next reload, as it does for the API.
 //!
-//! Bounded: [`MAX_SESSIONS`] at once (the oldest is dropped for a new one),
+//! Bounded: [`MAX_SESSIONS`] at once and [`SESSIONS_PER_PRINCIPAL`] per
+//! principal (the least recently used is dropped for a new one, the
+//! principal's own first, so one principal signing in over and over only
+//! ends its own sessions),
 //! [`SESSION_IDLE`] idle and [`SESSION_MAX_AGE`] in all, and
 //! [`STREAMS_PER_SESSION`] server-sent event streams each.
 
+use crate::types::Principal;
 use lab_types::secret::Secret;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +22,8 @@ use std::time::{Duration, Instant};
 
 /// Sessions kept at once.
 pub const MAX_SESSIONS: usize = 1024;
+/// Sessions one principal may have at once.
+pub const SESSIONS_PER_PRINCIPAL: usize = 16;
 /// A session unused for this long ends.
 pub const SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
 /// A session ends this long after its login, used or not.
@@ -32,6 +38,8 @@ pub const COOKIE: &str = "lab_session";
 #[derive(Debug)]
 pub struct Session {
     pub token: Secret,
+    /// Who signed in (the token may name another principal later).
+    principal: Principal,
     pub csrf: String,
     created: Instant,
     last_seen: Mutex<Instant>,
@@ -75,12 +83,14 @@ fn random_hex() -> String {
 }
 
 impl Sessions {
-    /// A new session for `token` (already authenticated): its id.
-    pub fn create(&self, token: Secret) -> String {
+    /// A new session for `token` (already authenticated as `principal`):
+    /// its id.
+    pub fn create(&self, token: Secret, principal: Principal) -> String {
         let id = random_hex();
         let now = Instant::now();
         let session = Arc::new(Session {
             token,
+            principal,
             csrf: random_hex(),
             created: now,
             last_seen: Mutex::new(now),
@@ -88,13 +98,24 @@ impl Sessions {
         });
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, s| s.alive(now));
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| *s.last_seen.lock().unwrap_or_else(|p| p.into_inner()))
+        let last_seen = |s: &Arc<Session>| *s.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let own: Vec<(&String, &Arc<Session>)> = map
+            .iter()
+            .filter(|(_, s)| s.principal == session.principal)
+            .collect();
+        let evict = if own.len() >= SESSIONS_PER_PRINCIPAL {
+            own.into_iter()
+                .min_by_key(|(_, s)| last_seen(s))
                 .map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
+        } else if map.len() >= MAX_SESSIONS {
+            map.iter()
+                .min_by_key(|(_, s)| last_seen(s))
+                .map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        if let Some(k) = evict {
+            map.remove(&k);
         }
         map.insert(id.clone(), session);
         id
@@ -147,16 +168,30 @@ impl Session {
 mod tests {
     use super::*;
 
+    fn p(name: &str) -> Principal {
+        Principal::new(name.to_owned()).unwrap()
+    }
+
     #[test]
     fn sessions_are_capped_and_streams_limited() {
         let s = Sessions::default();
-        let first = s.create(Secret::from_bytes(b"t0"));
+        let first = s.create(Secret::from_bytes(b"t0"), p("u0"));
         for i in 1..=MAX_SESSIONS {
-            s.create(Secret::from_bytes(format!("t{i}").as_bytes()));
+            s.create(
+                Secret::from_bytes(format!("t{i}").as_bytes()),
+                p(&format!("u{i}")),
+            );
         }
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(s.get(&first).is_none(), "the oldest made room");
-        let id = s.create(Secret::from_bytes(b"x"));
+        // One principal signing in again and again ends only its own.
+        let mine: Vec<String> = (0..SESSIONS_PER_PRINCIPAL + 5)
+            .map(|_| s.create(Secret::from_bytes(b"m"), p("u7")))
+            .collect();
+        assert_eq!(s.len(), MAX_SESSIONS);
+        assert!(s.get(mine.last().unwrap()).is_some());
+        assert!(s.get(&mine[0]).is_none());
+        let id = s.create(Secret::from_bytes(b"x"), p("x"));
         let session = s.get(&id).unwrap();
         let slots: Vec<_> = (0..STREAMS_PER_SESSION)
             .map(|_| session.stream().unwrap())
