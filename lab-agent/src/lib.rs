@@ -26,12 +26,17 @@
 //!   scripts from `pxe-assets/` templates.
 //! - [`slots`]: the per-client and global caps of the HTTP and TFTP servers.
 //! - [`ratelimit`]: flood logging, one line per interval with a count.
+//!
+//! (`fuzzing`, hidden from these docs, holds the entry points of the fuzz
+//! targets in `fuzz/`.)
 #![forbid(unsafe_code)]
 
 pub mod assets;
 pub mod config;
 pub mod console;
 pub mod dhcp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hosts;
 pub mod http;
 pub mod ipmi;

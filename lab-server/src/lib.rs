@@ -17,11 +17,16 @@
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`events`], [`types`]: the event record; typed ids.
+//!
+//! (`fuzzing`, hidden from these docs, holds the entry points of the fuzz
+//! targets in `fuzz/`.)
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod core;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod inventory;
 pub mod lease;

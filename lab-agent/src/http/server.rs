@@ -441,7 +441,8 @@ impl AcceptFailures {
     }
 }
 
-async fn handle(
+/// One request, in its span (also the fuzz target's entry into the server).
+pub(crate) async fn handle(
     req: Request<Incoming>,
     source: Arc<dyn FileSource>,
     peer: SocketAddr,
