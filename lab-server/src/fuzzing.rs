@@ -26,9 +26,12 @@ use crate::grpc::convert;
 use crate::inventory::Inventory;
 use crate::racks::FromAgent;
 
+/// A fuzz target: its name and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target of this crate by its name in `fuzz/` (also the name of its
 /// corpus and regression directories).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("inventory", inventory),
     ("tokens", tokens),
     ("agent_message", agent_message),

@@ -21,9 +21,7 @@ use lab_agent::ipmi::sol::SolPacket;
 use lab_proto::v1 as pb;
 use prost::Message;
 
-type Target = (&'static str, fn(&[u8]));
-
-fn targets() -> impl Iterator<Item = &'static Target> {
+fn targets() -> impl Iterator<Item = &'static lab_agent::fuzzing::Target> {
     lab_agent::fuzzing::TARGETS
         .iter()
         .chain(lab_server::fuzzing::TARGETS)

@@ -390,7 +390,7 @@ pub fn sol(data: &[u8]) {
             0 => {
                 let bytes = input.frame().unwrap_or_default();
                 let room = usize::from(input.byte()) * 4;
-                m.from_bmc(bytes, room);
+                m.bmc_sends(bytes, room);
                 true
             }
             1 => {
@@ -449,7 +449,7 @@ impl SolModel {
         }
     }
 
-    fn from_bmc(&mut self, bytes: &[u8], room: usize) {
+    fn bmc_sends(&mut self, bytes: &[u8], room: usize) {
         let Ok(pkt) = SolPacket::decode(bytes) else {
             assert!(bytes.len() < 4);
             return;

@@ -38,9 +38,12 @@ pub use console::{console_log, console_log_input};
 pub use input::{Input, InputWriter};
 pub use ipmi::{IpmiMode, SolStep, ipmi, ipmi_input, sol, sol_input};
 
+/// A fuzz target: its name and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target of this crate by its name in `fuzz/` (also the name of its
 /// corpus and regression directories).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("dhcp", dhcp),
     ("tftp", tftp),
     ("http", http),
