@@ -203,6 +203,10 @@ impl Default for ProfileSettings {
 /// Default BMC poll interval.
 pub const DEFAULT_BMC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The longest duration the file may give (a year): every duration becomes
+/// a deadline, `now + duration`, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -279,8 +283,12 @@ impl AgentConfig {
             }
         };
         let duration = |at: usize, v: &str, what: &str| {
-            humantime::parse_duration(v)
-                .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))
+            let d = humantime::parse_duration(v)
+                .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))?;
+            if d > MAX_DURATION {
+                return Err(invalid(at, format!("{what} {v:?} is longer than a year")));
+            }
+            Ok(d)
         };
         // A cap or timeout of zero would refuse everything: refused here,
         // where the error can point at it.
@@ -532,6 +540,13 @@ artifacts = "/var/cache/lab/artifacts"
                 "idle_timeout",
                 "\"soon\"",
                 "agent.toml:16:16: invalid idle_timeout \"soon\"",
+            ),
+            // Found by the agent_config fuzz target: accepted, it made every
+            // connection's watchdog panic computing its deadline.
+            (
+                "idle_timeout",
+                "\"500000000000 years\"",
+                "agent.toml:16:16: idle_timeout \"500000000000 years\" is longer than a year",
             ),
         ] {
             let bad = GOOD.replace(

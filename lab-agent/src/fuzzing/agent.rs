@@ -14,7 +14,8 @@ use crate::link::convert;
 
 /// `agent.toml` target: the input is the file's text (not UTF-8: not
 /// parsed). A configuration that parses is one the agent can run with:
-/// console log limits the writer accepts, durations that fit a deadline.
+/// console log limits the writer accepts, cipher suites, durations that fit
+/// a deadline.
 pub fn agent_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -29,6 +30,22 @@ pub fn agent_config(data: &[u8]) {
     };
     assert!(cfg.console_limits.validate().is_ok());
     assert!(!cfg.ipmi_cipher_suites.is_empty());
+    // Every duration becomes a deadline (`Instant + d`, which panics on
+    // overflow) in the task that uses it.
+    let mut durations = vec![cfg.bmc_probe_interval];
+    if let Some(h) = &cfg.http {
+        durations.extend([
+            h.limits.header_timeout,
+            h.limits.idle_timeout,
+            h.limits.send_timeout,
+        ]);
+    }
+    durations.extend(cfg.tftp.iter().filter_map(|t| t.max_timeout));
+    durations.extend(cfg.profiles.values().map(|p| p.timeout));
+    let now = std::time::Instant::now();
+    for d in durations {
+        assert!(now.checked_add(d).is_some(), "{d:?} cannot be a deadline");
+    }
 }
 
 /// Names target: the input is a string a peer or a config file gives as a

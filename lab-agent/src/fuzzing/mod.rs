@@ -12,7 +12,7 @@
 //!   confined file source).
 //! - [`http`]: the bytes of one HTTP connection (hyper, the request
 //!   handler, `Range`, path decoding and confinement).
-//! - [`ipmi`]: what a BMC (or a host spoofing one) sends: RMCP+ packets
+//! - [`ipmi`](fn@ipmi): what a BMC (or a host spoofing one) sends: RMCP+ packets
 //!   with and without integrity and confidentiality, the session handshake,
 //!   every command's response.
 //! - [`sol`]: SOL packets and console writes driving the SOL machine.
