@@ -6,6 +6,7 @@
 # needed.
 #
 #   fuzz/run.sh TARGET [SECONDS | -runs=N] [libFuzzer options...]
+#   fuzz/run.sh TARGET FILE...  run these inputs once each (a crash, a regression)
 #   fuzz/run.sh --build       build every target
 #   fuzz/run.sh --list        the targets
 #
@@ -48,7 +49,7 @@ fi
 case "${1:-}" in
   --list) targets; exit 0 ;;
   --build) build --bins; exit 0 ;;
-  ""|-*) sed -n '8,10p' "$0" >&2; exit 2 ;;
+  ""|-*) sed -n '8,11p' "$0" >&2; exit 2 ;;
 esac
 target=$1; shift
 if ! targets | grep -qx "$target"; then
@@ -58,9 +59,13 @@ fi
 limit=()
 case "${1:-}" in
   ''|-*) ;;
+  *[!0-9]*) ;;
   *) limit=("-max_total_time=$1"); shift ;;
 esac
 [ "${LAB_FUZZ_BUILT:-}" = 1 ] || build --bin "$target"
+if [ -e "${1:-}" ]; then
+  exec "$bin_dir/$target" -timeout=10 "$@"
+fi
 
 corpus=${LAB_FUZZ_CORPUS:-target/fuzz/corpus}/$target
 artifacts=fuzz/artifacts/$target
