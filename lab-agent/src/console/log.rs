@@ -452,6 +452,12 @@ impl ConsoleLog {
         Ok(ts)
     }
 
+    /// The timestamp of the latest record (what the next one carries at
+    /// least).
+    pub fn last_ts(&self) -> u64 {
+        self.last_ts
+    }
+
     /// Payload bytes dropped because the disk refused writes since the
     /// last call (the capture reports them with a gap marker).
     pub fn take_dropped(&mut self) -> u64 {
