@@ -129,6 +129,7 @@ async fn run(args: Args) -> Result<()> {
         token,
         rack: cfg.rack.clone(),
         ca: args.ca.clone().or_else(|| cfg.ca_file.clone()),
+        log_reads: cfg.log_reads,
     };
     tasks.spawn(async move {
         link::run(link_cfg, rack).await;

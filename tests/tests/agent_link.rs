@@ -110,6 +110,7 @@ fn start_agent(server: &InProcessServer, rack: Rack) -> tokio::task::JoinHandle<
             token: Some("agent-r1".into()),
             rack: "r1".into(),
             ca: None,
+            log_reads: Default::default(),
         },
         rack,
     ))
