@@ -6,6 +6,7 @@ use crate::console::LogLimits;
 use crate::dhcp::{DhcpConfig, Mode};
 use crate::http::HttpConfig;
 use crate::ipmi::CipherSuite;
+use crate::link::LogReadLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -56,6 +57,10 @@ struct RawIpmi {
 struct RawConsole {
     max_file_bytes: Option<u64>,
     max_total_bytes: Option<u64>,
+    /// Console log reads streaming at once per host.
+    log_reads_per_host: Option<toml::Spanned<usize>>,
+    /// Console log reads streaming at once on the whole agent.
+    log_reads: Option<toml::Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +175,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub bmc_probe_interval: Duration,
     pub console_limits: LogLimits,
+    /// Console log reads streaming at once (per host, in all).
+    pub log_reads: LogReadLimits,
     /// IPMI cipher suites in order of preference.
     pub ipmi_cipher_suites: Vec<CipherSuite>,
     /// Boot expectations per profile name.
@@ -367,6 +374,27 @@ impl AgentConfig {
         let console_limits = console_limits
             .validate()
             .map_err(|e| invalid(text.find("[console]").unwrap_or(0), e.to_string()))?;
+        let mut log_reads = LogReadLimits::default();
+        if let Some(c) = &raw.console {
+            for (v, field, name) in [
+                (
+                    &c.log_reads_per_host,
+                    &mut log_reads.per_host,
+                    "log_reads_per_host",
+                ),
+                (&c.log_reads, &mut log_reads.total, "log_reads"),
+            ] {
+                if let Some(v) = v {
+                    if *v.get_ref() == 0 {
+                        return Err(invalid(
+                            v.span().start,
+                            format!("{name} must be at least 1"),
+                        ));
+                    }
+                    *field = *v.get_ref();
+                }
+            }
+        }
         let mut ipmi_cipher_suites = vec![CipherSuite::Suite17, CipherSuite::Suite3];
         if let Some(list) = raw.ipmi.as_ref().and_then(|i| i.cipher_suites.as_ref()) {
             let at = list.span().start;
@@ -413,6 +441,7 @@ impl AgentConfig {
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| "lab-agent-data".into())),
             bmc_probe_interval,
             console_limits,
+            log_reads,
             ipmi_cipher_suites,
             profiles,
             rack: raw.rack,

@@ -122,6 +122,8 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HostReachable) => "host-reachable",
         Ok(EventKind::ForwardOpened) => "forward-opened",
         Ok(EventKind::ForwardClosed) => "forward-closed",
+        Ok(EventKind::AgentAttached) => "agent-attached",
+        Ok(EventKind::AgentDetached) => "agent-detached",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }

@@ -29,6 +29,11 @@ pub enum EventKind {
     ForwardOpened,
     /// A forward ended (detail: port, bytes each way, why).
     ForwardClosed,
+    /// A rack's agent attached (actor: the caller; detail: rack, principal,
+    /// version).
+    AgentAttached,
+    /// A rack's agent link ended (detail: rack, principal, why).
+    AgentDetached,
 }
 
 /// One entry of the event log.

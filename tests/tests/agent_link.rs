@@ -110,6 +110,7 @@ fn start_agent(server: &InProcessServer, rack: Rack) -> tokio::task::JoinHandle<
             token: Some("agent-r1".into()),
             rack: "r1".into(),
             ca: None,
+            log_reads: Default::default(),
         },
         rack,
     ))
@@ -313,6 +314,7 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
                 host: "h0".into(),
                 write: true,
                 replay_bytes: 0,
+                not_before: None,
             })),
         })
         .await
@@ -700,6 +702,7 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
             host: "h0".into(),
             write,
             replay_bytes: 0,
+            not_before: None,
         })),
     };
     let st = bob

@@ -264,6 +264,7 @@ pub fn error_kind(k: ErrorKind) -> pb::CommandErrorKind {
         ErrorKind::Unimplemented => pb::CommandErrorKind::Unimplemented,
         ErrorKind::Unavailable => pb::CommandErrorKind::Unavailable,
         ErrorKind::Internal => pb::CommandErrorKind::Internal,
+        ErrorKind::ResourceExhausted => pb::CommandErrorKind::ResourceExhausted,
     }
 }
 

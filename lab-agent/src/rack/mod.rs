@@ -122,6 +122,8 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or an unexpected failure in the agent.
     Internal,
+    /// A limit of the agent is reached (concurrent console log reads).
+    ResourceExhausted,
 }
 
 /// Why a command failed.

@@ -5,6 +5,7 @@
 
 use super::Api;
 use super::convert::arch_to_proto;
+use crate::core::policy::AuthMode;
 use crate::inventory::ConsoleSource;
 use crate::racks::{
     AgentFailure, Command, CommandId, CommandKind, CommandReply, DesiredHost, Done, FailureKind,
@@ -30,11 +31,16 @@ impl AgentService for Api {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let caller = self.any_caller(&req)?;
+        let mode = if self.auth_is_insecure_dev() {
+            AuthMode::InsecureDev
+        } else {
+            AuthMode::Tokens
+        };
         let inbound = req.into_inner().map(|m| match m {
             Ok(m) => from_agent(m),
             Err(status) => Err(LinkError::Broken(Box::new(status))),
         });
-        let rx = self.racks.attach(caller, Box::pin(inbound)).await?;
+        let rx = self.racks.attach(caller, mode, Box::pin(inbound)).await?;
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|m| m.map(to_agent).map_err(Status::from));
         Ok(Response::new(Box::pin(outbound)))
@@ -102,6 +108,7 @@ pub(crate) fn failure_kind(code: i32) -> FailureKind {
         Ok(K::DeadlineExceeded) => FailureKind::DeadlineExceeded,
         Ok(K::Unimplemented) => FailureKind::Unimplemented,
         Ok(K::Unavailable) => FailureKind::Unavailable,
+        Ok(K::ResourceExhausted) => FailureKind::ResourceExhausted,
         Ok(K::Internal | K::Unspecified) | Err(_) => FailureKind::Internal,
     }
 }
@@ -216,10 +223,12 @@ fn command(c: Command) -> pb::AgentCommand {
             host: o.host.to_string(),
             write: o.write,
             replay_bytes: o.replay_bytes,
+            not_before: o.not_before.map(|t| timestamp_from_millis(t.millis())),
         }),
         CommandKind::Log(l) => Cmd::Log(pb::LogRead {
             from: Some(timestamp_from_millis(l.from.millis())),
             to: l.to.map(|t| timestamp_from_millis(t.millis())),
+            window: l.window,
         }),
         CommandKind::CloseSession => Cmd::CloseSession(true),
         CommandKind::Forward(o) => Cmd::Forward(pb::ForwardOpen {
@@ -343,6 +352,7 @@ mod tests {
             (K::Unimplemented as i32, FailureKind::Unimplemented),
             (K::Unavailable as i32, FailureKind::Unavailable),
             (K::Internal as i32, FailureKind::Internal),
+            (K::ResourceExhausted as i32, FailureKind::ResourceExhausted),
             (99, FailureKind::Internal),
         ];
         for (code, want) in cases {

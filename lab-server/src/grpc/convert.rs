@@ -230,12 +230,14 @@ pub fn power_action(field: &str, v: i32) -> Result<PowerAction, Status> {
     }
 }
 
-/// The console a user asks to open.
+/// The console a user asks to open (a `not_before` in the request is
+/// ignored: only the server sets it).
 pub fn console_open(o: pb::ConsoleOpen) -> Result<ConsoleOpen, Status> {
     Ok(ConsoleOpen {
         host: host_name("open.host", o.host)?,
         write: o.write,
         replay_bytes: o.replay_bytes,
+        not_before: None,
     })
 }
 
@@ -372,6 +374,8 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HostReachable => P::HostReachable,
         EventKind::ForwardOpened => P::ForwardOpened,
         EventKind::ForwardClosed => P::ForwardClosed,
+        EventKind::AgentAttached => P::AgentAttached,
+        EventKind::AgentDetached => P::AgentDetached,
     }
 }
 

@@ -59,6 +59,8 @@ struct Conn {
     agent: String,
     tx: mpsc::Sender<Outbound>,
     commands: Commands,
+    /// Reports about hosts outside the rack, ignored.
+    foreign_reports: u64,
 }
 
 /// A new connection: its id, and both ends of its stream to the agent.
@@ -113,6 +115,7 @@ impl RackRegistry {
             agent: agent.to_owned(),
             tx: tx.clone(),
             commands: Commands::default(),
+            foreign_reports: 0,
         };
         if let Some(old) = st.conns.insert(rack.clone(), conn) {
             let _ = old
@@ -150,15 +153,32 @@ impl RackRegistry {
 
     // ------------------------------------------------------------ from the agent
 
-    /// Takes a host report; true when the host's reachability changed.
-    pub(super) fn report(&self, rack: &RackName, r: HostReport) -> bool {
+    /// Takes a host report from connection `conn` of `rack`'s agent: true
+    /// when the host's reachability changed. A report about a host that is
+    /// not in `rack` (as of the last inventory seen) is ignored and
+    /// counted: `Err` with the count so far on this connection. An agent
+    /// speaks for its own rack only.
+    pub(super) fn report(&self, rack: &RackName, conn: ConnId, r: HostReport) -> Result<bool, u64> {
         let now = self.now();
         let mut st = self.lock();
+        if st.reachability.rack_of(&r.host) != Some(rack) {
+            let c = st.conns.get_mut(rack).filter(|c| c.id == conn);
+            return Err(c.map_or(1, |c| {
+                c.foreign_reports += 1;
+                c.foreign_reports
+            }));
+        }
         if let Some(p) = r.provisioning {
             debug!(rack = %rack, host = %r.host, lease = %p.lease, phase = ?p.phase, stage = %p.stage, "provisioning");
             st.records.update(&r.host, p, now);
         }
-        st.reachability.report(r.host, r.reachability)
+        Ok(st.reachability.report(rack, r.host, r.reachability))
+    }
+
+    /// Reports about hosts outside `rack` its current connection sent.
+    #[cfg(test)]
+    pub(super) fn foreign_reports(&self, rack: &RackName) -> u64 {
+        self.lock().conns.get(rack).map_or(0, |c| c.foreign_reports)
     }
 
     /// Hands a reply to the command waiting for it on connection `conn`.
