@@ -258,6 +258,37 @@ pub struct ProvisioningView {
     pub updated_at: Option<Time>,
     /// For `failed`: the last lines of the host's console.
     pub console_tail: Option<String>,
+    /// For `failed`: whose fault it was, by the server's rules.
+    pub failure: Option<FailureView>,
+}
+
+/// The server's attribution of a failed provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureView {
+    /// `host`, `job`, `infra` or `unknown`.
+    pub class: &'static str,
+    /// The rule that matched.
+    pub rule: Option<String>,
+    /// The console line (or stage) it matched.
+    pub line: Option<String>,
+}
+
+impl FailureView {
+    fn from_proto(p: &HostProvisioning) -> Option<Self> {
+        use lab_proto::v1::FailureClass as C;
+        let class = match C::try_from(p.failure_class).unwrap_or(C::Unspecified) {
+            C::Unspecified => return None,
+            C::Host => "host",
+            C::Job => "job",
+            C::Infra => "infra",
+            C::Unknown => "unknown",
+        };
+        Some(FailureView {
+            class,
+            rule: non_empty(&p.failure_rule),
+            line: non_empty(&p.failure_line),
+        })
+    }
 }
 
 impl From<&HostProvisioning> for ProvisioningView {
@@ -268,6 +299,7 @@ impl From<&HostProvisioning> for ProvisioningView {
             stage: non_empty(&p.stage),
             updated_at: time(p.updated_at.as_ref()),
             console_tail: non_empty(&p.console_tail),
+            failure: FailureView::from_proto(p),
         }
     }
 }

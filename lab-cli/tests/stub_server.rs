@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use lab_proto::convert::timestamp_from_millis;
+use lab_proto::v1::FailureClass;
 use lab_proto::v1::acquire_update::Update;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
@@ -96,6 +97,20 @@ fn prov(host: &str, phase: ProvisionPhase, stage: &str) -> HostProvisioning {
         } else {
             String::new()
         },
+        ..failure(phase, "Xen panic", "(XEN) Panic on CPU 0")
+    }
+}
+
+/// The server's attribution of a failed phase (none otherwise).
+fn failure(phase: ProvisionPhase, rule: &str, line: &str) -> HostProvisioning {
+    if phase != ProvisionPhase::Failed {
+        return HostProvisioning::default();
+    }
+    HostProvisioning {
+        failure_class: FailureClass::Job as i32,
+        failure_rule: rule.into(),
+        failure_line: line.into(),
+        ..Default::default()
     }
 }
 
@@ -158,6 +173,11 @@ fn evil_lease() -> Lease {
         stage: "stage \u{9b}31m\u{202e}txt.exe".into(),
         updated_at: None,
         console_tail: "\x1b[1;31mpanic\x1b[0m\r\nfake\rline\r\n".into(),
+        ..failure(
+            ProvisionPhase::Failed,
+            "rule \u{202e}evil",
+            "\x1b]0;owned\x07line",
+        )
     }];
     l
 }
@@ -1105,6 +1125,7 @@ fn acquire_wait_ready_fails_with_the_console_tail() {
             "==> console of x1 (last lines) <==",
             "Loading xen...",
             "(XEN) Panic on CPU 0",
+            "x1 failed: the job's fault (rule \"Xen panic\"): (XEN) Panic on CPU 0",
             "lab: provisioning failed on x1: no ready marker within 180s; \
              lease L-bad is still held",
         ]
@@ -1291,11 +1312,13 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
         out.contains("x1    failed  stage \\u{9b}31m\\u{202e}txt.exe  -\n"),
         "{out}"
     );
-    // The tail keeps its line ends; a lone \r would overwrite a line.
+    // The tail keeps its line ends; a lone \r would overwrite a line. The
+    // attribution's rule and line are escaped too.
     assert!(
         out.ends_with(
             "==> console of x1 (last lines) <==\n\
-             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n"
+             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n\
+             x1 failed: the job's fault (rule \"rule \\u{202e}evil\"): \\x1b]0;owned\\x07line\n"
         ),
         "{out:?}"
     );
@@ -1309,6 +1332,11 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
     assert_eq!(
         v["provisioning"][0]["stage"],
         "stage \u{9b}31m\u{202e}txt.exe"
+    );
+    assert_eq!(v["provisioning"][0]["failure"]["class"], "job");
+    assert_eq!(
+        v["provisioning"][0]["failure"]["line"],
+        "\x1b]0;owned\x07line"
     );
 
     // --wait-ready: the stage and the tail on stderr, then the error.

@@ -15,6 +15,7 @@
 //!   (power, consoles, console logs, forwards to hosts' ports) and the
 //!   agents' reclaim step.
 //! - [`lease`]: the pure lease/host state machines and the grant rule.
+//! - [`health`]: fleet health; failure attribution (host, job, infra).
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`events`], [`types`]: the event record; typed ids.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod core;
 pub mod events;
 pub mod grpc;
+pub mod health;
 pub mod inventory;
 pub mod lease;
 pub mod racks;

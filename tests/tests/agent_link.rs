@@ -612,7 +612,7 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
     })
     .await;
     serial
-        .write_all(b"kernel panic: no init\r\n")
+        .write_all(b"[    2.1] Kernel panic - not syncing: No working init found.\r\n")
         .await
         .unwrap();
     let failed = until("h0 provisioning fails", || {
@@ -627,7 +627,21 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
     })
     .await;
     assert!(failed.stage.contains("NEVER-PRINTED"), "{failed:?}");
-    assert!(failed.console_tail.contains("kernel panic"), "{failed:?}");
+    assert!(failed.console_tail.contains("Kernel panic"), "{failed:?}");
+    // The server attributes it: the kernel the lease booted panicked.
+    assert_eq!(
+        (
+            failed.failure_class(),
+            failed.failure_rule.as_str(),
+            failed.failure_line.as_str()
+        ),
+        (
+            pb::FailureClass::Job,
+            "kernel panic",
+            "[    2.1] Kernel panic - not syncing: No working init found."
+        ),
+        "{failed:?}"
+    );
     agent.abort();
     server.stop().await;
 }

@@ -334,6 +334,9 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
                 if let Some(tail) = ready::tail(p) {
                     err.write_all(tail.as_bytes())?;
                 }
+                if let Some(why) = ready::attribution(p) {
+                    err.write_all(why.as_bytes())?;
+                }
             }
             let what = hosts
                 .iter()
@@ -563,6 +566,11 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
             s.push('\n');
             s.push_str(&tail);
         }
+        if p.phase == "failed"
+            && let Some(why) = ready::attribution(p)
+        {
+            s.push_str(&why);
+        }
     }
     s
 }
@@ -730,7 +738,10 @@ mod tests {
                     host: "x2".into(),
                     phase: ProvisionPhase::Failed as i32,
                     stage: "no ready marker within 180s".into(),
-                    console_tail: "Loading xen...\npanic\n".into(),
+                    console_tail: "Loading xen...\nKernel panic - not syncing\n".into(),
+                    failure_class: lab_proto::v1::FailureClass::Job as i32,
+                    failure_rule: "kernel panic".into(),
+                    failure_line: "Kernel panic - not syncing".into(),
                     ..Default::default()
                 },
             ],
@@ -745,7 +756,8 @@ mod tests {
              x2    failed  no ready marker within 180s  -\n\
              \n\
              ==> console of x2 (last lines) <==\n\
-             Loading xen...\npanic\n"
+             Loading xen...\nKernel panic - not syncing\n\
+             x2 failed: the job's fault (rule \"kernel panic\"): Kernel panic - not syncing\n"
         );
     }
 }

@@ -265,6 +265,32 @@ pub fn provisioning_to_proto(p: &Provisioning) -> pb::HostProvisioning {
         stage: p.stage.clone(),
         updated_at: p.updated_at.map(ts),
         console_tail: p.console_tail.clone(),
+        failure_class: p
+            .failure
+            .as_ref()
+            .map_or(pb::FailureClass::Unspecified, |f| {
+                failure_class_to_proto(f.class)
+            }) as i32,
+        failure_rule: p
+            .failure
+            .as_ref()
+            .map(|f| f.rule.clone())
+            .unwrap_or_default(),
+        failure_line: p
+            .failure
+            .as_ref()
+            .map(|f| f.line.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn failure_class_to_proto(c: crate::health::FailureClass) -> pb::FailureClass {
+    use crate::health::FailureClass as C;
+    match c {
+        C::Host => pb::FailureClass::Host,
+        C::Job => pb::FailureClass::Job,
+        C::Infra => pb::FailureClass::Infra,
+        C::Unknown => pb::FailureClass::Unknown,
     }
 }
 

@@ -6,6 +6,7 @@
 //! record for a host of an agent's rack that never reported is made up
 //! here ("waiting for the rack's agent", "never started"), in one place.
 
+use crate::health::{Attribution, Rules};
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, Timestamp};
 use std::collections::{HashMap, VecDeque};
@@ -51,6 +52,8 @@ pub struct Provisioning {
     /// When the agent's report came in; `None` for a made-up record.
     pub updated_at: Option<Timestamp>,
     pub console_tail: String,
+    /// For `Failed`: whose fault it was (see [`crate::health::attribution`]).
+    pub failure: Option<Attribution>,
 }
 
 /// The records, keyed by lease and host.
@@ -64,15 +67,25 @@ pub(super) struct Records {
 }
 
 impl Records {
-    /// Takes an agent's report on `host`, received at `now`.
-    pub(super) fn update(&mut self, host: &HostName, report: ProvisionReport, now: Timestamp) {
+    /// Takes an agent's report on `host`, received at `now`; a failure is
+    /// attributed by `rules`.
+    pub(super) fn update(
+        &mut self,
+        host: &HostName,
+        report: ProvisionReport,
+        now: Timestamp,
+        rules: &Rules,
+    ) {
         let key = (report.lease, host.clone());
+        let failure = (report.phase == ProvisionPhase::Failed)
+            .then(|| rules.classify(&report.stage, &report.console_tail));
         let record = Provisioning {
             host: host.clone(),
             phase: report.phase,
             stage: report.stage,
             updated_at: Some(now),
             console_tail: report.console_tail,
+            failure,
         };
         if self.provisioning.insert(key.clone(), record).is_none() {
             self.order.push_back(key);
@@ -122,6 +135,7 @@ impl Records {
                         },
                         updated_at: None,
                         console_tail: String::new(),
+                        failure: None,
                     })
             })
             .collect()
@@ -177,11 +191,13 @@ mod tests {
             &h("h2"),
             report(active.id, ProvisionPhase::Booting, "powered on"),
             Timestamp(5),
+            &Rules::default(),
         );
         r.update(
             &h("h2"),
             report(active.id, ProvisionPhase::Ready, "ready"),
             Timestamp(7),
+            &Rules::default(),
         );
         // (lease, hosts with an agent, [(host, phase, stage, updated_at)])
         type Row<'a> = (&'a str, ProvisionPhase, &'a str, Option<i64>);
@@ -227,6 +243,42 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_attributed_and_nothing_else_is() {
+        let l = lease(&["h1", "h2"], LeaseState::Active);
+        let mut r = Records::default();
+        let rules = Rules::default();
+        r.update(
+            &h("h1"),
+            ProvisionReport {
+                console_tail: "Booting from Hard Disk...\r\nNo bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Failed, "no \"READY\" within 60s")
+            },
+            Timestamp(1),
+            &rules,
+        );
+        r.update(
+            &h("h2"),
+            ProvisionReport {
+                console_tail: "No bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Booting, "powered on")
+            },
+            Timestamp(1),
+            &rules,
+        );
+        let got = r.for_lease(&l, |_| true);
+        let f = got[0].failure.as_ref().expect("h1's failure is attributed");
+        assert_eq!(
+            (f.class, f.rule.as_str(), f.line.as_str()),
+            (
+                crate::health::FailureClass::Host,
+                "no bootable device",
+                "No bootable device."
+            )
+        );
+        assert_eq!(got[1].failure, None, "only a failure is attributed");
+    }
+
+    #[test]
     fn only_the_latest_records_are_kept() {
         let mut r = Records::default();
         let first = lease(&["h1"], LeaseState::Active);
@@ -234,6 +286,7 @@ mod tests {
             &h("h1"),
             report(first.id, ProvisionPhase::Ready, "first"),
             Timestamp(1),
+            &Rules::default(),
         );
         r.reclaimed(first.id, &h("h1"), Timestamp(2));
         for i in 0..PROVISIONING_KEPT {
@@ -242,6 +295,7 @@ mod tests {
                 &h("h1"),
                 report(l, ProvisionPhase::Booting, "x"),
                 Timestamp(3),
+                &Rules::default(),
             );
             r.reclaimed(l, &h("h1"), Timestamp(i as i64));
         }

@@ -17,6 +17,7 @@ use super::reclaim::AgentReclaimer;
 use super::{Command, CommandId, CommandKind, CommandReply, RackError};
 use crate::core::clock::Clock;
 use crate::core::reclaim::Reclaimer;
+use crate::health::Rules;
 use crate::inventory::Inventory;
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, RackName, Timestamp};
@@ -35,6 +36,8 @@ pub struct RackRegistry(Arc<Shared>);
 
 struct Shared {
     clock: Arc<dyn Clock>,
+    /// Attribute provisioning failures (host, job, infra).
+    failure_rules: Rules,
     state: Mutex<State>,
 }
 
@@ -80,10 +83,17 @@ impl std::fmt::Debug for RackRegistry {
 }
 
 impl RackRegistry {
-    /// An empty registry reading time from `clock` (the core's).
+    /// An empty registry reading time from `clock` (the core's), with the
+    /// shipped failure attribution rules.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_failure_rules(clock, Rules::default())
+    }
+
+    /// An empty registry attributing provisioning failures by `rules`.
+    pub fn with_failure_rules(clock: Arc<dyn Clock>, rules: Rules) -> Self {
         Self(Arc::new(Shared {
             clock,
+            failure_rules: rules,
             state: Mutex::default(),
         }))
     }
@@ -170,7 +180,7 @@ impl RackRegistry {
         }
         if let Some(p) = r.provisioning {
             debug!(rack = %rack, host = %r.host, lease = %p.lease, phase = ?p.phase, stage = %p.stage, "provisioning");
-            st.records.update(&r.host, p, now);
+            st.records.update(&r.host, p, now, &self.0.failure_rules);
         }
         Ok(st.reachability.report(rack, r.host, r.reachability))
     }
