@@ -66,6 +66,7 @@ pub(crate) fn from_agent(m: pb::AgentMessage) -> Result<FromAgent, LinkError> {
                 phase: phase_from_proto(r.phase),
                 stage: r.stage,
                 console_tail: r.console_tail,
+                percent: r.percent,
             }),
         }),
         Msg::Reply(r) => FromAgent::Reply(CommandReply {
@@ -110,6 +111,7 @@ pub(crate) fn phase_from_proto(v: i32) -> ProvisionPhase {
     match pb::ProvisionPhase::try_from(v) {
         Ok(pb::ProvisionPhase::Pending) => ProvisionPhase::Pending,
         Ok(pb::ProvisionPhase::Booting) => ProvisionPhase::Booting,
+        Ok(pb::ProvisionPhase::Installing) => ProvisionPhase::Installing,
         Ok(pb::ProvisionPhase::Ready) => ProvisionPhase::Ready,
         Ok(pb::ProvisionPhase::Failed) => ProvisionPhase::Failed,
         Ok(pb::ProvisionPhase::Unspecified) | Err(_) => ProvisionPhase::Unknown,
@@ -120,6 +122,7 @@ pub(crate) fn phase_to_proto(p: ProvisionPhase) -> pb::ProvisionPhase {
     match p {
         ProvisionPhase::Pending => pb::ProvisionPhase::Pending,
         ProvisionPhase::Booting => pb::ProvisionPhase::Booting,
+        ProvisionPhase::Installing => pb::ProvisionPhase::Installing,
         ProvisionPhase::Ready => pb::ProvisionPhase::Ready,
         ProvisionPhase::Failed => pb::ProvisionPhase::Failed,
         ProvisionPhase::Unknown => pb::ProvisionPhase::Unspecified,
@@ -261,6 +264,7 @@ mod tests {
                 phase,
                 stage: "powered on".into(),
                 console_tail: String::new(),
+                percent: 0,
             })),
         }
     }
@@ -315,7 +319,8 @@ mod tests {
                 lease,
                 phase: ProvisionPhase::Booting,
                 stage: "powered on".into(),
-                console_tail: String::new()
+                console_tail: String::new(),
+                percent: 0,
             })
         );
         // No lease, or an unreadable one: no provisioning.
@@ -381,6 +386,7 @@ mod tests {
         for p in [
             ProvisionPhase::Pending,
             ProvisionPhase::Booting,
+            ProvisionPhase::Installing,
             ProvisionPhase::Ready,
             ProvisionPhase::Failed,
             ProvisionPhase::Unknown,

@@ -19,8 +19,12 @@ pub const PROVISIONING_KEPT: usize = 4096;
 pub enum ProvisionPhase {
     /// Waiting for the rack's agent to start.
     Pending,
-    /// Boot device set, power switched on: the host is booting.
+    /// Boot device set, power switched on: the host is booting (for an
+    /// install profile: also again from its disk, after the install).
     Booting,
+    /// A profile that installs to disk: the installer runs (with a
+    /// percentage).
+    Installing,
     /// The profile's ready marker appeared (or it has none and the host was
     /// powered on).
     Ready,
@@ -40,6 +44,8 @@ pub struct ProvisionReport {
     pub stage: String,
     /// For `Failed`: the last lines of the host's console.
     pub console_tail: String,
+    /// For `Installing`: how much of the install is done, 0–100.
+    pub percent: u32,
 }
 
 /// One host's provisioning for one lease, as users see it.
@@ -51,6 +57,8 @@ pub struct Provisioning {
     /// When the agent's report came in; `None` for a made-up record.
     pub updated_at: Option<Timestamp>,
     pub console_tail: String,
+    /// For `Installing`: 0–100 (0 in other phases).
+    pub percent: u32,
 }
 
 /// The records, keyed by lease and host.
@@ -64,15 +72,22 @@ pub(super) struct Records {
 }
 
 impl Records {
-    /// Takes an agent's report on `host`, received at `now`.
+    /// Takes an agent's report on `host`, received at `now`: it replaces
+    /// the record of its lease on that host. A percentage belongs to the
+    /// installing phase only, and is at most 100.
     pub(super) fn update(&mut self, host: &HostName, report: ProvisionReport, now: Timestamp) {
         let key = (report.lease, host.clone());
+        let percent = match report.phase {
+            ProvisionPhase::Installing => report.percent.min(100),
+            _ => 0,
+        };
         let record = Provisioning {
             host: host.clone(),
             phase: report.phase,
             stage: report.stage,
             updated_at: Some(now),
             console_tail: report.console_tail,
+            percent,
         };
         if self.provisioning.insert(key.clone(), record).is_none() {
             self.order.push_back(key);
@@ -122,6 +137,7 @@ impl Records {
                         },
                         updated_at: None,
                         console_tail: String::new(),
+                        percent: 0,
                     })
             })
             .collect()
@@ -164,6 +180,7 @@ mod tests {
             phase,
             stage: stage.into(),
             console_tail: String::new(),
+            percent: 0,
         }
     }
 
