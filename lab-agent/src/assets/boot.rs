@@ -4,6 +4,12 @@
 //! - `hosts/<mac>.ipxe` (MAC hyphenated, as iPXE's `${net0/mac:hexhyp}`):
 //!   rendered on each request from the host's *current* profile in the
 //!   [`HostTable`]; an unknown MAC is not found.
+//!   Its `install.*` variables ([`install::install_vars`]): the install
+//!   image's sha256 (from the artifacts cache) and the host's metadata URL.
+//! - `hosts/<mac>.lease` (MAC hyphenated): the lease metadata of an install
+//!   to disk ([`install::lease_metadata`]: host, lease, holder, SSH key);
+//!   not found without a lease, forbidden to any address but the host's
+//!   inventory IPv4 when it has one.
 //! - `hosts/<mac>.preseed`: the profile's preseed, if it has one.
 //! - `hosts/<mac>.grub`: the profile's GRUB config, for aarch64 UEFI hosts
 //!   that boot GRUB (`pxe-assets/grub/grub.cfg` sources it); the MAC as
@@ -12,6 +18,7 @@
 //!   `pxe-assets/fetch-artifacts.sh`), a second confined [`DirRoot`].
 //! - everything else: the `pxe-assets` directory, confined.
 
+use super::install::{self, ImageChecksum};
 use super::render::{Profiles, RenderConfig, RenderError};
 use super::root::DirRoot;
 use super::{Content, FileSource, OpenError};
@@ -27,6 +34,8 @@ pub struct BootFiles {
     profiles: Profiles,
     hosts: HostTable,
     config: RenderConfig,
+    /// The install image's sha256, if there is an artifacts cache.
+    image_sha256: Option<ImageChecksum>,
 }
 
 /// Why [`BootFiles`] could not be set up.
@@ -58,6 +67,7 @@ impl BootFiles {
             })
         };
         let assets = root(assets)?;
+        let image_sha256 = artifacts.map(ImageChecksum::new);
         let artifacts = artifacts.map(root).transpose()?;
         let profiles =
             Profiles::load(&assets.path().join("profiles")).map_err(BootFilesError::Profiles)?;
@@ -67,6 +77,7 @@ impl BootFiles {
             profiles,
             hosts,
             config,
+            image_sha256,
         })
     }
 
@@ -75,9 +86,9 @@ impl BootFiles {
     }
 
     /// A generated per-host file, or `None` if `file` is not one.
-    fn host_file(&self, file: &str) -> Option<Result<Content, OpenError>> {
+    fn host_file(&self, file: &str, client: Option<IpAddr>) -> Option<Result<Content, OpenError>> {
         let (mac, kind) = file.rsplit_once('.')?;
-        if kind != "ipxe" && kind != "preseed" && kind != "grub" {
+        if !matches!(kind, "ipxe" | "preseed" | "grub" | "lease") {
             return None;
         }
         // iPXE sends the hyphenated form, GRUB the one with colons; anything
@@ -89,8 +100,26 @@ impl BootFiles {
         let Some(host) = self.hosts.by_mac(&mac) else {
             return Some(Err(OpenError::NotFound));
         };
+        if kind == "lease" {
+            if !install::may_read_metadata(&host, client) {
+                return Some(Err(OpenError::Forbidden(
+                    "lease metadata is for the host's own address",
+                )));
+            }
+            return Some(
+                install::lease_metadata(&host)
+                    .map(|m| Content::Bytes(m.into_bytes()))
+                    .ok_or(OpenError::NotFound),
+            );
+        }
         let rendered = match kind {
-            "ipxe" => self.profiles.script(&host, &self.config).map(Some),
+            "ipxe" => {
+                let sha256 = self.image_sha256.as_ref().and_then(ImageChecksum::get);
+                let vars = install::install_vars(&host, self.config.http_url.as_deref(), sha256);
+                self.profiles
+                    .script_with(&host, &self.config, &vars)
+                    .map(Some)
+            }
             "grub" => self.profiles.grub(&host, &self.config).map(Some),
             _ => self.profiles.preseed(&host, &self.config),
         };
@@ -120,7 +149,7 @@ impl FileSource for BootFiles {
         });
         match (parts.next(), parts.next(), parts.next()) {
             (Some("hosts"), Some(file), None) => {
-                if let Some(result) = self.host_file(file) {
+                if let Some(result) = self.host_file(file, client) {
                     return result;
                 }
             }

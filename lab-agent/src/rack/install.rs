@@ -63,7 +63,7 @@ pub fn clean(bytes: &[u8]) -> String {
         if c == '\x1b' {
             // CSI: ESC [ parameters… final byte (@ to ~); else ESC + one.
             if chars.next_if_eq(&'[').is_some() {
-                while let Some(p) = chars.next() {
+                for p in chars.by_ref() {
                     if ('@'..='~').contains(&p) {
                         break;
                     }
@@ -260,7 +260,10 @@ mod tests {
         l.feed(b"half a line");
         l.clear();
         assert_eq!(l.feed(b"new\n"), ["new"]);
-        assert_eq!(clean("caf\u{e9} \u{1b}[0m ok \u{fffd}".as_bytes()), "caf\u{e9}  ok \u{fffd}");
+        assert_eq!(
+            clean("caf\u{e9} \u{1b}[0m ok \u{fffd}".as_bytes()),
+            "caf\u{e9}  ok \u{fffd}"
+        );
     }
 
     /// Each installer line of docs/netboot.md × what the lease shows.
@@ -331,11 +334,19 @@ mod tests {
             assert_eq!(got.meaning(), want, "{line}");
             assert!(got.text.starts_with(INSTALL_MARKER), "{line}");
         }
-        for not in ["LAB-INSTALL", "LAB-INSTALL percent=5", "echo LAB-INSTALLER stage=x"] {
+        for not in [
+            "LAB-INSTALL",
+            "LAB-INSTALL percent=5",
+            "echo LAB-INSTALLER stage=x",
+        ] {
             assert_eq!(InstallLine::parse(not), None, "{not}");
         }
-        let l = InstallLine::parse("LAB-INSTALL stage=failed reason=no-disk detail=  none  ").unwrap();
-        assert_eq!((l.get("reason"), l.get("detail")), (Some("no-disk"), Some("none")));
+        let l =
+            InstallLine::parse("LAB-INSTALL stage=failed reason=no-disk detail=  none  ").unwrap();
+        assert_eq!(
+            (l.get("reason"), l.get("detail")),
+            (Some("no-disk"), Some("none"))
+        );
     }
 
     #[test]

@@ -888,7 +888,10 @@ impl Run {
                 }
                 return self.finish(out, None);
             }
-            (Step::WaitReady | Step::WaitInstall | Step::WaitOff | Step::WaitDisk, Event::ConsoleClosed) => {
+            (
+                Step::WaitReady | Step::WaitInstall | Step::WaitOff | Step::WaitDisk,
+                Event::ConsoleClosed,
+            ) => {
                 return self.fail("the console capture stopped".into(), out);
             }
             (Step::WaitReady, Event::Timeout) => {
@@ -916,7 +919,13 @@ impl Run {
                                 self.percent = p;
                             }
                             let percent = self.percent;
-                            self.report_percent(Phase::Installing, stage, String::new(), percent, out);
+                            self.report_percent(
+                                Phase::Installing,
+                                stage,
+                                String::new(),
+                                percent,
+                                out,
+                            );
                             out.push(Action::Watch {
                                 deadline: self.install_deadline(now),
                             });
@@ -942,10 +951,7 @@ impl Run {
                             "no word from the installer for {:?} (last: {l})",
                             i.stage_timeout
                         ),
-                        None => format!(
-                            "the installer did not start within {:?}",
-                            i.stage_timeout
-                        ),
+                        None => format!("the installer did not start within {:?}", i.stage_timeout),
                     }
                 };
                 return self.fail(stage, out);
@@ -987,7 +993,9 @@ impl Run {
                         && other != lease.to_string()
                     {
                         return self.fail(
-                            format!("the disk booted the install of another lease ({other}): {line}"),
+                            format!(
+                                "the disk booted the install of another lease ({other}): {line}"
+                            ),
                             out,
                         );
                     }

@@ -582,7 +582,9 @@ async fn an_install_follows_the_installer_then_boots_the_disk() {
     .await;
     tokio::time::sleep(Duration::from_secs(25)).await;
     serial
-        .write_all(b"LAB-INSTALL stage=done sha256=ok bytes=9 seconds=25 mbps=28.0 then=poweroff\r\n")
+        .write_all(
+            b"LAB-INSTALL stage=done sha256=ok bytes=9 seconds=25 mbps=28.0 then=poweroff\r\n",
+        )
         .await
         .unwrap();
     lab.until("h0", "rebooting", |r| {
@@ -644,7 +646,10 @@ async fn an_install_follows_the_installer_then_boots_the_disk() {
             ("writing the image".to_owned(), 50),
             ("writing the image".to_owned(), 75),
             ("writing the image".to_owned(), 100),
-            ("image written and checked in 25 s (28.0 MB/s)".to_owned(), 100),
+            (
+                "image written and checked in 25 s (28.0 MB/s)".to_owned(),
+                100
+            ),
         ]
     );
     let stages: Vec<(Phase, String)> = lab
@@ -717,7 +722,9 @@ async fn an_install_that_fails_says_why_and_a_restarted_agent_installs_again() {
     );
     // The installer's failure line is the reason.
     serial
-        .write_all(b"LAB-INSTALL stage=failed reason=sha256-mismatch detail=got 00, expected ab\r\n")
+        .write_all(
+            b"LAB-INSTALL stage=failed reason=sha256-mismatch detail=got 00, expected ab\r\n",
+        )
         .await
         .unwrap();
     let failed = second.until_phase("h0", Phase::Failed).await;
