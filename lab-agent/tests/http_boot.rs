@@ -8,6 +8,7 @@
 
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
+use lab_agent::assets::install::MetadataPolicy;
 use lab_agent::assets::render::RenderConfig;
 use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable};
 use lab_agent::http::{HttpConfig, HttpServer, HttpStats};
@@ -70,7 +71,12 @@ impl Server {
             ..RenderConfig::default()
         };
         let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pxe-assets");
-        let files = BootFiles::new(&assets, Some(&artifacts), hosts.clone(), config).unwrap();
+        let files = BootFiles::new(&assets, Some(&artifacts), hosts.clone(), config)
+            .unwrap()
+            .with_metadata_policy(MetadataPolicy {
+                install_profiles: ["xen-install".to_owned()].into(),
+                dhcp: None,
+            });
         let source: Arc<dyn FileSource> = Arc::new(files);
         let (stop, stopped) = oneshot::channel();
         let server = HttpServer::new(listener, source, http).unwrap();
@@ -652,7 +658,7 @@ async fn qemu_ipxe_boots_xen_dom0_over_http() {
 /// An install to disk: the host's script carries the image's sha256 (read
 /// from the artifacts cache, again when the file changes) and its
 /// metadata URL; the metadata is served to the host's own address only,
-/// and not at all without a lease. A client that reads the image's first
+/// and only while it is leased under an installing profile. A client that reads the image's first
 /// 18 bytes and hangs up (the installer reading the zstd header) costs
 /// the server nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,6 +682,17 @@ async fn an_install_gets_its_checksum_and_metadata() {
         host(1, "127.0.0.2", Some("L-7")),
         host(2, "198.18.0.12", Some("L-8")),
         host(3, "127.0.0.3", None),
+        // Leased, but under a profile that does not install.
+        BootHost {
+            profile: "xen".into(),
+            ..host(4, "127.0.0.4", Some("L-9"))
+        },
+        // Leased and installing, but its address is unknown to the agent
+        // (no inventory address, no DHCP pool here).
+        BootHost {
+            ipv4: None,
+            ..host(5, "127.0.0.5", Some("L-10"))
+        },
     ]);
     let sum = "0123456789abcdef".repeat(4);
     std::fs::write(s.artifacts.join(IMAGE), b"(\xb5/\xfd image").unwrap();
@@ -725,12 +742,18 @@ async fn an_install_gets_its_checksum_and_metadata() {
             &format!("LAB_SSH_KEY={KEY}"),
         ]
     );
-    // Another address, another host's, a host without a lease, the MAC
-    // with colons.
+    // Another address, another host's, a host without a lease, one not
+    // installing, one whose address the agent does not know, the MAC with
+    // colons, an unknown MAC.
     for (path, from, status) in [
         ("/hosts/52-54-00-00-00-01.lease", "127.0.0.1", 403),
         ("/hosts/52-54-00-00-00-02.lease", "127.0.0.2", 403),
         ("/hosts/52-54-00-00-00-03.lease", "127.0.0.3", 404),
+        ("/hosts/52-54-00-00-00-03.lease", "127.0.0.2", 403),
+        ("/hosts/52-54-00-00-00-04.lease", "127.0.0.4", 404),
+        ("/hosts/52-54-00-00-00-04.lease", "127.0.0.2", 403),
+        ("/hosts/52-54-00-00-00-05.lease", "127.0.0.5", 403),
+        ("/hosts/52-54-00-00-00-05.lease", "127.0.0.2", 403),
         ("/hosts/52:54:00:00:00:01.lease", "127.0.0.2", 404),
         ("/hosts/52-54-00-00-00-09.lease", "127.0.0.2", 404),
     ] {

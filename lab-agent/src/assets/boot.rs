@@ -7,9 +7,10 @@
 //!   Its `install.*` variables ([`install::install_vars`]): the install
 //!   image's sha256 (from the artifacts cache) and the host's metadata URL.
 //! - `hosts/<mac>.lease` (MAC hyphenated): the lease metadata of an install
-//!   to disk ([`install::lease_metadata`]: host, lease, holder, SSH key);
-//!   not found without a lease, forbidden to any address but the host's
-//!   inventory IPv4 when it has one.
+//!   to disk ([`install::lease_metadata`]: host, lease, holder, SSH key),
+//!   served only to the host's own address (inventory, else its DHCP pool
+//!   address) and only while it is leased under a profile with
+//!   `install = true` ([`install::metadata_for`], [`MetadataPolicy`]).
 //! - `hosts/<mac>.preseed`: the profile's preseed, if it has one.
 //! - `hosts/<mac>.grub`: the profile's GRUB config, for aarch64 UEFI hosts
 //!   that boot GRUB (`pxe-assets/grub/grub.cfg` sources it); the MAC as
@@ -18,11 +19,12 @@
 //!   `pxe-assets/fetch-artifacts.sh`), a second confined [`DirRoot`].
 //! - everything else: the `pxe-assets` directory, confined.
 
-use super::install::{self, ImageChecksum};
+use super::install::{self, ImageChecksum, MetadataPolicy, MetadataRefusal};
 use super::render::{Profiles, RenderConfig, RenderError};
 use super::root::DirRoot;
 use super::{Content, FileSource, OpenError};
 use crate::hosts::{HostTable, MacAddr};
+use crate::ratelimit::{DEFAULT_LOG_INTERVAL, LogLimiter};
 use std::net::IpAddr;
 use std::path::{Component, Path};
 
@@ -36,6 +38,10 @@ pub struct BootFiles {
     config: RenderConfig,
     /// The install image's sha256, if there is an artifacts cache.
     image_sha256: Option<ImageChecksum>,
+    /// Whose lease metadata is served, to whom.
+    metadata: MetadataPolicy,
+    /// Refused metadata reads: one log line per interval.
+    metadata_refused: LogLimiter,
 }
 
 /// Why [`BootFiles`] could not be set up.
@@ -78,7 +84,15 @@ impl BootFiles {
             hosts,
             config,
             image_sha256,
+            metadata: MetadataPolicy::default(),
+            metadata_refused: LogLimiter::new(DEFAULT_LOG_INTERVAL),
         })
+    }
+
+    /// Serve lease metadata under `policy` (the default serves none).
+    pub fn with_metadata_policy(mut self, policy: MetadataPolicy) -> Self {
+        self.metadata = policy;
+        self
     }
 
     pub fn profiles(&self) -> &Profiles {
@@ -101,15 +115,27 @@ impl BootFiles {
             return Some(Err(OpenError::NotFound));
         };
         if kind == "lease" {
-            if !install::may_read_metadata(&host, client) {
-                return Some(Err(OpenError::Forbidden(
-                    "lease metadata is for the host's own address",
-                )));
-            }
+            let own = self.metadata.address_of(&host, &self.hosts);
+            let installing =
+                host.lease.is_some() && self.metadata.install_profiles.contains(&host.profile);
             return Some(
-                install::lease_metadata(&host)
-                    .map(|m| Content::Bytes(m.into_bytes()))
-                    .ok_or(OpenError::NotFound),
+                match install::metadata_for(&host, own, client, installing) {
+                    Ok(text) => Ok(Content::Bytes(text.into_bytes())),
+                    Err(refusal) => {
+                        if refusal != MetadataRefusal::NotInstalling
+                            && let Some(count) = self.metadata_refused.check()
+                        {
+                            tracing::warn!(
+                                host = %host.name,
+                                client = ?client,
+                                count,
+                                reason = %refusal,
+                                "lease metadata refused"
+                            );
+                        }
+                        Err(refusal.open_error())
+                    }
+                },
             );
         }
         let rendered = match kind {

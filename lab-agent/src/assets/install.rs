@@ -1,13 +1,19 @@
 //! What the agent serves for an install to disk (docs/netboot.md,
 //! "Installing to disk"): the lease metadata a host's installer reads
 //! (`hosts/<mac>.lease`, [`lease_metadata`]), who may read it
-//! ([`may_read_metadata`]), and the template variables `install.*`
+//! ([`metadata_for`] under a [`MetadataPolicy`]: only the host itself, at
+//! the address the agent's DHCP or inventory gives it, and only while it is
+//! leased under an installing profile), and the template variables `install.*`
 //! ([`InstallVars`]) with the image's sha256, read from the artifacts
 //! cache and kept until its file changes ([`ImageChecksum`]).
 
+use super::OpenError;
 use super::render::InstallVars;
-use crate::hosts::BootHost;
-use std::net::IpAddr;
+use crate::dhcp::config::{DhcpConfig, Mode};
+use crate::dhcp::decide::address_for;
+use crate::hosts::{BootHost, HostTable};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -49,17 +55,82 @@ pub fn lease_metadata(host: &BootHost) -> Option<String> {
     Some(s)
 }
 
-/// Whether `client` may read `host`'s metadata: the host's own inventory
-/// address only, when it has one (cheap to check, and the only address
-/// its installer gets from the agent's DHCP). A host without one (a
-/// dynamic address) is readable by anyone on the boot network, like its
-/// boot script; so is a request whose client is unknown.
-pub fn may_read_metadata(host: &BootHost, client: Option<IpAddr>) -> bool {
-    match (host.ipv4, client.map(|c| c.to_canonical())) {
-        (Some(own), Some(IpAddr::V4(c))) => c == own,
-        (Some(_), Some(IpAddr::V6(_))) => false,
-        _ => true,
+/// Which hosts' lease metadata the agent serves, and to whom
+/// (docs/netboot.md "Lease metadata"), from `agent.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataPolicy {
+    /// The profiles with `install = true`: only a host leased under one of
+    /// them has metadata. Empty (the default): nobody's is served.
+    pub install_profiles: BTreeSet<String>,
+    /// The agent's DHCP configuration when it hands out addresses
+    /// (authoritative mode): a host without an inventory address is then
+    /// reached at its pool address ([`address_for`]). `None`, or proxy
+    /// mode: only inventory addresses are known.
+    pub dhcp: Option<DhcpConfig>,
+}
+
+impl MetadataPolicy {
+    /// The address the agent's DHCP gives `host` (its inventory address,
+    /// else its pool address), the only one its metadata is served to.
+    pub fn address_of(&self, host: &BootHost, hosts: &HostTable) -> Option<Ipv4Addr> {
+        match &self.dhcp {
+            Some(cfg) if cfg.mode == Mode::Authoritative => address_for(host, hosts, cfg),
+            _ => host.ipv4,
+        }
     }
+}
+
+/// Why a metadata read is refused ([`metadata_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataRefusal {
+    /// The agent does not know the host's address (no inventory address,
+    /// and no pool address from its own DHCP): nobody may read it.
+    #[error("the host's address is unknown to the agent")]
+    NoAddress,
+    /// The request came from another address (or an unknown one).
+    #[error("lease metadata is for the host's own address")]
+    OtherAddress,
+    /// The host is not leased under an installing profile.
+    #[error("the host is not installing under a lease")]
+    NotInstalling,
+}
+
+impl MetadataRefusal {
+    /// As the file servers answer it: the host's own address gets "not
+    /// found" when there is nothing for it, anyone else "forbidden".
+    pub fn open_error(self) -> OpenError {
+        match self {
+            MetadataRefusal::NotInstalling => OpenError::NotFound,
+            MetadataRefusal::NoAddress => {
+                OpenError::Forbidden("lease metadata needs the host's address")
+            }
+            MetadataRefusal::OtherAddress => {
+                OpenError::Forbidden("lease metadata is for the host's own address")
+            }
+        }
+    }
+}
+
+/// The decision on a read of `host`'s metadata by `client`, whose own
+/// address is `own` (its DHCP/inventory address, [`MetadataPolicy::address_of`])
+/// and which is `installing` when it is leased under a profile with
+/// `install = true`. The address is checked first, so a stranger learns
+/// nothing about the host's lease. IPv4-mapped IPv6 clients count as IPv4.
+pub fn metadata_for(
+    host: &BootHost,
+    own: Option<Ipv4Addr>,
+    client: Option<IpAddr>,
+    installing: bool,
+) -> Result<String, MetadataRefusal> {
+    let own = own.ok_or(MetadataRefusal::NoAddress)?;
+    match client.map(|c| c.to_canonical()) {
+        Some(IpAddr::V4(c)) if c == own => {}
+        _ => return Err(MetadataRefusal::OtherAddress),
+    }
+    if !installing {
+        return Err(MetadataRefusal::NotInstalling);
+    }
+    lease_metadata(host).ok_or(MetadataRefusal::NotInstalling)
 }
 
 /// The `install.*` variables of `host`: the image's sha256 and, when it is
@@ -199,16 +270,84 @@ mod tests {
         );
     }
 
+    /// Every reader × host state: only the host's own address, only while
+    /// it is installing under a lease; a stranger learns nothing more.
     #[test]
     fn only_the_host_itself_reads_its_metadata() {
-        let h = host(Some("L-1"));
+        use MetadataRefusal::*;
+        let own = Some("198.18.0.11".parse::<Ipv4Addr>().unwrap());
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert!(may_read_metadata(&h, ip("198.18.0.11")));
-        assert!(may_read_metadata(&h, ip("::ffff:198.18.0.11")));
-        assert!(!may_read_metadata(&h, ip("198.18.0.12")));
-        assert!(!may_read_metadata(&h, ip("fe80::1")));
-        let dynamic = BootHost { ipv4: None, ..h };
-        assert!(may_read_metadata(&dynamic, ip("198.18.0.99")));
+        let leased = host(Some("L-1"));
+        let free = host(None);
+        let table: [(
+            &BootHost,
+            Option<Ipv4Addr>,
+            Option<IpAddr>,
+            bool,
+            Result<(), MetadataRefusal>,
+        ); 11] = [
+            (&leased, own, ip("198.18.0.11"), true, Ok(())),
+            (&leased, own, ip("::ffff:198.18.0.11"), true, Ok(())),
+            (&leased, own, ip("198.18.0.12"), true, Err(OtherAddress)),
+            (&leased, own, ip("fe80::1"), true, Err(OtherAddress)),
+            (&leased, own, None, true, Err(OtherAddress)),
+            (&leased, None, ip("198.18.0.11"), true, Err(NoAddress)),
+            (&leased, None, None, true, Err(NoAddress)),
+            // Leased under a profile that does not install.
+            (&leased, own, ip("198.18.0.11"), false, Err(NotInstalling)),
+            (&leased, own, ip("198.18.0.12"), false, Err(OtherAddress)),
+            // Not leased.
+            (&free, own, ip("198.18.0.11"), true, Err(NotInstalling)),
+            (&free, own, ip("198.18.0.12"), true, Err(OtherAddress)),
+        ];
+        for (h, own, client, installing, want) in table {
+            let got = metadata_for(h, own, client, installing);
+            assert_eq!(
+                got.as_ref().map(|_| ()).map_err(|e| *e),
+                want,
+                "{own:?} {client:?} installing={installing} lease={:?}",
+                h.lease
+            );
+            if let Ok(text) = got {
+                assert_eq!(Some(text), lease_metadata(h));
+            }
+        }
+        assert!(matches!(NotInstalling.open_error(), OpenError::NotFound));
+        assert!(matches!(OtherAddress.open_error(), OpenError::Forbidden(_)));
+        assert!(matches!(NoAddress.open_error(), OpenError::Forbidden(_)));
+    }
+
+    /// The address a host's metadata goes to: its inventory address, else
+    /// its DHCP pool address when the agent's DHCP is authoritative.
+    #[test]
+    fn the_readers_address_is_the_dhcp_one() {
+        let fixed = host(Some("L-1"));
+        let dynamic = BootHost {
+            name: "h2".into(),
+            mac: "52:54:00:00:01:02".parse().unwrap(),
+            ipv4: None,
+            ..host(Some("L-2"))
+        };
+        let hosts = HostTable::new([fixed.clone(), dynamic.clone()]);
+        let server = "198.18.0.1".parse().unwrap();
+        let mut dhcp = DhcpConfig::new(Mode::Authoritative, server);
+        dhcp.pool = vec![
+            "198.18.0.11".parse().unwrap(),
+            "198.18.0.50".parse().unwrap(),
+        ];
+        let mut policy = MetadataPolicy::default();
+        assert_eq!(policy.address_of(&fixed, &hosts), fixed.ipv4);
+        assert_eq!(policy.address_of(&dynamic, &hosts), None, "no DHCP");
+        policy.dhcp = Some(dhcp.clone());
+        assert_eq!(policy.address_of(&fixed, &hosts), fixed.ipv4);
+        // The pool's first address is h1's static one: skipped.
+        assert_eq!(
+            policy.address_of(&dynamic, &hosts),
+            Some("198.18.0.50".parse().unwrap())
+        );
+        dhcp.mode = Mode::Proxy;
+        policy.dhcp = Some(dhcp);
+        assert_eq!(policy.address_of(&dynamic, &hosts), None, "proxy DHCP");
     }
 
     #[test]
