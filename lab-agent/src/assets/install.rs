@@ -279,13 +279,14 @@ mod tests {
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
         let leased = host(Some("L-1"));
         let free = host(None);
-        let table: [(
-            &BootHost,
+        type Row<'a> = (
+            &'a BootHost,
             Option<Ipv4Addr>,
             Option<IpAddr>,
             bool,
             Result<(), MetadataRefusal>,
-        ); 11] = [
+        );
+        let table: [Row; 11] = [
             (&leased, own, ip("198.18.0.11"), true, Ok(())),
             (&leased, own, ip("::ffff:198.18.0.11"), true, Ok(())),
             (&leased, own, ip("198.18.0.12"), true, Err(OtherAddress)),
