@@ -57,7 +57,16 @@ fn keygen(home: &Path) -> std::path::PathBuf {
     let key = ssh.join("id_ed25519");
     labbox::run_ok(
         std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "ci@e2e-install", "-f"])
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "ci@e2e-install",
+                "-f",
+            ])
             .arg(&key),
     );
     ssh.join("id_ed25519.pub")
@@ -77,7 +86,11 @@ fn lab_run_installs_xen_on_the_disk_reaches_dom0_over_ssh_and_gives_the_host_bac
         );
     }
     pre.tool("ssh", &["-V"], "apt-get install -y openssh-client")
-        .tool("ssh-keygen", &["--help"], "apt-get install -y openssh-client");
+        .tool(
+            "ssh-keygen",
+            &["--help"],
+            "apt-get install -y openssh-client",
+        );
     pre.assert_all();
     let image_sha256 = std::fs::read_to_string(artifacts.join(IMAGE[1]))
         .unwrap()
@@ -95,11 +108,9 @@ fn lab_run_installs_xen_on_the_disk_reaches_dom0_over_ssh_and_gives_the_host_bac
     let public = keygen(&home);
     let out_dir = l.lab.logs().join("job-artifacts");
     let lab_dir = lab_tests::bin_path("lab").parent().unwrap().to_owned();
-    let path = std::env::join_paths(
-        std::iter::once(lab_dir).chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        )),
-    )
+    let path = std::env::join_paths(std::iter::once(lab_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
     .unwrap();
 
     // ------------------------------------------------ the CI job
@@ -138,7 +149,7 @@ fn lab_run_installs_xen_on_the_disk_reaches_dom0_over_ssh_and_gives_the_host_bac
     let stdout = String::from_utf8_lossy(&job.stdout);
     let stderr = String::from_utf8_lossy(&job.stderr);
     eprintln!(
-        "e2e-install: lab run (install, disk boot, 2 × lab ssh, release, reclaim) took {:.1} s",
+        "e2e-install: lab run (install, disk boot, 2 × lab ssh, release, reclaim) took {:.1} s; it said:\n{stderr}",
         took.as_secs_f64()
     );
     assert_eq!(
@@ -227,7 +238,11 @@ fn lab_run_installs_xen_on_the_disk_reaches_dom0_over_ssh_and_gives_the_host_bac
         "install lines, then the disk boot's ready line, in order"
     );
     assert!(
-        console[ready..].lines().next().unwrap().contains("sshd=active"),
+        console[ready..]
+            .lines()
+            .next()
+            .unwrap()
+            .contains("sshd=active"),
         "{}",
         &console[ready..]
     );
