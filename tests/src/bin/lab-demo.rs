@@ -68,9 +68,13 @@ fn main() {
     println!("  {lab} console --lease LEASE_ID");
     println!("  {lab} lease release LEASE_ID");
     println!("  {lab} events --follow");
-    println!("Profiles: xen (Xen + a test dom0 from the network, ~1 min), health-check, local-disk, and");
-    println!("xen-install (Debian 12 + Xen 4.17 installed on the host's disk, then booted from it, ~3-4 min):");
-    println!("  {lab} lease acquire --host h1 --profile xen-install --ssh-key ~/.ssh/id_ed25519.pub --wait-ready=600s");
+    println!("Profiles: xen (Xen + a test dom0 over the network), health-check, local-disk, and");
+    println!(
+        "xen-install (Debian 12 + Xen 4.17 installed on the host's disk, then booted from it, ~3-4 min):"
+    );
+    println!(
+        "  {lab} lease acquire --host h1 --profile xen-install --ssh-key ~/.ssh/id_ed25519.pub --wait-ready=600s"
+    );
     println!("  {lab} ssh h1 -- xl info      # root in dom0 from the disk, with that key");
     println!();
     print!("Press Enter to stop the lab and remove everything it made. ");
