@@ -1198,6 +1198,21 @@ fn run_install_lab(
     Ok((run, figures, when.duration_since(t0).as_secs_f64()))
 }
 
+/// The durations between the phases at `marks` (indices into the run's
+/// phases, in order) and then to sshd answering; the first is from the
+/// start.
+fn steps(run: &DiskRun, marks: &[usize]) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut prev = 0.0;
+    for &i in marks {
+        let t = run.phases[i].unwrap_or(prev);
+        out.push(t - prev);
+        prev = t;
+    }
+    out.push(run.ssh - prev);
+    out
+}
+
 /// The floor's disk: the image decompressed once (sparse), removed at the
 /// end.
 struct FloorDisk(std::path::PathBuf);
@@ -1313,19 +1328,22 @@ fn install_main(args: &Args) -> Result<()> {
     let floor_logs = LogDir::new("bench-floor-");
     let disk = FloorDisk::make(&artifacts, floor_logs.path())?;
     let mut a = Series {
-        label: "install (a) lease xen-install → SSH from disk",
+        label: "install (a) lease → SSH in dom0 from disk",
         runs: vec![],
     };
     let mut c = Series {
-        label: "install (c) QEMU from the image's disk → SSH",
+        label: "install (c) QEMU, the image's disk → SSH",
         runs: vec![],
     };
     // (a) from the disk boot on: the install's end (stage=done) → SSH.
     let mut a_boot = Series {
-        label: "install (a) stage=done → SSH (power cycle, boot)",
+        label: "install (a) stage=done → SSH (reboot, boot)",
         runs: vec![],
     };
     let mut mbps = Vec::new();
+    // Phase durations (s) of every run: (a) and (c).
+    let mut a_steps: Vec<Vec<f64>> = Vec::new();
+    let mut c_steps: Vec<Vec<f64>> = Vec::new();
     for n in 1..=args.runs {
         if let Some(lab) = &lab {
             let (run, (bytes, secs, rate), cli) =
@@ -1342,6 +1360,7 @@ fn install_main(args: &Args) -> Result<()> {
             let written = run.phases[2].unwrap_or(0.0);
             a_boot.runs.push(Duration::from_secs_f64(run.ssh - written));
             mbps.push(rate);
+            a_steps.push(steps(&run, &[0, 2, 3, 4, 5]));
         }
         let run = run_floor(&disk, &floor_logs, n, args.timeout).unwrap_or_else(|e| fail(e));
         println!(
@@ -1351,6 +1370,7 @@ fn install_main(args: &Args) -> Result<()> {
             run.ssh
         );
         c.runs.push(Duration::from_secs_f64(run.ssh));
+        c_steps.push(steps(&run, &[0, 1, 2]));
     }
     println!();
     println!(
@@ -1359,6 +1379,39 @@ fn install_main(args: &Args) -> Result<()> {
     );
     for s in [&a, &a_boot, &c] {
         println!("{}", s.row());
+    }
+    println!();
+    println!(
+        "{:<46} {:>9} {:>9}",
+        "by phase (median s)", "(a) lab", "(c) floor"
+    );
+    let med = |runs: &[Vec<f64>], i: Option<usize>| -> String {
+        let Some(i) = i else { return "-".into() };
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).copied()).collect();
+        if v.is_empty() {
+            return "-".into();
+        }
+        v.sort_by(f64::total_cmp);
+        format!("{:.1}", (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0)
+    };
+    for (label, ai, ci) in [
+        ("lease → installer's first line (PXE)", Some(0), None),
+        ("image streamed, written, verified", Some(1), None),
+        (
+            "reboot: power-off, boot device disk, power-on",
+            Some(2),
+            None,
+        ),
+        ("start → GRUB", None, Some(0)),
+        ("GRUB → Xen", Some(3), Some(1)),
+        ("Xen → dom0 /init", Some(4), Some(2)),
+        ("dom0 /init → sshd answering", Some(5), Some(3)),
+    ] {
+        println!(
+            "{label:<46} {:>9} {:>9}",
+            med(&a_steps, ai),
+            med(&c_steps, ci)
+        );
     }
     println!();
     println!("install (a)/(c) median: {}", ratio(&a, &c));
