@@ -1360,7 +1360,7 @@ fn install_main(args: &Args) -> Result<()> {
             let written = run.phases[2].unwrap_or(0.0);
             a_boot.runs.push(Duration::from_secs_f64(run.ssh - written));
             mbps.push(rate);
-            a_steps.push(steps(&run, &[0, 2, 3, 4, 5]));
+            a_steps.push(steps(&run, &[0, 1, 2, 3, 4, 5]));
         }
         let run = run_floor(&disk, &floor_logs, n, args.timeout).unwrap_or_else(|e| fail(e));
         println!(
@@ -1396,16 +1396,13 @@ fn install_main(args: &Args) -> Result<()> {
     };
     for (label, ai, ci) in [
         ("lease → installer's first line (PXE)", Some(0), None),
-        ("image streamed, written, verified", Some(1), None),
-        (
-            "reboot: power-off, boot device disk, power-on",
-            Some(2),
-            None,
-        ),
-        ("start → GRUB", None, Some(0)),
-        ("GRUB → Xen", Some(3), Some(1)),
-        ("Xen → dom0 /init", Some(4), Some(2)),
-        ("dom0 /init → sshd answering", Some(5), Some(3)),
+        ("installer: DHCP, metadata, disk", Some(1), None),
+        ("image streamed, written, verified", Some(2), None),
+        ("reboot: power-off, boot device disk, on", Some(3), None),
+        ("QEMU start → GRUB", None, Some(0)),
+        ("GRUB → Xen", Some(4), Some(1)),
+        ("Xen → dom0 /init", Some(5), Some(2)),
+        ("dom0 /init → sshd answering", Some(6), Some(3)),
     ] {
         println!(
             "{label:<46} {:>9} {:>9}",
