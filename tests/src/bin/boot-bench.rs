@@ -1003,7 +1003,8 @@ struct DiskRun {
 /// Polls `console` from byte `from` until every phase of `table` has
 /// appeared, each after the previous one, and `ssh_up` holds (polled every
 /// 250 ms once the phase `ssh_from` was seen); fails on a failure line or
-/// after `timeout`.
+/// after `timeout`. A check blocks up to 2 s (no answer while the host has
+/// no address yet), so the phases after `ssh_from` are seen up to 2 s late.
 fn wait_disk_run(
     console: &Path,
     from: u64,
