@@ -75,6 +75,17 @@ struct RawProfile {
     timeout: Option<String>,
     /// Xen debug keys sent at lease end ("hqr"); empty or absent: none.
     xen_debug_keys: Option<String>,
+    /// The profile installs to disk first (`xen-install`): follow the
+    /// installer's `LAB-INSTALL` lines, wait for the power-off, boot the
+    /// disk, then watch for `ready`.
+    #[serde(default)]
+    install: bool,
+    /// The whole install, power-on → `stage=done` ("15m").
+    install_timeout: Option<String>,
+    /// The longest wait for the installer's next line ("3m").
+    install_stage_timeout: Option<String>,
+    /// How long the host has to power itself off after the install ("60s").
+    poweroff_timeout: Option<String>,
 }
 
 fn default_profile() -> String {
@@ -194,6 +205,9 @@ pub struct ProfileSettings {
     pub timeout: Duration,
     /// Xen debug keys to send at lease end (empty: none).
     pub xen_debug_keys: Vec<u8>,
+    /// Install to disk before booting (`None`: boot only). `timeout` is
+    /// then the disk boot's: its power-on → `ready`.
+    pub install: Option<InstallSettings>,
 }
 
 impl Default for ProfileSettings {
@@ -203,6 +217,30 @@ impl Default for ProfileSettings {
             fail: Vec::new(),
             timeout: Duration::from_secs(300),
             xen_debug_keys: Vec::new(),
+            install: None,
+        }
+    }
+}
+
+/// The limits of an install to disk (docs/netboot.md "Installing to
+/// disk"): the installer prints a `LAB-INSTALL` line at each stage and at
+/// every 5 % written, then powers the host off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallSettings {
+    /// Power-on → `LAB-INSTALL stage=done`.
+    pub timeout: Duration,
+    /// Power-on → the installer's first line, and between two of its lines.
+    pub stage_timeout: Duration,
+    /// `stage=done` → the host off; past it the agent switches it off.
+    pub poweroff_timeout: Duration,
+}
+
+impl Default for InstallSettings {
+    fn default() -> Self {
+        InstallSettings {
+            timeout: Duration::from_secs(900),
+            stage_timeout: Duration::from_secs(180),
+            poweroff_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -426,6 +464,43 @@ impl AgentConfig {
             if let Some(t) = &p.timeout {
                 s.timeout = duration(at, t, "timeout")?;
             }
+            // An install limit: positive, and only for an installing profile.
+            let limit = |value: &Option<String>, key: &str, default: Duration| match value {
+                None => Ok(default),
+                Some(_) if !p.install => Err(invalid(
+                    at,
+                    format!("profile {name}: {key} needs install = true"),
+                )),
+                Some(v) => match duration(at, v, key)? {
+                    d if d.is_zero() => Err(invalid(at, format!("{key} must be positive"))),
+                    d => Ok(d),
+                },
+            };
+            let defaults = InstallSettings::default();
+            let install = InstallSettings {
+                timeout: limit(&p.install_timeout, "install_timeout", defaults.timeout)?,
+                stage_timeout: limit(
+                    &p.install_stage_timeout,
+                    "install_stage_timeout",
+                    defaults.stage_timeout,
+                )?,
+                poweroff_timeout: limit(
+                    &p.poweroff_timeout,
+                    "poweroff_timeout",
+                    defaults.poweroff_timeout,
+                )?,
+            };
+            if p.install {
+                if s.ready.is_none() {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "profile {name}: install = true needs a ready text (the installed disk's ready line)"
+                        ),
+                    ));
+                }
+                s.install = Some(install);
+            }
             if let Some(k) = p.xen_debug_keys {
                 if !k.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
@@ -493,6 +568,52 @@ artifacts = "/var/cache/lab/artifacts"
         let c = AgentConfig::load(path).unwrap();
         assert_eq!(c.rack, "rack1");
         assert!(c.dhcp.is_some() && c.tftp.is_some() && c.http.is_some());
+        assert_eq!(c.profiles["xen"].install, None);
+        let install = &c.profiles["xen-install"];
+        assert_eq!(install.ready.as_deref(), Some("LAB-DISK-READY"));
+        assert_eq!(install.install, Some(InstallSettings::default()));
+    }
+
+    #[test]
+    fn install_profiles() {
+        let with = |profile: &str| format!("{GOOD}\n[profiles.xen-install]\n{profile}\n");
+        let c = AgentConfig::parse(
+            &with(
+                "ready = \"LAB-DISK-READY\"\ninstall = true\ninstall_timeout = \"20m\"\n\
+                 install_stage_timeout = \"2m\"\npoweroff_timeout = \"30s\"\ntimeout = \"5m\"",
+            ),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        let p = &c.profiles["xen-install"];
+        assert_eq!(
+            p.install,
+            Some(InstallSettings {
+                timeout: Duration::from_secs(1200),
+                stage_timeout: Duration::from_secs(120),
+                poweroff_timeout: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(p.timeout, Duration::from_secs(300));
+        for (profile, want) in [
+            (
+                "ready = \"R\"\ninstall_timeout = \"20m\"",
+                "profile xen-install: install_timeout needs install = true",
+            ),
+            (
+                "install = true",
+                "profile xen-install: install = true needs a ready text",
+            ),
+            (
+                "ready = \"R\"\ninstall = true\npoweroff_timeout = \"0s\"",
+                "poweroff_timeout must be positive",
+            ),
+        ] {
+            let e = AgentConfig::parse(&with(profile), Path::new("agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{profile}: {e}");
+        }
     }
 
     #[test]

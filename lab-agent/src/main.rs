@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
+use lab_agent::assets::install::MetadataPolicy;
 use lab_agent::assets::render::RenderConfig;
 use lab_agent::config::AgentConfig;
 use lab_agent::dhcp::DhcpServer;
@@ -131,7 +132,16 @@ async fn run(args: Args) -> Result<()> {
             table.clone(),
             render,
         )
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+        .with_metadata_policy(MetadataPolicy {
+            install_profiles: cfg
+                .profiles
+                .iter()
+                .filter(|(_, p)| p.install.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
+            dhcp: cfg.dhcp.clone(),
+        }),
     );
     let mut tasks = tokio::task::JoinSet::new();
     let ipmi = lab_agent::ipmi::ConnectOptions {

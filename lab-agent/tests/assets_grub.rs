@@ -38,6 +38,8 @@ fn arm(profile: &str, lease: Option<&str>) -> BootHost {
         firmware: Firmware::Uefi,
         profile: profile.into(),
         lease: lease.map(Into::into),
+        holder: None,
+        ssh_key: None,
     }
 }
 
@@ -50,6 +52,8 @@ fn x86(profile: &str, lease: Option<&str>) -> BootHost {
         firmware: Firmware::Bios,
         profile: profile.into(),
         lease: lease.map(Into::into),
+        holder: None,
+        ssh_key: None,
     }
 }
 

@@ -133,6 +133,7 @@ pub fn phase_name(v: i32) -> &'static str {
     match ProvisionPhase::try_from(v) {
         Ok(ProvisionPhase::Pending) => "pending",
         Ok(ProvisionPhase::Booting) => "booting",
+        Ok(ProvisionPhase::Installing) => "installing",
         Ok(ProvisionPhase::Ready) => "ready",
         Ok(ProvisionPhase::Failed) => "failed",
         Ok(ProvisionPhase::Unspecified) => "unspecified",
@@ -252,9 +253,11 @@ pub struct LeaseView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProvisioningView {
     pub host: String,
-    /// `pending`, `booting`, `ready` or `failed`.
+    /// `pending`, `booting`, `installing`, `ready` or `failed`.
     pub phase: &'static str,
     pub stage: Option<String>,
+    /// For `installing`: how much of the install is done (0–100).
+    pub percent: Option<u32>,
     pub updated_at: Option<Time>,
     /// For `failed`: the last lines of the host's console.
     pub console_tail: Option<String>,
@@ -297,6 +300,7 @@ impl From<&HostProvisioning> for ProvisioningView {
             host: p.host.clone(),
             phase: phase_name(p.phase),
             stage: non_empty(&p.stage),
+            percent: (p.phase == ProvisionPhase::Installing as i32).then_some(p.percent.min(100)),
             updated_at: time(p.updated_at.as_ref()),
             console_tail: non_empty(&p.console_tail),
             failure: FailureView::from_proto(p),
@@ -305,10 +309,20 @@ impl From<&HostProvisioning> for ProvisioningView {
 }
 
 impl ProvisioningView {
-    /// `booting — powered on`, or just the phase when there is no stage.
+    /// `booting — powered on`, `installing 42 % — writing the image`, or
+    /// just the phase when there is no stage.
     pub fn progress(&self) -> String {
+        let phase = self.phase_percent();
         match &self.stage {
-            Some(stage) => format!("{} \u{2014} {stage}", self.phase),
+            Some(stage) => format!("{phase} \u{2014} {stage}"),
+            None => phase,
+        }
+    }
+
+    /// The phase, with the percentage when installing (`installing 42 %`).
+    pub fn phase_percent(&self) -> String {
+        match self.percent {
+            Some(p) => format!("{} {p} %", self.phase),
             None => self.phase.to_owned(),
         }
     }
@@ -642,6 +656,29 @@ mod tests {
         assert_eq!(
             LeaseView::from(&lease).boot_summary(),
             "x1:ready,x2:booting"
+        );
+        lease.provisioning[1] = HostProvisioning {
+            percent: 42,
+            ..p("x2", ProvisionPhase::Installing, "writing the image")
+        };
+        let v = LeaseView::from(&lease);
+        assert_eq!(v.boot_summary(), "x1:ready,x2:installing");
+        assert_eq!(
+            v.provisioning[1].progress(),
+            "installing 42 % \u{2014} writing the image"
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["provisioning"][1]["phase"], "installing");
+        assert_eq!(json["provisioning"][1]["percent"], 42);
+        assert_eq!(json["provisioning"][0]["percent"], serde_json::Value::Null);
+        // A percentage belongs to the installing phase only.
+        lease.provisioning[1] = HostProvisioning {
+            percent: 42,
+            ..p("x2", ProvisionPhase::Booting, "booting from disk")
+        };
+        assert_eq!(
+            LeaseView::from(&lease).provisioning[1].progress(),
+            "booting \u{2014} booting from disk"
         );
         lease.provisioning.clear();
         assert_eq!(LeaseView::from(&lease).boot_summary(), "");

@@ -97,6 +97,7 @@ fn prov(host: &str, phase: ProvisionPhase, stage: &str) -> HostProvisioning {
         } else {
             String::new()
         },
+        percent: 0,
         ..failure(phase, "Xen panic", "(XEN) Panic on CPU 0")
     }
 }
@@ -114,11 +115,12 @@ fn failure(phase: ProvisionPhase, rule: &str, line: &str) -> HostProvisioning {
     }
 }
 
-/// The leases with boot progress: `L-ok` boots to ready over three polls,
+/// The leases with boot progress: `L-ok` installs to disk and boots it to
+/// ready over six polls,
 /// `L-bad` fails on the second, `L-slow` never gets past booting, `L-gone`
 /// expired, `L-3` has two hosts, one ready and one failed.
 fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
-    use ProvisionPhase::{Booting, Failed, Pending, Ready};
+    use ProvisionPhase::{Booting, Failed, Installing, Pending, Ready};
     let mut l = lease();
     l.id = id.into();
     l.profile = "xen".into();
@@ -134,6 +136,12 @@ fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
             0 => vec![prov("x1", Pending, "")],
             1 => vec![prov("x1", Booting, "boot device pxe")],
             2 => vec![prov("x1", Booting, "powered on")],
+            3 => vec![HostProvisioning {
+                percent: 42,
+                ..prov("x1", Installing, "writing the image")
+            }],
+            4 => vec![prov("x1", Booting, "rebooting")],
+            5 => vec![prov("x1", Booting, "booting from disk")],
             _ => vec![prov("x1", Ready, "ready marker seen")],
         },
         "L-bad" => match step(&state.polls_bad) {
@@ -173,6 +181,7 @@ fn evil_lease() -> Lease {
         stage: "stage \u{9b}31m\u{202e}txt.exe".into(),
         updated_at: None,
         console_tail: "\x1b[1;31mpanic\x1b[0m\r\nfake\rline\r\n".into(),
+        percent: 0,
         ..failure(
             ProvisionPhase::Failed,
             "rule \u{202e}evil",
@@ -1080,6 +1089,9 @@ fn acquire_wait_ready_prints_stages_until_ready() {
             "x1: pending",
             "x1: booting \u{2014} boot device pxe",
             "x1: booting \u{2014} powered on",
+            "x1: installing 42 % \u{2014} writing the image",
+            "x1: booting \u{2014} rebooting",
+            "x1: booting \u{2014} booting from disk",
             "x1: ready \u{2014} ready marker seen",
         ]
     );

@@ -81,6 +81,7 @@ fn rack(data: &Path, bmcs: Bmcs) -> Rack {
             fail: vec!["LAB-DOM0-FAIL".into()],
             timeout: Duration::from_secs(30),
             xen_debug_keys: b"q".to_vec(),
+            install: None,
         },
     );
     profiles.insert(

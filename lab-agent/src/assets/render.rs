@@ -17,6 +17,7 @@
 //! | `profile` | the profile name |
 //! | `agent.http_url`, `agent.tftp_server` | the agent's HTTP base URL and TFTP address, or `""` |
 //! | `artifacts_url` | where the `artifacts/` tree is served (see [`RenderConfig::artifacts_url`]) |
+//! | `install.*` | per host, for a profile that installs to disk ([`InstallVars`]); undefined when the agent has none |
 //! | `extra.*` | free-form strings from the agent's config |
 //!
 //! Undefined variables are errors ([`UndefinedBehavior::Strict`]), reported
@@ -66,6 +67,37 @@ impl RenderConfig {
             Some(a) => format!("tftp://{a}/artifacts"),
             None => "tftp://${next-server}/artifacts".to_owned(),
         }
+    }
+}
+
+/// Per-host variables of a profile that installs to disk (`install.*`,
+/// docs/netboot.md "Template variables"). Only the values present are
+/// defined; with none, `install` itself is undefined and the template
+/// uses its defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallVars {
+    pub image_url: Option<String>,
+    /// The sha256 of the bytes at the image URL.
+    pub image_sha256: Option<String>,
+    /// The host's lease metadata (`<http_url>/hosts/<mac-hyphen>.lease`).
+    pub metadata_url: Option<String>,
+    pub disk: Option<String>,
+    pub then: Option<String>,
+}
+
+impl InstallVars {
+    fn value(&self) -> Option<Value> {
+        let map: BTreeMap<&str, Value> = [
+            ("image_url", &self.image_url),
+            ("image_sha256", &self.image_sha256),
+            ("metadata_url", &self.metadata_url),
+            ("disk", &self.disk),
+            ("then", &self.then),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, Value::from(v.clone()?))))
+        .collect();
+        (!map.is_empty()).then(|| Value::from(map))
     }
 }
 
@@ -187,8 +219,20 @@ impl Profiles {
 
     /// The iPXE script for `host` under its current profile.
     pub fn script(&self, host: &BootHost, config: &RenderConfig) -> Result<String, RenderError> {
+        self.script_with(host, config, &InstallVars::default())
+    }
+
+    /// The iPXE script for `host` under its current profile, with the
+    /// host's `install.*` variables.
+    pub fn script_with(
+        &self,
+        host: &BootHost,
+        config: &RenderConfig,
+        install: &InstallVars,
+    ) -> Result<String, RenderError> {
         self.known(&host.profile)?;
-        self.render(&format!("{}{SCRIPT_SUFFIX}", host.profile), host, config)
+        let template = format!("{}{SCRIPT_SUFFIX}", host.profile);
+        self.render_in(&template, context_with(host, config, install))
     }
 
     /// The preseed for `host` under its current profile; `None` if the
@@ -239,6 +283,10 @@ impl Profiles {
         host: &BootHost,
         config: &RenderConfig,
     ) -> Result<String, RenderError> {
+        self.render_in(template, context(host, config))
+    }
+
+    fn render_in(&self, template: &str, ctx: Value) -> Result<String, RenderError> {
         let tmpl = self
             .env
             .get_template(template)
@@ -246,8 +294,7 @@ impl Profiles {
                 template: template.to_owned(),
                 source,
             })?;
-        tmpl.render(context(host, config))
-            .map_err(|e| classify(template, e))
+        tmpl.render(ctx).map_err(|e| classify(template, e))
     }
 
     fn known(&self, profile: &str) -> Result<(), RenderError> {
@@ -262,8 +309,13 @@ impl Profiles {
     }
 }
 
-/// The template context for one host.
+/// The template context for one host (no `install.*`).
 pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
+    context_with(host, config, &InstallVars::default())
+}
+
+/// The template context for one host with its `install.*` variables.
+pub fn context_with(host: &BootHost, config: &RenderConfig, install: &InstallVars) -> Value {
     let s = |v: &str| Value::from(v.to_owned());
     let host_v: BTreeMap<&str, Value> = BTreeMap::from([
         ("name", s(&host.name)),
@@ -314,7 +366,7 @@ pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
         .iter()
         .map(|(k, v)| (k.clone(), Value::from(v.clone())))
         .collect();
-    let ctx: BTreeMap<&str, Value> = BTreeMap::from([
+    let mut ctx: BTreeMap<&str, Value> = BTreeMap::from([
         ("host", Value::from(host_v)),
         ("lease", Value::from(host.lease.clone().unwrap_or_default())),
         ("profile", s(&host.profile)),
@@ -322,6 +374,9 @@ pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
         ("artifacts_url", Value::from(config.artifacts_url())),
         ("extra", Value::from(extra)),
     ]);
+    if let Some(install) = install.value() {
+        ctx.insert("install", install);
+    }
     Value::from(ctx)
 }
 

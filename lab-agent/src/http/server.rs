@@ -534,11 +534,16 @@ async fn respond(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(if path.ends_with(".ipxe") || path.ends_with(".preseed") {
-            "text/plain; charset=utf-8"
-        } else {
-            "application/octet-stream"
-        }),
+        HeaderValue::from_static(
+            if [".ipxe", ".preseed", ".lease"]
+                .iter()
+                .any(|e| path.ends_with(e))
+            {
+                "text/plain; charset=utf-8"
+            } else {
+                "application/octet-stream"
+            },
+        ),
     );
     if code == StatusCode::PARTIAL_CONTENT {
         h.insert(

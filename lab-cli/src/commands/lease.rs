@@ -551,7 +551,7 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
     for p in &l.provisioning {
         t.row(vec![
             p.host.clone(),
-            p.phase.to_owned(),
+            p.phase_percent(),
             p.stage.clone().unwrap_or_default(),
             p.updated_at
                 .map(|t| clock::relative(t.0, now))
@@ -725,7 +725,7 @@ mod tests {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let lease = Lease {
             id: "L-1".into(),
-            hosts: vec!["x1".into(), "x2".into()],
+            hosts: vec!["x1".into(), "x2".into(), "x3".into()],
             provisioning: vec![
                 HostProvisioning {
                     host: "x1".into(),
@@ -744,6 +744,13 @@ mod tests {
                     failure_line: "Kernel panic - not syncing".into(),
                     ..Default::default()
                 },
+                HostProvisioning {
+                    host: "x3".into(),
+                    phase: ProvisionPhase::Installing as i32,
+                    stage: "writing the image".into(),
+                    percent: 42,
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };
@@ -751,9 +758,10 @@ mod tests {
         let block = text.split_once("\n\n").unwrap().1;
         assert_eq!(
             block,
-            "HOST  PHASE   STAGE                        UPDATED\n\
-             x1    ready   ready marker seen            1m ago\n\
-             x2    failed  no ready marker within 180s  -\n\
+            "HOST  PHASE            STAGE                        UPDATED\n\
+             x1    ready            ready marker seen            1m ago\n\
+             x2    failed           no ready marker within 180s  -\n\
+             x3    installing 42 %  writing the image            -\n\
              \n\
              ==> console of x2 (last lines) <==\n\
              Loading xen...\nKernel panic - not syncing\n\

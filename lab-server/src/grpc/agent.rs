@@ -72,6 +72,7 @@ pub(crate) fn from_agent(m: pb::AgentMessage) -> Result<FromAgent, LinkError> {
                 phase: phase_from_proto(r.phase),
                 stage: r.stage,
                 console_tail: r.console_tail,
+                percent: r.percent,
             }),
         }),
         Msg::Reply(r) => FromAgent::Reply(CommandReply {
@@ -117,6 +118,7 @@ pub(crate) fn phase_from_proto(v: i32) -> ProvisionPhase {
     match pb::ProvisionPhase::try_from(v) {
         Ok(pb::ProvisionPhase::Pending) => ProvisionPhase::Pending,
         Ok(pb::ProvisionPhase::Booting) => ProvisionPhase::Booting,
+        Ok(pb::ProvisionPhase::Installing) => ProvisionPhase::Installing,
         Ok(pb::ProvisionPhase::Ready) => ProvisionPhase::Ready,
         Ok(pb::ProvisionPhase::Failed) => ProvisionPhase::Failed,
         Ok(pb::ProvisionPhase::Unspecified) | Err(_) => ProvisionPhase::Unknown,
@@ -127,6 +129,7 @@ pub(crate) fn phase_to_proto(p: ProvisionPhase) -> pb::ProvisionPhase {
     match p {
         ProvisionPhase::Pending => pb::ProvisionPhase::Pending,
         ProvisionPhase::Booting => pb::ProvisionPhase::Booting,
+        ProvisionPhase::Installing => pb::ProvisionPhase::Installing,
         ProvisionPhase::Ready => pb::ProvisionPhase::Ready,
         ProvisionPhase::Failed => pb::ProvisionPhase::Failed,
         ProvisionPhase::Unknown => pb::ProvisionPhase::Unspecified,
@@ -270,6 +273,7 @@ mod tests {
                 phase,
                 stage: "powered on".into(),
                 console_tail: String::new(),
+                percent: 0,
             })),
         }
     }
@@ -324,7 +328,8 @@ mod tests {
                 lease,
                 phase: ProvisionPhase::Booting,
                 stage: "powered on".into(),
-                console_tail: String::new()
+                console_tail: String::new(),
+                percent: 0,
             })
         );
         // No lease, or an unreadable one: no provisioning.
@@ -391,6 +396,7 @@ mod tests {
         for p in [
             ProvisionPhase::Pending,
             ProvisionPhase::Booting,
+            ProvisionPhase::Installing,
             ProvisionPhase::Ready,
             ProvisionPhase::Failed,
             ProvisionPhase::Unknown,

@@ -265,6 +265,7 @@ pub fn provisioning_to_proto(p: &Provisioning) -> pb::HostProvisioning {
         stage: p.stage.clone(),
         updated_at: p.updated_at.map(ts),
         console_tail: p.console_tail.clone(),
+        percent: p.percent,
         failure_class: p
             .failure
             .as_ref()

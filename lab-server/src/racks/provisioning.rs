@@ -20,8 +20,12 @@ pub const PROVISIONING_KEPT: usize = 4096;
 pub enum ProvisionPhase {
     /// Waiting for the rack's agent to start.
     Pending,
-    /// Boot device set, power switched on: the host is booting.
+    /// Boot device set, power switched on: the host is booting (for an
+    /// install profile: also again from its disk, after the install).
     Booting,
+    /// A profile that installs to disk: the installer runs (with a
+    /// percentage).
+    Installing,
     /// The profile's ready marker appeared (or it has none and the host was
     /// powered on).
     Ready,
@@ -41,6 +45,8 @@ pub struct ProvisionReport {
     pub stage: String,
     /// For `Failed`: the last lines of the host's console.
     pub console_tail: String,
+    /// For `Installing`: how much of the install is done, 0–100.
+    pub percent: u32,
 }
 
 /// One host's provisioning for one lease, as users see it.
@@ -54,6 +60,8 @@ pub struct Provisioning {
     pub console_tail: String,
     /// For `Failed`: whose fault it was (see [`crate::health::attribution`]).
     pub failure: Option<Attribution>,
+    /// For `Installing`: 0–100 (0 in other phases).
+    pub percent: u32,
 }
 
 /// The records, keyed by lease and host.
@@ -67,8 +75,10 @@ pub(super) struct Records {
 }
 
 impl Records {
-    /// Takes an agent's report on `host`, received at `now`; a failure is
-    /// attributed by `rules`.
+    /// Takes an agent's report on `host`, received at `now`: it replaces
+    /// the record of its lease on that host. A percentage belongs to the
+    /// installing phase only, and is at most 100; a failure is attributed
+    /// by `rules`.
     pub(super) fn update(
         &mut self,
         host: &HostName,
@@ -77,6 +87,10 @@ impl Records {
         rules: &Rules,
     ) {
         let key = (report.lease, host.clone());
+        let percent = match report.phase {
+            ProvisionPhase::Installing => report.percent.min(100),
+            _ => 0,
+        };
         let failure = (report.phase == ProvisionPhase::Failed)
             .then(|| rules.classify(&report.stage, &report.console_tail));
         let record = Provisioning {
@@ -86,6 +100,7 @@ impl Records {
             updated_at: Some(now),
             console_tail: report.console_tail,
             failure,
+            percent,
         };
         if self.provisioning.insert(key.clone(), record).is_none() {
             self.order.push_back(key);
@@ -136,6 +151,7 @@ impl Records {
                         updated_at: None,
                         console_tail: String::new(),
                         failure: None,
+                        percent: 0,
                     })
             })
             .collect()
@@ -179,6 +195,7 @@ mod tests {
             phase,
             stage: stage.into(),
             console_tail: String::new(),
+            percent: 0,
         }
     }
 

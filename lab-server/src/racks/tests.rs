@@ -534,7 +534,7 @@ async fn reports_update_provisioning_and_reachability() {
     let other = grant(&lab.core, "alice", "h3", None).await;
     assert!(lab.racks.provisioning(&other).is_empty());
 
-    let report = |reachability, phase, stage: &str| {
+    let report = |reachability, phase, stage: &str, percent| {
         FromAgent::Report(HostReport {
             host: h("h1"),
             reachability,
@@ -543,35 +543,57 @@ async fn reports_update_provisioning_and_reachability() {
                 phase,
                 stage: stage.into(),
                 console_tail: String::new(),
+                percent,
             }),
         })
     };
     let silent = HostReachability::Unreachable {
         reason: "BMC of h1 silent".into(),
     };
+    // (reachability, phase, stage, percent sent, percent kept, unreachable)
     let steps = [
         (
             silent,
             ProvisionPhase::Booting,
             "powered on",
+            0,
+            0,
             Some("BMC of h1 silent"),
+        ),
+        (
+            HostReachability::Reachable,
+            ProvisionPhase::Installing,
+            "writing the image",
+            42,
+            42,
+            None,
+        ),
+        (
+            HostReachability::Reachable,
+            ProvisionPhase::Installing,
+            "image written",
+            250,
+            100,
+            None,
         ),
         (
             HostReachability::Reachable,
             ProvisionPhase::Ready,
             "ready",
+            7,
+            0,
             None,
         ),
     ];
-    for (reachability, phase, stage, want_unreachable) in steps {
+    for (reachability, phase, stage, sent, kept, want_unreachable) in steps {
         let now = lab.racks.registry().now();
-        agent.send(report(reachability, phase, stage)).await;
+        agent.send(report(reachability, phase, stage, sent)).await;
         let p = until("the report's provisioning", || async {
             let p = lab.racks.provisioning(&lease).remove(0);
-            (p.phase == phase).then_some(p)
+            (p.phase == phase && p.stage == stage).then_some(p)
         })
         .await;
-        assert_eq!(p.stage, stage);
+        assert_eq!(p.percent, kept, "{stage}");
         assert!(p.updated_at.is_some_and(|t| t >= now), "{p:?}");
         let why = until("the report's reachability", || async {
             let why = unreachable(&lab.core, "h1").await;
@@ -1198,6 +1220,7 @@ async fn reports_about_other_racks_hosts_are_ignored() {
                     phase: ProvisionPhase::Ready,
                     stage: "forged".into(),
                     console_tail: String::new(),
+                    percent: 0,
                 }),
             }))
             .await;
