@@ -124,7 +124,20 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::ForwardClosed) => "forward-closed",
         Ok(EventKind::AgentAttached) => "agent-attached",
         Ok(EventKind::AgentDetached) => "agent-detached",
+        Ok(EventKind::HostHealth) => "host-health",
         Ok(EventKind::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn health_name(v: i32) -> &'static str {
+    use lab_proto::v1::HostHealth;
+    match HostHealth::try_from(v) {
+        Ok(HostHealth::Healthy) => "healthy",
+        Ok(HostHealth::Suspect) => "suspect",
+        Ok(HostHealth::Quarantined) => "quarantined",
+        // A server from before health: every host was healthy.
+        Ok(HostHealth::Unspecified) => "healthy",
         Err(_) => "unknown",
     }
 }
@@ -172,6 +185,10 @@ pub struct HostView {
     /// False while the host cannot be driven (agent away, BMC silent).
     pub reachable: bool,
     pub unreachable_reason: Option<String>,
+    /// `healthy`, `suspect` or `quarantined` (never granted).
+    pub health: &'static str,
+    pub health_reason: Option<String>,
+    pub health_since: Option<Time>,
 }
 
 impl From<&Host> for HostView {
@@ -194,6 +211,9 @@ impl From<&Host> for HostView {
             generation: h.generation,
             reachable: h.reachable,
             unreachable_reason: non_empty(&h.unreachable_reason),
+            health: health_name(h.health),
+            health_reason: non_empty(&h.health_reason),
+            health_since: time(h.health_since.as_ref()),
         }
     }
 }

@@ -582,6 +582,14 @@ impl AdminService for Stub {
         Err(Status::permission_denied("alice is not an operator"))
     }
 
+    async fn set_quarantine(
+        &self,
+        req: Request<lab_proto::v1::SetQuarantineRequest>,
+    ) -> Result<Response<Host>, Status> {
+        principal(&req)?;
+        Err(Status::permission_denied("alice is not an operator"))
+    }
+
     async fn reload_inventory(
         &self,
         req: Request<ReloadInventoryRequest>,
@@ -699,9 +707,9 @@ fn hosts_table_json_and_not_found() {
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        "NAME  ARCH     FW    RACK  STATE                                         HOLDER  LEASE  EXPIRES  FLAGS\n\
-         x1    x86_64   uefi  r1    leased                                        alice   L-1    in 29m   gpu\n\
-         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  -       -      -        -\n"
+        "NAME  ARCH     FW    RACK  STATE                                         HEALTH   HOLDER  LEASE  EXPIRES  FLAGS\n\
+         x1    x86_64   uefi  r1    leased                                        healthy  alice   L-1    in 29m   gpu\n\
+         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  healthy  -       -      -        -\n"
     );
     let (code, out, _) = run(addr, GOOD, &["hosts", "--arch", "aarch64", "--json"]);
     assert_eq!(code, 0);

@@ -34,6 +34,8 @@ pub enum EventKind {
     AgentAttached,
     /// A rack's agent link ended (detail: rack, principal, why).
     AgentDetached,
+    /// A host's health changed (detail: the new health and why).
+    HostHealth,
 }
 
 /// One entry of the event log.

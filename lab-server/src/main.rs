@@ -92,6 +92,12 @@ struct Args {
     /// docs/operations.md, "Failure attribution").
     #[arg(long, env = "LAB_FAILURE_RULES")]
     failure_rules: Option<PathBuf>,
+    /// This many provisioning failures attributed to a host within
+    /// --quarantine-window quarantine it (fewer make it suspect).
+    #[arg(long, env = "LAB_QUARANTINE_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    quarantine_after: u32,
+    #[arg(long, env = "LAB_QUARANTINE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    quarantine_window: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -221,6 +227,8 @@ async fn run(args: Args) -> Result<()> {
     config.max_waiting_per_principal = args.max_waiting_per_principal as usize;
     config.reattach_grace = args.reattach_grace;
     config.retention = args.retention;
+    config.quarantine_after = args.quarantine_after as usize;
+    config.quarantine_window = args.quarantine_window;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());

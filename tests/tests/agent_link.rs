@@ -643,6 +643,55 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
         ),
         "{failed:?}"
     );
+    // The job's fault says nothing about the host.
+    assert_eq!(
+        host(&mut c, "h0").await.health(),
+        pb::HostHealth::Healthy,
+        "a job failure changed h0's health"
+    );
+    c.leases
+        .release(pb::ReleaseRequest {
+            lease_id: l.id.clone(),
+        })
+        .await
+        .unwrap();
+    // A failure through the host's fault (no bootable device): suspect.
+    let l = until("h0 granted again after the reclaim", || {
+        let mut c = c.clone();
+        async move {
+            c.grant_now(pb::LeaseRequest {
+                hosts: vec!["h0".into()],
+                profile: "slow".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    until_phase(&c, &l.id, "h0", "h0 booting", |(p, _)| {
+        *p == pb::ProvisionPhase::Booting
+    })
+    .await;
+    serial
+        .write_all(b"Booting from Hard Disk...\r\nNo bootable device.\r\n")
+        .await
+        .unwrap();
+    let h0 = until("h0 suspect", || {
+        let mut c = c.clone();
+        async move {
+            let h = host(&mut c, "h0").await;
+            (h.health() == pb::HostHealth::Suspect).then_some(h)
+        }
+    })
+    .await;
+    assert!(
+        h0.health_reason.starts_with(&format!(
+            "no bootable device in lease {}: No bootable device.",
+            l.id
+        )),
+        "{h0:?}"
+    );
     agent.abort();
     server.stop().await;
 }

@@ -6,6 +6,7 @@ use super::status::invalid;
 use crate::core::{AcquireRequest, HostView, LeaseKey};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
+use crate::lease::machine::Health;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
 use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
 use crate::types::{
@@ -348,6 +349,19 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
         unreachable_reason: v.unreachable.clone().unwrap_or_default(),
         ..Default::default()
     };
+    match &r.health {
+        Health::Healthy => h.health = pb::HostHealth::Healthy as i32,
+        Health::Suspect { reason, since } => {
+            h.health = pb::HostHealth::Suspect as i32;
+            h.health_reason = reason.clone();
+            h.health_since = Some(ts(*since));
+        }
+        Health::Quarantined { reason, since, by } => {
+            h.health = pb::HostHealth::Quarantined as i32;
+            h.health_reason = format!("{reason} (by {by})");
+            h.health_since = Some(ts(*since));
+        }
+    }
     if let Some(l) = &v.lease {
         h.holder = l.holder.to_string();
         if l.is_active() {
@@ -403,6 +417,7 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::ForwardClosed => P::ForwardClosed,
         EventKind::AgentAttached => P::AgentAttached,
         EventKind::AgentDetached => P::AgentDetached,
+        EventKind::HostHealth => P::HostHealth,
     }
 }
 

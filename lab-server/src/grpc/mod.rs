@@ -673,6 +673,21 @@ impl AdminService for Api {
         Ok(Response::new(cv::host_to_proto(&view)))
     }
 
+    async fn set_quarantine(
+        &self,
+        req: Request<pb::SetQuarantineRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let host = cv::host_name("host", r.host)?;
+        let reason = cv::text("reason", r.reason)?;
+        let view = self
+            .core
+            .set_quarantine(caller, host, r.quarantined, reason)
+            .await?;
+        Ok(Response::new(cv::host_to_proto(&view)))
+    }
+
     async fn reload_inventory(
         &self,
         req: Request<pb::ReloadInventoryRequest>,

@@ -226,8 +226,14 @@ impl Racks {
                 Ok(FromAgent::Report(r)) => {
                     let host = r.host.clone();
                     match self.registry.report(rack, conn, r) {
-                        Ok(true) => self.refresh_reachability().await,
-                        Ok(false) => {}
+                        Ok(rep) => {
+                            if rep.reachability_changed {
+                                self.refresh_reachability().await;
+                            }
+                            if let Some((host, lease, verdict)) = rep.verdict {
+                                self.core.host_verdict(host, lease, verdict).await;
+                            }
+                        }
                         Err(total) => foreign.seen(rack, &host, total),
                     }
                 }

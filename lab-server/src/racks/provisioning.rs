@@ -6,7 +6,7 @@
 //! record for a host of an agent's rack that never reported is made up
 //! here ("waiting for the rack's agent", "never started"), in one place.
 
-use crate::health::{Attribution, Rules};
+use crate::health::{Attribution, HostVerdict, Rules};
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, Timestamp};
 use std::collections::{HashMap, VecDeque};
@@ -85,7 +85,7 @@ impl Records {
         report: ProvisionReport,
         now: Timestamp,
         rules: &Rules,
-    ) {
+    ) -> Option<HostVerdict> {
         let key = (report.lease, host.clone());
         let percent = match report.phase {
             ProvisionPhase::Installing => report.percent.min(100),
@@ -102,14 +102,26 @@ impl Records {
             failure,
             percent,
         };
-        if self.provisioning.insert(key.clone(), record).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > PROVISIONING_KEPT {
-                if let Some(old) = self.order.pop_front() {
-                    self.provisioning.remove(&old);
+        let verdict = match (&record.phase, &record.failure) {
+            (ProvisionPhase::Failed, Some(f)) => Some(HostVerdict::Failed(f.clone())),
+            (ProvisionPhase::Ready, _) => Some(HostVerdict::Ready),
+            _ => None,
+        };
+        let phase = record.phase;
+        match self.provisioning.insert(key.clone(), record) {
+            None => {
+                self.order.push_back(key);
+                while self.order.len() > PROVISIONING_KEPT {
+                    if let Some(old) = self.order.pop_front() {
+                        self.provisioning.remove(&old);
+                    }
                 }
             }
+            // The same phase again (an agent's resent report): said already.
+            Some(old) if old.phase == phase => return None,
+            Some(_) => {}
         }
+        verdict
     }
 
     /// Records that `host`'s reclaim after `lease` finished at `now`.
@@ -264,7 +276,7 @@ mod tests {
         let l = lease(&["h1", "h2"], LeaseState::Active);
         let mut r = Records::default();
         let rules = Rules::default();
-        r.update(
+        let first = r.update(
             &h("h1"),
             ProvisionReport {
                 console_tail: "Booting from Hard Disk...\r\nNo bootable device.\r\n".into(),
@@ -272,6 +284,10 @@ mod tests {
             },
             Timestamp(1),
             &rules,
+        );
+        assert!(
+            matches!(&first, Some(HostVerdict::Failed(f)) if f.class == crate::health::FailureClass::Host),
+            "{first:?}"
         );
         r.update(
             &h("h2"),
@@ -282,6 +298,17 @@ mod tests {
             Timestamp(1),
             &rules,
         );
+        // Said once: an agent resending the same report says nothing new.
+        let again = r.update(
+            &h("h1"),
+            ProvisionReport {
+                console_tail: "Booting from Hard Disk...\r\nNo bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Failed, "no \"READY\" within 60s")
+            },
+            Timestamp(2),
+            &rules,
+        );
+        assert_eq!(again, None);
         let got = r.for_lease(&l, |_| true);
         let f = got[0].failure.as_ref().expect("h1's failure is attributed");
         assert_eq!(

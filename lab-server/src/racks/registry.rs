@@ -17,7 +17,7 @@ use super::reclaim::AgentReclaimer;
 use super::{Command, CommandId, CommandKind, CommandReply, RackError};
 use crate::core::clock::Clock;
 use crate::core::reclaim::Reclaimer;
-use crate::health::Rules;
+use crate::health::{HostVerdict, Rules};
 use crate::inventory::Inventory;
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, RackName, Timestamp};
@@ -29,6 +29,14 @@ use tracing::{debug, info};
 
 /// Messages buffered for an agent's stream.
 const TO_AGENT_BUFFER: usize = 256;
+
+/// What one host report changed.
+#[derive(Debug)]
+pub(super) struct Reported {
+    pub reachability_changed: bool,
+    /// A provisioning that just failed or became ready, for the host's health.
+    pub verdict: Option<(HostName, LeaseId, HostVerdict)>,
+}
 
 /// The attached agents and what they told; cheap to clone.
 #[derive(Clone)]
@@ -168,7 +176,12 @@ impl RackRegistry {
     /// not in `rack` (as of the last inventory seen) is ignored and
     /// counted: `Err` with the count so far on this connection. An agent
     /// speaks for its own rack only.
-    pub(super) fn report(&self, rack: &RackName, conn: ConnId, r: HostReport) -> Result<bool, u64> {
+    pub(super) fn report(
+        &self,
+        rack: &RackName,
+        conn: ConnId,
+        r: HostReport,
+    ) -> Result<Reported, u64> {
         let now = self.now();
         let mut st = self.lock();
         if st.reachability.rack_of(&r.host) != Some(rack) {
@@ -178,11 +191,19 @@ impl RackRegistry {
                 c.foreign_reports
             }));
         }
+        let mut verdict = None;
         if let Some(p) = r.provisioning {
             debug!(rack = %rack, host = %r.host, lease = %p.lease, phase = ?p.phase, stage = %p.stage, "provisioning");
-            st.records.update(&r.host, p, now, &self.0.failure_rules);
+            let lease = p.lease;
+            verdict = st
+                .records
+                .update(&r.host, p, now, &self.0.failure_rules)
+                .map(|v| (r.host.clone(), lease, v));
         }
-        Ok(st.reachability.report(rack, r.host, r.reachability))
+        Ok(Reported {
+            reachability_changed: st.reachability.report(rack, r.host, r.reachability),
+            verdict,
+        })
     }
 
     /// Reports about hosts outside `rack` its current connection sent.
