@@ -2,8 +2,8 @@
 //! fixed first stage GRUB reads from its prefix) sources
 //! `hosts/${net_default_mac}.grub`, which [`BootFiles`] renders from the
 //! host's current profile (`profiles/NAME.grub.j2`), loading Xen, the
-//! kernel and the initrd from the agent's HTTP server through GRUB's `http`
-//! module (from GRUB's TFTP server when the agent has no HTTP URL). Golden
+//! kernel and the initrd from GRUB's TFTP server, or with `[http] grub =
+//! true` from the agent's HTTP server through GRUB's `http` module. Golden
 //! files for the xen and local-disk configs are in `tests/fixtures/grub/`
 //! (regenerate with `UPDATE_GOLDEN=1`).
 
@@ -27,7 +27,16 @@ fn config() -> RenderConfig {
         http_url: Some("http://198.18.0.1:8080".into()),
         tftp_server: Some("198.18.0.1".parse().unwrap()),
         artifacts_url: None,
+        grub_http: false,
         extra: BTreeMap::new(),
+    }
+}
+
+/// As [`config`], with `[http] grub = true`: GRUB loads over HTTP.
+fn http_config() -> RenderConfig {
+    RenderConfig {
+        grub_http: true,
+        ..config()
     }
 }
 
@@ -56,7 +65,11 @@ fn x86(profile: &str, lease: Option<&str>) -> BootHost {
 }
 
 fn files(hosts: impl IntoIterator<Item = BootHost>) -> BootFiles {
-    BootFiles::new(&assets(), None, HostTable::new(hosts), config()).expect("boot files")
+    files_with(hosts, config())
+}
+
+fn files_with(hosts: impl IntoIterator<Item = BootHost>, config: RenderConfig) -> BootFiles {
+    BootFiles::new(&assets(), None, HostTable::new(hosts), config).expect("boot files")
 }
 
 fn text(c: Result<Content, OpenError>) -> String {
@@ -134,11 +147,11 @@ fn xen_lines(out: &str) -> (String, Vec<String>) {
 
 #[test]
 fn xen_on_arm64_loads_xen_the_kernel_and_the_initrd_over_the_agents_http() {
-    let f = files([arm("xen", None)]);
+    let f = files_with([arm("xen", None)], http_config());
     let out = text(f.open("hosts/52:54:00:aa:00:01.grub", None));
-    // The agent's HTTP root (config().http_url, http://198.18.0.1:8080) as
-    // GRUB's http device: GRUB fetches with its http module over TCP, not
-    // with its 1024-byte lockstep TFTP.
+    // With `[http] grub = true`, the agent's HTTP root (http_url,
+    // http://198.18.0.1:8080) as GRUB's http device: GRUB fetches with its
+    // http module over TCP, not with its 1024-byte lockstep TFTP.
     let root = "(http,198.18.0.1:8080)/artifacts";
     let (xen, modules) = xen_lines(&out);
     assert!(
@@ -175,13 +188,13 @@ fn xen_on_arm64_loads_xen_the_kernel_and_the_initrd_over_the_agents_http() {
 }
 
 #[test]
-fn xen_on_arm64_follows_the_http_url_and_falls_back_to_tftp_without_one() {
+fn xen_on_arm64_follows_the_http_url_and_stays_on_tftp_by_default() {
     let host = arm("xen", Some("L-5"));
     let p = Profiles::load(&assets().join("profiles")).unwrap();
     // Another address, port and base path: the device and path follow it.
     let elsewhere = RenderConfig {
         http_url: Some("http://10.1.2.3:81/lab/".into()),
-        ..config()
+        ..http_config()
     };
     let (xen, modules) = xen_lines(&p.grub(&host, &elsewhere).unwrap());
     assert!(
@@ -194,13 +207,18 @@ fn xen_on_arm64_follows_the_http_url_and_falls_back_to_tftp_without_one() {
             "{m}"
         );
     }
-    // No HTTP (or an https URL, which GRUB 2.06 cannot fetch): every file
-    // from the TFTP server GRUB came from, as before.
-    for http_url in [None, Some("https://198.18.0.1:8443".to_owned())] {
-        let tftp = RenderConfig {
-            http_url,
-            ..config()
-        };
+    // The default (HTTP served, `grub` not set), no HTTP, or an https URL
+    // (which GRUB 2.06 cannot fetch): every file from the TFTP server GRUB
+    // came from.
+    let https = RenderConfig {
+        http_url: Some("https://198.18.0.1:8443".to_owned()),
+        ..http_config()
+    };
+    let no_http = RenderConfig {
+        http_url: None,
+        ..http_config()
+    };
+    for tftp in [config(), no_http, https] {
         let out = p.grub(&host, &tftp).unwrap();
         let (xen, modules) = xen_lines(&out);
         assert!(
@@ -230,6 +248,12 @@ fn default_and_unsupported_profiles() {
     assert!(!out.contains("xen_hypervisor"), "{out}");
     // health-check: Linux without Xen.
     let out = p.grub(&arm("health-check", None), &config()).unwrap();
+    assert!(
+        out.contains("if linux /artifacts/vmlinuz-arm64.gz console=ttyAMA0,115200 "),
+        "{out}"
+    );
+    assert!(out.contains("if initrd /artifacts/initrd-labbox-arm64.gz"));
+    let out = p.grub(&arm("health-check", None), &http_config()).unwrap();
     assert!(
         out.contains(
             "if linux (http,198.18.0.1:8080)/artifacts/vmlinuz-arm64.gz console=ttyAMA0,115200 "
@@ -263,7 +287,7 @@ fn one_lease_two_architectures() {
     assert!(ipxe.contains("kernel http://198.18.0.1:8080/artifacts/xen-4.17-amd64 "));
     assert!(ipxe.contains("lease=L-9"));
     let grub = text(f.open("hosts/52:54:00:aa:00:01.grub", None));
-    assert!(grub.contains("xen_hypervisor (http,198.18.0.1:8080)/artifacts/xen-4.17-arm64 "));
+    assert!(grub.contains("xen_hypervisor /artifacts/xen-4.17-arm64 "));
     assert!(grub.contains("lease=L-9"));
 }
 

@@ -5,9 +5,9 @@
 //! (option 93 = 11 → the GRUB image), GRUB's `grub/grub.cfg` and the
 //! per-host `hosts/<mac>.grub` rendered from the lease's profile come from
 //! the agent over TFTP; Xen, the dom0 kernel and the initrd from the
-//! agent's HTTP server, through GRUB's `http` module (the agent's log shows
-//! the host's GETs); the release puts the host back on the default
-//! profile. A second test leases an x86_64 and an aarch64 host
+//! agent's HTTP server, through GRUB's `http` module (`[http] grub = true`;
+//! the agent's log shows the host's GETs; `e2e_aarch64` boots the default,
+//! all over TFTP); the release puts the host back on the default profile. A second test leases an x86_64 and an aarch64 host
 //! together (API level, no VM).
 //!
 //! Everything runs inside a fresh network namespace `lab-arm-<pid>-<n>`
@@ -79,6 +79,7 @@ listen = "{SERVER_IP}:69"
 [http]
 listen = "{SERVER_IP}:8080"
 url = "http://{SERVER_IP}:8080"
+grub = true
 
 [assets]
 root = "{}"

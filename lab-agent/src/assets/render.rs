@@ -17,7 +17,7 @@
 //! | `profile` | the profile name |
 //! | `agent.http_url`, `agent.tftp_server` | the agent's HTTP base URL and TFTP address, or `""` |
 //! | `artifacts_url` | where the `artifacts/` tree is served (see [`RenderConfig::artifacts_url`]) |
-//! | `grub_artifacts` | the same tree as a GRUB path: `(http,HOST:PORT)/artifacts` over the agent's HTTP, else `/artifacts` over GRUB's TFTP (see [`RenderConfig::grub_artifacts`]) |
+//! | `grub_artifacts` | the same tree as a GRUB path: `/artifacts` over GRUB's TFTP, or `(http,HOST:PORT)/artifacts` over the agent's HTTP with [`RenderConfig::grub_http`] (see [`RenderConfig::grub_artifacts`]) |
 //! | `extra.*` | free-form strings from the agent's config |
 //!
 //! Undefined variables are errors ([`UndefinedBehavior::Strict`]), reported
@@ -47,6 +47,13 @@ pub struct RenderConfig {
     pub tftp_server: Option<IpAddr>,
     /// Overrides where artifacts are fetched from.
     pub artifacts_url: Option<String>,
+    /// GRUB hosts load their files from `artifacts_url` with GRUB's `http`
+    /// module rather than from its TFTP server (`agent.toml`: `[http]
+    /// grub = true`). Off by default: GRUB 2.06's TCP sends no MSS option
+    /// (so Linux sends it 536-byte segments) and keeps an 8 KiB window, and
+    /// under QEMU TCG that moved the kernel at about half the speed of its
+    /// 1024-byte lockstep TFTP (docs/netboot.md, "GRUB over HTTP").
+    pub grub_http: bool,
     /// Free-form variables from the config, visible as `extra.NAME`.
     pub extra: BTreeMap<String, String>,
 }
@@ -70,14 +77,16 @@ impl RenderConfig {
     }
 
     /// Where GRUB (aarch64 UEFI hosts) loads the `artifacts/` tree from, as a
-    /// GRUB path: [`artifacts_url`](Self::artifacts_url) through GRUB's
-    /// `http` module (`(http,198.18.0.1:8080)/artifacts`) when it is an
-    /// `http://` URL GRUB can fetch (see [`grub_http_path`]); otherwise
-    /// `/artifacts` on the TFTP server GRUB itself came from (GRUB's TFTP
-    /// asks for 1024-byte blocks in lockstep: ~3 s for an 11 MB kernel
-    /// under TCG, against a fraction of that over HTTP).
+    /// GRUB path: with [`grub_http`](Self::grub_http),
+    /// [`artifacts_url`](Self::artifacts_url) through GRUB's `http` module
+    /// (`(http,198.18.0.1:8080)/artifacts`) if it is an `http://` URL GRUB
+    /// can fetch (see [`grub_http_path`]); otherwise `/artifacts` on the
+    /// TFTP server GRUB itself came from.
     pub fn grub_artifacts(&self) -> String {
-        grub_http_path(&self.artifacts_url()).unwrap_or_else(|| "/artifacts".to_owned())
+        self.grub_http
+            .then(|| grub_http_path(&self.artifacts_url()))
+            .flatten()
+            .unwrap_or_else(|| "/artifacts".to_owned())
     }
 }
 
@@ -437,9 +446,16 @@ mod tests {
         let http = RenderConfig {
             http_url: Some("http://198.18.0.1:8080/".into()),
             tftp_server: Some("198.18.0.1".parse().unwrap()),
+            grub_http: true,
             ..RenderConfig::default()
         };
         assert_eq!(http.grub_artifacts(), "(http,198.18.0.1:8080)/artifacts");
+        // Not asked for: GRUB's TFTP, although the agent serves HTTP.
+        let off = RenderConfig {
+            grub_http: false,
+            ..http.clone()
+        };
+        assert_eq!(off.grub_artifacts(), "/artifacts");
         // An override wins, as for iPXE.
         let mirror = RenderConfig {
             artifacts_url: Some("http://mirror.lab/boot/".into()),
