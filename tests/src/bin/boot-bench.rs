@@ -19,10 +19,10 @@
 //!
 //! * aarch64 (a): the same lease through the whole lab for an aarch64 UEFI
 //!   host (a `qemu-system-aarch64` virt VM with AAVMF behind its `ipmi_sim`
-//!   BMC): UEFI PXE → the agent's DHCP (option 93 = 11) → GRUB (over
-//!   TFTP) → the per-host `hosts/<mac>.grub` → Xen, the dom0 kernel and
-//!   the initrd over the agent's HTTP (GRUB's `http` module) → Xen on ARM +
-//!   dom0 → the marker.
+//!   BMC): UEFI PXE → the agent's DHCP (option 93 = 11) → GRUB → the
+//!   per-host `hosts/<mac>.grub` → Xen, the dom0 kernel and the initrd
+//!   (all over TFTP: the box's agent leaves `[http] grub` off) → Xen on
+//!   ARM + dom0 → the marker.
 //! * aarch64 (c): the floor, QEMU boots the same images directly
 //!   (`-kernel` Xen, the dom0 kernel and initrd as two `guest-loader`
 //!   devices) with the command lines of `pxe-assets/profiles/xen.grub.j2`.
