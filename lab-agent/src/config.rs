@@ -138,6 +138,8 @@ struct RawHttp {
     header_timeout: Option<toml::Spanned<String>>,
     idle_timeout: Option<toml::Spanned<String>>,
     send_timeout: Option<toml::Spanned<String>>,
+    /// GRUB hosts load Xen, the kernel and the initrd over this server.
+    grub: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +168,10 @@ pub struct HttpSettings {
     pub url: String,
     /// Connection caps and timeouts (the defaults where not set).
     pub limits: HttpConfig,
+    /// GRUB hosts (aarch64 UEFI) load Xen, the kernel and the initrd over
+    /// this server with GRUB's `http` module instead of its TFTP
+    /// (`RenderConfig::grub_http`; default off, see docs/netboot.md).
+    pub grub: bool,
 }
 
 /// The validated configuration.
@@ -393,6 +399,7 @@ impl AgentConfig {
                     listen: h.listen,
                     url: h.url.trim_end_matches('/').to_owned(),
                     limits,
+                    grub: h.grub.unwrap_or(false),
                 })
             }
         };
@@ -628,6 +635,11 @@ artifacts = "/var/cache/lab/artifacts"
         );
         assert_eq!(c.http.as_ref().unwrap().url, "http://198.18.0.1:8080");
         assert_eq!(c.http.as_ref().unwrap().limits, HttpConfig::default());
+        // GRUB stays on TFTP unless asked.
+        assert!(!c.http.as_ref().unwrap().grub);
+        let grub = GOOD.replace("[http]\n", "[http]\ngrub = true\n");
+        let c2 = AgentConfig::parse(&grub, Path::new("/etc/lab/agent.toml")).unwrap();
+        assert!(c2.http.unwrap().grub);
         let t = c.tftp.as_ref().unwrap();
         assert_eq!((t.max_transfers_per_client, t.max_timeout), (None, None));
         assert_eq!(c.dhcp.as_ref().unwrap().interface.as_deref(), Some("br0"));

@@ -123,6 +123,7 @@ async fn run(args: Args) -> Result<()> {
                     .filter(|ip| !ip.is_unspecified())
             }),
         artifacts_url: None,
+        grub_http: cfg.http.as_ref().is_some_and(|h| h.grub),
         extra: Default::default(),
     };
     let files: Arc<dyn FileSource> = Arc::new(

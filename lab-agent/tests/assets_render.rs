@@ -26,6 +26,7 @@ fn config() -> RenderConfig {
         http_url: Some("http://198.18.0.1:8080".into()),
         tftp_server: Some("198.18.0.1".parse().unwrap()),
         artifacts_url: None,
+        grub_http: false,
         extra: BTreeMap::new(),
     }
 }

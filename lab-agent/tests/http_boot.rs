@@ -1,6 +1,7 @@
 //! The HTTP boot server against a real client (`curl`, Debian package
 //! `curl`): whole downloads, HEAD, ranges, traversal and symlink escapes
-//! refused, per-host scripts rendered from the host table; and its limits
+//! refused, per-host scripts rendered from the host table, responses as
+//! GRUB's case-sensitive HTTP client needs them; and its limits
 //! against hand-made clients: connection caps per client address and in
 //! all, the header, send and idle timeouts, a slow reader left alone.
 //! (The flood of a hostile lease holder against the whole agent binary is
@@ -233,6 +234,79 @@ async fn download_head_and_range() {
 
     let r = curl(&s, "/artifacts/nope", &[]).await;
     assert_eq!(r.status, 404);
+    s.stop().await;
+}
+
+/// One response read as GRUB 2.06's `http` module reads it
+/// (`grub-core/net/http.c`): the status line must start `HTTP/1.1 `, the
+/// headers are matched byte for byte (`Content-Length: `), the body is read
+/// up to that length and the connection then dropped (GRUB sends no
+/// `Connection: close`). Returns the header block and the body.
+async fn grub_get(s: &Server, path: &str, range_from: Option<u64>) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // GRUB's request, byte for byte (its Host header has no port).
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: GRUB 2.06-13+deb12u2\r\n");
+    if let Some(from) = range_from {
+        req.push_str(&format!("Range: bytes={from}-\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end + 2].to_vec()).unwrap();
+                let len: usize = head
+                    .split("\r\n")
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map(|v| v.parse().unwrap())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    let n = c.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before the body ended");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return (head, buf[end + 4..end + 4 + len].to_vec());
+            }
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the headers ended: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a whole response within 10 s, without the connection closing")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grub_reads_status_length_and_body() {
+    let s = Server::start().await;
+    let blob = std::fs::read(s.artifacts.join("blob.bin")).unwrap();
+    let (head, body) = grub_get(&s, "/artifacts/blob.bin", None).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    // Case-exact: GRUB 2.06 does not recognize `content-length: `, and
+    // without it xen_boot cannot size the module.
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", blob.len())),
+        "{head}"
+    );
+    assert!(body == blob, "body is not byte-identical");
+    // GRUB seeks forward by asking again from an offset.
+    let (head, body) = grub_get(&s, "/artifacts/blob.bin", Some(1000)).await;
+    assert!(head.starts_with("HTTP/1.1 206 "), "{head}");
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", blob.len() - 1000)),
+        "{head}"
+    );
+    assert!(body == blob[1000..]);
+    // A missing file: GRUB reports "file not found" on a 404 status line.
+    let (head, _) = grub_get(&s, "/artifacts/nope", None).await;
+    assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
     s.stop().await;
 }
 

@@ -18,6 +18,7 @@
 //! | `agent.http_url`, `agent.tftp_server` | the agent's HTTP base URL and TFTP address, or `""` |
 //! | `artifacts_url` | where the `artifacts/` tree is served (see [`RenderConfig::artifacts_url`]) |
 //! | `install.*` | per host, for a profile that installs to disk ([`InstallVars`]); undefined when the agent has none |
+//! | `grub_artifacts` | the same tree as a GRUB path: `/artifacts` over GRUB's TFTP, or `(http,HOST:PORT)/artifacts` over the agent's HTTP with [`RenderConfig::grub_http`] (see [`RenderConfig::grub_artifacts`]) |
 //! | `extra.*` | free-form strings from the agent's config |
 //!
 //! Undefined variables are errors ([`UndefinedBehavior::Strict`]), reported
@@ -47,6 +48,13 @@ pub struct RenderConfig {
     pub tftp_server: Option<IpAddr>,
     /// Overrides where artifacts are fetched from.
     pub artifacts_url: Option<String>,
+    /// GRUB hosts load their files from `artifacts_url` with GRUB's `http`
+    /// module rather than from its TFTP server (`agent.toml`: `[http]
+    /// grub = true`). Off by default: GRUB 2.06's TCP sends no MSS option
+    /// (so Linux sends it 536-byte segments) and keeps an 8 KiB window, and
+    /// under QEMU TCG that moved the kernel at about half the speed of its
+    /// 1024-byte lockstep TFTP (docs/netboot.md, "GRUB over HTTP").
+    pub grub_http: bool,
     /// Free-form variables from the config, visible as `extra.NAME`.
     pub extra: BTreeMap<String, String>,
 }
@@ -68,6 +76,55 @@ impl RenderConfig {
             None => "tftp://${next-server}/artifacts".to_owned(),
         }
     }
+
+    /// Where GRUB (aarch64 UEFI hosts) loads the `artifacts/` tree from, as a
+    /// GRUB path: with [`grub_http`](Self::grub_http),
+    /// [`artifacts_url`](Self::artifacts_url) through GRUB's `http` module
+    /// (`(http,198.18.0.1:8080)/artifacts`) if it is an `http://` URL GRUB
+    /// can fetch (see [`grub_http_path`]); otherwise `/artifacts` on the
+    /// TFTP server GRUB itself came from.
+    pub fn grub_artifacts(&self) -> String {
+        self.grub_http
+            .then(|| grub_http_path(&self.artifacts_url()))
+            .flatten()
+            .unwrap_or_else(|| "/artifacts".to_owned())
+    }
+}
+
+/// `http://HOST[:PORT][/PATH]` as the GRUB path `(http,HOST[:PORT])/PATH`
+/// (GRUB 2.06's `http` module; without a port it uses 80). `None` for what
+/// that module cannot fetch or the device syntax cannot carry: another
+/// scheme (`https`, `tftp`), user info, a query or fragment, an IPv6
+/// literal, a host or port with other characters than letters, digits,
+/// `.` and `-`.
+pub fn grub_http_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    if rest.contains(['?', '#', '@', ',', '(', ')', ' ', '\\']) {
+        return None;
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !host_ok {
+        return None;
+    }
+    let device = match port {
+        Some(p) => {
+            let port: u16 = p.parse().ok().filter(|&n| n != 0)?;
+            format!("(http,{host}:{port})")
+        }
+        None => format!("(http,{host})"),
+    };
+    Some(format!("{device}{}", path.trim_end_matches('/')))
 }
 
 /// Per-host variables of a profile that installs to disk (`install.*`,
@@ -372,6 +429,7 @@ pub fn context_with(host: &BootHost, config: &RenderConfig, install: &InstallVar
         ("profile", s(&host.profile)),
         ("agent", Value::from(agent)),
         ("artifacts_url", Value::from(config.artifacts_url())),
+        ("grub_artifacts", Value::from(config.grub_artifacts())),
         ("extra", Value::from(extra)),
     ]);
     if let Some(install) = install.value() {
@@ -396,5 +454,75 @@ fn classify(template: &str, e: minijinja::Error) -> RenderError {
     RenderError::Render {
         template: template.to_owned(),
         source: e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_http_paths() {
+        for (url, want) in [
+            (
+                "http://198.18.0.1:8080/artifacts",
+                Some("(http,198.18.0.1:8080)/artifacts"),
+            ),
+            (
+                "http://boot.lab/artifacts",
+                Some("(http,boot.lab)/artifacts"),
+            ),
+            (
+                "http://boot-1.lab:80/pxe/artifacts/",
+                Some("(http,boot-1.lab:80)/pxe/artifacts"),
+            ),
+            ("http://10.0.0.1", Some("(http,10.0.0.1)")),
+            // What GRUB 2.06's http module cannot fetch, or its device
+            // syntax cannot carry: TFTP stays.
+            ("https://198.18.0.1/artifacts", None),
+            ("tftp://198.18.0.1/artifacts", None),
+            ("tftp://${next-server}/artifacts", None),
+            ("http://[fd00::1]:8080/artifacts", None),
+            ("http://user@host/artifacts", None),
+            ("http://host/artifacts?x=1", None),
+            ("http://host:0/artifacts", None),
+            ("http://host:65536/artifacts", None),
+            ("http://host:/artifacts", None),
+            ("http:///artifacts", None),
+            ("http://ho,st/artifacts", None),
+            ("http://host/arti facts", None),
+        ] {
+            assert_eq!(grub_http_path(url).as_deref(), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn grub_artifacts_follow_artifacts_url() {
+        let http = RenderConfig {
+            http_url: Some("http://198.18.0.1:8080/".into()),
+            tftp_server: Some("198.18.0.1".parse().unwrap()),
+            grub_http: true,
+            ..RenderConfig::default()
+        };
+        assert_eq!(http.grub_artifacts(), "(http,198.18.0.1:8080)/artifacts");
+        // Not asked for: GRUB's TFTP, although the agent serves HTTP.
+        let off = RenderConfig {
+            grub_http: false,
+            ..http.clone()
+        };
+        assert_eq!(off.grub_artifacts(), "/artifacts");
+        // An override wins, as for iPXE.
+        let mirror = RenderConfig {
+            artifacts_url: Some("http://mirror.lab/boot/".into()),
+            ..http.clone()
+        };
+        assert_eq!(mirror.grub_artifacts(), "(http,mirror.lab)/boot");
+        // No HTTP: the TFTP server GRUB came from.
+        let tftp = RenderConfig {
+            http_url: None,
+            ..http
+        };
+        assert_eq!(tftp.grub_artifacts(), "/artifacts");
+        assert_eq!(RenderConfig::default().grub_artifacts(), "/artifacts");
     }
 }

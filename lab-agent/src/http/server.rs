@@ -15,6 +15,9 @@
 //!   progresses each time the client has read 64 KiB, so a client is cut
 //!   only when it reads less than that in `send_timeout` (2 KiB/s with the
 //!   default 30 s).
+//! - Header names go out title-cased (`Content-Length: `): GRUB's HTTP
+//!   client (aarch64 hosts load Xen, the kernel and the initrd with it)
+//!   matches them byte for byte.
 //! - Accept errors that are not about one connection (`EMFILE`, `ENFILE`,
 //!   `ENOBUFS`, `ENOMEM`, …) pause accepting, 10 ms doubling to 1 s, and
 //!   are logged once per burst with their count; the first accepted
@@ -249,9 +252,15 @@ impl HttpServer {
             accept_errors: LogLimiter::new(config.log_interval),
         };
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // Title-case header names (`Content-Length`, not hyper's
+        // `content-length`): GRUB 2.06's HTTP client compares them
+        // case-sensitively and, without a length it recognizes, cannot size
+        // a file (xen_boot refuses it) nor tell where the body ends on a
+        // kept-alive connection.
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout);
+            .header_read_timeout(config.header_timeout)
+            .title_case_headers(true);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut tick = tokio::time::interval(config.log_interval);

@@ -20,7 +20,9 @@
 //! * aarch64 (a): the same lease through the whole lab for an aarch64 UEFI
 //!   host (a `qemu-system-aarch64` virt VM with AAVMF behind its `ipmi_sim`
 //!   BMC): UEFI PXE → the agent's DHCP (option 93 = 11) → GRUB → the
-//!   per-host `hosts/<mac>.grub` → Xen on ARM + dom0 → the marker.
+//!   per-host `hosts/<mac>.grub` → Xen, the dom0 kernel and the initrd
+//!   (all over TFTP: the box's agent leaves `[http] grub` off) → Xen on
+//!   ARM + dom0 → the marker.
 //! * aarch64 (c): the floor, QEMU boots the same images directly
 //!   (`-kernel` Xen, the dom0 kernel and initrd as two `guest-loader`
 //!   devices) with the command lines of `pxe-assets/profiles/xen.grub.j2`.
@@ -265,21 +267,25 @@ struct ArmBoot {
 }
 
 fn arm_boot() -> Result<ArmBoot> {
-    let (xen, modules) = profile_boot("xen.grub.j2", "xen_hypervisor /artifacts/…", |line| {
-        // `if xen_module --nounzip /artifacts/FILE ARGS; then`
-        let line = line.strip_prefix("if ").unwrap_or(line);
-        let line = line.strip_suffix("; then").unwrap_or(line);
-        let (kind, rest) = line.split_once(' ')?;
-        let hypervisor = match kind {
-            "xen_hypervisor" => true,
-            "xen_module" => false,
-            _ => return None,
-        };
-        rest.trim_start_matches("--nounzip")
-            .trim()
-            .strip_prefix("/artifacts/")
-            .map(|r| (hypervisor, r))
-    })?;
+    let (xen, modules) = profile_boot(
+        "xen.grub.j2",
+        "xen_hypervisor {{ grub_artifacts }}/…",
+        |line| {
+            // `if xen_module --nounzip {{ grub_artifacts }}/FILE ARGS; then`
+            let line = line.strip_prefix("if ").unwrap_or(line);
+            let line = line.strip_suffix("; then").unwrap_or(line);
+            let (kind, rest) = line.split_once(' ')?;
+            let hypervisor = match kind {
+                "xen_hypervisor" => true,
+                "xen_module" => false,
+                _ => return None,
+            };
+            rest.trim_start_matches("--nounzip")
+                .trim()
+                .strip_prefix("{{ grub_artifacts }}/")
+                .map(|r| (hypervisor, r))
+        },
+    )?;
     Ok(ArmBoot { xen, modules })
 }
 
