@@ -203,6 +203,91 @@ where
     }
 }
 
+type AgentClient = lab_proto::v1::agent_service_client::AgentServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        lab_client::auth::BearerAuth,
+    >,
+>;
+
+/// An `AgentService` client with `token`, to play an agent (or an impostor).
+async fn agent_client(server: &InProcessServer, token: &str) -> AgentClient {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = lab_client::auth::BearerToken::new(token).unwrap();
+    lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        lab_client::auth::BearerAuth::new(Some(token)),
+    )
+}
+
+/// The in-process server with real tokens (`t-alice` ci, `t-bob` developer,
+/// `t-op` operator, `agent-r1`, plus `tokens`), r1's agent attached, h0's
+/// console accepted and h0 reachable.
+struct TokenLab {
+    _tmp: tempfile::TempDir,
+    server: InProcessServer,
+    agent: tokio::task::JoinHandle<()>,
+    serial: TcpStream,
+    alice: Clients,
+    bob: Clients,
+    op: Clients,
+}
+
+async fn token_lab(
+    more_inventory: impl FnOnce(&Path) -> String,
+    tokens: &[(&str, &str, &str)],
+) -> TokenLab {
+    use lab_server::auth::Authenticator;
+    let tmp = tempfile::tempdir().unwrap();
+    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = console.local_addr().unwrap().port();
+    let mut inv = inventory(tmp.path(), port);
+    inv.push_str(&more_inventory(tmp.path()));
+    let mut all = vec![
+        ("t-alice", "alice", "ci"),
+        ("t-bob", "bob", "developer"),
+        ("t-op", "root", "operator"),
+        ("agent-r1", "agent-r1", "agent"),
+    ];
+    all.extend_from_slice(tokens);
+    let auth =
+        Authenticator::parse(&lab_tests::tokens_toml(&all), Path::new("tokens.toml")).unwrap();
+    let server = InProcessServer::start(ServerOptions {
+        inventory: Some(inv),
+        agents: true,
+        auth,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let agent = start_agent(&server, rack(&tmp.path().join("agent"), Bmcs::default()));
+    let (serial, _) = tokio::time::timeout(WAIT, console.accept())
+        .await
+        .expect("capture of h0")
+        .unwrap();
+    let alice = server.clients("t-alice").await.unwrap();
+    let bob = server.clients("t-bob").await.unwrap();
+    let op = server.clients("t-op").await.unwrap();
+    until("h0 reachable", || {
+        let mut c = alice.clone();
+        async move { host(&mut c, "h0").await.reachable.then_some(()) }
+    })
+    .await;
+    TokenLab {
+        _tmp: tmp,
+        server,
+        agent,
+        serial,
+        alice,
+        bob,
+        op,
+    }
+}
+
 async fn read_until(sock: &mut TcpStream, want: &[u8]) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
@@ -701,40 +786,15 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
 /// holder's console ends with the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_holder_drives_a_host_and_only_agents_attach() {
-    use lab_server::auth::Authenticator;
-    let tmp = tempfile::tempdir().unwrap();
-    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = console.local_addr().unwrap().port();
-    let tokens = lab_tests::tokens_toml(&[
-        ("t-alice", "alice", "ci"),
-        ("t-bob", "bob", "developer"),
-        ("t-op", "root", "operator"),
-        ("agent-r1", "agent-r1", "agent"),
-        ("t-fake", "agent-r2", "agent"),
-    ]);
-    let auth = Authenticator::parse(&tokens, Path::new("tokens.toml")).unwrap();
-    let server = InProcessServer::start(ServerOptions {
-        inventory: Some(inventory(tmp.path(), port)),
-        agents: true,
-        auth,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let bmcs: Bmcs = Arc::default();
-    let agent = start_agent(&server, rack(&tmp.path().join("agent"), bmcs.clone()));
-    let (mut serial, _) = tokio::time::timeout(WAIT, console.accept())
-        .await
-        .expect("capture of h0")
-        .unwrap();
-    let mut alice = server.clients("t-alice").await.unwrap();
-    let mut bob = server.clients("t-bob").await.unwrap();
-    let mut op = server.clients("t-op").await.unwrap();
-    until("h0 reachable", || {
-        let mut c = alice.clone();
-        async move { host(&mut c, "h0").await.reachable.then_some(()) }
-    })
-    .await;
+    let TokenLab {
+        _tmp,
+        server,
+        agent,
+        mut serial,
+        mut alice,
+        mut bob,
+        mut op,
+    } = token_lab(|_| String::new(), &[("t-fake", "agent-r2", "agent")]).await;
     let l = alice
         .grant_now(pb::LeaseRequest {
             hosts: vec!["h0".into()],
@@ -788,8 +848,8 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
 
     // Agents make no user calls; users and other agents cannot attach.
-    let mut agent_client = server.clients("agent-r1").await.unwrap();
-    let st = agent_client
+    let mut as_agent = server.clients("agent-r1").await.unwrap();
+    let st = as_agent
         .hosts
         .list_hosts(pb::ListHostsRequest::default())
         .await
@@ -798,20 +858,9 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
     for (token, code) in [
         ("t-alice", tonic::Code::PermissionDenied),
         ("t-fake", tonic::Code::PermissionDenied),
+        ("t-op", tonic::Code::PermissionDenied),
     ] {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let mut c = lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
-            channel,
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", bearer.clone());
-                Ok(r)
-            },
-        );
+        let mut c = agent_client(&server, token).await;
         let hello = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::AgentHello {
                 rack: "r1".into(),
@@ -897,45 +946,24 @@ async fn console_until(out: &mut tonic::Streaming<pb::ConsoleResponse>, want: &s
 /// attach as an agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neighbours_see_and_speak_only_for_their_own() {
-    use lab_server::auth::Authenticator;
-    let tmp = tempfile::tempdir().unwrap();
-    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = console.local_addr().unwrap().port();
-    let mut inv = inventory(tmp.path(), port);
-    inv.push_str(&format!(
-        "\n[[rack]]\nname = \"r2\"\nagent = \"agent-r2\"\n\n[[host]]\nname = \"h9\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"r2\"\nmac = \"52:54:00:00:00:19\"\n\
-         [host.bmc]\naddress = \"127.0.0.1\"\nport = 10009\nuser = \"admin\"\npassword_file = \"{}\"\n[host.console]\nkind = \"none\"\n",
-        tmp.path().join("bmc.pw").display()
-    ));
-    let tokens = lab_tests::tokens_toml(&[
-        ("t-alice", "alice", "ci"),
-        ("t-bob", "bob", "developer"),
-        ("t-op", "root", "operator"),
-        ("agent-r1", "agent-r1", "agent"),
-        ("agent-r2", "agent-r2", "agent"),
-    ]);
-    let auth = Authenticator::parse(&tokens, Path::new("tokens.toml")).unwrap();
-    let server = InProcessServer::start(ServerOptions {
-        inventory: Some(inv),
-        agents: true,
-        auth,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let bmcs: Bmcs = Arc::default();
-    let agent = start_agent(&server, rack(&tmp.path().join("agent"), bmcs.clone()));
-    let (mut serial, _) = tokio::time::timeout(WAIT, console.accept())
-        .await
-        .expect("capture of h0")
-        .unwrap();
-    let mut alice = server.clients("t-alice").await.unwrap();
-    let mut bob = server.clients("t-bob").await.unwrap();
-    let mut op = server.clients("t-op").await.unwrap();
-    until("h0 reachable", || {
-        let mut c = alice.clone();
-        async move { host(&mut c, "h0").await.reachable.then_some(()) }
-    })
+    let TokenLab {
+        _tmp,
+        server,
+        agent,
+        mut serial,
+        mut alice,
+        mut bob,
+        mut op,
+    } = token_lab(
+        |dir| {
+            format!(
+                "\n[[rack]]\nname = \"r2\"\nagent = \"agent-r2\"\n\n[[host]]\nname = \"h9\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"r2\"\nmac = \"52:54:00:00:00:19\"\n\
+                 [host.bmc]\naddress = \"127.0.0.1\"\nport = 10009\nuser = \"admin\"\npassword_file = \"{}\"\n[host.console]\nkind = \"none\"\n",
+                dir.join("bmc.pw").display()
+            )
+        },
+        &[("agent-r2", "agent-r2", "agent")],
+    )
     .await;
 
     let open = |replay_bytes| {
@@ -1008,19 +1036,7 @@ async fn neighbours_see_and_speak_only_for_their_own() {
     // Rack r2's agent reports about h0 (rack r1): forged unreachability and
     // a forged READY for Bob's lease. Then a true report about its own h9;
     // once that one shows, the forged ones were handled (one ordered stream).
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = "Bearer agent-r2".parse().unwrap();
-    let mut r2 = lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
-        channel,
-        move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        },
-    );
+    let mut r2 = agent_client(&server, "agent-r2").await;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
     let msg = |m| pb::AgentMessage { msg: Some(m) };
     tx.send(msg(pb::agent_message::Msg::Hello(pb::AgentHello {
@@ -1087,19 +1103,7 @@ async fn neighbours_see_and_speak_only_for_their_own() {
 
     // An operator's token cannot attach as r1's agent (outside the
     // development mode).
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = "Bearer t-op".parse().unwrap();
-    let mut c = lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
-        channel,
-        move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        },
-    );
+    let mut c = agent_client(&server, "t-op").await;
     let hello = msg(pb::agent_message::Msg::Hello(pb::AgentHello {
         rack: "r1".into(),
         version: "test".into(),
