@@ -16,6 +16,11 @@
 #   xen-4.17-amd64         Xen hypervisor, gunzipped (iPXE's multiboot loader needs it so)
 #   vmlinuz-amd64          Debian dom0 kernel (current linux-image-amd64)
 #   initrd-labbox-amd64.gz busybox initramfs; init prints LAB-DOM0-OK and powers off
+#   initrd-install-amd64.gz the disk installer (installer/init: streams the
+#                          disk image of build-image.sh to the host's disk);
+#                          busybox, Debian's zstd + libraries, NIC/disk/ext4
+#                          modules of the same kernel; VERSIONS-install is its
+#                          cache key (rebuilt only when it changes)
 #   undionly.kpxe          iPXE for BIOS PXE ROMs (chainloaded)
 #   ipxe.efi snponly.efi   iPXE for x86 UEFI (all drivers / firmware's network stack)
 #   VERSIONS               the package versions used
@@ -24,10 +29,12 @@
 # machine's dpkg architectures are not changed):
 #   grubnetaa64-lab.efi    GRUB netboot image built with grub-mkimage (from
 #                          grub-common, unpacked, not installed) with efinet,
-#                          tftp, xen_boot, gzio, ... built in; prefix (tftp)/grub
+#                          tftp, http, xen_boot, gzio, ... built in; prefix
+#                          (tftp)/grub (the per-host configs load Xen, the
+#                          kernel and the initrd over http)
 #   xen-4.17-arm64         Xen hypervisor for arm64
-#   vmlinuz-arm64.gz       Debian arm64 kernel (an Image), gzipped: GRUB's TFTP
-#                          is slow (blksize 1024); loaded with --nounzip, Xen unpacks it
+#   vmlinuz-arm64.gz       Debian arm64 kernel (an Image), gzipped; loaded with
+#                          --nounzip, Xen unpacks it
 #   initrd-labbox-arm64.gz the same initramfs as x86, arm64 busybox and modules
 #   VERSIONS-arm64         their package versions and input hashes (the arm64
 #                          outputs are rebuilt only when this changes)
@@ -153,6 +160,79 @@ for f in xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz undionly.kpxe ipxe.
   mv -f "$work/$f" "$out/$f"
 done
 
+# ------------------------------------------------------------- installer
+# The disk installer's initramfs (profile xen-install, installer/init):
+# busybox, Debian's zstd with the libraries it links (busybox has no zstd),
+# GNU tee and sha256sum (busybox's tee copies 1 KiB at a time: the install
+# pipeline ran 2.5x slower with it under TCG), and the NIC, disk and ext4 modules of the same kernel as vmlinuz-amd64
+# with everything they depend on (modules.dep made by busybox depmod).
+# Rebuilt only when VERSIONS-install (package versions, input hashes) changes.
+inst_mods="virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe tg3
+  ahci ata_piix sd_mod nvme ext4 crc32c_generic"
+zdeb=$(deb_for zstd)
+zlibdebs="$(deb_for zlib1g) $(deb_for liblzma5) $(deb_for liblz4-1) $(deb_for libc6)"
+cudeb=$(deb_for coreutils)
+keep_inst="$zdeb $zlibdebs $cudeb"
+{
+  echo "kernel $kpkg ${kdeb##*/}"
+  echo "busybox ${bdeb##*/}"
+  for d in $keep_inst; do echo "lib ${d##*/}"; done
+  echo "modules $inst_mods"
+  (cd "$here" && sha256sum fetch-artifacts.sh installer/init)
+} > "$work/VERSIONS-install"
+if [ -s "$out/initrd-install-amd64.gz" ] && cmp -s "$work/VERSIONS-install" "$out/VERSIONS-install"; then
+  echo "installer initramfs up to date (VERSIONS-install)"
+else
+  i=$work/install
+  iroot=$i/rootfs
+  mkdir -p "$i" "$iroot"/{bin,usr/bin,dev,proc,sys,tmp,mnt,run,etc,lib/x86_64-linux-gnu,lib64}
+  cp "$work/bin/busybox" "$iroot/bin/busybox"
+  # zstd, tee, sha256sum and their libraries (cp -L: the .debs ship
+  # symlinks to versioned files)
+  for d in $keep_inst; do dpkg-deb -x "$d" "$i/debs"; done
+  cp "$i/debs/usr/bin/zstd" "$iroot/bin/zstd"
+  cp "$i/debs/usr/bin/tee" "$i/debs/usr/bin/sha256sum" "$iroot/usr/bin/"
+  for l in libc.so.6 libz.so.1 liblzma.so.5 liblz4.so.1; do
+    f=$(find "$i/debs" -name "$l" | head -n1)
+    [ -n "$f" ] || { echo "installer: $l not in the .debs" >&2; exit 1; }
+    cp -L "$f" "$iroot/lib/x86_64-linux-gnu/$l"
+  done
+  cp -L "$i/debs/lib64/ld-linux-x86-64.so.2" "$iroot/lib64/ld-linux-x86-64.so.2"
+  # Modules: the wanted ones and, transitively, their "depends=" (from the
+  # .modinfo strings; every dependency is a module, never built in).
+  (cd "$i" && dpkg-deb --fsys-tarfile "$kdeb" | tar -x --wildcards "./lib/modules/$kver/kernel/*")
+  kroot=$i/lib/modules/$kver
+  (cd "$kroot" && find kernel -name '*.ko' | awk '{ n = $0; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); print n, $0 }') > "$i/ko.index"
+  queue=$inst_mods have=" "
+  while [ -n "$(echo $queue)" ]; do
+    # shellcheck disable=SC2086  # a word list
+    set -- $queue; m=$(echo "$1" | tr - _); shift; queue="$*"
+    case "$have" in *" $m "*) continue ;; esac
+    f=$(awk -v m="$m" '$1 == m { print $2; exit }' "$i/ko.index")
+    [ -n "$f" ] || { echo "installer: module $m not in $kpkg" >&2; exit 1; }
+    have="$have$m "
+    mkdir -p "$iroot/lib/modules/$kver/$(dirname "$f")"
+    cp "$kroot/$f" "$iroot/lib/modules/$kver/$f"
+    queue="$queue $(tr '\0' '\n' < "$kroot/$f" | sed -n 's/^depends=//p' | head -n1 | tr , ' ')"
+  done
+  "$work/bin/busybox" depmod -b "$iroot" "$kver"
+  for m in $inst_mods; do grep -q "/$m.ko:" "$iroot/lib/modules/$kver/modules.dep" ||
+    grep -q "/${m//_/-}.ko:" "$iroot/lib/modules/$kver/modules.dep" ||
+    { echo "installer: $m missing from modules.dep" >&2; exit 1; }; done
+  install -m 0755 "$here/installer/init" "$iroot/init"
+  if [ "$(id -u)" = 0 ]; then
+    mknod -m 600 "$iroot/dev/console" c 5 1; mknod -m 666 "$iroot/dev/null" c 1 3
+    # The copied binaries run with only what the initramfs has.
+    for b in /bin/zstd /usr/bin/tee /usr/bin/sha256sum; do
+      chroot "$iroot" "$b" --version >/dev/null || { echo "installer: $b does not run in the initramfs" >&2; exit 1; }
+    done
+  fi
+  (cd "$iroot" && find . | LC_ALL=C sort | "$work/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -n -6 > "$work/initrd-install-amd64.gz"
+  mv -f "$work/initrd-install-amd64.gz" "$out/initrd-install-amd64.gz"
+  mv -f "$work/VERSIONS-install" "$out/VERSIONS-install"
+  rm -rf "$i"
+fi
+
 # ------------------------------------------------------------------ arm64
 # UEFI PXE -> GRUB -> Xen on ARM -> dom0 (lab-in-a-box aarch64/). The x86
 # outputs above are in place even if something here fails.
@@ -197,12 +277,15 @@ if [ "${LAB_NO_ARM64:-0}" != 1 ]; then
     # GRUB: Debian's grubnetaa64.efi lacks xen_boot, so build an image with
     # every module the lab's GRUB configs use built in (no .mod files over
     # TFTP). Prefix /grub: GRUB turns it into (tftp,<next-server>)/grub, and
-    # its normal mode reads grub/grub.cfg (pxe-assets/grub/grub.cfg).
+    # its normal mode reads grub/grub.cfg (pxe-assets/grub/grub.cfg). http:
+    # the per-host configs load Xen, the kernel and the initrd from the
+    # agent's HTTP server, (http,ADDR:PORT)/artifacts/...; GRUB's TFTP
+    # (1024-byte blocks in lockstep) took ~3 s for the kernel alone.
     (cd "$a" && dpkg-deb -x "$agdeb" grub && dpkg-deb -x "$gcdeb" grub-common)
     "$a/grub-common/usr/bin/grub-mkimage" -O arm64-efi -d "$a/grub/usr/lib/grub/arm64-efi" \
       -p /grub -o "$work/grubnetaa64-lab.efi" \
       normal configfile echo test sleep minicmd halt reboot \
-      net efinet tftp gzio xen_boot linux
+      net efinet tftp http gzio xen_boot linux
 
     # The initramfs: as x86's, with the arm64 busybox and modules (cpio is
     # run by the amd64 busybox unpacked above).
@@ -223,7 +306,7 @@ fi
 # drop .debs of versions no longer current
 for d in "$out"/debs/*.deb "$out"/debs/arm64/*.deb; do
   [ -e "$d" ] || continue
-  case " $kdeb $xdeb $bdeb $ideb $keep_arm " in *" $d "*) ;; *) rm -f "$d" ;; esac
+  case " $kdeb $xdeb $bdeb $ideb $keep_inst $keep_arm " in *" $d "*) ;; *) rm -f "$d" ;; esac
 done
-cd "$out" && ls -l xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz undionly.kpxe ipxe.efi snponly.efi
+cd "$out" && ls -l xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz initrd-install-amd64.gz undionly.kpxe ipxe.efi snponly.efi
 if [ -n "$keep_arm" ]; then ls -l "${arm_files[@]}"; fi

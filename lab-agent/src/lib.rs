@@ -17,7 +17,8 @@
 //! - [`config`]: `agent.toml`, raw and validated.
 //! - [`link`]: the one Attach stream to lab-server: desired state down,
 //!   reports and command answers up; `link::convert` is the one place
-//!   protobuf meets the domain types.
+//!   protobuf meets the domain types; `link::forward` carries a user's TCP
+//!   connection to a port of a host's inventory IPv4.
 //! - [`rack`]: the rack model: a handle that routes to one reconciler task
 //!   per host (BMC, probe, console capture, power commands) and keeps the
 //!   boot table; a host is provisioned and reclaimed by the pure plan/step

@@ -4,7 +4,7 @@
 //! (`tests/golden/`; regenerate with `UPDATE_GOLDEN=1`).
 
 use lab_agent::assets::render::{
-    GRUB_SUFFIX, PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
+    GRUB_SUFFIX, InstallVars, PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
 };
 use lab_agent::hosts::{Arch, BootHost, Firmware};
 use std::collections::BTreeMap;
@@ -26,6 +26,7 @@ fn config() -> RenderConfig {
         http_url: Some("http://198.18.0.1:8080".into()),
         tftp_server: Some("198.18.0.1".parse().unwrap()),
         artifacts_url: None,
+        grub_http: false,
         extra: BTreeMap::new(),
     }
 }
@@ -40,6 +41,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Bios,
             profile: String::new(),
             lease: Some("L-42".into()),
+            holder: None,
+            ssh_key: None,
         },
         BootHost {
             name: "node2".into(),
@@ -49,6 +52,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Uefi,
             profile: String::new(),
             lease: None,
+            holder: None,
+            ssh_key: None,
         },
         BootHost {
             name: "arm1".into(),
@@ -58,6 +63,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Uefi,
             profile: String::new(),
             lease: None,
+            holder: None,
+            ssh_key: None,
         },
     ]
 }
@@ -193,54 +200,153 @@ fn local_disk_exits_and_others_boot() {
         );
         assert!(line_with(&out, "initrd ").is_some(), "{out}");
 
-        let hx = with_profile(&h, "xen-install");
-        let out = p.script(&hx, &config()).unwrap();
-        let kernel = line_with(&out, "kernel ").expect(&out);
+        // No profile has a preseed any more.
+        for profile in ["xen", "xen-install"] {
+            assert!(
+                p.preseed(&with_profile(&h, profile), &config())
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+}
+
+/// xen-install boots the disk installer with the image, its checksum and
+/// the host named on the kernel command line (pxe-assets/installer/init);
+/// without the agent's `install` variables it falls back to the image's
+/// `.sha256` file and passes no metadata. Hosts the x86_64 BIOS image cannot
+/// boot get a clear failure.
+#[test]
+fn xen_install_boots_the_installer_on_x86_bios_only() {
+    let p = profiles();
+    let [bios, uefi, arm] = hosts();
+    let out = p
+        .script(&with_profile(&bios, "xen-install"), &config())
+        .unwrap();
+    let kernel = line_with(&out, "kernel ").expect(&out);
+    let art = "http://198.18.0.1:8080/artifacts";
+    assert!(
+        kernel.starts_with(&format!(
+            "kernel {art}/vmlinuz-amd64 initrd=initrd-install-amd64.gz console=ttyS0,115200 "
+        )),
+        "{kernel}"
+    );
+    for param in [
+        format!("lab.image={art}/xenlab-amd64.img.zst"),
+        format!("lab.sha256_url={art}/xenlab-amd64.img.zst.sha256"),
+        "lab.host=node1".to_owned(),
+        "lab.lease=L-42".to_owned(),
+        "lab.mac=52:54:00:00:00:01".to_owned(),
+        "lab.then=poweroff".to_owned(),
+    ] {
         assert!(
-            kernel.contains(&format!(
-                "preseed/url=http://198.18.0.1:8080/hosts/{}.preseed",
-                h.mac.hyphenated()
+            kernel.split_whitespace().any(|w| w == param),
+            "{param} missing: {kernel}"
+        );
+    }
+    assert!(!kernel.contains("lab.metadata="), "{kernel}");
+    assert!(!kernel.contains("lab.disk="), "{kernel}");
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "initrd --name initrd-install-amd64.gz {art}/initrd-install-amd64.gz || goto failed"
             )),
-            "{kernel}"
-        );
+        "{out}"
+    );
+    // The agent's `install.*` variables replace the defaults.
+    let vars = InstallVars {
+        image_url: Some("http://198.18.0.1:8080/artifacts/other.img.zst".into()),
+        image_sha256: Some("ab".repeat(32)),
+        metadata_url: Some("http://198.18.0.1:8080/hosts/52-54-00-00-00-01.lease".into()),
+        disk: Some("sda".into()),
+        then: Some("reboot".into()),
+    };
+    let out = p
+        .script_with(&with_profile(&bios, "xen-install"), &config(), &vars)
+        .unwrap();
+    let kernel = line_with(&out, "kernel ").expect(&out);
+    for param in [
+        "lab.image=http://198.18.0.1:8080/artifacts/other.img.zst".to_owned(),
+        format!("lab.sha256={}", "ab".repeat(32)),
+        "lab.metadata=http://198.18.0.1:8080/hosts/52-54-00-00-00-01.lease".to_owned(),
+        "lab.disk=sda".to_owned(),
+        "lab.then=reboot".to_owned(),
+    ] {
         assert!(
-            kernel.contains(&format!("/debian-installer/{arch}/linux ")),
-            "{kernel}"
+            kernel.split_whitespace().any(|w| w == param),
+            "{param} missing: {kernel}"
         );
-        let preseed = p
-            .preseed(&hx, &config())
-            .unwrap()
-            .expect("xen-install has a preseed");
+    }
+    assert!(!kernel.contains("lab.sha256_url="), "{kernel}");
+    // Only some: the others keep their defaults.
+    let out = p
+        .script_with(
+            &with_profile(&bios, "xen-install"),
+            &config(),
+            &InstallVars {
+                image_sha256: Some("cd".repeat(32)),
+                ..InstallVars::default()
+            },
+        )
+        .unwrap();
+    let kernel = line_with(&out, "kernel ").expect(&out);
+    assert!(
+        kernel.contains(&format!(
+            "lab.image={art}/xenlab-amd64.img.zst lab.sha256={} ",
+            "cd".repeat(32)
+        )) && kernel.contains("lab.then=poweroff")
+            && !kernel.contains("lab.metadata="),
+        "{kernel}"
+    );
+    for h in [uefi, arm] {
+        let out = p
+            .script(&with_profile(&h, "xen-install"), &config())
+            .unwrap();
+        assert!(line_with(&out, "kernel ").is_none(), "{out}");
         assert!(
-            preseed.contains(&format!("d-i pkgsel/include string xen-system-{arch} ")),
-            "{preseed}"
-        );
-        assert!(preseed.contains(&format!("netcfg/get_hostname string {}", h.name)));
-        assert!(!preseed.contains("authorized_keys"), "no key configured");
-        assert!(
-            p.preseed(&with_profile(&h, "xen"), &config())
-                .unwrap()
-                .is_none()
+            out.contains("LAB-BOOT-FAILED profile=xen-install is not supported"),
+            "{out}"
         );
     }
 }
 
+/// `extra.*` from the agent's config reaches scripts and preseeds (no
+/// profile of the repository uses either now: templates of a temporary
+/// directory).
 #[test]
 fn extra_variables_reach_templates() {
-    let p = profiles();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("t.ipxe.j2"),
+        "#!ipxe\necho domain={{ extra.domain | default(\"lab\") }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("t.preseed.j2"),
+        "d-i netcfg/get_domain string {{ extra.domain }}\n\
+         {% if extra.ssh_authorized_key is defined %}key {{ extra.ssh_authorized_key }}{% endif %}\n",
+    )
+    .unwrap();
+    let p = Profiles::load(dir.path()).unwrap();
+    let h = with_profile(&hosts()[0], "t");
     let mut cfg = config();
+    assert!(p.script(&h, &cfg).unwrap().contains("echo domain=lab\n"));
     cfg.extra.insert("domain".into(), "rack7.example".into());
     cfg.extra.insert(
         "ssh_authorized_key".into(),
         "ssh-ed25519 AAAA lab@ci".into(),
     );
-    let h = with_profile(&hosts()[0], "xen-install");
+    assert!(
+        p.script(&h, &cfg)
+            .unwrap()
+            .contains("echo domain=rack7.example\n")
+    );
     let preseed = p.preseed(&h, &cfg).unwrap().unwrap();
     assert!(
         preseed.contains("netcfg/get_domain string rack7.example"),
         "{preseed}"
     );
-    assert!(preseed.contains("ssh-ed25519 AAAA lab@ci"), "{preseed}");
+    assert!(preseed.contains("key ssh-ed25519 AAAA lab@ci"), "{preseed}");
 }
 
 #[test]
@@ -315,6 +421,7 @@ fn golden_scripts() {
         ("xen-bios.ipxe", &bios, "xen"),
         ("xen-uefi.ipxe", &uefi, "xen"),
         ("local-disk.ipxe", &bios, "local-disk"),
+        ("xen-install-bios.ipxe", &bios, "xen-install"),
     ] {
         let out = p.script(&with_profile(host, profile), &config()).unwrap();
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -77,11 +77,20 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
 /// `--token` / `LAB_TOKEN`: the bearer token, or none when the value was
 /// empty. Its `Debug` never shows the token.
 #[derive(Clone)]
-pub struct Token(Option<BearerToken>);
+pub struct Token(Option<BearerToken>, Option<lab_types::Secret>);
 
 impl Token {
     pub fn is_set(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The token as given, for the `LAB_TOKEN` of a child `lab` (`lab run`'s
+    /// command, `lab ssh`'s proxy): in an environment variable, never on a
+    /// command line that `ps` shows.
+    pub fn expose(&self) -> Option<&str> {
+        self.1
+            .as_ref()
+            .and_then(|s| std::str::from_utf8(s.expose()).ok())
     }
 }
 
@@ -95,13 +104,24 @@ impl fmt::Debug for Token {
 /// `LAB_TOKEN`, as CI systems like to set) means none.
 pub fn parse_token(s: &str) -> Result<Token, String> {
     if s.is_empty() {
-        return Ok(Token(None));
+        return Ok(Token(None, None));
     }
     if !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("the token must be printable ASCII without spaces".to_owned());
     }
     let token = BearerToken::new(s).map_err(|e| e.to_string())?;
-    Ok(Token(Some(token)))
+    Ok(Token(
+        Some(token),
+        Some(lab_types::Secret::from_bytes(s.as_bytes())),
+    ))
+}
+
+/// The token in `path` (`--token-file`, `LAB_TOKEN_FILE`), surrounding
+/// white space trimmed; the error names the file, never its content.
+pub fn read_token_file(path: &std::path::Path) -> Result<Token, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    parse_token(text.trim()).map_err(|e| format!("the token file {}: {e}", path.display()))
 }
 
 pub type Svc = InterceptedService<Channel, BearerAuth>;
@@ -161,6 +181,21 @@ mod tests {
         assert_eq!(parse_server("").unwrap().url(), DEFAULT_SERVER);
         assert!(parse_server("http://").is_err());
         assert!(parse_server("http://a b").is_err());
+    }
+
+    #[test]
+    fn token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "s3cr3t\n").unwrap();
+        let t = read_token_file(&good).unwrap();
+        assert_eq!(t.expose(), Some("s3cr3t"));
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "two words-s3cr3t\n").unwrap();
+        let e = read_token_file(&bad).unwrap_err();
+        assert!(e.contains("bad") && !e.contains("s3cr3t"), "{e}");
+        let e = read_token_file(&dir.path().join("none")).unwrap_err();
+        assert!(e.starts_with("cannot read the token file"), "{e}");
     }
 
     #[test]

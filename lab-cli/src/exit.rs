@@ -122,6 +122,20 @@ impl fmt::Display for LeaseEnded {
 
 impl std::error::Error for LeaseEnded {}
 
+/// A command `lab` ran (`lab run`'s, `lab ssh`'s ssh) ended with this
+/// status: `lab` exits with it, printing nothing (128 + the signal for a
+/// command killed by one).
+#[derive(Debug)]
+pub struct ChildExit(pub u8);
+
+impl fmt::Display for ChildExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the command exited with status {}", self.0)
+    }
+}
+
+impl std::error::Error for ChildExit {}
+
 /// What the top level needs to explain an error.
 pub struct Context<'a> {
     pub server: &'a str,

@@ -8,7 +8,9 @@
 //!   lazily connected channel (endpoint, TLS and the bearer-token
 //!   interceptor from the `lab-client` crate).
 //! - `commands/`: one module per command group (`hosts`, `lease`, `events`,
-//!   `power`, `console`, `admin`), each with its arguments.
+//!   `power`, `console`, `forward`, `ssh`, `run`, `admin`), each with its
+//!   arguments.
+//! - `sshkey`: `--ssh-key`, the default key files and key fingerprints.
 //! - `view`: the `--json` output schema; `output`: tables, key/value blocks,
 //!   stdout; `clock`: TTLs and time formatting; `waiting`: the live queue line
 //!   of `lease acquire`; `ready`: boot progress for `--wait-ready`; `escape`:
@@ -32,6 +34,10 @@
 //! | 9    | the lease was not ready in time (`--wait-ready`) |
 //! | 130  | interrupted (Ctrl-C, or SIGTERM/SIGHUP during `lab console`) |
 //!
+//! `lab run` and `lab ssh` exit with their command's status instead (128 +
+//! the signal for one killed by a signal); their own failures keep the
+//! codes above.
+//!
 //! Errors are printed on stderr as `lab: <message>`, with the gRPC status
 //! message as the server wrote it.
 
@@ -46,6 +52,7 @@ mod output;
 mod rawterm;
 mod ready;
 mod sanitize;
+mod sshkey;
 mod view;
 mod waiting;
 
@@ -56,10 +63,13 @@ use clap::{Parser, Subcommand};
 use crate::commands::admin::InventoryCommand;
 use crate::commands::console::ConsoleArgs;
 use crate::commands::events::EventsArgs;
+use crate::commands::forward::ForwardArgs;
 use crate::commands::hosts::{HostCommand, HostsArgs};
 use crate::commands::lease::LeaseCommand;
 use crate::commands::power::PowerArgs;
-use crate::commands::{Ctx, admin, console, events, hosts, lease, power};
+use crate::commands::run::RunArgs;
+use crate::commands::ssh::SshArgs;
+use crate::commands::{Ctx, Reach, admin, console, events, forward, hosts, lease, power, run, ssh};
 
 /// Lease lab hardware: list hosts, acquire and release leases, follow events
 #[derive(Debug, Parser)]
@@ -98,6 +108,9 @@ struct Cli {
     ca: Option<std::path::PathBuf>,
 
     /// Bearer token sent with every call [default: none]
+    ///
+    /// On the command line other local users can read it in the process
+    /// list: prefer LAB_TOKEN or --token-file.
     #[arg(
         long,
         global = true,
@@ -108,6 +121,17 @@ struct Cli {
         value_parser = client::parse_token,
     )]
     token: Option<client::Token>,
+
+    /// File holding the bearer token (used when --token and LAB_TOKEN are not set)
+    #[arg(
+        long,
+        global = true,
+        env = "LAB_TOKEN_FILE",
+        hide_env_values = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    token_file: Option<std::path::PathBuf>,
 
     /// Print JSON instead of tables (one object per line for events)
     #[arg(long, global = true, help_heading = "Global options")]
@@ -167,6 +191,64 @@ enum Command {
     /// live events until interrupted (Ctrl-C: exit 130).
     #[command(verbatim_doc_comment)]
     Events(EventsArgs),
+    /// Join stdin/stdout (or a local port) to a TCP port of your leased host
+    ///
+    /// The bytes go through lab-server and the rack's agent, which connects
+    /// to the host's own address (its inventory IPv4): it works wherever
+    /// lab-server is reachable. Only the holder of the host's active lease
+    /// (or an operator) may; the forward ends when the lease does.
+    ///
+    /// lab forward HOST PORT: stdin goes to the host, the host's bytes to
+    /// stdout. The end of stdin half-closes the connection; when the host
+    /// closes it, lab exits 0. Exit 3 when the host is not yours, 6 when
+    /// the lease ended (or the host has no address), 7 when nothing answers
+    /// on the port or the agent is away.
+    ///
+    /// lab forward HOST PORT --listen LOCALPORT (or ADDR:LOCALPORT): listen
+    /// on LOCALPORT (of 127.0.0.1 unless ADDR is given; 0 picks a port,
+    /// printed on stdout) and forward each connection accepted there, until
+    /// Ctrl-C.
+    #[command(verbatim_doc_comment)]
+    Forward(ForwardArgs),
+    /// ssh to root on your leased host, through lab forward
+    ///
+    /// Runs the system ssh with ProxyCommand "lab forward HOST 22" (with
+    /// this lab's --server, --ca and token), user root, the private key of
+    /// --ssh-key (the file without .pub; default ~/.ssh/id_ed25519, else
+    /// ~/.ssh/id_rsa), and no host key checking: a lab host is reinstalled
+    /// for every lease, so its host key changes every time.
+    ///
+    /// lab ssh HOST: a login shell. lab ssh HOST -- CMD ARGS...: runs CMD.
+    /// The exit status is ssh's (the remote command's, 255 when ssh
+    /// failed), except that a forward refused or cut by the server exits
+    /// with lab's code for it (3 not your host, 6 lease ended, 7
+    /// unavailable).
+    #[command(verbatim_doc_comment)]
+    Ssh(SshArgs),
+    /// Acquire hosts, run a command with them, always give them back
+    ///
+    /// For CI jobs: acquires a lease (waiting in the queue; the acquire
+    /// options are lease acquire's), waits until every host is ready
+    /// (--wait-ready=TIMEOUT, default 10m; --no-wait-ready skips it), then
+    /// runs CMD with LAB_SERVER, LAB_LEASE, LAB_HOSTS (host names separated
+    /// by spaces), LAB_CA and LAB_TOKEN (when given) in its environment, so
+    /// lab ssh and lab forward work inside it. The lease is renewed every
+    /// TTL/3 meanwhile: give a short --ttl, and a dead CI runner frees the
+    /// hosts soon.
+    ///
+    /// When CMD ends, or on SIGINT/SIGTERM (passed on to CMD, which gets
+    /// 10 s to exit before SIGKILL), the lease is released, and with
+    /// --artifacts DIR each host's console captured during the lease is
+    /// saved to DIR/HOST.console. With --hold-on-failure DURATION a failed
+    /// CMD keeps the lease instead: it expires DURATION later (or at its
+    /// current expiry, if that is later), and lab prints how to reach the
+    /// hosts.
+    ///
+    /// Exit status: CMD's (128 + the signal if a signal killed it); lab's
+    /// own failures keep their codes (5 no hosts with --no-wait, 8 a host
+    /// failed to boot, 9 not ready in time, 130 interrupted before CMD ran).
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
     /// Operator commands on the inventory
     #[command(subcommand)]
     Inventory(InventoryCommand),
@@ -233,7 +315,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         return match completions(shell) {
             Ok(()) => ExitCode::SUCCESS,
@@ -242,6 +324,17 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if !cli.token.as_ref().is_some_and(client::Token::is_set)
+        && let Some(path) = &cli.token_file
+    {
+        match client::read_token_file(path) {
+            Ok(t) => cli.token = Some(t),
+            Err(e) => {
+                eprintln!("lab: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let endpoint = match cli.server.endpoint(cli.ca.as_deref()) {
         Ok(e) => e,
@@ -257,7 +350,17 @@ async fn main() -> ExitCode {
     let ctx = Ctx {
         lab: client::Lab::connect_lazy(&endpoint, cli.token.clone()),
         json: cli.json,
+        reach: Reach {
+            server: cli.server.url().to_owned(),
+            // Absolute: the lab processes started with it may run elsewhere.
+            ca: cli
+                .ca
+                .as_deref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+            token: cli.token.clone(),
+        },
     };
+    let is_forward = matches!(cli.command, Command::Forward(_));
     let result = match cli.command {
         Command::Hosts(args) => hosts::list(&ctx, args).await,
         Command::Host(cmd) => hosts::run(&ctx, cmd).await,
@@ -265,21 +368,33 @@ async fn main() -> ExitCode {
         Command::Power(args) => power::run(&ctx, args).await,
         Command::Console(args) => console::run(&ctx, args).await,
         Command::Events(args) => events::run(&ctx, args).await,
+        Command::Forward(args) => forward::run(&ctx, args).await,
+        Command::Ssh(args) => ssh::run(&ctx, args).await,
+        Command::Run(args) => run::run(&ctx, args).await,
         Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
         Command::Whoami => admin::whoami(&ctx).await,
         Command::Completions { .. } => unreachable!("handled above"),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let (code, message) = exit::classify(&err, &error_ctx);
-            if let Some(message) = message {
-                // Status messages are the server's text.
-                eprintln!("lab: {}", sanitize::text(&message));
+    let code: u8 = match result {
+        Ok(()) => 0,
+        Err(err) => match err.downcast_ref::<exit::ChildExit>() {
+            // The command's own status; it said what it had to say.
+            Some(exit::ChildExit(code)) => *code,
+            None => {
+                let (code, message) = exit::classify(&err, &error_ctx);
+                if let Some(message) = message {
+                    // Status messages are the server's text.
+                    eprintln!("lab: {}", sanitize::text(&message));
+                }
+                code as u8
             }
-            code.into()
-        }
+        },
+    };
+    if is_forward && let Some(path) = std::env::var_os(commands::forward::STATUS_FILE_ENV) {
+        // For `lab ssh`, which ran this as ssh's ProxyCommand.
+        let _ = std::fs::write(path, code.to_string());
     }
+    ExitCode::from(code)
 }
 
 #[cfg(test)]

@@ -91,6 +91,15 @@ impl<W: Write> WaitLine<W> {
         Ok(())
     }
 
+    /// Prints a line of its own; the position is shown again (below it) at
+    /// the next update, moved or not.
+    pub fn notice(&mut self, text: &str) -> io::Result<()> {
+        self.clear()?;
+        self.last = None;
+        writeln!(self.out, "{text}")?;
+        self.out.flush()
+    }
+
     /// Removes the live line, leaving the cursor at the start of an empty
     /// line. Does nothing in plain mode or when nothing is shown.
     pub fn clear(&mut self) -> io::Result<()> {
@@ -141,6 +150,38 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "waiting: position 3 of 7, no ETA yet\nwaiting: position 2 of 8, no ETA yet\n"
+        );
+    }
+
+    #[test]
+    fn after_a_notice_the_position_is_shown_again() {
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, false);
+        w.update(q(1, 1), now()).unwrap();
+        w.notice("lab: the request is back with the server")
+            .unwrap();
+        w.update(q(1, 1), now()).unwrap();
+        w.update(q(1, 1), now()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "waiting: position 1 of 1, no ETA yet\n\
+             lab: the request is back with the server\n\
+             waiting: position 1 of 1, no ETA yet\n"
+        );
+    }
+
+    #[test]
+    fn notices_get_a_line_of_their_own() {
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, true);
+        w.update(q(3, 7), now()).unwrap();
+        w.notice("lab: lost the server; retrying").unwrap();
+        w.update(q(3, 7), now()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\rwaiting: position 3 of 7, no ETA yet\x1b[K\r\x1b[K\
+             lab: lost the server; retrying\n\
+             \rwaiting: position 3 of 7, no ETA yet\x1b[K"
         );
     }
 

@@ -13,6 +13,7 @@ fn check(args: &[&str], golden: &str) {
         // independent of the caller's environment all the same.
         .env_remove("LAB_SERVER")
         .env_remove("LAB_TOKEN")
+        .env_remove("LAB_TOKEN_FILE")
         .env("NO_COLOR", "1")
         .output()
         .expect("run lab");
@@ -65,4 +66,19 @@ fn console_help() {
 #[test]
 fn power_help() {
     check(&["power", "--help"], "power-help.txt");
+}
+
+#[test]
+fn forward_help() {
+    check(&["forward", "--help"], "forward-help.txt");
+}
+
+#[test]
+fn ssh_help() {
+    check(&["ssh", "--help"], "ssh-help.txt");
+}
+
+#[test]
+fn run_help() {
+    check(&["run", "--help"], "run-help.txt");
 }

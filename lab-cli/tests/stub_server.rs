@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use lab_proto::convert::timestamp_from_millis;
+use lab_proto::v1::FailureClass;
 use lab_proto::v1::acquire_update::Update;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
@@ -35,6 +36,8 @@ struct State {
     /// GetLease calls on the leases whose boot progresses per call.
     polls_ok: AtomicU32,
     polls_bad: AtomicU32,
+    /// The request ids of Acquire calls, in order.
+    request_ids: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -94,14 +97,30 @@ fn prov(host: &str, phase: ProvisionPhase, stage: &str) -> HostProvisioning {
         } else {
             String::new()
         },
+        percent: 0,
+        ..failure(phase, "Xen panic", "(XEN) Panic on CPU 0")
     }
 }
 
-/// The leases with boot progress: `L-ok` boots to ready over three polls,
+/// The server's attribution of a failed phase (none otherwise).
+fn failure(phase: ProvisionPhase, rule: &str, line: &str) -> HostProvisioning {
+    if phase != ProvisionPhase::Failed {
+        return HostProvisioning::default();
+    }
+    HostProvisioning {
+        failure_class: FailureClass::Job as i32,
+        failure_rule: rule.into(),
+        failure_line: line.into(),
+        ..Default::default()
+    }
+}
+
+/// The leases with boot progress: `L-ok` installs to disk and boots it to
+/// ready over six polls,
 /// `L-bad` fails on the second, `L-slow` never gets past booting, `L-gone`
 /// expired, `L-3` has two hosts, one ready and one failed.
 fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
-    use ProvisionPhase::{Booting, Failed, Pending, Ready};
+    use ProvisionPhase::{Booting, Failed, Installing, Pending, Ready};
     let mut l = lease();
     l.id = id.into();
     l.profile = "xen".into();
@@ -117,6 +136,12 @@ fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
             0 => vec![prov("x1", Pending, "")],
             1 => vec![prov("x1", Booting, "boot device pxe")],
             2 => vec![prov("x1", Booting, "powered on")],
+            3 => vec![HostProvisioning {
+                percent: 42,
+                ..prov("x1", Installing, "writing the image")
+            }],
+            4 => vec![prov("x1", Booting, "rebooting")],
+            5 => vec![prov("x1", Booting, "booting from disk")],
             _ => vec![prov("x1", Ready, "ready marker seen")],
         },
         "L-bad" => match step(&state.polls_bad) {
@@ -156,6 +181,12 @@ fn evil_lease() -> Lease {
         stage: "stage \u{9b}31m\u{202e}txt.exe".into(),
         updated_at: None,
         console_tail: "\x1b[1;31mpanic\x1b[0m\r\nfake\rline\r\n".into(),
+        percent: 0,
+        ..failure(
+            ProvisionPhase::Failed,
+            "rule \u{202e}evil",
+            "\x1b]0;owned\x07line",
+        )
     }];
     l
 }
@@ -299,6 +330,16 @@ impl HostService for Stub {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type ForwardStream = Stream<ForwardResponse>;
+
+    /// Forwards are tested against the real server (tests/tests/forward.rs).
+    async fn forward(
+        &self,
+        _req: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        Err(Status::unimplemented("the stub has no forwards"))
+    }
+
     type ConsoleLogStream = Stream<ConsoleResponse>;
 
     async fn console_log(
@@ -341,8 +382,20 @@ impl LeaseService for Stub {
         req: Request<AcquireRequest>,
     ) -> Result<Response<Self::AcquireStream>, Status> {
         principal(&req)?;
-        let AcquireRequest { request, no_wait } = req.into_inner();
+        let AcquireRequest {
+            request,
+            no_wait,
+            request_id,
+        } = req.into_inner();
         let flags = request.unwrap_or_default().flags;
+        let tries = {
+            let mut ids = self.0.request_ids.lock().unwrap();
+            ids.push(request_id.clone());
+            ids.iter().filter(|id| **id == request_id).count()
+        };
+        // "flaky": the first stream of a request breaks after one update,
+        // as when the server restarts; the request asked again is granted.
+        let flaky = flags.iter().any(|f| f == "flaky") && tries == 1;
         let granted_id = if flags.iter().any(|f| f == "boots") {
             "L-ok"
         } else if flags.iter().any(|f| f == "fails") {
@@ -375,6 +428,13 @@ impl LeaseService for Stub {
                 let _ = tx.send(queued(1, 1)).await;
                 tx.closed().await;
                 state.withdrawn.store(true, Ordering::SeqCst);
+                return;
+            }
+            if flaky {
+                let _ = tx.send(queued(2, 3)).await;
+                let _ = tx
+                    .send(Err(Status::unavailable("the server is shutting down")))
+                    .await;
                 return;
             }
             for (pos, len) in [(2, 3), (2, 2), (1, 2)] {
@@ -419,8 +479,20 @@ impl LeaseService for Stub {
         req: Request<ListLeasesRequest>,
     ) -> Result<Response<ListLeasesResponse>, Status> {
         principal(&req)?;
+        // Two pages: L-1, then L-2.
+        let (leases, next_page_token) = match req.get_ref().page_token.as_str() {
+            "" => (vec![lease()], "p2".to_owned()),
+            "p2" => {
+                let mut l = lease();
+                l.id = "L-2".into();
+                l.hosts = vec!["x2".into()];
+                (vec![l], String::new())
+            }
+            _ => return Err(Status::invalid_argument("page_token: not a token")),
+        };
         Ok(Response::new(ListLeasesResponse {
-            leases: vec![lease()],
+            leases,
+            next_page_token,
         }))
     }
 }
@@ -461,9 +533,27 @@ impl EventService for Stub {
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         principal(&req)?;
+        // One event per page, whatever the limit.
+        let r = req.get_ref();
+        let after = match r.page_token.as_str() {
+            "" => r.after_seq,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token"))?,
+        };
+        let page: Vec<Event> = events()
+            .into_iter()
+            .filter(|e| e.seq > after)
+            .take(1)
+            .collect();
+        let next_page_token = match page.last() {
+            Some(e) if e.seq < 2 => e.seq.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(ListEventsResponse {
-            events: events(),
-            last_seq: 0,
+            events: page,
+            last_seq: 2,
+            next_page_token,
         }))
     }
 
@@ -487,6 +577,14 @@ impl AdminService for Stub {
     async fn set_maintenance(
         &self,
         req: Request<SetMaintenanceRequest>,
+    ) -> Result<Response<Host>, Status> {
+        principal(&req)?;
+        Err(Status::permission_denied("alice is not an operator"))
+    }
+
+    async fn set_quarantine(
+        &self,
+        req: Request<lab_proto::v1::SetQuarantineRequest>,
     ) -> Result<Response<Host>, Status> {
         principal(&req)?;
         Err(Status::permission_denied("alice is not an operator"))
@@ -609,9 +707,9 @@ fn hosts_table_json_and_not_found() {
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        "NAME  ARCH     FW    RACK  STATE                                         HOLDER  LEASE  EXPIRES  FLAGS\n\
-         x1    x86_64   uefi  r1    leased                                        alice   L-1    in 29m   gpu\n\
-         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  -       -      -        -\n"
+        "NAME  ARCH     FW    RACK  STATE                                         HEALTH   HOLDER  LEASE  EXPIRES  FLAGS\n\
+         x1    x86_64   uefi  r1    leased                                        healthy  alice   L-1    in 29m   gpu\n\
+         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  healthy  -       -      -        -\n"
     );
     let (code, out, _) = run(addr, GOOD, &["hosts", "--arch", "aarch64", "--json"]);
     assert_eq!(code, 0);
@@ -680,6 +778,48 @@ fn acquire_failures_have_their_own_exit_codes() {
 }
 
 #[test]
+fn a_broken_acquire_stream_is_resumed_with_the_same_request_id() {
+    let (addr, state) = start();
+    let (code, out, err) = run(addr, GOOD, &["lease", "acquire", "--flag", "flaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("lease    L-1\n"), "{out}");
+    let ids = state.request_ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], ids[1], "asked again with the same request id");
+    assert!(
+        err.contains(&format!(
+            "lab: lost the request's stream (the server is shutting down); sending it again as request {}\n",
+            ids[0]
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("lab: the request is back with the server\n"),
+        "{err}"
+    );
+
+    // --request-id is sent as given.
+    let (code, _, err) = run(addr, GOOD, &["lease", "acquire", "--request-id", "job-42"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(state.request_ids.lock().unwrap().last().unwrap(), "job-42");
+}
+
+#[test]
+fn lease_list_follows_pages() {
+    let (addr, _) = start();
+    let (code, out, err) = run(addr, GOOD, &["--json", "lease", "list", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["L-1", "L-2"]);
+}
+
+#[test]
 fn ctrl_c_while_waiting_withdraws_the_request() {
     let (addr, state) = start();
     let mut child = lab(addr, GOOD, &["lease", "acquire", "--flag", "hang"])
@@ -727,6 +867,10 @@ fn events_lines_json_and_follow() {
         lines[1].ends_with(" alice lease-granted hosts=x1 lease=L-1"),
         "{out}"
     );
+
+    // --limit bounds the events printed, over pages.
+    let (code, out, _) = run(addr, GOOD, &["events", "--limit", "1"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}");
 
     let (code, out, _) = run(addr, GOOD, &["events", "--json"]);
     assert_eq!(code, 0);
@@ -953,6 +1097,9 @@ fn acquire_wait_ready_prints_stages_until_ready() {
             "x1: pending",
             "x1: booting \u{2014} boot device pxe",
             "x1: booting \u{2014} powered on",
+            "x1: installing 42 % \u{2014} writing the image",
+            "x1: booting \u{2014} rebooting",
+            "x1: booting \u{2014} booting from disk",
             "x1: ready \u{2014} ready marker seen",
         ]
     );
@@ -998,6 +1145,7 @@ fn acquire_wait_ready_fails_with_the_console_tail() {
             "==> console of x1 (last lines) <==",
             "Loading xen...",
             "(XEN) Panic on CPU 0",
+            "x1 failed: the job's fault (rule \"Xen panic\"): (XEN) Panic on CPU 0",
             "lab: provisioning failed on x1: no ready marker within 180s; \
              lease L-bad is still held",
         ]
@@ -1184,11 +1332,13 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
         out.contains("x1    failed  stage \\u{9b}31m\\u{202e}txt.exe  -\n"),
         "{out}"
     );
-    // The tail keeps its line ends; a lone \r would overwrite a line.
+    // The tail keeps its line ends; a lone \r would overwrite a line. The
+    // attribution's rule and line are escaped too.
     assert!(
         out.ends_with(
             "==> console of x1 (last lines) <==\n\
-             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n"
+             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n\
+             x1 failed: the job's fault (rule \"rule \\u{202e}evil\"): \\x1b]0;owned\\x07line\n"
         ),
         "{out:?}"
     );
@@ -1202,6 +1352,11 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
     assert_eq!(
         v["provisioning"][0]["stage"],
         "stage \u{9b}31m\u{202e}txt.exe"
+    );
+    assert_eq!(v["provisioning"][0]["failure"]["class"], "job");
+    assert_eq!(
+        v["provisioning"][0]["failure"]["line"],
+        "\x1b]0;owned\x07line"
     );
 
     // --wait-ready: the stage and the tail on stderr, then the error.

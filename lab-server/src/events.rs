@@ -25,6 +25,17 @@ pub enum EventKind {
     HostRemoved,
     HostUnreachable,
     HostReachable,
+    /// A forward to a host's TCP port opened (detail: the port).
+    ForwardOpened,
+    /// A forward ended (detail: port, bytes each way, why).
+    ForwardClosed,
+    /// A rack's agent attached (actor: the caller; detail: rack, principal,
+    /// version).
+    AgentAttached,
+    /// A rack's agent link ended (detail: rack, principal, why).
+    AgentDetached,
+    /// A host's health changed (detail: the new health and why).
+    HostHealth,
 }
 
 /// One entry of the event log.

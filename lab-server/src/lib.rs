@@ -12,8 +12,10 @@
 //!   reclaim hook; `core::policy`, every "who may do what" rule.
 //! - [`racks`]: the rack registry — one link per rack agent, the desired
 //!   state pushed down it, reports (reachability, provisioning), commands
-//!   (power, consoles, console logs) and the agents' reclaim step.
+//!   (power, consoles, console logs, forwards to hosts' ports) and the
+//!   agents' reclaim step.
 //! - [`lease`]: the pure lease/host state machines and the grant rule.
+//! - [`health`]: fleet health; failure attribution (host, job, infra).
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`events`], [`types`]: the event record; typed ids.
@@ -28,6 +30,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
+pub mod health;
 pub mod inventory;
 pub mod lease;
 pub mod racks;

@@ -12,8 +12,9 @@ use lab_server::auth::{self, Authenticator};
 use lab_server::core::clock::TokioClock;
 use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
+use lab_server::health::Rules;
 use lab_server::inventory::Inventory;
-use lab_server::racks::RackRegistry;
+use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
 use std::net::SocketAddr;
@@ -61,6 +62,42 @@ struct Args {
     /// Hard cap on a lease's life from its grant, renewals included.
     #[arg(long, env = "LAB_MAX_LIFETIME", default_value = "7days", value_parser = humantime::parse_duration)]
     max_lifetime: Duration,
+    /// Forwards (`lab forward`, `lab ssh`) open at once per lease.
+    #[arg(long, env = "LAB_FORWARDS_PER_LEASE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    forwards_per_lease: u16,
+    /// A forward with no bytes either way for this long is closed.
+    #[arg(long, env = "LAB_FORWARD_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    forward_idle_timeout: Duration,
+    /// Highest lease priority roles ci and developer may ask for (operators: any).
+    #[arg(
+        long,
+        env = "LAB_MAX_USER_PRIORITY",
+        default_value_t = 10,
+        allow_negative_numbers = true
+    )]
+    max_user_priority: i32,
+    /// Most requests one principal may have waiting in the queue at once.
+    #[arg(long, env = "LAB_MAX_WAITING_PER_PRINCIPAL", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting_per_principal: u32,
+    /// How long a waiting request keeps its place after a restart for its
+    /// client to resume it (by request id) before it is withdrawn.
+    #[arg(long, env = "LAB_REATTACH_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    reattach_grace: Duration,
+    /// Ended leases and events older than this are removed from the store
+    /// (archive the log first: `lab --json events`).
+    #[arg(long, env = "LAB_RETENTION", default_value = "90days", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Signature rules that attribute provisioning failures to the host, the
+    /// job or the lab (tried before the shipped ones; see
+    /// docs/operations.md, "Failure attribution").
+    #[arg(long, env = "LAB_FAILURE_RULES")]
+    failure_rules: Option<PathBuf>,
+    /// This many provisioning failures attributed to a host within
+    /// --quarantine-window quarantine it (fewer make it suspect).
+    #[arg(long, env = "LAB_QUARANTINE_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    quarantine_after: u32,
+    #[arg(long, env = "LAB_QUARANTINE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    quarantine_window: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +184,15 @@ fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>)
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.dev_insecure_no_auth && !args.listen.ip().is_loopback() {
+        bail!(
+            "--dev-insecure-no-auth refuses to listen on {}: in development mode every caller is an operator, so only a loopback address (127.0.0.1, ::1) is allowed",
+            args.listen
+        );
+    }
+    if args.retention.is_zero() {
+        bail!("--retention must be more than 0");
+    }
     let auth = if args.dev_insecure_no_auth {
         for _ in 0..3 {
             warn!(
@@ -177,10 +223,32 @@ async fn run(args: Args) -> Result<()> {
     let mut config = CoreConfig::new(args.inventory.clone());
     config.max_ttl = args.max_ttl;
     config.max_lifetime = args.max_lifetime;
+    config.max_user_priority = args.max_user_priority;
+    config.max_waiting_per_principal = args.max_waiting_per_principal as usize;
+    config.reattach_grace = args.reattach_grace;
+    config.retention = args.retention;
+    config.quarantine_after = args.quarantine_after as usize;
+    config.quarantine_window = args.quarantine_window;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());
-    let racks = RackRegistry::new(clock.clone());
+    let failure_rules = match &args.failure_rules {
+        Some(path) => {
+            let rules = Rules::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            info!(
+                path = %path.display(),
+                rules = rules.configured(),
+                "failure attribution rules loaded"
+            );
+            rules
+        }
+        None => Rules::default(),
+    };
+    let racks = RackRegistry::with_failure_rules(clock.clone(), failure_rules);
+    racks.set_forward_limits(ForwardLimits {
+        per_lease: usize::from(args.forwards_per_lease),
+        idle_timeout: args.forward_idle_timeout,
+    });
     let (core, actor) = Core::start(config, Arc::new(store), inventory, racks.reclaimer(), clock)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

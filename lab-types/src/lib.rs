@@ -1,7 +1,8 @@
 //! Domain types that lab-server, lab-agent and the CLI share, with one
 //! definition each: validated names ([`names`]), lease ids, MAC addresses
 //! ([`mac`]), host architecture and firmware ([`arch`]), secrets that never
-//! print ([`secret`]), `path:line:column` configuration errors ([`config`])
+//! print ([`secret`]), OpenSSH public keys with their fingerprints
+//! ([`ssh`]), `path:line:column` configuration errors ([`config`])
 //! and [`error_chain`] for logging an error with its causes.
 //!
 //! Nothing here does I/O or knows about gRPC: the protobuf conversions live
@@ -12,12 +13,14 @@ pub mod config;
 pub mod mac;
 pub mod names;
 pub mod secret;
+pub mod ssh;
 
 pub use arch::{Arch, Firmware};
 pub use config::{FileError, line_column};
 pub use mac::{InvalidMac, MacAddr};
 pub use names::{Flag, HostName, InvalidName, LeaseId, Principal, ProfileName, RackName};
 pub use secret::Secret;
+pub use ssh::{InvalidSshKey, SshPublicKey};
 
 /// An error and its sources on one line: `outer: cause: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

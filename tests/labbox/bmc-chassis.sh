@@ -8,6 +8,8 @@
 # and appends the operation:
 #   <host dir> get power|boot          -> prints "power:0|1" / "boot:<device>"
 #   <host dir> set power 1|0 | reset 1 | boot pxe|default|... | shutdown 1 | identify ...
+# ("ipmitool chassis bootdev disk" arrives as "boot default": force boot
+# from the default hard disk; "none" is no override.)
 # ipmi_sim blocks while this runs (popen), so it returns quickly: QEMU is
 # started with -daemonize, and every output goes to the log, never to stdout
 # (except the "get" answers).
@@ -16,6 +18,17 @@
 #   NAME MAC TAP SERIAL_PORT MEM ROM QEMU CHASSIS_LOG QEMU_LOG EXTRA_QEMU_ARGS
 # and, for an aarch64 UEFI host only (ARCH defaults to x86_64):
 #   ARCH=aarch64 AAVMF_CODE AAVMF_VARS
+# and, for an x86_64 host with a disk (bmc.rs makes one per x86_64 host):
+#   DISK   a qcow2 file, attached as virtio-blk
+# Boot device (kept in <host dir>/boot until changed, across power cycles,
+# like "options=persistent"; the one the VM runs with is in boot.running):
+#   pxe             the NIC (x86: with QEMU's iPXE ROM) first, then the disk
+#                   (x86), so that an iPXE "exit" (profile local-disk) boots it
+#   anything else   x86: the disk only, the NIC without ROM; aarch64: no NIC
+#                   (and no disk): nothing to boot
+# A reset (and a power cycle) after the boot device changed restarts QEMU
+# with the new one, as a real BMC's next boot would; otherwise a reset is
+# QEMU's system_reset.
 # The VM's serial port connects to 127.0.0.1:SERIAL_PORT, the persistent
 # serial relay of the host (serial-relay.py), which ipmi_sim's SOL also uses.
 # QEMU runs inside ipmi_sim's network namespace (it inherits it).
@@ -46,78 +59,98 @@ f.write(json.dumps({"execute": sys.argv[2]}) + '\n'); f.flush(); f.readline()
 PY
 }
 
+# start_vm: power on (nothing if the VM runs) with the current boot device.
+start_vm() {
+  running && return 0
+  local boot; boot=$(cat "$d/boot" 2>/dev/null || echo default)
+  rm -f "$pidfile" "$d/qmp.sock"
+  echo "$boot" > "$d/boot.running"
+  if [ "${ARCH:-x86_64}" = aarch64 ]; then
+    # aarch64: QEMU virt with AAVMF and a fresh copy of its variable
+    # store on every power-on (no boot entries left from an earlier one).
+    # ACPI off (Debian's arm64 Xen hangs silently with it); the boot menu
+    # shown for 0 s (saves ~5 s before DHCP); no IPv6 PXE (after a failed
+    # PXEv4 it would cost ~60 s at full CPU). PXE: the NIC is attached and
+    # the firmware's own virtio-net driver netboots (no option ROM).
+    # Otherwise the VM has no NIC: like an x86 host without the iPXE ROM,
+    # it finds nothing to boot (no disk) instead of netbooting anyway.
+    local net=()
+    case "$boot" in
+      pxe) net=(-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no"
+                -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile=") ;;
+    esac
+    if ! cp "$AAVMF_VARS" "$d/AAVMF_VARS.fd" 2>> "$log"; then
+      echo "$(date +%T.%N) cannot copy $AAVMF_VARS" >> "$log"; return 1
+    fi
+    # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
+    "${QEMU:-qemu-system-aarch64}" -name "$NAME" -accel tcg \
+      -M virt,virtualization=on,gic-version=3,acpi=off -cpu cortex-a57 -m "${MEM:-1G}" \
+      -nodefaults -display none -monitor none \
+      -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
+      -drive "if=pflash,format=raw,readonly=on,file=$AAVMF_CODE" \
+      -drive "if=pflash,format=raw,file=$d/AAVMF_VARS.fd" \
+      -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
+      "${net[@]}" \
+      -boot menu=on,splash-time=0 -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=no \
+      $EXTRA_QEMU_ARGS >> "${QEMU_LOG:-$d/qemu.log}" 2>&1 < /dev/null
+  else
+    # PXE: the NIC carries QEMU's iPXE ROM and is first in the boot order,
+    # the disk second. Otherwise the NIC has no option ROM and the disk is
+    # the only boot device (an empty disk: SeaBIOS finds nothing to boot).
+    # virtio-net must be modern-only (disable-legacy=on, PCI id 1af4:1041):
+    # SeaBIOS runs a ROM only for a device with the ROM's PCI id.
+    # -nographic (not -display none): only then does SeaBIOS mirror its
+    # screen, and the iPXE ROM's, to the serial port (sercon).
+    local nic disk=() dboot
+    case "$boot" in
+      pxe) nic=",romfile=$ROM,bootindex=1"; dboot=2 ;;
+      *)   nic=",romfile="; dboot=1 ;;
+    esac
+    if [ -n "${DISK:-}" ]; then
+      disk=(-drive "file=$DISK,if=none,id=disk0,format=qcow2"
+            -device "virtio-blk-pci,drive=disk0,bootindex=$dboot")
+    fi
+    # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
+    "${QEMU:-qemu-system-x86_64}" -name "$NAME" -accel tcg -cpu qemu64 -m "${MEM:-1G}" \
+      -nodefaults -nographic -monitor none \
+      -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
+      -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
+      -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" \
+      -device "virtio-net-pci,disable-legacy=on,netdev=n0,mac=$MAC$nic" \
+      "${disk[@]}" \
+      -boot strict=on $EXTRA_QEMU_ARGS >> "${QEMU_LOG:-$d/qemu.log}" 2>&1 < /dev/null
+  fi
+  local rc=$?
+  [ $rc = 0 ] || echo "$(date +%T.%N) qemu failed to start: exit $rc" >> "$log"
+  return $rc
+}
+
+# stop_vm: power off (SIGTERM: QEMU closes its disk cleanly; then SIGKILL).
+stop_vm() {
+  if running; then
+    local pid; pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 1 40); do running || break; sleep 0.05; done
+    running && kill -9 "$pid" 2>/dev/null
+    for _ in $(seq 1 40); do running || break; sleep 0.05; done
+  fi
+  rm -f "$pidfile" "$d/qmp.sock"
+}
+
 case "$op $item" in
   "get power") if running; then echo power:1; else echo power:0; fi ;;
   "get boot")  echo "boot:$(cat "$d/boot" 2>/dev/null || echo default)" ;;
   "set boot")  echo "$val" > "$d/boot" ;;
   "set power")
-    if [ "$val" = 1 ] && [ "${ARCH:-x86_64}" = aarch64 ]; then
-      running && exit 0
-      # aarch64: QEMU virt with AAVMF and a fresh copy of its variable
-      # store on every power-on (no boot entries left from an earlier one).
-      # ACPI off (Debian's arm64 Xen hangs silently with it); the boot menu
-      # shown for 0 s (saves ~5 s before DHCP); no IPv6 PXE (after a failed
-      # PXEv4 it would cost ~60 s at full CPU). PXE: the NIC is attached and
-      # the firmware's own virtio-net driver netboots (no option ROM).
-      # Otherwise the VM has no NIC: like an x86 host without the iPXE ROM,
-      # it finds nothing to boot (no disk) instead of netbooting anyway.
-      case "$(cat "$d/boot" 2>/dev/null)" in
-        pxe) net=(-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no"
-                  -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile=") ;;
-        *)   net=() ;;
-      esac
-      rm -f "$pidfile" "$d/qmp.sock"
-      if ! cp "$AAVMF_VARS" "$d/AAVMF_VARS.fd" 2>> "$log"; then
-        echo "$(date +%T.%N) cannot copy $AAVMF_VARS" >> "$log"; exit 1
+    if [ "$val" = 1 ]; then start_vm || exit 1; else stop_vm; fi ;;
+  "set reset")
+    if running; then
+      if [ "$(cat "$d/boot" 2>/dev/null || echo default)" != "$(cat "$d/boot.running" 2>/dev/null)" ]; then
+        stop_vm; start_vm || exit 1
+      else
+        qmp system_reset
       fi
-      # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
-      "${QEMU:-qemu-system-aarch64}" -name "$NAME" -accel tcg \
-        -M virt,virtualization=on,gic-version=3,acpi=off -cpu cortex-a57 -m "${MEM:-1G}" \
-        -nodefaults -display none -monitor none \
-        -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
-        -drive "if=pflash,format=raw,readonly=on,file=$AAVMF_CODE" \
-        -drive "if=pflash,format=raw,file=$d/AAVMF_VARS.fd" \
-        -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
-        "${net[@]}" \
-        -boot menu=on,splash-time=0 -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=no \
-        $EXTRA_QEMU_ARGS >> "${QEMU_LOG:-$d/qemu.log}" 2>&1 < /dev/null
-      rc=$?
-      [ $rc = 0 ] || echo "$(date +%T.%N) qemu failed to start: exit $rc" >> "$log"
-    elif [ "$val" = 1 ]; then
-      running && exit 0
-      # PXE: the NIC carries QEMU's iPXE ROM and is first in the boot order.
-      # Otherwise the NIC has no option ROM (a disk with bootindex=0 would go
-      # here); with no disk SeaBIOS finds nothing to boot.
-      # virtio-net must be modern-only (disable-legacy=on, PCI id 1af4:1041):
-      # SeaBIOS runs a ROM only for a device with the ROM's PCI id.
-      # -nographic (not -display none): only then does SeaBIOS mirror its
-      # screen, and the iPXE ROM's, to the serial port (sercon).
-      case "$(cat "$d/boot" 2>/dev/null)" in
-        pxe) nic=",romfile=$ROM,bootindex=1" ;;
-        *)   nic=",romfile=" ;;
-      esac
-      rm -f "$pidfile" "$d/qmp.sock"
-      # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
-      "${QEMU:-qemu-system-x86_64}" -name "$NAME" -accel tcg -cpu qemu64 -m "${MEM:-1G}" \
-        -nodefaults -nographic -monitor none \
-        -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
-        -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
-        -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" \
-        -device "virtio-net-pci,disable-legacy=on,netdev=n0,mac=$MAC$nic" \
-        -boot strict=on $EXTRA_QEMU_ARGS >> "${QEMU_LOG:-$d/qemu.log}" 2>&1 < /dev/null
-      rc=$?
-      [ $rc = 0 ] || echo "$(date +%T.%N) qemu failed to start: exit $rc" >> "$log"
-    else
-      if running; then
-        pid=$(cat "$pidfile")
-        kill "$pid" 2>/dev/null
-        for _ in $(seq 1 40); do running || break; sleep 0.05; done
-        running && kill -9 "$pid" 2>/dev/null
-        for _ in $(seq 1 40); do running || break; sleep 0.05; done
-      fi
-      rm -f "$pidfile" "$d/qmp.sock"
     fi ;;
-  "set reset")    if running; then qmp system_reset; fi ;;
   "set shutdown") if running; then qmp system_powerdown; fi ;;
   "set identify") : ;;
   *) echo "$(date +%T.%N) unknown operation: $*" >> "$log"; exit 1 ;;

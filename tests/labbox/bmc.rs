@@ -14,6 +14,15 @@
 //! appends every console byte to `<logs>/hI-console.log`, across power
 //! cycles: the ground truth of the console for tests and benchmarks.
 //!
+//! Each x86_64 host has a disk: a qcow2 file (`<logs>/hI/disk.qcow2`, of
+//! [`DISK_SIZE`](crate::labbox::bmc::DISK_SIZE), created empty by
+//! `qemu-img` when the box starts, deleted at teardown) that its VM sees as
+//! a virtio-blk disk. The boot device the
+//! BMC keeps decides what boots: `pxe` the NIC's iPXE ROM, then the disk;
+//! `disk` (and any other) the disk alone. A reset after the boot device
+//! changed restarts the VM with the new one, as a real BMC's next boot
+//! would.
+//!
 //! Everything runs inside the namespace (`ipmi_sim` is started with
 //! `ip netns exec`, so the QEMU it starts inherits it); the relays listen on
 //! the namespace's own loopback. No DHCP server is started here: a test adds
@@ -48,6 +57,11 @@ pub const PASSWORD_ENV: &str = "LAB_BMC_PASSWORD";
 pub const VM_MEM: &str = "1G";
 /// The most hosts a box can have (addresses 198.18.0.11… and .101…).
 pub const MAX_HOSTS: usize = 80;
+/// The virtual size of each x86_64 host's disk (a sparse qcow2: it takes
+/// room only for what is written, ~0.7–0.9 GiB after an install).
+pub const DISK_SIZE: &str = "4G";
+/// Where `qemu-img` comes from.
+pub const QEMU_IMG_INSTALL: &str = "apt-get install -y --no-install-recommends qemu-utils (or qemu-utils/bookworm beside bookworm's qemu-system-x86)";
 
 /// The apt line for the BMC side.
 pub const IPMI_INSTALL: &str = "apt-get install -y --no-install-recommends openipmi ipmitool";
@@ -64,8 +78,9 @@ pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 /// QEMU machine that `bmc-chassis.sh` starts for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// `qemu-system-x86_64 -cpu qemu64`, SeaBIOS; `bootdev pxe` gives the
-    /// NIC QEMU's iPXE ROM.
+    /// `qemu-system-x86_64 -cpu qemu64`, SeaBIOS, a virtio-blk disk;
+    /// `bootdev pxe` gives the NIC QEMU's iPXE ROM (then the disk),
+    /// `bootdev disk` boots the disk.
     X86_64,
     /// `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3,acpi=off
     /// -cpu cortex-a57` with AAVMF (UEFI; a fresh VARS copy per power-on),
@@ -110,8 +125,12 @@ pub struct BoxHost {
     pub bmc_addr: Ipv4Addr,
     pub bmc_port: u16,
     pub bmc_user: String,
-    /// Its files: vm.env, the ipmi_sim config and state, pidfile, QMP socket.
+    /// Its files: vm.env, the ipmi_sim config and state, pidfile, QMP socket,
+    /// the disk.
     pub dir: PathBuf,
+    /// Its disk (`<dir>/disk.qcow2`, x86_64 hosts), or `None` (aarch64
+    /// hosts: there is no arm64 disk image to install).
+    pub disk: Option<PathBuf>,
     /// The console file (every byte from its serial port).
     pub console: PathBuf,
     /// Loopback ports (inside the namespace) of its serial relay: where the
@@ -144,6 +163,7 @@ impl BoxHost {
             bmc_port: BMC_PORT,
             bmc_user: BMC_USER.to_owned(),
             dir: logs.join(&name),
+            disk: (arch == Arch::X86_64).then(|| logs.join(&name).join("disk.qcow2")),
             console: logs.join(format!("{name}-console.log")),
             relay_vm_port: 7000 + 2 * index as u16,
             relay_sol_port: 7001 + 2 * index as u16,
@@ -233,6 +253,7 @@ impl LabBox {
         .tool("ipmitool", &["-V"], IPMI_INSTALL);
         if archs.contains(&Arch::X86_64) {
             pre.tool("qemu-system-x86_64", &["--version"], QEMU_INSTALL)
+                .tool("qemu-img", &["--version"], QEMU_IMG_INSTALL)
                 .check(
                     ipxe_virtio_rom().is_some(),
                     format!(
@@ -300,6 +321,9 @@ impl LabBox {
         for h in &hosts {
             std::fs::create_dir_all(h.dir.join("state")).expect("host directory");
             std::fs::File::create(&h.console).expect("console file");
+            if let Some(disk) = &h.disk {
+                create_disk(disk);
+            }
             write_host_files(h, rom.as_deref(), &logs, &password);
             ns.tap(&h.tap, BRIDGE);
             ns.ip(&[
@@ -602,8 +626,32 @@ impl Drop for LabBox {
             self.kill_vm(h);
         }
         reap_daemons();
+        // The disks go even when the logs are kept (up to ~1 GiB each),
+        // unless asked for.
+        if std::env::var_os("LAB_KEEP_DISKS").is_none() {
+            for disk in self.hosts.iter().filter_map(|h| h.disk.as_ref()) {
+                let _ = std::fs::remove_file(disk);
+            }
+        }
         // Then the fields: relays and BMCs, the namespace, the logs.
     }
+}
+
+/// An empty qcow2 disk of [`DISK_SIZE`] at `path`.
+fn create_disk(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(DISK_SIZE)
+        .output()
+        .expect("run qemu-img (checked by prereqs_for)");
+    assert!(
+        out.status.success(),
+        "qemu-img create {} failed ({}): {}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
 /// Reaps the exited daemonized QEMUs that were handed to us as their
@@ -690,7 +738,10 @@ fn write_host_files(h: &BoxHost, rom: Option<&Path>, logs: &LogDir, password: &s
         q(&logs.join(&format!("{}-chassis.log", h.name))),
         q(&logs.join(&format!("{}-qemu.log", h.name))),
     );
-    // x86_64 hosts' vm.env stays as it was: bmc-chassis.sh defaults ARCH.
+    if let Some(disk) = &h.disk {
+        env.push_str(&format!("DISK='{}'\n", q(disk)));
+    }
+    // x86_64 hosts' vm.env has no ARCH: bmc-chassis.sh defaults it.
     if h.arch == Arch::Aarch64 {
         env.push_str(&format!(
             "ARCH='aarch64'\nAAVMF_CODE='{}'\nAAVMF_VARS='{}'\n",

@@ -1,9 +1,14 @@
 //! The test harness shared by the cross-process suites and the benchmarks:
 //! generated inventories and tokens files, lab-server in-process (port 0,
 //! temporary store) or as a real child process (killed on drop, logs kept),
-//! and authenticated gRPC clients. [`netns`]: network namespaces and the
+//! and authenticated gRPC clients; [`history`], the checker that replays an
+//! event log; [`crash_loop`], SIGKILLs under load with everything
+//! acknowledged checked afterwards; [`netns`]: network namespaces and the
 //! clients run in them.
 
+pub mod agent;
+pub mod crash_loop;
+pub mod history;
 pub mod netns;
 
 use anyhow::{Context, Result, bail};
@@ -17,7 +22,7 @@ use lab_server::core::reclaim::Immediate;
 use lab_server::core::{Core, CoreConfig};
 use lab_server::grpc::{self, Api};
 use lab_server::inventory::Inventory;
-use lab_server::racks::RackRegistry;
+use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -107,6 +112,7 @@ impl Clients {
             .acquire(AcquireRequest {
                 request: Some(req),
                 no_wait: true,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -148,6 +154,10 @@ pub struct ServerOptions {
     /// Reclaim through the rack agents (as the real server does) instead of
     /// at once.
     pub agents: bool,
+    /// Limits on forwards (the server's `--forward-*` flags).
+    pub forward_limits: ForwardLimits,
+    /// Changes to the core's limits (the defaults of `CoreConfig::new`).
+    pub configure: fn(&mut CoreConfig),
 }
 
 impl Default for ServerOptions {
@@ -158,6 +168,8 @@ impl Default for ServerOptions {
             default_ttl: Duration::from_secs(600),
             inventory: None,
             agents: false,
+            forward_limits: ForwardLimits::default(),
+            configure: |_| {},
         }
     }
 }
@@ -168,6 +180,8 @@ pub struct InProcessServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub core: Core,
+    /// The store, for its counters (`rows_read`) and its file.
+    pub store: Arc<RedbStore>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -182,16 +196,18 @@ impl InProcessServer {
             .unwrap_or_else(|| inventory_toml(opts.hosts));
         std::fs::write(&inv_path, text)?;
         let inventory = Inventory::load(&inv_path)?;
-        let store = RedbStore::open(&dir.path().join("lab.redb"))?;
-        let config = CoreConfig::new(inv_path);
+        let store = Arc::new(RedbStore::open(&dir.path().join("lab.redb"))?);
+        let mut config = CoreConfig::new(inv_path);
+        (opts.configure)(&mut config);
         let clock = Arc::new(TokioClock::new());
         let racks = RackRegistry::new(clock.clone());
+        racks.set_forward_limits(opts.forward_limits);
         let reclaimer: Arc<dyn lab_server::core::reclaim::Reclaimer> = if opts.agents {
             racks.reclaimer()
         } else {
             Arc::new(Immediate)
         };
-        let (core, _actor) = Core::start(config, Arc::new(store), inventory, reclaimer, clock)
+        let (core, _actor) = Core::start(config, store.clone(), inventory, reclaimer, clock)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -216,6 +232,7 @@ impl InProcessServer {
             addr,
             dir,
             core,
+            store,
             shutdown: Some(tx),
             task: Some(task),
         })

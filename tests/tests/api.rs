@@ -225,12 +225,14 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
     let acquire = |r: pb::LeaseRequest| pb::AcquireRequest {
         request: Some(r),
         no_wait: true,
+        ..Default::default()
     };
     let cases: Vec<(pb::AcquireRequest, &str)> = vec![
         (
             pb::AcquireRequest {
                 request: None,
                 no_wait: false,
+                ..Default::default()
             },
             "request: is required",
         ),

@@ -1,15 +1,18 @@
 //! 64 concurrent clients hammer 8 hosts with acquire/renew/release (single
 //! and multi-host requests, priorities, flags, no-wait), over gRPC against a
-//! server with the durable store. A checker then replays the server's event
-//! log and proves: no host ever had two holders, and every grant respected
-//! the documented queue order (a waiter is only granted hosts that no
-//! earlier waiting request could use). The clients' own observations are
+//! server with the durable store. The history checker
+//! (`lab_tests::history`, whose own test shows it catches violations) then
+//! replays the server's event log and proves: no host ever had two holders,
+//! every grant respected the documented queue order (a waiter is only
+//! granted hosts that no earlier waiting request could use), and every
+//! waiter was granted at most once. The clients' own observations are
 //! checked too: the intervals in which they believed they held a host never
 //! overlap.
 
 use lab_proto::v1 as pb;
+use lab_tests::history::{check_history, inventory_hosts};
 use lab_tests::{Clients, InProcessServer, ServerOptions};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,15 +40,6 @@ struct Held {
     client: usize,
     from: Instant,
     to: Instant,
-}
-
-fn host_flags(name: &str) -> Vec<&'static str> {
-    let i: usize = name[1..].parse().unwrap();
-    if i.is_multiple_of(4) {
-        vec!["iommu"]
-    } else {
-        vec![]
-    }
 }
 
 fn request(rng: &mut Rng) -> pb::LeaseRequest {
@@ -82,6 +76,7 @@ async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mute
         let req = pb::AcquireRequest {
             request: Some(request(&mut rng)),
             no_wait,
+            ..Default::default()
         };
         n += 1;
         let mut stream = match leases.acquire(req).await {
@@ -134,131 +129,6 @@ async fn client(i: usize, c: Clients, held: Arc<Mutex<Vec<Held>>>, ops: Arc<Mute
         }
     }
     *ops.lock().unwrap() += n;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Slot {
-    Free,
-    Held,
-    Reclaiming,
-}
-
-struct WaitingReq {
-    priority: i32,
-    req: pb::LeaseRequest,
-}
-
-fn could_use(req: &pb::LeaseRequest, host: &str) -> bool {
-    let flags = host_flags(host);
-    req.flags.iter().all(|f| flags.contains(&f.as_str()))
-        && (req.hosts.is_empty() || req.hosts.iter().any(|h| h == host))
-}
-
-/// Replays the event log; panics with the offending event on any violation.
-fn check_history(events: &[pb::Event]) -> (usize, usize) {
-    use pb::EventKind as K;
-    let mut slots: BTreeMap<String, (Slot, String)> = (0..HOSTS)
-        .map(|i| (format!("h{i:02}"), (Slot::Free, String::new())))
-        .collect();
-    let mut waiting: BTreeMap<(i32, u64), WaitingReq> = BTreeMap::new(); // key: (-priority, waiter)
-    let mut keys: HashMap<u64, (i32, u64)> = HashMap::new();
-    let mut grants = 0;
-    let mut order_checks = 0;
-    let mut last_seq = 0;
-    for e in events {
-        assert_eq!(e.seq, last_seq + 1, "event log has a gap before {e:?}");
-        last_seq = e.seq;
-        match K::try_from(e.kind).unwrap() {
-            K::LeaseRequested => {
-                let req = e.request.clone().expect("request recorded");
-                let key = (-req.priority, e.waiter_id);
-                keys.insert(e.waiter_id, key);
-                waiting.insert(
-                    key,
-                    WaitingReq {
-                        priority: req.priority,
-                        req,
-                    },
-                );
-            }
-            K::RequestWithdrawn => {
-                let key = keys
-                    .remove(&e.waiter_id)
-                    .expect("withdrawn waiter was waiting");
-                waiting.remove(&key);
-            }
-            K::LeaseGranted => {
-                grants += 1;
-                let key = keys
-                    .remove(&e.waiter_id)
-                    .unwrap_or_else(|| panic!("grant to unknown waiter: {e:?}"));
-                let me = waiting.remove(&key).unwrap();
-                assert_eq!(
-                    e.hosts.len(),
-                    me.req.count.max(1) as usize,
-                    "wrong host count: {e:?}"
-                );
-                for h in &e.hosts {
-                    assert!(
-                        could_use(&me.req, h),
-                        "granted a host the request cannot use: {e:?}"
-                    );
-                    let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(
-                        slot.0,
-                        Slot::Free,
-                        "host {h} granted while {:?} by {}: {e:?}",
-                        slot.0,
-                        slot.1
-                    );
-                    *slot = (Slot::Held, e.lease_id.clone());
-                }
-                // Order: no earlier waiter still waiting could have used any granted host.
-                for (k, other) in waiting.range(..key) {
-                    order_checks += 1;
-                    for h in &e.hosts {
-                        assert!(
-                            !could_use(&other.req, h),
-                            "waiter {} (priority {}) was granted {h}, which earlier waiter {} (priority {}) could use: {e:?}",
-                            e.waiter_id,
-                            me.priority,
-                            k.1,
-                            other.priority
-                        );
-                    }
-                }
-            }
-            K::LeaseReleased | K::LeaseExpired => {
-                for h in &e.hosts {
-                    let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(
-                        *slot,
-                        (Slot::Held, e.lease_id.clone()),
-                        "host {h} ended a lease it did not hold: {e:?}"
-                    );
-                    slot.0 = Slot::Reclaiming;
-                }
-            }
-            K::HostAvailable => {
-                for h in &e.hosts {
-                    let slot = slots.get_mut(h).unwrap();
-                    assert_eq!(
-                        slot.0,
-                        Slot::Reclaiming,
-                        "host {h} available without reclaim: {e:?}"
-                    );
-                    *slot = (Slot::Free, String::new());
-                }
-            }
-            _ => {}
-        }
-    }
-    assert!(
-        waiting.is_empty(),
-        "requests neither granted nor withdrawn: {:?}",
-        waiting.keys().collect::<Vec<_>>()
-    );
-    (grants, order_checks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +209,8 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (grants, order_checks) = check_history(&events);
+    let h = check_history(&events, &inventory_hosts(HOSTS));
+    let (grants, order_checks) = (h.grants, h.order_checks);
     eprintln!(
         "{ops} client operations ({grants} grants, {} events, {order_checks} order checks) by {CLIENTS} clients in {elapsed:?}",
         events.len()
@@ -350,79 +221,4 @@ async fn sixty_four_clients_never_share_a_host_and_respect_queue_order() {
     );
     assert!(grants >= CLIENTS * ROUNDS / 2);
     server.stop().await;
-}
-
-/// The checker itself must catch violations (a checker that cannot fail
-/// proves nothing).
-#[test]
-fn checker_catches_double_grant_and_queue_jumping() {
-    fn ev(
-        seq: u64,
-        kind: pb::EventKind,
-        hosts: &[&str],
-        lease: &str,
-        waiter: u64,
-        req: Option<pb::LeaseRequest>,
-    ) -> pb::Event {
-        pb::Event {
-            seq,
-            kind: kind as i32,
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            lease_id: lease.into(),
-            waiter_id: waiter,
-            request: req,
-            ..Default::default()
-        }
-    }
-    use pb::EventKind as K;
-    let one = || {
-        Some(pb::LeaseRequest {
-            count: 1,
-            ..Default::default()
-        })
-    };
-    let double = vec![
-        ev(1, K::LeaseRequested, &[], "", 1, one()),
-        ev(2, K::LeaseGranted, &["h01"], "a", 1, None),
-        ev(3, K::LeaseRequested, &[], "", 2, one()),
-        ev(4, K::LeaseGranted, &["h01"], "b", 2, None),
-    ];
-    assert!(std::panic::catch_unwind(|| check_history(&double)).is_err());
-    let jump = vec![
-        ev(
-            1,
-            K::LeaseRequested,
-            &[],
-            "",
-            1,
-            Some(pb::LeaseRequest {
-                count: 2,
-                ..Default::default()
-            }),
-        ),
-        ev(2, K::LeaseRequested, &[], "", 2, one()),
-        ev(3, K::LeaseGranted, &["h01"], "b", 2, None),
-        ev(4, K::RequestWithdrawn, &[], "", 1, None),
-    ];
-    assert!(std::panic::catch_unwind(|| check_history(&jump)).is_err());
-    let fine = vec![
-        ev(
-            1,
-            K::LeaseRequested,
-            &[],
-            "",
-            1,
-            Some(pb::LeaseRequest {
-                count: 1,
-                flags: vec!["iommu".into()],
-                ..Default::default()
-            }),
-        ),
-        ev(2, K::LeaseRequested, &[], "", 2, one()),
-        ev(3, K::LeaseGranted, &["h01"], "b", 2, None),
-        ev(4, K::LeaseReleased, &["h01"], "b", 0, None),
-        ev(5, K::HostAvailable, &["h01"], "b", 0, None),
-        ev(6, K::LeaseGranted, &["h00"], "a", 1, None),
-    ];
-    check_history(&fine);
 }

@@ -1,7 +1,9 @@
 //! Process tests of the real `lab-server` binary and its redb store:
 //! SIGKILL under load loses no acknowledged lease and TTLs keep running
-//! across the restart; a short-TTL lease nobody renews frees its host in
-//! real time.
+//! across the restart; a crash loop (10 kills under 64 clients that resume
+//! their requests by request id) loses nothing and grants nothing twice; a
+//! waiting `lab lease acquire` keeps its place across a SIGKILL and gets
+//! its lease; a short-TTL lease nobody renews frees its host in real time.
 
 use lab_proto::convert::millis_from_timestamp;
 use lab_proto::v1 as pb;
@@ -60,6 +62,7 @@ async fn load(i: u64, c: Clients, log: Arc<Mutex<HashMap<String, Record>>>) {
                 ..Default::default()
             }),
             no_wait: false,
+            ..Default::default()
         };
         let Ok(stream) = leases.acquire(req).await else {
             return;
@@ -223,6 +226,7 @@ async fn sigkill_under_load_loses_no_acknowledged_lease() {
             .list_leases(pb::ListLeasesRequest {
                 include_ended: false,
                 holder: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -274,6 +278,7 @@ async fn a_short_lease_without_renewals_frees_its_host() {
             ..Default::default()
         }),
         no_wait: true,
+        ..Default::default()
     };
     let mut s = c.leases.acquire(req).await.unwrap().into_inner();
     let Some(pb::AcquireUpdate {
@@ -333,4 +338,155 @@ async fn a_short_lease_without_renewals_frees_its_host() {
         ]
     );
     assert_eq!(events[1].actor, "server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_loses_nothing_and_grants_nothing_twice() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let o = lab_tests::crash_loop::Options::default();
+    let result = std::panic::AssertUnwindSafe(lab_tests::crash_loop::run(dir.path(), &o))
+        .catch_unwind()
+        .await;
+    let report = match result {
+        Ok(Ok(report)) => report,
+        failed => {
+            // Keep the store, the server's log and the event log.
+            let kept = dir.keep();
+            let why = match failed {
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default(),
+                Ok(Ok(_)) => unreachable!(),
+            };
+            panic!(
+                "{why}\n(server log, store and events.txt kept in {})",
+                kept.display()
+            );
+        }
+    };
+    eprintln!("{}", report.summary());
+    assert_eq!(report.kills, o.kills);
+    assert_eq!(report.lost, 0);
+    assert!(report.grants >= 200, "too little load: {}", report.grants);
+    assert!(
+        report.broken_while_queued > 0 && report.resumed_grants > 0,
+        "no request was caught waiting by a kill: the loop proves little"
+    );
+}
+
+/// `lab lease acquire` waiting in the queue when the server is killed: it
+/// sends its request again with the same request id until the restarted
+/// server answers, keeps its place (one request in the log), and gets the
+/// lease when the host frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_cli_keeps_its_place_across_a_sigkill() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.toml"), inventory_toml(2)).unwrap();
+    // A fixed port, so the CLI finds the restarted server where it was.
+    let port = lab_tests::crash_loop::free_port(now_ms() as u64).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let spawn_at = || {
+        ServerProcess::spawn(
+            &[
+                "--dev-insecure-no-auth",
+                "--listen",
+                &listen,
+                "--inventory",
+                &dir.path().join("inventory.toml").to_string_lossy(),
+                "--data-dir",
+                &dir.path().join("data").to_string_lossy(),
+            ],
+            &dir.path().join("server.log"),
+        )
+        .unwrap()
+    };
+    let mut server = spawn_at();
+    let mut holder = Clients::connect(server.addr, Some("holder")).await.unwrap();
+    let held = holder
+        .grant_now(pb::LeaseRequest {
+            hosts: vec!["h00".into()],
+            ttl: ttl(600),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut cli = Command::new(lab_tests::bin_path("lab"))
+        .args([
+            "--json", "lease", "acquire", "--host", "h00", "--ttl", "10m",
+        ])
+        .env("LAB_SERVER", format!("http://{listen}"))
+        .env("LAB_TOKEN", "waiter")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = cli.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = || {
+        lines_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line from lab on stderr")
+    };
+    let first = next_line();
+    assert!(first.starts_with("waiting: position 1 of 1"), "{first}");
+
+    server.kill();
+    let lost = next_line();
+    assert!(
+        lost.starts_with("lab: lost the request's stream ("),
+        "{lost}"
+    );
+    let server = spawn_at();
+    let back = next_line();
+    assert_eq!(back, "lab: the request is back with the server");
+    let again = next_line();
+    assert!(again.starts_with("waiting: position 1 of 1"), "{again}");
+
+    let mut holder = Clients::connect(server.addr, Some("holder")).await.unwrap();
+    holder
+        .leases
+        .release(pb::ReleaseRequest {
+            lease_id: held.id.clone(),
+        })
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lease: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(lease["holder"], "waiter");
+    assert_eq!(lease["hosts"], serde_json::json!(["h00"]));
+
+    // One request in the log, granted once.
+    let events = holder
+        .events
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let mine: Vec<(i32, u64)> = events
+        .iter()
+        .filter(|e| e.actor == "waiter")
+        .map(|e| (e.kind, e.waiter_id))
+        .collect();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert_eq!(mine[0].0, pb::EventKind::LeaseRequested as i32);
+    assert_eq!(mine[1], (pb::EventKind::LeaseGranted as i32, mine[0].1));
 }

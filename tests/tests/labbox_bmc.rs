@@ -2,8 +2,10 @@
 //! the reference client `ipmitool` against the simulated BMCs (`ipmi_sim`):
 //! `chassis bootdev pxe` + `power on` start the host's QEMU VM, whose
 //! firmware banner (SeaBIOS, iPXE) arrives in the console file through the
-//! serial relay; `power status` follows; `power off` stops the VM; and
-//! teardown leaves no namespace, process or file behind.
+//! serial relay; `power status` follows; a reset keeps the VM, unless the
+//! boot device changed (`bootdev disk`: the VM restarts and SeaBIOS boots
+//! the host's disk, without iPXE); `power off` stops the VM; and teardown
+//! leaves no namespace, process or file (disks included) behind.
 //!
 //! No DHCP server runs: the VM's iPXE just fails to PXE-boot, which is fine
 //! here. Needs root, ipmi_sim + ipmitool (openipmi, ipmitool), QEMU with its
@@ -81,8 +83,9 @@ fn ipmitool_powers_a_vm_on_and_off_and_its_console_is_captured() {
     assert_eq!(power_status(&lab, h2), "Chassis Power is off");
     assert_eq!(lab.console_len(h2), 0);
 
-    // Without `bootdev pxe` the NIC has no boot ROM: SeaBIOS finds nothing
-    // to boot (the second, and last, VM running at once).
+    // Without `bootdev pxe` the NIC has no boot ROM: SeaBIOS tries the
+    // (empty) disk and finds nothing to boot (the second, and last, VM
+    // running at once).
     lab.ipmitool(h2, &["chassis", "power", "on"])
         .expect("power on h2");
     assert!(lab.wait_vm(h2, true, Duration::from_secs(10)));
@@ -93,9 +96,55 @@ fn ipmitool_powers_a_vm_on_and_off_and_its_console_is_captured() {
         !lab.console_text(h2).contains("iPXE"),
         "h2 ran the iPXE ROM without bootdev pxe"
     );
+    assert!(
+        lab.console_text(h2).contains("Booting from Hard Disk"),
+        "h2 has no disk to boot from:\n{}",
+        lab.console_text(h2)
+    );
     lab.ipmitool(h2, &["chassis", "power", "off"])
         .expect("power off h2");
     assert!(lab.wait_vm(h2, false, Duration::from_secs(10)));
+
+    // A reset with the same boot device is QEMU's own reset: the same
+    // process boots iPXE again.
+    let before = lab.console_len(h1);
+    lab.ipmitool(h1, &["chassis", "power", "reset"])
+        .expect("power reset");
+    lab.wait_console_from(h1, before, &["iPXE"], &[], TIMEOUT)
+        .unwrap_or_else(|e| panic!("reset: {e}"));
+    assert_eq!(lab.vm_pid(h1), Some(vm_pid), "a plain reset restarted QEMU");
+
+    // After `bootdev disk` ("default" to ipmi_sim's chassis program) a
+    // reset restarts the VM with its disk first and no boot ROM.
+    let out = lab
+        .ipmitool(h1, &["chassis", "bootdev", "disk"])
+        .expect("bootdev disk");
+    assert!(
+        out.contains("Set Boot Device to disk"),
+        "bootdev disk not accepted: {out:?}"
+    );
+    let before = lab.console_len(h1);
+    lab.ipmitool(h1, &["chassis", "power", "reset"])
+        .expect("power reset after bootdev disk");
+    lab.wait_console_from(h1, before, &["Booting from Hard Disk"], &[], TIMEOUT)
+        .unwrap_or_else(|e| panic!("reset after bootdev disk: {e}"));
+    // The PXE VM may still print its iPXE lines after `before` until it is
+    // stopped, so judge only the new VM's boot: from its SeaBIOS banner to
+    // the disk boot, no boot ROM ran.
+    let bytes = std::fs::read(lab.console_path(h1)).expect("read h1 console");
+    let tail = String::from_utf8_lossy(bytes.get(before as usize..).unwrap_or_default());
+    let disk_at = tail.find("Booting from Hard Disk").expect("seen above");
+    let bios_at = tail[..disk_at]
+        .rfind("SeaBIOS")
+        .unwrap_or_else(|| panic!("no SeaBIOS banner before the disk boot:\n{tail}"));
+    assert!(
+        !tail[bios_at..disk_at].contains("iPXE"),
+        "the VM after bootdev disk ran the iPXE ROM:\n{}",
+        &tail[bios_at..]
+    );
+    let disk_pid = lab.vm_pid(h1).expect("h1 runs after the reset");
+    assert_ne!(disk_pid, vm_pid, "bootdev disk + reset kept the PXE VM");
+    assert!(!pid_alive(vm_pid), "the PXE VM {vm_pid} still runs");
 
     // Power off: the VM is gone and the BMC says so.
     lab.ipmitool(h1, &["chassis", "power", "off"])
@@ -104,7 +153,7 @@ fn ipmitool_powers_a_vm_on_and_off_and_its_console_is_captured() {
         lab.wait_vm(h1, false, Duration::from_secs(10)),
         "QEMU of h1 still runs after power off"
     );
-    assert!(!pid_alive(vm_pid), "QEMU pid {vm_pid} still exists");
+    assert!(!pid_alive(disk_pid), "QEMU pid {disk_pid} still exists");
     assert_eq!(power_status(&lab, h1), "Chassis Power is off");
 
     // Power on again: the same console file keeps growing (the relay
@@ -121,6 +170,12 @@ fn ipmitool_powers_a_vm_on_and_off_and_its_console_is_captured() {
     let name = lab.netns().name().to_owned();
     let dir = lab.logs().path().to_owned();
     let pids = lab.pids();
+    let disks: Vec<std::path::PathBuf> =
+        lab.hosts().iter().filter_map(|h| h.disk.clone()).collect();
+    assert_eq!(disks.len(), 2, "every x86_64 host has a disk");
+    for d in &disks {
+        assert!(d.exists(), "{} missing", d.display());
+    }
     assert!(
         pids.len() >= 5,
         "expected 2 relays, 2 BMCs and 1 VM: {pids:?}"
@@ -142,7 +197,12 @@ fn ipmitool_powers_a_vm_on_and_off_and_its_console_is_captured() {
     assert!(left.is_empty(), "processes left behind: {left:?}");
     // The daemonized QEMUs were reaped too (the box is their subreaper):
     // not even a zombie remains.
-    for pid in [vm_pid, h2_pid, vm_pid_2] {
+    if std::env::var_os("LAB_KEEP_DISKS").is_none() {
+        for d in &disks {
+            assert!(!d.exists(), "disk {} left behind", d.display());
+        }
+    }
+    for pid in [vm_pid, h2_pid, disk_pid, vm_pid_2] {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "QEMU {pid} left behind (zombie?)"

@@ -19,6 +19,9 @@
 //!   hyper can otherwise leave a pipelined request unread in its buffer
 //!   until the connection's `idle_timeout` (found by the `http` fuzz
 //!   target; see [`FileBody`]).
+//! - Header names go out title-cased (`Content-Length: `): GRUB's HTTP
+//!   client (aarch64 hosts load Xen, the kernel and the initrd with it)
+//!   matches them byte for byte.
 //! - Accept errors that are not about one connection (`EMFILE`, `ENFILE`,
 //!   `ENOBUFS`, `ENOMEM`, …) pause accepting, 10 ms doubling to 1 s, and
 //!   are logged once per burst with their count; the first accepted
@@ -253,9 +256,15 @@ impl HttpServer {
             accept_errors: LogLimiter::new(config.log_interval),
         };
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // Title-case header names (`Content-Length`, not hyper's
+        // `content-length`): GRUB 2.06's HTTP client compares them
+        // case-sensitively and, without a length it recognizes, cannot size
+        // a file (xen_boot refuses it) nor tell where the body ends on a
+        // kept-alive connection.
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout);
+            .header_read_timeout(config.header_timeout)
+            .title_case_headers(true);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut tick = tokio::time::interval(config.log_interval);
@@ -539,11 +548,16 @@ async fn respond(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(if path.ends_with(".ipxe") || path.ends_with(".preseed") {
-            "text/plain; charset=utf-8"
-        } else {
-            "application/octet-stream"
-        }),
+        HeaderValue::from_static(
+            if [".ipxe", ".preseed", ".lease"]
+                .iter()
+                .any(|e| path.ends_with(e))
+            {
+                "text/plain; charset=utf-8"
+            } else {
+                "application/octet-stream"
+            },
+        ),
     );
     if code == StatusCode::PARTIAL_CONTENT {
         h.insert(

@@ -10,7 +10,9 @@ use crate::rack::{
     Report, ReportSink, SpecError,
 };
 use lab_proto::v1 as pb;
-use lab_types::{HostName, InvalidName, LeaseId, ProfileName, Secret};
+use lab_types::{
+    HostName, InvalidName, InvalidSshKey, LeaseId, Principal, ProfileName, Secret, SshPublicKey,
+};
 use std::path::PathBuf;
 use std::str::FromStr;
 use tokio::sync::mpsc;
@@ -41,6 +43,18 @@ pub enum HostError {
     },
     #[error("host {host}: BMC port {port} out of range")]
     BmcPort { host: String, port: u32 },
+    #[error("host {host}: bad lease holder")]
+    Holder {
+        host: String,
+        #[source]
+        source: InvalidName,
+    },
+    #[error("host {host}: bad SSH public key")]
+    SshKey {
+        host: String,
+        #[source]
+        source: InvalidSshKey,
+    },
 }
 
 /// The host's boot identity, checked in the order the boot table always
@@ -96,7 +110,32 @@ pub fn host_spec(h: pb::AgentHost) -> Result<HostSpec, HostError> {
                 })?,
             )
         };
-        Some(LeaseSpec { id, profile })
+        let holder = if h.holder.is_empty() {
+            None
+        } else {
+            Some(
+                Principal::new(h.holder).map_err(|source| HostError::Holder {
+                    host: name.to_string(),
+                    source,
+                })?,
+            )
+        };
+        let ssh_public_key = if h.ssh_public_key.is_empty() {
+            None
+        } else {
+            Some(
+                SshPublicKey::parse(&h.ssh_public_key).map_err(|source| HostError::SshKey {
+                    host: name.to_string(),
+                    source,
+                })?,
+            )
+        };
+        Some(LeaseSpec {
+            id,
+            profile,
+            holder,
+            ssh_public_key,
+        })
     };
     let bmc = match h.bmc {
         None => None,
@@ -158,6 +197,7 @@ pub fn phase(p: Phase) -> pb::ProvisionPhase {
     match p {
         Phase::Pending => pb::ProvisionPhase::Pending,
         Phase::Booting => pb::ProvisionPhase::Booting,
+        Phase::Installing => pb::ProvisionPhase::Installing,
         Phase::Ready => pb::ProvisionPhase::Ready,
         Phase::Failed => pb::ProvisionPhase::Failed,
     }
@@ -175,6 +215,7 @@ pub fn report(r: &Report) -> pb::HostReport {
         out.phase = phase(p.phase) as i32;
         out.stage.clone_from(&p.stage);
         out.console_tail.clone_from(&p.console_tail);
+        out.percent = p.percent;
     }
     out
 }
@@ -225,12 +266,16 @@ pub fn error_kind(k: ErrorKind) -> pb::CommandErrorKind {
         ErrorKind::Unimplemented => pb::CommandErrorKind::Unimplemented,
         ErrorKind::Unavailable => pb::CommandErrorKind::Unavailable,
         ErrorKind::Internal => pb::CommandErrorKind::Internal,
+        ErrorKind::ResourceExhausted => pb::CommandErrorKind::ResourceExhausted,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
 
     fn agent_host() -> pb::AgentHost {
         pb::AgentHost {
@@ -241,6 +286,8 @@ mod tests {
             ipv4: "10.0.0.5".into(),
             lease_id: "7f1c4a8e-3b1d-4c2e-9a55-0d6b1f2e3a4b".into(),
             profile: "xen".into(),
+            holder: "alice".into(),
+            ssh_public_key: KEY.into(),
             bmc: Some(pb::Bmc {
                 address: "bmc-h0".into(),
                 port: 0,
@@ -280,6 +327,17 @@ mod tests {
             Some("7f1c4a8e-3b1d-4c2e-9a55-0d6b1f2e3a4b")
         );
         assert_eq!(boot.profile, "xen");
+        // The holder and its key, for an installing profile's metadata.
+        let lease = s.lease.clone().unwrap();
+        assert_eq!(lease.holder.unwrap().as_str(), "alice");
+        assert_eq!(lease.ssh_public_key.unwrap().as_str(), KEY);
+        assert_eq!(s.ipv4(), Some("10.0.0.5".parse().unwrap()));
+        // A lease without them (an older server).
+        let mut h = agent_host();
+        h.holder.clear();
+        h.ssh_public_key.clear();
+        let lease = host_spec(h).unwrap().lease.unwrap();
+        assert_eq!((lease.holder, lease.ssh_public_key), (None, None));
     }
 
     #[test]
@@ -319,6 +377,12 @@ mod tests {
         h.bmc.as_mut().unwrap().port = 70_000;
         let e = host_spec(h).unwrap_err();
         assert_eq!(e.to_string(), "host h0: BMC port 70000 out of range");
+        let mut h = agent_host();
+        h.ssh_public_key = format!("command=\"sh\" {KEY}");
+        assert!(matches!(host_spec(h), Err(HostError::SshKey { .. })));
+        let mut h = agent_host();
+        h.holder = "a b".into();
+        assert!(matches!(host_spec(h), Err(HostError::Holder { .. })));
         let state = pb::RackState {
             rack: "r1".into(),
             hosts: vec![agent_host(), pb::AgentHost::default()],
@@ -337,6 +401,7 @@ mod tests {
                 phase: Phase::Failed,
                 stage: "no text".into(),
                 console_tail: "panic".into(),
+                percent: 0,
             }),
         };
         let p = report(&r);
@@ -349,6 +414,20 @@ mod tests {
             ("no text", "panic")
         );
         assert_eq!(p.lease_id, lease.to_string());
+        let installing = report(&Report {
+            provisioning: Some(crate::rack::Provisioning {
+                lease,
+                phase: Phase::Installing,
+                stage: "writing the image".into(),
+                console_tail: String::new(),
+                percent: 42,
+            }),
+            ..r.clone()
+        });
+        assert_eq!(
+            (installing.phase(), installing.percent),
+            (pb::ProvisionPhase::Installing, 42)
+        );
         let cleared = report(&Report {
             unreachable: None,
             provisioning: None,

@@ -4,7 +4,7 @@
 //! ([`HostSpec::boot_host`]).
 
 use crate::hosts::{Arch, BootHost, Firmware, MacAddr};
-use lab_types::{HostName, LeaseId, ProfileName, Secret};
+use lab_types::{HostName, LeaseId, Principal, ProfileName, Secret, SshPublicKey};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -38,6 +38,11 @@ pub struct LeaseSpec {
     pub id: LeaseId,
     /// The profile to boot; `None`: the agent's `default_profile`.
     pub profile: Option<ProfileName>,
+    /// Who holds it (`None` from a server that does not say).
+    pub holder: Option<Principal>,
+    /// The holder's OpenSSH public key for root, for profiles that install
+    /// an OS (into root's `authorized_keys`); `None`: no key.
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// A host's BMC (the password travels only this way, never into logs).
@@ -83,6 +88,12 @@ impl HostSpec {
             .is_ok_and(|b| b.firmware == Firmware::Uefi)
     }
 
+    /// The host's own address on the boot network (the inventory's IPv4),
+    /// the only address a forward to the host dials.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.boot.as_ref().ok().and_then(|b| b.ipv4)
+    }
+
     /// The profile in force: the lease's, else `default_profile`.
     pub fn profile<'a>(&'a self, default_profile: &'a str) -> &'a str {
         self.lease
@@ -102,6 +113,16 @@ impl HostSpec {
             firmware: id.firmware,
             profile: self.profile(default_profile).to_owned(),
             lease: self.lease.as_ref().map(|l| l.id.to_string()),
+            holder: self
+                .lease
+                .as_ref()
+                .and_then(|l| l.holder.as_ref())
+                .map(ToString::to_string),
+            ssh_key: self
+                .lease
+                .as_ref()
+                .and_then(|l| l.ssh_public_key.as_ref())
+                .map(|k| k.as_str().to_owned()),
         })
     }
 }

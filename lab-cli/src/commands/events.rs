@@ -15,14 +15,14 @@ pub struct EventsArgs {
     /// Only events with a sequence number above SEQ
     #[arg(long, value_name = "SEQ", default_value_t = 0)]
     after: u64,
-    /// At most N events [default: the server's, 1000]
+    /// At most N events [default: all, page after page]
     #[arg(
         long,
         value_name = "N",
-        value_parser = clap::value_parser!(u32).range(1..=10_000),
+        value_parser = clap::value_parser!(u64).range(1..),
         conflicts_with = "follow"
     )]
-    limit: Option<u32>,
+    limit: Option<u64>,
     /// Only events about this host
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
@@ -38,16 +38,31 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<()> {
     if args.follow {
         return follow(ctx, args).await;
     }
-    let req = ListEventsRequest {
-        after_seq: args.after,
-        limit: args.limit.unwrap_or(0),
-        host: args.host.unwrap_or_default(),
-        lease_id: args.lease.unwrap_or_default(),
-    };
-    let events = ctx.lab.events().list_events(req).await?.into_inner().events;
-    let text: String = events.iter().map(|e| render(ctx, e)).collect();
-    Ok(output::emit(&text)?)
+    // Every page up to the end of the log (or --limit), printed as it comes.
+    let mut left = args.limit.unwrap_or(u64::MAX);
+    let mut page_token = String::new();
+    while left > 0 {
+        let req = ListEventsRequest {
+            after_seq: args.after,
+            limit: u32::try_from(left).unwrap_or(u32::MAX).min(PAGE),
+            host: args.host.clone().unwrap_or_default(),
+            lease_id: args.lease.clone().unwrap_or_default(),
+            page_token: page_token.clone(),
+        };
+        let page = ctx.lab.events().list_events(req).await?.into_inner();
+        let text: String = page.events.iter().map(|e| render(ctx, e)).collect();
+        output::emit(&text)?;
+        left = left.saturating_sub(page.events.len() as u64);
+        if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(())
 }
+
+/// Events asked for per `ListEvents` call.
+const PAGE: u32 = 1000;
 
 async fn follow(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<()> {
     let req = WatchEventsRequest {

@@ -17,6 +17,7 @@ use crate::exit::{Interrupted, LeaseEnded, ProvisionFailed, StreamEnded, TimedOu
 use crate::output::{self, Table};
 use crate::ready::{self, Progress, Verdict};
 use crate::sanitize;
+use crate::sshkey::{self, SshKeyArg};
 use crate::view::LeaseView;
 use crate::waiting::{Queued, WaitLine};
 
@@ -36,6 +37,11 @@ pub enum LeaseCommand {
     /// otherwise. On grant the lease is printed on stdout (as JSON with
     /// --json). Ctrl-C while waiting withdraws the request and exits with 130.
     ///
+    /// When the connection breaks (the server restarts, the network drops),
+    /// the request is sent again with the same request id, with backoff, for
+    /// up to 5 minutes: it keeps its place in the queue, or gets its lease
+    /// if it was granted meanwhile.
+    ///
     /// --flag, --host and --arch all narrow the hosts that may be granted;
     /// --count says how many of them, granted together or not at all.
     ///
@@ -44,6 +50,11 @@ pub enum LeaseCommand {
     /// (exit 0), one fails (its console tail on stderr, exit 8) or the
     /// timeout passes (exit 9). The lease is printed on stdout in every
     /// case, so a script can release it; it is not released for you.
+    ///
+    /// The lease carries your OpenSSH public key for root on its hosts
+    /// (profiles that install an OS put it into authorized_keys; see
+    /// lab ssh): --ssh-key FILE, else ~/.ssh/id_ed25519.pub, else
+    /// ~/.ssh/id_rsa.pub, else none; --ssh-key none sends none.
     #[command(verbatim_doc_comment)]
     Acquire(AcquireArgs),
     /// Extend an active lease by its TTL (or the one given)
@@ -78,7 +89,7 @@ pub enum LeaseCommand {
         #[arg(long, value_parser = clock::parse_ttl, default_value = "10m")]
         timeout: Duration,
     },
-    /// List active leases
+    /// List active leases (every page of them)
     List {
         /// Also list released and expired leases
         #[arg(long)]
@@ -115,9 +126,18 @@ pub struct AcquireArgs {
     /// Fail at once with exit code 5 when no hosts are free, instead of waiting
     #[arg(long)]
     no_wait: bool,
+    /// OpenSSH public key for root on the hosts, or none [default:
+    /// ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub, if one exists]
+    #[arg(long, value_name = "FILE|none", value_parser = sshkey::parse_arg)]
+    pub ssh_key: Option<SshKeyArg>,
     /// Free-form note shown with the lease (a CI job URL, say)
     #[arg(long)]
     comment: Option<String>,
+    /// Id of this request, to resume it after a broken connection (also
+    /// from another process: the same id asks for the same lease) [default:
+    /// a random UUID]
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
     /// After the grant, wait until every host has booted (exit 8 if one
     /// fails, 9 after TIMEOUT) [default TIMEOUT: 10m]
     #[arg(
@@ -127,12 +147,18 @@ pub struct AcquireArgs {
         require_equals = true,
         value_parser = clock::parse_ttl,
     )]
-    wait_ready: Option<Option<Duration>>,
+    pub wait_ready: Option<Option<Duration>>,
 }
 
 impl AcquireArgs {
-    fn request(self) -> AcquireRequest {
+    /// The request, with the public key read from `--ssh-key` (or a
+    /// default file).
+    fn request(self, ssh_public_key: Option<String>) -> AcquireRequest {
+        let request_id = self
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         AcquireRequest {
+            request_id,
             request: Some(LeaseRequest {
                 arch: super::arch(self.arch),
                 flags: self.flags,
@@ -142,6 +168,7 @@ impl AcquireArgs {
                 ttl: self.ttl.map(convert::duration_to_proto),
                 priority: self.priority,
                 comment: self.comment.unwrap_or_default(),
+                ssh_public_key: ssh_public_key.unwrap_or_default(),
             }),
             no_wait: self.no_wait,
         }
@@ -208,11 +235,7 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
             Ok(output::emit(&details(&lease, SystemTime::now()))?)
         }
         LeaseCommand::List { all, holder } => {
-            let req = ListLeasesRequest {
-                include_ended: all,
-                holder: holder.unwrap_or_default(),
-            };
-            let leases = ctx.lab.leases().list_leases(req).await?.into_inner().leases;
+            let leases = list(ctx, all, holder.unwrap_or_default()).await?;
             let views: Vec<LeaseView> = leases.iter().map(LeaseView::from).collect();
             if ctx.json {
                 return Ok(output::emit(&output::json(&views))?);
@@ -221,6 +244,29 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+/// The leases, following the server's pages.
+async fn list(ctx: &Ctx, include_ended: bool, holder: String) -> anyhow::Result<Vec<Lease>> {
+    let mut leases = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = ListLeasesRequest {
+            include_ended,
+            holder: holder.clone(),
+            page_size: LIST_PAGE,
+            page_token: page_token.clone(),
+        };
+        let page = ctx.lab.leases().list_leases(req).await?.into_inner();
+        leases.extend(page.leases);
+        if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            return Ok(leases);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Leases asked for per `ListLeases` call (the server's maximum).
+const LIST_PAGE: u32 = 1000;
 
 fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
     let view = LeaseView::from(lease);
@@ -233,7 +279,7 @@ fn print_granted(ctx: &Ctx, lease: &Lease) -> anyhow::Result<()> {
 /// Polls the lease every [`READY_POLL`] and prints each host's new boot
 /// stage on stderr until every host is ready, one fails, the lease ends or
 /// `timeout` passes. Returns the last lease seen along with the outcome.
-async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
+pub async fn wait_ready(ctx: &Ctx, lease: Lease, timeout: Duration) -> (Lease, anyhow::Result<()>) {
     let mut last = lease;
     let id = last.id.clone();
     let still_held = format!("lease {id} is still held");
@@ -288,6 +334,9 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
                 if let Some(tail) = ready::tail(p) {
                     err.write_all(tail.as_bytes())?;
                 }
+                if let Some(why) = ready::attribution(p) {
+                    err.write_all(why.as_bytes())?;
+                }
             }
             let what = hosts
                 .iter()
@@ -314,12 +363,13 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
 
 /// Sends the request and waits for the grant, reporting the queue position
 /// on stderr. Ctrl-C drops the stream, which withdraws the request.
-async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
+pub async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
+    let ssh_public_key = sshkey::for_request(args.ssh_key.as_ref())?;
     let stderr = std::io::stderr();
     let live = stderr.is_terminal();
     let mut line = WaitLine::new(stderr, live);
     let result = tokio::select! {
-        r = wait_for_grant(ctx, args.request(), &mut line) => r,
+        r = wait_for_grant(ctx, args.request(ssh_public_key), &mut line) => r,
         () = ctrl_c() => Err(Interrupted(Some(
             "interrupted: the lease request was withdrawn".to_owned()
         )).into()),
@@ -329,10 +379,86 @@ async fn acquire(ctx: &Ctx, args: AcquireArgs) -> anyhow::Result<Lease> {
     result
 }
 
+/// How long `lease acquire` keeps sending its request again after the
+/// connection broke, before it gives up (exit 7).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(5 * 60);
+/// The first pause before sending it again; doubled up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Waits for the grant; when the connection breaks, sends the request again
+/// with the same request id (so it keeps its place, or gets its lease if
+/// it was granted meanwhile), with backoff, for up to [`RECONNECT_FOR`].
 async fn wait_for_grant<W: std::io::Write>(
     ctx: &Ctx,
     req: AcquireRequest,
     line: &mut WaitLine<W>,
+) -> anyhow::Result<Lease> {
+    let mut broken_since: Option<tokio::time::Instant> = None;
+    let mut delay = RECONNECT_FIRST;
+    loop {
+        let err = match wait_once(ctx, req.clone(), line, &mut broken_since).await {
+            Ok(lease) => return Ok(lease),
+            Err(e) if reconnectable(&e) => e,
+            Err(e) => return Err(e),
+        };
+        let since = match broken_since {
+            Some(t) => t,
+            None => {
+                let msg = format!(
+                    "lab: lost the request's stream ({}); sending it again as request {}",
+                    one_line(&err),
+                    req.request_id
+                );
+                line.notice(&sanitize::line(&msg))?;
+                delay = RECONNECT_FIRST;
+                *broken_since.insert(tokio::time::Instant::now())
+            }
+        };
+        if since.elapsed() >= RECONNECT_FOR {
+            return Err(err);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Errors after which the request is sent again: the server or the
+/// connection went away (UNAVAILABLE, a transport failure, a stream that
+/// ended without an answer), not the server's refusal.
+fn reconnectable(err: &anyhow::Error) -> bool {
+    use std::error::Error as _;
+    if err.downcast_ref::<StreamEnded>().is_some() {
+        return true;
+    }
+    let Some(status) = err.downcast_ref::<tonic::Status>() else {
+        return false;
+    };
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        // A transport failure mid-call (h2: connection reset, GOAWAY).
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => {
+            status.source().is_some()
+        }
+        _ => false,
+    }
+}
+
+fn one_line(err: &anyhow::Error) -> String {
+    match err.downcast_ref::<tonic::Status>() {
+        Some(s) if !s.message().is_empty() => s.message().replace('\n', " "),
+        Some(s) => s.code().description().to_owned(),
+        None => err.to_string(),
+    }
+}
+
+/// One Acquire stream, until the grant or an error. A message from the
+/// server clears `broken_since`.
+async fn wait_once<W: std::io::Write>(
+    ctx: &Ctx,
+    req: AcquireRequest,
+    line: &mut WaitLine<W>,
+    broken_since: &mut Option<tokio::time::Instant>,
 ) -> anyhow::Result<Lease> {
     let mut stream = ctx.lab.leases().acquire(req).await?.into_inner();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -345,6 +471,9 @@ async fn wait_for_grant<W: std::io::Write>(
                 continue;
             }
         };
+        if msg.is_some() && broken_since.take().is_some() {
+            line.notice("lab: the request is back with the server")?;
+        }
         match msg.and_then(|m| m.update) {
             Some(Update::Queued(q)) => {
                 let q = Queued {
@@ -396,6 +525,7 @@ fn details(l: &LeaseView, now: SystemTime) -> String {
         ("profile", l.profile.clone().unwrap_or_default()),
         ("priority", l.priority.to_string()),
         ("comment", l.comment.clone().unwrap_or_default()),
+        ("ssh key", l.ssh_key.clone().unwrap_or_default()),
         (
             "ttl",
             l.ttl_seconds
@@ -421,7 +551,7 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
     for p in &l.provisioning {
         t.row(vec![
             p.host.clone(),
-            p.phase.to_owned(),
+            p.phase_percent(),
             p.stage.clone().unwrap_or_default(),
             p.updated_at
                 .map(|t| clock::relative(t.0, now))
@@ -435,6 +565,11 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
         {
             s.push('\n');
             s.push_str(&tail);
+        }
+        if p.phase == "failed"
+            && let Some(why) = ready::attribution(p)
+        {
+            s.push_str(&why);
         }
     }
     s
@@ -473,7 +608,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<AcquireRequest, clap::Error> {
         let argv = std::iter::once("acquire").chain(args.iter().copied());
-        Cli::try_parse_from(argv).map(|c| c.args.request())
+        Cli::try_parse_from(argv).map(|c| c.args.request(None))
     }
 
     #[test]
@@ -484,6 +619,13 @@ mod tests {
         assert_eq!(r.count, 1);
         assert_eq!(r.ttl, None, "the server's default TTL");
         assert!(!req.no_wait);
+        // A fresh request id each time.
+        assert!(
+            uuid::Uuid::parse_str(&req.request_id).is_ok(),
+            "{}",
+            req.request_id
+        );
+        assert_ne!(req.request_id, parse(&[]).unwrap().request_id);
     }
 
     #[test]
@@ -510,8 +652,11 @@ mod tests {
             "--no-wait",
             "--comment",
             "ci#42",
+            "--request-id",
+            "job-42",
         ])
         .unwrap();
+        assert_eq!(req.request_id, "job-42");
         let r = req.request.unwrap();
         assert_eq!(r.arch, lab_proto::v1::Arch::Aarch64 as i32);
         assert_eq!(r.flags, ["gpu", "nvme"]);
@@ -580,7 +725,7 @@ mod tests {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let lease = Lease {
             id: "L-1".into(),
-            hosts: vec!["x1".into(), "x2".into()],
+            hosts: vec!["x1".into(), "x2".into(), "x3".into()],
             provisioning: vec![
                 HostProvisioning {
                     host: "x1".into(),
@@ -593,7 +738,17 @@ mod tests {
                     host: "x2".into(),
                     phase: ProvisionPhase::Failed as i32,
                     stage: "no ready marker within 180s".into(),
-                    console_tail: "Loading xen...\npanic\n".into(),
+                    console_tail: "Loading xen...\nKernel panic - not syncing\n".into(),
+                    failure_class: lab_proto::v1::FailureClass::Job as i32,
+                    failure_rule: "kernel panic".into(),
+                    failure_line: "Kernel panic - not syncing".into(),
+                    ..Default::default()
+                },
+                HostProvisioning {
+                    host: "x3".into(),
+                    phase: ProvisionPhase::Installing as i32,
+                    stage: "writing the image".into(),
+                    percent: 42,
                     ..Default::default()
                 },
             ],
@@ -603,12 +758,14 @@ mod tests {
         let block = text.split_once("\n\n").unwrap().1;
         assert_eq!(
             block,
-            "HOST  PHASE   STAGE                        UPDATED\n\
-             x1    ready   ready marker seen            1m ago\n\
-             x2    failed  no ready marker within 180s  -\n\
+            "HOST  PHASE            STAGE                        UPDATED\n\
+             x1    ready            ready marker seen            1m ago\n\
+             x2    failed           no ready marker within 180s  -\n\
+             x3    installing 42 %  writing the image            -\n\
              \n\
              ==> console of x2 (last lines) <==\n\
-             Loading xen...\npanic\n"
+             Loading xen...\nKernel panic - not syncing\n\
+             x2 failed: the job's fault (rule \"kernel panic\"): Kernel panic - not syncing\n"
         );
     }
 }

@@ -5,9 +5,12 @@
 pub mod admin;
 pub mod console;
 pub mod events;
+pub mod forward;
 pub mod hosts;
 pub mod lease;
 pub mod power;
+pub mod run;
+pub mod ssh;
 
 use clap::ValueEnum;
 use lab_proto::v1::Arch;
@@ -19,6 +22,17 @@ pub struct Ctx {
     pub lab: Lab,
     /// `--json`: print JSON instead of human output.
     pub json: bool,
+    /// How this `lab` reached the server, for the `lab` processes it starts
+    /// (`lab ssh`'s proxy command, `lab run`'s environment).
+    pub reach: Reach,
+}
+
+/// `--server`, `--ca` and the token, as given.
+#[derive(Clone, Debug)]
+pub struct Reach {
+    pub server: String,
+    pub ca: Option<std::path::PathBuf>,
+    pub token: Option<crate::client::Token>,
 }
 
 /// `--arch` values.

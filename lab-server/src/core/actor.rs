@@ -1,19 +1,29 @@
 //! The core actor: the one task that owns hosts, leases and the queue, and
 //! the only writer of the store. See the parent module for the batch cycle.
+//!
+//! Besides the batches of commands, the actor's loop wakes for the earliest
+//! lease expiry, the earliest end of a detached waiter's grace period, and
+//! the next retention step.
 
 use super::clock::Clock;
 use super::policy;
 use super::reclaim::{ReclaimJob, Reclaimer};
-use super::{Command, CoreConfig, CoreError, HostView, ReloadSummary, Reply, WaitState};
+use super::{
+    AcquireRequest, Command, CoreConfig, CoreError, HostView, LEASE_SCAN_LIMIT, LeaseKey,
+    LeasePage, LeaseQuery, ReloadSummary, Reply, WaitState,
+};
 use crate::events::{EventKind, EventRecord};
+use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
+use crate::lease::machine::Health;
 use crate::lease::{
-    Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseSpec, LeaseState, Queue,
-    Waiter,
+    Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
 use crate::store::{Batch, Snapshot, Store, StoreError, Write};
-use crate::types::{Caller, Generation, HostName, LeaseId, Principal, Timestamp, WaiterId};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use crate::types::{
+    Caller, Generation, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -28,14 +38,15 @@ struct Pending {
     batch: Batch,
     after: Vec<AfterCommit>,
     reclaims: Vec<(HostName, LeaseId)>,
+    /// `no_wait` requests of this batch (provisional ids).
     no_wait: Vec<WaiterId>,
-    /// Waiters whose request event is in this batch.
-    queued: Vec<WaiterId>,
-    /// Waiters that left the queue in this batch (granted or withdrawn), and
-    /// deferred withdrawals written in this batch.
-    ended: Vec<(WaiterId, Principal)>,
     /// The inventory before a reload in this batch, restored if the commit fails.
     rollback_inventory: Option<(Arc<Inventory>, HashMap<HostName, HostSpec>)>,
+    /// A client resumed a request: tell it its place even if nothing else
+    /// changed.
+    publish: bool,
+    /// A `Stop` command: its reply, sent after the batch.
+    stop: Option<Reply<()>>,
 }
 
 impl Pending {
@@ -58,6 +69,79 @@ impl Pending {
     }
 }
 
+/// `no_wait` requests get no event unless they are granted, so no waiter id
+/// while they are decided: they queue under provisional ids above every
+/// real one (behind every waiting request of their priority), and get the
+/// real id (their `LEASE_REQUESTED` event) with the grant.
+const PROVISIONAL_IDS: WaiterId = 1 << 62;
+
+/// The pause between retention steps while old records remain (each step
+/// removes at most `retention_batch` of each).
+const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(100);
+
+/// How many request ids of granted requests are remembered (so that a
+/// client that missed the grant gets the lease when it asks again).
+pub(super) const RECENT_GRANTS: usize = 4096;
+
+/// What the actor keeps of a waiting request besides its place in the queue.
+struct Slot {
+    /// The attached client: its request handle and its state channel.
+    /// `None` while detached (after a restart or a failed commit, until the
+    /// client resumes the request).
+    client: Option<(u64, watch::Sender<WaitState>)>,
+    /// A detached waiter is withdrawn at this time.
+    detached_until: Option<Timestamp>,
+    /// A `no_wait` request (provisional id, not stored, no event yet).
+    no_wait: bool,
+}
+
+/// The request ids of recent grants: (principal, request id) → lease,
+/// bounded to [`RECENT_GRANTS`] (the oldest forgotten first).
+#[derive(Default)]
+struct RecentGrants {
+    map: HashMap<(Principal, RequestId), LeaseId>,
+    order: VecDeque<(Principal, RequestId)>,
+}
+
+impl RecentGrants {
+    fn insert(&mut self, key: (Principal, RequestId), lease: LeaseId) {
+        if self.map.insert(key.clone(), lease).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > RECENT_GRANTS {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &(Principal, RequestId)) -> Option<LeaseId> {
+        self.map.get(key).copied()
+    }
+}
+
+/// Why waiters loaded from the store have no client.
+#[derive(Debug, Clone, Copy)]
+enum Detached {
+    Restart,
+    FailedCommit,
+}
+
+impl Detached {
+    /// REQUEST_WITHDRAWN detail for one without a request id (nobody can
+    /// resume it).
+    fn orphan_detail(self) -> &'static str {
+        match self {
+            Detached::Restart => {
+                "the server restarted and the request has no request id to resume it by"
+            }
+            Detached::FailedCommit => {
+                "the store failed to commit; the request was answered UNAVAILABLE"
+            }
+        }
+    }
+}
+
 pub(super) struct Actor {
     config: CoreConfig,
     store: Arc<dyn Store>,
@@ -68,28 +152,46 @@ pub(super) struct Actor {
     events: broadcast::Sender<EventRecord>,
     inventory: Arc<Inventory>,
     hosts: BTreeMap<HostName, HostRecord>,
+    /// Every lease within the retention period.
     leases: HashMap<LeaseId, Lease>,
+    /// Leases by grant time (the order of `ListLeases`).
+    by_grant: BTreeSet<LeaseKey>,
     /// Active leases by expiry.
     expiries: BTreeSet<(Timestamp, LeaseId)>,
+    /// Ended leases by end time (retention).
+    ended: BTreeSet<(Timestamp, LeaseId)>,
     queue: Queue,
-    waiters: HashMap<WaiterId, (u64, watch::Sender<WaitState>)>,
+    waiters: HashMap<WaiterId, Slot>,
     /// Request handle → waiter id, for withdrawals by dropped acquisitions.
     handles: HashMap<u64, WaiterId>,
+    /// (principal, request id) → waiting request.
+    by_request: HashMap<(Principal, RequestId), WaiterId>,
+    /// Waiting requests (not `no_wait`) per principal, for the cap.
+    waiting: HashMap<Principal, usize>,
+    /// Detached waiters by the end of their grace period.
+    detached: BTreeSet<(Timestamp, WaiterId)>,
+    /// Waiters loaded without a request id: withdrawn in the next batch.
+    orphans: Vec<(WaiterId, &'static str)>,
+    recent_grants: RecentGrants,
+    next_provisional: WaiterId,
     /// Descriptions of hosts removed from the inventory while leased, for
     /// their reclaim and for display until they are gone.
     retired_specs: HashMap<HostName, HostSpec>,
-    /// Waiters dropped by a failed commit whose request event was already
-    /// committed: their REQUEST_WITHDRAWN goes into the next batch.
-    deferred_withdrawals: Vec<(WaiterId, Principal)>,
     /// Hosts with a reclaim task running.
     reclaiming: HashSet<HostName>,
     /// Hosts that cannot be driven now (agent away, BMC silent) and why.
     /// Not persisted: agents report it again after every restart.
     unreachable: BTreeMap<HostName, String>,
+    /// When provisionings failed through each host's fault, within the
+    /// quarantine window. Not persisted (a restart forgets suspicions in
+    /// the making, not the health already recorded).
+    host_failures: HashMap<HostName, VecDeque<Timestamp>>,
     last_seq: u64,
     /// The inventory must be reconciled with the host records (after a
     /// reload of state from the store).
     resync: bool,
+    /// When the next retention step runs.
+    next_retention: tokio::time::Instant,
 }
 
 impl Actor {
@@ -113,60 +215,124 @@ impl Actor {
             inventory: Arc::new(inventory),
             hosts: BTreeMap::new(),
             leases: HashMap::new(),
+            by_grant: BTreeSet::new(),
             expiries: BTreeSet::new(),
+            ended: BTreeSet::new(),
             queue: Queue::default(),
             waiters: HashMap::new(),
             handles: HashMap::new(),
+            by_request: HashMap::new(),
+            waiting: HashMap::new(),
+            detached: BTreeSet::new(),
+            orphans: Vec::new(),
+            recent_grants: RecentGrants::default(),
+            next_provisional: PROVISIONAL_IDS,
             retired_specs: HashMap::new(),
-            deferred_withdrawals: Vec::new(),
             reclaiming: HashSet::new(),
             unreachable: BTreeMap::new(),
+            host_failures: HashMap::new(),
             last_seq: 0,
             resync: false,
+            next_retention: tokio::time::Instant::now(),
         };
-        actor.restore(snapshot);
         let now = actor.clock.now();
+        actor.restore(snapshot, now, Detached::Restart);
         let mut p = Pending::default();
         let summary = actor.sync_inventory(&mut p, now, &Principal::server());
+        actor.withdraw_orphans(&mut p, now);
+        actor.drop_unsatisfiable(&mut p, now);
         actor.expire_due(&mut p, now);
         p.reclaims.extend(actor.reclaiming_hosts());
         let active = actor.expiries.len();
+        let waiting = actor.queue.len();
         if let Some(e) = actor.commit(p).await {
             return Err(e);
         }
         info!(
             hosts = summary.hosts,
             active_leases = active,
+            waiting,
             last_event = actor.last_seq,
             "core started"
         );
         Ok(actor)
     }
 
-    /// Adopt a snapshot from the store as the current state.
-    fn restore(&mut self, snapshot: Snapshot) {
+    /// Adopt a snapshot from the store as the current state. Its waiters
+    /// are detached (`why`): those with a request id keep their place for
+    /// the grace period, the others are withdrawn in the next batch.
+    fn restore(&mut self, snapshot: Snapshot, now: Timestamp, why: Detached) {
         self.hosts = snapshot
             .hosts
             .into_iter()
             .map(|h| (h.name.clone(), h))
             .collect();
-        self.expiries = snapshot
-            .leases
-            .iter()
-            .filter(|l| l.is_active())
-            .map(|l| (l.expires_at, l.id))
-            .collect();
-        self.leases = snapshot.leases.into_iter().map(|l| (l.id, l)).collect();
+        self.expiries.clear();
+        self.ended.clear();
+        self.by_grant.clear();
+        self.leases.clear();
+        self.recent_grants = RecentGrants::default();
+        let mut leases = snapshot.leases;
+        leases.sort_by_key(|l| (l.granted_at, l.id));
+        for l in leases {
+            self.index_lease(&l);
+            if let Some(r) = &l.request_id {
+                self.recent_grants
+                    .insert((l.holder.clone(), r.clone()), l.id);
+            }
+            self.leases.insert(l.id, l);
+        }
         self.last_seq = snapshot.last_event_seq;
+        self.queue = Queue::default();
+        self.waiters.clear();
+        self.handles.clear();
+        self.by_request.clear();
+        self.waiting.clear();
+        self.detached.clear();
+        self.orphans.clear();
+        let until = now.saturating_add(self.config.reattach_grace);
+        for mut w in snapshot.waiters {
+            w.detached = true;
+            let id = w.id;
+            *self.waiting.entry(w.principal.clone()).or_default() += 1;
+            let detached_until = match &w.request_id {
+                Some(r) => {
+                    self.by_request.insert((w.principal.clone(), r.clone()), id);
+                    self.detached.insert((until, id));
+                    Some(until)
+                }
+                None => {
+                    self.orphans.push((id, why.orphan_detail()));
+                    None
+                }
+            };
+            self.queue.push(w);
+            self.waiters.insert(
+                id,
+                Slot {
+                    client: None,
+                    detached_until,
+                    no_wait: false,
+                },
+            );
+        }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut cmds = Vec::with_capacity(self.config.max_batch);
         loop {
-            let deadline = self
+            let expiry = self
                 .expiries
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
+            let grace = self
+                .detached
+                .first()
+                .map(|(t, _)| self.clock.instant_at(*t));
+            let deadline = [expiry, grace, Some(self.next_retention)]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 n = rx.recv_many(&mut cmds, self.config.max_batch) => {
                     if n == 0 {
@@ -180,22 +346,29 @@ impl Actor {
             if std::mem::take(&mut self.resync) {
                 self.sync_inventory(&mut p, now, &Principal::server());
             }
-            for (waiter, principal) in std::mem::take(&mut self.deferred_withdrawals) {
-                p.ended.push((waiter, principal.clone()));
-                let e = self.event(&mut p, now, &principal, EventKind::RequestWithdrawn);
-                e.waiter = Some(waiter);
-                e.detail =
-                    "the store failed to commit; the request was answered UNAVAILABLE".into();
-            }
+            self.withdraw_orphans(&mut p, now);
+            self.withdraw_ghosts(&mut p, now);
             self.expire_due(&mut p, now);
             for cmd in cmds.drain(..) {
                 self.handle(&mut p, now, cmd);
             }
             self.schedule(&mut p, now);
-            let changed = !p.batch.is_empty();
+            let changed = !p.batch.is_empty() || p.publish;
+            let stop = p.stop.take();
             self.commit(p).await;
+            if let Some(reply) = stop {
+                let _ = reply.send(Ok(()));
+                info!(
+                    waiting = self.queue.len(),
+                    "core stopped; waiting requests stay in the store"
+                );
+                return;
+            }
             if changed {
                 self.publish_queue(self.clock.now());
+            }
+            if tokio::time::Instant::now() >= self.next_retention {
+                self.retention().await;
             }
         }
         debug!("core actor stopped");
@@ -206,10 +379,9 @@ impl Actor {
             Command::Acquire {
                 caller,
                 handle,
-                spec,
-                no_wait,
+                request,
                 state,
-            } => self.acquire(p, now, caller, handle, spec, no_wait, state),
+            } => self.acquire(p, now, caller, handle, request, state),
             Command::Withdraw { handle } => {
                 if let Some(&waiter) = self.handles.get(&handle) {
                     self.withdraw(p, now, waiter, "the client went away");
@@ -240,20 +412,9 @@ impl Actor {
                     .ok_or_else(|| not_found("lease", lease));
                 p.reply(reply, r);
             }
-            Command::ListLeases {
-                include_ended,
-                holder,
-                reply,
-            } => {
-                let mut v: Vec<Lease> = self
-                    .leases
-                    .values()
-                    .filter(|l| include_ended || l.is_active())
-                    .filter(|l| holder.as_ref().is_none_or(|h| &l.holder == h))
-                    .cloned()
-                    .collect();
-                v.sort_by_key(|l| (l.granted_at, l.id));
-                p.reply(reply, Ok(v));
+            Command::ListLeases { query, reply } => {
+                let page = self.list_leases(&query);
+                p.reply(reply, Ok(page));
             }
             Command::ListHosts { reply } => {
                 let v = self
@@ -277,6 +438,21 @@ impl Actor {
                 let r = self.set_maintenance(p, now, &caller, &host, on, reason);
                 p.reply(reply, r);
             }
+            Command::SetQuarantine {
+                caller,
+                host,
+                on,
+                reason,
+                reply,
+            } => {
+                let r = self.set_quarantine(p, now, &caller, &host, on, reason);
+                p.reply(reply, r);
+            }
+            Command::HostVerdict {
+                host,
+                lease,
+                verdict,
+            } => self.host_verdict(p, now, &host, lease, verdict),
             Command::SetInventory {
                 actor,
                 inventory,
@@ -299,6 +475,15 @@ impl Actor {
                 let inv = self.inventory.clone();
                 p.reply(reply, Ok(inv));
             }
+            Command::Record { note, reply } => {
+                let e = self.event(p, now, &note.actor, note.kind);
+                e.hosts = note.hosts;
+                e.lease = note.lease;
+                e.detail = note.detail;
+                let seq = e.seq;
+                p.reply(reply, Ok(seq));
+            }
+            Command::Stop { reply } => p.stop = Some(reply),
         }
     }
 
@@ -346,18 +531,82 @@ impl Actor {
         Ok(())
     }
 
+    /// Add a lease to the expiry, end-time and grant-time indexes.
+    fn index_lease(&mut self, l: &Lease) {
+        self.by_grant.insert((l.granted_at, l.id));
+        if l.is_active() {
+            self.expiries.insert((l.expires_at, l.id));
+        } else if let Some(t) = l.ended_at {
+            self.ended.insert((t, l.id));
+        }
+    }
+
+    fn unindex_lease(&mut self, l: &Lease) {
+        self.by_grant.remove(&(l.granted_at, l.id));
+        self.expiries.remove(&(l.expires_at, l.id));
+        if let Some(t) = l.ended_at {
+            self.ended.remove(&(t, l.id));
+        }
+    }
+
     fn put_lease(&mut self, p: &mut Pending, lease: Lease) {
-        if let Some(old) = self.leases.get(&lease.id) {
-            self.expiries.remove(&(old.expires_at, old.id));
+        if let Some(old) = self.leases.get(&lease.id).cloned() {
+            self.unindex_lease(&old);
         }
-        if lease.is_active() {
-            self.expiries.insert((lease.expires_at, lease.id));
-        }
+        self.index_lease(&lease);
         p.batch.writes.push(Write::Lease(lease.clone()));
         self.leases.insert(lease.id, lease);
     }
 
-    // ------------------------------------------------------------ leases
+    /// One page of leases, by grant time. Active leases only: from the
+    /// expiry index (few); with ended ones: a walk of the grant-time index
+    /// that looks at no more than [`LEASE_SCAN_LIMIT`] leases.
+    fn list_leases(&self, q: &LeaseQuery) -> LeasePage {
+        let wanted = |l: &Lease| q.holder.as_ref().is_none_or(|h| &l.holder == h);
+        let limit = q.limit.max(1);
+        let mut page = LeasePage::default();
+        if !q.include_ended {
+            let mut keys: Vec<LeaseKey> = self
+                .expiries
+                .iter()
+                .filter_map(|(_, id)| self.leases.get(id))
+                .filter(|l| wanted(l))
+                .map(|l| (l.granted_at, l.id))
+                .filter(|k| q.after.is_none_or(|a| *k > a))
+                .collect();
+            keys.sort();
+            let more = keys.len() > limit;
+            keys.truncate(limit);
+            page.leases = keys.iter().map(|(_, id)| self.leases[id].clone()).collect();
+            if more {
+                page.next = keys.last().copied();
+            }
+            return page;
+        }
+        let range = match q.after {
+            Some(a) => self
+                .by_grant
+                .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.by_grant.range(..),
+        };
+        let mut last = None;
+        for (scanned, key) in range.enumerate() {
+            if page.leases.len() == limit || scanned == LEASE_SCAN_LIMIT {
+                // More follow: continue after the last one looked at.
+                page.next = last;
+                break;
+            }
+            last = Some(*key);
+            if let Some(l) = self.leases.get(&key.1)
+                && wanted(l)
+            {
+                page.leases.push(l.clone());
+            }
+        }
+        page
+    }
+
+    // ------------------------------------------------------------ the queue
 
     #[allow(clippy::too_many_arguments)]
     fn acquire(
@@ -366,51 +615,158 @@ impl Actor {
         now: Timestamp,
         caller: Caller,
         handle: u64,
-        spec: LeaseSpec,
-        no_wait: bool,
+        request: AcquireRequest,
         state: watch::Sender<WaitState>,
     ) {
-        if let Err(e) = self.check_spec(&spec) {
+        let AcquireRequest {
+            spec,
+            no_wait,
+            request_id,
+        } = request;
+        // A retry of a request this principal made before?
+        if let Some(r) = &request_id {
+            let key = (caller.principal.clone(), r.clone());
+            if let Some(&waiter) = self.by_request.get(&key) {
+                self.reattach(p, waiter, handle, state, r);
+                return;
+            }
+            if let Some(lease) = self
+                .recent_grants
+                .get(&key)
+                .and_then(|id| self.leases.get(&id))
+            {
+                info!(principal = %caller.principal, request_id = %r, lease = %lease.id, "lease request asked again after its grant: answered with its lease");
+                p.notify(state, WaitState::Granted(lease.clone()));
+                return;
+            }
+        }
+        let checks =
+            policy::may_use_priority(&caller, spec.priority, self.config.max_user_priority)
+                .map_err(CoreError::from)
+                .and_then(|()| self.check_spec(&spec))
+                .and_then(|()| {
+                    let waiting = self.waiting.get(&caller.principal).copied().unwrap_or(0);
+                    if !no_wait && waiting >= self.config.max_waiting_per_principal {
+                        return Err(CoreError::TooManyWaiting {
+                            principal: caller.principal.clone(),
+                            max: self.config.max_waiting_per_principal,
+                        });
+                    }
+                    Ok(())
+                });
+        if let Err(e) = checks {
             debug!(principal = %caller.principal, error = %e, "lease request refused");
             p.notify(state, WaitState::Failed(e));
             return;
         }
-        let e = self.event(p, now, &caller.principal, EventKind::LeaseRequested);
-        // The request's event sequence number is its waiter id: unique
-        // across restarts, and its place in line within a priority.
-        let waiter = e.seq;
-        e.waiter = Some(waiter);
-        e.request = Some(spec.clone());
-        debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, "lease requested");
-        self.queue.push(Waiter {
+        let waiter = if no_wait {
+            // Decided in this batch; recorded only if granted.
+            self.next_provisional += 1;
+            p.no_wait.push(self.next_provisional);
+            self.next_provisional
+        } else {
+            let e = self.event(p, now, &caller.principal, EventKind::LeaseRequested);
+            // The request's event sequence number is its waiter id: unique
+            // across restarts, and its place in line within a priority.
+            e.waiter = Some(e.seq);
+            e.request = Some(spec.clone());
+            e.seq
+        };
+        debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, no_wait, "lease requested");
+        let w = Waiter {
             id: waiter,
-            principal: caller.principal,
+            principal: caller.principal.clone(),
             spec,
-        });
-        self.waiters.insert(waiter, (handle, state));
-        self.handles.insert(handle, waiter);
-        p.queued.push(waiter);
-        if no_wait {
-            p.no_wait.push(waiter);
+            request_id: request_id.clone(),
+            queued_at: now,
+            detached: false,
+        };
+        if !no_wait {
+            p.batch.writes.push(Write::Waiter(w.clone()));
+            *self.waiting.entry(caller.principal.clone()).or_default() += 1;
         }
+        if let Some(r) = request_id {
+            self.by_request.insert((caller.principal, r), waiter);
+        }
+        self.queue.push(w);
+        self.waiters.insert(
+            waiter,
+            Slot {
+                client: Some((handle, state)),
+                detached_until: None,
+                no_wait,
+            },
+        );
+        self.handles.insert(handle, waiter);
     }
 
-    /// Take a waiter out of the queue and the maps; its state sender is
-    /// returned for a final answer (dropping it tells the client nothing more
-    /// will come).
+    /// A client asked again for a request that waits: its stream replaces
+    /// the old one (which is told so), and the request keeps its place.
+    fn reattach(
+        &mut self,
+        p: &mut Pending,
+        waiter: WaiterId,
+        handle: u64,
+        state: watch::Sender<WaitState>,
+        request_id: &RequestId,
+    ) {
+        let Some(slot) = self.waiters.get_mut(&waiter) else {
+            return;
+        };
+        if let Some((old, tx)) = slot.client.take() {
+            self.handles.remove(&old);
+            let _ = tx.send(WaitState::Failed(CoreError::Superseded {
+                request_id: request_id.clone(),
+            }));
+        }
+        if let Some(t) = slot.detached_until.take() {
+            self.detached.remove(&(t, waiter));
+        }
+        slot.client = Some((handle, state));
+        self.handles.insert(handle, waiter);
+        self.queue.set_detached(waiter, false);
+        p.publish = true;
+        info!(waiter, request_id = %request_id, "lease request resumed by its client");
+    }
+
+    /// Take a waiter out of the queue and the maps (and the store, unless
+    /// it is a `no_wait` request); its client's state channel is returned
+    /// for a final answer (dropping it tells the client nothing more will
+    /// come).
     fn take_waiter(
         &mut self,
         p: &mut Pending,
         waiter: WaiterId,
-    ) -> Option<(Waiter, watch::Sender<WaitState>)> {
+    ) -> Option<(Waiter, Slot, Option<watch::Sender<WaitState>>)> {
         let w = self.queue.remove(waiter)?;
-        let (handle, state) = self.waiters.remove(&waiter)?;
-        self.handles.remove(&handle);
-        p.ended.push((waiter, w.principal.clone()));
-        Some((w, state))
+        let mut slot = self.waiters.remove(&waiter)?;
+        let tx = slot.client.take().map(|(handle, tx)| {
+            self.handles.remove(&handle);
+            tx
+        });
+        if let Some(t) = slot.detached_until {
+            self.detached.remove(&(t, waiter));
+        }
+        if let Some(r) = &w.request_id {
+            let key = (w.principal.clone(), r.clone());
+            if self.by_request.get(&key) == Some(&waiter) {
+                self.by_request.remove(&key);
+            }
+        }
+        if !slot.no_wait {
+            p.batch.writes.push(Write::DeleteWaiter(waiter));
+            if let Some(n) = self.waiting.get_mut(&w.principal) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(&w.principal);
+                }
+            }
+        }
+        Some((w, slot, tx))
     }
 
-    /// Withdraw a waiting request with a REQUEST_WITHDRAWN event.
+    /// Withdraw a waiting request (with a REQUEST_WITHDRAWN event, unless
+    /// it is a `no_wait` request, which leaves no trace).
     fn withdraw(
         &mut self,
         p: &mut Pending,
@@ -418,12 +774,39 @@ impl Actor {
         waiter: WaiterId,
         why: &str,
     ) -> Option<watch::Sender<WaitState>> {
-        let (w, state) = self.take_waiter(p, waiter)?;
-        let e = self.event(p, now, &w.principal, EventKind::RequestWithdrawn);
-        e.waiter = Some(waiter);
-        e.detail = why.to_owned();
-        debug!(waiter, why, "lease request withdrawn");
-        Some(state)
+        let (w, slot, tx) = self.take_waiter(p, waiter)?;
+        if slot.no_wait {
+            debug!(principal = %w.principal, why, "no_wait lease request refused");
+        } else {
+            let e = self.event(p, now, &w.principal, EventKind::RequestWithdrawn);
+            e.waiter = Some(waiter);
+            e.detail = why.to_owned();
+            debug!(waiter, why, "lease request withdrawn");
+        }
+        tx
+    }
+
+    /// Waiters loaded from the store that nobody can resume.
+    fn withdraw_orphans(&mut self, p: &mut Pending, now: Timestamp) {
+        for (waiter, why) in std::mem::take(&mut self.orphans) {
+            self.withdraw(p, now, waiter, why);
+        }
+    }
+
+    /// Detached waiters whose client did not come back in time.
+    fn withdraw_ghosts(&mut self, p: &mut Pending, now: Timestamp) {
+        while let Some(&(t, waiter)) = self.detached.first() {
+            if t > now {
+                break;
+            }
+            self.detached.pop_first();
+            let why = format!(
+                "its client did not come back within {} after the server lost its stream",
+                humantime::format_duration(self.config.reattach_grace)
+            );
+            info!(waiter, "detached lease request withdrawn: {why}");
+            self.withdraw(p, now, waiter, &why);
+        }
     }
 
     /// After an inventory change: refuse waiting requests that can never be met now.
@@ -459,7 +842,7 @@ impl Actor {
         Ok(())
     }
 
-    fn check_spec(&self, spec: &LeaseSpec) -> Result<(), CoreError> {
+    fn check_spec(&self, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
         self.check_ttl("request.ttl", spec.ttl)?;
         if let Some(h) = spec.hosts.iter().find(|h| self.inventory.host(h).is_none()) {
             return Err(CoreError::InvalidArgument {
@@ -479,6 +862,8 @@ impl Actor {
         }
         Ok(())
     }
+
+    // ------------------------------------------------------------ leases
 
     fn renew(
         &mut self,
@@ -640,7 +1025,7 @@ impl Actor {
         let gone: Vec<WaiterId> = self
             .waiters
             .iter()
-            .filter(|(_, (_, tx))| tx.is_closed())
+            .filter(|(_, s)| s.client.as_ref().is_some_and(|(_, tx)| tx.is_closed()))
             .map(|(w, _)| *w)
             .collect();
         for w in gone {
@@ -667,9 +1052,19 @@ impl Actor {
             }
         };
         p.no_wait.clear();
-        for (waiter_id, hosts) in grants {
-            let Some((waiter, state)) = self.take_waiter(p, waiter_id) else {
+        for (granted, hosts) in grants {
+            let Some((waiter, slot, state)) = self.take_waiter(p, granted) else {
                 continue;
+            };
+            let waiter_id = if slot.no_wait {
+                // Recorded now that it is granted; its id is behind every
+                // waiter it was behind under its provisional one.
+                let e = self.event(p, now, &waiter.principal, EventKind::LeaseRequested);
+                e.waiter = Some(e.seq);
+                e.request = Some(waiter.spec.clone());
+                e.seq
+            } else {
+                granted
             };
             let max_expires_at = now.saturating_add(self.config.max_lifetime);
             let lease = Lease {
@@ -686,7 +1081,9 @@ impl Actor {
                 max_expires_at,
                 ended_at: None,
                 waiter_id,
+                request_id: waiter.request_id.clone(),
                 generation: Generation(1),
+                ssh_public_key: waiter.spec.ssh_public_key.clone(),
             };
             for h in &hosts {
                 if let Err(e) = self.host_apply(p, h, HostEvent::Grant(lease.id)) {
@@ -699,12 +1096,19 @@ impl Actor {
             e.waiter = Some(waiter_id);
             e.hosts = hosts.clone();
             info!(lease = %lease.id, holder = %lease.holder, hosts = %join(&hosts), waiter = waiter_id, "lease granted");
+            if let Some(r) = &waiter.request_id {
+                self.recent_grants
+                    .insert((waiter.principal.clone(), r.clone()), lease.id);
+            }
             self.put_lease(p, lease.clone());
-            p.notify(state, WaitState::Granted(lease));
+            if let Some(state) = state {
+                p.notify(state, WaitState::Granted(lease));
+            }
         }
     }
 
-    /// Tell every waiter its position and ETA (only when they changed).
+    /// Tell every attached waiter its position and ETA (only when they
+    /// changed).
     fn publish_queue(&mut self, now: Timestamp) {
         if self.queue.is_empty() {
             return;
@@ -712,7 +1116,7 @@ impl Actor {
         let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
         let estimates = self.queue.estimate(&self.candidates(now), now);
         for (w, position, eta) in estimates {
-            let Some((_, tx)) = self.waiters.get(&w) else {
+            let Some((_, tx)) = self.waiters.get(&w).and_then(|s| s.client.as_ref()) else {
                 continue;
             };
             tx.send_if_modified(|s| {
@@ -743,6 +1147,67 @@ impl Actor {
                 changed
             });
         }
+    }
+
+    // ------------------------------------------------------------ retention
+
+    /// One retention step: remove at most `retention_batch` ended leases
+    /// (one commit) and at most as many events (one transaction) older than
+    /// the retention period. A lease a host still names (being reclaimed)
+    /// stays. Runs again soon while a backlog remains.
+    async fn retention(&mut self) {
+        let now = self.clock.now();
+        let cutoff = now.saturating_sub(self.config.retention);
+        let max = self.config.retention_batch.max(1);
+        let named: HashSet<LeaseId> = self.hosts.values().filter_map(|h| h.lease()).collect();
+        let old: Vec<(Timestamp, LeaseId)> = self
+            .ended
+            .range(..(cutoff, LeaseId(uuid::Uuid::nil())))
+            .filter(|(_, id)| !named.contains(id))
+            .take(max + 1)
+            .copied()
+            .collect();
+        let mut more = old.len() > max;
+        let mut p = Pending::default();
+        for (_, id) in old.into_iter().take(max) {
+            let Some(lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            // (A recent grant naming it is no longer found: a retry of its
+            // request is a new request.)
+            self.unindex_lease(&lease);
+            p.batch.writes.push(Write::DeleteLease {
+                id,
+                generation: lease.generation,
+            });
+        }
+        let leases = p.batch.writes.len();
+        if self.commit(p).await.is_some() {
+            more = false;
+        }
+        let store = self.store.clone();
+        let events = match tokio::task::spawn_blocking(move || store.prune_events(cutoff, max))
+            .await
+        {
+            Ok(Ok(pruned)) => {
+                more |= pruned.more;
+                pruned.events
+            }
+            Ok(Err(e)) => {
+                error!(error = %error_chain(&e), "retention could not remove old events; trying again later");
+                0
+            }
+            Err(_) => 0,
+        };
+        if leases > 0 || events > 0 {
+            info!(leases, events, before = %cutoff, "retention removed ended leases and events");
+        }
+        self.next_retention = tokio::time::Instant::now()
+            + if more {
+                RETENTION_BACKLOG_PAUSE
+            } else {
+                self.config.retention_interval()
+            };
     }
 
     // ------------------------------------------------------------ hosts
@@ -849,6 +1314,129 @@ impl Actor {
         self.view(host).ok_or_else(|| not_found("host", host))
     }
 
+    fn set_quarantine(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        host: &HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        policy::operators_only(caller, "quarantine hosts")?;
+        let rec = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| not_found("host", host))?;
+        let health = if on {
+            if reason.trim().is_empty() {
+                return Err(CoreError::InvalidArgument {
+                    field: "reason",
+                    reason: "a quarantine needs a reason".into(),
+                });
+            }
+            if rec.health.is_quarantined() {
+                return self.view(host).ok_or_else(|| not_found("host", host));
+            }
+            Health::Quarantined {
+                reason,
+                since: now,
+                by: caller.principal.clone(),
+            }
+        } else {
+            // A release forgives the failures counted so far.
+            self.host_failures.remove(host);
+            Health::Healthy
+        };
+        self.set_health(p, now, &caller.principal, host, health)?;
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// A provisioning failed through the host's fault (suspect; quarantined
+    /// at the configured count within the window), or reached READY (a
+    /// suspicion is cleared). Failures of the job or the lab say nothing
+    /// about the host.
+    fn host_verdict(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        host: &HostName,
+        lease: LeaseId,
+        verdict: HostVerdict,
+    ) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        let health = match verdict {
+            HostVerdict::Failed(f) if f.class == FailureClass::Host => {
+                let window = self.config.quarantine_window;
+                let failures = self.host_failures.entry(host.clone()).or_default();
+                failures.push_back(now);
+                while failures.front().is_some_and(|t| now.since(*t) > window) {
+                    failures.pop_front();
+                }
+                let n = failures.len();
+                let why = format!("{} in lease {lease}: {}", f.rule, f.line);
+                if rec.health.is_quarantined() {
+                    return;
+                }
+                if n >= self.config.quarantine_after {
+                    Health::Quarantined {
+                        reason: format!(
+                            "{n} host failures within {}; the last: {why}",
+                            humantime::format_duration(window)
+                        ),
+                        since: now,
+                        by: Principal::server(),
+                    }
+                } else {
+                    Health::Suspect {
+                        reason: why,
+                        since: now,
+                    }
+                }
+            }
+            HostVerdict::Failed(_) => return,
+            HostVerdict::Ready => match rec.health {
+                Health::Suspect { .. } => Health::Healthy,
+                _ => return,
+            },
+        };
+        if let Err(e) = self.set_health(p, now, &Principal::server(), host, health) {
+            warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+    }
+
+    /// Records a change of `host`'s health (nothing when it is the same),
+    /// with a `HOST_HEALTH` event.
+    fn set_health(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+        host: &HostName,
+        health: Health,
+    ) -> Result<(), CoreError> {
+        let Some(rec) = self.hosts.get(host) else {
+            return Err(not_found("host", host));
+        };
+        if rec.health == health {
+            return Ok(());
+        }
+        let was = rec.health.name();
+        let detail = match &health {
+            Health::Healthy => format!("healthy (was {was})"),
+            Health::Suspect { reason, .. } => format!("suspect: {reason}"),
+            Health::Quarantined { reason, .. } => format!("quarantined: {reason}"),
+        };
+        info!(host = %host, health = health.name(), was, by = %actor, "host health changed");
+        self.host_apply(p, host, HostEvent::SetHealth(health))?;
+        let e = self.event(p, now, actor, EventKind::HostHealth);
+        e.hosts = vec![host.clone()];
+        e.detail = detail;
+        Ok(())
+    }
+
     /// Bring host records in line with the inventory: add new hosts, retire
     /// removed ones (deleted at once when free, after their lease otherwise).
     fn sync_inventory(
@@ -948,18 +1536,19 @@ impl Actor {
                 for f in std::mem::take(&mut p.after) {
                     f(Some(&err));
                 }
-                // The queue is memory only: fail every waiter, so that no
-                // request lives on whose events were lost, and record the
-                // withdrawal of those whose request event was committed.
-                let waiting: Vec<WaiterId> = self.queue.iter().map(|w| w.id).collect();
-                for w in waiting {
-                    if let Some((_, state)) = self.take_waiter(&mut p, w) {
-                        let _ = state.send(WaitState::Failed(err.clone()));
-                    }
-                }
-                for (w, principal) in std::mem::take(&mut p.ended) {
-                    if !p.queued.contains(&w) {
-                        self.deferred_withdrawals.push((w, principal));
+                // Every waiting client is answered UNAVAILABLE: its request
+                // may not be what the store holds. The store's waiters
+                // (reloaded below) wait detached for their clients to
+                // resume them by request id.
+                let now = self.clock.now();
+                let until = now.saturating_add(self.config.reattach_grace);
+                for (&w, slot) in self.waiters.iter_mut() {
+                    if let Some((handle, tx)) = slot.client.take() {
+                        self.handles.remove(&handle);
+                        let _ = tx.send(WaitState::Failed(err.clone()));
+                        slot.detached_until = Some(until);
+                        self.detached.insert((until, w));
+                        self.queue.set_detached(w, true);
                     }
                 }
                 // An inventory reload answered UNAVAILABLE does not take effect.
@@ -969,7 +1558,7 @@ impl Actor {
                 }
                 match load(&self.store).await {
                     Ok(snapshot) => {
-                        self.restore(snapshot);
+                        self.restore(snapshot, now, Detached::FailedCommit);
                         self.resync = true;
                         // Reclaims whose start was in the failed batch; running
                         // ones are not started twice.

@@ -12,6 +12,13 @@
 //! requests thus share one fsync, and nothing is acknowledged before it is on
 //! disk. If a commit fails, every request of the batch gets UNAVAILABLE and
 //! the actor reloads its state from the store.
+//!
+//! Waiting requests are in the store too (written in the commit that queues
+//! them, deleted in the one that grants or withdraws them). After a restart
+//! (or a failed commit) they wait *detached*: they keep their place until
+//! their client resumes them by request id ([`AcquireRequest::request_id`]),
+//! or are withdrawn after [`CoreConfig::reattach_grace`]. Retention removes
+//! ended leases and old events in bounded steps ([`CoreConfig::retention`]).
 
 mod actor;
 pub use actor::error_chain;
@@ -19,11 +26,12 @@ pub mod clock;
 pub mod policy;
 pub mod reclaim;
 
-use crate::events::EventRecord;
+use crate::events::{EventKind, EventRecord};
+use crate::health::HostVerdict;
 use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
-use crate::types::{Caller, HostName, LeaseId, Principal, Timestamp, WaiterId};
+use crate::types::{Caller, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId};
 use clock::Clock;
 use policy::Denied;
 use reclaim::Reclaimer;
@@ -32,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
 /// Limits the server enforces on leases. (The TTL of a request that names
 /// none is filled in where the request is read: `grpc::Api`'s default TTL.)
@@ -46,6 +54,23 @@ pub struct CoreConfig {
     pub max_batch: usize,
     /// Where the inventory is re-read from on reload.
     pub inventory_path: PathBuf,
+    /// Highest priority roles `ci` and `developer` may ask for (operators:
+    /// any).
+    pub max_user_priority: i32,
+    /// Most requests one principal may have waiting at once.
+    pub max_waiting_per_principal: usize,
+    /// How long a waiting request whose client is away after a restart (or
+    /// a failed commit) keeps its place before it is withdrawn.
+    pub reattach_grace: Duration,
+    /// Ended leases and events older than this are removed.
+    pub retention: Duration,
+    /// Most leases, and most events, one retention step removes (one
+    /// transaction each).
+    pub retention_batch: usize,
+    /// This many provisioning failures attributed to a host within
+    /// `quarantine_window` quarantine it (fewer make it suspect).
+    pub quarantine_after: usize,
+    pub quarantine_window: Duration,
 }
 
 impl CoreConfig {
@@ -55,7 +80,20 @@ impl CoreConfig {
             max_lifetime: Duration::from_secs(7 * 24 * 3600),
             max_batch: 512,
             inventory_path,
+            max_user_priority: 10,
+            max_waiting_per_principal: 64,
+            reattach_grace: Duration::from_secs(60),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            retention_batch: 1000,
+            quarantine_after: 2,
+            quarantine_window: Duration::from_secs(3600),
         }
+    }
+
+    /// How often retention runs: a tenth of the retention period, between
+    /// 1 s and 1 min (more often while it has a backlog).
+    pub fn retention_interval(&self) -> Duration {
+        (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 }
 
@@ -75,6 +113,12 @@ pub enum CoreError {
         "no matching host can be granted now (busy, in maintenance, or held for earlier requests)"
     )]
     Busy,
+    #[error(
+        "{principal} already has {max} waiting requests (the most one principal may have); wait for one to be granted or withdraw one"
+    )]
+    TooManyWaiting { principal: Principal, max: usize },
+    #[error("another Acquire with request id {request_id} took this request over")]
+    Superseded { request_id: RequestId },
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("the store could not commit the change; retry")]
@@ -119,6 +163,18 @@ impl WaitState {
     }
 }
 
+/// What an Acquire asks for.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub spec: LeaseSpec,
+    /// Refuse (RESOURCE_EXHAUSTED) instead of waiting.
+    pub no_wait: bool,
+    /// The client's id of the request: an Acquire with the id of a request
+    /// of the same principal that still waits takes it over (keeping its
+    /// place); one whose request was granted gets that lease.
+    pub request_id: Option<RequestId>,
+}
+
 /// A lease request in progress. Dropping it before the grant withdraws the
 /// request from the queue.
 #[derive(Debug)]
@@ -126,6 +182,9 @@ pub struct Acquisition {
     rx: watch::Receiver<WaitState>,
     cancel: Option<(mpsc::Sender<Command>, u64)>,
     last_queued: Option<tokio::time::Instant>,
+    /// A `Queued` state was seen (marked as seen in the channel) but not
+    /// returned yet because of the rate limit.
+    pending: bool,
 }
 
 /// Queue positions change with every grant; a waiter hears of them at most
@@ -134,34 +193,50 @@ pub const QUEUE_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Acquisition {
     /// The next state: `Queued` changes (at most one per
-    /// [`QUEUE_UPDATE_INTERVAL`]), then the final one. `None` after the final
-    /// state was returned.
+    /// [`QUEUE_UPDATE_INTERVAL`], always the latest, and never one lost:
+    /// a change seen during the wait is returned when the wait is over),
+    /// then the final one, without delay. `None` after the final state was
+    /// returned. Cancel-safe: a state seen by a call that was dropped is
+    /// returned by the next call.
     pub async fn next(&mut self) -> Option<WaitState> {
         self.cancel.as_ref()?;
-        if let Some(t) = self.last_queued {
-            tokio::select! {
-                () = tokio::time::sleep_until(t + QUEUE_UPDATE_INTERVAL) => {}
-                r = self.rx.wait_for(WaitState::is_final) => {
-                    let state = match r {
-                        Ok(s) => s.clone(),
-                        Err(_) => WaitState::Failed(CoreError::ShuttingDown),
-                    };
-                    self.cancel = None;
-                    return Some(state);
+        loop {
+            if !self.pending && self.rx.changed().await.is_err() {
+                return Some(self.finish(WaitState::Failed(CoreError::ShuttingDown)));
+            }
+            let state = self.rx.borrow_and_update().clone();
+            if state.is_final() {
+                return Some(self.finish(state));
+            }
+            self.pending = true;
+            if let Some(t) = self.last_queued {
+                let due = t + QUEUE_UPDATE_INTERVAL;
+                if tokio::time::Instant::now() < due {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due) => {}
+                        // Look again: a final state goes out at once, a
+                        // newer position replaces this one.
+                        r = self.rx.changed() => {
+                            if r.is_err() {
+                                return Some(self.finish(WaitState::Failed(CoreError::ShuttingDown)));
+                            }
+                            continue;
+                        }
+                    }
+                    // The latest state when the wait is over.
+                    continue;
                 }
             }
-        }
-        if self.rx.changed().await.is_err() {
-            self.cancel = None;
-            return Some(WaitState::Failed(CoreError::ShuttingDown));
-        }
-        let state = self.rx.borrow_and_update().clone();
-        if state.is_final() {
-            self.cancel = None;
-        } else {
+            self.pending = false;
             self.last_queued = Some(tokio::time::Instant::now());
+            return Some(state);
         }
-        Some(state)
+    }
+
+    fn finish(&mut self, state: WaitState) -> WaitState {
+        self.cancel = None;
+        self.pending = false;
+        state
     }
 }
 
@@ -173,6 +248,17 @@ impl Drop for Acquisition {
             let _ = tx.try_send(Command::Withdraw { handle });
         }
     }
+}
+
+/// An event from outside the lease cycle (a forward opened or closed),
+/// committed and broadcast like the core's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub actor: Principal,
+    pub kind: EventKind,
+    pub hosts: Vec<HostName>,
+    pub lease: Option<LeaseId>,
+    pub detail: String,
 }
 
 /// Result of an inventory reload.
@@ -191,8 +277,7 @@ enum Command {
         caller: Caller,
         /// Identifies the request to `Withdraw` before it has a waiter id.
         handle: u64,
-        spec: LeaseSpec,
-        no_wait: bool,
+        request: AcquireRequest,
         state: watch::Sender<WaitState>,
     },
     Withdraw {
@@ -214,9 +299,8 @@ enum Command {
         reply: Reply<Lease>,
     },
     ListLeases {
-        include_ended: bool,
-        holder: Option<Principal>,
-        reply: Reply<Vec<Lease>>,
+        query: LeaseQuery,
+        reply: Reply<LeasePage>,
     },
     ListHosts {
         reply: Reply<Vec<HostView>>,
@@ -231,6 +315,18 @@ enum Command {
         on: bool,
         reason: String,
         reply: Reply<HostView>,
+    },
+    SetQuarantine {
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+        reply: Reply<HostView>,
+    },
+    HostVerdict {
+        host: HostName,
+        lease: LeaseId,
+        verdict: HostVerdict,
     },
     SetInventory {
         actor: Principal,
@@ -247,7 +343,55 @@ enum Command {
     GetInventory {
         reply: Reply<Arc<Inventory>>,
     },
+    Record {
+        note: Note,
+        reply: Reply<u64>,
+    },
+    /// Finish the batch, then stop (waiting requests stay in the store).
+    Stop {
+        reply: Reply<()>,
+    },
 }
+
+/// Where a page of leases ends: leases are listed by grant time, then id.
+pub type LeaseKey = (Timestamp, LeaseId);
+
+/// Which leases to list, one page.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseQuery {
+    /// Also released and expired leases.
+    pub include_ended: bool,
+    pub holder: Option<Principal>,
+    /// Only leases after this key (the previous page's `next`).
+    pub after: Option<LeaseKey>,
+    /// At most this many leases.
+    pub limit: usize,
+}
+
+/// One page of leases. `next` is set when more may follow (a page may
+/// hold fewer than `limit` leases then: one call examines at most
+/// [`LEASE_SCAN_LIMIT`] leases, so that a filter matching few of many does
+/// not stall the actor).
+#[derive(Debug, Clone, Default)]
+pub struct LeasePage {
+    pub leases: Vec<Lease>,
+    pub next: Option<LeaseKey>,
+}
+
+/// Most leases one `ListLeases` call looks at.
+pub const LEASE_SCAN_LIMIT: usize = 10_000;
+
+/// One page of events; `more` when events after the last one match too.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    pub events: Vec<EventRecord>,
+    pub more: bool,
+}
+
+/// Event queries read the store on the blocking pool; at most this many at
+/// once, so a flood of them queues here instead of competing with the
+/// actor's commits for the CPU.
+pub const CONCURRENT_EVENT_READS: usize = 4;
 
 /// The cloneable handle to the core actor.
 #[derive(Clone)]
@@ -260,6 +404,7 @@ pub struct Core {
     store: Arc<dyn Store>,
     inventory_path: PathBuf,
     clock: Arc<dyn Clock>,
+    event_reads: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Core {
@@ -303,6 +448,7 @@ impl Core {
                 store,
                 inventory_path,
                 clock,
+                event_reads: Arc::new(Semaphore::new(CONCURRENT_EVENT_READS)),
             },
             handle,
         ))
@@ -322,8 +468,7 @@ impl Core {
     pub async fn acquire(
         &self,
         caller: Caller,
-        spec: LeaseSpec,
-        no_wait: bool,
+        request: AcquireRequest,
     ) -> Result<Acquisition, CoreError> {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (state, mut rx) = watch::channel(WaitState::Queued {
@@ -337,8 +482,7 @@ impl Core {
             .send(Command::Acquire {
                 caller,
                 handle,
-                spec,
-                no_wait,
+                request,
                 state,
             })
             .await
@@ -347,6 +491,7 @@ impl Core {
             rx,
             cancel: Some((self.tx.clone(), handle)),
             last_queued: None,
+            pending: false,
         })
     }
 
@@ -378,17 +523,10 @@ impl Core {
         self.call(|reply| Command::GetLease { lease, reply }).await
     }
 
-    pub async fn list_leases(
-        &self,
-        include_ended: bool,
-        holder: Option<Principal>,
-    ) -> Result<Vec<Lease>, CoreError> {
-        self.call(|reply| Command::ListLeases {
-            include_ended,
-            holder,
-            reply,
-        })
-        .await
+    /// One page of leases, by grant time.
+    pub async fn list_leases(&self, query: LeaseQuery) -> Result<LeasePage, CoreError> {
+        self.call(|reply| Command::ListLeases { query, reply })
+            .await
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, CoreError> {
@@ -417,6 +555,38 @@ impl Core {
         .await
     }
 
+    /// Quarantine a host (never granted until released) or release it back
+    /// to healthy. Operators only; a quarantine needs a reason.
+    pub async fn set_quarantine(
+        &self,
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::SetQuarantine {
+            caller,
+            host,
+            on,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// What a provisioning said about its host (from the rack registry):
+    /// the core keeps the host's health (see [`crate::health`]).
+    pub async fn host_verdict(&self, host: HostName, lease: LeaseId, verdict: HostVerdict) {
+        let _ = self
+            .tx
+            .send(Command::HostVerdict {
+                host,
+                lease,
+                verdict,
+            })
+            .await;
+    }
+
     /// Re-read the inventory file and apply it. Operators only (the server
     /// itself on SIGHUP). On error the last good inventory stays in force.
     pub async fn reload_inventory(&self, caller: &Caller) -> Result<ReloadSummary, CoreError> {
@@ -435,13 +605,30 @@ impl Core {
         .await
     }
 
-    /// Events from the log.
-    pub async fn list_events(&self, query: EventQuery) -> Result<Vec<EventRecord>, CoreError> {
+    /// One page of events from the log (at most `query.limit`).
+    pub async fn list_events(&self, mut query: EventQuery) -> Result<EventPage, CoreError> {
+        let _permit = self
+            .event_reads
+            .acquire()
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.events(&query))
+        let limit = query.limit;
+        query.limit = limit.saturating_add(1);
+        let mut events = tokio::task::spawn_blocking(move || store.events(&query))
             .await
             .map_err(|_| CoreError::ShuttingDown)?
-            .map_err(|e| CoreError::Store(Arc::new(e)))
+            .map_err(|e| CoreError::Store(Arc::new(e)))?;
+        let more = events.len() > limit;
+        events.truncate(limit);
+        Ok(EventPage { events, more })
+    }
+
+    /// Stop the actor after the batch in progress. Waiting requests stay in
+    /// the store (their streams end with UNAVAILABLE, and their clients may
+    /// resume them after the restart); later calls get UNAVAILABLE.
+    pub async fn stop(&self) {
+        let _ = self.call(|reply| Command::Stop { reply }).await;
     }
 
     /// The last sequence number of the event log.
@@ -467,6 +654,11 @@ impl Core {
     /// The inventory in force.
     pub async fn inventory(&self) -> Result<Arc<Inventory>, CoreError> {
         self.call(|reply| Command::GetInventory { reply }).await
+    }
+
+    /// Commits `note` to the event log; its sequence number once durable.
+    pub async fn record(&self, note: Note) -> Result<u64, CoreError> {
+        self.call(|reply| Command::Record { note, reply }).await
     }
 
     /// Replace the set of hosts that cannot be driven now (with why); they

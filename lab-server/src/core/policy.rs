@@ -4,10 +4,11 @@
 //! |-----|-----|
 //! | anyone but an agent | every user call (hosts, leases, events, who-am-i) |
 //! | a lease's holder, an operator | renew or release the lease, read its console log |
-//! | the holder of a host's active lease, an operator | switch the host's power, open its console |
+//! | the holder of a host's active lease, an operator | switch the host's power, open its console, forward to its TCP ports |
 //! | any user | read a host's power state |
 //! | an operator | maintenance, inventory reloads |
-//! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
+//! | `ci`, `developer`: up to the maximum user priority; an operator: any | a lease request's priority |
+//! | an agent | attach, for the rack whose `agent` it is (in the development mode, `--dev-insecure-no-auth`: anyone, for any rack) |
 //!
 //! The core applies the lease and operator rules, the rack registry
 //! (`crate::racks`) the host and attach rules, the gRPC layer the first
@@ -55,6 +56,16 @@ pub enum Denied {
     /// Attaching without being an agent (or an operator).
     #[error("{principal} ({role}) is not an agent")]
     NotAnAgent { principal: Principal, role: Role },
+    /// A lease request above the priority the caller's role may use.
+    #[error(
+        "{principal} ({role}) may not ask for priority {priority}: at most {max} for roles ci and developer"
+    )]
+    PriorityAboveLimit {
+        principal: Principal,
+        role: Role,
+        priority: i32,
+        max: i32,
+    },
     /// Attaching for a rack whose agent is someone else.
     #[error("{principal} may not attach for rack {rack} (its agent is {agent})")]
     NotTheRacksAgent {
@@ -102,6 +113,20 @@ pub fn operators_only(caller: &Caller, action: &'static str) -> Result<(), Denie
     })
 }
 
+/// A lease request's priority: at most `max` for `ci` and `developer`,
+/// anything for an operator. (Lower priorities only hurt the asker.)
+pub fn may_use_priority(caller: &Caller, priority: i32, max: i32) -> Result<(), Denied> {
+    if caller.role.is_operator() || priority <= max {
+        return Ok(());
+    }
+    Err(Denied::PriorityAboveLimit {
+        principal: caller.principal.clone(),
+        role: caller.role,
+        priority,
+        max,
+    })
+}
+
 /// Driving a host (switching its power, opening its console): the holder
 /// of its active lease, or an operator.
 pub fn may_drive_host(
@@ -127,6 +152,13 @@ pub fn may_drive_host(
     })
 }
 
+/// Forwarding to a host's TCP ports: the holder of its active lease, or an
+/// operator (the rule of [`may_drive_host`]: a port of a leased host is
+/// the lease's, like its console).
+pub fn may_forward(caller: &Caller, host: &HostView) -> Result<(), Denied> {
+    may_drive_host(caller, host, "forward to")
+}
+
 /// Reading the console captured during `lease`: its holder, or an operator.
 pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied> {
     if caller.role.is_operator() || caller.principal == lease.holder {
@@ -139,10 +171,21 @@ pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied
     })
 }
 
-/// Opening an agent link at all (before the hello names a rack): agents,
-/// and operators (the development mode).
-pub fn may_link(caller: &Caller) -> Result<(), Denied> {
-    if matches!(caller.role, Role::Agent | Role::Operator) {
+/// How callers are authenticated: what the agent rules depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Tokens from the tokens file, each with its role.
+    Tokens,
+    /// The development mode (`--dev-insecure-no-auth`): no authentication,
+    /// every caller an operator; anyone may attach as any rack's agent.
+    InsecureDev,
+}
+
+/// Opening an agent link at all (before the hello names a rack): agents
+/// (anyone in the development mode). An operator's token is no agent's: it
+/// would receive the rack's BMC passwords and replace the real agent.
+pub fn may_link(caller: &Caller, mode: AuthMode) -> Result<(), Denied> {
+    if caller.role == Role::Agent || mode == AuthMode::InsecureDev {
         return Ok(());
     }
     Err(Denied::NotAnAgent {
@@ -151,10 +194,17 @@ pub fn may_link(caller: &Caller) -> Result<(), Denied> {
     })
 }
 
-/// Attaching for `rack`, whose agent is `agent`: that agent, or an
-/// operator (any rack).
-pub fn may_attach(caller: &Caller, rack: &RackName, agent: &str) -> Result<(), Denied> {
-    if caller.role.is_operator() || caller.principal.as_str() == agent {
+/// Attaching for `rack`, whose agent is `agent`: that agent (anyone, for
+/// any rack, in the development mode).
+pub fn may_attach(
+    caller: &Caller,
+    rack: &RackName,
+    agent: &str,
+    mode: AuthMode,
+) -> Result<(), Denied> {
+    if mode == AuthMode::InsecureDev
+        || (caller.role == Role::Agent && caller.principal.as_str() == agent)
+    {
         return Ok(());
     }
     Err(Denied::NotTheRacksAgent {
@@ -192,7 +242,9 @@ mod tests {
             max_expires_at: Timestamp(600_000),
             ended_at: None,
             waiter_id: 1,
+            request_id: None,
             generation: Generation(1),
+            ssh_public_key: None,
         }
     }
 
@@ -230,6 +282,11 @@ mod tests {
                 "drive",
                 Box::new(move |c| may_drive_host(c, &held(), "open the console of")),
             ),
+            ("forward", Box::new(move |c| may_forward(c, &held()))),
+            (
+                "forward free",
+                Box::new(|c| may_forward(c, &host(None, false))),
+            ),
             (
                 "drive ended",
                 Box::new(|c| may_drive_host(c, &host(Some(lease("alice", Released)), true), "x")),
@@ -242,10 +299,30 @@ mod tests {
                 "log",
                 Box::new(|c| may_read_console_log(c, &lease("alice", Released))),
             ),
-            ("link", Box::new(may_link)),
+            ("link", Box::new(|c| may_link(c, AuthMode::Tokens))),
+            ("priority", Box::new(|c| may_use_priority(c, i32::MAX, 10))),
             (
                 "attach",
-                Box::new(|c| may_attach(c, &RackName::new("r1").unwrap(), "agent-r1")),
+                Box::new(|c| {
+                    may_attach(
+                        c,
+                        &RackName::new("r1").unwrap(),
+                        "agent-r1",
+                        AuthMode::Tokens,
+                    )
+                }),
+            ),
+            ("dev link", Box::new(|c| may_link(c, AuthMode::InsecureDev))),
+            (
+                "dev attach",
+                Box::new(|c| {
+                    may_attach(
+                        c,
+                        &RackName::new("r1").unwrap(),
+                        "agent-r1",
+                        AuthMode::InsecureDev,
+                    )
+                }),
             ),
         ];
         let callers = [
@@ -254,19 +331,26 @@ mod tests {
             ("root", Operator),
             ("agent-r1", Agent),
             ("agent-r2", Agent),
+            // An operator's token: no agent, outside the development mode.
+            ("agent-r1", Operator),
         ];
         #[rustfmt::skip]
-        let want: [(&str, [bool; 5]); 9] = [
-            //              alice  bob    root   agent1 agent2
-            ("call",        [true,  true,  true,  false, false]),
-            ("manage",      [true,  false, true,  false, false]),
-            ("operate",     [false, false, true,  false, false]),
-            ("drive",       [true,  false, true,  false, false]),
-            ("drive ended", [false, false, true,  false, false]),
-            ("drive free",  [false, false, true,  false, false]),
-            ("log",         [true,  false, true,  false, false]),
-            ("link",        [false, false, true,  true,  true]),
-            ("attach",      [false, false, true,  true,  false]),
+        let want: [(&str, [bool; 6]); 14] = [
+            //              alice  bob    root   agent1 agent2 op-named-agent1
+            ("call",        [true,  true,  true,  false, false, true]),
+            ("manage",      [true,  false, true,  false, false, true]),
+            ("operate",     [false, false, true,  false, false, true]),
+            ("drive",       [true,  false, true,  false, false, true]),
+            ("forward",     [true,  false, true,  false, false, true]),
+            ("forward free",[false, false, true,  false, false, true]),
+            ("drive ended", [false, false, true,  false, false, true]),
+            ("drive free",  [false, false, true,  false, false, true]),
+            ("log",         [true,  false, true,  false, false, true]),
+            ("link",        [false, false, false, true,  true,  false]),
+            ("priority",    [false, false, true,  false, false, true]),
+            ("attach",      [false, false, false, true,  false, false]),
+            ("dev link",    [true,  true,  true,  true,  true,  true]),
+            ("dev attach",  [true,  true,  true,  true,  true,  true]),
         ];
         for ((name, rule), (want_name, allowed)) in rules.iter().zip(want) {
             assert_eq!(*name, want_name);
@@ -278,6 +362,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn user_priorities_are_capped_operators_are_not() {
+        let ci = caller("ci", Role::Ci);
+        let root = caller("root", Role::Operator);
+        for (priority, allowed) in [(i32::MIN, true), (-5, true), (10, true), (11, false)] {
+            assert_eq!(
+                may_use_priority(&ci, priority, 10).is_ok(),
+                allowed,
+                "{priority}"
+            );
+        }
+        assert!(may_use_priority(&root, i32::MAX, 10).is_ok());
     }
 
     #[test]
@@ -305,18 +403,32 @@ mod tests {
                     .into(),
             ),
             (
+                may_forward(&bob, &host(Some(l.clone()), true)).unwrap_err(),
+                "bob may not forward to host h1: it does not hold the host's active lease".into(),
+            ),
+            (
                 may_read_console_log(&bob, &l).unwrap_err(),
                 format!("bob may not read the console log of lease {} (held by alice)", l.id),
             ),
             (
-                may_link(&bob).unwrap_err(),
+                may_use_priority(&bob, 2_147_483_647, 10).unwrap_err(),
+                "bob (developer) may not ask for priority 2147483647: at most 10 for roles ci and developer"
+                    .into(),
+            ),
+            (
+                may_link(&bob, AuthMode::Tokens).unwrap_err(),
                 "bob (developer) is not an agent".into(),
+            ),
+            (
+                may_link(&caller("root", Role::Operator), AuthMode::Tokens).unwrap_err(),
+                "root (operator) is not an agent".into(),
             ),
             (
                 may_attach(
                     &caller("agent-r2", Role::Agent),
                     &RackName::new("r1").unwrap(),
                     "agent-r1",
+                    AuthMode::Tokens,
                 )
                 .unwrap_err(),
                 "agent-r2 may not attach for rack r1 (its agent is agent-r1)".into(),

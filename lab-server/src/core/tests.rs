@@ -47,6 +47,16 @@ fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
         ttl: Duration::from_secs(ttl_s),
         priority: 0,
         comment: String::new(),
+        ssh_public_key: None,
+    }
+}
+
+/// A request without a request id.
+fn ask(spec: LeaseSpec, no_wait: bool) -> AcquireRequest {
+    AcquireRequest {
+        spec,
+        no_wait,
+        request_id: None,
     }
 }
 
@@ -62,7 +72,7 @@ async fn start(store: Arc<MemStore>) -> Core {
 }
 
 async fn granted(core: &Core, who: &str, s: LeaseSpec) -> Lease {
-    let mut acq = core.acquire(caller(who), s, false).await.unwrap();
+    let mut acq = core.acquire(caller(who), ask(s, false)).await.unwrap();
     loop {
         match acq.next().await.expect("a final state") {
             WaitState::Granted(l) => return l,
@@ -140,7 +150,10 @@ async fn renewals_keep_a_lease_alive_up_to_the_hard_cap() {
 async fn an_expiry_hands_the_host_to_the_next_waiter_with_queue_updates() {
     let core = start(Arc::new(MemStore::new())).await;
     let first = granted(&core, "a", spec(2, 60)).await;
-    let mut acq = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    let mut acq = core
+        .acquire(caller("b"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     match acq.next().await.unwrap() {
         WaitState::Queued {
             position,
@@ -185,7 +198,7 @@ async fn a_failed_commit_answers_unavailable_and_loses_nothing_acknowledged() {
     let err = core.renew(caller("ci"), kept.id, None).await.unwrap_err();
     assert!(matches!(err, CoreError::Store(_)), "{err}");
     let mut acq = core
-        .acquire(caller("ci"), spec(1, 60), false)
+        .acquire(caller("ci"), ask(spec(1, 60), false))
         .await
         .unwrap();
     assert!(matches!(
@@ -243,8 +256,14 @@ async fn a_refused_no_wait_request_does_not_hold_back_the_waiters_behind_it() {
     .await;
     // Both requests reach the actor in one batch: the pair (no_wait) cannot be
     // met; the single one behind it gets the free host at once.
-    let mut pair = core.acquire(caller("a"), spec(2, 60), true).await.unwrap();
-    let mut single = core.acquire(caller("b"), spec(1, 60), false).await.unwrap();
+    let mut pair = core
+        .acquire(caller("a"), ask(spec(2, 60), true))
+        .await
+        .unwrap();
+    let mut single = core
+        .acquire(caller("b"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     assert!(matches!(
         pair.next().await.unwrap(),
         WaitState::Failed(CoreError::Busy)
@@ -277,7 +296,10 @@ async fn a_failed_commit_fails_the_waiters_and_logs_their_withdrawal() {
     let store = Arc::new(MemStore::new());
     let core = start(store.clone()).await;
     let both = granted(&core, "x", spec(2, 60)).await;
-    let mut waiting = core.acquire(caller("w"), spec(1, 60), false).await.unwrap();
+    let mut waiting = core
+        .acquire(caller("w"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
     let WaitState::Queued { waiter, .. } = waiting.next().await.unwrap() else {
         panic!("not queued")
     };
@@ -297,7 +319,8 @@ async fn a_failed_commit_fails_the_waiters_and_logs_their_withdrawal() {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     let kinds: Vec<_> = events
         .iter()
         .filter(|e| e.waiter == Some(waiter))
@@ -326,7 +349,10 @@ async fn a_reload_that_makes_a_request_impossible_refuses_it() {
     .await
     .unwrap();
     let _one = granted(&core, "x", spec(1, 60)).await;
-    let mut pair = core.acquire(caller("a"), spec(2, 60), false).await.unwrap();
+    let mut pair = core
+        .acquire(caller("a"), ask(spec(2, 60), false))
+        .await
+        .unwrap();
     assert!(matches!(
         pair.next().await.unwrap(),
         WaitState::Queued { .. }
@@ -343,4 +369,822 @@ async fn a_reload_that_makes_a_request_impossible_refuses_it() {
         pair.next().await.unwrap(),
         WaitState::Failed(CoreError::Unsatisfiable { .. })
     ));
+}
+
+// ------------------------------------------------------------ abuse and restarts
+
+fn operator(name: &str) -> Caller {
+    Caller {
+        principal: Principal::new(name).unwrap(),
+        role: Role::Operator,
+    }
+}
+
+fn on_host(h: &str, ttl_s: u64) -> LeaseSpec {
+    LeaseSpec {
+        hosts: [HostName::new(h).unwrap()].into(),
+        ..spec(1, ttl_s)
+    }
+}
+
+/// A request with a request id.
+fn with_id(spec: LeaseSpec, id: &str) -> AcquireRequest {
+    AcquireRequest {
+        spec,
+        no_wait: false,
+        request_id: Some(RequestId::new(id).unwrap()),
+    }
+}
+
+/// A core on `store` whose clock starts at `base`, with `config`'s limits;
+/// its actor's task handle, so that a test can "crash" it (abort).
+async fn start_at(
+    store: Arc<MemStore>,
+    config: CoreConfig,
+    base: i64,
+    reclaimer: Arc<dyn Reclaimer>,
+) -> (Core, tokio::task::JoinHandle<()>) {
+    let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(base)));
+    Core::start(config, store, inv, reclaimer, clock)
+        .await
+        .unwrap()
+}
+
+fn config() -> CoreConfig {
+    CoreConfig::new("inv.toml".into())
+}
+
+/// Kill the actor as a crash would: nothing more reaches the store.
+async fn crash(actor: tokio::task::JoinHandle<()>) {
+    actor.abort();
+    let _ = actor.await;
+}
+
+async fn queued(acq: &mut Acquisition) -> (WaiterId, u32, u32) {
+    match acq.next().await.expect("a state") {
+        WaitState::Queued {
+            waiter,
+            position,
+            queue_length,
+            ..
+        } => (waiter, position, queue_length),
+        s => panic!("expected queued, got {s:?}"),
+    }
+}
+
+async fn grant_of(acq: &mut Acquisition) -> Lease {
+    loop {
+        match acq.next().await.expect("a state") {
+            WaitState::Granted(l) => return l,
+            WaitState::Queued { .. } => continue,
+            WaitState::Failed(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn kinds_of(store: &MemStore, waiter: WaiterId) -> Vec<(EventKind, String)> {
+    store
+        .all_events()
+        .into_iter()
+        .filter(|e| e.waiter == Some(waiter))
+        .map(|e| (e.kind, e.detail))
+        .collect()
+}
+
+use crate::events::EventKind;
+use crate::types::RequestId;
+
+#[tokio::test(start_paused = true)]
+async fn refused_no_wait_requests_leave_no_trace_in_the_store() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let held = granted(&core, "x", spec(2, 60)).await;
+    let (seq, commits) = (store.last_event_seq().unwrap(), store.commits());
+    for i in 0..1000 {
+        let mut acq = core
+            .acquire(caller(&format!("p{}", i % 7)), ask(spec(1, 60), true))
+            .await
+            .unwrap();
+        assert!(matches!(
+            acq.next().await.unwrap(),
+            WaitState::Failed(CoreError::Busy)
+        ));
+    }
+    assert_eq!(store.last_event_seq().unwrap(), seq, "no events");
+    assert_eq!(store.commits(), commits, "no commits at all");
+    // A no_wait request that is granted is recorded like any other: its
+    // LEASE_REQUESTED (with the waiter id the lease names), then the grant.
+    core.release(caller("x"), held.id).await.unwrap();
+    let mut acq = core
+        .acquire(caller("y"), ask(spec(1, 60), true))
+        .await
+        .unwrap();
+    let lease = grant_of(&mut acq).await;
+    let kinds: Vec<EventKind> = kinds_of(&store, lease.waiter_id)
+        .into_iter()
+        .map(|k| k.0)
+        .collect();
+    assert_eq!(kinds, [EventKind::LeaseRequested, EventKind::LeaseGranted]);
+    assert!(
+        store.waiters().is_empty(),
+        "no_wait requests are never stored"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ci_and_developers_may_not_jump_the_queue_with_a_huge_priority() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let seq = store.last_event_seq().unwrap();
+    for role in [Role::Ci, Role::Developer] {
+        let who = Caller {
+            principal: Principal::new("mallory").unwrap(),
+            role,
+        };
+        let mut acq = core
+            .acquire(
+                who,
+                ask(
+                    LeaseSpec {
+                        priority: i32::MAX,
+                        ..spec(1, 60)
+                    },
+                    false,
+                ),
+            )
+            .await
+            .unwrap();
+        match acq.next().await.unwrap() {
+            WaitState::Failed(CoreError::PermissionDenied(d)) => assert_eq!(
+                d.to_string(),
+                format!(
+                    "mallory ({role}) may not ask for priority 2147483647: at most 10 for roles ci and developer"
+                )
+            ),
+            s => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(store.last_event_seq().unwrap(), seq, "refused: no event");
+    // At the limit, and an operator above it, are fine.
+    granted(
+        &core,
+        "ci",
+        LeaseSpec {
+            priority: 10,
+            ..spec(1, 60)
+        },
+    )
+    .await;
+    let mut acq = core
+        .acquire(
+            operator("root"),
+            ask(
+                LeaseSpec {
+                    priority: i32::MAX,
+                    ..spec(1, 60)
+                },
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    grant_of(&mut acq).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_principal_may_have_only_so_many_waiting_requests() {
+    let store = Arc::new(MemStore::new());
+    let mut config = config();
+    config.max_waiting_per_principal = 3;
+    let (core, _actor) = start_at(store, config, 1_000_000, Arc::new(Immediate)).await;
+    granted(&core, "x", spec(2, 600)).await;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut acq = core
+            .acquire(caller("m"), ask(spec(1, 60), false))
+            .await
+            .unwrap();
+        queued(&mut acq).await;
+        waiting.push(acq);
+    }
+    let mut fourth = core
+        .acquire(caller("m"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
+    match fourth.next().await.unwrap() {
+        WaitState::Failed(e @ CoreError::TooManyWaiting { .. }) => assert_eq!(
+            e.to_string(),
+            "m already has 3 waiting requests (the most one principal may have); wait for one to be granted or withdraw one"
+        ),
+        s => panic!("{s:?}"),
+    }
+    // no_wait requests do not wait, so they are not capped; others are not
+    // affected.
+    let mut nw = core
+        .acquire(caller("m"), ask(spec(1, 60), true))
+        .await
+        .unwrap();
+    assert!(matches!(
+        nw.next().await.unwrap(),
+        WaitState::Failed(CoreError::Busy)
+    ));
+    let mut other = core
+        .acquire(caller("n"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
+    queued(&mut other).await;
+    // One withdrawn: room for one more.
+    drop(waiting.pop());
+    settle().await;
+    let mut again = core
+        .acquire(caller("m"), ask(spec(1, 60), false))
+        .await
+        .unwrap();
+    queued(&mut again).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_hears_of_each_change_of_its_place_at_most_once_a_second() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let held = granted(&core, "x", spec(2, 600)).await;
+    let mut a = core
+        .acquire(operator("op"), ask(spec(1, 600), false))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut a).await.1, 1);
+    let t0 = tokio::time::Instant::now();
+    // Within the second after that update, a request of higher priority
+    // pushes it back: it must hear of it (once the second is over) with no
+    // further change to wake it.
+    let b = core
+        .acquire(
+            caller("b"),
+            ask(
+                LeaseSpec {
+                    priority: 5,
+                    ..spec(1, 600)
+                },
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let (_, pos, len) = tokio::time::timeout(Duration::from_secs(10), queued(&mut a))
+        .await
+        .expect("the waiter missed its own queue update");
+    assert_eq!((pos, len), (2, 2));
+    assert!(t0.elapsed() >= QUEUE_UPDATE_INTERVAL, "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < QUEUE_UPDATE_INTERVAL * 2,
+        "{:?}",
+        t0.elapsed()
+    );
+    // Two changes within one second: only the latest is told.
+    let t1 = tokio::time::Instant::now();
+    let _c = core
+        .acquire(
+            caller("c"),
+            ask(
+                LeaseSpec {
+                    priority: 7,
+                    ..spec(1, 600)
+                },
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let mut d = core
+        .acquire(
+            caller("d"),
+            ask(
+                LeaseSpec {
+                    priority: 8,
+                    ..spec(1, 600)
+                },
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let (_, pos, len) = tokio::time::timeout(Duration::from_secs(10), queued(&mut a))
+        .await
+        .expect("no update");
+    assert_eq!((pos, len), (4, 4));
+    assert!(t1.elapsed() >= QUEUE_UPDATE_INTERVAL);
+    // The grant is never held back by the rate limit: d heard of its
+    // place just now, and hears of its grant at once.
+    queued(&mut d).await;
+    let t2 = tokio::time::Instant::now();
+    core.release(caller("x"), held.id).await.unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(10), grant_of(&mut d))
+        .await
+        .unwrap();
+    assert_eq!(lease.holder.as_str(), "d");
+    drop(b);
+    assert!(t2.elapsed() < QUEUE_UPDATE_INTERVAL, "{:?}", t2.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_requests_survive_a_crash_and_keep_their_places() {
+    let store = Arc::new(MemStore::new());
+    let (core, actor) = start_at(store.clone(), config(), 1_000_000, Arc::new(Immediate)).await;
+    let held = granted(&core, "x", spec(2, 600)).await;
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    let mut b = core
+        .acquire(caller("b"), with_id(spec(1, 600), "req-b"))
+        .await
+        .unwrap();
+    let mut c = core
+        .acquire(caller("c"), ask(spec(1, 600), false))
+        .await
+        .unwrap();
+    let (wa, pa, _) = queued(&mut a).await;
+    let (wb, pb, _) = queued(&mut b).await;
+    let (wc, pc, len) = queued(&mut c).await;
+    assert_eq!((pa, pb, pc, len), (1, 2, 3, 3));
+    assert_eq!(
+        store.waiters().len(),
+        3,
+        "stored in the commit that queued them"
+    );
+
+    crash(actor).await;
+    drop((a, b, c, core));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let (core, _actor) = start_at(store.clone(), config(), 1_005_000, Arc::new(Immediate)).await;
+
+    // c had no request id: nobody can resume it, so it is withdrawn at start.
+    assert_eq!(
+        kinds_of(&store, wc),
+        [
+            (EventKind::LeaseRequested, String::new()),
+            (
+                EventKind::RequestWithdrawn,
+                "the server restarted and the request has no request id to resume it by".into()
+            )
+        ]
+    );
+    // b comes back first, a second: each gets its own place back.
+    let mut b = core
+        .acquire(caller("b"), with_id(spec(1, 600), "req-b"))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut b).await, (wb, 2, 2));
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut a).await, (wa, 1, 2));
+    core.release(caller("x"), held.id).await.unwrap();
+    let la = grant_of(&mut a).await;
+    let lb = grant_of(&mut b).await;
+    assert_eq!((la.waiter_id, lb.waiter_id), (wa, wb));
+    // One request, one LEASE_REQUESTED, one grant each.
+    for w in [wa, wb] {
+        let kinds: Vec<EventKind> = kinds_of(&store, w).into_iter().map(|k| k.0).collect();
+        assert_eq!(kinds, [EventKind::LeaseRequested, EventKind::LeaseGranted]);
+    }
+    assert!(store.waiters().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_granted_before_a_crash_gets_its_lease_when_asked_again() {
+    let store = Arc::new(MemStore::new());
+    let (core, actor) = start_at(store.clone(), config(), 1_000_000, Arc::new(Immediate)).await;
+    let held = granted(&core, "x", spec(2, 600)).await;
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    queued(&mut a).await;
+    core.release(caller("x"), held.id).await.unwrap();
+    // The grant is committed; say the client never read it.
+    let lease = grant_of(&mut a).await;
+    // Asked again before the crash: the same lease.
+    let mut again = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    assert_eq!(grant_of(&mut again).await, lease);
+    crash(actor).await;
+    drop((a, again, core));
+    let (core, _actor) = start_at(store.clone(), config(), 1_002_000, Arc::new(Immediate)).await;
+    let mut again = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        grant_of(&mut again).await,
+        lease,
+        "the lease granted before the crash"
+    );
+    // The id belongs to a's requests only: b's request of the same id is its own.
+    let mut b = core
+        .acquire(caller("b"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    let lb = grant_of(&mut b).await;
+    assert_ne!(lb.id, lease.id);
+    let grants = store
+        .all_events()
+        .iter()
+        .filter(|e| e.kind == EventKind::LeaseGranted && e.waiter == Some(lease.waiter_id))
+        .count();
+    assert_eq!(grants, 1, "granted once");
+}
+
+/// Reclaims host `h2` never finish (its agent is away); others at once.
+struct StuckOn(&'static str);
+
+impl Reclaimer for StuckOn {
+    fn reclaim<'a>(&'a self, job: &'a reclaim::ReclaimJob) -> reclaim::ReclaimFuture<'a> {
+        let stuck = job.host.name.as_str() == self.0;
+        Box::pin(async move {
+            if stuck {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_comes_back_is_withdrawn_after_the_grace_period() {
+    let store = Arc::new(MemStore::new());
+    let (core, actor) = start_at(store.clone(), config(), 1_000_000, Arc::new(Immediate)).await;
+    let h1 = granted(&core, "x", on_host("h1", 600)).await;
+    let _h2 = granted(&core, "y", on_host("h2", 600)).await;
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    let mut b = core
+        .acquire(caller("b"), with_id(spec(1, 600), "req-b"))
+        .await
+        .unwrap();
+    let (wa, _, _) = queued(&mut a).await;
+    queued(&mut b).await;
+    crash(actor).await;
+    drop((a, b, core));
+    let (core, _actor) = start_at(store.clone(), config(), 1_001_000, Arc::new(Immediate)).await;
+    // Only b comes back. h1 frees: it is held for a (first in line, its
+    // client may still come back), so b waits.
+    let mut b = core
+        .acquire(caller("b"), with_id(spec(1, 600), "req-b"))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut b).await.1, 2);
+    core.release(caller("x"), h1.id).await.unwrap();
+    tokio::time::advance(Duration::from_secs(55)).await;
+    settle().await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), grant_of(&mut b))
+            .await
+            .is_err(),
+        "granted while a detached waiter ahead still had its grace period"
+    );
+    // 60 s after the restart a is withdrawn and b gets h1.
+    let lease = tokio::time::timeout(Duration::from_secs(5), grant_of(&mut b))
+        .await
+        .expect("b granted after the grace period");
+    assert_eq!(lease.hosts[0].as_str(), "h1");
+    assert_eq!(
+        kinds_of(&store, wa).last().unwrap(),
+        &(
+            EventKind::RequestWithdrawn,
+            "its client did not come back within 1m after the server lost its stream".into()
+        )
+    );
+    // Too late now: a's client asking again queues a new request.
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 600), "req-a"))
+        .await
+        .unwrap();
+    assert_ne!(queued(&mut a).await.0, wa);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_stream_with_the_same_request_id_takes_the_request_over() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let held = granted(&core, "x", spec(2, 60)).await;
+    let mut first = core
+        .acquire(caller("a"), with_id(spec(1, 60), "r1"))
+        .await
+        .unwrap();
+    let (w, _, _) = queued(&mut first).await;
+    let mut second = core
+        .acquire(caller("a"), with_id(spec(1, 60), "r1"))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut second).await, (w, 1, 1));
+    match first.next().await.unwrap() {
+        WaitState::Failed(e @ CoreError::Superseded { .. }) => assert_eq!(
+            e.to_string(),
+            "another Acquire with request id r1 took this request over"
+        ),
+        s => panic!("{s:?}"),
+    }
+    // The old stream going away does not withdraw the request.
+    drop(first);
+    settle().await;
+    core.release(caller("x"), held.id).await.unwrap();
+    assert_eq!(grant_of(&mut second).await.waiter_id, w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_failed_commit_a_client_resumes_its_request_by_id() {
+    let store = Arc::new(MemStore::new());
+    let core = start(store.clone()).await;
+    let held = granted(&core, "x", spec(2, 60)).await;
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 60), "r-a"))
+        .await
+        .unwrap();
+    let (w, _, _) = queued(&mut a).await;
+    store.fail_commits(true);
+    assert!(core.renew(caller("x"), held.id, None).await.is_err());
+    assert!(matches!(
+        a.next().await.unwrap(),
+        WaitState::Failed(CoreError::Store(_))
+    ));
+    store.fail_commits(false);
+    let mut a = core
+        .acquire(caller("a"), with_id(spec(1, 60), "r-a"))
+        .await
+        .unwrap();
+    assert_eq!(queued(&mut a).await, (w, 1, 1));
+    core.release(caller("x"), held.id).await.unwrap();
+    assert_eq!(grant_of(&mut a).await.waiter_id, w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retention_removes_old_ended_leases_and_events_in_bounded_steps() {
+    let store = Arc::new(MemStore::new());
+    let mut config = config();
+    config.retention = Duration::from_secs(600);
+    config.retention_batch = 3;
+    let (core, _actor) = start_at(store.clone(), config, 1_000_000, Arc::new(StuckOn("h2"))).await;
+    let mut old = Vec::new();
+    for _ in 0..10 {
+        let l = granted(&core, "ci", on_host("h1", 60)).await;
+        old.push(core.release(caller("ci"), l.id).await.unwrap());
+    }
+    // Ended, but h2 is still being reclaimed from it: kept.
+    let stuck = granted(&core, "ci", on_host("h2", 60)).await;
+    core.release(caller("ci"), stuck.id).await.unwrap();
+    let active = granted(
+        &core,
+        "ci",
+        LeaseSpec {
+            ttl: Duration::from_secs(3600),
+            ..on_host("h1", 60)
+        },
+    )
+    .await;
+    let before = store.all_events().len();
+    tokio::time::advance(Duration::from_secs(599)).await;
+    settle().await;
+    assert_eq!(
+        store.all_events().len(),
+        before,
+        "nothing is old enough yet"
+    );
+    // Ten minutes after the releases: steps of at most 3 leases and 3
+    // events until none is older.
+    for _ in 0..200 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+    }
+    let page = core
+        .list_leases(LeaseQuery {
+            include_ended: true,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // (Granted in the same millisecond: listed in id order.)
+    let mut ids: Vec<LeaseId> = page.leases.iter().map(|l| l.id).collect();
+    ids.sort();
+    let mut want = [stuck.id, active.id];
+    want.sort();
+    assert_eq!(ids, want, "old ended leases gone");
+    assert!(matches!(
+        core.get_lease(old[0].id).await,
+        Err(CoreError::NotFound { .. })
+    ));
+    let cutoff = core.clock().now().saturating_sub(Duration::from_secs(600));
+    let events = store.all_events();
+    assert!(events.len() < before);
+    assert!(
+        events.iter().all(|e| e.time >= cutoff) || events.len() == 1,
+        "events older than the retention period remain: {:?}",
+        events.first()
+    );
+    assert!(store.largest_prune() <= 3, "{}", store.largest_prune());
+    assert!(store.largest_commit() <= 10, "{}", store.largest_commit());
+    // The last event is kept, so sequence numbers go on after a restart.
+    let last = store.last_event_seq().unwrap();
+    assert_eq!(store.load().unwrap().last_event_seq, last);
+    assert!(events.iter().any(|e| e.seq == last));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_are_listed_by_page() {
+    let core = start(Arc::new(MemStore::new())).await;
+    let mut all = Vec::new();
+    for i in 0..7 {
+        let who = if i % 2 == 0 { "even" } else { "odd" };
+        let l = granted(&core, who, on_host("h1", 60)).await;
+        all.push(core.release(caller(who), l.id).await.unwrap().id);
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    all.push(granted(&core, "odd", on_host("h2", 60)).await.id);
+    let pages = |include_ended, holder: Option<&str>, limit| {
+        let core = core.clone();
+        let holder = holder.map(|h| Principal::new(h).unwrap());
+        async move {
+            let mut out: Vec<Vec<LeaseId>> = Vec::new();
+            let mut after = None;
+            loop {
+                let page = core
+                    .list_leases(LeaseQuery {
+                        include_ended,
+                        holder: holder.clone(),
+                        after,
+                        limit,
+                    })
+                    .await
+                    .unwrap();
+                out.push(page.leases.iter().map(|l| l.id).collect());
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => return out,
+                }
+            }
+        }
+    };
+    assert_eq!(
+        pages(true, None, 3).await,
+        [all[0..3].to_vec(), all[3..6].to_vec(), all[6..8].to_vec()]
+    );
+    assert_eq!(pages(false, None, 3).await, [vec![all[7]]]);
+    assert_eq!(
+        pages(true, Some("even"), 10).await,
+        [vec![all[0], all[2], all[4], all[6]]]
+    );
+}
+
+fn attribution(class: crate::health::FailureClass) -> crate::health::HostVerdict {
+    crate::health::HostVerdict::Failed(crate::health::Attribution {
+        class,
+        rule: "no bootable device".into(),
+        line: "No bootable device.".into(),
+    })
+}
+
+async fn health(core: &Core, h: &str) -> crate::lease::machine::Health {
+    core.get_host(HostName::new(h).unwrap())
+        .await
+        .unwrap()
+        .record
+        .health
+}
+
+/// The health loop without checks: a host failure makes a host suspect, a
+/// READY clears it, the configured count within the window quarantines it
+/// (never granted, surviving a restart) until an operator releases it; job
+/// and lab failures say nothing about the host; only operators quarantine.
+#[tokio::test(start_paused = true)]
+async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
+    use crate::health::{FailureClass, HostVerdict};
+    use crate::lease::machine::Health;
+    let store = Arc::new(MemStore::default());
+    let core = start(store.clone()).await;
+    let h1 = HostName::new("h1").unwrap();
+    let l = granted(&core, "ci", on_host("h1", 60)).await;
+
+    // The job's fault and the lab's: nothing about the host.
+    for class in [
+        FailureClass::Job,
+        FailureClass::Infra,
+        FailureClass::Unknown,
+    ] {
+        core.host_verdict(h1.clone(), l.id, attribution(class))
+            .await;
+    }
+    settle().await;
+    assert_eq!(health(&core, "h1").await, Health::Healthy);
+
+    // One host failure: suspect, still granted.
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Suspect { reason, .. } => assert_eq!(
+            reason,
+            format!("no bootable device in lease {}: No bootable device.", l.id)
+        ),
+        other => panic!("{other:?}"),
+    }
+    // A later READY clears the suspicion.
+    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
+        .await;
+    settle().await;
+    assert_eq!(health(&core, "h1").await, Health::Healthy);
+
+    // Outside the window the count starts again: suspect, not quarantined.
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    assert!(matches!(health(&core, "h1").await, Health::Suspect { .. }));
+    // A second one within the hour: quarantined, by the server.
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!(by, Principal::server());
+            assert!(
+                reason.starts_with("2 host failures within 1h; the last: no bootable device"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A READY does not release a quarantine.
+    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
+        .await;
+    settle().await;
+    assert!(health(&core, "h1").await.is_quarantined());
+
+    // The lease ran out meanwhile (the hour passed); h1 is never granted
+    // while quarantined, h2 is.
+    assert_eq!(
+        host_state(&core, "h1").await,
+        crate::lease::HostState::Available
+    );
+    let e = core
+        .acquire(caller("ci"), ask(on_host("h1", 60), true))
+        .await
+        .unwrap()
+        .next()
+        .await;
+    assert!(
+        matches!(e, Some(WaitState::Failed(CoreError::Busy))),
+        "{e:?}"
+    );
+    let other = granted(&core, "ci", spec(1, 60)).await;
+    assert_eq!(other.hosts, vec![HostName::new("h2").unwrap()]);
+
+    // Only operators quarantine or release; a quarantine needs a reason.
+    let e = core
+        .set_quarantine(caller("ci"), h1.clone(), false, String::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::PermissionDenied(_)), "{e}");
+    let e = core
+        .set_quarantine(operator("root"), h1.clone(), true, " ".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::InvalidArgument { .. }), "{e}");
+
+    // The health is durable: a restart keeps the quarantine.
+    drop(core);
+    let core = start(store.clone()).await;
+    assert!(health(&core, "h1").await.is_quarantined());
+
+    // An operator releases it: healthy, granted again.
+    let v = core
+        .set_quarantine(operator("root"), h1.clone(), false, "disk replaced".into())
+        .await
+        .unwrap();
+    assert_eq!(v.record.health, Health::Healthy);
+    let again = granted(&core, "ci", on_host("h1", 60)).await;
+    assert_eq!(again.hosts, vec![h1.clone()]);
+
+    // Every change is a HOST_HEALTH event.
+    let details: Vec<String> = store
+        .all_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::HostHealth)
+        .map(|e| format!("{} {}", e.actor, e.detail.split(':').next().unwrap()))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "server suspect",
+            "server healthy (was suspect)",
+            "server suspect",
+            "server quarantined",
+            "root healthy (was quarantined)",
+        ]
+    );
 }

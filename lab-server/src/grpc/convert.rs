@@ -3,12 +3,15 @@
 
 use super::agent::phase_to_proto;
 use super::status::invalid;
-use crate::core::HostView;
+use crate::core::{AcquireRequest, HostView, LeaseKey};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
+use crate::lease::machine::Health;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
-use crate::racks::{ConsoleOpen, PowerAction, Provisioning};
-use crate::types::{Arch, Firmware, Flag, HostName, LeaseId, ProfileName, Role, Timestamp};
+use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
+use crate::types::{
+    Arch, Firmware, Flag, HostName, LeaseId, ProfileName, RequestId, Role, SshPublicKey, Timestamp,
+};
 use lab_proto::convert::{duration_from_proto, duration_to_proto, timestamp_from_millis};
 use lab_proto::v1 as pb;
 use std::collections::BTreeSet;
@@ -54,6 +57,88 @@ pub fn lease_id(field: &str, v: &str) -> Result<LeaseId, Status> {
         .map_err(|_| invalid(field, format!("{v:?} is not a lease id (a UUID)")))
 }
 
+/// Most bytes of free text a person writes into a request (a lease's
+/// comment, a maintenance reason).
+pub const MAX_TEXT: usize = 1024;
+
+/// Free text that ends up in the event log and on other people's
+/// terminals: at most [`MAX_TEXT`] bytes and no control characters (C0
+/// including tab and newline, DEL, C1).
+pub fn text(field: &str, s: String) -> Result<String, Status> {
+    if s.len() > MAX_TEXT {
+        return Err(invalid(field, format!("at most {MAX_TEXT} bytes")));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("must not contain control characters (found {c:?})"),
+        ));
+    }
+    Ok(s)
+}
+
+/// An optional request id (empty: none).
+pub fn request_id(field: &str, v: String) -> Result<Option<RequestId>, Status> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    RequestId::new(v).map(Some).map_err(|e| invalid(field, e))
+}
+
+/// The Acquire call, validated; `default_ttl` fills an unset TTL.
+pub fn acquire_request(
+    r: pb::AcquireRequest,
+    default_ttl: Duration,
+) -> Result<AcquireRequest, Status> {
+    Ok(AcquireRequest {
+        spec: lease_spec(r.request, default_ttl)?,
+        no_wait: r.no_wait,
+        request_id: request_id("request_id", r.request_id)?,
+    })
+}
+
+// Page tokens are opaque to clients: hex of a tagged key, so that a token
+// of one list is refused by the other.
+
+/// The `next_page_token` after a lease with this key.
+pub fn lease_page_token(key: LeaseKey) -> String {
+    hex::encode(format!("L{}/{}", key.0.millis(), key.1))
+}
+
+/// The key a lease page token continues after; `None` for the first page.
+pub fn lease_page_after(field: &str, token: &str) -> Result<Option<LeaseKey>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parse = || -> Option<LeaseKey> {
+        let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        let (ms, id) = text.strip_prefix('L')?.split_once('/')?;
+        Some((Timestamp(ms.parse().ok()?), id.parse().ok()?))
+    };
+    parse()
+        .map(Some)
+        .ok_or_else(|| invalid(field, "not a token this server returned for ListLeases"))
+}
+
+/// The `next_page_token` after the event `seq`.
+pub fn event_page_token(seq: u64) -> String {
+    hex::encode(format!("E{seq}"))
+}
+
+/// The seq an event page token continues after; `None` for the first page.
+pub fn event_page_after(field: &str, token: &str) -> Result<Option<u64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parse = || -> Option<u64> {
+        let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        text.strip_prefix('E')?.parse().ok()
+    };
+    parse()
+        .map(Some)
+        .ok_or_else(|| invalid(field, "not a token this server returned for ListEvents"))
+}
+
 pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
     match d {
         None => Ok(None),
@@ -87,9 +172,15 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
     } else {
         Some(ProfileName::new(r.profile).map_err(|e| invalid("request.profile", e))?)
     };
-    if r.comment.len() > 1024 {
-        return Err(invalid("request.comment", "at most 1024 bytes"));
-    }
+    let comment = text("request.comment", r.comment)?;
+    let ssh_public_key = if r.ssh_public_key.is_empty() {
+        None
+    } else {
+        Some(
+            SshPublicKey::parse(&r.ssh_public_key)
+                .map_err(|e| invalid("request.ssh_public_key", e))?,
+        )
+    };
     Ok(LeaseSpec {
         arch: arch_from_proto("request.arch", r.arch)?,
         flags: flags_from_proto("request.flags", r.flags)?,
@@ -98,7 +189,8 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
         profile,
         ttl: duration("request.ttl", r.ttl)?.unwrap_or(default_ttl),
         priority: r.priority,
-        comment: r.comment,
+        comment,
+        ssh_public_key,
     })
 }
 
@@ -116,6 +208,11 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
         ttl: Some(duration_to_proto(s.ttl)),
         priority: s.priority,
         comment: s.comment.clone(),
+        ssh_public_key: s
+            .ssh_public_key
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -134,12 +231,31 @@ pub fn power_action(field: &str, v: i32) -> Result<PowerAction, Status> {
     }
 }
 
-/// The console a user asks to open.
+/// The console a user asks to open (a `not_before` in the request is
+/// ignored: only the server sets it).
 pub fn console_open(o: pb::ConsoleOpen) -> Result<ConsoleOpen, Status> {
     Ok(ConsoleOpen {
         host: host_name("open.host", o.host)?,
         write: o.write,
         replay_bytes: o.replay_bytes,
+        not_before: None,
+    })
+}
+
+/// The forward a user asks to open: a host and a port (1-65535).
+pub fn forward_open(o: pb::ForwardOpen) -> Result<ForwardOpen, Status> {
+    let port = u16::try_from(o.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            invalid(
+                "open.port",
+                format!("{} is not a TCP port (1-65535)", o.port),
+            )
+        })?;
+    Ok(ForwardOpen {
+        host: host_name("open.host", o.host)?,
+        port,
     })
 }
 
@@ -150,6 +266,33 @@ pub fn provisioning_to_proto(p: &Provisioning) -> pb::HostProvisioning {
         stage: p.stage.clone(),
         updated_at: p.updated_at.map(ts),
         console_tail: p.console_tail.clone(),
+        percent: p.percent,
+        failure_class: p
+            .failure
+            .as_ref()
+            .map_or(pb::FailureClass::Unspecified, |f| {
+                failure_class_to_proto(f.class)
+            }) as i32,
+        failure_rule: p
+            .failure
+            .as_ref()
+            .map(|f| f.rule.clone())
+            .unwrap_or_default(),
+        failure_line: p
+            .failure
+            .as_ref()
+            .map(|f| f.line.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn failure_class_to_proto(c: crate::health::FailureClass) -> pb::FailureClass {
+    use crate::health::FailureClass as C;
+    match c {
+        C::Host => pb::FailureClass::Host,
+        C::Job => pb::FailureClass::Job,
+        C::Infra => pb::FailureClass::Infra,
+        C::Unknown => pb::FailureClass::Unknown,
     }
 }
 
@@ -179,6 +322,11 @@ pub fn lease_to_proto(l: &Lease, provisioning: &[Provisioning]) -> pb::Lease {
         generation: l.generation.0,
         waiter_id: l.waiter_id,
         provisioning: provisioning.iter().map(provisioning_to_proto).collect(),
+        ssh_public_key: l
+            .ssh_public_key
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -201,6 +349,19 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
         unreachable_reason: v.unreachable.clone().unwrap_or_default(),
         ..Default::default()
     };
+    match &r.health {
+        Health::Healthy => h.health = pb::HostHealth::Healthy as i32,
+        Health::Suspect { reason, since } => {
+            h.health = pb::HostHealth::Suspect as i32;
+            h.health_reason = reason.clone();
+            h.health_since = Some(ts(*since));
+        }
+        Health::Quarantined { reason, since, by } => {
+            h.health = pb::HostHealth::Quarantined as i32;
+            h.health_reason = format!("{reason} (by {by})");
+            h.health_since = Some(ts(*since));
+        }
+    }
     if let Some(l) = &v.lease {
         h.holder = l.holder.to_string();
         if l.is_active() {
@@ -252,6 +413,11 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HostRemoved => P::HostRemoved,
         EventKind::HostUnreachable => P::HostUnreachable,
         EventKind::HostReachable => P::HostReachable,
+        EventKind::ForwardOpened => P::ForwardOpened,
+        EventKind::ForwardClosed => P::ForwardClosed,
+        EventKind::AgentAttached => P::AgentAttached,
+        EventKind::AgentDetached => P::AgentDetached,
+        EventKind::HostHealth => P::HostHealth,
     }
 }
 
@@ -292,7 +458,7 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let d = Duration::from_secs(60);
-        let cases: Vec<(pb::LeaseRequest, &str)> = vec![
+        let mut cases: Vec<(pb::LeaseRequest, &str)> = vec![
             (
                 pb::LeaseRequest { arch: 9, ..req() },
                 "request.arch: unknown arch value 9",
@@ -343,7 +509,28 @@ mod tests {
                 },
                 "request.ttl: must be a positive duration",
             ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("{KEY}\nssh-rsa AAAA"),
+                    ..req()
+                },
+                "request.ssh_public_key: must be one line without control characters",
+            ),
+            (
+                pb::LeaseRequest {
+                    ssh_public_key: format!("command=\"sh\" {KEY}"),
+                    ..req()
+                },
+                "request.ssh_public_key: unknown key type",
+            ),
         ];
+        cases.push((
+            pb::LeaseRequest {
+                comment: "x".repeat(1025),
+                ..req()
+            },
+            "request.comment: at most 1024 bytes",
+        ));
         for (r, want) in cases {
             let s = lease_spec(Some(r.clone()), d).unwrap_err();
             assert_eq!(s.code(), tonic::Code::InvalidArgument);
@@ -354,6 +541,108 @@ mod tests {
             "request: is required"
         );
         let ok = lease_spec(Some(pb::LeaseRequest { count: 0, ..req() }), d).unwrap();
-        assert_eq!((ok.count, ok.ttl), (1, d));
+        assert_eq!((ok.count, ok.ttl, ok.ssh_public_key), (1, d, None));
+        let keyed = pb::LeaseRequest {
+            ssh_public_key: KEY.into(),
+            ..req()
+        };
+        let ok = lease_spec(Some(keyed.clone()), d).unwrap();
+        assert_eq!(ok.ssh_public_key.as_ref().unwrap().as_str(), KEY);
+        assert_eq!(spec_to_proto(&ok).ssh_public_key, KEY);
+        // Control characters (C0 including tab and newline, DEL, C1) are
+        // refused and named escaped, never as themselves.
+        for (c, shown) in [
+            ('\n', "'\\n'"),
+            ('\t', "'\\t'"),
+            ('\x1b', "'\\u{1b}'"),
+            ('\x7f', "'\\u{7f}'"),
+            ('\u{9b}', "'\\u{9b}'"),
+        ] {
+            let r = pb::LeaseRequest {
+                comment: format!("job 42{c}"),
+                ..req()
+            };
+            let s = lease_spec(Some(r), d).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                s.message(),
+                format!("request.comment: must not contain control characters (found {shown})")
+            );
+        }
+        // Printable text of any script is fine.
+        let ok = lease_spec(
+            Some(pb::LeaseRequest {
+                comment: "CI job https://ci.example/42 — grüße, 日本".into(),
+                ..req()
+            }),
+            d,
+        )
+        .unwrap();
+        assert!(ok.comment.starts_with("CI job"));
+    }
+
+    #[test]
+    fn maintenance_reasons_refuse_control_characters() {
+        assert_eq!(
+            text("reason", "fan replacement".into()).unwrap(),
+            "fan replacement"
+        );
+        let e = text("reason", "fan\x1b[2J".into()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "reason: must not contain control characters (found '\\u{1b}')"
+        );
+    }
+
+    #[test]
+    fn request_ids_and_page_tokens() {
+        assert_eq!(request_id("request_id", String::new()).unwrap(), None);
+        assert!(
+            request_id("request_id", "ci-42:try.1".into())
+                .unwrap()
+                .is_some()
+        );
+        let e = request_id("request_id", "a b".into()).unwrap_err();
+        assert!(
+            e.message().starts_with("request_id: invalid request id"),
+            "{}",
+            e.message()
+        );
+
+        let key = (
+            Timestamp(1_700_000_000_123),
+            LeaseId(uuid::Uuid::from_u128(7)),
+        );
+        let t = lease_page_token(key);
+        assert_eq!(lease_page_after("page_token", &t).unwrap(), Some(key));
+        assert_eq!(lease_page_after("page_token", "").unwrap(), None);
+        assert_eq!(
+            event_page_after("page_token", &event_page_token(42)).unwrap(),
+            Some(42)
+        );
+        // A token of the other list, or made up, is refused.
+        for bad in [event_page_token(42).as_str(), "zz", "4c31", "deadbeef"] {
+            let e = lease_page_after("page_token", bad).unwrap_err();
+            assert!(e.message().starts_with("page_token: not a token"), "{bad}");
+        }
+        assert!(event_page_after("page_token", &t).is_err());
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+
+    #[test]
+    fn forward_ports_are_checked() {
+        let open = |port| pb::ForwardOpen {
+            host: "h1".into(),
+            port,
+        };
+        assert_eq!(forward_open(open(22)).unwrap().port, 22);
+        for bad in [0, 65_536] {
+            let s = forward_open(open(bad)).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(s.message().starts_with("open.port: "), "{}", s.message());
+        }
     }
 }

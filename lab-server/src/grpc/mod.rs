@@ -1,23 +1,30 @@
 //! The gRPC face of the core: thin handlers that authenticate the caller,
 //! convert the request (bad fields → INVALID_ARGUMENT naming the field), call
 //! one method of [`Core`] — or of the rack registry ([`Racks`]) for `Power`,
-//! `Console`, `ConsoleLog` and `AgentService.Attach` (`agent.rs`) — and
+//! `Console`, `ConsoleLog`, `Forward` and `AgentService.Attach`
+//! (`agent.rs`) — and
 //! convert the result; domain errors become statuses in `status.rs` only.
 //! Also serves gRPC health and reflection (v1 and v1alpha) so that clients
 //! nobody here wrote can discover the API.
+//!
+//! What one caller may take is bounded here too: HTTP/2 streams per
+//! connection, request and header sizes, keep-alives, and the size of a
+//! `ListLeases` / `ListEvents` page (page tokens are made in `convert.rs`).
+//! On shutdown the core is stopped before the server drains, so waiting
+//! requests stay stored for their clients to resume.
 
 pub mod agent;
 pub mod convert;
 pub mod status;
 
 use crate::auth::{AuthError, Authenticator};
-use crate::core::{Core, WaitState, policy};
+use crate::core::{Core, LeaseQuery, WaitState, policy};
 use crate::lease::Lease;
-use crate::racks::{RackRegistry, Racks};
+use crate::racks::{FromUser, RackRegistry, Racks, ToUser};
 use crate::store::EventQuery;
 use crate::types::{Caller, Principal};
 use convert as cv;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use lab_proto::convert::timestamp_from_millis;
 use lab_proto::v1 as pb;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
@@ -25,6 +32,7 @@ use lab_proto::v1::agent_service_server::AgentServiceServer;
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
 use lab_proto::v1::host_service_server::{HostService, HostServiceServer};
 use lab_proto::v1::lease_service_server::{LeaseService, LeaseServiceServer};
+use prost::Message as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +43,30 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// HTTP/2 streams one connection may have open at once (calls in
+/// progress, waiting Acquires, event followers, consoles): the server's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`. A client opening more waits for one
+/// to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Largest request message the user services decode (the agent service
+/// keeps tonic's 4 MiB).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Largest HTTP/2 header list a client may send.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// TCP keep-alive on accepted connections (HTTP/2 pings every 10 s, with a
+/// 5 s timeout, notice a silent peer first).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// `ListLeases` page size when the request names none, and the most.
+pub const DEFAULT_LEASE_PAGE: usize = 100;
+pub const MAX_LEASE_PAGE: usize = 1000;
+/// `ListEvents` page size (`limit`) when the request names none, and the most.
+pub const DEFAULT_EVENT_PAGE: usize = 1000;
+pub const MAX_EVENT_PAGE: usize = 10_000;
+/// A page ends early when its messages pass this many bytes (a quarter of
+/// the 4 MiB a gRPC client decodes by default), so long comments or
+/// provisioning tails never make a response too large to read.
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
 
 /// Implements every `lab.v1` service over one core handle.
 #[derive(Clone)]
@@ -84,6 +116,14 @@ impl Api {
         let caller = self.any_caller(req)?;
         policy::may_call(&caller)?;
         Ok(caller)
+    }
+
+    /// Is the server in the development mode (no authentication)?
+    fn auth_is_insecure_dev(&self) -> bool {
+        self.auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_insecure_dev()
     }
 
     fn any_caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
@@ -228,6 +268,75 @@ impl HostService for Api {
         )))
     }
 
+    type ForwardStream = RpcStream<pb::ForwardResponse>;
+
+    async fn forward(
+        &self,
+        req: Request<tonic::Streaming<pb::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        use pb::forward_request::Msg as In;
+        use pb::forward_response::Msg as Out;
+        let caller = self.caller(&req)?;
+        let mut inbound = req.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::ForwardRequest {
+                msg: Some(In::Open(o)),
+            }) => o,
+            _ => {
+                return Err(status::invalid(
+                    "open",
+                    "the first message must open the forward",
+                ));
+            }
+        };
+        let forward = self.racks.forward(&caller, cv::forward_open(open)?).await?;
+        let from_user = inbound
+            .map(|m| match m {
+                Ok(pb::ForwardRequest {
+                    msg: Some(In::Data(b)),
+                }) => FromUser::Data(b),
+                // A second open, or an empty message: nothing to send.
+                Ok(_) => FromUser::Data(Vec::new()),
+                Err(_) => FromUser::Broken,
+            })
+            .boxed();
+        let (to_user, mut rx) = mpsc::channel::<ToUser>(4);
+        let (tx, out) = mpsc::channel::<Result<pb::ForwardResponse, Status>>(4);
+        let racks = self.racks.clone();
+        tokio::spawn(async move {
+            let run = racks.run_forward(forward, from_user, to_user);
+            // Ends when the forward does, or when the user's call is gone
+            // (then dropping `rx` tells the forward).
+            let relay = async {
+                loop {
+                    let m = tokio::select! {
+                        m = rx.recv() => m,
+                        () = tx.closed() => return,
+                    };
+                    let Some(m) = m else { return };
+                    let msg = match m {
+                        ToUser::Data(b) => Out::Data(b),
+                        ToUser::Notice(n) => Out::Notice(n),
+                    };
+                    if tx
+                        .send(Ok(pb::ForwardResponse { msg: Some(msg) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(run, relay);
+            if let Err(e) = result {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
     type ConsoleLogStream = RpcStream<pb::ConsoleResponse>;
 
     async fn console_log(
@@ -237,10 +346,10 @@ impl HostService for Api {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
         let lease = self.core.get_lease(id).await?;
-        let parts = self.racks.console_log(&caller, &lease).await?;
+        let mut parts = self.racks.console_log(&caller, &lease).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
         tokio::spawn(async move {
-            for (host, part) in parts {
+            while let Some((host, part)) = parts.next_part().await {
                 let header = pb::ConsoleResponse {
                     msg: Some(pb::console_response::Msg::Host(host.to_string())),
                 };
@@ -258,7 +367,7 @@ impl HostService for Api {
                         continue;
                     }
                 };
-                while let Some(d) = data.recv().await {
+                while let Some(d) = data.next().await {
                     if !d.notice.is_empty() && tx.send(Ok(notice(&d.notice))).await.is_err() {
                         return;
                     }
@@ -304,9 +413,8 @@ impl LeaseService for Api {
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<Self::AcquireStream>, Status> {
         let caller = self.caller(&req)?;
-        let r = req.into_inner();
-        let spec = cv::lease_spec(r.request, self.default_ttl)?;
-        let acq = self.core.acquire(caller, spec, r.no_wait).await?;
+        let request = cv::acquire_request(req.into_inner(), self.default_ttl)?;
+        let acq = self.core.acquire(caller, request).await?;
         let racks = self.racks.clone();
         let stream = futures::stream::unfold(Some(acq), move |state| {
             let racks = racks.clone();
@@ -387,9 +495,35 @@ impl LeaseService for Api {
         } else {
             Some(Principal::new(r.holder).map_err(|e| status::invalid("holder", e))?)
         };
-        let leases = self.core.list_leases(r.include_ended, holder).await?;
+        let limit = match r.page_size {
+            0 => DEFAULT_LEASE_PAGE,
+            n => (n as usize).min(MAX_LEASE_PAGE),
+        };
+        let query = LeaseQuery {
+            include_ended: r.include_ended,
+            holder,
+            after: cv::lease_page_after("page_token", &r.page_token)?,
+            limit,
+        };
+        let page = self.core.list_leases(query).await?;
+        let mut next = page.next;
+        let mut leases = Vec::with_capacity(page.leases.len());
+        let mut bytes = 0;
+        for l in &page.leases {
+            let m = lease_pb(&self.racks, l);
+            bytes += m.encoded_len();
+            if bytes > MAX_PAGE_BYTES && !leases.is_empty() {
+                next = page
+                    .leases
+                    .get(leases.len() - 1)
+                    .map(|l| (l.granted_at, l.id));
+                break;
+            }
+            leases.push(m);
+        }
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.iter().map(|l| lease_pb(&self.racks, l)).collect(),
+            leases,
+            next_page_token: next.map(cv::lease_page_token).unwrap_or_default(),
         }))
     }
 }
@@ -403,8 +537,8 @@ fn event_query(
     Ok(EventQuery {
         after_seq,
         limit: match limit {
-            0 => 1000,
-            n => n.min(10_000) as usize,
+            0 => DEFAULT_EVENT_PAGE,
+            n => (n as usize).min(MAX_EVENT_PAGE),
         },
         host: if host.is_empty() {
             None
@@ -429,12 +563,33 @@ impl EventService for Api {
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         self.caller(&req)?;
         let r = req.into_inner();
-        let q = event_query(r.after_seq, r.limit, r.host, r.lease_id)?;
+        let after = cv::event_page_after("page_token", &r.page_token)?;
+        let mut q = event_query(r.after_seq, r.limit, r.host, r.lease_id)?;
+        if let Some(after) = after {
+            q.after_seq = after;
+        }
         let last_seq = self.core.last_event_seq().await?;
-        let events = self.core.list_events(q).await?;
+        let page = self.core.list_events(q).await?;
+        let mut more = page.more;
+        let mut events = Vec::with_capacity(page.events.len());
+        let mut bytes = 0;
+        for e in &page.events {
+            let m = cv::event_to_proto(e);
+            bytes += m.encoded_len();
+            if bytes > MAX_PAGE_BYTES && !events.is_empty() {
+                more = true;
+                break;
+            }
+            events.push(m);
+        }
+        let next_page_token = match events.last() {
+            Some(e) if more => cv::event_page_token(e.seq),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListEventsResponse {
-            events: events.iter().map(cv::event_to_proto).collect(),
+            events,
             last_seq,
+            next_page_token,
         }))
     }
 
@@ -465,7 +620,7 @@ async fn watch_events(
     loop {
         loop {
             let batch = match core.list_events(query.clone()).await {
-                Ok(b) => b,
+                Ok(b) => b.events,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
@@ -510,9 +665,25 @@ impl AdminService for Api {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let host = cv::host_name("host", r.host)?;
+        let reason = cv::text("reason", r.reason)?;
         let view = self
             .core
-            .set_maintenance(caller, host, r.maintenance, r.reason)
+            .set_maintenance(caller, host, r.maintenance, reason)
+            .await?;
+        Ok(Response::new(cv::host_to_proto(&view)))
+    }
+
+    async fn set_quarantine(
+        &self,
+        req: Request<pb::SetQuarantineRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let host = cv::host_name("host", r.host)?;
+        let reason = cv::text("reason", r.reason)?;
+        let view = self
+            .core
+            .set_quarantine(caller, host, r.quarantined, reason)
             .await?;
         Ok(Response::new(cv::host_to_proto(&view)))
     }
@@ -553,13 +724,20 @@ pub async fn serve(
 }
 
 /// [`serve`], over TLS when `tls` is given (certificate chain and key,
-/// PEM).
+/// PEM). When `shutdown` resolves, the core stops first (waiting requests
+/// stay in the store and their streams end with UNAVAILABLE, so their
+/// clients resume them after the restart), then the server drains.
 pub async fn serve_tls(
     listener: TcpListener,
     api: Api,
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let core = api.core.clone();
+    let shutdown = async move {
+        shutdown.await;
+        core.stop().await;
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<HostServiceServer<Api>>().await;
     reporter.set_serving::<LeaseServiceServer<Api>>().await;
@@ -573,7 +751,9 @@ pub async fn serve_tls(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -582,13 +762,23 @@ pub async fn serve_tls(
         // Notice a peer (an agent's machine) that died silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(HostServiceServer::new(api.clone()))
-        .add_service(LeaseServiceServer::new(api.clone()))
-        .add_service(EventServiceServer::new(api.clone()))
-        .add_service(AdminServiceServer::new(api.clone()))
+        .add_service(
+            HostServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            LeaseServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            EventServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .add_service(AgentServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

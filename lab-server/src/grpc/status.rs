@@ -18,7 +18,8 @@ impl From<CoreError> for Status {
             CoreError::NotFound { .. } => Code::NotFound,
             CoreError::PermissionDenied { .. } => Code::PermissionDenied,
             CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
-            CoreError::Busy => Code::ResourceExhausted,
+            CoreError::Busy | CoreError::TooManyWaiting { .. } => Code::ResourceExhausted,
+            CoreError::Superseded { .. } => Code::Aborted,
             CoreError::Transition(
                 TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. },
             ) => Code::FailedPrecondition,
@@ -63,7 +64,12 @@ impl From<RackError> for Status {
             | RackError::NoAgent { .. }
             | RackError::HostRemoved { .. }
             | RackError::NoBmc { .. }
-            | RackError::NoConsole { .. } => Code::FailedPrecondition,
+            | RackError::NoConsole { .. }
+            | RackError::NoIpv4 { .. }
+            | RackError::ForwardLeaseEnded { .. } => Code::FailedPrecondition,
+            RackError::TooManyForwards { .. } => Code::ResourceExhausted,
+            RackError::ForwardIdle { .. } => Code::DeadlineExceeded,
+            RackError::ForwardBroken { .. } => Code::Unavailable,
             RackError::AgentAway { .. } | RackError::AgentGone { .. } => Code::Unavailable,
             RackError::Replaced { .. } => Code::Aborted,
         };
@@ -82,6 +88,7 @@ fn code_from_kind(kind: FailureKind) -> Code {
         FailureKind::Unimplemented => Code::Unimplemented,
         FailureKind::Unavailable => Code::Unavailable,
         FailureKind::Internal => Code::Internal,
+        FailureKind::ResourceExhausted => Code::ResourceExhausted,
     }
 }
 

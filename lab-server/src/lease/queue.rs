@@ -16,10 +16,18 @@
 //!   still granted to later waiters ("backfill"), so a blocked head does not
 //!   idle the whole lab.
 //!
+//! **Detached waiters.** A waiter whose client is away (after a server
+//! restart, until the client resumes it by its request id) keeps its place
+//! and reserves the hosts it would be granted, but is not granted: a client
+//! that never comes back must not get a lease; it costs the lab at most the
+//! grace period the core gives it.
+//!
 //! Priorities are absolute: a steady stream of higher-priority requests can
 //! delay lower ones indefinitely; that is what priority means here.
 
-use crate::types::{Arch, Flag, HostName, Principal, ProfileName, Timestamp, WaiterId};
+use crate::types::{
+    Arch, Flag, HostName, Principal, ProfileName, RequestId, SshPublicKey, Timestamp, WaiterId,
+};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -36,6 +44,10 @@ pub struct LeaseSpec {
     pub ttl: Duration,
     pub priority: i32,
     pub comment: String,
+    /// For root on the hosts (an installing profile puts it into
+    /// `authorized_keys`). Requests logged before keys existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// What the scheduler needs to know of a host.
@@ -69,12 +81,21 @@ impl LeaseSpec {
     }
 }
 
-/// A request waiting for hosts.
-#[derive(Debug, Clone)]
+/// A request waiting for hosts, as persisted (the store keeps every waiter
+/// until it is granted or withdrawn).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Waiter {
     pub id: WaiterId,
     pub principal: Principal,
     pub spec: LeaseSpec,
+    /// The client's id of the request, by which it can resume it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
+    pub queued_at: Timestamp,
+    /// Its client is away: it keeps its place and reserves hosts but is not
+    /// granted. Not persisted.
+    #[serde(skip)]
+    pub detached: bool,
 }
 
 type QueueKey = (Reverse<i32>, WaiterId);
@@ -114,6 +135,15 @@ impl Queue {
         self.keys.contains_key(&id)
     }
 
+    /// Mark a waiter's client away (`true`) or back (`false`).
+    pub fn set_detached(&mut self, id: WaiterId, detached: bool) {
+        if let Some(key) = self.keys.get(&id)
+            && let Some(w) = self.waiters.get_mut(key)
+        {
+            w.detached = detached;
+        }
+    }
+
     /// Waiters in service order.
     pub fn iter(&self) -> impl Iterator<Item = &Waiter> {
         self.waiters.values()
@@ -145,7 +175,7 @@ impl Queue {
                 taken[i] = true;
             }
             free -= take.len();
-            if grant {
+            if grant && !w.detached {
                 grants.push((
                     w.id,
                     take.iter().map(|&i| candidates[i].name.clone()).collect(),
@@ -243,6 +273,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             priority,
             comment: String::new(),
+            ssh_public_key: None,
         }
     }
 
@@ -251,6 +282,9 @@ mod tests {
             id,
             principal: Principal::new("p").unwrap(),
             spec: s,
+            request_id: None,
+            queued_at: Timestamp(0),
+            detached: false,
         }
     }
 
@@ -351,6 +385,38 @@ mod tests {
                 (2, 2, Some(Timestamp(70_000))), // needs a (free again at 70 s) and b (20 s)
                 (3, 3, Some(Timestamp(130_000))),
             ]
+        );
+    }
+
+    #[test]
+    fn a_detached_waiter_keeps_its_place_and_hosts_but_is_not_granted() {
+        let lab = Lab::new(&[
+            ("a", Arch::X86_64, &[]),
+            ("b", Arch::X86_64, &[]),
+            ("c", Arch::X86_64, &[]),
+        ]);
+        let mut q = Queue::default();
+        q.push(waiter(1, spec(2, 0)));
+        q.push(waiter(2, spec(2, 0)));
+        q.push(waiter(3, spec(1, 0)));
+        q.set_detached(1, true);
+        // Waiter 1 would get a and b: they stay reserved for it; waiter 2
+        // cannot get two of what is left, so it reserves c.
+        assert!(q.schedule(&lab.candidates(&[true, true, true])).is_empty());
+        // Only a and b free: both reserved for waiter 1, nothing for 3.
+        assert!(q.schedule(&lab.candidates(&[true, true, false])).is_empty());
+        // Its client came back: granted as usual.
+        q.set_detached(1, false);
+        assert_eq!(
+            names(&q.schedule(&lab.candidates(&[true, true, true]))),
+            vec![(1, vec!["a".into(), "b".into()])]
+        );
+        // The estimate still counts it in its place.
+        q.set_detached(1, true);
+        let est = q.estimate(&lab.candidates(&[true, true, true]), Timestamp(0));
+        assert_eq!(
+            est.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+            [(1, 1), (2, 2), (3, 3)]
         );
     }
 

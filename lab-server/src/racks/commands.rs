@@ -3,8 +3,8 @@
 //! and how long the server waits.
 //!
 //! Every command is answered by one [`CommandReply`] with its id; console
-//! sessions and log reads also stream [`SessionData`] with that id until
-//! `end`. A command whose reply does not come in time, or fails, is
+//! sessions, log reads and forwards also stream [`SessionData`] with that
+//! id until `end`. A command whose reply does not come in time, or fails, is
 //! forgotten: its pending reply and its session stream are removed at once
 //! rather than when the agent goes.
 
@@ -25,6 +25,10 @@ pub const RECLAIM_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CONSOLE_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the agent has to start a console log read.
 pub const LOG_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output messages (each at most 64 KiB) a console log read may have out
+/// that the server has not credited back: what a read holds in memory on
+/// either side.
+pub const LOG_WINDOW: u32 = 16;
 /// Session output buffered for a viewer; one that falls this far behind
 /// loses its session rather than stalling the rack's other traffic.
 pub(super) const SESSION_BUFFER: usize = 256;
@@ -60,8 +64,11 @@ pub enum CommandKind {
     Console(ConsoleOpen),
     /// Read the captured console between two times as session data.
     Log(LogRead),
-    /// Close a console session.
+    /// Close a console session or a forward.
     CloseSession,
+    /// Connect to a TCP port of the host's inventory IPv4; bytes flow as
+    /// session input and data.
+    Forward(ForwardOpen),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +90,27 @@ pub struct ConsoleOpen {
     /// Replay at most this many bytes of recent output first (0: the
     /// agent's default).
     pub replay_bytes: u32,
+    /// Replay nothing captured before this time: set by the server (never
+    /// taken from a user) to the grant time of the lease the caller holds.
+    pub not_before: Option<Timestamp>,
 }
 
-/// A console log read: from `from` to `to` (`None`: until now).
+/// A forward as the user asked for it: a port of a host (the agent dials
+/// the host's inventory IPv4; the user never names an address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardOpen {
+    pub host: HostName,
+    /// 1-65535.
+    pub port: u16,
+}
+
+/// A console log read: from `from` to `to` (`None`: until now), with a
+/// flow-control window of `window` output messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRead {
     pub from: Timestamp,
     pub to: Option<Timestamp>,
+    pub window: u32,
 }
 
 /// The agent's answer to command `id`.
@@ -131,6 +152,8 @@ pub enum FailureKind {
     /// A bug or an unexpected failure in the agent, or a kind this server
     /// does not know.
     Internal,
+    /// A limit of the agent is reached (concurrent console log reads).
+    ResourceExhausted,
 }
 
 /// What a command answers besides its reply.
@@ -143,6 +166,9 @@ pub(super) enum Answer {
     /// A session stream opened on the strength of a lease (not by an
     /// operator): it ends when that host's lease ends.
     HolderSession,
+    /// A forward's stream: it ends when the host's lease ends, whoever
+    /// opened it.
+    Forward,
 }
 
 /// The commands under way on one connection.
@@ -151,7 +177,9 @@ pub(super) struct Commands {
     last: u64,
     pending: HashMap<CommandId, oneshot::Sender<CommandReply>>,
     sessions: HashMap<CommandId, mpsc::Sender<SessionData>>,
-    holder_sessions: HashMap<CommandId, HostName>,
+    /// Sessions that end with the host's lease, and whether each is a
+    /// forward.
+    holder_sessions: HashMap<CommandId, (HostName, bool)>,
 }
 
 impl Commands {
@@ -175,8 +203,9 @@ impl Commands {
             self.sessions.insert(id, tx);
             rx
         });
-        if answer == Answer::HolderSession {
-            self.holder_sessions.insert(id, host.clone());
+        if matches!(answer, Answer::HolderSession | Answer::Forward) {
+            self.holder_sessions
+                .insert(id, (host.clone(), answer == Answer::Forward));
         }
         (id, reply_rx, data)
     }
@@ -214,22 +243,24 @@ impl Commands {
         self.holder_sessions.remove(&id);
     }
 
-    /// Takes out the holder sessions on `hosts`, whose lease just ended:
-    /// (id, host, its viewer if still there).
-    pub(super) fn end_holder_sessions(
-        &mut self,
-        hosts: &[HostName],
-    ) -> Vec<(CommandId, HostName, Option<mpsc::Sender<SessionData>>)> {
+    /// Takes out the holder sessions and forwards on `hosts`, whose lease
+    /// just ended.
+    pub(super) fn end_holder_sessions(&mut self, hosts: &[HostName]) -> Vec<Ended> {
         let ids: Vec<CommandId> = self
             .holder_sessions
             .iter()
-            .filter(|(_, h)| hosts.contains(h))
+            .filter(|(_, (h, _))| hosts.contains(h))
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter()
             .filter_map(|id| {
-                let host = self.holder_sessions.remove(&id)?;
-                Some((id, host, self.sessions.remove(&id)))
+                let (host, forward) = self.holder_sessions.remove(&id)?;
+                Some(Ended {
+                    id,
+                    host,
+                    forward,
+                    sink: self.sessions.remove(&id),
+                })
             })
             .collect()
     }
@@ -245,6 +276,16 @@ impl Commands {
     pub(super) fn sessions(&self) -> usize {
         self.sessions.len()
     }
+}
+
+/// A session ended by its host's lease ending.
+pub(super) struct Ended {
+    pub id: CommandId,
+    pub host: HostName,
+    /// A forward (else a console session).
+    pub forward: bool,
+    /// Its reader, if still there.
+    pub sink: Option<mpsc::Sender<SessionData>>,
 }
 
 /// A live console session through an agent. Dropping it closes the session
@@ -265,6 +306,7 @@ impl ConsoleSession {
             id: self.id,
             input,
             send_break,
+            ..Default::default()
         });
         self.to_agent
             .send(Ok(msg))

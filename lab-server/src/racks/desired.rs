@@ -1,6 +1,7 @@
 //! The desired state the server pushes to an agent: each host of its rack
 //! as the core sees it (description, active lease and its profile, BMC
-//! access with the password, console), built from the core's
+//! access with the password, console; the lease's holder and SSH public
+//! key, for profiles that install an OS), built from the core's
 //! [`HostView`]s. The agent reconciles its rack against it.
 //!
 //! BMC passwords are resolved here, at the time of sending, and only ever
@@ -10,7 +11,9 @@
 use crate::core::HostView;
 use crate::inventory::{BmcEndpoint, ConsoleSource};
 use crate::lease::HostState;
-use crate::types::{Arch, Firmware, Flag, HostName, LeaseId, ProfileName, RackName};
+use crate::types::{
+    Arch, Firmware, Flag, HostName, LeaseId, Principal, ProfileName, RackName, SshPublicKey,
+};
 use lab_types::{MacAddr, Secret};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -37,11 +40,13 @@ pub struct DesiredHost {
 }
 
 /// The lease a host serves and the profile to boot into for it (`None`:
-/// the agent's default).
+/// the agent's default), with who holds it and the holder's SSH key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveLease {
     pub id: LeaseId,
     pub profile: Option<ProfileName>,
+    pub holder: Principal,
+    pub ssh_public_key: Option<SshPublicKey>,
 }
 
 /// The host's description from the inventory, with what the agent needs to
@@ -73,6 +78,8 @@ impl DesiredHost {
             (HostState::Leased(_), Some(l)) if l.is_active() => Some(ActiveLease {
                 id: l.id,
                 profile: l.profile.clone(),
+                holder: l.holder.clone(),
+                ssh_public_key: l.ssh_public_key.clone(),
             }),
             _ => None,
         };

@@ -2,6 +2,7 @@
 //! codes in one place (`grpc::status`), like the core's errors.
 
 use super::commands::FailureKind;
+use super::forward::ForwardScope;
 use super::link::LinkError;
 use crate::core::CoreError;
 use crate::core::policy::Denied;
@@ -37,6 +38,18 @@ pub enum RackError {
     NoBmc { host: HostName },
     #[error("host {host} has no console in the inventory")]
     NoConsole { host: HostName },
+    /// A forward to a host without an address to dial.
+    #[error("host {host} has no ipv4 in the inventory")]
+    NoIpv4 { host: HostName },
+    #[error("{scope} already has {limit} forwards open (the limit)")]
+    TooManyForwards { scope: ForwardScope, limit: usize },
+    #[error("the lease on {host} ended; forward closed")]
+    ForwardLeaseEnded { host: HostName },
+    #[error("forward to {host} closed after {} without traffic", humantime::format_duration(*after))]
+    ForwardIdle { host: HostName, after: Duration },
+    /// The forwarded connection broke (the agent's words).
+    #[error("forward to {host}: {message}")]
+    ForwardBroken { host: HostName, message: String },
     /// The rack's agent is not attached now.
     #[error("the agent of rack {rack} is not attached")]
     AgentAway { rack: RackName },

@@ -40,15 +40,23 @@ pub struct HostReport {
     pub provisioning: Option<ProvisionReport>,
 }
 
-/// Session output (a live console, a log read) for command `id`.
+/// Session output (a live console, a log read, a forward) for command
+/// `id`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionData {
     pub id: CommandId,
     pub output: Vec<u8>,
     /// A notice from the agent or server: a gap, a takeover, a source drop.
     pub notice: String,
-    /// The session ended (console closed, log read complete).
+    /// The session ended (console closed, log read complete, forwarded
+    /// connection closed).
     pub end: bool,
+    /// Forwards: the agent wrote this many more input messages to the host
+    /// (see [`FORWARD_WINDOW`](super::FORWARD_WINDOW)).
+    pub credit: u32,
+    /// Set by the server, never by an agent: the session ended because the
+    /// host's lease did.
+    pub lease_ended: bool,
 }
 
 /// A message to an agent.
@@ -59,16 +67,21 @@ pub enum ToAgent {
     /// One host's desired state changed.
     Host(DesiredHost),
     Command(Command),
-    /// Input for a console session.
+    /// Input (and flow credit) for a console session or a forward.
     Input(SessionInput),
 }
 
-/// Keystrokes or a break for console session `id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Keystrokes or a break for console session `id`, or bytes, flow credit
+/// and the end of input for forward `id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionInput {
     pub id: CommandId,
     pub input: Vec<u8>,
     pub send_break: bool,
+    /// Forwards: the server passed on this many more output messages.
+    pub credit: u32,
+    /// Forwards: no more input (the agent half-closes the connection).
+    pub eof: bool,
 }
 
 /// Something wrong with what came up an agent's stream.

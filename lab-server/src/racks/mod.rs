@@ -1,8 +1,8 @@
 //! The rack registry: the rack agents as the server sees them. One
 //! `AgentService.Attach` link per rack, the desired state the server pushes
 //! down it, the reports that come back, and the user operations that go
-//! through it (power, live consoles, captured console logs, the reclaim
-//! step). Domain code: no gRPC library and no `lab.v1` types; the gRPC edge
+//! through it (power, live consoles, captured console logs, forwards to a
+//! host's TCP ports, the reclaim step). Domain code: no gRPC library and no `lab.v1` types; the gRPC edge
 //! (`grpc/agent.rs`, the `HostService` handlers) converts, and
 //! `grpc/status.rs` turns a [`RackError`] into a status.
 //!
@@ -10,7 +10,8 @@
 //! |------|------------------|
 //! | `registry.rs` | [`RackRegistry`]: connections per rack, commands under way, reports, records |
 //! | `attach.rs` | [`Racks::attach`]: the hello, the full state, changes as events commit, the agent's messages |
-//! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] |
+//! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] ([`ConsoleLogReader`], [`LogStream`]) |
+//! | `forward.rs` | [`Racks::forward`], [`Racks::run_forward`]: TCP to a host's port, with credit windows |
 //! | `link.rs` | the link's messages as typed values ([`FromAgent`], [`ToAgent`]) |
 //! | `desired.rs` | a host's desired state ([`DesiredHost`]), BMC password included |
 //! | `commands.rs` | commands, their ids, replies, sessions and timeouts |
@@ -30,15 +31,18 @@
 //!   silent. The core does not grant unreachable hosts (see
 //!   [`Core::set_unreachable`]); every change is an event.
 //! - **Commands** carry an id and are answered by a reply with that id;
-//!   console sessions and log reads stream session data with the command's
-//!   id until `end`. A command that times out is forgotten.
+//!   console sessions, log reads and forwards stream session data with the
+//!   command's id until `end`. A command that times out is forgotten.
+//! - **Forwards** carry a user's TCP connection to a host's port over the
+//!   link, each with its own credit window so that one slow forward never
+//!   stalls the rack's other traffic; they end with the host's lease.
 //! - **Reclaim.** [`AgentReclaimer`] is the core's reclaim step: it asks the
 //!   agent to capture end-of-lease debug output, power the host off and
 //!   reset its boot device; if the agent is away, the core retries with
 //!   backoff and the host stays `reclaiming` (never handed out dirty).
 //! - **Who may do what** is decided by `core::policy`, next to the core's
 //!   own rules: the holder of a host's active lease (or an operator) drives
-//!   it and reads its lease's console log; an agent attaches only for the
+//!   it, forwards to its ports and reads its lease's console log; an agent attaches only for the
 //!   rack whose `agent` it is.
 //!
 //! # No cycle with the core
@@ -70,6 +74,7 @@ mod commands;
 mod desired;
 mod drive;
 mod error;
+mod forward;
 mod link;
 mod provisioning;
 mod reachability;
@@ -78,11 +83,16 @@ mod registry;
 
 pub use commands::{
     AgentFailure, CONSOLE_OPEN_TIMEOUT, Command, CommandId, CommandKind, CommandReply, ConsoleOpen,
-    ConsoleSession, Done, FailureKind, LOG_READ_TIMEOUT, LogRead, POWER_TIMEOUT, PowerAction,
-    RECLAIM_TIMEOUT,
+    ConsoleSession, Done, FailureKind, ForwardOpen, LOG_READ_TIMEOUT, LOG_WINDOW, LogRead,
+    POWER_TIMEOUT, PowerAction, RECLAIM_TIMEOUT,
 };
 pub use desired::{ActiveLease, BmcAccess, DesiredHost, Hardware, RackState};
+pub use drive::{ConsoleLogReader, LogStream};
 pub use error::RackError;
+pub use forward::{
+    FORWARD_CHUNK, FORWARD_OPEN_TIMEOUT, FORWARD_WINDOW, Forward, ForwardEnd, ForwardLimits,
+    ForwardScope, FromUser, ToUser,
+};
 pub use link::{
     FromAgent, Hello, HostReport, Inbound, LinkError, Outbound, SessionData, SessionInput, ToAgent,
 };

@@ -8,7 +8,8 @@
 //! State sits behind one `std::sync::Mutex`, held for short sections with
 //! no `.await`.
 
-use super::commands::{Answer, Commands, Done};
+use super::commands::{Answer, Commands, Done, Ended};
+use super::forward::{ForwardLimits, ForwardScope, ForwardSlot};
 use super::link::{HostReport, Outbound, SessionData, ToAgent};
 use super::provisioning::{Provisioning, Records};
 use super::reachability::Reachability;
@@ -16,6 +17,7 @@ use super::reclaim::AgentReclaimer;
 use super::{Command, CommandId, CommandKind, CommandReply, RackError};
 use crate::core::clock::Clock;
 use crate::core::reclaim::Reclaimer;
+use crate::health::{HostVerdict, Rules};
 use crate::inventory::Inventory;
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, RackName, Timestamp};
@@ -28,12 +30,22 @@ use tracing::{debug, info};
 /// Messages buffered for an agent's stream.
 const TO_AGENT_BUFFER: usize = 256;
 
+/// What one host report changed.
+#[derive(Debug)]
+pub(super) struct Reported {
+    pub reachability_changed: bool,
+    /// A provisioning that just failed or became ready, for the host's health.
+    pub verdict: Option<(HostName, LeaseId, HostVerdict)>,
+}
+
 /// The attached agents and what they told; cheap to clone.
 #[derive(Clone)]
 pub struct RackRegistry(Arc<Shared>);
 
 struct Shared {
     clock: Arc<dyn Clock>,
+    /// Attribute provisioning failures (host, job, infra).
+    failure_rules: Rules,
     state: Mutex<State>,
 }
 
@@ -43,6 +55,10 @@ struct State {
     last_conn: u64,
     reachability: Reachability,
     records: Records,
+    /// Open forwards per lease (or per host, for an operator's forward to
+    /// a host without a lease).
+    forwards: HashMap<ForwardScope, usize>,
+    forward_limits: ForwardLimits,
 }
 
 /// Identifies one attach of a rack's agent (a newer one replaces it).
@@ -54,6 +70,8 @@ struct Conn {
     agent: String,
     tx: mpsc::Sender<Outbound>,
     commands: Commands,
+    /// Reports about hosts outside the rack, ignored.
+    foreign_reports: u64,
 }
 
 /// A new connection: its id, and both ends of its stream to the agent.
@@ -73,10 +91,17 @@ impl std::fmt::Debug for RackRegistry {
 }
 
 impl RackRegistry {
-    /// An empty registry reading time from `clock` (the core's).
+    /// An empty registry reading time from `clock` (the core's), with the
+    /// shipped failure attribution rules.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_failure_rules(clock, Rules::default())
+    }
+
+    /// An empty registry attributing provisioning failures by `rules`.
+    pub fn with_failure_rules(clock: Arc<dyn Clock>, rules: Rules) -> Self {
         Self(Arc::new(Shared {
             clock,
+            failure_rules: rules,
             state: Mutex::default(),
         }))
     }
@@ -108,6 +133,7 @@ impl RackRegistry {
             agent: agent.to_owned(),
             tx: tx.clone(),
             commands: Commands::default(),
+            foreign_reports: 0,
         };
         if let Some(old) = st.conns.insert(rack.clone(), conn) {
             let _ = old
@@ -145,15 +171,45 @@ impl RackRegistry {
 
     // ------------------------------------------------------------ from the agent
 
-    /// Takes a host report; true when the host's reachability changed.
-    pub(super) fn report(&self, rack: &RackName, r: HostReport) -> bool {
+    /// Takes a host report from connection `conn` of `rack`'s agent: true
+    /// when the host's reachability changed. A report about a host that is
+    /// not in `rack` (as of the last inventory seen) is ignored and
+    /// counted: `Err` with the count so far on this connection. An agent
+    /// speaks for its own rack only.
+    pub(super) fn report(
+        &self,
+        rack: &RackName,
+        conn: ConnId,
+        r: HostReport,
+    ) -> Result<Reported, u64> {
         let now = self.now();
         let mut st = self.lock();
+        if st.reachability.rack_of(&r.host) != Some(rack) {
+            let c = st.conns.get_mut(rack).filter(|c| c.id == conn);
+            return Err(c.map_or(1, |c| {
+                c.foreign_reports += 1;
+                c.foreign_reports
+            }));
+        }
+        let mut verdict = None;
         if let Some(p) = r.provisioning {
             debug!(rack = %rack, host = %r.host, lease = %p.lease, phase = ?p.phase, stage = %p.stage, "provisioning");
-            st.records.update(&r.host, p, now);
+            let lease = p.lease;
+            verdict = st
+                .records
+                .update(&r.host, p, now, &self.0.failure_rules)
+                .map(|v| (r.host.clone(), lease, v));
         }
-        st.reachability.report(r.host, r.reachability)
+        Ok(Reported {
+            reachability_changed: st.reachability.report(rack, r.host, r.reachability),
+            verdict,
+        })
+    }
+
+    /// Reports about hosts outside `rack` its current connection sent.
+    #[cfg(test)]
+    pub(super) fn foreign_reports(&self, rack: &RackName) -> u64 {
+        self.lock().conns.get(rack).map_or(0, |c| c.foreign_reports)
     }
 
     /// Hands a reply to the command waiting for it on connection `conn`.
@@ -240,13 +296,21 @@ impl RackRegistry {
             };
             (c.commands.end_holder_sessions(hosts), c.tx.clone())
         };
-        for (id, host, sink) in ended {
-            info!(host = %host, session = %id, "lease ended: closing its console session");
+        for Ended {
+            id,
+            host,
+            forward,
+            sink,
+        } in ended
+        {
+            let what = if forward { "forward" } else { "console" };
+            info!(host = %host, session = %id, "lease ended: closing its {what}");
             if let Some(s) = sink {
                 let _ = s.try_send(SessionData {
                     id,
-                    notice: format!("the lease on {host} ended; console closed"),
+                    notice: format!("the lease on {host} ended; {what} closed"),
                     end: true,
+                    lease_ended: true,
                     ..Default::default()
                 });
             }
@@ -257,6 +321,72 @@ impl RackRegistry {
             };
             let _ = tx.send(Ok(ToAgent::Command(close))).await;
         }
+    }
+
+    /// Closes session `id` of connection `conn` whose reader went away:
+    /// nothing more is expected of it here, and the agent closes it.
+    pub(super) fn close_session(
+        &self,
+        rack: &RackName,
+        conn: ConnId,
+        id: CommandId,
+        host: &HostName,
+    ) {
+        let tx = {
+            let mut st = self.lock();
+            match st.conns.get_mut(rack).filter(|c| c.id == conn) {
+                Some(c) => {
+                    c.commands.forget(id);
+                    c.tx.clone()
+                }
+                None => return,
+            }
+        };
+        let _ = tx.try_send(Ok(ToAgent::Command(Command {
+            id,
+            host: host.clone(),
+            kind: CommandKind::CloseSession,
+        })));
+    }
+
+    // ------------------------------------------------------------ forwards
+
+    /// Sets the limits on forwards (the server's flags).
+    pub fn set_forward_limits(&self, limits: ForwardLimits) {
+        self.lock().forward_limits = limits;
+    }
+
+    pub(super) fn forward_limits(&self) -> ForwardLimits {
+        self.lock().forward_limits
+    }
+
+    /// One more open forward in `scope`, unless it has as many as the
+    /// limit allows; the slot is given back when dropped.
+    pub(super) fn take_forward_slot(&self, scope: ForwardScope) -> Result<ForwardSlot, RackError> {
+        let mut st = self.lock();
+        let limit = st.forward_limits.per_lease;
+        let open = st.forwards.entry(scope.clone()).or_default();
+        if *open >= limit {
+            return Err(RackError::TooManyForwards { scope, limit });
+        }
+        *open += 1;
+        Ok(ForwardSlot::new(self.clone(), scope))
+    }
+
+    pub(super) fn give_back_forward_slot(&self, scope: &ForwardScope) {
+        let mut st = self.lock();
+        if let Some(n) = st.forwards.get_mut(scope) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.forwards.remove(scope);
+            }
+        }
+    }
+
+    /// Open forwards in `scope`.
+    #[cfg(test)]
+    pub(super) fn open_forwards(&self, scope: &ForwardScope) -> usize {
+        self.lock().forwards.get(scope).copied().unwrap_or(0)
     }
 
     // ------------------------------------------------------------ records
@@ -313,7 +443,7 @@ impl RackRegistry {
 pub(super) struct Issued {
     registry: RackRegistry,
     pub rack: RackName,
-    conn: ConnId,
+    pub conn: ConnId,
     pub host: HostName,
     pub id: CommandId,
     reply: oneshot::Receiver<CommandReply>,

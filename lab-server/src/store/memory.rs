@@ -1,21 +1,26 @@
 //! An in-memory [`Store`] for tests, with the same compare-and-set rules as
-//! the durable one, and a switch that makes commits fail.
+//! the durable one, a switch that makes commits fail, and counters of what
+//! was written (commits, the largest commit, the largest prune step).
 
 use super::{
-    Batch, EventQuery, Snapshot, Store, StoreError, Write, check_event_seqs, check_generation,
+    Batch, EventQuery, Pruned, Snapshot, Store, StoreError, Write, check_delete, check_event_seqs,
+    check_generation, check_waiter,
 };
 use crate::events::EventRecord;
-use crate::lease::{HostRecord, Lease};
-use crate::types::{HostName, LeaseId};
+use crate::lease::{HostRecord, Lease, Waiter};
+use crate::types::{HostName, LeaseId, Timestamp, WaiterId};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 #[derive(Debug, Default, Clone)]
 struct Data {
     hosts: BTreeMap<HostName, HostRecord>,
     leases: BTreeMap<LeaseId, Lease>,
+    waiters: BTreeMap<WaiterId, Waiter>,
     events: Vec<EventRecord>,
+    /// Sequence number of the last event ever stored.
+    last_seq: u64,
 }
 
 /// Volatile store; `fail_commits(true)` makes every commit fail.
@@ -23,6 +28,9 @@ struct Data {
 pub struct MemStore {
     data: Mutex<Data>,
     failing: AtomicBool,
+    commits: AtomicUsize,
+    largest_commit: AtomicUsize,
+    largest_prune: AtomicUsize,
 }
 
 impl MemStore {
@@ -32,6 +40,31 @@ impl MemStore {
 
     pub fn fail_commits(&self, on: bool) {
         self.failing.store(on, Ordering::SeqCst);
+    }
+
+    /// Successful commits so far.
+    pub fn commits(&self) -> usize {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// Most records and events one commit wrote.
+    pub fn largest_commit(&self) -> usize {
+        self.largest_commit.load(Ordering::SeqCst)
+    }
+
+    /// Most events one `prune_events` call removed.
+    pub fn largest_prune(&self) -> usize {
+        self.largest_prune.load(Ordering::SeqCst)
+    }
+
+    /// Every event in the store.
+    pub fn all_events(&self) -> Vec<EventRecord> {
+        lock(&self.data).events.clone()
+    }
+
+    /// Every stored waiting request.
+    pub fn waiters(&self) -> Vec<Waiter> {
+        lock(&self.data).waiters.values().cloned().collect()
     }
 }
 
@@ -45,7 +78,8 @@ impl Store for MemStore {
         Ok(Snapshot {
             hosts: d.hosts.values().cloned().collect(),
             leases: d.leases.values().cloned().collect(),
-            last_event_seq: d.events.last().map_or(0, |e| e.seq),
+            waiters: d.waiters.values().cloned().collect(),
+            last_event_seq: d.last_seq,
         })
     }
 
@@ -69,15 +103,24 @@ impl Store for MemStore {
                     d.hosts.insert(h.name.clone(), h.clone());
                 }
                 Write::DeleteHost { name, generation } => {
-                    let found = d.hosts.get(name).map(|x| x.generation);
-                    if found != Some(*generation) {
-                        return Err(StoreError::Conflict {
-                            key: w.key(),
-                            expected: Some(*generation),
-                            found,
-                        });
-                    }
+                    check_delete(
+                        w.key(),
+                        d.hosts.get(name).map(|x| x.generation),
+                        *generation,
+                    )?;
                     d.hosts.remove(name);
+                }
+                Write::DeleteLease { id, generation } => {
+                    check_delete(w.key(), d.leases.get(id).map(|x| x.generation), *generation)?;
+                    d.leases.remove(id);
+                }
+                Write::Waiter(waiter) => {
+                    check_waiter(waiter.id, true, d.waiters.contains_key(&waiter.id))?;
+                    d.waiters.insert(waiter.id, waiter.clone());
+                }
+                Write::DeleteWaiter(id) => {
+                    check_waiter(*id, false, d.waiters.contains_key(id))?;
+                    d.waiters.remove(id);
                 }
                 Write::Lease(l) => {
                     check_generation(
@@ -89,14 +132,35 @@ impl Store for MemStore {
                 }
             }
         }
-        check_event_seqs(d.events.last().map_or(0, |e| e.seq), &batch.events)?;
+        check_event_seqs(d.last_seq, &batch.events)?;
         d.events.extend(batch.events.iter().cloned());
+        d.last_seq = d.events.last().map_or(d.last_seq, |e| e.seq);
         *guard = d;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.largest_commit
+            .fetch_max(batch.writes.len() + batch.events.len(), Ordering::SeqCst);
         Ok(())
     }
 
     fn last_event_seq(&self) -> Result<u64, StoreError> {
-        Ok(lock(&self.data).events.last().map_or(0, |e| e.seq))
+        Ok(lock(&self.data).last_seq)
+    }
+
+    fn prune_events(&self, before: Timestamp, max: usize) -> Result<Pruned, StoreError> {
+        let mut d = lock(&self.data);
+        // Never the last event.
+        let prunable = d.events.len().saturating_sub(1);
+        let old = d.events[..prunable]
+            .iter()
+            .take_while(|e| e.time < before)
+            .count();
+        let n = old.min(max);
+        d.events.drain(..n);
+        self.largest_prune.fetch_max(n, Ordering::SeqCst);
+        Ok(Pruned {
+            events: n,
+            more: old > n,
+        })
     }
 
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {
@@ -116,5 +180,7 @@ mod tests {
     #[test]
     fn contract() {
         super::super::contract::run_all(&super::MemStore::new());
+        super::super::contract::waiters_and_deletes(&super::MemStore::new());
+        super::super::contract::pruning(&super::MemStore::new());
     }
 }

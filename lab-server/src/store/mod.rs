@@ -1,7 +1,14 @@
-//! Durable state behind a narrow trait: host records, leases and the event
-//! log. Every write is compare-and-set on the record's generation, and one
-//! [`Batch`] (records plus their events) commits atomically and durably, so
-//! a reply is only sent for what is on disk.
+//! Durable state behind a narrow trait: host records, leases, waiting
+//! requests and the event log. Every record write is compare-and-set on the
+//! record's generation, and one [`Batch`] (records plus their events)
+//! commits atomically and durably, so a reply is only sent for what is on
+//! disk.
+//!
+//! The event log is indexed by host and by lease (written in the same
+//! transaction as the events), so a filtered query reads only the events it
+//! returns. Retention removes old events in bounded steps
+//! ([`Store::prune_events`]); ended leases are removed through the batch
+//! ([`Write::DeleteLease`]).
 //!
 //! Backends: [`redb::RedbStore`] (the embedded default) and
 //! [`memory::MemStore`] (tests; can be told to fail). A distributed backend
@@ -11,8 +18,8 @@ pub mod memory;
 pub mod redb;
 
 use crate::events::EventRecord;
-use crate::lease::{HostRecord, Lease};
-use crate::types::{Generation, HostName, LeaseId};
+use crate::lease::{HostRecord, Lease, Waiter};
+use crate::types::{Generation, HostName, LeaseId, Timestamp, WaiterId};
 
 /// A store failure. The core answers UNAVAILABLE and reloads its state.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +38,8 @@ pub enum StoreError {
     },
     #[error("event sequence gap: next is {expected}, batch starts at {got}")]
     EventGap { expected: u64, got: u64 },
+    #[error("waiter {id} is {}", if *.stored { "already stored" } else { "not stored" })]
+    WaiterConflict { id: WaiterId, stored: bool },
     #[error("storage backend failed during {op}")]
     Backend {
         op: &'static str,
@@ -50,6 +59,18 @@ pub enum Write {
         generation: Generation,
     },
     Lease(Lease),
+    /// Delete an (ended) lease whose stored generation is the one given
+    /// (retention).
+    DeleteLease {
+        id: LeaseId,
+        generation: Generation,
+    },
+    /// A request entered the queue. Waiters have no generation: one is
+    /// written once and deleted once; writing an existing one, or deleting
+    /// one that is not stored, is a conflict.
+    Waiter(Waiter),
+    /// A waiting request left the queue (granted or withdrawn).
+    DeleteWaiter(WaiterId),
 }
 
 impl Write {
@@ -58,6 +79,9 @@ impl Write {
             Write::Host(h) => format!("host/{}", h.name),
             Write::DeleteHost { name, .. } => format!("host/{name}"),
             Write::Lease(l) => format!("lease/{}", l.id),
+            Write::DeleteLease { id, .. } => format!("lease/{id}"),
+            Write::Waiter(w) => format!("waiter/{}", w.id),
+            Write::DeleteWaiter(id) => format!("waiter/{id}"),
         }
     }
 }
@@ -81,6 +105,8 @@ impl Batch {
 pub struct Snapshot {
     pub hosts: Vec<HostRecord>,
     pub leases: Vec<Lease>,
+    /// Requests that were waiting (in id order).
+    pub waiters: Vec<Waiter>,
     pub last_event_seq: u64,
 }
 
@@ -101,17 +127,32 @@ impl EventQuery {
     }
 }
 
+/// What one [`Store::prune_events`] step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    /// Events removed.
+    pub events: usize,
+    /// More events are older than the cutoff (the step hit its bound).
+    pub more: bool,
+}
+
 /// The narrow storage interface. Implementations are synchronous; the core
 /// calls them off the async workers.
 pub trait Store: Send + Sync + 'static {
-    /// All host records, all leases, and the last event's sequence number.
+    /// All host records, all leases, all waiting requests, and the last
+    /// event's sequence number.
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Apply a batch atomically and durably, or not at all.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Events matching the query, in sequence order, at most `query.limit`.
+    /// With a host or lease filter, reads only matching events (an index).
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError>;
     /// Sequence number of the last event in the log (0 when empty).
     fn last_event_seq(&self) -> Result<u64, StoreError>;
+    /// Remove at most `max` of the oldest events whose time is before
+    /// `before`, in one transaction. The last event of the log is never
+    /// removed, so sequence numbers continue after a restart.
+    fn prune_events(&self, before: Timestamp, max: usize) -> Result<Pruned, StoreError>;
 }
 
 /// Events of a batch must continue the log without a gap.
@@ -149,13 +190,39 @@ fn check_generation(
     }
 }
 
+/// A delete's compare-and-set: the stored generation is the one given.
+fn check_delete(
+    key: String,
+    stored: Option<Generation>,
+    expected: Generation,
+) -> Result<(), StoreError> {
+    if stored == Some(expected) {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key,
+            expected: Some(expected),
+            found: stored,
+        })
+    }
+}
+
+/// A waiter is written once and deleted once (`stored`: it is stored now).
+fn check_waiter(id: WaiterId, write: bool, stored: bool) -> Result<(), StoreError> {
+    if write != stored {
+        Ok(())
+    } else {
+        Err(StoreError::WaiterConflict { id, stored })
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod contract {
     //! Tests every backend must pass.
     use super::*;
     use crate::events::EventKind;
     use crate::lease::{HostEvent, LeaseState};
-    use crate::types::{Principal, Timestamp};
+    use crate::types::Principal;
 
     fn host(name: &str) -> HostRecord {
         HostRecord::new(HostName::new(name).unwrap())
@@ -260,7 +327,9 @@ pub(crate) mod contract {
             max_expires_at: Timestamp(5000),
             ended_at: None,
             waiter_id: 7,
+            request_id: None,
             generation: Generation(1),
+            ssh_public_key: None,
         };
         store
             .commit(&Batch {
@@ -319,6 +388,211 @@ pub(crate) mod contract {
                 .map(|e| e.seq)
                 .collect::<Vec<_>>(),
             vec![3, 4]
+        );
+    }
+
+    fn waiter(id: WaiterId) -> Waiter {
+        Waiter {
+            id,
+            principal: Principal::new("ci").unwrap(),
+            spec: crate::lease::LeaseSpec {
+                arch: None,
+                flags: Default::default(),
+                hosts: Default::default(),
+                count: 1,
+                profile: None,
+                ttl: std::time::Duration::from_secs(60),
+                priority: 0,
+                ssh_public_key: None,
+                comment: "c".into(),
+            },
+            request_id: Some(crate::types::RequestId::new("r-1").unwrap()),
+            queued_at: Timestamp(5),
+            detached: false,
+        }
+    }
+
+    /// Waiters are written once and deleted once; ended leases are deleted
+    /// with compare-and-set. (A fresh store.)
+    pub fn waiters_and_deletes(store: &dyn Store) {
+        store
+            .commit(&Batch {
+                writes: vec![Write::Waiter(waiter(7)), Write::Waiter(waiter(9))],
+                events: vec![],
+            })
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().waiters,
+            vec![waiter(7), waiter(9)],
+            "round trip, in id order"
+        );
+        let again = store.commit(&Batch {
+            writes: vec![Write::Waiter(waiter(7))],
+            events: vec![],
+        });
+        assert!(
+            matches!(
+                again,
+                Err(StoreError::WaiterConflict {
+                    id: 7,
+                    stored: true
+                })
+            ),
+            "{again:?}"
+        );
+        store
+            .commit(&Batch {
+                writes: vec![Write::DeleteWaiter(7)],
+                events: vec![],
+            })
+            .unwrap();
+        let twice = store.commit(&Batch {
+            writes: vec![Write::DeleteWaiter(7)],
+            events: vec![],
+        });
+        assert!(
+            matches!(
+                twice,
+                Err(StoreError::WaiterConflict {
+                    id: 7,
+                    stored: false
+                })
+            ),
+            "{twice:?}"
+        );
+        assert_eq!(store.load().unwrap().waiters, vec![waiter(9)]);
+
+        let lease = Lease {
+            id: LeaseId(uuid::Uuid::from_u128(5)),
+            holder: Principal::new("ci").unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            state: LeaseState::Released,
+            profile: None,
+            priority: 0,
+            comment: String::new(),
+            ttl_ms: 1000,
+            granted_at: Timestamp(1),
+            expires_at: Timestamp(1001),
+            max_expires_at: Timestamp(5000),
+            ended_at: Some(Timestamp(2)),
+            ssh_public_key: None,
+            waiter_id: 9,
+            request_id: None,
+            generation: Generation(1),
+        };
+        store
+            .commit(&Batch {
+                writes: vec![Write::Lease(lease.clone())],
+                events: vec![],
+            })
+            .unwrap();
+        let stale = store.commit(&Batch {
+            writes: vec![Write::DeleteLease {
+                id: lease.id,
+                generation: Generation(3),
+            }],
+            events: vec![],
+        });
+        assert!(
+            matches!(stale, Err(StoreError::Conflict { .. })),
+            "{stale:?}"
+        );
+        store
+            .commit(&Batch {
+                writes: vec![Write::DeleteLease {
+                    id: lease.id,
+                    generation: Generation(1),
+                }],
+                events: vec![],
+            })
+            .unwrap();
+        assert!(store.load().unwrap().leases.is_empty());
+    }
+
+    /// Pruning removes the oldest events before the cutoff, at most `max` a
+    /// step, never the last one, and their index entries with them. (A
+    /// fresh store.)
+    pub fn pruning(store: &dyn Store) {
+        let lease = LeaseId(uuid::Uuid::from_u128(9));
+        let events: Vec<EventRecord> = (1..=10)
+            .map(|seq| {
+                let mut e = event(seq, EventKind::LeaseRenewed, &["h1"]);
+                e.time = Timestamp(seq as i64 * 100);
+                e.lease = Some(lease);
+                e
+            })
+            .collect();
+        store
+            .commit(&Batch {
+                writes: vec![],
+                events,
+            })
+            .unwrap();
+        let seqs = |q: EventQuery| -> Vec<u64> {
+            store.events(&q).unwrap().iter().map(|e| e.seq).collect()
+        };
+        let all = || EventQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        // Times 100..=1000: before 450 are 1..=4; three per step.
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 3,
+                more: true
+            }
+        );
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 1,
+                more: false
+            }
+        );
+        assert_eq!(
+            store.prune_events(Timestamp(450), 3).unwrap(),
+            Pruned {
+                events: 0,
+                more: false
+            }
+        );
+        assert_eq!(seqs(all()), (5..=10).collect::<Vec<_>>());
+        for q in [
+            EventQuery {
+                host: Some(HostName::new("h1").unwrap()),
+                ..all()
+            },
+            EventQuery {
+                lease: Some(lease),
+                ..all()
+            },
+        ] {
+            assert_eq!(seqs(q), (5..=10).collect::<Vec<_>>(), "the indexes follow");
+        }
+        // Everything is old: all but the last event go; numbering goes on.
+        assert_eq!(
+            store.prune_events(Timestamp(i64::MAX), 100).unwrap(),
+            Pruned {
+                events: 5,
+                more: false
+            }
+        );
+        assert_eq!(seqs(all()), [10]);
+        assert_eq!(store.last_event_seq().unwrap(), 10);
+        assert_eq!(store.load().unwrap().last_event_seq, 10);
+        store
+            .commit(&Batch {
+                writes: vec![],
+                events: vec![event(11, EventKind::HostAdded, &["h2"])],
+            })
+            .unwrap();
+        assert_eq!(
+            seqs(EventQuery {
+                after_seq: 10,
+                ..all()
+            }),
+            [11]
         );
     }
 }

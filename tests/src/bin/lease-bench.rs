@@ -267,7 +267,7 @@ fn acquire_request() -> AcquireRequest {
             ttl: Some(duration_to_proto(TTL)),
             ..LeaseRequest::default()
         }),
-        no_wait: false,
+        ..Default::default()
     }
 }
 
@@ -530,6 +530,7 @@ async fn drain(o: &Opts) -> Result<DrainResult> {
         .list_leases(ListLeasesRequest {
             include_ended: true,
             holder: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner()
