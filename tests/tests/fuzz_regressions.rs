@@ -443,6 +443,7 @@ fn server_message_seeds() -> Seeds {
                 nanos: 5,
             }),
             to: None,
+            window: 0,
         })),
     );
     s
@@ -566,6 +567,7 @@ fn agent_message_seeds() -> Seeds {
             }),
             priority: 5,
             comment: "osstest flight 1234".into(),
+            ssh_public_key: String::new(),
         }
         .encode_to_vec(),
     );
@@ -575,6 +577,7 @@ fn agent_message_seeds() -> Seeds {
             host: "x86-01".into(),
             write: true,
             replay_bytes: 4096,
+            not_before: None,
         }
         .encode_to_vec(),
     );

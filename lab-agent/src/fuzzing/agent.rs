@@ -118,7 +118,9 @@ pub fn server_message(data: &[u8]) {
                         let _ = u64::try_from(lab_proto::convert::millis_from_timestamp(t));
                     }
                 }
-                Some(Cmd::Console(_) | Cmd::CloseSession(_)) | None => {}
+                // A forward's only field the agent reads first is its port,
+                // a plain `u16::try_from` (link.rs).
+                Some(Cmd::Console(_) | Cmd::CloseSession(_) | Cmd::Forward(_)) | None => {}
             }
         }
     }

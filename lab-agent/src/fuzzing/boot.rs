@@ -46,6 +46,8 @@ fn hosts() -> HostTable {
             firmware,
             profile: profile.to_owned(),
             lease: Some("7f1c4a8e-3b1d-4c2e-9a55-0d6b1f2e3a4b".to_owned()),
+            holder: Some("ci".to_owned()),
+            ssh_key: None,
         };
     HostTable::new([
         host(
@@ -166,6 +168,7 @@ impl BootTree {
             http_url: Some(format!("http://{SERVER_IP}:8080")),
             tftp_server: Some(IpAddr::V4(SERVER_IP)),
             artifacts_url: None,
+            grub_http: true,
             extra: BTreeMap::new(),
         };
         let source = BootFiles::new(&assets, Some(&artifacts), hosts(), config)
