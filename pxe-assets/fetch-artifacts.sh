@@ -29,10 +29,12 @@
 # machine's dpkg architectures are not changed):
 #   grubnetaa64-lab.efi    GRUB netboot image built with grub-mkimage (from
 #                          grub-common, unpacked, not installed) with efinet,
-#                          tftp, xen_boot, gzio, ... built in; prefix (tftp)/grub
+#                          tftp, http, xen_boot, gzio, ... built in; prefix
+#                          (tftp)/grub (the per-host configs load Xen, the
+#                          kernel and the initrd over http)
 #   xen-4.17-arm64         Xen hypervisor for arm64
-#   vmlinuz-arm64.gz       Debian arm64 kernel (an Image), gzipped: GRUB's TFTP
-#                          is slow (blksize 1024); loaded with --nounzip, Xen unpacks it
+#   vmlinuz-arm64.gz       Debian arm64 kernel (an Image), gzipped; loaded with
+#                          --nounzip, Xen unpacks it
 #   initrd-labbox-arm64.gz the same initramfs as x86, arm64 busybox and modules
 #   VERSIONS-arm64         their package versions and input hashes (the arm64
 #                          outputs are rebuilt only when this changes)
@@ -275,12 +277,15 @@ if [ "${LAB_NO_ARM64:-0}" != 1 ]; then
     # GRUB: Debian's grubnetaa64.efi lacks xen_boot, so build an image with
     # every module the lab's GRUB configs use built in (no .mod files over
     # TFTP). Prefix /grub: GRUB turns it into (tftp,<next-server>)/grub, and
-    # its normal mode reads grub/grub.cfg (pxe-assets/grub/grub.cfg).
+    # its normal mode reads grub/grub.cfg (pxe-assets/grub/grub.cfg). http:
+    # the per-host configs load Xen, the kernel and the initrd from the
+    # agent's HTTP server, (http,ADDR:PORT)/artifacts/...; GRUB's TFTP
+    # (1024-byte blocks in lockstep) took ~3 s for the kernel alone.
     (cd "$a" && dpkg-deb -x "$agdeb" grub && dpkg-deb -x "$gcdeb" grub-common)
     "$a/grub-common/usr/bin/grub-mkimage" -O arm64-efi -d "$a/grub/usr/lib/grub/arm64-efi" \
       -p /grub -o "$work/grubnetaa64-lab.efi" \
       normal configfile echo test sleep minicmd halt reboot \
-      net efinet tftp gzio xen_boot linux
+      net efinet tftp http gzio xen_boot linux
 
     # The initramfs: as x86's, with the arm64 busybox and modules (cpio is
     # run by the amd64 busybox unpacked above).

@@ -29,9 +29,11 @@
 # man-db and groff-base (man -l), strace (the agent's and the server's
 # system calls against the units' filters), openssl (the private CA of
 # docs/deploy.md); cargo-deb, pinned, built once with cargo install.
+#
+# Fuzzing (fuzz/, docs/testing.md): g++ builds libFuzzer (libfuzzer-sys).
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium g++"
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the
 # image's backport: allow that downgrade explicitly. qemu-img itself (the

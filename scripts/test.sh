@@ -15,6 +15,7 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 log "cargo build --workspace (the process tests run the real binaries)"
 cargo build --workspace --locked
@@ -27,3 +28,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 log "cargo test --workspace"
 cargo test --workspace --locked
+
+# Every fuzz target for a few seconds from its seeds (docs/testing.md,
+# "Fuzzing"); the long runs are done by hand with fuzz/campaign.sh.
+log "fuzz smoke (fuzz/smoke.sh)"
+./fuzz/smoke.sh

@@ -6,6 +6,7 @@ use crate::console::LogLimits;
 use crate::dhcp::{DhcpConfig, Mode};
 use crate::http::HttpConfig;
 use crate::ipmi::CipherSuite;
+use crate::link::LogReadLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -57,6 +58,10 @@ struct RawIpmi {
 struct RawConsole {
     max_file_bytes: Option<u64>,
     max_total_bytes: Option<u64>,
+    /// Console log reads streaming at once per host.
+    log_reads_per_host: Option<toml::Spanned<usize>>,
+    /// Console log reads streaming at once on the whole agent.
+    log_reads: Option<toml::Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +76,17 @@ struct RawProfile {
     timeout: Option<String>,
     /// Xen debug keys sent at lease end ("hqr"); empty or absent: none.
     xen_debug_keys: Option<String>,
+    /// The profile installs to disk first (`xen-install`): follow the
+    /// installer's `LAB-INSTALL` lines, wait for the power-off, boot the
+    /// disk, then watch for `ready`.
+    #[serde(default)]
+    install: bool,
+    /// The whole install, power-on → `stage=done` ("15m").
+    install_timeout: Option<String>,
+    /// The longest wait for the installer's next line ("3m").
+    install_stage_timeout: Option<String>,
+    /// How long the host has to power itself off after the install ("60s").
+    poweroff_timeout: Option<String>,
 }
 
 fn default_profile() -> String {
@@ -123,6 +139,8 @@ struct RawHttp {
     header_timeout: Option<toml::Spanned<String>>,
     idle_timeout: Option<toml::Spanned<String>>,
     send_timeout: Option<toml::Spanned<String>>,
+    /// GRUB hosts load Xen, the kernel and the initrd over this server.
+    grub: Option<bool>,
 }
 
 /// `[metrics]`: where `/metrics` is served (plain HTTP).
@@ -158,6 +176,10 @@ pub struct HttpSettings {
     pub url: String,
     /// Connection caps and timeouts (the defaults where not set).
     pub limits: HttpConfig,
+    /// GRUB hosts (aarch64 UEFI) load Xen, the kernel and the initrd over
+    /// this server with GRUB's `http` module instead of its TFTP
+    /// (`RenderConfig::grub_http`; default off, see docs/netboot.md).
+    pub grub: bool,
 }
 
 /// The validated configuration.
@@ -180,6 +202,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub bmc_probe_interval: Duration,
     pub console_limits: LogLimits,
+    /// Console log reads streaming at once (per host, in all).
+    pub log_reads: LogReadLimits,
     /// IPMI cipher suites in order of preference.
     pub ipmi_cipher_suites: Vec<CipherSuite>,
     /// Boot expectations per profile name.
@@ -197,6 +221,9 @@ pub struct ProfileSettings {
     pub timeout: Duration,
     /// Xen debug keys to send at lease end (empty: none).
     pub xen_debug_keys: Vec<u8>,
+    /// Install to disk before booting (`None`: boot only). `timeout` is
+    /// then the disk boot's: its power-on → `ready`.
+    pub install: Option<InstallSettings>,
 }
 
 impl Default for ProfileSettings {
@@ -206,12 +233,40 @@ impl Default for ProfileSettings {
             fail: Vec::new(),
             timeout: Duration::from_secs(300),
             xen_debug_keys: Vec::new(),
+            install: None,
+        }
+    }
+}
+
+/// The limits of an install to disk (docs/netboot.md "Installing to
+/// disk"): the installer prints a `LAB-INSTALL` line at each stage and at
+/// every 5 % written, then powers the host off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallSettings {
+    /// Power-on → `LAB-INSTALL stage=done`.
+    pub timeout: Duration,
+    /// Power-on → the installer's first line, and between two of its lines.
+    pub stage_timeout: Duration,
+    /// `stage=done` → the host off; past it the agent switches it off.
+    pub poweroff_timeout: Duration,
+}
+
+impl Default for InstallSettings {
+    fn default() -> Self {
+        InstallSettings {
+            timeout: Duration::from_secs(900),
+            stage_timeout: Duration::from_secs(180),
+            poweroff_timeout: Duration::from_secs(60),
         }
     }
 }
 
 /// Default BMC poll interval.
 pub const DEFAULT_BMC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The longest duration the file may give (a year): every duration becomes
+/// a deadline, `now + duration`, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -289,8 +344,12 @@ impl AgentConfig {
             }
         };
         let duration = |at: usize, v: &str, what: &str| {
-            humantime::parse_duration(v)
-                .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))
+            let d = humantime::parse_duration(v)
+                .map_err(|e| invalid(at, format!("invalid {what} {v:?}: {e}")))?;
+            if d > MAX_DURATION {
+                return Err(invalid(at, format!("{what} {v:?} is longer than a year")));
+            }
+            Ok(d)
         };
         // A cap or timeout of zero would refuse everything: refused here,
         // where the error can point at it.
@@ -358,6 +417,7 @@ impl AgentConfig {
                     listen: h.listen,
                     url: h.url.trim_end_matches('/').to_owned(),
                     limits,
+                    grub: h.grub.unwrap_or(false),
                 })
             }
         };
@@ -377,6 +437,27 @@ impl AgentConfig {
         let console_limits = console_limits
             .validate()
             .map_err(|e| invalid(text.find("[console]").unwrap_or(0), e.to_string()))?;
+        let mut log_reads = LogReadLimits::default();
+        if let Some(c) = &raw.console {
+            for (v, field, name) in [
+                (
+                    &c.log_reads_per_host,
+                    &mut log_reads.per_host,
+                    "log_reads_per_host",
+                ),
+                (&c.log_reads, &mut log_reads.total, "log_reads"),
+            ] {
+                if let Some(v) = v {
+                    if *v.get_ref() == 0 {
+                        return Err(invalid(
+                            v.span().start,
+                            format!("{name} must be at least 1"),
+                        ));
+                    }
+                    *field = *v.get_ref();
+                }
+            }
+        }
         let mut ipmi_cipher_suites = vec![CipherSuite::Suite17, CipherSuite::Suite3];
         if let Some(list) = raw.ipmi.as_ref().and_then(|i| i.cipher_suites.as_ref()) {
             let at = list.span().start;
@@ -408,6 +489,43 @@ impl AgentConfig {
             if let Some(t) = &p.timeout {
                 s.timeout = duration(at, t, "timeout")?;
             }
+            // An install limit: positive, and only for an installing profile.
+            let limit = |value: &Option<String>, key: &str, default: Duration| match value {
+                None => Ok(default),
+                Some(_) if !p.install => Err(invalid(
+                    at,
+                    format!("profile {name}: {key} needs install = true"),
+                )),
+                Some(v) => match duration(at, v, key)? {
+                    d if d.is_zero() => Err(invalid(at, format!("{key} must be positive"))),
+                    d => Ok(d),
+                },
+            };
+            let defaults = InstallSettings::default();
+            let install = InstallSettings {
+                timeout: limit(&p.install_timeout, "install_timeout", defaults.timeout)?,
+                stage_timeout: limit(
+                    &p.install_stage_timeout,
+                    "install_stage_timeout",
+                    defaults.stage_timeout,
+                )?,
+                poweroff_timeout: limit(
+                    &p.poweroff_timeout,
+                    "poweroff_timeout",
+                    defaults.poweroff_timeout,
+                )?,
+            };
+            if p.install {
+                if s.ready.is_none() {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "profile {name}: install = true needs a ready text (the installed disk's ready line)"
+                        ),
+                    ));
+                }
+                s.install = Some(install);
+            }
             if let Some(k) = p.xen_debug_keys {
                 if !k.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
@@ -423,6 +541,7 @@ impl AgentConfig {
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| "lab-agent-data".into())),
             bmc_probe_interval,
             console_limits,
+            log_reads,
             ipmi_cipher_suites,
             profiles,
             rack: raw.rack,
@@ -475,6 +594,52 @@ artifacts = "/var/cache/lab/artifacts"
         let c = AgentConfig::load(path).unwrap();
         assert_eq!(c.rack, "rack1");
         assert!(c.dhcp.is_some() && c.tftp.is_some() && c.http.is_some());
+        assert_eq!(c.profiles["xen"].install, None);
+        let install = &c.profiles["xen-install"];
+        assert_eq!(install.ready.as_deref(), Some("LAB-DISK-READY"));
+        assert_eq!(install.install, Some(InstallSettings::default()));
+    }
+
+    #[test]
+    fn install_profiles() {
+        let with = |profile: &str| format!("{GOOD}\n[profiles.xen-install]\n{profile}\n");
+        let c = AgentConfig::parse(
+            &with(
+                "ready = \"LAB-DISK-READY\"\ninstall = true\ninstall_timeout = \"20m\"\n\
+                 install_stage_timeout = \"2m\"\npoweroff_timeout = \"30s\"\ntimeout = \"5m\"",
+            ),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        let p = &c.profiles["xen-install"];
+        assert_eq!(
+            p.install,
+            Some(InstallSettings {
+                timeout: Duration::from_secs(1200),
+                stage_timeout: Duration::from_secs(120),
+                poweroff_timeout: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(p.timeout, Duration::from_secs(300));
+        for (profile, want) in [
+            (
+                "ready = \"R\"\ninstall_timeout = \"20m\"",
+                "profile xen-install: install_timeout needs install = true",
+            ),
+            (
+                "install = true",
+                "profile xen-install: install = true needs a ready text",
+            ),
+            (
+                "ready = \"R\"\ninstall = true\npoweroff_timeout = \"0s\"",
+                "poweroff_timeout must be positive",
+            ),
+        ] {
+            let e = AgentConfig::parse(&with(profile), Path::new("agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{profile}: {e}");
+        }
     }
 
     #[test]
@@ -489,6 +654,11 @@ artifacts = "/var/cache/lab/artifacts"
         );
         assert_eq!(c.http.as_ref().unwrap().url, "http://198.18.0.1:8080");
         assert_eq!(c.http.as_ref().unwrap().limits, HttpConfig::default());
+        // GRUB stays on TFTP unless asked.
+        assert!(!c.http.as_ref().unwrap().grub);
+        let grub = GOOD.replace("[http]\n", "[http]\ngrub = true\n");
+        let c2 = AgentConfig::parse(&grub, Path::new("/etc/lab/agent.toml")).unwrap();
+        assert!(c2.http.unwrap().grub);
         let t = c.tftp.as_ref().unwrap();
         assert_eq!((t.max_transfers_per_client, t.max_timeout), (None, None));
         assert_eq!(c.dhcp.as_ref().unwrap().interface.as_deref(), Some("br0"));
@@ -543,6 +713,13 @@ artifacts = "/var/cache/lab/artifacts"
                 "idle_timeout",
                 "\"soon\"",
                 "agent.toml:16:16: invalid idle_timeout \"soon\"",
+            ),
+            // Found by the agent_config fuzz target: accepted, it made every
+            // connection's watchdog panic computing its deadline.
+            (
+                "idle_timeout",
+                "\"500000000000 years\"",
+                "agent.toml:16:16: idle_timeout \"500000000000 years\" is longer than a year",
             ),
         ] {
             let bad = GOOD.replace(

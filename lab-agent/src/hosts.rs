@@ -20,6 +20,12 @@ pub struct BootHost {
     pub profile: String,
     /// The lease holding it, if any (for templates and logs).
     pub lease: Option<String>,
+    /// Who holds that lease, if the server said (for the lease metadata
+    /// of an install).
+    pub holder: Option<String>,
+    /// The lease's OpenSSH public key for root, if any (validated by the
+    /// server and again at the link).
+    pub ssh_key: Option<String>,
 }
 
 /// The rack's hosts by MAC; cheap to clone, shared by all servers.
@@ -67,13 +73,16 @@ impl HostTable {
             .collect()
     }
 
-    /// Set one host's profile and lease; false if the MAC is unknown.
+    /// Set one host's profile and lease (without holder or key); false if
+    /// the MAC is unknown.
     pub fn set_profile(&self, mac: &MacAddr, profile: &str, lease: Option<String>) -> bool {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match g.get_mut(mac) {
             Some(h) => {
                 h.profile = profile.to_owned();
                 h.lease = lease;
+                h.holder = None;
+                h.ssh_key = None;
                 true
             }
             None => false,

@@ -29,12 +29,17 @@
 //! - [`ratelimit`]: flood logging, one line per interval with a count.
 //! - [`metrics`]: `/metrics` (`[metrics] listen`): the boot services'
 //!   counters, BMC commands, console bytes and viewer lags, process metrics.
+//!
+//! (`fuzzing`, hidden from these docs, holds the entry points of the fuzz
+//! targets in `fuzz/`.)
 #![forbid(unsafe_code)]
 
 pub mod assets;
 pub mod config;
 pub mod console;
 pub mod dhcp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hosts;
 pub mod http;
 pub mod ipmi;

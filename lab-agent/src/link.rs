@@ -11,24 +11,32 @@
 //!
 //! [`convert`] turns the wire messages into the rack's domain types and
 //! back; nothing past it sees a protobuf type. [`forward`] carries a
-//! forward's bytes with its credit window.
+//! forward's bytes with its credit window; [`console`] serves live console
+//! sessions and streams console log reads.
+//!
+//! A session (console, log read, forward) is registered under its command's
+//! id as soon as the command arrives, before it is opened, and a
+//! `close_session` is handled in the order it arrives: a session the server
+//! closed while it was being opened (its lease ended meanwhile) never
+//! starts.
 
+pub mod console;
 pub mod convert;
 pub mod forward;
 
-use crate::console::log::read_slice;
-use crate::console::{ConsoleHost, ViewerEvent, Writer};
+pub use console::LogReadLimits;
+
+use crate::console::Writer;
 use crate::rack::{CommandError, ErrorKind, Rack};
 use lab_client::endpoint::is_https;
 use lab_client::{BearerAuth, BearerToken, ChannelSettings, EndpointError, ServerEndpoint};
-use lab_proto::convert::millis_from_timestamp;
 use lab_proto::v1 as pb;
 use lab_proto::v1::agent_service_client::AgentServiceClient;
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -40,6 +48,8 @@ pub struct LinkConfig {
     pub rack: String,
     /// CA certificate (PEM) for an https:// server; `None`: system roots.
     pub ca: Option<std::path::PathBuf>,
+    /// Console log reads streaming at once.
+    pub log_reads: LogReadLimits,
 }
 
 /// Everything but the token.
@@ -50,6 +60,7 @@ impl std::fmt::Debug for LinkConfig {
             .field("token", &self.token.as_ref().map(|_| ".."))
             .field("rack", &self.rack)
             .field("ca", &self.ca)
+            .field("log_reads", &self.log_reads)
             .finish()
     }
 }
@@ -88,28 +99,57 @@ pub enum LinkError {
     Broken(#[source] tonic::Status),
 }
 
+/// A console session, log read or forward; registered (empty) when its
+/// command arrives, filled once it is open.
+#[derive(Default)]
 struct Session {
     /// A console session's input (when opened for writing).
     writer: Option<Arc<Writer>>,
     /// A forward's input and credit.
     forward: Option<forward::ForwardInput>,
-    task: JoinHandle<()>,
+    /// A log read's credit.
+    log_credit: Option<Arc<Semaphore>>,
+    /// `None` while it is being opened.
+    task: Option<JoinHandle<()>>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
 type Sessions = Arc<Mutex<HashMap<u64, Session>>>;
 
+fn lock(sessions: &Sessions) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+    sessions.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fills in session `id` now that it is open, unless the server closed it
+/// meanwhile (then it is stopped at once).
+fn install(sessions: &Sessions, id: u64, session: Session) -> Result<(), CommandError> {
+    match lock(sessions).get_mut(&id) {
+        Some(s) => {
+            *s = session;
+            Ok(())
+        }
+        // Dropping `session` stops its task.
+        None => Err(CommandError::new(
+            ErrorKind::FailedPrecondition,
+            "the session was closed while it was being opened",
+        )),
+    }
+}
+
 /// Keeps the rack attached to the server, forever.
 pub async fn run(cfg: LinkConfig, rack: Rack) {
     let mut failures: u32 = 0;
+    let log_reads = console::LogReads::new(cfg.log_reads);
     loop {
         let t0 = tokio::time::Instant::now();
-        match attach_once(&cfg, &rack).await {
+        match attach_once(&cfg, &rack, &log_reads).await {
             Ok(()) => info!("the server closed the link"),
             Err(e) => warn!(error = %crate::error_chain(&e), "link to lab-server lost"),
         }
@@ -125,7 +165,11 @@ pub async fn run(cfg: LinkConfig, rack: Rack) {
     }
 }
 
-async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
+async fn attach_once(
+    cfg: &LinkConfig,
+    rack: &Rack,
+    log_reads: &console::LogReads,
+) -> Result<(), LinkError> {
     // A CA (LAB_CA may be set for the CLI) is not used for an http:// server.
     let ca = cfg.ca.as_deref().filter(|_| is_https(&cfg.server));
     let server = ServerEndpoint::new(&cfg.server, ca, &CHANNEL).map_err(|e| match e {
@@ -192,27 +236,38 @@ async fn attach_once(cfg: &LinkConfig, rack: &Rack) -> Result<(), LinkError> {
                 Err(e) => warn!(error = %crate::error_chain(&e), "desired host ignored"),
             },
             Some(pb::server_message::Msg::Command(c)) => {
+                use pb::agent_command::Cmd;
+                // Sessions are registered, and closed, in the order their
+                // commands arrive (not when a spawned task gets to them).
+                match c.cmd {
+                    Some(Cmd::CloseSession(_)) => {
+                        lock(&sessions).remove(&c.id);
+                        continue;
+                    }
+                    Some(Cmd::Console(_) | Cmd::Log(_) | Cmd::Forward(_)) => {
+                        lock(&sessions).insert(c.id, Session::default());
+                    }
+                    _ => {}
+                }
                 let rack = rack.clone();
                 let tx = tx.clone();
                 let sessions = sessions.clone();
-                tokio::spawn(async move { command(rack, c, tx, sessions).await });
+                let log_reads = log_reads.clone();
+                tokio::spawn(async move { command(rack, c, tx, sessions, log_reads).await });
             }
             Some(pb::server_message::Msg::Input(i)) => {
-                let (writer, fwd) = sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                let (writer, fwd, log_credit) = lock(&sessions)
                     .get(&i.id)
-                    .map(|s| (s.writer.clone(), s.forward.clone()))
+                    .map(|s| (s.writer.clone(), s.forward.clone(), s.log_credit.clone()))
                     .unwrap_or_default();
-                if let Some(f) = fwd {
+                if let Some(credit) = log_credit {
+                    console::add_credit(&credit, i.credit);
+                } else if let Some(f) = fwd {
                     // Never waits: the window bounds what is queued.
                     let id = i.id;
                     if let Err(e) = f.take(i) {
                         warn!(session = id, error = %e, "closing the forward");
-                        sessions
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id);
+                        lock(&sessions).remove(&id);
                         let _ = tx.send(data(id, Vec::new(), &e.to_string(), true)).await;
                     }
                 } else if let Some(w) = writer {
@@ -256,6 +311,7 @@ async fn command(
     c: pb::AgentCommand,
     tx: mpsc::Sender<pb::AgentMessage>,
     sessions: Sessions,
+    log_reads: console::LogReads,
 ) {
     let id = c.id;
     let mut reply = pb::CommandReply {
@@ -272,25 +328,39 @@ async fn command(
             Err(e) => Err(e),
         },
         Some(pb::agent_command::Cmd::Console(open)) => {
-            open_console(&rack, id, &c.host, open, tx.clone(), &sessions).await
+            console::open_console(&rack, id, &c.host, open, tx.clone())
+                .await
+                .and_then(|o| install(&sessions, id, opened(o)))
         }
-        Some(pb::agent_command::Cmd::Log(l)) => read_log(&rack, id, &c.host, l, tx.clone()).await,
-        Some(pb::agent_command::Cmd::Forward(f)) => {
-            open_forward(&rack, id, &c.host, f, tx.clone(), &sessions).await
+        Some(pb::agent_command::Cmd::Log(l)) => {
+            console::read_log(&rack, &log_reads, id, &c.host, l, tx.clone())
+                .await
+                .and_then(|o| install(&sessions, id, opened(o)))
         }
-        Some(pb::agent_command::Cmd::CloseSession(_)) => {
-            sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            return;
-        }
+        Some(pb::agent_command::Cmd::Forward(f)) => open_forward(&rack, id, &c.host, f, tx.clone())
+            .await
+            .and_then(|(input, task)| {
+                install(
+                    &sessions,
+                    id,
+                    Session {
+                        writer: None,
+                        forward: Some(input),
+                        log_credit: None,
+                        task: Some(task),
+                    },
+                )
+            }),
+        // Handled as it arrived.
+        Some(pb::agent_command::Cmd::CloseSession(_)) => return,
         None => Err(CommandError::new(
             ErrorKind::Unimplemented,
             "unknown command",
         )),
     };
     if let Err(e) = result {
+        // A session that did not open is no session.
+        lock(&sessions).remove(&id);
         reply.error = e.message;
         reply.code = convert::error_kind(e.kind) as i32;
     }
@@ -301,74 +371,13 @@ async fn command(
         .await;
 }
 
-async fn open_console(
-    rack: &Rack,
-    id: u64,
-    host: &str,
-    open: pb::ConsoleOpen,
-    tx: mpsc::Sender<pb::AgentMessage>,
-    sessions: &Sessions,
-) -> Result<(), CommandError> {
-    let hub = rack.hub(host).await.ok_or_else(|| {
-        CommandError::new(
-            ErrorKind::FailedPrecondition,
-            format!("the console of {host} is not captured"),
-        )
-    })?;
-    let replay = if open.replay_bytes == 0 {
-        16 * 1024
-    } else {
-        u64::from(open.replay_bytes)
-    };
-    let writer = open.write.then(|| Arc::new(hub.take_writer()));
-    let mut viewer = hub.subscribe();
-    let from = hub.head().saturating_sub(replay);
-    let mut watch_writer = writer.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                ev = viewer.next() => match ev {
-                    None => {
-                        let _ = tx.send(data(id, Vec::new(), "console capture stopped", true)).await;
-                        return;
-                    }
-                    Some(ViewerEvent::Lagged { missed, .. }) => {
-                        let note = format!("{missed} bytes skipped (viewer too slow)");
-                        if tx.send(data(id, Vec::new(), &note, false)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(ViewerEvent::Data(chunk)) => {
-                        let end = chunk.offset + chunk.data.len() as u64;
-                        if end <= from {
-                            continue;
-                        }
-                        let skip = from.saturating_sub(chunk.offset) as usize;
-                        if tx.send(data(id, chunk.data[skip..].to_vec(), "", false)).await.is_err() {
-                            return;
-                        }
-                    }
-                },
-                _ = tick.tick(), if watch_writer.as_ref().is_some_and(|w| !w.is_current()) => {
-                    watch_writer = None;
-                    let note = "another writer took over this console; you are read-only now";
-                    if tx.send(data(id, Vec::new(), note, false)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        id,
-        Session {
-            writer,
-            forward: None,
-            task,
-        },
-    );
-    Ok(())
+fn opened(o: console::Opened) -> Session {
+    Session {
+        writer: o.writer,
+        forward: None,
+        log_credit: o.credit,
+        task: Some(o.task),
+    }
 }
 
 async fn open_forward(
@@ -377,8 +386,7 @@ async fn open_forward(
     host: &str,
     open: pb::ForwardOpen,
     tx: mpsc::Sender<pb::AgentMessage>,
-    sessions: &Sessions,
-) -> Result<(), CommandError> {
+) -> Result<(forward::ForwardInput, JoinHandle<()>), CommandError> {
     let port = u16::try_from(open.port)
         .ok()
         .filter(|p| *p != 0)
@@ -391,62 +399,5 @@ async fn open_forward(
     let target = rack.forward_target(host, port)?;
     let (input, task) = forward::open(host, target, id, tx).await?;
     info!(host = %host, port, %target, session = id, "forward opened");
-    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        id,
-        Session {
-            writer: None,
-            forward: Some(input),
-            task,
-        },
-    );
-    Ok(())
-}
-
-async fn read_log(
-    rack: &Rack,
-    id: u64,
-    host: &str,
-    l: pb::LogRead,
-    tx: mpsc::Sender<pb::AgentMessage>,
-) -> Result<(), CommandError> {
-    let bad = |m: String| CommandError::new(ErrorKind::InvalidArgument, m);
-    let console = ConsoleHost::new(host).map_err(|e| bad(e.to_string()))?;
-    let from = l
-        .from
-        .as_ref()
-        .map_or(0, |t| u64::try_from(millis_from_timestamp(t)).unwrap_or(0));
-    let to = l.to.as_ref().map_or(u64::MAX, |t| {
-        u64::try_from(millis_from_timestamp(t)).unwrap_or(0)
-    });
-    // Everything published so far must be in the file before it is read.
-    rack.flush_console(host).await;
-    let root = rack.console_root();
-    let bytes = tokio::task::spawn_blocking(move || read_slice(&root, &console, from, to))
-        .await
-        .map_err(|e| bad(e.to_string()))?;
-    let bytes = match bytes {
-        Ok(b) => b,
-        Err(crate::console::LogError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Vec::new()
-        }
-        Err(e) => {
-            return Err(CommandError::new(
-                ErrorKind::Unavailable,
-                crate::error_chain(&e),
-            ));
-        }
-    };
-    // Reply first, then the data: the server registered the session before
-    // sending the command.
-    tokio::spawn(async move {
-        for chunk in bytes.chunks(64 * 1024) {
-            if tx.send(data(id, chunk.to_vec(), "", false)).await.is_err() {
-                return;
-            }
-        }
-        let _ = tx.send(data(id, Vec::new(), "", true)).await;
-    });
-    Ok(())
+    Ok((input, task))
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
+use lab_agent::assets::install::MetadataPolicy;
 use lab_agent::assets::render::RenderConfig;
 use lab_agent::config::AgentConfig;
 use lab_agent::dhcp::DhcpServer;
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{error, info};
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "lab-agent",
     version,
@@ -29,15 +30,32 @@ struct Args {
     /// The agent's configuration file.
     #[arg(long, env = "LAB_AGENT_CONFIG", default_value = "agent.toml")]
     config: PathBuf,
-    /// Bearer token for lab-server (else `token_file` from the config).
+    /// Bearer token for lab-server. On the command line every local user
+    /// sees it (ps); prefer LAB_TOKEN, --token-file or `token_file`.
     #[arg(long, env = "LAB_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the bearer token (else `token_file` from the config).
+    #[arg(long, env = "LAB_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// CA certificate (PEM) for an https:// server (else `ca_file` from the
     /// config, else the system's roots).
     #[arg(long, env = "LAB_CA")]
     ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+/// Everything but the token.
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("config", &self.config)
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("token_file", &self.token_file)
+            .field("ca", &self.ca)
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,14 +66,21 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(Cmd::Manpage { dir }) = &args.command {
-        use clap::CommandFactory;
         std::fs::create_dir_all(dir)?;
         return clap_mangen::generate_to(Args::command(), dir)
             .with_context(|| format!("cannot write the man page to {}", dir.display()));
     }
     lab_client::log::init();
+    if matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
+        tracing::warn!(
+            "the token was given with --token: every local user can read it in the process list; \
+             use LAB_TOKEN, --token-file or token_file in the configuration instead"
+        );
+    }
     // A DHCP packet that makes the decoder panic is caught and counted; keep
     // the default hook from printing a backtrace for each one.
     std::panic::set_hook(Box::new(|info| error!(panic = %info, "panic")));
@@ -68,7 +93,10 @@ fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let cfg = AgentConfig::load(&args.config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     raise_open_files_limit(&cfg);
-    let token = match (args.token, &cfg.token_file) {
+    let token = match (
+        args.token,
+        args.token_file.as_ref().or(cfg.token_file.as_ref()),
+    ) {
         (Some(t), _) => Some(t),
         (None, Some(f)) => Some(
             std::fs::read_to_string(f)
@@ -95,6 +123,7 @@ async fn run(args: Args) -> Result<()> {
                     .filter(|ip| !ip.is_unspecified())
             }),
         artifacts_url: None,
+        grub_http: cfg.http.as_ref().is_some_and(|h| h.grub),
         extra: Default::default(),
     };
     let files: Arc<dyn FileSource> = Arc::new(
@@ -104,7 +133,16 @@ async fn run(args: Args) -> Result<()> {
             table.clone(),
             render,
         )
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+        .with_metadata_policy(MetadataPolicy {
+            install_profiles: cfg
+                .profiles
+                .iter()
+                .filter(|(_, p)| p.install.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
+            dhcp: cfg.dhcp.clone(),
+        }),
     );
     let mut tasks = tokio::task::JoinSet::new();
     let mut services = lab_agent::metrics::Services::default();
@@ -130,6 +168,7 @@ async fn run(args: Args) -> Result<()> {
         token,
         rack: cfg.rack.clone(),
         ca: args.ca.clone().or_else(|| cfg.ca_file.clone()),
+        log_reads: cfg.log_reads,
     };
     tasks.spawn(async move {
         link::run(link_cfg, rack).await;

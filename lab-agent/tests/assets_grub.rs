@@ -1,9 +1,11 @@
 //! The GRUB path for aarch64 UEFI hosts: `pxe-assets/grub/grub.cfg` (the
 //! fixed first stage GRUB reads from its prefix) sources
 //! `hosts/${net_default_mac}.grub`, which [`BootFiles`] renders from the
-//! host's current profile (`profiles/NAME.grub.j2`). Golden files for the
-//! xen and local-disk configs are in `tests/fixtures/grub/` (regenerate with
-//! `UPDATE_GOLDEN=1`).
+//! host's current profile (`profiles/NAME.grub.j2`), loading Xen, the
+//! kernel and the initrd from GRUB's TFTP server, or with `[http] grub =
+//! true` from the agent's HTTP server through GRUB's `http` module. Golden
+//! files for the xen and local-disk configs are in `tests/fixtures/grub/`
+//! (regenerate with `UPDATE_GOLDEN=1`).
 
 use lab_agent::assets::boot::BootFiles;
 use lab_agent::assets::render::{Profiles, RenderConfig};
@@ -25,7 +27,16 @@ fn config() -> RenderConfig {
         http_url: Some("http://198.18.0.1:8080".into()),
         tftp_server: Some("198.18.0.1".parse().unwrap()),
         artifacts_url: None,
+        grub_http: false,
         extra: BTreeMap::new(),
+    }
+}
+
+/// As [`config`], with `[http] grub = true`: GRUB loads over HTTP.
+fn http_config() -> RenderConfig {
+    RenderConfig {
+        grub_http: true,
+        ..config()
     }
 }
 
@@ -38,6 +49,8 @@ fn arm(profile: &str, lease: Option<&str>) -> BootHost {
         firmware: Firmware::Uefi,
         profile: profile.into(),
         lease: lease.map(Into::into),
+        holder: None,
+        ssh_key: None,
     }
 }
 
@@ -50,11 +63,17 @@ fn x86(profile: &str, lease: Option<&str>) -> BootHost {
         firmware: Firmware::Bios,
         profile: profile.into(),
         lease: lease.map(Into::into),
+        holder: None,
+        ssh_key: None,
     }
 }
 
 fn files(hosts: impl IntoIterator<Item = BootHost>) -> BootFiles {
-    BootFiles::new(&assets(), None, HostTable::new(hosts), config()).expect("boot files")
+    files_with(hosts, config())
+}
+
+fn files_with(hosts: impl IntoIterator<Item = BootHost>, config: RenderConfig) -> BootFiles {
+    BootFiles::new(&assets(), None, HostTable::new(hosts), config).expect("boot files")
 }
 
 fn text(c: Result<Content, OpenError>) -> String {
@@ -111,30 +130,43 @@ fn per_host_grub_config_is_served_by_mac_with_colons_or_hyphens() {
     assert!(f.open("hosts/52-54-00-aa-00-01.ipxe", None).is_ok());
 }
 
-#[test]
-fn xen_on_arm64_loads_xen_the_gzipped_kernel_and_the_initrd() {
-    let f = files([arm("xen", None)]);
-    let out = text(f.open("hosts/52:54:00:aa:00:01.grub", None));
-    let line = |start: &str| {
-        out.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(start))
-            .unwrap_or_else(|| panic!("no `{start}` line in:\n{out}"))
-            .to_owned()
-    };
-    let xen = line("if xen_hypervisor ");
-    assert!(xen.contains(" /artifacts/xen-4.17-arm64 "), "{xen}");
-    assert!(xen.contains("dom0_mem=256M") && xen.contains("bootscrub=0"));
-    let modules: Vec<&str> = out
+/// The `xen_hypervisor` line and the two `xen_module` lines of a rendered
+/// xen GRUB config (trimmed).
+fn xen_lines(out: &str) -> (String, Vec<String>) {
+    let xen = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("if xen_hypervisor "))
+        .unwrap_or_else(|| panic!("no xen_hypervisor line in:\n{out}"))
+        .to_owned();
+    let modules: Vec<String> = out
         .lines()
         .map(str::trim)
         .filter(|l| l.starts_with("if xen_module "))
+        .map(str::to_owned)
         .collect();
     assert_eq!(modules.len(), 2, "{out}");
-    // Both gzipped and passed as they are: Xen unpacks the kernel, the
-    // kernel its initramfs (GRUB's TFTP is slow, so fewer bytes win).
+    (xen, modules)
+}
+
+#[test]
+fn xen_on_arm64_loads_xen_the_kernel_and_the_initrd_over_the_agents_http() {
+    let f = files_with([arm("xen", None)], http_config());
+    let out = text(f.open("hosts/52:54:00:aa:00:01.grub", None));
+    // With `[http] grub = true`, the agent's HTTP root (http_url,
+    // http://198.18.0.1:8080) as GRUB's http device: GRUB fetches with its
+    // http module over TCP, not with its 1024-byte lockstep TFTP.
+    let root = "(http,198.18.0.1:8080)/artifacts";
+    let (xen, modules) = xen_lines(&out);
     assert!(
-        modules[0].starts_with("if xen_module --nounzip /artifacts/vmlinuz-arm64.gz "),
+        xen.starts_with(&format!("if xen_hypervisor {root}/xen-4.17-arm64 ")),
+        "{xen}"
+    );
+    assert!(xen.contains("dom0_mem=256M") && xen.contains("bootscrub=0"));
+    // Both gzipped and passed as they are: Xen unpacks the kernel, the
+    // kernel its initramfs.
+    assert!(
+        modules[0].starts_with(&format!("if xen_module --nounzip {root}/vmlinuz-arm64.gz ")),
         "{}",
         modules[0]
     );
@@ -144,14 +176,70 @@ fn xen_on_arm64_loads_xen_the_gzipped_kernel_and_the_initrd() {
         modules[0]
     );
     assert!(
-        modules[1].starts_with("if xen_module --nounzip /artifacts/initrd-labbox-arm64.gz"),
+        modules[1].starts_with(&format!(
+            "if xen_module --nounzip {root}/initrd-labbox-arm64.gz"
+        )),
         "{}",
         modules[1]
     );
+    // Nothing of the boot is left on TFTP (a path without a device).
+    assert!(!out.contains(" /artifacts/"), "{out}");
     assert!(out.lines().any(|l| l.trim() == "boot"), "{out}");
     // GRUB wraps long echo lines: markers stay short.
     for l in out.lines().filter(|l| l.trim_start().starts_with("echo ")) {
         assert!(l.len() <= 80, "echo line longer than 80 columns: {l}");
+    }
+}
+
+#[test]
+fn xen_on_arm64_follows_the_http_url_and_stays_on_tftp_by_default() {
+    let host = arm("xen", Some("L-5"));
+    let p = Profiles::load(&assets().join("profiles")).unwrap();
+    // Another address, port and base path: the device and path follow it.
+    let elsewhere = RenderConfig {
+        http_url: Some("http://10.1.2.3:81/lab/".into()),
+        ..http_config()
+    };
+    let (xen, modules) = xen_lines(&p.grub(&host, &elsewhere).unwrap());
+    assert!(
+        xen.starts_with("if xen_hypervisor (http,10.1.2.3:81)/lab/artifacts/xen-4.17-arm64 "),
+        "{xen}"
+    );
+    for m in &modules {
+        assert!(
+            m.starts_with("if xen_module --nounzip (http,10.1.2.3:81)/lab/artifacts/"),
+            "{m}"
+        );
+    }
+    // The default (HTTP served, `grub` not set), no HTTP, or an https URL
+    // (which GRUB 2.06 cannot fetch): every file from the TFTP server GRUB
+    // came from.
+    let https = RenderConfig {
+        http_url: Some("https://198.18.0.1:8443".to_owned()),
+        ..http_config()
+    };
+    let no_http = RenderConfig {
+        http_url: None,
+        ..http_config()
+    };
+    for tftp in [config(), no_http, https] {
+        let out = p.grub(&host, &tftp).unwrap();
+        let (xen, modules) = xen_lines(&out);
+        assert!(
+            xen.starts_with("if xen_hypervisor /artifacts/xen-4.17-arm64 "),
+            "{xen}"
+        );
+        assert!(
+            modules[0].starts_with("if xen_module --nounzip /artifacts/vmlinuz-arm64.gz "),
+            "{}",
+            modules[0]
+        );
+        assert!(
+            modules[1].starts_with("if xen_module --nounzip /artifacts/initrd-labbox-arm64.gz"),
+            "{}",
+            modules[1]
+        );
+        assert!(!out.contains("(http,"), "{out}");
     }
 }
 
@@ -169,6 +257,14 @@ fn default_and_unsupported_profiles() {
         "{out}"
     );
     assert!(out.contains("if initrd /artifacts/initrd-labbox-arm64.gz"));
+    let out = p.grub(&arm("health-check", None), &http_config()).unwrap();
+    assert!(
+        out.contains(
+            "if linux (http,198.18.0.1:8080)/artifacts/vmlinuz-arm64.gz console=ttyAMA0,115200 "
+        ),
+        "{out}"
+    );
+    assert!(out.contains("if initrd (http,198.18.0.1:8080)/artifacts/initrd-labbox-arm64.gz"));
     // A profile without a GRUB template: the host is known, the reason shown.
     let out = p.grub(&arm("xen-install", Some("L-1")), &config()).unwrap();
     assert!(out.lines().any(|l| l == "set lab_host=1"), "{out}");

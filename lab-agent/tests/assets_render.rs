@@ -4,7 +4,7 @@
 //! (`tests/golden/`; regenerate with `UPDATE_GOLDEN=1`).
 
 use lab_agent::assets::render::{
-    GRUB_SUFFIX, PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
+    GRUB_SUFFIX, InstallVars, PRESEED_SUFFIX, Profiles, RenderConfig, RenderError, SCRIPT_SUFFIX,
 };
 use lab_agent::hosts::{Arch, BootHost, Firmware};
 use std::collections::BTreeMap;
@@ -26,6 +26,7 @@ fn config() -> RenderConfig {
         http_url: Some("http://198.18.0.1:8080".into()),
         tftp_server: Some("198.18.0.1".parse().unwrap()),
         artifacts_url: None,
+        grub_http: false,
         extra: BTreeMap::new(),
     }
 }
@@ -40,6 +41,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Bios,
             profile: String::new(),
             lease: Some("L-42".into()),
+            holder: None,
+            ssh_key: None,
         },
         BootHost {
             name: "node2".into(),
@@ -49,6 +52,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Uefi,
             profile: String::new(),
             lease: None,
+            holder: None,
+            ssh_key: None,
         },
         BootHost {
             name: "arm1".into(),
@@ -58,6 +63,8 @@ fn hosts() -> [BootHost; 3] {
             firmware: Firmware::Uefi,
             profile: String::new(),
             lease: None,
+            holder: None,
+            ssh_key: None,
         },
     ]
 }
@@ -245,6 +252,51 @@ fn xen_install_boots_the_installer_on_x86_bios_only() {
                 "initrd --name initrd-install-amd64.gz {art}/initrd-install-amd64.gz || goto failed"
             )),
         "{out}"
+    );
+    // The agent's `install.*` variables replace the defaults.
+    let vars = InstallVars {
+        image_url: Some("http://198.18.0.1:8080/artifacts/other.img.zst".into()),
+        image_sha256: Some("ab".repeat(32)),
+        metadata_url: Some("http://198.18.0.1:8080/hosts/52-54-00-00-00-01.lease".into()),
+        disk: Some("sda".into()),
+        then: Some("reboot".into()),
+    };
+    let out = p
+        .script_with(&with_profile(&bios, "xen-install"), &config(), &vars)
+        .unwrap();
+    let kernel = line_with(&out, "kernel ").expect(&out);
+    for param in [
+        "lab.image=http://198.18.0.1:8080/artifacts/other.img.zst".to_owned(),
+        format!("lab.sha256={}", "ab".repeat(32)),
+        "lab.metadata=http://198.18.0.1:8080/hosts/52-54-00-00-00-01.lease".to_owned(),
+        "lab.disk=sda".to_owned(),
+        "lab.then=reboot".to_owned(),
+    ] {
+        assert!(
+            kernel.split_whitespace().any(|w| w == param),
+            "{param} missing: {kernel}"
+        );
+    }
+    assert!(!kernel.contains("lab.sha256_url="), "{kernel}");
+    // Only some: the others keep their defaults.
+    let out = p
+        .script_with(
+            &with_profile(&bios, "xen-install"),
+            &config(),
+            &InstallVars {
+                image_sha256: Some("cd".repeat(32)),
+                ..InstallVars::default()
+            },
+        )
+        .unwrap();
+    let kernel = line_with(&out, "kernel ").expect(&out);
+    assert!(
+        kernel.contains(&format!(
+            "lab.image={art}/xenlab-amd64.img.zst lab.sha256={} ",
+            "cd".repeat(32)
+        )) && kernel.contains("lab.then=poweroff")
+            && !kernel.contains("lab.metadata="),
+        "{kernel}"
     );
     for h in [uefi, arm] {
         let out = p

@@ -36,6 +36,8 @@ fn host(name: &str, mac: &str, ip: Option<[u8; 4]>, arch: Arch, fw: Firmware) ->
         firmware: fw,
         profile: "xen".into(),
         lease: None,
+        holder: None,
+        ssh_key: None,
     }
 }
 

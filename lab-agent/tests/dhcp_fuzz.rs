@@ -114,6 +114,8 @@ fn mutated_packets_never_panic() {
             firmware: Firmware::Uefi,
             profile: "xen".into(),
             lease: None,
+            holder: None,
+            ssh_key: None,
         }),
     );
     let server = Ipv4Addr::new(198, 18, 0, 1);

@@ -134,6 +134,8 @@ fn server_child() {
         firmware: Firmware::Bios,
         profile: "xen".into(),
         lease: None,
+        holder: None,
+        ssh_key: None,
     };
     let mut cfg = DhcpConfig::new(Mode::Authoritative, env("LAB_DHCP_SERVER").parse().unwrap());
     cfg.interface = Some(env("LAB_DHCP_IFACE"));

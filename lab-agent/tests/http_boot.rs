@@ -1,6 +1,7 @@
 //! The HTTP boot server against a real client (`curl`, Debian package
 //! `curl`): whole downloads, HEAD, ranges, traversal and symlink escapes
-//! refused, per-host scripts rendered from the host table; and its limits
+//! refused, per-host scripts rendered from the host table, responses as
+//! GRUB's case-sensitive HTTP client needs them; and its limits
 //! against hand-made clients: connection caps per client address and in
 //! all, the header, send and idle timeouts, a slow reader left alone.
 //! (The flood of a hostile lease holder against the whole agent binary is
@@ -8,6 +9,7 @@
 
 use lab_agent::assets::FileSource;
 use lab_agent::assets::boot::BootFiles;
+use lab_agent::assets::install::MetadataPolicy;
 use lab_agent::assets::render::RenderConfig;
 use lab_agent::hosts::{Arch, BootHost, Firmware, HostTable};
 use lab_agent::http::{HttpConfig, HttpServer, HttpStats};
@@ -60,6 +62,8 @@ impl Server {
             firmware: Firmware::Bios,
             profile: "xen".into(),
             lease: Some("L-1".into()),
+            holder: None,
+            ssh_key: None,
         }]);
         let listener = lab_agent::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -68,7 +72,12 @@ impl Server {
             ..RenderConfig::default()
         };
         let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pxe-assets");
-        let files = BootFiles::new(&assets, Some(&artifacts), hosts.clone(), config).unwrap();
+        let files = BootFiles::new(&assets, Some(&artifacts), hosts.clone(), config)
+            .unwrap()
+            .with_metadata_policy(MetadataPolicy {
+                install_profiles: ["xen-install".to_owned()].into(),
+                dhcp: None,
+            });
         let source: Arc<dyn FileSource> = Arc::new(files);
         let (stop, stopped) = oneshot::channel();
         let server = HttpServer::new(listener, source, http).unwrap();
@@ -225,6 +234,79 @@ async fn download_head_and_range() {
 
     let r = curl(&s, "/artifacts/nope", &[]).await;
     assert_eq!(r.status, 404);
+    s.stop().await;
+}
+
+/// One response read as GRUB 2.06's `http` module reads it
+/// (`grub-core/net/http.c`): the status line must start `HTTP/1.1 `, the
+/// headers are matched byte for byte (`Content-Length: `), the body is read
+/// up to that length and the connection then dropped (GRUB sends no
+/// `Connection: close`). Returns the header block and the body.
+async fn grub_get(s: &Server, path: &str, range_from: Option<u64>) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // GRUB's request, byte for byte (its Host header has no port).
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: GRUB 2.06-13+deb12u2\r\n");
+    if let Some(from) = range_from {
+        req.push_str(&format!("Range: bytes={from}-\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end + 2].to_vec()).unwrap();
+                let len: usize = head
+                    .split("\r\n")
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map(|v| v.parse().unwrap())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    let n = c.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before the body ended");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return (head, buf[end + 4..end + 4 + len].to_vec());
+            }
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the headers ended: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a whole response within 10 s, without the connection closing")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grub_reads_status_length_and_body() {
+    let s = Server::start().await;
+    let blob = std::fs::read(s.artifacts.join("blob.bin")).unwrap();
+    let (head, body) = grub_get(&s, "/artifacts/blob.bin", None).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    // Case-exact: GRUB 2.06 does not recognize `content-length: `, and
+    // without it xen_boot cannot size the module.
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", blob.len())),
+        "{head}"
+    );
+    assert!(body == blob, "body is not byte-identical");
+    // GRUB seeks forward by asking again from an offset.
+    let (head, body) = grub_get(&s, "/artifacts/blob.bin", Some(1000)).await;
+    assert!(head.starts_with("HTTP/1.1 206 "), "{head}");
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", blob.len() - 1000)),
+        "{head}"
+    );
+    assert!(body == blob[1000..]);
+    // A missing file: GRUB reports "file not found" on a 404 status line.
+    let (head, _) = grub_get(&s, "/artifacts/nope", None).await;
+    assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
     s.stop().await;
 }
 
@@ -566,6 +648,8 @@ async fn qemu_ipxe_boots_xen_dom0_over_http() {
         firmware: Firmware::Bios,
         profile: "xen".into(),
         lease: Some("L-e2e".into()),
+        holder: None,
+        ssh_key: None,
     }]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -643,4 +727,147 @@ async fn qemu_ipxe_boots_xen_dom0_over_http() {
         log.contains("LAB-CMDLINE console=hvc0 earlyprintk=xen panic=-1 lab.expect=dom0"),
         "{log}"
     );
+}
+
+/// An install to disk: the host's script carries the image's sha256 (read
+/// from the artifacts cache, again when the file changes) and its
+/// metadata URL; the metadata is served to the host's own address only,
+/// and only while it is leased under an installing profile. A client that reads the image's first
+/// 18 bytes and hangs up (the installer reading the zstd header) costs
+/// the server nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_gets_its_checksum_and_metadata() {
+    use lab_agent::assets::install::{IMAGE, IMAGE_SHA256};
+    let s = Server::start().await;
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOuh4OcpxcXZ0on7BGD4fbymSERhtuT9fCPMkdT4nrGI alice@ci";
+    let host = |n: u8, ip: &str, lease: Option<&str>| BootHost {
+        name: format!("node{n}"),
+        mac: format!("52:54:00:00:00:0{n}").parse().unwrap(),
+        ipv4: Some(ip.parse().unwrap()),
+        arch: Arch::X86_64,
+        firmware: Firmware::Bios,
+        profile: "xen-install".into(),
+        lease: lease.map(Into::into),
+        holder: Some("alice".into()),
+        ssh_key: Some(KEY.into()),
+    };
+    s.hosts.replace([
+        host(1, "127.0.0.2", Some("L-7")),
+        host(2, "198.18.0.12", Some("L-8")),
+        host(3, "127.0.0.3", None),
+        // Leased, but under a profile that does not install.
+        BootHost {
+            profile: "xen".into(),
+            ..host(4, "127.0.0.4", Some("L-9"))
+        },
+        // Leased and installing, but its address is unknown to the agent
+        // (no inventory address, no DHCP pool here).
+        BootHost {
+            ipv4: None,
+            ..host(5, "127.0.0.5", Some("L-10"))
+        },
+    ]);
+    let sum = "0123456789abcdef".repeat(4);
+    std::fs::write(s.artifacts.join(IMAGE), b"(\xb5/\xfd image").unwrap();
+    std::fs::write(s.artifacts.join(IMAGE_SHA256), format!("{sum}  {IMAGE}\n")).unwrap();
+
+    let script = |r: Reply| String::from_utf8(r.body).unwrap();
+    let text = script(curl(&s, "/hosts/52-54-00-00-00-01.ipxe", &[]).await);
+    let kernel = text
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .expect(&text);
+    for want in [
+        format!(" lab.sha256={sum} "),
+        format!(" lab.metadata={}/hosts/52-54-00-00-00-01.lease ", s.base),
+        " lab.lease=L-7 ".to_owned(),
+    ] {
+        assert!(kernel.contains(&want), "{want} missing: {kernel}");
+    }
+    assert!(!kernel.contains("lab.sha256_url="), "{kernel}");
+    // Without a lease: no metadata URL, still the checksum.
+    let text = script(curl(&s, "/hosts/52-54-00-00-00-03.ipxe", &[]).await);
+    assert!(
+        text.contains(&format!(" lab.sha256={sum} ")) && !text.contains("lab.metadata="),
+        "{text}"
+    );
+
+    // The metadata, from the host's own address.
+    let r = curl(
+        &s,
+        "/hosts/52-54-00-00-00-01.lease",
+        &["--interface", "127.0.0.2"],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    let meta = String::from_utf8(r.body).unwrap();
+    let lines: Vec<&str> = meta.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines,
+        [
+            "LAB_HOST=node1",
+            "LAB_LEASE=L-7",
+            "LAB_HOLDER=alice",
+            &format!("LAB_SSH_KEY={KEY}"),
+        ]
+    );
+    // Another address, another host's, a host without a lease, one not
+    // installing, one whose address the agent does not know, the MAC with
+    // colons, an unknown MAC.
+    for (path, from, status) in [
+        ("/hosts/52-54-00-00-00-01.lease", "127.0.0.1", 403),
+        ("/hosts/52-54-00-00-00-02.lease", "127.0.0.2", 403),
+        ("/hosts/52-54-00-00-00-03.lease", "127.0.0.3", 404),
+        ("/hosts/52-54-00-00-00-03.lease", "127.0.0.2", 403),
+        ("/hosts/52-54-00-00-00-04.lease", "127.0.0.4", 404),
+        ("/hosts/52-54-00-00-00-04.lease", "127.0.0.2", 403),
+        ("/hosts/52-54-00-00-00-05.lease", "127.0.0.5", 403),
+        ("/hosts/52-54-00-00-00-05.lease", "127.0.0.2", 403),
+        ("/hosts/52:54:00:00:00:01.lease", "127.0.0.2", 404),
+        ("/hosts/52-54-00-00-00-09.lease", "127.0.0.2", 404),
+    ] {
+        let r = curl(&s, path, &["--interface", from]).await;
+        assert_eq!(r.status, status, "{path} from {from}");
+        assert!(r.body.is_empty(), "{path}");
+    }
+
+    // A new image: its new checksum (a later modification time).
+    let new_sum = "fedcba9876543210".repeat(4);
+    let path = s.artifacts.join(IMAGE_SHA256);
+    let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, format!("{new_sum}  {IMAGE}\n")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(before + Duration::from_secs(1))
+        .unwrap();
+    let text = script(curl(&s, "/hosts/52-54-00-00-00-01.ipxe", &[]).await);
+    assert!(text.contains(&format!(" lab.sha256={new_sum} ")), "{text}");
+
+    // The installer's header read: 18 bytes of a large file, then gone.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = connect_from(&s, "127.0.0.2").await.unwrap();
+        c.write_all(b"GET /artifacts/huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") || got.len() < 18 {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+    }
+    wait_stats(&s, "the cut connection is gone", |n| n.active == 0).await;
+    let r = curl(&s, "/artifacts/sub/small.txt", &[]).await;
+    assert_eq!(r.status, 200);
+    s.stop().await;
 }

@@ -116,6 +116,14 @@ pub fn parse_token(s: &str) -> Result<Token, String> {
     ))
 }
 
+/// The token in `path` (`--token-file`, `LAB_TOKEN_FILE`), surrounding
+/// white space trimmed; the error names the file, never its content.
+pub fn read_token_file(path: &std::path::Path) -> Result<Token, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    parse_token(text.trim()).map_err(|e| format!("the token file {}: {e}", path.display()))
+}
+
 pub type Svc = InterceptedService<Channel, BearerAuth>;
 
 /// The server's clients. Nothing touches the network until the first call.
@@ -173,6 +181,21 @@ mod tests {
         assert_eq!(parse_server("").unwrap().url(), DEFAULT_SERVER);
         assert!(parse_server("http://").is_err());
         assert!(parse_server("http://a b").is_err());
+    }
+
+    #[test]
+    fn token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "s3cr3t\n").unwrap();
+        let t = read_token_file(&good).unwrap();
+        assert_eq!(t.expose(), Some("s3cr3t"));
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "two words-s3cr3t\n").unwrap();
+        let e = read_token_file(&bad).unwrap_err();
+        assert!(e.contains("bad") && !e.contains("s3cr3t"), "{e}");
+        let e = read_token_file(&dir.path().join("none")).unwrap_err();
+        assert!(e.starts_with("cannot read the token file"), "{e}");
     }
 
     #[test]

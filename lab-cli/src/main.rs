@@ -108,6 +108,9 @@ struct Cli {
     ca: Option<std::path::PathBuf>,
 
     /// Bearer token sent with every call [default: none]
+    ///
+    /// On the command line other local users can read it in the process
+    /// list: prefer LAB_TOKEN or --token-file.
     #[arg(
         long,
         global = true,
@@ -118,6 +121,17 @@ struct Cli {
         value_parser = client::parse_token,
     )]
     token: Option<client::Token>,
+
+    /// File holding the bearer token (used when --token and LAB_TOKEN are not set)
+    #[arg(
+        long,
+        global = true,
+        env = "LAB_TOKEN_FILE",
+        hide_env_values = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    token_file: Option<std::path::PathBuf>,
 
     /// Print JSON instead of tables (one object per line for events)
     #[arg(long, global = true, help_heading = "Global options")]
@@ -301,7 +315,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         return match completions(shell) {
             Ok(()) => ExitCode::SUCCESS,
@@ -310,6 +324,17 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if !cli.token.as_ref().is_some_and(client::Token::is_set)
+        && let Some(path) = &cli.token_file
+    {
+        match client::read_token_file(path) {
+            Ok(t) => cli.token = Some(t),
+            Err(e) => {
+                eprintln!("lab: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let endpoint = match cli.server.endpoint(cli.ca.as_deref()) {
         Ok(e) => e,

@@ -95,6 +95,29 @@ pub fn tail(p: &ProvisioningView) -> Option<String> {
     Some(s)
 }
 
+/// `x2 failed: the host's fault (rule "no bootable device"): No bootable
+/// device.`: the server's attribution of a failed host, escaped, ending in
+/// a newline.
+pub fn attribution(p: &ProvisioningView) -> Option<String> {
+    let f = p.failure.as_ref()?;
+    let whose = match f.class {
+        "host" => "the host's fault",
+        "job" => "the job's fault",
+        "infra" => "the lab's fault",
+        _ => "cause unknown",
+    };
+    let mut s = format!("{} failed: {whose}", sanitize::line(&p.host));
+    if let Some(rule) = &f.rule {
+        s.push_str(&format!(" (rule \"{}\")", sanitize::line(rule)));
+    }
+    if let Some(line) = &f.line {
+        s.push_str(": ");
+        s.push_str(&sanitize::line(line));
+    }
+    s.push('\n');
+    Some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

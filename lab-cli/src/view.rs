@@ -122,7 +122,22 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HostReachable) => "host-reachable",
         Ok(EventKind::ForwardOpened) => "forward-opened",
         Ok(EventKind::ForwardClosed) => "forward-closed",
+        Ok(EventKind::AgentAttached) => "agent-attached",
+        Ok(EventKind::AgentDetached) => "agent-detached",
+        Ok(EventKind::HostHealth) => "host-health",
         Ok(EventKind::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+pub fn health_name(v: i32) -> &'static str {
+    use lab_proto::v1::HostHealth;
+    match HostHealth::try_from(v) {
+        Ok(HostHealth::Healthy) => "healthy",
+        Ok(HostHealth::Suspect) => "suspect",
+        Ok(HostHealth::Quarantined) => "quarantined",
+        // A server from before health: every host was healthy.
+        Ok(HostHealth::Unspecified) => "healthy",
         Err(_) => "unknown",
     }
 }
@@ -131,6 +146,7 @@ pub fn phase_name(v: i32) -> &'static str {
     match ProvisionPhase::try_from(v) {
         Ok(ProvisionPhase::Pending) => "pending",
         Ok(ProvisionPhase::Booting) => "booting",
+        Ok(ProvisionPhase::Installing) => "installing",
         Ok(ProvisionPhase::Ready) => "ready",
         Ok(ProvisionPhase::Failed) => "failed",
         Ok(ProvisionPhase::Unspecified) => "unspecified",
@@ -169,6 +185,10 @@ pub struct HostView {
     /// False while the host cannot be driven (agent away, BMC silent).
     pub reachable: bool,
     pub unreachable_reason: Option<String>,
+    /// `healthy`, `suspect` or `quarantined` (never granted).
+    pub health: &'static str,
+    pub health_reason: Option<String>,
+    pub health_since: Option<Time>,
 }
 
 impl From<&Host> for HostView {
@@ -191,6 +211,9 @@ impl From<&Host> for HostView {
             generation: h.generation,
             reachable: h.reachable,
             unreachable_reason: non_empty(&h.unreachable_reason),
+            health: health_name(h.health),
+            health_reason: non_empty(&h.health_reason),
+            health_since: time(h.health_since.as_ref()),
         }
     }
 }
@@ -250,12 +273,45 @@ pub struct LeaseView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProvisioningView {
     pub host: String,
-    /// `pending`, `booting`, `ready` or `failed`.
+    /// `pending`, `booting`, `installing`, `ready` or `failed`.
     pub phase: &'static str,
     pub stage: Option<String>,
+    /// For `installing`: how much of the install is done (0–100).
+    pub percent: Option<u32>,
     pub updated_at: Option<Time>,
     /// For `failed`: the last lines of the host's console.
     pub console_tail: Option<String>,
+    /// For `failed`: whose fault it was, by the server's rules.
+    pub failure: Option<FailureView>,
+}
+
+/// The server's attribution of a failed provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureView {
+    /// `host`, `job`, `infra` or `unknown`.
+    pub class: &'static str,
+    /// The rule that matched.
+    pub rule: Option<String>,
+    /// The console line (or stage) it matched.
+    pub line: Option<String>,
+}
+
+impl FailureView {
+    fn from_proto(p: &HostProvisioning) -> Option<Self> {
+        use lab_proto::v1::FailureClass as C;
+        let class = match C::try_from(p.failure_class).unwrap_or(C::Unspecified) {
+            C::Unspecified => return None,
+            C::Host => "host",
+            C::Job => "job",
+            C::Infra => "infra",
+            C::Unknown => "unknown",
+        };
+        Some(FailureView {
+            class,
+            rule: non_empty(&p.failure_rule),
+            line: non_empty(&p.failure_line),
+        })
+    }
 }
 
 impl From<&HostProvisioning> for ProvisioningView {
@@ -264,17 +320,29 @@ impl From<&HostProvisioning> for ProvisioningView {
             host: p.host.clone(),
             phase: phase_name(p.phase),
             stage: non_empty(&p.stage),
+            percent: (p.phase == ProvisionPhase::Installing as i32).then_some(p.percent.min(100)),
             updated_at: time(p.updated_at.as_ref()),
             console_tail: non_empty(&p.console_tail),
+            failure: FailureView::from_proto(p),
         }
     }
 }
 
 impl ProvisioningView {
-    /// `booting — powered on`, or just the phase when there is no stage.
+    /// `booting — powered on`, `installing 42 % — writing the image`, or
+    /// just the phase when there is no stage.
     pub fn progress(&self) -> String {
+        let phase = self.phase_percent();
         match &self.stage {
-            Some(stage) => format!("{} \u{2014} {stage}", self.phase),
+            Some(stage) => format!("{phase} \u{2014} {stage}"),
+            None => phase,
+        }
+    }
+
+    /// The phase, with the percentage when installing (`installing 42 %`).
+    pub fn phase_percent(&self) -> String {
+        match self.percent {
+            Some(p) => format!("{} {p} %", self.phase),
             None => self.phase.to_owned(),
         }
     }
@@ -608,6 +676,29 @@ mod tests {
         assert_eq!(
             LeaseView::from(&lease).boot_summary(),
             "x1:ready,x2:booting"
+        );
+        lease.provisioning[1] = HostProvisioning {
+            percent: 42,
+            ..p("x2", ProvisionPhase::Installing, "writing the image")
+        };
+        let v = LeaseView::from(&lease);
+        assert_eq!(v.boot_summary(), "x1:ready,x2:installing");
+        assert_eq!(
+            v.provisioning[1].progress(),
+            "installing 42 % \u{2014} writing the image"
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["provisioning"][1]["phase"], "installing");
+        assert_eq!(json["provisioning"][1]["percent"], 42);
+        assert_eq!(json["provisioning"][0]["percent"], serde_json::Value::Null);
+        // A percentage belongs to the installing phase only.
+        lease.provisioning[1] = HostProvisioning {
+            percent: 42,
+            ..p("x2", ProvisionPhase::Booting, "booting from disk")
+        };
+        assert_eq!(
+            LeaseView::from(&lease).provisioning[1].progress(),
+            "booting \u{2014} booting from disk"
         );
         lease.provisioning.clear();
         assert_eq!(LeaseView::from(&lease).boot_summary(), "");

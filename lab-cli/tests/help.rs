@@ -13,6 +13,7 @@ fn check(args: &[&str], golden: &str) {
         // independent of the caller's environment all the same.
         .env_remove("LAB_SERVER")
         .env_remove("LAB_TOKEN")
+        .env_remove("LAB_TOKEN_FILE")
         .env("NO_COLOR", "1")
         .output()
         .expect("run lab");

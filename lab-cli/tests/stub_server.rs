@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use lab_proto::convert::timestamp_from_millis;
+use lab_proto::v1::FailureClass;
 use lab_proto::v1::acquire_update::Update;
 use lab_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use lab_proto::v1::event_service_server::{EventService, EventServiceServer};
@@ -96,14 +97,30 @@ fn prov(host: &str, phase: ProvisionPhase, stage: &str) -> HostProvisioning {
         } else {
             String::new()
         },
+        percent: 0,
+        ..failure(phase, "Xen panic", "(XEN) Panic on CPU 0")
     }
 }
 
-/// The leases with boot progress: `L-ok` boots to ready over three polls,
+/// The server's attribution of a failed phase (none otherwise).
+fn failure(phase: ProvisionPhase, rule: &str, line: &str) -> HostProvisioning {
+    if phase != ProvisionPhase::Failed {
+        return HostProvisioning::default();
+    }
+    HostProvisioning {
+        failure_class: FailureClass::Job as i32,
+        failure_rule: rule.into(),
+        failure_line: line.into(),
+        ..Default::default()
+    }
+}
+
+/// The leases with boot progress: `L-ok` installs to disk and boots it to
+/// ready over six polls,
 /// `L-bad` fails on the second, `L-slow` never gets past booting, `L-gone`
 /// expired, `L-3` has two hosts, one ready and one failed.
 fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
-    use ProvisionPhase::{Booting, Failed, Pending, Ready};
+    use ProvisionPhase::{Booting, Failed, Installing, Pending, Ready};
     let mut l = lease();
     l.id = id.into();
     l.profile = "xen".into();
@@ -119,6 +136,12 @@ fn booting_lease(state: &State, id: &str, polled: bool) -> Option<Lease> {
             0 => vec![prov("x1", Pending, "")],
             1 => vec![prov("x1", Booting, "boot device pxe")],
             2 => vec![prov("x1", Booting, "powered on")],
+            3 => vec![HostProvisioning {
+                percent: 42,
+                ..prov("x1", Installing, "writing the image")
+            }],
+            4 => vec![prov("x1", Booting, "rebooting")],
+            5 => vec![prov("x1", Booting, "booting from disk")],
             _ => vec![prov("x1", Ready, "ready marker seen")],
         },
         "L-bad" => match step(&state.polls_bad) {
@@ -158,6 +181,12 @@ fn evil_lease() -> Lease {
         stage: "stage \u{9b}31m\u{202e}txt.exe".into(),
         updated_at: None,
         console_tail: "\x1b[1;31mpanic\x1b[0m\r\nfake\rline\r\n".into(),
+        percent: 0,
+        ..failure(
+            ProvisionPhase::Failed,
+            "rule \u{202e}evil",
+            "\x1b]0;owned\x07line",
+        )
     }];
     l
 }
@@ -553,6 +582,14 @@ impl AdminService for Stub {
         Err(Status::permission_denied("alice is not an operator"))
     }
 
+    async fn set_quarantine(
+        &self,
+        req: Request<lab_proto::v1::SetQuarantineRequest>,
+    ) -> Result<Response<Host>, Status> {
+        principal(&req)?;
+        Err(Status::permission_denied("alice is not an operator"))
+    }
+
     async fn reload_inventory(
         &self,
         req: Request<ReloadInventoryRequest>,
@@ -670,9 +707,9 @@ fn hosts_table_json_and_not_found() {
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        "NAME  ARCH     FW    RACK  STATE                                         HOLDER  LEASE  EXPIRES  FLAGS\n\
-         x1    x86_64   uefi  r1    leased                                        alice   L-1    in 29m   gpu\n\
-         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  -       -      -        -\n"
+        "NAME  ARCH     FW    RACK  STATE                                         HEALTH   HOLDER  LEASE  EXPIRES  FLAGS\n\
+         x1    x86_64   uefi  r1    leased                                        healthy  alice   L-1    in 29m   gpu\n\
+         a1    aarch64  uefi  r2    available (unreachable: BMC does not answer)  healthy  -       -      -        -\n"
     );
     let (code, out, _) = run(addr, GOOD, &["hosts", "--arch", "aarch64", "--json"]);
     assert_eq!(code, 0);
@@ -1060,6 +1097,9 @@ fn acquire_wait_ready_prints_stages_until_ready() {
             "x1: pending",
             "x1: booting \u{2014} boot device pxe",
             "x1: booting \u{2014} powered on",
+            "x1: installing 42 % \u{2014} writing the image",
+            "x1: booting \u{2014} rebooting",
+            "x1: booting \u{2014} booting from disk",
             "x1: ready \u{2014} ready marker seen",
         ]
     );
@@ -1105,6 +1145,7 @@ fn acquire_wait_ready_fails_with_the_console_tail() {
             "==> console of x1 (last lines) <==",
             "Loading xen...",
             "(XEN) Panic on CPU 0",
+            "x1 failed: the job's fault (rule \"Xen panic\"): (XEN) Panic on CPU 0",
             "lab: provisioning failed on x1: no ready marker within 180s; \
              lease L-bad is still held",
         ]
@@ -1291,11 +1332,13 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
         out.contains("x1    failed  stage \\u{9b}31m\\u{202e}txt.exe  -\n"),
         "{out}"
     );
-    // The tail keeps its line ends; a lone \r would overwrite a line.
+    // The tail keeps its line ends; a lone \r would overwrite a line. The
+    // attribution's rule and line are escaped too.
     assert!(
         out.ends_with(
             "==> console of x1 (last lines) <==\n\
-             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n"
+             \\x1b[1;31mpanic\\x1b[0m\r\nfake\\rline\r\n\
+             x1 failed: the job's fault (rule \"rule \\u{202e}evil\"): \\x1b]0;owned\\x07line\n"
         ),
         "{out:?}"
     );
@@ -1309,6 +1352,11 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
     assert_eq!(
         v["provisioning"][0]["stage"],
         "stage \u{9b}31m\u{202e}txt.exe"
+    );
+    assert_eq!(v["provisioning"][0]["failure"]["class"], "job");
+    assert_eq!(
+        v["provisioning"][0]["failure"]["line"],
+        "\x1b]0;owned\x07line"
     );
 
     // --wait-ready: the stage and the tail on stderr, then the error.

@@ -29,6 +29,13 @@ pub enum EventKind {
     ForwardOpened,
     /// A forward ended (detail: port, bytes each way, why).
     ForwardClosed,
+    /// A rack's agent attached (actor: the caller; detail: rack, principal,
+    /// version).
+    AgentAttached,
+    /// A rack's agent link ended (detail: rack, principal, why).
+    AgentDetached,
+    /// A host's health changed (detail: the new health and why).
+    HostHealth,
 }
 
 /// One entry of the event log.

@@ -15,17 +15,24 @@
 //!   (power, consoles, console logs, forwards to hosts' ports) and the
 //!   agents' reclaim step.
 //! - [`lease`]: the pure lease/host state machines and the grant rule.
+//! - [`health`]: fleet health; failure attribution (host, job, infra).
 //! - [`store`]: the storage trait with compare-and-set, on redb.
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`metrics`]: the OpenMetrics registry of `/metrics`; [`web`]: the web
 //!   port (`--web-listen`): `/metrics` and the dashboard.
 //! - [`events`], [`types`]: the event record; typed ids.
+//!
+//! (`fuzzing`, hidden from these docs, holds the entry points of the fuzz
+//! targets in `fuzz/`.)
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod core;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
+pub mod health;
 pub mod inventory;
 pub mod lease;
 pub mod metrics;

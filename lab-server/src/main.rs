@@ -12,6 +12,7 @@ use lab_server::auth::{self, Authenticator};
 use lab_server::core::clock::TokioClock;
 use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
+use lab_server::health::Rules;
 use lab_server::inventory::Inventory;
 use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
@@ -92,6 +93,17 @@ struct Args {
     /// (archive the log first: `lab --json events`).
     #[arg(long, env = "LAB_RETENTION", default_value = "90days", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Signature rules that attribute provisioning failures to the host, the
+    /// job or the lab (tried before the shipped ones; see
+    /// docs/operations.md, "Failure attribution").
+    #[arg(long, env = "LAB_FAILURE_RULES")]
+    failure_rules: Option<PathBuf>,
+    /// This many provisioning failures attributed to a host within
+    /// --quarantine-window quarantine it (fewer make it suspect).
+    #[arg(long, env = "LAB_QUARANTINE_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    quarantine_after: u32,
+    #[arg(long, env = "LAB_QUARANTINE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    quarantine_window: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,10 +234,24 @@ async fn run(args: Args) -> Result<()> {
     config.max_waiting_per_principal = args.max_waiting_per_principal as usize;
     config.reattach_grace = args.reattach_grace;
     config.retention = args.retention;
+    config.quarantine_after = args.quarantine_after as usize;
+    config.quarantine_window = args.quarantine_window;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());
-    let racks = RackRegistry::new(clock.clone());
+    let failure_rules = match &args.failure_rules {
+        Some(path) => {
+            let rules = Rules::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            info!(
+                path = %path.display(),
+                rules = rules.configured(),
+                "failure attribution rules loaded"
+            );
+            rules
+        }
+        None => Rules::default(),
+    };
+    let racks = RackRegistry::with_failure_rules(clock.clone(), failure_rules);
     racks.set_forward_limits(ForwardLimits {
         per_lease: usize::from(args.forwards_per_lease),
         idle_timeout: args.forward_idle_timeout,

@@ -43,9 +43,13 @@ pub mod convert {
         }
     }
 
-    /// Milliseconds since the Unix epoch from a protobuf timestamp.
+    /// Milliseconds since the Unix epoch from a protobuf timestamp,
+    /// saturating: a peer's timestamp beyond ±292 million years (which a
+    /// well-formed one never is) must not overflow.
     pub fn millis_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
-        ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+        ts.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(ts.nanos) / 1_000_000)
     }
 
     /// A `SystemTime` from a protobuf timestamp (clamped at the epoch).
@@ -83,6 +87,18 @@ pub mod convert {
             for ms in [0, 1, 999, 1000, 1_700_000_000_123, -1, -1001] {
                 assert_eq!(millis_from_timestamp(&timestamp_from_millis(ms)), ms);
             }
+        }
+
+        #[test]
+        fn out_of_range_timestamps_saturate() {
+            let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+            assert_eq!(millis_from_timestamp(&ts(i64::MAX, 999_999_999)), i64::MAX);
+            assert_eq!(millis_from_timestamp(&ts(i64::MIN, -999_999_999)), i64::MIN);
+            assert_eq!(
+                millis_from_timestamp(&ts(i64::MAX / 1000, 0)),
+                i64::MAX / 1000 * 1000
+            );
+            assert_eq!(system_time(&ts(i64::MIN, 0)), UNIX_EPOCH);
         }
 
         #[test]

@@ -13,7 +13,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agent's configuration for a box: its bridge, the artifacts cache
 /// (with GRUB for aarch64 UEFI hosts), the xen profile's ready text and
-/// end-of-lease debug keys.
+/// end-of-lease debug keys, and the install-to-disk profile `xen-install`.
 pub fn agent_toml(server: &str, artifacts: &Path, data: &Path, xen_timeout: &str) -> String {
     let assets = repo_root().join("pxe-assets");
     let ip = bmc::SERVER_IP;
@@ -60,6 +60,17 @@ xen_debug_keys = "q"
 ready = "LAB-HEALTH-OK"
 fail = ["LAB-HEALTH-FAIL", "LAB-BOOT-FAILED"]
 timeout = "120s"
+
+# Install to disk (x86 hosts: each has a qcow2 disk), then boot it.
+[profiles.xen-install]
+install = true
+ready = "LAB-DISK-READY"
+fail = ["LAB-DISK-FAILED", "LAB-BOOT-FAILED"]
+timeout = "300s"
+install_timeout = "10m"
+install_stage_timeout = "3m"
+poweroff_timeout = "60s"
+xen_debug_keys = "q"
 "#,
         data = data.display(),
         assets = assets.display(),

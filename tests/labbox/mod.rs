@@ -125,9 +125,11 @@ pub fn artifacts_dir() -> PathBuf {
 /// The x86_64 Xen boot artifacts the `xen` profile loads.
 pub const XEN_ARTIFACTS: [&str; 3] = ["xen-4.17-amd64", "vmlinuz-amd64", "initrd-labbox-amd64.gz"];
 
-/// Makes sure `files` are in `dir`, running
-/// `pxe-assets/fetch-artifacts.sh <dir>` once if some are missing (~10 s; needs apt access). Returns what is
-/// still missing with the reason, or nothing.
+/// Makes sure `files` are in `dir` and were built by the current
+/// `pxe-assets/fetch-artifacts.sh`, running it on `dir` once if some are
+/// missing or stale (~10 s from its cache of `.deb`s, ~1 min when it
+/// rebuilds everything; needs apt access). Returns what is still missing
+/// with the reason, or nothing.
 pub fn ensure_artifacts(dir: &Path, files: &[&str]) -> Option<String> {
     let missing = |d: &Path| -> Vec<String> {
         files
@@ -136,13 +138,15 @@ pub fn ensure_artifacts(dir: &Path, files: &[&str]) -> Option<String> {
             .map(|f| f.to_string())
             .collect()
     };
-    if missing(dir).is_empty() {
+    let script = repo_root().join("pxe-assets/fetch-artifacts.sh");
+    let stale = stale_artifacts(dir, &script);
+    if missing(dir).is_empty() && stale.is_none() {
         return None;
     }
-    let script = repo_root().join("pxe-assets/fetch-artifacts.sh");
     eprintln!(
-        "labbox: artifacts missing in {}; running {}",
+        "labbox: artifacts in {} {}; running {}",
         dir.display(),
+        stale.as_deref().unwrap_or("missing"),
         script.display()
     );
     let out = Command::new("bash").arg(&script).arg(dir).output();
@@ -163,6 +167,30 @@ pub fn ensure_artifacts(dir: &Path, files: &[&str]) -> Option<String> {
         dir.display(),
         dir.display()
     ))
+}
+
+/// Why the outputs in `dir` are stale, if they are: a cache key the script
+/// writes (`VERSIONS-arm64`, `VERSIONS-install`: package versions and the
+/// sha256 of its inputs, itself included) records another version of
+/// `script` than the current one (e.g. the GRUB image was built before the
+/// script added a module the profiles now use). The script rebuilds what
+/// such a key covers.
+fn stale_artifacts(dir: &Path, script: &Path) -> Option<String> {
+    let out = Command::new("sha256sum").arg(script).output().ok()?;
+    let current = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    ["VERSIONS-arm64", "VERSIONS-install"]
+        .into_iter()
+        .find(|key| {
+            std::fs::read_to_string(dir.join(key)).is_ok_and(|text| {
+                text.lines()
+                    .filter_map(|l| l.split_once("  "))
+                    .any(|(hash, name)| name == "fetch-artifacts.sh" && hash != current)
+            })
+        })
+        .map(|key| format!("stale ({key} records another fetch-artifacts.sh)"))
 }
 
 // ------------------------------------------------------------------- logs

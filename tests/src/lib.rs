@@ -6,6 +6,7 @@
 //! acknowledged checked afterwards; [`netns`]: network namespaces and the
 //! clients run in them.
 
+pub mod agent;
 pub mod crash_loop;
 pub mod history;
 pub mod netns;

@@ -8,7 +8,10 @@
 //!   off, boot device reset); its console log is read back;
 //! - an agent restart neither repeats nor forgets a provisioning;
 //! - an absent agent or a silent BMC makes hosts unreachable: they are not
-//!   granted, the queue moves on to another host, and they come back.
+//!   granted, the queue moves on to another host, and they come back;
+//! - neighbours see and speak only for their own: the next holder's console
+//!   replays nothing of the previous lease, another rack's agent cannot
+//!   report for this rack's hosts, an operator's token cannot attach.
 
 use lab_agent::config::ProfileSettings;
 use lab_agent::ipmi::BootDevice;
@@ -78,6 +81,7 @@ fn rack(data: &Path, bmcs: Bmcs) -> Rack {
             fail: vec!["LAB-DOM0-FAIL".into()],
             timeout: Duration::from_secs(30),
             xen_debug_keys: b"q".to_vec(),
+            install: None,
         },
     );
     profiles.insert(
@@ -110,6 +114,7 @@ fn start_agent(server: &InProcessServer, rack: Rack) -> tokio::task::JoinHandle<
             token: Some("agent-r1".into()),
             rack: "r1".into(),
             ca: None,
+            log_reads: Default::default(),
         },
         rack,
     ))
@@ -195,6 +200,91 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type AgentClient = lab_proto::v1::agent_service_client::AgentServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        lab_client::auth::BearerAuth,
+    >,
+>;
+
+/// An `AgentService` client with `token`, to play an agent (or an impostor).
+async fn agent_client(server: &InProcessServer, token: &str) -> AgentClient {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = lab_client::auth::BearerToken::new(token).unwrap();
+    lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        lab_client::auth::BearerAuth::new(Some(token)),
+    )
+}
+
+/// The in-process server with real tokens (`t-alice` ci, `t-bob` developer,
+/// `t-op` operator, `agent-r1`, plus `tokens`), r1's agent attached, h0's
+/// console accepted and h0 reachable.
+struct TokenLab {
+    _tmp: tempfile::TempDir,
+    server: InProcessServer,
+    agent: tokio::task::JoinHandle<()>,
+    serial: TcpStream,
+    alice: Clients,
+    bob: Clients,
+    op: Clients,
+}
+
+async fn token_lab(
+    more_inventory: impl FnOnce(&Path) -> String,
+    tokens: &[(&str, &str, &str)],
+) -> TokenLab {
+    use lab_server::auth::Authenticator;
+    let tmp = tempfile::tempdir().unwrap();
+    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = console.local_addr().unwrap().port();
+    let mut inv = inventory(tmp.path(), port);
+    inv.push_str(&more_inventory(tmp.path()));
+    let mut all = vec![
+        ("t-alice", "alice", "ci"),
+        ("t-bob", "bob", "developer"),
+        ("t-op", "root", "operator"),
+        ("agent-r1", "agent-r1", "agent"),
+    ];
+    all.extend_from_slice(tokens);
+    let auth =
+        Authenticator::parse(&lab_tests::tokens_toml(&all), Path::new("tokens.toml")).unwrap();
+    let server = InProcessServer::start(ServerOptions {
+        inventory: Some(inv),
+        agents: true,
+        auth,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let agent = start_agent(&server, rack(&tmp.path().join("agent"), Bmcs::default()));
+    let (serial, _) = tokio::time::timeout(WAIT, console.accept())
+        .await
+        .expect("capture of h0")
+        .unwrap();
+    let alice = server.clients("t-alice").await.unwrap();
+    let bob = server.clients("t-bob").await.unwrap();
+    let op = server.clients("t-op").await.unwrap();
+    until("h0 reachable", || {
+        let mut c = alice.clone();
+        async move { host(&mut c, "h0").await.reachable.then_some(()) }
+    })
+    .await;
+    TokenLab {
+        _tmp: tmp,
+        server,
+        agent,
+        serial,
+        alice,
+        bob,
+        op,
     }
 }
 
@@ -313,6 +403,7 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
                 host: "h0".into(),
                 write: true,
                 replay_bytes: 0,
+                not_before: None,
             })),
         })
         .await
@@ -607,7 +698,7 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
     })
     .await;
     serial
-        .write_all(b"kernel panic: no init\r\n")
+        .write_all(b"[    2.1] Kernel panic - not syncing: No working init found.\r\n")
         .await
         .unwrap();
     let failed = until("h0 provisioning fails", || {
@@ -622,7 +713,70 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
     })
     .await;
     assert!(failed.stage.contains("NEVER-PRINTED"), "{failed:?}");
-    assert!(failed.console_tail.contains("kernel panic"), "{failed:?}");
+    assert!(failed.console_tail.contains("Kernel panic"), "{failed:?}");
+    // The server attributes it: the kernel the lease booted panicked.
+    assert_eq!(
+        (
+            failed.failure_class(),
+            failed.failure_rule.as_str(),
+            failed.failure_line.as_str()
+        ),
+        (
+            pb::FailureClass::Job,
+            "kernel panic",
+            "[    2.1] Kernel panic - not syncing: No working init found."
+        ),
+        "{failed:?}"
+    );
+    // The job's fault says nothing about the host.
+    assert_eq!(
+        host(&mut c, "h0").await.health(),
+        pb::HostHealth::Healthy,
+        "a job failure changed h0's health"
+    );
+    c.leases
+        .release(pb::ReleaseRequest {
+            lease_id: l.id.clone(),
+        })
+        .await
+        .unwrap();
+    // A failure through the host's fault (no bootable device): suspect.
+    let l = until("h0 granted again after the reclaim", || {
+        let mut c = c.clone();
+        async move {
+            c.grant_now(pb::LeaseRequest {
+                hosts: vec!["h0".into()],
+                profile: "slow".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    until_phase(&c, &l.id, "h0", "h0 booting", |(p, _)| {
+        *p == pb::ProvisionPhase::Booting
+    })
+    .await;
+    serial
+        .write_all(b"Booting from Hard Disk...\r\nNo bootable device.\r\n")
+        .await
+        .unwrap();
+    let h0 = until("h0 suspect", || {
+        let mut c = c.clone();
+        async move {
+            let h = host(&mut c, "h0").await;
+            (h.health() == pb::HostHealth::Suspect).then_some(h)
+        }
+    })
+    .await;
+    assert!(
+        h0.health_reason.starts_with(&format!(
+            "no bootable device in lease {}: No bootable device.",
+            l.id
+        )),
+        "{h0:?}"
+    );
     agent.abort();
     server.stop().await;
 }
@@ -632,40 +786,15 @@ async fn unreachable_hosts_are_not_granted_and_the_queue_moves_on() {
 /// holder's console ends with the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_holder_drives_a_host_and_only_agents_attach() {
-    use lab_server::auth::Authenticator;
-    let tmp = tempfile::tempdir().unwrap();
-    let console = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = console.local_addr().unwrap().port();
-    let tokens = lab_tests::tokens_toml(&[
-        ("t-alice", "alice", "ci"),
-        ("t-bob", "bob", "developer"),
-        ("t-op", "root", "operator"),
-        ("agent-r1", "agent-r1", "agent"),
-        ("t-fake", "agent-r2", "agent"),
-    ]);
-    let auth = Authenticator::parse(&tokens, Path::new("tokens.toml")).unwrap();
-    let server = InProcessServer::start(ServerOptions {
-        inventory: Some(inventory(tmp.path(), port)),
-        agents: true,
-        auth,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let bmcs: Bmcs = Arc::default();
-    let agent = start_agent(&server, rack(&tmp.path().join("agent"), bmcs.clone()));
-    let (mut serial, _) = tokio::time::timeout(WAIT, console.accept())
-        .await
-        .expect("capture of h0")
-        .unwrap();
-    let mut alice = server.clients("t-alice").await.unwrap();
-    let mut bob = server.clients("t-bob").await.unwrap();
-    let mut op = server.clients("t-op").await.unwrap();
-    until("h0 reachable", || {
-        let mut c = alice.clone();
-        async move { host(&mut c, "h0").await.reachable.then_some(()) }
-    })
-    .await;
+    let TokenLab {
+        _tmp,
+        server,
+        agent,
+        mut serial,
+        mut alice,
+        mut bob,
+        mut op,
+    } = token_lab(|_| String::new(), &[("t-fake", "agent-r2", "agent")]).await;
     let l = alice
         .grant_now(pb::LeaseRequest {
             hosts: vec!["h0".into()],
@@ -700,6 +829,7 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
             host: "h0".into(),
             write,
             replay_bytes: 0,
+            not_before: None,
         })),
     };
     let st = bob
@@ -718,8 +848,8 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
 
     // Agents make no user calls; users and other agents cannot attach.
-    let mut agent_client = server.clients("agent-r1").await.unwrap();
-    let st = agent_client
+    let mut as_agent = server.clients("agent-r1").await.unwrap();
+    let st = as_agent
         .hosts
         .list_hosts(pb::ListHostsRequest::default())
         .await
@@ -728,20 +858,9 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
     for (token, code) in [
         ("t-alice", tonic::Code::PermissionDenied),
         ("t-fake", tonic::Code::PermissionDenied),
+        ("t-op", tonic::Code::PermissionDenied),
     ] {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let mut c = lab_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
-            channel,
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", bearer.clone());
-                Ok(r)
-            },
-        );
+        let mut c = agent_client(&server, token).await;
         let hello = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::AgentHello {
                 rack: "r1".into(),
@@ -789,6 +908,218 @@ async fn only_the_holder_drives_a_host_and_only_agents_attach() {
         "{ended:?}"
     );
     drop(in_tx);
+    agent.abort();
+    server.stop().await;
+}
+
+/// Reads a console stream until its output contains `want`; returns the
+/// output so far.
+async fn console_until(out: &mut tonic::Streaming<pb::ConsoleResponse>, want: &str) -> String {
+    let mut text = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&text).contains(want) {
+            match out.message().await {
+                Ok(Some(m)) => {
+                    if let Some(pb::console_response::Msg::Output(b)) = m.msg {
+                        text.extend_from_slice(&b);
+                    }
+                }
+                other => panic!("console stream ended before {want:?}: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{want:?} never reached the viewer; got {:?}",
+            String::from_utf8_lossy(&text)
+        )
+    });
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// A hostile neighbour's view (hardening items 3, 5, 6): the next holder's
+/// console replays nothing captured before its lease (while an operator
+/// who is not the holder still sees that history), an agent cannot speak
+/// for another rack's hosts (its reports about them are ignored: no
+/// unreachable host, no forged READY), and an operator's token cannot
+/// attach as an agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbours_see_and_speak_only_for_their_own() {
+    let TokenLab {
+        _tmp,
+        server,
+        agent,
+        mut serial,
+        mut alice,
+        mut bob,
+        mut op,
+    } = token_lab(
+        |dir| {
+            format!(
+                "\n[[rack]]\nname = \"r2\"\nagent = \"agent-r2\"\n\n[[host]]\nname = \"h9\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"r2\"\nmac = \"52:54:00:00:00:19\"\n\
+                 [host.bmc]\naddress = \"127.0.0.1\"\nport = 10009\nuser = \"admin\"\npassword_file = \"{}\"\n[host.console]\nkind = \"none\"\n",
+                dir.join("bmc.pw").display()
+            )
+        },
+        &[("agent-r2", "agent-r2", "agent")],
+    )
+    .await;
+
+    let open = |replay_bytes| {
+        tokio_stream::iter(vec![pb::ConsoleRequest {
+            msg: Some(pb::console_request::Msg::Open(pb::ConsoleOpen {
+                host: "h0".into(),
+                write: false,
+                replay_bytes,
+                not_before: None,
+            })),
+        }])
+    };
+
+    // Alice's lease: what h0 prints reaches her console.
+    let a = alice
+        .grant_now(pb::LeaseRequest {
+            hosts: vec!["h0".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut a_out = alice.hosts.console(open(0)).await.unwrap().into_inner();
+    serial
+        .write_all(b"alice-secret-7f3a typed in dom0\r\n")
+        .await
+        .unwrap();
+    console_until(&mut a_out, "alice-secret-7f3a").await;
+    drop(a_out);
+    alice
+        .leases
+        .release(pb::ReleaseRequest {
+            lease_id: a.id.clone(),
+        })
+        .await
+        .unwrap();
+
+    // Bob's lease on the same host: the largest replay shows nothing of
+    // Alice's lease, only what h0 printed after Bob's grant.
+    let b = until("bob's grant of h0 after the reclaim", || {
+        let mut c = bob.clone();
+        async move {
+            c.grant_now(pb::LeaseRequest {
+                hosts: vec!["h0".into()],
+                profile: "xen".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    let mut b_out = bob.hosts.console(open(65_536)).await.unwrap().into_inner();
+    serial.write_all(b"bob-marker-51c0\r\n").await.unwrap();
+    let seen = console_until(&mut b_out, "bob-marker-51c0").await;
+    assert!(
+        !seen.contains("alice-secret"),
+        "the next holder's replay shows the previous lease's console: {seen:?}"
+    );
+    // The history is there: an operator who does not hold the lease sees it
+    // in the replay (so the check above is not vacuous).
+    let mut op_out = op.hosts.console(open(65_536)).await.unwrap().into_inner();
+    let op_seen = console_until(&mut op_out, "bob-marker-51c0").await;
+    assert!(
+        op_seen.contains("alice-secret-7f3a"),
+        "the operator's replay lacks the history: {op_seen:?}"
+    );
+    drop(op_out);
+    drop(b_out);
+
+    // Rack r2's agent reports about h0 (rack r1): forged unreachability and
+    // a forged READY for Bob's lease. Then a true report about its own h9;
+    // once that one shows, the forged ones were handled (one ordered stream).
+    let mut r2 = agent_client(&server, "agent-r2").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    let msg = |m| pb::AgentMessage { msg: Some(m) };
+    tx.send(msg(pb::agent_message::Msg::Hello(pb::AgentHello {
+        rack: "r2".into(),
+        version: "test".into(),
+    })))
+    .await
+    .unwrap();
+    let mut from_server = r2
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("agent-r2 attaches for its own rack")
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, from_server.message())
+        .await
+        .expect("the rack state")
+        .unwrap()
+        .unwrap();
+    match first.msg {
+        Some(pb::server_message::Msg::Rack(r)) => {
+            let names: Vec<_> = r.hosts.iter().map(|h| h.name.as_str()).collect();
+            assert_eq!(names, ["h9"], "agent-r2 is told only its own hosts");
+        }
+        other => panic!("first message to agent-r2: {other:?}"),
+    }
+    for report in [
+        pb::HostReport {
+            host: "h0".into(),
+            reachable: false,
+            unreachable_reason: "forged by r2".into(),
+            ..Default::default()
+        },
+        pb::HostReport {
+            host: "h0".into(),
+            reachable: true,
+            lease_id: b.id.clone(),
+            phase: pb::ProvisionPhase::Ready as i32,
+            stage: "forged ready".into(),
+            ..Default::default()
+        },
+        pb::HostReport {
+            host: "h9".into(),
+            reachable: true,
+            ..Default::default()
+        },
+    ] {
+        tx.send(msg(pb::agent_message::Msg::Report(report)))
+            .await
+            .unwrap();
+    }
+    until("h9 reachable by its own agent's report", || {
+        let mut c = op.clone();
+        async move { host(&mut c, "h9").await.reachable.then_some(()) }
+    })
+    .await;
+    let h0 = host(&mut op, "h0").await;
+    assert!(h0.reachable, "r2's report made h0 unreachable: {h0:?}");
+    let (ph, stage) = phase(&lease(&mut bob, &b.id).await, "h0").expect("h0 provisioning");
+    assert!(
+        ph != pb::ProvisionPhase::Ready && !stage.contains("forged"),
+        "r2 forged the provisioning of Bob's lease: {ph:?} {stage:?}"
+    );
+    drop(tx);
+
+    // An operator's token cannot attach as r1's agent (outside the
+    // development mode).
+    let mut c = agent_client(&server, "t-op").await;
+    let hello = msg(pb::agent_message::Msg::Hello(pb::AgentHello {
+        rack: "r1".into(),
+        version: "test".into(),
+    }));
+    let st = c.attach(tokio_stream::iter(vec![hello])).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    // The real agent is still the one attached: Bob's provisioning goes on.
+    serial.write_all(b"LAB-DOM0-OK\r\n").await.unwrap();
+    until_phase(
+        &bob,
+        &b.id,
+        "h0",
+        "bob's lease READY from the real agent",
+        |p| p.0 == pb::ProvisionPhase::Ready,
+    )
+    .await;
     agent.abort();
     server.stop().await;
 }

@@ -5,18 +5,10 @@
 //! in network namespaces, see lab-agent/tests/dhcp_netns.rs).
 
 use lab_proto::v1 as pb;
-use lab_tests::{Clients, ServerProcess, bin_path, eventually, inventory_toml_with_agent};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use lab_tests::agent::AgentProcess;
+use lab_tests::{Clients, ServerProcess, eventually, inventory_toml_with_agent};
+use std::process::Command;
 use std::time::Duration;
-
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn curl(url: &str) -> (bool, String) {
     let out = Command::new("curl")
@@ -33,42 +25,8 @@ fn curl(url: &str) -> (bool, String) {
 async fn a_xen_lease_changes_what_the_agent_serves() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::spawn_dev(dir.path(), &inventory_toml_with_agent(2)).unwrap();
-    let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "rack = \"r1\"\nserver = \"http://{}\"\n[tftp]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:0\"\n[assets]\nroot = \"{assets}\"\n",
-            server.addr
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(bin_path("lab-agent"))
-        .args(["--config", config.to_str().unwrap(), "--token", "agent-r1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.path().join("agent.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("lab-agent is built (cargo build --workspace)");
-    let stdout = child.stdout.take().unwrap();
-    let _agent = Agent(child);
-    let (mut tftp, mut http) = (String::new(), String::new());
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("lab-agent tftp listening on ") {
-            tftp = a.to_owned();
-        } else if let Some(a) = line.strip_prefix("lab-agent http listening on ") {
-            http = a.to_owned();
-        } else if line.starts_with("lab-agent running") {
-            break;
-        }
-    }
-    assert!(
-        !tftp.is_empty() && !http.is_empty(),
-        "agent did not start: {}",
-        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
-    );
+    let agent = AgentProcess::spawn(dir.path(), server.addr, "").unwrap();
+    let (tftp, http) = (&agent.tftp, &agent.http);
 
     let script = format!("http://{http}/hosts/52-54-00-00-00-00.ipxe");
     eventually("the agent knows h00", Duration::from_secs(15), || {

@@ -125,6 +125,7 @@ impl Lab {
                 token: Some("agent-r1".into()),
                 rack: "r1".into(),
                 ca: None,
+                log_reads: Default::default(),
             },
             rack,
         ));

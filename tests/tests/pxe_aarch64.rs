@@ -2,10 +2,12 @@
 //! xen`, taken with the `lab` CLI from the real `lab-server`, makes the real
 //! `lab-agent` boot a QEMU `virt` machine with UEFI firmware (AAVMF) through
 //! UEFI PXE → GRUB (`grubnetaa64-lab.efi`) → Xen on ARM → Debian dom0. DHCP
-//! (option 93 = 11 → the GRUB image), GRUB's `grub/grub.cfg`, the per-host
-//! `hosts/<mac>.grub` rendered from the lease's profile and the artifacts
-//! all come from the agent, over TFTP; the release puts the host back on the
-//! default profile. A second test leases an x86_64 and an aarch64 host
+//! (option 93 = 11 → the GRUB image), GRUB's `grub/grub.cfg` and the
+//! per-host `hosts/<mac>.grub` rendered from the lease's profile come from
+//! the agent over TFTP; Xen, the dom0 kernel and the initrd from the
+//! agent's HTTP server, through GRUB's `http` module (`[http] grub = true`;
+//! the agent's log shows the host's GETs; `e2e_aarch64` boots the default,
+//! all over TFTP); the release puts the host back on the default profile. A second test leases an x86_64 and an aarch64 host
 //! together (API level, no VM).
 //!
 //! Everything runs inside a fresh network namespace `lab-arm-<pid>-<n>`
@@ -77,6 +79,7 @@ listen = "{SERVER_IP}:69"
 [http]
 listen = "{SERVER_IP}:8080"
 url = "http://{SERVER_IP}:8080"
+grub = true
 
 [assets]
 root = "{}"
@@ -220,18 +223,28 @@ fn a_xen_lease_boots_an_aarch64_vm_through_grub_into_dom0() {
         },
     );
     let t_config = t_acquire.elapsed();
-    // Every artifact the rendered config loads must be served (a clear
-    // message here beats a VM that silently fails to boot).
-    for path in grub
+    // The config loads Xen, the kernel and the initrd from the agent's HTTP
+    // root through GRUB's http device, and every one of them is served (a
+    // clear message here beats a VM that silently fails to boot).
+    let http_root = format!("(http,{SERVER_IP}:8080)/artifacts/");
+    let loaded: Vec<&str> = grub
         .split_whitespace()
         .map(|w| w.trim_end_matches(';'))
-        .filter(|w| w.starts_with("/artifacts/"))
-    {
-        let (code, _) = ns.curl(&format!("http://{SERVER_IP}:8080{path}"), &["-I"]);
+        .filter(|w| w.contains("/artifacts/"))
+        .collect();
+    assert_eq!(loaded.len(), 3, "xen, kernel, initrd in:\n{grub}");
+    for word in &loaded {
+        let file = word.strip_prefix(&http_root).unwrap_or_else(|| {
+            panic!("the xen GRUB config loads {word}, not from {http_root}:\n{grub}")
+        });
+        let (code, _) = ns.curl(
+            &format!("http://{SERVER_IP}:8080/artifacts/{file}"),
+            &["-I"],
+        );
         assert_eq!(
             code,
             200,
-            "the xen GRUB config loads {path}, which the agent does not serve (is it in {}?)\nconfig:\n{grub}",
+            "the xen GRUB config loads {word}, which the agent does not serve (is it in {}?)\nconfig:\n{grub}",
             artifacts.display()
         );
     }
@@ -305,6 +318,21 @@ fn a_xen_lease_boots_an_aarch64_vm_through_grub_into_dom0() {
         "no dom0 command line from the xen profile on the console"
     );
     vm.kill();
+    // GRUB fetched them over HTTP: the agent logged the host's GETs
+    // (lab_agent=debug), each answered 200.
+    let agent_log =
+        std::fs::read_to_string(logs.join("lab-agent.stderr.log")).expect("read the agent's log");
+    for word in &loaded {
+        let path = &word[word.find("/artifacts/").expect("an artifacts path")..];
+        assert!(
+            agent_log.lines().any(|l| l.contains("http request")
+                && l.contains(&format!("client={HOST_IP}"))
+                && l.contains(&format!("path={path}}}"))
+                && l.contains("method=GET")
+                && l.contains("status=200")),
+            "no HTTP GET of {path} from {HOST_IP} answered 200 in the agent's log"
+        );
+    }
 
     // ------------------------------------------------------- release
     let released: serde_json::Value = serde_json::from_str(&lab(

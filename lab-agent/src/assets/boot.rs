@@ -4,6 +4,13 @@
 //! - `hosts/<mac>.ipxe` (MAC hyphenated, as iPXE's `${net0/mac:hexhyp}`):
 //!   rendered on each request from the host's *current* profile in the
 //!   [`HostTable`]; an unknown MAC is not found.
+//!   Its `install.*` variables ([`install::install_vars`]): the install
+//!   image's sha256 (from the artifacts cache) and the host's metadata URL.
+//! - `hosts/<mac>.lease` (MAC hyphenated): the lease metadata of an install
+//!   to disk ([`install::lease_metadata`]: host, lease, holder, SSH key),
+//!   served only to the host's own address (inventory, else its DHCP pool
+//!   address) and only while it is leased under a profile with
+//!   `install = true` ([`install::metadata_for`], [`MetadataPolicy`]).
 //! - `hosts/<mac>.preseed`: the profile's preseed, if it has one.
 //! - `hosts/<mac>.grub`: the profile's GRUB config, for aarch64 UEFI hosts
 //!   that boot GRUB (`pxe-assets/grub/grub.cfg` sources it); the MAC as
@@ -12,10 +19,12 @@
 //!   `pxe-assets/fetch-artifacts.sh`), a second confined [`DirRoot`].
 //! - everything else: the `pxe-assets` directory, confined.
 
+use super::install::{self, ImageChecksum, MetadataPolicy, MetadataRefusal};
 use super::render::{Profiles, RenderConfig, RenderError};
 use super::root::DirRoot;
 use super::{Content, FileSource, OpenError};
 use crate::hosts::{HostTable, MacAddr};
+use crate::ratelimit::{DEFAULT_LOG_INTERVAL, LogLimiter};
 use std::net::IpAddr;
 use std::path::{Component, Path};
 
@@ -27,6 +36,12 @@ pub struct BootFiles {
     profiles: Profiles,
     hosts: HostTable,
     config: RenderConfig,
+    /// The install image's sha256, if there is an artifacts cache.
+    image_sha256: Option<ImageChecksum>,
+    /// Whose lease metadata is served, to whom.
+    metadata: MetadataPolicy,
+    /// Refused metadata reads: one log line per interval.
+    metadata_refused: LogLimiter,
 }
 
 /// Why [`BootFiles`] could not be set up.
@@ -58,6 +73,7 @@ impl BootFiles {
             })
         };
         let assets = root(assets)?;
+        let image_sha256 = artifacts.map(ImageChecksum::new);
         let artifacts = artifacts.map(root).transpose()?;
         let profiles =
             Profiles::load(&assets.path().join("profiles")).map_err(BootFilesError::Profiles)?;
@@ -67,7 +83,16 @@ impl BootFiles {
             profiles,
             hosts,
             config,
+            image_sha256,
+            metadata: MetadataPolicy::default(),
+            metadata_refused: LogLimiter::new(DEFAULT_LOG_INTERVAL),
         })
+    }
+
+    /// Serve lease metadata under `policy` (the default serves none).
+    pub fn with_metadata_policy(mut self, policy: MetadataPolicy) -> Self {
+        self.metadata = policy;
+        self
     }
 
     pub fn profiles(&self) -> &Profiles {
@@ -75,9 +100,9 @@ impl BootFiles {
     }
 
     /// A generated per-host file, or `None` if `file` is not one.
-    fn host_file(&self, file: &str) -> Option<Result<Content, OpenError>> {
+    fn host_file(&self, file: &str, client: Option<IpAddr>) -> Option<Result<Content, OpenError>> {
         let (mac, kind) = file.rsplit_once('.')?;
-        if kind != "ipxe" && kind != "preseed" && kind != "grub" {
+        if !matches!(kind, "ipxe" | "preseed" | "grub" | "lease") {
             return None;
         }
         // iPXE sends the hyphenated form, GRUB the one with colons; anything
@@ -89,8 +114,38 @@ impl BootFiles {
         let Some(host) = self.hosts.by_mac(&mac) else {
             return Some(Err(OpenError::NotFound));
         };
+        if kind == "lease" {
+            let own = self.metadata.address_of(&host, &self.hosts);
+            let installing =
+                host.lease.is_some() && self.metadata.install_profiles.contains(&host.profile);
+            return Some(
+                match install::metadata_for(&host, own, client, installing) {
+                    Ok(text) => Ok(Content::Bytes(text.into_bytes())),
+                    Err(refusal) => {
+                        if refusal != MetadataRefusal::NotInstalling
+                            && let Some(count) = self.metadata_refused.check()
+                        {
+                            tracing::warn!(
+                                host = %host.name,
+                                client = ?client,
+                                count,
+                                reason = %refusal,
+                                "lease metadata refused"
+                            );
+                        }
+                        Err(refusal.open_error())
+                    }
+                },
+            );
+        }
         let rendered = match kind {
-            "ipxe" => self.profiles.script(&host, &self.config).map(Some),
+            "ipxe" => {
+                let sha256 = self.image_sha256.as_ref().and_then(ImageChecksum::get);
+                let vars = install::install_vars(&host, self.config.http_url.as_deref(), sha256);
+                self.profiles
+                    .script_with(&host, &self.config, &vars)
+                    .map(Some)
+            }
             "grub" => self.profiles.grub(&host, &self.config).map(Some),
             _ => self.profiles.preseed(&host, &self.config),
         };
@@ -120,7 +175,7 @@ impl FileSource for BootFiles {
         });
         match (parts.next(), parts.next(), parts.next()) {
             (Some("hosts"), Some(file), None) => {
-                if let Some(result) = self.host_file(file) {
+                if let Some(result) = self.host_file(file, client) {
                     return result;
                 }
             }

@@ -3,6 +3,7 @@
 //! protocols serve exactly the same things with the same confinement.
 
 pub mod boot;
+pub mod install;
 pub mod render;
 pub mod root;
 

@@ -17,6 +17,8 @@
 //! | `profile` | the profile name |
 //! | `agent.http_url`, `agent.tftp_server` | the agent's HTTP base URL and TFTP address, or `""` |
 //! | `artifacts_url` | where the `artifacts/` tree is served (see [`RenderConfig::artifacts_url`]) |
+//! | `install.*` | per host, for a profile that installs to disk ([`InstallVars`]); undefined when the agent has none |
+//! | `grub_artifacts` | the same tree as a GRUB path: `/artifacts` over GRUB's TFTP, or `(http,HOST:PORT)/artifacts` over the agent's HTTP with [`RenderConfig::grub_http`] (see [`RenderConfig::grub_artifacts`]) |
 //! | `extra.*` | free-form strings from the agent's config |
 //!
 //! Undefined variables are errors ([`UndefinedBehavior::Strict`]), reported
@@ -46,6 +48,13 @@ pub struct RenderConfig {
     pub tftp_server: Option<IpAddr>,
     /// Overrides where artifacts are fetched from.
     pub artifacts_url: Option<String>,
+    /// GRUB hosts load their files from `artifacts_url` with GRUB's `http`
+    /// module rather than from its TFTP server (`agent.toml`: `[http]
+    /// grub = true`). Off by default: GRUB 2.06's TCP sends no MSS option
+    /// (so Linux sends it 536-byte segments) and keeps an 8 KiB window, and
+    /// under QEMU TCG that moved the kernel at about half the speed of its
+    /// 1024-byte lockstep TFTP (docs/netboot.md, "GRUB over HTTP").
+    pub grub_http: bool,
     /// Free-form variables from the config, visible as `extra.NAME`.
     pub extra: BTreeMap<String, String>,
 }
@@ -66,6 +75,86 @@ impl RenderConfig {
             Some(a) => format!("tftp://{a}/artifacts"),
             None => "tftp://${next-server}/artifacts".to_owned(),
         }
+    }
+
+    /// Where GRUB (aarch64 UEFI hosts) loads the `artifacts/` tree from, as a
+    /// GRUB path: with [`grub_http`](Self::grub_http),
+    /// [`artifacts_url`](Self::artifacts_url) through GRUB's `http` module
+    /// (`(http,198.18.0.1:8080)/artifacts`) if it is an `http://` URL GRUB
+    /// can fetch (see [`grub_http_path`]); otherwise `/artifacts` on the
+    /// TFTP server GRUB itself came from.
+    pub fn grub_artifacts(&self) -> String {
+        self.grub_http
+            .then(|| grub_http_path(&self.artifacts_url()))
+            .flatten()
+            .unwrap_or_else(|| "/artifacts".to_owned())
+    }
+}
+
+/// `http://HOST[:PORT][/PATH]` as the GRUB path `(http,HOST[:PORT])/PATH`
+/// (GRUB 2.06's `http` module; without a port it uses 80). `None` for what
+/// that module cannot fetch or the device syntax cannot carry: another
+/// scheme (`https`, `tftp`), user info, a query or fragment, an IPv6
+/// literal, a host or port with other characters than letters, digits,
+/// `.` and `-`.
+pub fn grub_http_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    if rest.contains(['?', '#', '@', ',', '(', ')', ' ', '\\']) {
+        return None;
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !host_ok {
+        return None;
+    }
+    let device = match port {
+        Some(p) => {
+            let port: u16 = p.parse().ok().filter(|&n| n != 0)?;
+            format!("(http,{host}:{port})")
+        }
+        None => format!("(http,{host})"),
+    };
+    Some(format!("{device}{}", path.trim_end_matches('/')))
+}
+
+/// Per-host variables of a profile that installs to disk (`install.*`,
+/// docs/netboot.md "Template variables"). Only the values present are
+/// defined; with none, `install` itself is undefined and the template
+/// uses its defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallVars {
+    pub image_url: Option<String>,
+    /// The sha256 of the bytes at the image URL.
+    pub image_sha256: Option<String>,
+    /// The host's lease metadata (`<http_url>/hosts/<mac-hyphen>.lease`).
+    pub metadata_url: Option<String>,
+    pub disk: Option<String>,
+    pub then: Option<String>,
+}
+
+impl InstallVars {
+    fn value(&self) -> Option<Value> {
+        let map: BTreeMap<&str, Value> = [
+            ("image_url", &self.image_url),
+            ("image_sha256", &self.image_sha256),
+            ("metadata_url", &self.metadata_url),
+            ("disk", &self.disk),
+            ("then", &self.then),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, Value::from(v.clone()?))))
+        .collect();
+        (!map.is_empty()).then(|| Value::from(map))
     }
 }
 
@@ -187,8 +276,20 @@ impl Profiles {
 
     /// The iPXE script for `host` under its current profile.
     pub fn script(&self, host: &BootHost, config: &RenderConfig) -> Result<String, RenderError> {
+        self.script_with(host, config, &InstallVars::default())
+    }
+
+    /// The iPXE script for `host` under its current profile, with the
+    /// host's `install.*` variables.
+    pub fn script_with(
+        &self,
+        host: &BootHost,
+        config: &RenderConfig,
+        install: &InstallVars,
+    ) -> Result<String, RenderError> {
         self.known(&host.profile)?;
-        self.render(&format!("{}{SCRIPT_SUFFIX}", host.profile), host, config)
+        let template = format!("{}{SCRIPT_SUFFIX}", host.profile);
+        self.render_in(&template, context_with(host, config, install))
     }
 
     /// The preseed for `host` under its current profile; `None` if the
@@ -239,6 +340,10 @@ impl Profiles {
         host: &BootHost,
         config: &RenderConfig,
     ) -> Result<String, RenderError> {
+        self.render_in(template, context(host, config))
+    }
+
+    fn render_in(&self, template: &str, ctx: Value) -> Result<String, RenderError> {
         let tmpl = self
             .env
             .get_template(template)
@@ -246,8 +351,7 @@ impl Profiles {
                 template: template.to_owned(),
                 source,
             })?;
-        tmpl.render(context(host, config))
-            .map_err(|e| classify(template, e))
+        tmpl.render(ctx).map_err(|e| classify(template, e))
     }
 
     fn known(&self, profile: &str) -> Result<(), RenderError> {
@@ -262,8 +366,13 @@ impl Profiles {
     }
 }
 
-/// The template context for one host.
+/// The template context for one host (no `install.*`).
 pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
+    context_with(host, config, &InstallVars::default())
+}
+
+/// The template context for one host with its `install.*` variables.
+pub fn context_with(host: &BootHost, config: &RenderConfig, install: &InstallVars) -> Value {
     let s = |v: &str| Value::from(v.to_owned());
     let host_v: BTreeMap<&str, Value> = BTreeMap::from([
         ("name", s(&host.name)),
@@ -314,14 +423,18 @@ pub fn context(host: &BootHost, config: &RenderConfig) -> Value {
         .iter()
         .map(|(k, v)| (k.clone(), Value::from(v.clone())))
         .collect();
-    let ctx: BTreeMap<&str, Value> = BTreeMap::from([
+    let mut ctx: BTreeMap<&str, Value> = BTreeMap::from([
         ("host", Value::from(host_v)),
         ("lease", Value::from(host.lease.clone().unwrap_or_default())),
         ("profile", s(&host.profile)),
         ("agent", Value::from(agent)),
         ("artifacts_url", Value::from(config.artifacts_url())),
+        ("grub_artifacts", Value::from(config.grub_artifacts())),
         ("extra", Value::from(extra)),
     ]);
+    if let Some(install) = install.value() {
+        ctx.insert("install", install);
+    }
     Value::from(ctx)
 }
 
@@ -341,5 +454,75 @@ fn classify(template: &str, e: minijinja::Error) -> RenderError {
     RenderError::Render {
         template: template.to_owned(),
         source: e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_http_paths() {
+        for (url, want) in [
+            (
+                "http://198.18.0.1:8080/artifacts",
+                Some("(http,198.18.0.1:8080)/artifacts"),
+            ),
+            (
+                "http://boot.lab/artifacts",
+                Some("(http,boot.lab)/artifacts"),
+            ),
+            (
+                "http://boot-1.lab:80/pxe/artifacts/",
+                Some("(http,boot-1.lab:80)/pxe/artifacts"),
+            ),
+            ("http://10.0.0.1", Some("(http,10.0.0.1)")),
+            // What GRUB 2.06's http module cannot fetch, or its device
+            // syntax cannot carry: TFTP stays.
+            ("https://198.18.0.1/artifacts", None),
+            ("tftp://198.18.0.1/artifacts", None),
+            ("tftp://${next-server}/artifacts", None),
+            ("http://[fd00::1]:8080/artifacts", None),
+            ("http://user@host/artifacts", None),
+            ("http://host/artifacts?x=1", None),
+            ("http://host:0/artifacts", None),
+            ("http://host:65536/artifacts", None),
+            ("http://host:/artifacts", None),
+            ("http:///artifacts", None),
+            ("http://ho,st/artifacts", None),
+            ("http://host/arti facts", None),
+        ] {
+            assert_eq!(grub_http_path(url).as_deref(), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn grub_artifacts_follow_artifacts_url() {
+        let http = RenderConfig {
+            http_url: Some("http://198.18.0.1:8080/".into()),
+            tftp_server: Some("198.18.0.1".parse().unwrap()),
+            grub_http: true,
+            ..RenderConfig::default()
+        };
+        assert_eq!(http.grub_artifacts(), "(http,198.18.0.1:8080)/artifacts");
+        // Not asked for: GRUB's TFTP, although the agent serves HTTP.
+        let off = RenderConfig {
+            grub_http: false,
+            ..http.clone()
+        };
+        assert_eq!(off.grub_artifacts(), "/artifacts");
+        // An override wins, as for iPXE.
+        let mirror = RenderConfig {
+            artifacts_url: Some("http://mirror.lab/boot/".into()),
+            ..http.clone()
+        };
+        assert_eq!(mirror.grub_artifacts(), "(http,mirror.lab)/boot");
+        // No HTTP: the TFTP server GRUB came from.
+        let tftp = RenderConfig {
+            http_url: None,
+            ..http
+        };
+        assert_eq!(tftp.grub_artifacts(), "/artifacts");
+        assert_eq!(RenderConfig::default().grub_artifacts(), "/artifacts");
     }
 }

@@ -1,5 +1,10 @@
 //! Per-host live fan-out: one shared ring of recent chunks addressed by
 //! byte offset, many read-only [`Viewer`]s, at most one [`Writer`].
+//!
+//! Every chunk carries the time it was captured (the timestamp of its log
+//! record), so a viewer can be started no earlier than a given time
+//! ([`Hub::subscribe_since`]): a lease's holder never sees what the host
+//! printed before the lease began.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -34,6 +39,9 @@ impl Default for HubConfig {
 pub struct Chunk {
     /// Offset of `data[0]` in the stream since the hub started.
     pub offset: u64,
+    /// When the bytes were captured: ms since the Unix epoch, as in the log
+    /// (non-decreasing).
+    pub ts_ms: u64,
     /// The bytes.
     pub data: Bytes,
 }
@@ -133,8 +141,9 @@ impl Hub {
         )
     }
 
-    /// Publishes bytes read from the source. Never waits for viewers.
-    pub fn publish(&self, data: Bytes) {
+    /// Publishes bytes read from the source at `ts_ms` (ms since the Unix
+    /// epoch; clamped so that it never decreases). Never waits for viewers.
+    pub fn publish(&self, ts_ms: u64, data: Bytes) {
         if data.is_empty() {
             return;
         }
@@ -142,9 +151,14 @@ impl Hub {
         let head = {
             let mut ring = self.inner.ring.lock().expect("hub lock");
             let offset = ring.head;
+            let ts_ms = ring.chunks.back().map_or(ts_ms, |c| ts_ms.max(c.ts_ms));
             ring.head += data.len() as u64;
             ring.bytes += data.len();
-            ring.chunks.push_back(Chunk { offset, data });
+            ring.chunks.push_back(Chunk {
+                offset,
+                ts_ms,
+                data,
+            });
             let cap = self.inner.config.buffer_bytes;
             while let Some(front) = ring.chunks.front() {
                 if ring.bytes - front.data.len() < cap {
@@ -179,13 +193,25 @@ impl Hub {
     /// A new viewer that first replays up to `tail_bytes` of recent output,
     /// then follows live output with no gap or duplicate in between.
     pub fn subscribe(&self) -> Viewer {
+        self.subscribe_since(self.inner.config.tail_bytes as u64, None)
+    }
+
+    /// A new viewer that first replays at most `replay_bytes` (never more
+    /// than `tail_bytes`) of recent output, none of it captured before
+    /// `not_before_ms` (ms since the Unix epoch), then follows live output.
+    pub fn subscribe_since(&self, replay_bytes: u64, not_before_ms: Option<u64>) -> Viewer {
         let mut head_rx = self.inner.head_tx.subscribe();
         head_rx.borrow_and_update();
         let ring = self.inner.ring.lock().expect("hub lock");
-        let pos = ring
-            .head
-            .saturating_sub(self.inner.config.tail_bytes as u64)
-            .max(ring.start);
+        let replay = replay_bytes.min(self.inner.config.tail_bytes as u64);
+        let mut pos = ring.head.saturating_sub(replay).max(ring.start);
+        if let Some(not_before) = not_before_ms {
+            // Timestamps never decrease: the first chunk at or after the
+            // bound, else nothing before the head.
+            let idx = ring.chunks.partition_point(|c| c.ts_ms < not_before);
+            let first = ring.chunks.get(idx).map_or(ring.head, |c| c.offset);
+            pos = pos.max(first);
+        }
         Viewer {
             hub: self.clone(),
             pos,
@@ -271,6 +297,7 @@ impl Viewer {
                     let skip = (self.pos - c.offset) as usize;
                     let chunk = Chunk {
                         offset: self.pos,
+                        ts_ms: c.ts_ms,
                         data: c.data.slice(skip..),
                     };
                     self.pos += chunk.data.len() as u64;
@@ -358,15 +385,61 @@ mod tests {
             buffer_bytes: 16,
             input_queue: 1,
         });
-        hub.publish(Bytes::from_static(b"abcdef"));
+        hub.publish(1, Bytes::from_static(b"abcdef"));
         let mut v = hub.subscribe();
         let c = data(v.next().await);
         assert_eq!((c.offset, &c.data[..]), (2, &b"cdef"[..]));
-        hub.publish(Bytes::from_static(b"gh"));
+        hub.publish(2, Bytes::from_static(b"gh"));
         let c = data(v.next().await);
         assert_eq!((c.offset, &c.data[..]), (6, &b"gh"[..]));
         hub.close();
         assert_eq!(v.next().await, None);
+    }
+
+    /// What `v` replays (everything up to the head).
+    async fn replay(hub: &Hub, v: &mut Viewer) -> String {
+        let mut out = Vec::new();
+        let head = hub.head();
+        while v.position() < head {
+            out.extend_from_slice(&data(v.next().await).data);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// A viewer bounded by a time replays nothing captured before it,
+    /// however much replay it asks for; without a bound it sees the tail.
+    #[tokio::test]
+    async fn replay_starts_no_earlier_than_asked() {
+        let (hub, _rx) = Hub::new(HubConfig {
+            tail_bytes: 64,
+            buffer_bytes: 64,
+            input_queue: 1,
+        });
+        hub.publish(100, Bytes::from_static(b"old-1 "));
+        hub.publish(200, Bytes::from_static(b"old-2 "));
+        hub.publish(300, Bytes::from_static(b"new-1 "));
+        // A clock step back keeps the previous stamp.
+        hub.publish(250, Bytes::from_static(b"new-2 "));
+        // (replay bytes, not before, what is replayed)
+        let cases = [
+            (64, None, "old-1 old-2 new-1 new-2 "),
+            (12, None, "new-1 new-2 "),
+            (64, Some(0), "old-1 old-2 new-1 new-2 "),
+            (64, Some(150), "old-2 new-1 new-2 "),
+            (64, Some(300), "new-1 new-2 "),
+            (3, Some(300), "-2 "),
+            (64, Some(301), ""),
+            (1000, Some(301), ""),
+        ];
+        for (bytes, not_before, want) in cases {
+            let mut v = hub.subscribe_since(bytes, not_before);
+            assert_eq!(replay(&hub, &mut v).await, want, "{bytes} {not_before:?}");
+        }
+        // Live output after the subscription comes through.
+        let mut v = hub.subscribe_since(64, Some(10_000));
+        hub.publish(400, Bytes::from_static(b"live"));
+        let c = data(v.next().await);
+        assert_eq!((&c.data[..], c.ts_ms), (&b"live"[..], 400));
     }
 
     #[tokio::test]
@@ -378,7 +451,7 @@ mod tests {
         });
         let mut v = hub.subscribe();
         for b in [&b"ab"[..], b"cd", b"ef", b"gh"] {
-            hub.publish(Bytes::copy_from_slice(b));
+            hub.publish(1, Bytes::copy_from_slice(b));
         }
         assert_eq!(
             v.next().await,

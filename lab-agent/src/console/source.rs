@@ -154,6 +154,9 @@ pub enum GapEvent<'a> {
     Unavailable { reason: &'a str },
     /// The source is back after a `Lost` or `Unavailable`.
     Reconnected,
+    /// The log refused writes for so long that `bytes` of output were
+    /// dropped (viewers saw them; the log does not have them).
+    NotLogged { bytes: u64 },
 }
 
 /// The text of a gap marker (pure): framed by `\r\n` so it stands on its
@@ -168,6 +171,9 @@ pub fn gap_marker(event: GapEvent<'_>, at: SystemTime) -> String {
             format!("\r\n[lab: console source unavailable at {at}: {reason}; retrying]\r\n")
         }
         GapEvent::Reconnected => format!("\r\n[lab: console source reconnected at {at}]\r\n"),
+        GapEvent::NotLogged { bytes } => format!(
+            "\r\n[lab: {bytes} bytes of console output before {at} are not in the log: it could not be written]\r\n"
+        ),
     }
 }
 
@@ -225,6 +231,7 @@ impl Capture {
             stop: stop_rx,
             flush: flush_rx,
             sync: None,
+            log_errors: crate::ratelimit::LogLimiter::new(crate::ratelimit::DEFAULT_LOG_INTERVAL),
         };
         let task = tokio::spawn(tracing::Instrument::instrument(task.run(), span));
         Capture {
@@ -273,6 +280,8 @@ struct CaptureTask<S> {
     stop: watch::Receiver<bool>,
     flush: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     sync: Option<JoinHandle<()>>,
+    /// A full or failing disk fails every write: one line per interval.
+    log_errors: crate::ratelimit::LogLimiter,
 }
 
 enum Step {
@@ -378,12 +387,19 @@ impl<S: ConsoleSource> CaptureTask<S> {
         }
     }
 
+    /// Logs and publishes `data`, both stamped with the same time (the
+    /// log's, which never decreases).
     fn record(&mut self, kind: RecordKind, data: &[u8]) {
-        let ts = epoch_ms(SystemTime::now());
-        if let Err(e) = self.log.append(kind, ts, data) {
-            tracing::error!(error = %crate::error_chain(&e), "console log append failed");
-        }
-        self.hub.publish(Bytes::copy_from_slice(data));
+        let ts = match self.log.append(kind, epoch_ms(SystemTime::now()), data) {
+            Ok(ts) => ts,
+            Err(e) => {
+                if let Some(count) = self.log_errors.check() {
+                    tracing::error!(count, error = %crate::error_chain(&e), "console log write failed");
+                }
+                self.log.last_ts()
+            }
+        };
+        self.hub.publish(ts, Bytes::copy_from_slice(data));
     }
 
     fn marker(&mut self, event: GapEvent<'_>) {
@@ -395,8 +411,19 @@ impl<S: ConsoleSource> CaptureTask<S> {
     /// unless the previous one is still running.
     fn flush(&mut self) {
         if let Err(e) = self.log.flush() {
-            tracing::error!(error = %crate::error_chain(&e), "console log flush failed");
+            if let Some(count) = self.log_errors.check() {
+                tracing::error!(count, error = %crate::error_chain(&e), "console log write failed");
+            }
             return;
+        }
+        let dropped = self.log.take_dropped();
+        if dropped > 0 {
+            tracing::error!(
+                bytes = dropped,
+                "console output was not logged: the disk refused writes"
+            );
+            let text = gap_marker(GapEvent::NotLogged { bytes: dropped }, SystemTime::now());
+            self.record(RecordKind::Gap, text.as_bytes());
         }
         if self.sync.as_ref().is_some_and(|h| !h.is_finished()) {
             return;

@@ -197,6 +197,7 @@ pub fn phase(p: Phase) -> pb::ProvisionPhase {
     match p {
         Phase::Pending => pb::ProvisionPhase::Pending,
         Phase::Booting => pb::ProvisionPhase::Booting,
+        Phase::Installing => pb::ProvisionPhase::Installing,
         Phase::Ready => pb::ProvisionPhase::Ready,
         Phase::Failed => pb::ProvisionPhase::Failed,
     }
@@ -214,6 +215,7 @@ pub fn report(r: &Report) -> pb::HostReport {
         out.phase = phase(p.phase) as i32;
         out.stage.clone_from(&p.stage);
         out.console_tail.clone_from(&p.console_tail);
+        out.percent = p.percent;
     }
     out
 }
@@ -264,6 +266,7 @@ pub fn error_kind(k: ErrorKind) -> pb::CommandErrorKind {
         ErrorKind::Unimplemented => pb::CommandErrorKind::Unimplemented,
         ErrorKind::Unavailable => pb::CommandErrorKind::Unavailable,
         ErrorKind::Internal => pb::CommandErrorKind::Internal,
+        ErrorKind::ResourceExhausted => pb::CommandErrorKind::ResourceExhausted,
     }
 }
 
@@ -398,6 +401,7 @@ mod tests {
                 phase: Phase::Failed,
                 stage: "no text".into(),
                 console_tail: "panic".into(),
+                percent: 0,
             }),
         };
         let p = report(&r);
@@ -410,6 +414,20 @@ mod tests {
             ("no text", "panic")
         );
         assert_eq!(p.lease_id, lease.to_string());
+        let installing = report(&Report {
+            provisioning: Some(crate::rack::Provisioning {
+                lease,
+                phase: Phase::Installing,
+                stage: "writing the image".into(),
+                console_tail: String::new(),
+                percent: 42,
+            }),
+            ..r.clone()
+        });
+        assert_eq!(
+            (installing.phase(), installing.percent),
+            (pb::ProvisionPhase::Installing, 42)
+        );
         let cleared = report(&Report {
             unreachable: None,
             provisioning: None,

@@ -495,14 +495,22 @@ impl Host {
                         self.io.head = h.head();
                     }
                 }
-                Action::SetBootDevice { device, efi } => self.io.start(move |p| async move {
-                    p.set_boot_device(device, efi, false)
+                Action::SetBootDevice {
+                    device,
+                    efi,
+                    persistent,
+                } => self.io.start(move |p| async move {
+                    p.set_boot_device(device, efi, persistent)
                         .await
                         .map(|()| Event::BootDeviceSet)
                 }),
                 Action::ReadPower => self
                     .io
                     .start(|p| async move { p.is_on().await.map(|on| Event::Power { on }) }),
+                Action::PollPower { after } => self.io.start(move |p| async move {
+                    tokio::time::sleep(after).await;
+                    p.is_on().await.map(|on| Event::Power { on })
+                }),
                 Action::SetPower(action) => self.io.start(move |p| async move {
                     p.set_power(action).await.map(|()| Event::PowerSet)
                 }),
@@ -524,19 +532,26 @@ impl Host {
                     }));
                 }
                 Action::Watch { deadline } => self.io.deadline = Some(deadline),
+                Action::StopWatch => self.io.deadline = None,
                 Action::Report {
                     lease,
                     phase,
                     stage,
                     tail,
+                    percent,
                 } => {
-                    info!(%lease, %phase, stage, "provisioning");
+                    if phase == super::report::Phase::Installing {
+                        info!(%lease, %phase, stage, percent, "provisioning");
+                    } else {
+                        info!(%lease, %phase, stage, "provisioning");
+                    }
                     let ticket = self.ctx.reports.update(&self.name, |r| {
                         r.provisioning = Some(Provisioning {
                             lease,
                             phase,
                             stage,
                             console_tail: tail,
+                            percent,
                         });
                     });
                     if let Some(t) = ticket {

@@ -12,6 +12,9 @@
 //!   of one host never delays another; no lock is held across I/O.
 //! - [`provision`]: provisioning and reclaim as a pure machine of plans
 //!   and steps, tested as a table; the host task carries out its actions.
+//! - [`install`]: the console lines of an install to disk (the
+//!   installer's `LAB-INSTALL` progress, the installed disk's ready line)
+//!   as pure parsers, for the install plan.
 //! - [`report`]: what is reported per host ([`Report`], with a domain
 //!   [`Phase`]), sent on every change and again after every attach.
 //! - [`persist`]: `data_dir/provisioning.toml` (lease, phase by name,
@@ -21,12 +24,17 @@
 //!
 //! Provisioning a lease: boot device PXE (once, EFI flag per firmware),
 //! power on (or hard reset if already on), then watch the console for the
-//! profile's ready text (or failure text) within its timeout. Reclaiming a
+//! profile's ready text (or failure text) within its timeout. A profile
+//! that installs to disk (`install = true`, e.g. `xen-install`) first
+//! follows the installer to its end and its power-off, then boots the
+//! host's disk (boot device disk, persistent for the lease) and watches
+//! for the installed system's ready line. Reclaiming a
 //! host after its lease: the profile's Xen debug keys (if any) are played
 //! into the console and their output captured, then the host is powered
 //! off and its boot device override cleared.
 
 pub mod host;
+pub mod install;
 pub mod persist;
 pub mod provision;
 pub mod report;
@@ -122,6 +130,8 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or an unexpected failure in the agent.
     Internal,
+    /// A limit of the agent is reached (concurrent console log reads).
+    ResourceExhausted,
 }
 
 /// Why a command failed.

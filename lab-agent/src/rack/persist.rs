@@ -156,12 +156,14 @@ mod tests {
         // What agents before the domain enum wrote: the protobuf number.
         let legacy = format!(
             "[h0]\nlease = \"{lease}\"\nphase = 2\nstage = \"powered on\"\n\n\
-             [h1]\nlease = \"{lease}\"\nphase = 4\nstage = \"x\"\n"
+             [h1]\nlease = \"{lease}\"\nphase = 4\nstage = \"x\"\n\n\
+             [h2]\nlease = \"{lease}\"\nphase = \"installing\"\nstage = \"x\"\n"
         );
         std::fs::write(state_path(dir.path()), legacy).unwrap();
         let got = load(dir.path());
         assert_eq!(got[&host("h0")].phase, Phase::Booting);
         assert_eq!(got[&host("h1")].phase, Phase::Failed);
+        assert_eq!(got[&host("h2")].phase, Phase::Installing);
 
         // Unknown phases make the file unreadable: ignored, not half-read.
         std::fs::write(

@@ -14,6 +14,13 @@
 //! provision (no BMC):          Announce(PENDING "starting")
 //!                              → Announce(BOOTING "no BMC: power the host on by hand")
 //! resume (agent restarted):    Announce(BOOTING "the agent restarted; …") → WaitReady
+//! install (profile with        Announce(PENDING "starting") → BootDevice(PXE)
+//!   `install`, BMC, console):  → ReadPower → PowerOn → WaitInstall (INSTALLING n %)
+//!                              → WaitOff (BOOTING "rebooting …") → BootDevice(disk,
+//!                              persistent) → PowerOn (BOOTING "booting from disk")
+//!                              → WaitDisk → READY | FAILED
+//! install, resumed:            the same from the start (the install is redone)
+//! install (no BMC or console): Announce(PENDING "starting") → Announce(FAILED why)
 //! reclaim (lease ended):       ReadPower → DebugKeys → PowerOff → ConfirmOff
 //!                              → BootDevice(none)    (the middle three only if on)
 //! ```
@@ -24,7 +31,22 @@
 //! its command: done (the lease's provisioning is cleared) or why not. A
 //! new lease replaces a provisioning in progress; a reclaim stops it; a new
 //! lease during a reclaim waits for the reclaim to end.
+//!
+//! An install follows the installer's console lines ([`super::install`]):
+//! each `LAB-INSTALL` stage is reported (INSTALLING, with the percentage
+//! written), `stage=failed` or a failure text fails it with the line, and
+//! it must finish within the install timeout with no more than the stage
+//! timeout between two lines. The installer then powers the host off; the
+//! agent polls the power state (past the power-off timeout it switches the
+//! host off itself: the disk was synced before `stage=done`). The boot
+//! device becomes the disk, **persistently**: on a real BMC a one-shot
+//! override is used up by the first boot, and a holder's `reboot` in dom0
+//! would then boot the firmware's first device — PXE in a lab — and
+//! reinstall the host; the reclaim clears the override again. The disk's
+//! ready line must name this lease (if it names one), so an older install
+//! that booted instead is not taken for this one.
 
+use super::install::{InstallLine, Lines, Meaning, ReadyLine};
 use super::report::Phase;
 use crate::config::ProfileSettings;
 use crate::ipmi::{BootDevice, PowerAction};
@@ -36,16 +58,30 @@ use tokio::time::Instant;
 pub enum Step {
     /// Reports a stage; no operation.
     Announce { phase: Phase, stage: String },
-    /// Sets the boot device for the next boot.
-    BootDevice { device: BootDevice, efi: bool },
+    /// Sets the boot device for the next boot (for every boot when
+    /// `persistent`).
+    BootDevice {
+        device: BootDevice,
+        efi: bool,
+        persistent: bool,
+    },
     /// Reads the power state (what `PowerOn` and the reclaim go by).
     ReadPower,
     /// Powers on, or hard resets a host that is on. Console output before
-    /// this point never counts.
-    PowerOn,
+    /// this point never counts. Reports `stage` (default: "powered on" or
+    /// "reset (it was on)").
+    PowerOn { stage: Option<String> },
     /// Watches the console for the profile's ready text or a failure text
     /// within its timeout.
     WaitReady,
+    /// Follows the installer's `LAB-INSTALL` lines until `stage=done`.
+    WaitInstall,
+    /// Polls the power state until the host is off (switches it off past
+    /// the power-off timeout).
+    WaitOff,
+    /// Watches the console lines for the ready line of the installed disk
+    /// (or a failure text) within the profile's timeout.
+    WaitDisk,
     /// If the host is on: plays the profile's Xen debug keys into the
     /// console (if it has any and the console is captured).
     DebugKeys,
@@ -63,9 +99,14 @@ impl Step {
                 format!("setting the boot device to {}", device_name(*device))
             }
             Step::ReadPower | Step::ConfirmOff => "reading the power state".into(),
-            Step::PowerOn => "switching the power on".into(),
+            Step::PowerOn { .. } => "switching the power on".into(),
             Step::PowerOff => "switching the power off".into(),
-            Step::Announce { .. } | Step::WaitReady | Step::DebugKeys => String::new(),
+            Step::WaitOff => "waiting for the host to power off after the install".into(),
+            Step::Announce { .. }
+            | Step::WaitReady
+            | Step::WaitInstall
+            | Step::WaitDisk
+            | Step::DebugKeys => String::new(),
         }
     }
 }
@@ -86,6 +127,14 @@ pub fn device_name(d: BootDevice) -> String {
 
 /// The stage of a provisioning resumed by a restarted agent.
 pub const RESUMED: &str = "the agent restarted; watching the console again";
+/// The first stage of an install resumed by a restarted agent.
+pub const RESUMED_INSTALL: &str = "the agent restarted during the install; installing again";
+/// The stage while the installer powers the host off.
+pub const REBOOTING: &str = "rebooting: waiting for the host to power off";
+/// The stage of the disk boot after an install.
+pub const FROM_DISK: &str = "booting from disk";
+/// How often the power state is read while waiting for the power-off.
+pub const POWER_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a provisioning needs to know, fixed when it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +155,9 @@ pub struct Start {
 impl Start {
     /// The plan of this provisioning.
     pub fn plan(&self) -> Vec<Step> {
+        if self.settings.install.is_some() {
+            return self.install_plan();
+        }
         if self.resume {
             return vec![
                 Step::Announce {
@@ -133,10 +185,64 @@ impl Start {
             Step::BootDevice {
                 device: BootDevice::Pxe,
                 efi: self.efi,
+                persistent: false,
             },
             Step::ReadPower,
-            Step::PowerOn,
+            Step::PowerOn { stage: None },
             Step::WaitReady,
+        ]
+    }
+
+    /// The plan of a profile that installs to disk. A resumed install
+    /// starts again: whatever the host did while no agent watched, the
+    /// install is idempotent.
+    fn install_plan(&self) -> Vec<Step> {
+        let starting = Step::Announce {
+            phase: Phase::Pending,
+            stage: if self.resume {
+                RESUMED_INSTALL
+            } else {
+                "starting"
+            }
+            .into(),
+        };
+        let refuse = |why: &str| {
+            vec![
+                starting.clone(),
+                Step::Announce {
+                    phase: Phase::Failed,
+                    stage: why.into(),
+                },
+            ]
+        };
+        if !self.bmc {
+            return refuse("an install needs the host's BMC (to boot its disk afterwards)");
+        }
+        if !self.console {
+            return refuse(
+                "an install needs the host's console captured (to follow the installer)",
+            );
+        }
+        vec![
+            starting,
+            Step::BootDevice {
+                device: BootDevice::Pxe,
+                efi: self.efi,
+                persistent: false,
+            },
+            Step::ReadPower,
+            Step::PowerOn { stage: None },
+            Step::WaitInstall,
+            Step::WaitOff,
+            Step::BootDevice {
+                device: BootDevice::Disk,
+                efi: self.efi,
+                persistent: true,
+            },
+            Step::PowerOn {
+                stage: Some(FROM_DISK.into()),
+            },
+            Step::WaitDisk,
         ]
     }
 }
@@ -166,6 +272,7 @@ impl Reclaim {
             Step::BootDevice {
                 device: BootDevice::None,
                 efi: false,
+                persistent: false,
             },
         ]
     }
@@ -235,8 +342,13 @@ pub enum Action {
     SetBootDevice {
         device: BootDevice,
         efi: bool,
+        persistent: bool,
     },
     ReadPower,
+    /// Read the power state after `after` (as [`Event::Power`]).
+    PollPower {
+        after: std::time::Duration,
+    },
     SetPower(PowerAction),
     /// Play these Xen debug keys into the console.
     SendDebugKeys(Vec<u8>),
@@ -245,12 +357,17 @@ pub enum Action {
     Watch {
         deadline: Instant,
     },
+    /// Stop delivering console output and the deadline (a watch is over
+    /// but the run goes on).
+    StopWatch,
     /// Report the provisioning of `lease`.
     Report {
         lease: LeaseId,
         phase: Phase,
         stage: String,
         tail: String,
+        /// For [`Phase::Installing`]: 0–100.
+        percent: u32,
     },
     /// The host's BMC answered (`None`) or did not (why).
     Reachable(Option<String>),
@@ -280,7 +397,18 @@ pub enum Seen {
     Ready,
 }
 
+/// Console output kept for a tail beyond what the markers need.
+const TAIL_KEEP: usize = 8192;
+
 impl Window {
+    /// Adds output for the tail only (watches that go by lines).
+    pub fn push(&mut self, data: &[u8]) {
+        self.recent.extend_from_slice(data);
+        if self.recent.len() > 2 * TAIL_KEEP {
+            self.recent.drain(..self.recent.len() - TAIL_KEEP);
+        }
+    }
+
     /// Adds output; failure texts win over the ready text. Only text that
     /// ends in the new output is looked for: anything older was seen before.
     pub fn feed(&mut self, data: &[u8], settings: &ProfileSettings) -> Option<Seen> {
@@ -297,7 +425,7 @@ impl Window {
         if new(ready) {
             return Some(Seen::Ready);
         }
-        let keep = 8192 + ready.len() + settings.fail.iter().map(String::len).sum::<usize>();
+        let keep = TAIL_KEEP + ready.len() + settings.fail.iter().map(String::len).sum::<usize>();
         if self.recent.len() > 2 * keep {
             self.recent.drain(..self.recent.len() - keep);
         }
@@ -340,7 +468,17 @@ struct Run {
     on: bool,
     /// The last BOOTING stage, which the watch's reports extend.
     booted: String,
+    /// The phase last reported (what a boot device report keeps).
+    phase: Phase,
     window: Window,
+    /// Console lines (the install steps go by lines).
+    lines: Lines,
+    /// When the install watch began.
+    install_since: Instant,
+    /// The installer's last line, for a timeout's report.
+    install_line: Option<String>,
+    /// How much of the install is done.
+    percent: u32,
     done: bool,
 }
 
@@ -439,7 +577,12 @@ impl Machine {
             started: now,
             on: false,
             booted: String::new(),
+            phase: Phase::Pending,
             window: Window::default(),
+            lines: Lines::default(),
+            install_since: now,
+            install_line: None,
+            percent: 0,
             done: false,
         };
         run.advance(now, out);
@@ -474,15 +617,35 @@ impl Run {
         }
     }
 
-    fn report(&self, phase: Phase, stage: String, tail: String, out: &mut Vec<Action>) {
+    fn report(&mut self, phase: Phase, stage: String, tail: String, out: &mut Vec<Action>) {
+        self.report_percent(phase, stage, tail, 0, out);
+    }
+
+    fn report_percent(
+        &mut self,
+        phase: Phase,
+        stage: String,
+        tail: String,
+        percent: u32,
+        out: &mut Vec<Action>,
+    ) {
         if let Some(s) = self.provisioning() {
             out.push(Action::Report {
                 lease: s.lease,
                 phase,
                 stage,
                 tail,
+                percent,
             });
+            self.phase = phase;
         }
+    }
+
+    /// Reports FAILED with the console tail and ends the run.
+    fn fail(&mut self, stage: String, out: &mut Vec<Action>) {
+        let tail = self.window.tail();
+        self.report(Phase::Failed, stage, tail, out);
+        self.finish(out, None);
     }
 
     /// Ends the run: a provisioning's last report is already out; a reclaim
@@ -498,6 +661,12 @@ impl Run {
         self.done = true;
     }
 
+    /// The current step is done: on to the next.
+    fn next_step(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.at += 1;
+        self.advance(now, out);
+    }
+
     /// Starts the current step, skipping those with nothing to do.
     fn advance(&mut self, now: Instant, out: &mut Vec<Action>) {
         while let Some(step) = self.steps.get(self.at).cloned() {
@@ -507,16 +676,28 @@ impl Run {
                         self.booted.clone_from(&stage);
                     }
                     self.report(phase, stage, String::new(), out);
+                    if phase == Phase::Failed {
+                        return self.finish(out, None);
+                    }
                 }
-                Step::BootDevice { device, efi } => {
-                    out.push(Action::SetBootDevice { device, efi });
+                Step::BootDevice {
+                    device,
+                    efi,
+                    persistent,
+                } => {
+                    out.push(Action::SetBootDevice {
+                        device,
+                        efi,
+                        persistent,
+                    });
                     return;
                 }
                 Step::ReadPower => {
                     out.push(Action::ReadPower);
                     return;
                 }
-                Step::PowerOn => {
+                Step::PowerOn { .. } => {
+                    self.lines.clear();
                     out.push(Action::MarkHead);
                     out.push(Action::SetPower(if self.on {
                         PowerAction::HardReset
@@ -530,7 +711,7 @@ impl Run {
                         self.at += 1;
                         continue;
                     };
-                    let (settings, console) = (&s.settings, s.console);
+                    let (settings, console) = (s.settings.clone(), s.console);
                     match &settings.ready {
                         None => {
                             let stage = format!("{}; the profile has no ready text", self.booted);
@@ -550,6 +731,33 @@ impl Run {
                     }
                     // Nothing to watch: the provisioning ends here.
                     return self.finish(out, None);
+                }
+                Step::WaitInstall => {
+                    self.install_since = now;
+                    self.install_line = None;
+                    out.push(Action::Watch {
+                        deadline: self.install_deadline(now),
+                    });
+                    return;
+                }
+                Step::WaitOff => {
+                    let wait = self.install().poweroff_timeout;
+                    self.report(Phase::Booting, REBOOTING.into(), String::new(), out);
+                    out.push(Action::Watch {
+                        deadline: now + wait,
+                    });
+                    out.push(Action::PollPower { after: POWER_POLL });
+                    return;
+                }
+                Step::WaitDisk => {
+                    let timeout = self.provisioning().map_or_else(
+                        || ProfileSettings::default().timeout,
+                        |s| s.settings.timeout,
+                    );
+                    out.push(Action::Watch {
+                        deadline: now + timeout,
+                    });
+                    return;
                 }
                 Step::DebugKeys => {
                     if let Purpose::Reclaim(r) = &self.purpose
@@ -579,26 +787,60 @@ impl Run {
         self.finish(out, None);
     }
 
+    /// The install limits (install steps are only in plans of profiles
+    /// that have them).
+    fn install(&self) -> crate::config::InstallSettings {
+        self.provisioning()
+            .and_then(|s| s.settings.install)
+            .unwrap_or_default()
+    }
+
+    /// When the install watch gives up: the stage timeout after the last
+    /// installer line, at the latest the install timeout after it began.
+    fn install_deadline(&self, now: Instant) -> Instant {
+        let i = self.install();
+        (now + i.stage_timeout).min(self.install_since + i.timeout)
+    }
+
+    /// The first of the profile's failure texts in `line`, with the line
+    /// from that text on (for the report).
+    fn failure_in(&self, line: &str) -> Option<String> {
+        let s = self.provisioning()?;
+        s.settings.fail.iter().find_map(|f| {
+            line.find(f.as_str())
+                .map(|at| format!("on the console: {}", &line[at..]))
+        })
+    }
+
     /// The outcome of the current step's operation.
     fn outcome(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
         let Some(step) = self.steps.get(self.at).cloned() else {
             return;
         };
         match (&step, event) {
-            (Step::BootDevice { device, .. }, Event::BootDeviceSet) => {
-                let stage = format!("boot device {}", device_name(*device));
-                self.report(Phase::Pending, stage, String::new(), out);
+            (
+                Step::BootDevice {
+                    device, persistent, ..
+                },
+                Event::BootDeviceSet,
+            ) => {
+                let mut stage = format!("boot device {}", device_name(*device));
+                if *persistent {
+                    stage.push_str(" (persistent)");
+                }
+                self.report(self.phase, stage, String::new(), out);
             }
             (Step::ReadPower, Event::Power { on }) => self.on = on,
-            (Step::PowerOn, Event::PowerSet) => {
+            (Step::PowerOn { stage }, Event::PowerSet) => {
                 out.push(Action::Reachable(None));
-                let stage = if self.on {
-                    "reset (it was on)"
-                } else {
-                    "powered on"
+                let stage = match stage {
+                    Some(s) => s.clone(),
+                    None if self.on => "reset (it was on)".into(),
+                    None => "powered on".into(),
                 };
-                self.booted = stage.into();
-                self.report(Phase::Booting, stage.into(), String::new(), out);
+                self.on = true;
+                self.booted.clone_from(&stage);
+                self.report(Phase::Booting, stage, String::new(), out);
             }
             (Step::DebugKeys, Event::KeysSent) | (Step::PowerOff, Event::PowerSet) => {}
             (Step::ConfirmOff, Event::Power { on }) => {
@@ -609,9 +851,10 @@ impl Run {
             (
                 Step::BootDevice { .. }
                 | Step::ReadPower
-                | Step::PowerOn
+                | Step::PowerOn { .. }
                 | Step::PowerOff
-                | Step::ConfirmOff,
+                | Step::ConfirmOff
+                | Step::WaitOff,
                 Event::BmcFailed(f),
             ) => {
                 if self.provisioning().is_some() {
@@ -632,7 +875,8 @@ impl Run {
                     None => return,
                     Some(Seen::Fail(f)) => {
                         let stage = format!("failure text {f:?} on the console");
-                        self.report(Phase::Failed, stage, self.window.tail(), out);
+                        let tail = self.window.tail();
+                        self.report(Phase::Failed, stage, tail, out);
                     }
                     Some(Seen::Ready) => {
                         let stage = format!(
@@ -644,10 +888,11 @@ impl Run {
                 }
                 return self.finish(out, None);
             }
-            (Step::WaitReady, Event::ConsoleClosed) => {
-                let stage = "the console capture stopped".to_owned();
-                self.report(Phase::Failed, stage, self.window.tail(), out);
-                return self.finish(out, None);
+            (
+                Step::WaitReady | Step::WaitInstall | Step::WaitOff | Step::WaitDisk,
+                Event::ConsoleClosed,
+            ) => {
+                return self.fail("the console capture stopped".into(), out);
             }
             (Step::WaitReady, Event::Timeout) => {
                 let Some(s) = self.provisioning() else { return };
@@ -656,15 +901,131 @@ impl Run {
                     "no {ready:?} on the console within {:?}",
                     s.settings.timeout
                 );
-                self.report(Phase::Failed, stage, self.window.tail(), out);
-                return self.finish(out, None);
+                return self.fail(stage, out);
+            }
+            (Step::WaitInstall, Event::Output(data)) => {
+                self.window.push(&data);
+                for line in self.lines.feed(&data) {
+                    if let Some(why) = self.failure_in(&line) {
+                        return self.fail(why, out);
+                    }
+                    let Some(l) = InstallLine::parse(&line) else {
+                        continue;
+                    };
+                    self.install_line = Some(l.text.clone());
+                    match l.meaning() {
+                        Meaning::Progress { stage, percent } => {
+                            if let Some(p) = percent {
+                                self.percent = p;
+                            }
+                            let percent = self.percent;
+                            self.report_percent(
+                                Phase::Installing,
+                                stage,
+                                String::new(),
+                                percent,
+                                out,
+                            );
+                            out.push(Action::Watch {
+                                deadline: self.install_deadline(now),
+                            });
+                        }
+                        Meaning::Done { stage } => {
+                            self.percent = 100;
+                            self.report_percent(Phase::Installing, stage, String::new(), 100, out);
+                            out.push(Action::StopWatch);
+                            return self.next_step(now, out);
+                        }
+                        Meaning::Failed { stage } => return self.fail(stage, out),
+                    }
+                }
+                return;
+            }
+            (Step::WaitInstall, Event::Timeout) => {
+                let i = self.install();
+                let stage = if now >= self.install_since + i.timeout {
+                    format!("the install did not finish within {:?}", i.timeout)
+                } else {
+                    match &self.install_line {
+                        Some(l) => format!(
+                            "no word from the installer for {:?} (last: {l})",
+                            i.stage_timeout
+                        ),
+                        None => format!("the installer did not start within {:?}", i.stage_timeout),
+                    }
+                };
+                return self.fail(stage, out);
+            }
+            (Step::WaitOff, Event::Output(data)) => {
+                self.window.push(&data);
+                return;
+            }
+            (Step::WaitOff, Event::Power { on: true }) => {
+                out.push(Action::PollPower { after: POWER_POLL });
+                return;
+            }
+            (Step::WaitOff, Event::Power { on: false }) => {
+                self.on = false;
+                out.push(Action::StopWatch);
+            }
+            (Step::WaitOff, Event::Timeout) => {
+                let stage = format!(
+                    "rebooting: the host did not power off within {:?} after the install; switching it off",
+                    self.install().poweroff_timeout
+                );
+                self.report(Phase::Booting, stage, String::new(), out);
+                out.push(Action::SetPower(PowerAction::Off));
+                return;
+            }
+            (Step::WaitOff, Event::PowerSet) => self.on = false,
+            (Step::WaitDisk, Event::Output(data)) => {
+                self.window.push(&data);
+                let Some(s) = self.provisioning() else { return };
+                let (lease, ready) = (s.lease, s.settings.ready.clone().unwrap_or_default());
+                for line in self.lines.feed(&data) {
+                    if let Some(why) = self.failure_in(&line) {
+                        return self.fail(why, out);
+                    }
+                    let Some(r) = ReadyLine::parse(&line, &ready) else {
+                        continue;
+                    };
+                    if let Some(other) = r.lease()
+                        && other != lease.to_string()
+                    {
+                        return self.fail(
+                            format!(
+                                "the disk booted the install of another lease ({other}): {line}"
+                            ),
+                            out,
+                        );
+                    }
+                    let mut stage = format!(
+                        "{ready:?} on the console {:.1}s after the lease reached the agent",
+                        (now - self.started).as_secs_f64()
+                    );
+                    let about = r.describe();
+                    if !about.is_empty() {
+                        stage = format!("{stage}: {about}");
+                    }
+                    self.report(Phase::Ready, stage, String::new(), out);
+                    return self.finish(out, None);
+                }
+                return;
+            }
+            (Step::WaitDisk, Event::Timeout) => {
+                let Some(s) = self.provisioning() else { return };
+                let ready = s.settings.ready.clone().unwrap_or_default();
+                let stage = format!(
+                    "no {ready:?} on the console within {:?} of booting from disk",
+                    s.settings.timeout
+                );
+                return self.fail(stage, out);
             }
             // Not this step's outcome (a late answer of a replaced
             // operation): nothing happens.
             _ => return,
         }
-        self.at += 1;
-        self.advance(now, out);
+        self.next_step(now, out);
     }
 }
 
@@ -685,6 +1046,7 @@ mod tests {
             fail: vec!["FAIL".into()],
             timeout: Duration::from_secs(60),
             xen_debug_keys: b"q".to_vec(),
+            install: None,
         }
     }
 
@@ -718,6 +1080,7 @@ mod tests {
             phase,
             stage: stage.into(),
             tail: tail.into(),
+            percent: 0,
         }
     }
 
@@ -747,6 +1110,540 @@ mod tests {
     }
     fn reclaiming(on: bool, keys: &[u8]) -> Vec<Event> {
         vec![E::Reclaim(reclaim(true, keys)), E::Power { on }]
+    }
+
+    // ------------------------------------------------ the install plan
+
+    fn install_settings() -> ProfileSettings {
+        ProfileSettings {
+            ready: Some("LAB-DISK-READY".into()),
+            fail: vec!["LAB-DISK-FAILED".into(), "LAB-BOOT-FAILED".into()],
+            install: Some(crate::config::InstallSettings::default()),
+            ..settings()
+        }
+    }
+    fn install_start(l: u8) -> Start {
+        Start {
+            settings: install_settings(),
+            ..start(l)
+        }
+    }
+    fn out(text: &str) -> Event {
+        E::Output(text.as_bytes().to_vec())
+    }
+    /// Powered on, the installer's output awaited.
+    fn installing() -> Vec<Event> {
+        [
+            provision(install_start(1)),
+            vec![E::BootDeviceSet, E::Power { on: false }, E::PowerSet],
+        ]
+        .concat()
+    }
+    const DONE: &str =
+        "LAB-INSTALL stage=done sha256=ok bytes=9 seconds=24 mbps=29.3 then=poweroff\r\n";
+    /// The installer finished: waiting for the power-off.
+    fn install_done() -> Vec<Event> {
+        [installing(), vec![out(DONE)]].concat()
+    }
+    /// Booting the installed disk, watching for its ready line.
+    fn disk_booting() -> Vec<Event> {
+        [
+            install_done(),
+            vec![E::Power { on: false }, E::BootDeviceSet, E::PowerSet],
+        ]
+        .concat()
+    }
+    fn installing_at(stage: &str, percent: u32) -> Action {
+        Action::Report {
+            lease: lease(1),
+            phase: Phase::Installing,
+            stage: stage.into(),
+            tail: String::new(),
+            percent,
+        }
+    }
+
+    /// The install plan's steps × their outcomes: (what, history at t0,
+    /// event after `dt` seconds, the actions).
+    #[test]
+    fn install_table() {
+        use Action as A;
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        let e = "BMC b unreachable: no answer";
+        let disk = A::SetBootDevice {
+            device: BootDevice::Disk,
+            efi: false,
+            persistent: true,
+        };
+        let refused = "LAB-BOOT-FAILED profile=xen-install is not supported for aarch64/uefi hosts (the disk image is x86_64 BIOS only)";
+        let ready_line = format!(
+            "LAB-DISK-READY host=h1 lease={} xen=4.17.7 sshd=active ip=198.18.0.11 hostkey=SHA256:abc",
+            lease(1)
+        );
+        type Row = (&'static str, Vec<Event>, Event, u64, Vec<Action>);
+        let table: Vec<Row> = vec![
+            // ---------------------------------------------- starts
+            (
+                "idle × new lease",
+                vec![],
+                E::Provision(install_start(1)),
+                0,
+                vec![
+                    A::Begin,
+                    A::Subscribe,
+                    report(Phase::Pending, "starting"),
+                    A::SetBootDevice {
+                        device: BootDevice::Pxe,
+                        efi: false,
+                        persistent: false,
+                    },
+                ],
+            ),
+            (
+                "idle × resumed: installed again",
+                vec![],
+                E::Provision(Start {
+                    resume: true,
+                    ..install_start(1)
+                }),
+                0,
+                vec![
+                    A::Begin,
+                    A::Subscribe,
+                    report(Phase::Pending, RESUMED_INSTALL),
+                    A::SetBootDevice {
+                        device: BootDevice::Pxe,
+                        efi: false,
+                        persistent: false,
+                    },
+                ],
+            ),
+            (
+                "idle × no BMC",
+                vec![],
+                E::Provision(Start {
+                    bmc: false,
+                    ..install_start(1)
+                }),
+                0,
+                vec![
+                    A::Begin,
+                    A::Subscribe,
+                    report(Phase::Pending, "starting"),
+                    report(
+                        Phase::Failed,
+                        "an install needs the host's BMC (to boot its disk afterwards)",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "idle × no console",
+                vec![],
+                E::Provision(Start {
+                    console: false,
+                    ..install_start(1)
+                }),
+                0,
+                vec![
+                    A::Begin,
+                    A::Subscribe,
+                    report(Phase::Pending, "starting"),
+                    report(
+                        Phase::Failed,
+                        "an install needs the host's console captured (to follow the installer)",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "power on × done: the stage timeout runs",
+                [
+                    provision(install_start(1)),
+                    vec![E::BootDeviceSet, E::Power { on: false }],
+                ]
+                .concat(),
+                E::PowerSet,
+                5,
+                vec![
+                    A::Reachable(None),
+                    report(Phase::Booting, "powered on"),
+                    A::Watch {
+                        deadline: secs(5 + 180),
+                    },
+                ],
+            ),
+            // ---------------------------------------------- the installer
+            (
+                "installing × first line",
+                installing(),
+                out("LAB-INSTALL stage=start version=1 kernel=6.1 image=http://a/i.zst\r\n"),
+                10,
+                vec![
+                    installing_at("installer started", 0),
+                    A::Watch {
+                        deadline: secs(10 + 180),
+                    },
+                ],
+            ),
+            (
+                "installing × a percentage",
+                installing(),
+                out("LAB-INSTALL stage=writing percent=42 bytes=1 total=2\r\n"),
+                20,
+                vec![
+                    installing_at("writing the image", 42),
+                    A::Watch {
+                        deadline: secs(20 + 180),
+                    },
+                ],
+            ),
+            (
+                "installing × a stage keeps the percentage",
+                [
+                    installing(),
+                    vec![out("LAB-INSTALL stage=writing percent=42\r\n")],
+                ]
+                .concat(),
+                out("LAB-INSTALL stage=resize\r\n"),
+                0,
+                vec![
+                    installing_at("installer stage resize", 42),
+                    A::Watch {
+                        deadline: secs(180),
+                    },
+                ],
+            ),
+            (
+                "installing × a line split over two outputs",
+                [installing(), vec![out("\x1b[0mLAB-INSTALL stage=wri")]].concat(),
+                out("ting percent=5\r\n"),
+                0,
+                vec![
+                    installing_at("writing the image", 5),
+                    A::Watch {
+                        deadline: secs(180),
+                    },
+                ],
+            ),
+            (
+                "installing × two lines at once",
+                installing(),
+                out("LAB-INSTALL stage=start\r\nLAB-INSTALL stage=network ip=198.18.0.11\r\n"),
+                0,
+                vec![
+                    installing_at("installer started", 0),
+                    A::Watch {
+                        deadline: secs(180),
+                    },
+                    installing_at("installer on the network at 198.18.0.11", 0),
+                    A::Watch {
+                        deadline: secs(180),
+                    },
+                ],
+            ),
+            (
+                "installing × other output, and the ready text",
+                installing(),
+                out("Loading Linux 6.1\r\nLAB-DISK-READY host=h1\r\n"),
+                0,
+                vec![],
+            ),
+            (
+                "installing × the line is only half there",
+                installing(),
+                out("LAB-INSTALL stage=writing percent=5"),
+                0,
+                vec![],
+            ),
+            (
+                "installing × done",
+                installing(),
+                out(DONE),
+                40,
+                vec![
+                    installing_at("image written and checked in 24 s (29.3 MB/s)", 100),
+                    A::StopWatch,
+                    report(Phase::Booting, REBOOTING),
+                    A::Watch {
+                        deadline: secs(40 + 60),
+                    },
+                    A::PollPower { after: POWER_POLL },
+                ],
+            ),
+            (
+                "installing × the installer fails",
+                installing(),
+                out("LAB-INSTALL stage=failed reason=http detail=http://a/i.zst: 404\r\n"),
+                0,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        "install failed: http: http://a/i.zst: 404",
+                        "LAB-INSTALL stage=failed reason=http detail=http://a/i.zst: 404",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "installing × the template refuses the host",
+                installing(),
+                out(&format!(
+                    "LAB-IPXE profile=xen-install host=h1 lease=-\r\n{refused}\r\n"
+                )),
+                0,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        &format!("on the console: {refused}"),
+                        &format!("LAB-IPXE profile=xen-install host=h1 lease=-\n{refused}"),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "installing × the installer never starts",
+                installing(),
+                E::Timeout,
+                180,
+                vec![
+                    report(Phase::Failed, "the installer did not start within 180s"),
+                    A::End,
+                ],
+            ),
+            (
+                "installing × the installer goes quiet",
+                [
+                    installing(),
+                    vec![out("LAB-INSTALL stage=writing percent=40\r\n")],
+                ]
+                .concat(),
+                E::Timeout,
+                181,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        "no word from the installer for 180s (last: LAB-INSTALL stage=writing percent=40)",
+                        "LAB-INSTALL stage=writing percent=40",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "installing × the whole install takes too long",
+                installing(),
+                E::Timeout,
+                900,
+                vec![
+                    report(Phase::Failed, "the install did not finish within 900s"),
+                    A::End,
+                ],
+            ),
+            (
+                "installing × capture stopped",
+                installing(),
+                E::ConsoleClosed,
+                0,
+                vec![report(Phase::Failed, "the console capture stopped"), A::End],
+            ),
+            // ---------------------------------------------- the power-off
+            (
+                "waiting for the power-off × still on",
+                install_done(),
+                E::Power { on: true },
+                1,
+                vec![A::PollPower { after: POWER_POLL }],
+            ),
+            (
+                "waiting for the power-off × output",
+                install_done(),
+                out("reboot: Power down\r\n"),
+                1,
+                vec![],
+            ),
+            (
+                "waiting for the power-off × off",
+                install_done(),
+                E::Power { on: false },
+                3,
+                vec![A::StopWatch, disk.clone()],
+            ),
+            (
+                "waiting for the power-off × too long: switched off",
+                install_done(),
+                E::Timeout,
+                60,
+                vec![
+                    report(
+                        Phase::Booting,
+                        "rebooting: the host did not power off within 60s after the install; switching it off",
+                    ),
+                    A::SetPower(PowerAction::Off),
+                ],
+            ),
+            (
+                "switched off × done",
+                [install_done(), vec![E::Timeout]].concat(),
+                E::PowerSet,
+                60,
+                vec![disk.clone()],
+            ),
+            (
+                "waiting for the power-off × BMC silent",
+                install_done(),
+                E::BmcFailed(failure(true)),
+                1,
+                vec![
+                    A::Reachable(Some(e.into())),
+                    report(
+                        Phase::Failed,
+                        &format!("waiting for the host to power off after the install: {e}"),
+                    ),
+                    A::End,
+                ],
+            ),
+            // ---------------------------------------------- the disk
+            (
+                "boot device disk × set",
+                [install_done(), vec![E::Power { on: false }]].concat(),
+                E::BootDeviceSet,
+                0,
+                vec![
+                    report(Phase::Booting, "boot device disk (persistent)"),
+                    A::MarkHead,
+                    A::SetPower(PowerAction::On),
+                ],
+            ),
+            (
+                "boot device disk × BMC refuses",
+                [install_done(), vec![E::Power { on: false }]].concat(),
+                E::BmcFailed(failure(false)),
+                0,
+                vec![
+                    report(
+                        Phase::Failed,
+                        &format!("setting the boot device to disk: {e}"),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "power on from disk × done",
+                [
+                    install_done(),
+                    vec![E::Power { on: false }, E::BootDeviceSet],
+                ]
+                .concat(),
+                E::PowerSet,
+                50,
+                vec![
+                    A::Reachable(None),
+                    report(Phase::Booting, FROM_DISK),
+                    A::Watch {
+                        deadline: secs(50 + 60),
+                    },
+                ],
+            ),
+            (
+                "booting from disk × the ready line",
+                disk_booting(),
+                out(&format!("[  OK  ] Started ssh.service\r\n{ready_line}\r\n")),
+                120,
+                vec![
+                    report(
+                        Phase::Ready,
+                        "\"LAB-DISK-READY\" on the console 120.0s after the lease reached the agent: \
+                         xen 4.17.7, ssh root@198.18.0.11, host key SHA256:abc",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "booting from disk × the ready line before its end",
+                disk_booting(),
+                out(&ready_line),
+                120,
+                vec![],
+            ),
+            (
+                "booting from disk × another lease's install",
+                disk_booting(),
+                out("LAB-DISK-READY host=h1 lease=L-old xen=4.17.7\r\n"),
+                0,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        "the disk booted the install of another lease (L-old): \
+                         LAB-DISK-READY host=h1 lease=L-old xen=4.17.7",
+                        &format!(
+                            "{}\nLAB-DISK-READY host=h1 lease=L-old xen=4.17.7",
+                            DONE.trim_end()
+                        ),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "booting from disk × the failure line",
+                disk_booting(),
+                out("LAB-DISK-FAILED host=h1 lease=- reason=no-address\r\n"),
+                0,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        "on the console: LAB-DISK-FAILED host=h1 lease=- reason=no-address",
+                        &format!(
+                            "{}\nLAB-DISK-FAILED host=h1 lease=- reason=no-address",
+                            DONE.trim_end()
+                        ),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "booting from disk × timeout",
+                disk_booting(),
+                E::Timeout,
+                60,
+                vec![
+                    report_of(
+                        1,
+                        Phase::Failed,
+                        "no \"LAB-DISK-READY\" on the console within 60s of booting from disk",
+                        DONE.trim_end(),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "ready × late output",
+                [disk_booting(), vec![out(&format!("{ready_line}\r\n"))]].concat(),
+                out("LAB-DISK-FAILED\r\n"),
+                0,
+                vec![],
+            ),
+            (
+                "booting from disk × reclaim",
+                disk_booting(),
+                E::Reclaim(reclaim(true, b"q")),
+                0,
+                vec![A::Begin, A::ReadPower],
+            ),
+        ];
+        for (what, history, event, dt, expected) in table {
+            let mut m = Machine::default();
+            for ev in history {
+                m.on(ev, t0);
+            }
+            let got = m.on(event, t0 + Duration::from_secs(dt));
+            assert_eq!(got, expected, "{what}");
+        }
     }
 
     /// Every step of the plans × the outcomes that matter, and the events
@@ -786,6 +1683,7 @@ mod tests {
                     A::SetBootDevice {
                         device: BootDevice::Pxe,
                         efi: false,
+                        persistent: false,
                     },
                 ],
             ),
@@ -804,6 +1702,7 @@ mod tests {
                     A::SetBootDevice {
                         device: BootDevice::Pxe,
                         efi: true,
+                        persistent: false,
                     },
                 ],
             ),
@@ -1062,6 +1961,7 @@ mod tests {
                     A::SetBootDevice {
                         device: BootDevice::Pxe,
                         efi: false,
+                        persistent: false,
                     },
                 ],
             ),
@@ -1140,6 +2040,7 @@ mod tests {
                 vec![A::SetBootDevice {
                     device: BootDevice::None,
                     efi: false,
+                    persistent: false,
                 }],
             ),
             (
@@ -1171,6 +2072,7 @@ mod tests {
                 vec![A::SetBootDevice {
                     device: BootDevice::None,
                     efi: false,
+                    persistent: false,
                 }],
             ),
             (
@@ -1222,6 +2124,7 @@ mod tests {
                     A::SetBootDevice {
                         device: BootDevice::Pxe,
                         efi: false,
+                        persistent: false,
                     },
                 ],
             ),

@@ -14,14 +14,17 @@ use std::sync::Mutex;
 use tracing::debug;
 
 /// Where a lease's provisioning is. Persisted by name (`pending`,
-/// `booting`, `ready`, `failed`).
+/// `booting`, `installing`, `ready`, `failed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Started: setting the boot device, switching the power.
     Pending,
-    /// Powered on (or to be powered by hand): the host is booting.
+    /// Powered on (or to be powered by hand): the host is booting; for an
+    /// install, also from its disk after the install.
     Booting,
+    /// An install profile's installer runs on the host.
+    Installing,
     /// The profile's ready text appeared (or it has none).
     Ready,
     /// A BMC error, a failure text, no ready text in time, or the console
@@ -32,7 +35,7 @@ pub enum Phase {
 impl Phase {
     /// Not finished yet: a restarted agent watches such a boot again.
     pub fn is_under_way(self) -> bool {
-        matches!(self, Phase::Pending | Phase::Booting)
+        matches!(self, Phase::Pending | Phase::Booting | Phase::Installing)
     }
 }
 
@@ -41,13 +44,14 @@ impl fmt::Display for Phase {
         f.write_str(match self {
             Phase::Pending => "pending",
             Phase::Booting => "booting",
+            Phase::Installing => "installing",
             Phase::Ready => "ready",
             Phase::Failed => "failed",
         })
     }
 }
 
-/// By name; also the protobuf numbers (1–4) that files written by earlier
+/// By name; also the protobuf numbers (1–5) that files written by earlier
 /// agents hold, so that an upgraded agent neither forgets nor repeats a
 /// provisioning.
 impl<'de> Deserialize<'de> for Phase {
@@ -56,17 +60,18 @@ impl<'de> Deserialize<'de> for Phase {
         impl serde::de::Visitor<'_> for V {
             type Value = Phase;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("pending, booting, ready or failed")
+                f.write_str("pending, booting, installing, ready or failed")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Phase, E> {
                 match v {
                     "pending" => Ok(Phase::Pending),
                     "booting" => Ok(Phase::Booting),
+                    "installing" => Ok(Phase::Installing),
                     "ready" => Ok(Phase::Ready),
                     "failed" => Ok(Phase::Failed),
                     _ => Err(E::unknown_variant(
                         v,
-                        &["pending", "booting", "ready", "failed"],
+                        &["pending", "booting", "installing", "ready", "failed"],
                     )),
                 }
             }
@@ -76,6 +81,7 @@ impl<'de> Deserialize<'de> for Phase {
                     2 => Ok(Phase::Booting),
                     3 => Ok(Phase::Ready),
                     4 => Ok(Phase::Failed),
+                    5 => Ok(Phase::Installing),
                     _ => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
                 }
             }
@@ -96,6 +102,9 @@ pub struct Provisioning {
     pub stage: String,
     /// For a failure: the last lines of the console.
     pub console_tail: String,
+    /// For [`Phase::Installing`]: how much of the install is done (0–100;
+    /// not persisted: a restarted agent installs again).
+    pub percent: u32,
 }
 
 /// What the agent reports about one host.
@@ -155,6 +164,7 @@ impl Reports {
                         phase: r.phase,
                         stage: r.stage,
                         console_tail: String::new(),
+                        percent: 0,
                     }),
                     ..Report::new(host.clone())
                 };

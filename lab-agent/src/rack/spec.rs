@@ -113,6 +113,16 @@ impl HostSpec {
             firmware: id.firmware,
             profile: self.profile(default_profile).to_owned(),
             lease: self.lease.as_ref().map(|l| l.id.to_string()),
+            holder: self
+                .lease
+                .as_ref()
+                .and_then(|l| l.holder.as_ref())
+                .map(ToString::to_string),
+            ssh_key: self
+                .lease
+                .as_ref()
+                .and_then(|l| l.ssh_public_key.as_ref())
+                .map(|k| k.as_str().to_owned()),
         })
     }
 }

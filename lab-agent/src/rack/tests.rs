@@ -66,6 +66,17 @@ fn config(dir: &Path) -> RackConfig {
             fail: vec!["LAB-DOM0-FAIL".into()],
             timeout: Duration::from_secs(30),
             xen_debug_keys: b"q".to_vec(),
+            install: None,
+        },
+    );
+    profiles.insert(
+        "xen-install".to_owned(),
+        ProfileSettings {
+            ready: Some("LAB-DISK-READY".into()),
+            fail: vec!["LAB-DISK-FAILED".into(), "LAB-BOOT-FAILED".into()],
+            timeout: Duration::from_secs(300),
+            xen_debug_keys: b"q".to_vec(),
+            install: Some(crate::config::InstallSettings::default()),
         },
     );
     RackConfig {
@@ -83,8 +94,12 @@ fn name(n: &str) -> HostName {
     HostName::new(n).unwrap()
 }
 
-/// A host with a BMC and a (fake) console, leased or not.
+/// A host with a BMC and a (fake) console, leased or not (profile `xen`).
 fn spec(host: &str, n: u8, lease: Option<LeaseId>) -> HostSpec {
+    spec_with(host, n, lease, "xen")
+}
+
+fn spec_with(host: &str, n: u8, lease: Option<LeaseId>, profile: &str) -> HostSpec {
     HostSpec {
         name: name(host),
         boot: Ok(BootIdentity {
@@ -95,7 +110,7 @@ fn spec(host: &str, n: u8, lease: Option<LeaseId>) -> HostSpec {
         }),
         lease: lease.map(|id| LeaseSpec {
             id,
-            profile: Some(ProfileName::new("xen").unwrap()),
+            profile: Some(ProfileName::new(profile).unwrap()),
             holder: None,
             ssh_public_key: None,
         }),
@@ -194,6 +209,16 @@ impl Lab {
         .await
         .provisioning
         .unwrap()
+    }
+
+    /// The provisioning (phase, stage, percent) `host` reported so far.
+    fn progress(&self, host: &str) -> Vec<(Phase, String, u32)> {
+        self.seen
+            .iter()
+            .filter(|r| r.host.as_str() == host)
+            .filter_map(|r| r.provisioning.as_ref())
+            .map(|p| (p.phase, p.stage.clone(), p.percent))
+            .collect()
     }
 
     /// The provisioning stages `host` reported so far, in order.
@@ -525,4 +550,188 @@ async fn requests_find_the_desired_state_sent_before_them_applied() {
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert_eq!(lab.table.all().len(), 1);
     lab.rack.shutdown().await;
+}
+
+/// Waits (on paused time) until `sim`'s log has `n` entries.
+async fn until_ops(sim: &SimPower, n: usize) {
+    while sim.log().len() < n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_install_follows_the_installer_then_boots_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(dir.path(), Bmcs::default());
+    let lease = LeaseId::random();
+    lab.rack
+        .apply_rack(vec![spec_with("h0", 0, Some(lease), "xen-install")]);
+    let mut serial = lab.console("h0").await;
+    lab.until_phase("h0", Phase::Booting).await;
+    let sim = lab.bmc("h0");
+    assert_eq!(sim.log(), ["boot Pxe", "On"]);
+    let t_on = Instant::now();
+    let mut lines = String::from("LAB-INSTALL stage=start version=1 kernel=6.1.0 image=u\r\n");
+    for p in (0..=100).step_by(25) {
+        lines.push_str(&format!("LAB-INSTALL stage=writing percent={p}\r\n"));
+    }
+    serial.write_all(lines.as_bytes()).await.unwrap();
+    lab.until("h0", "100 %", |r| {
+        r.provisioning.as_ref().is_some_and(|p| p.percent == 100)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    serial
+        .write_all(
+            b"LAB-INSTALL stage=done sha256=ok bytes=9 seconds=25 mbps=28.0 then=poweroff\r\n",
+        )
+        .await
+        .unwrap();
+    lab.until("h0", "rebooting", |r| {
+        r.provisioning
+            .as_ref()
+            .is_some_and(|p| p.stage == provision::REBOOTING)
+    })
+    .await;
+    // The installer powers the host off 3 s later; the agent notices within
+    // its poll, sets the disk (persistently) and powers on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim.set_power(crate::ipmi::PowerAction::Off).await.unwrap();
+    let from_disk = lab
+        .until("h0", "booting from disk", |r| {
+            r.provisioning
+                .as_ref()
+                .is_some_and(|p| p.stage == provision::FROM_DISK)
+        })
+        .await;
+    assert_eq!(from_disk.provisioning.unwrap().phase, Phase::Booting);
+    assert_eq!(sim.log(), ["boot Pxe", "On", "Off", "boot Disk", "On"]);
+    assert_eq!(sim.boot(), Some((BootDevice::Disk, false, true)));
+    assert!(
+        Instant::now() - t_on <= Duration::from_secs(25 + 3 + 1),
+        "{:?}",
+        Instant::now() - t_on
+    );
+    // Lines the installer printed before the power-off never count.
+    serial
+        .write_all(
+            format!(
+                "GRUB\r\n(XEN) Xen version 4.17\r\nLAB-DISK-READY host=h0 lease={lease} xen=4.17.7 \
+                 sshd=active ip=198.18.0.11 hostkey=SHA256:abc\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let ready = lab.until_phase("h0", Phase::Ready).await;
+    assert!(
+        ready
+            .stage
+            .ends_with(": xen 4.17.7, ssh root@198.18.0.11, host key SHA256:abc"),
+        "{}",
+        ready.stage
+    );
+    let progress = lab.progress("h0");
+    let installing: Vec<(String, u32)> = progress
+        .iter()
+        .filter(|(phase, ..)| *phase == Phase::Installing)
+        .map(|(_, stage, p)| (stage.clone(), *p))
+        .collect();
+    assert_eq!(
+        installing,
+        [
+            ("installer started".to_owned(), 0),
+            ("writing the image".to_owned(), 0),
+            ("writing the image".to_owned(), 25),
+            ("writing the image".to_owned(), 50),
+            ("writing the image".to_owned(), 75),
+            ("writing the image".to_owned(), 100),
+            (
+                "image written and checked in 25 s (28.0 MB/s)".to_owned(),
+                100
+            ),
+        ]
+    );
+    let stages: Vec<(Phase, String)> = lab
+        .stages("h0")
+        .into_iter()
+        .filter(|(phase, _)| *phase != Phase::Installing)
+        .collect();
+    assert_eq!(
+        stages[..stages.len() - 1],
+        [
+            stage(Phase::Pending, "starting"),
+            stage(Phase::Pending, "boot device PXE"),
+            stage(Phase::Booting, "powered on"),
+            stage(Phase::Booting, provision::REBOOTING),
+            stage(Phase::Booting, "boot device disk (persistent)"),
+            stage(Phase::Booting, provision::FROM_DISK),
+        ]
+    );
+    // The reclaim clears the persistent override: the next lease
+    // PXE-boots as before.
+    lab.rack.apply_host(spec_with("h0", 0, None, "xen-install"));
+    lab.rack
+        .reclaim("h0", lease, Some(ProfileName::new("xen-install").unwrap()))
+        .await
+        .unwrap();
+    assert!(!sim.powered_on());
+    assert_eq!(sim.boot(), Some((BootDevice::None, false, false)));
+    let next = LeaseId::random();
+    lab.rack.apply_host(spec("h0", 0, Some(next)));
+    until_ops(&sim, 9).await;
+    assert_eq!(sim.boot(), Some((BootDevice::Pxe, false, false)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_install_that_fails_says_why_and_a_restarted_agent_installs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let bmcs = Bmcs::default();
+    let lease = LeaseId::random();
+    let mut first = Lab::new(dir.path(), bmcs.clone());
+    first
+        .rack
+        .apply_rack(vec![spec_with("h0", 0, Some(lease), "xen-install")]);
+    let mut serial = first.console("h0").await;
+    first.until_phase("h0", Phase::Booting).await;
+    serial
+        .write_all(b"LAB-INSTALL stage=writing percent=40\r\n")
+        .await
+        .unwrap();
+    first.until_phase("h0", Phase::Installing).await;
+    first.rack.shutdown().await;
+    let text = std::fs::read_to_string(persist::state_path(dir.path())).unwrap();
+    assert!(text.contains("phase = \"installing\""), "{text}");
+    assert_eq!(first.bmc("h0").log(), ["boot Pxe", "On"]);
+
+    // The restarted agent cannot know how far the install got: it starts
+    // it again (a reset: the host is on).
+    let mut second = Lab::new(dir.path(), bmcs);
+    second
+        .rack
+        .apply_rack(vec![spec_with("h0", 0, Some(lease), "xen-install")]);
+    let mut serial = second.console("h0").await;
+    second.until_phase("h0", Phase::Booting).await;
+    assert_eq!(
+        second.stages("h0")[0],
+        stage(Phase::Pending, provision::RESUMED_INSTALL)
+    );
+    assert_eq!(
+        second.bmc("h0").log(),
+        ["boot Pxe", "On", "boot Pxe", "HardReset"]
+    );
+    // The installer's failure line is the reason.
+    serial
+        .write_all(
+            b"LAB-INSTALL stage=failed reason=sha256-mismatch detail=got 00, expected ab\r\n",
+        )
+        .await
+        .unwrap();
+    let failed = second.until_phase("h0", Phase::Failed).await;
+    assert_eq!(
+        failed.stage,
+        "install failed: sha256-mismatch: got 00, expected ab"
+    );
+    assert!(failed.console_tail.contains("stage=failed"), "{failed:?}");
+    second.rack.shutdown().await;
 }

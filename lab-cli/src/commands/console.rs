@@ -120,6 +120,7 @@ async fn live(ctx: &Ctx, s: Session) -> anyhow::Result<()> {
             host: s.host.clone(),
             write: s.write,
             replay_bytes: s.replay,
+            not_before: None,
         })),
     };
     tx.send(open).await.expect("the receiver is still here");

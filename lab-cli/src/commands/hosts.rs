@@ -1,9 +1,12 @@
-//! `lab hosts`, `lab host show`, `lab host maintenance`.
+//! `lab hosts`, `lab host show`, `lab host maintenance`, `lab host
+//! quarantine`, `lab host release-quarantine`.
 
 use std::time::SystemTime;
 
 use clap::{Args, Subcommand, ValueEnum};
-use lab_proto::v1::{GetHostRequest, Host, ListHostsRequest, SetMaintenanceRequest};
+use lab_proto::v1::{
+    GetHostRequest, Host, ListHostsRequest, SetMaintenanceRequest, SetQuarantineRequest,
+};
 
 use super::{ArchArg, Ctx};
 use crate::clock;
@@ -41,6 +44,26 @@ pub enum HostCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Quarantine a host: never granted until released (operators only)
+    ///
+    /// A lease it holds runs out first. The server also quarantines a host
+    /// by itself after repeated provisioning failures attributed to it.
+    Quarantine {
+        /// Host name
+        name: String,
+        /// Why (required; shown with the host and recorded in the event log)
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a host from quarantine (or suspicion): healthy again
+    /// (operators only)
+    ReleaseQuarantine {
+        /// Host name
+        name: String,
+        /// Why (recorded in the event log)
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -64,7 +87,7 @@ pub async fn list(ctx: &Ctx, args: HostsArgs) -> anyhow::Result<()> {
 
 fn table(hosts: &[HostView], now: SystemTime) -> String {
     let mut t = Table::new(&[
-        "NAME", "ARCH", "FW", "RACK", "STATE", "HOLDER", "LEASE", "EXPIRES", "FLAGS",
+        "NAME", "ARCH", "FW", "RACK", "STATE", "HEALTH", "HOLDER", "LEASE", "EXPIRES", "FLAGS",
     ]);
     for h in hosts {
         t.row(vec![
@@ -73,6 +96,7 @@ fn table(hosts: &[HostView], now: SystemTime) -> String {
             h.firmware.to_owned(),
             h.rack.clone(),
             h.state_label(),
+            h.health.to_owned(),
             h.holder.clone().unwrap_or_default(),
             h.lease_id.clone().unwrap_or_default(),
             h.lease_expires_at
@@ -116,7 +140,34 @@ pub async fn run(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             }
             Ok(output::emit(&output::line(&msg))?)
         }
+        HostCommand::Quarantine { name, reason } => set_quarantine(ctx, name, true, reason).await,
+        HostCommand::ReleaseQuarantine { name, reason } => {
+            set_quarantine(ctx, name, false, reason.unwrap_or_default()).await
+        }
     }
+}
+
+async fn set_quarantine(
+    ctx: &Ctx,
+    name: String,
+    quarantined: bool,
+    reason: String,
+) -> anyhow::Result<()> {
+    let req = SetQuarantineRequest {
+        host: name,
+        quarantined,
+        reason,
+    };
+    let host = ctx.lab.admin().set_quarantine(req).await?.into_inner();
+    let view = HostView::from(&host);
+    if ctx.json {
+        return Ok(output::emit(&output::json(&view))?);
+    }
+    let mut msg = format!("{}: {}, state {}", view.name, view.health, view.state);
+    if view.health == "quarantined" && view.state == "leased" {
+        msg.push_str(" (its lease runs out first)");
+    }
+    Ok(output::emit(&output::line(&msg))?)
 }
 
 fn print_host(ctx: &Ctx, host: &Host) -> anyhow::Result<()> {
@@ -150,8 +201,22 @@ fn details(v: &HostView, now: SystemTime) -> String {
         ("bmc", v.bmc.clone().unwrap_or_default()),
         ("console", v.console.to_owned()),
         ("reachable", reachable(v)),
+        ("health", health(v, now)),
         ("generation", v.generation.to_string()),
     ])
+}
+
+/// `healthy`, or `quarantined since 12:03 (2m ago): <reason>`.
+fn health(v: &HostView, now: SystemTime) -> String {
+    let mut s = v.health.to_owned();
+    if let Some(t) = v.health_since {
+        s.push_str(&format!(" since {}", clock::when(t.0, now)));
+    }
+    if let Some(r) = &v.health_reason {
+        s.push_str(": ");
+        s.push_str(r);
+    }
+    s
 }
 
 /// `yes`, or `no: <reason>` for `host show`.
@@ -193,14 +258,16 @@ mod tests {
             rack: "r2".into(),
             state: HostState::Available as i32,
             reachable: true,
+            health: lab_proto::v1::HostHealth::Quarantined as i32,
+            health_reason: "2 host failures within 1h".into(),
             ..Default::default()
         };
         let views: Vec<HostView> = [leased, free].iter().map(HostView::from).collect();
         assert_eq!(
             table(&views, now),
-            "NAME  ARCH     FW    RACK  STATE      HOLDER  LEASE  EXPIRES  FLAGS\n\
-             x1    x86_64   uefi  r1    leased     ci      L-1    in 29m   gpu,nvme\n\
-             a1    aarch64  uefi  r2    available  -       -      -        -\n"
+            "NAME  ARCH     FW    RACK  STATE      HEALTH       HOLDER  LEASE  EXPIRES  FLAGS\n\
+             x1    x86_64   uefi  r1    leased     healthy      ci      L-1    in 29m   gpu,nvme\n\
+             a1    aarch64  uefi  r2    available  quarantined  -       -      -        -\n"
         );
     }
 

@@ -334,6 +334,9 @@ fn judge(lease: &Lease, progress: &mut Progress) -> anyhow::Result<bool> {
                 if let Some(tail) = ready::tail(p) {
                     err.write_all(tail.as_bytes())?;
                 }
+                if let Some(why) = ready::attribution(p) {
+                    err.write_all(why.as_bytes())?;
+                }
             }
             let what = hosts
                 .iter()
@@ -548,7 +551,7 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
     for p in &l.provisioning {
         t.row(vec![
             p.host.clone(),
-            p.phase.to_owned(),
+            p.phase_percent(),
             p.stage.clone().unwrap_or_default(),
             p.updated_at
                 .map(|t| clock::relative(t.0, now))
@@ -562,6 +565,11 @@ fn provisioning(l: &LeaseView, now: SystemTime) -> String {
         {
             s.push('\n');
             s.push_str(&tail);
+        }
+        if p.phase == "failed"
+            && let Some(why) = ready::attribution(p)
+        {
+            s.push_str(&why);
         }
     }
     s
@@ -717,7 +725,7 @@ mod tests {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let lease = Lease {
             id: "L-1".into(),
-            hosts: vec!["x1".into(), "x2".into()],
+            hosts: vec!["x1".into(), "x2".into(), "x3".into()],
             provisioning: vec![
                 HostProvisioning {
                     host: "x1".into(),
@@ -730,7 +738,17 @@ mod tests {
                     host: "x2".into(),
                     phase: ProvisionPhase::Failed as i32,
                     stage: "no ready marker within 180s".into(),
-                    console_tail: "Loading xen...\npanic\n".into(),
+                    console_tail: "Loading xen...\nKernel panic - not syncing\n".into(),
+                    failure_class: lab_proto::v1::FailureClass::Job as i32,
+                    failure_rule: "kernel panic".into(),
+                    failure_line: "Kernel panic - not syncing".into(),
+                    ..Default::default()
+                },
+                HostProvisioning {
+                    host: "x3".into(),
+                    phase: ProvisionPhase::Installing as i32,
+                    stage: "writing the image".into(),
+                    percent: 42,
                     ..Default::default()
                 },
             ],
@@ -740,12 +758,14 @@ mod tests {
         let block = text.split_once("\n\n").unwrap().1;
         assert_eq!(
             block,
-            "HOST  PHASE   STAGE                        UPDATED\n\
-             x1    ready   ready marker seen            1m ago\n\
-             x2    failed  no ready marker within 180s  -\n\
+            "HOST  PHASE            STAGE                        UPDATED\n\
+             x1    ready            ready marker seen            1m ago\n\
+             x2    failed           no ready marker within 180s  -\n\
+             x3    installing 42 %  writing the image            -\n\
              \n\
              ==> console of x2 (last lines) <==\n\
-             Loading xen...\npanic\n"
+             Loading xen...\nKernel panic - not syncing\n\
+             x2 failed: the job's fault (rule \"kernel panic\"): Kernel panic - not syncing\n"
         );
     }
 }

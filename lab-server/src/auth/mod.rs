@@ -76,6 +76,11 @@ pub fn new_token() -> String {
 }
 
 impl Authenticator {
+    /// The development mode (no authentication at all)?
+    pub fn is_insecure_dev(&self) -> bool {
+        matches!(self, Authenticator::InsecureDev)
+    }
+
     pub fn load(path: &Path) -> Result<Self, TokensError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
             what: "tokens file",

@@ -14,7 +14,9 @@ use super::{
     LeasePage, LeaseQuery, QueueEntry, ReloadSummary, Reply, WaitState,
 };
 use crate::events::{EventKind, EventRecord};
+use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
+use crate::lease::machine::Health;
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
@@ -181,6 +183,10 @@ pub(super) struct Actor {
     /// Hosts that cannot be driven now (agent away, BMC silent) and why.
     /// Not persisted: agents report it again after every restart.
     unreachable: BTreeMap<HostName, String>,
+    /// When provisionings failed through each host's fault, within the
+    /// quarantine window. Not persisted (a restart forgets suspicions in
+    /// the making, not the health already recorded).
+    host_failures: HashMap<HostName, VecDeque<Timestamp>>,
     last_seq: u64,
     /// The inventory must be reconciled with the host records (after a
     /// reload of state from the store).
@@ -229,6 +235,7 @@ impl Actor {
             retired_specs: HashMap::new(),
             reclaiming: HashSet::new(),
             unreachable: BTreeMap::new(),
+            host_failures: HashMap::new(),
             last_seq: 0,
             resync: false,
             next_retention: tokio::time::Instant::now(),
@@ -470,6 +477,21 @@ impl Actor {
                 let r = self.set_maintenance(p, now, &caller, &host, on, reason);
                 p.reply(reply, r);
             }
+            Command::SetQuarantine {
+                caller,
+                host,
+                on,
+                reason,
+                reply,
+            } => {
+                let r = self.set_quarantine(p, now, &caller, &host, on, reason);
+                p.reply(reply, r);
+            }
+            Command::HostVerdict {
+                host,
+                lease,
+                verdict,
+            } => self.host_verdict(p, now, &host, lease, verdict),
             Command::SetInventory {
                 actor,
                 inventory,
@@ -1332,6 +1354,129 @@ impl Actor {
             info!(host = %host, maintenance = on, by = %caller.principal, "maintenance changed");
         }
         self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    fn set_quarantine(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        host: &HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        policy::operators_only(caller, "quarantine hosts")?;
+        let rec = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| not_found("host", host))?;
+        let health = if on {
+            if reason.trim().is_empty() {
+                return Err(CoreError::InvalidArgument {
+                    field: "reason",
+                    reason: "a quarantine needs a reason".into(),
+                });
+            }
+            if rec.health.is_quarantined() {
+                return self.view(host).ok_or_else(|| not_found("host", host));
+            }
+            Health::Quarantined {
+                reason,
+                since: now,
+                by: caller.principal.clone(),
+            }
+        } else {
+            // A release forgives the failures counted so far.
+            self.host_failures.remove(host);
+            Health::Healthy
+        };
+        self.set_health(p, now, &caller.principal, host, health)?;
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// A provisioning failed through the host's fault (suspect; quarantined
+    /// at the configured count within the window), or reached READY (a
+    /// suspicion is cleared). Failures of the job or the lab say nothing
+    /// about the host.
+    fn host_verdict(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        host: &HostName,
+        lease: LeaseId,
+        verdict: HostVerdict,
+    ) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        let health = match verdict {
+            HostVerdict::Failed(f) if f.class == FailureClass::Host => {
+                let window = self.config.quarantine_window;
+                let failures = self.host_failures.entry(host.clone()).or_default();
+                failures.push_back(now);
+                while failures.front().is_some_and(|t| now.since(*t) > window) {
+                    failures.pop_front();
+                }
+                let n = failures.len();
+                let why = format!("{} in lease {lease}: {}", f.rule, f.line);
+                if rec.health.is_quarantined() {
+                    return;
+                }
+                if n >= self.config.quarantine_after {
+                    Health::Quarantined {
+                        reason: format!(
+                            "{n} host failures within {}; the last: {why}",
+                            humantime::format_duration(window)
+                        ),
+                        since: now,
+                        by: Principal::server(),
+                    }
+                } else {
+                    Health::Suspect {
+                        reason: why,
+                        since: now,
+                    }
+                }
+            }
+            HostVerdict::Failed(_) => return,
+            HostVerdict::Ready => match rec.health {
+                Health::Suspect { .. } => Health::Healthy,
+                _ => return,
+            },
+        };
+        if let Err(e) = self.set_health(p, now, &Principal::server(), host, health) {
+            warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+    }
+
+    /// Records a change of `host`'s health (nothing when it is the same),
+    /// with a `HOST_HEALTH` event.
+    fn set_health(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+        host: &HostName,
+        health: Health,
+    ) -> Result<(), CoreError> {
+        let Some(rec) = self.hosts.get(host) else {
+            return Err(not_found("host", host));
+        };
+        if rec.health == health {
+            return Ok(());
+        }
+        let was = rec.health.name();
+        let detail = match &health {
+            Health::Healthy => format!("healthy (was {was})"),
+            Health::Suspect { reason, .. } => format!("suspect: {reason}"),
+            Health::Quarantined { reason, .. } => format!("quarantined: {reason}"),
+        };
+        info!(host = %host, health = health.name(), was, by = %actor, "host health changed");
+        self.host_apply(p, host, HostEvent::SetHealth(health))?;
+        let e = self.event(p, now, actor, EventKind::HostHealth);
+        e.hosts = vec![host.clone()];
+        e.detail = detail;
+        Ok(())
     }
 
     /// Bring host records in line with the inventory: add new hosts, retire

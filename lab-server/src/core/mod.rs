@@ -28,6 +28,7 @@ pub mod reclaim;
 pub mod stats;
 
 use crate::events::{EventKind, EventRecord};
+use crate::health::HostVerdict;
 use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
@@ -68,6 +69,10 @@ pub struct CoreConfig {
     /// Most leases, and most events, one retention step removes (one
     /// transaction each).
     pub retention_batch: usize,
+    /// This many provisioning failures attributed to a host within
+    /// `quarantine_window` quarantine it (fewer make it suspect).
+    pub quarantine_after: usize,
+    pub quarantine_window: Duration,
 }
 
 impl CoreConfig {
@@ -82,6 +87,8 @@ impl CoreConfig {
             reattach_grace: Duration::from_secs(60),
             retention: Duration::from_secs(90 * 24 * 3600),
             retention_batch: 1000,
+            quarantine_after: 2,
+            quarantine_window: Duration::from_secs(3600),
         }
     }
 
@@ -310,6 +317,18 @@ enum Command {
         on: bool,
         reason: String,
         reply: Reply<HostView>,
+    },
+    SetQuarantine {
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+        reply: Reply<HostView>,
+    },
+    HostVerdict {
+        host: HostName,
+        lease: LeaseId,
+        verdict: HostVerdict,
     },
     SetInventory {
         actor: Principal,
@@ -562,6 +581,38 @@ impl Core {
             reply,
         })
         .await
+    }
+
+    /// Quarantine a host (never granted until released) or release it back
+    /// to healthy. Operators only; a quarantine needs a reason.
+    pub async fn set_quarantine(
+        &self,
+        caller: Caller,
+        host: HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::SetQuarantine {
+            caller,
+            host,
+            on,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// What a provisioning said about its host (from the rack registry):
+    /// the core keeps the host's health (see [`crate::health`]).
+    pub async fn host_verdict(&self, host: HostName, lease: LeaseId, verdict: HostVerdict) {
+        let _ = self
+            .tx
+            .send(Command::HostVerdict {
+                host,
+                lease,
+                verdict,
+            })
+            .await;
     }
 
     /// Re-read the inventory file and apply it. Operators only (the server

@@ -8,7 +8,7 @@
 //! | any user | read a host's power state |
 //! | an operator | maintenance, inventory reloads |
 //! | `ci`, `developer`: up to the maximum user priority; an operator: any | a lease request's priority |
-//! | an agent (or an operator, the development mode) | attach, for the rack whose `agent` it is (operators: any rack) |
+//! | an agent | attach, for the rack whose `agent` it is (in the development mode, `--dev-insecure-no-auth`: anyone, for any rack) |
 //!
 //! The core applies the lease and operator rules, the rack registry
 //! (`crate::racks`) the host and attach rules, the gRPC layer the first
@@ -171,10 +171,21 @@ pub fn may_read_console_log(caller: &Caller, lease: &Lease) -> Result<(), Denied
     })
 }
 
-/// Opening an agent link at all (before the hello names a rack): agents,
-/// and operators (the development mode).
-pub fn may_link(caller: &Caller) -> Result<(), Denied> {
-    if matches!(caller.role, Role::Agent | Role::Operator) {
+/// How callers are authenticated: what the agent rules depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Tokens from the tokens file, each with its role.
+    Tokens,
+    /// The development mode (`--dev-insecure-no-auth`): no authentication,
+    /// every caller an operator; anyone may attach as any rack's agent.
+    InsecureDev,
+}
+
+/// Opening an agent link at all (before the hello names a rack): agents
+/// (anyone in the development mode). An operator's token is no agent's: it
+/// would receive the rack's BMC passwords and replace the real agent.
+pub fn may_link(caller: &Caller, mode: AuthMode) -> Result<(), Denied> {
+    if caller.role == Role::Agent || mode == AuthMode::InsecureDev {
         return Ok(());
     }
     Err(Denied::NotAnAgent {
@@ -183,10 +194,17 @@ pub fn may_link(caller: &Caller) -> Result<(), Denied> {
     })
 }
 
-/// Attaching for `rack`, whose agent is `agent`: that agent, or an
-/// operator (any rack).
-pub fn may_attach(caller: &Caller, rack: &RackName, agent: &str) -> Result<(), Denied> {
-    if caller.role.is_operator() || caller.principal.as_str() == agent {
+/// Attaching for `rack`, whose agent is `agent`: that agent (anyone, for
+/// any rack, in the development mode).
+pub fn may_attach(
+    caller: &Caller,
+    rack: &RackName,
+    agent: &str,
+    mode: AuthMode,
+) -> Result<(), Denied> {
+    if mode == AuthMode::InsecureDev
+        || (caller.role == Role::Agent && caller.principal.as_str() == agent)
+    {
         return Ok(());
     }
     Err(Denied::NotTheRacksAgent {
@@ -281,11 +299,30 @@ mod tests {
                 "log",
                 Box::new(|c| may_read_console_log(c, &lease("alice", Released))),
             ),
-            ("link", Box::new(may_link)),
+            ("link", Box::new(|c| may_link(c, AuthMode::Tokens))),
             ("priority", Box::new(|c| may_use_priority(c, i32::MAX, 10))),
             (
                 "attach",
-                Box::new(|c| may_attach(c, &RackName::new("r1").unwrap(), "agent-r1")),
+                Box::new(|c| {
+                    may_attach(
+                        c,
+                        &RackName::new("r1").unwrap(),
+                        "agent-r1",
+                        AuthMode::Tokens,
+                    )
+                }),
+            ),
+            ("dev link", Box::new(|c| may_link(c, AuthMode::InsecureDev))),
+            (
+                "dev attach",
+                Box::new(|c| {
+                    may_attach(
+                        c,
+                        &RackName::new("r1").unwrap(),
+                        "agent-r1",
+                        AuthMode::InsecureDev,
+                    )
+                }),
             ),
         ];
         let callers = [
@@ -294,22 +331,26 @@ mod tests {
             ("root", Operator),
             ("agent-r1", Agent),
             ("agent-r2", Agent),
+            // An operator's token: no agent, outside the development mode.
+            ("agent-r1", Operator),
         ];
         #[rustfmt::skip]
-        let want: [(&str, [bool; 5]); 12] = [
-            //              alice  bob    root   agent1 agent2
-            ("call",        [true,  true,  true,  false, false]),
-            ("manage",      [true,  false, true,  false, false]),
-            ("operate",     [false, false, true,  false, false]),
-            ("drive",       [true,  false, true,  false, false]),
-            ("forward",     [true,  false, true,  false, false]),
-            ("forward free",[false, false, true,  false, false]),
-            ("drive ended", [false, false, true,  false, false]),
-            ("drive free",  [false, false, true,  false, false]),
-            ("log",         [true,  false, true,  false, false]),
-            ("link",        [false, false, true,  true,  true]),
-            ("priority",    [false, false, true,  false, false]),
-            ("attach",      [false, false, true,  true,  false]),
+        let want: [(&str, [bool; 6]); 14] = [
+            //              alice  bob    root   agent1 agent2 op-named-agent1
+            ("call",        [true,  true,  true,  false, false, true]),
+            ("manage",      [true,  false, true,  false, false, true]),
+            ("operate",     [false, false, true,  false, false, true]),
+            ("drive",       [true,  false, true,  false, false, true]),
+            ("forward",     [true,  false, true,  false, false, true]),
+            ("forward free",[false, false, true,  false, false, true]),
+            ("drive ended", [false, false, true,  false, false, true]),
+            ("drive free",  [false, false, true,  false, false, true]),
+            ("log",         [true,  false, true,  false, false, true]),
+            ("link",        [false, false, false, true,  true,  false]),
+            ("priority",    [false, false, true,  false, false, true]),
+            ("attach",      [false, false, false, true,  false, false]),
+            ("dev link",    [true,  true,  true,  true,  true,  true]),
+            ("dev attach",  [true,  true,  true,  true,  true,  true]),
         ];
         for ((name, rule), (want_name, allowed)) in rules.iter().zip(want) {
             assert_eq!(*name, want_name);
@@ -375,14 +416,19 @@ mod tests {
                     .into(),
             ),
             (
-                may_link(&bob).unwrap_err(),
+                may_link(&bob, AuthMode::Tokens).unwrap_err(),
                 "bob (developer) is not an agent".into(),
+            ),
+            (
+                may_link(&caller("root", Role::Operator), AuthMode::Tokens).unwrap_err(),
+                "root (operator) is not an agent".into(),
             ),
             (
                 may_attach(
                     &caller("agent-r2", Role::Agent),
                     &RackName::new("r1").unwrap(),
                     "agent-r1",
+                    AuthMode::Tokens,
                 )
                 .unwrap_err(),
                 "agent-r2 may not attach for rack r1 (its agent is agent-r1)".into(),

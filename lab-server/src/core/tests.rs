@@ -1040,3 +1040,151 @@ async fn leases_are_listed_by_page() {
         [vec![all[0], all[2], all[4], all[6]]]
     );
 }
+
+fn attribution(class: crate::health::FailureClass) -> crate::health::HostVerdict {
+    crate::health::HostVerdict::Failed(crate::health::Attribution {
+        class,
+        rule: "no bootable device".into(),
+        line: "No bootable device.".into(),
+    })
+}
+
+async fn health(core: &Core, h: &str) -> crate::lease::machine::Health {
+    core.get_host(HostName::new(h).unwrap())
+        .await
+        .unwrap()
+        .record
+        .health
+}
+
+/// The health loop without checks: a host failure makes a host suspect, a
+/// READY clears it, the configured count within the window quarantines it
+/// (never granted, surviving a restart) until an operator releases it; job
+/// and lab failures say nothing about the host; only operators quarantine.
+#[tokio::test(start_paused = true)]
+async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
+    use crate::health::{FailureClass, HostVerdict};
+    use crate::lease::machine::Health;
+    let store = Arc::new(MemStore::default());
+    let core = start(store.clone()).await;
+    let h1 = HostName::new("h1").unwrap();
+    let l = granted(&core, "ci", on_host("h1", 60)).await;
+
+    // The job's fault and the lab's: nothing about the host.
+    for class in [
+        FailureClass::Job,
+        FailureClass::Infra,
+        FailureClass::Unknown,
+    ] {
+        core.host_verdict(h1.clone(), l.id, attribution(class))
+            .await;
+    }
+    settle().await;
+    assert_eq!(health(&core, "h1").await, Health::Healthy);
+
+    // One host failure: suspect, still granted.
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Suspect { reason, .. } => assert_eq!(
+            reason,
+            format!("no bootable device in lease {}: No bootable device.", l.id)
+        ),
+        other => panic!("{other:?}"),
+    }
+    // A later READY clears the suspicion.
+    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
+        .await;
+    settle().await;
+    assert_eq!(health(&core, "h1").await, Health::Healthy);
+
+    // Outside the window the count starts again: suspect, not quarantined.
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    assert!(matches!(health(&core, "h1").await, Health::Suspect { .. }));
+    // A second one within the hour: quarantined, by the server.
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!(by, Principal::server());
+            assert!(
+                reason.starts_with("2 host failures within 1h; the last: no bootable device"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A READY does not release a quarantine.
+    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
+        .await;
+    settle().await;
+    assert!(health(&core, "h1").await.is_quarantined());
+
+    // The lease ran out meanwhile (the hour passed); h1 is never granted
+    // while quarantined, h2 is.
+    assert_eq!(
+        host_state(&core, "h1").await,
+        crate::lease::HostState::Available
+    );
+    let e = core
+        .acquire(caller("ci"), ask(on_host("h1", 60), true))
+        .await
+        .unwrap()
+        .next()
+        .await;
+    assert!(
+        matches!(e, Some(WaitState::Failed(CoreError::Busy))),
+        "{e:?}"
+    );
+    let other = granted(&core, "ci", spec(1, 60)).await;
+    assert_eq!(other.hosts, vec![HostName::new("h2").unwrap()]);
+
+    // Only operators quarantine or release; a quarantine needs a reason.
+    let e = core
+        .set_quarantine(caller("ci"), h1.clone(), false, String::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::PermissionDenied(_)), "{e}");
+    let e = core
+        .set_quarantine(operator("root"), h1.clone(), true, " ".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::InvalidArgument { .. }), "{e}");
+
+    // The health is durable: a restart keeps the quarantine.
+    drop(core);
+    let core = start(store.clone()).await;
+    assert!(health(&core, "h1").await.is_quarantined());
+
+    // An operator releases it: healthy, granted again.
+    let v = core
+        .set_quarantine(operator("root"), h1.clone(), false, "disk replaced".into())
+        .await
+        .unwrap();
+    assert_eq!(v.record.health, Health::Healthy);
+    let again = granted(&core, "ci", on_host("h1", 60)).await;
+    assert_eq!(again.hosts, vec![h1.clone()]);
+
+    // Every change is a HOST_HEALTH event.
+    let details: Vec<String> = store
+        .all_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::HostHealth)
+        .map(|e| format!("{} {}", e.actor, e.detail.split(':').next().unwrap()))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "server suspect",
+            "server healthy (was suspect)",
+            "server suspect",
+            "server quarantined",
+            "root healthy (was quarantined)",
+        ]
+    );
+}

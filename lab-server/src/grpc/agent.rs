@@ -5,6 +5,7 @@
 
 use super::Api;
 use super::convert::arch_to_proto;
+use crate::core::policy::AuthMode;
 use crate::inventory::ConsoleSource;
 use crate::racks::{
     AgentFailure, Command, CommandId, CommandKind, CommandReply, DesiredHost, Done, FailureKind,
@@ -30,11 +31,16 @@ impl AgentService for Api {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let caller = self.any_caller(&req)?;
+        let mode = if self.auth_is_insecure_dev() {
+            AuthMode::InsecureDev
+        } else {
+            AuthMode::Tokens
+        };
         let inbound = req.into_inner().map(|m| match m {
             Ok(m) => from_agent(m),
             Err(status) => Err(LinkError::Broken(Box::new(status))),
         });
-        let rx = self.racks.attach(caller, Box::pin(inbound)).await?;
+        let rx = self.racks.attach(caller, mode, Box::pin(inbound)).await?;
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|m| m.map(to_agent).map_err(Status::from));
         Ok(Response::new(Box::pin(outbound)))
@@ -66,6 +72,7 @@ pub(crate) fn from_agent(m: pb::AgentMessage) -> Result<FromAgent, LinkError> {
                 phase: phase_from_proto(r.phase),
                 stage: r.stage,
                 console_tail: r.console_tail,
+                percent: r.percent,
             }),
         }),
         Msg::Reply(r) => FromAgent::Reply(CommandReply {
@@ -102,6 +109,7 @@ pub(crate) fn failure_kind(code: i32) -> FailureKind {
         Ok(K::DeadlineExceeded) => FailureKind::DeadlineExceeded,
         Ok(K::Unimplemented) => FailureKind::Unimplemented,
         Ok(K::Unavailable) => FailureKind::Unavailable,
+        Ok(K::ResourceExhausted) => FailureKind::ResourceExhausted,
         Ok(K::Internal | K::Unspecified) | Err(_) => FailureKind::Internal,
     }
 }
@@ -110,6 +118,7 @@ pub(crate) fn phase_from_proto(v: i32) -> ProvisionPhase {
     match pb::ProvisionPhase::try_from(v) {
         Ok(pb::ProvisionPhase::Pending) => ProvisionPhase::Pending,
         Ok(pb::ProvisionPhase::Booting) => ProvisionPhase::Booting,
+        Ok(pb::ProvisionPhase::Installing) => ProvisionPhase::Installing,
         Ok(pb::ProvisionPhase::Ready) => ProvisionPhase::Ready,
         Ok(pb::ProvisionPhase::Failed) => ProvisionPhase::Failed,
         Ok(pb::ProvisionPhase::Unspecified) | Err(_) => ProvisionPhase::Unknown,
@@ -120,6 +129,7 @@ pub(crate) fn phase_to_proto(p: ProvisionPhase) -> pb::ProvisionPhase {
     match p {
         ProvisionPhase::Pending => pb::ProvisionPhase::Pending,
         ProvisionPhase::Booting => pb::ProvisionPhase::Booting,
+        ProvisionPhase::Installing => pb::ProvisionPhase::Installing,
         ProvisionPhase::Ready => pb::ProvisionPhase::Ready,
         ProvisionPhase::Failed => pb::ProvisionPhase::Failed,
         ProvisionPhase::Unknown => pb::ProvisionPhase::Unspecified,
@@ -216,10 +226,12 @@ fn command(c: Command) -> pb::AgentCommand {
             host: o.host.to_string(),
             write: o.write,
             replay_bytes: o.replay_bytes,
+            not_before: o.not_before.map(|t| timestamp_from_millis(t.millis())),
         }),
         CommandKind::Log(l) => Cmd::Log(pb::LogRead {
             from: Some(timestamp_from_millis(l.from.millis())),
             to: l.to.map(|t| timestamp_from_millis(t.millis())),
+            window: l.window,
         }),
         CommandKind::CloseSession => Cmd::CloseSession(true),
         CommandKind::Forward(o) => Cmd::Forward(pb::ForwardOpen {
@@ -261,6 +273,7 @@ mod tests {
                 phase,
                 stage: "powered on".into(),
                 console_tail: String::new(),
+                percent: 0,
             })),
         }
     }
@@ -315,7 +328,8 @@ mod tests {
                 lease,
                 phase: ProvisionPhase::Booting,
                 stage: "powered on".into(),
-                console_tail: String::new()
+                console_tail: String::new(),
+                percent: 0,
             })
         );
         // No lease, or an unreadable one: no provisioning.
@@ -343,6 +357,7 @@ mod tests {
             (K::Unimplemented as i32, FailureKind::Unimplemented),
             (K::Unavailable as i32, FailureKind::Unavailable),
             (K::Internal as i32, FailureKind::Internal),
+            (K::ResourceExhausted as i32, FailureKind::ResourceExhausted),
             (99, FailureKind::Internal),
         ];
         for (code, want) in cases {
@@ -381,6 +396,7 @@ mod tests {
         for p in [
             ProvisionPhase::Pending,
             ProvisionPhase::Booting,
+            ProvisionPhase::Installing,
             ProvisionPhase::Ready,
             ProvisionPhase::Failed,
             ProvisionPhase::Unknown,

@@ -6,6 +6,7 @@ use super::status::invalid;
 use crate::core::{AcquireRequest, HostView, LeaseKey};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
+use crate::lease::machine::Health;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
 use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
 use crate::types::{
@@ -230,12 +231,14 @@ pub fn power_action(field: &str, v: i32) -> Result<PowerAction, Status> {
     }
 }
 
-/// The console a user asks to open.
+/// The console a user asks to open (a `not_before` in the request is
+/// ignored: only the server sets it).
 pub fn console_open(o: pb::ConsoleOpen) -> Result<ConsoleOpen, Status> {
     Ok(ConsoleOpen {
         host: host_name("open.host", o.host)?,
         write: o.write,
         replay_bytes: o.replay_bytes,
+        not_before: None,
     })
 }
 
@@ -263,6 +266,33 @@ pub fn provisioning_to_proto(p: &Provisioning) -> pb::HostProvisioning {
         stage: p.stage.clone(),
         updated_at: p.updated_at.map(ts),
         console_tail: p.console_tail.clone(),
+        percent: p.percent,
+        failure_class: p
+            .failure
+            .as_ref()
+            .map_or(pb::FailureClass::Unspecified, |f| {
+                failure_class_to_proto(f.class)
+            }) as i32,
+        failure_rule: p
+            .failure
+            .as_ref()
+            .map(|f| f.rule.clone())
+            .unwrap_or_default(),
+        failure_line: p
+            .failure
+            .as_ref()
+            .map(|f| f.line.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn failure_class_to_proto(c: crate::health::FailureClass) -> pb::FailureClass {
+    use crate::health::FailureClass as C;
+    match c {
+        C::Host => pb::FailureClass::Host,
+        C::Job => pb::FailureClass::Job,
+        C::Infra => pb::FailureClass::Infra,
+        C::Unknown => pb::FailureClass::Unknown,
     }
 }
 
@@ -319,6 +349,19 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
         unreachable_reason: v.unreachable.clone().unwrap_or_default(),
         ..Default::default()
     };
+    match &r.health {
+        Health::Healthy => h.health = pb::HostHealth::Healthy as i32,
+        Health::Suspect { reason, since } => {
+            h.health = pb::HostHealth::Suspect as i32;
+            h.health_reason = reason.clone();
+            h.health_since = Some(ts(*since));
+        }
+        Health::Quarantined { reason, since, by } => {
+            h.health = pb::HostHealth::Quarantined as i32;
+            h.health_reason = format!("{reason} (by {by})");
+            h.health_since = Some(ts(*since));
+        }
+    }
     if let Some(l) = &v.lease {
         h.holder = l.holder.to_string();
         if l.is_active() {
@@ -372,6 +415,9 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HostReachable => P::HostReachable,
         EventKind::ForwardOpened => P::ForwardOpened,
         EventKind::ForwardClosed => P::ForwardClosed,
+        EventKind::AgentAttached => P::AgentAttached,
+        EventKind::AgentDetached => P::AgentDetached,
+        EventKind::HostHealth => P::HostHealth,
     }
 }
 

@@ -151,6 +151,14 @@ impl Api {
         Ok(caller)
     }
 
+    /// Is the server in the development mode (no authentication)?
+    fn auth_is_insecure_dev(&self) -> bool {
+        self.auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_insecure_dev()
+    }
+
     fn any_caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let header = match req.metadata().get("authorization") {
             None => None,
@@ -371,10 +379,10 @@ impl HostService for Api {
         let caller = self.caller(&req)?;
         let id = cv::lease_id("lease_id", &req.get_ref().lease_id)?;
         let lease = self.core.get_lease(id).await?;
-        let parts = self.racks.console_log(&caller, &lease).await?;
+        let mut parts = self.racks.console_log(&caller, &lease).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::ConsoleResponse, Status>>(64);
         tokio::spawn(async move {
-            for (host, part) in parts {
+            while let Some((host, part)) = parts.next_part().await {
                 let header = pb::ConsoleResponse {
                     msg: Some(pb::console_response::Msg::Host(host.to_string())),
                 };
@@ -392,7 +400,7 @@ impl HostService for Api {
                         continue;
                     }
                 };
-                while let Some(d) = data.recv().await {
+                while let Some(d) = data.next().await {
                     if !d.notice.is_empty() && tx.send(Ok(notice(&d.notice))).await.is_err() {
                         return;
                     }
@@ -698,6 +706,21 @@ impl AdminService for Api {
         let view = self
             .core
             .set_maintenance(caller, host, r.maintenance, reason)
+            .await?;
+        Ok(Response::new(cv::host_to_proto(&view)))
+    }
+
+    async fn set_quarantine(
+        &self,
+        req: Request<pb::SetQuarantineRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let host = cv::host_name("host", r.host)?;
+        let reason = cv::text("reason", r.reason)?;
+        let view = self
+            .core
+            .set_quarantine(caller, host, r.quarantined, reason)
             .await?;
         Ok(Response::new(cv::host_to_proto(&view)))
     }

@@ -88,6 +88,7 @@ fn code_from_kind(kind: FailureKind) -> Code {
         FailureKind::Unimplemented => Code::Unimplemented,
         FailureKind::Unavailable => Code::Unavailable,
         FailureKind::Internal => Code::Internal,
+        FailureKind::ResourceExhausted => Code::ResourceExhausted,
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! host:   Available --grant--> Leased --end-lease--> Reclaiming --reclaimed--> Available
 //!         maintenance and retired are flags: set or cleared in any state;
-//!         a host is grantable only when Available, not in maintenance, not retired.
+//!         health (healthy, suspect, quarantined) is set in any state;
+//!         a host is grantable only when Available, not in maintenance, not
+//!         retired, not quarantined.
 //! ```
 
 use crate::types::{
@@ -180,11 +182,49 @@ pub struct HostRecord {
     pub maintenance: bool,
     /// No longer in the inventory: never granted again, deleted once free.
     pub retired: bool,
+    /// The machine's own condition (records written before health existed
+    /// load as healthy).
+    #[serde(default, skip_serializing_if = "Health::is_healthy")]
+    pub health: Health,
     pub generation: Generation,
 }
 
+/// A host's own condition, apart from who holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    #[default]
+    Healthy,
+    /// A failure was attributed to the host; it is still granted.
+    Suspect { reason: String, since: Timestamp },
+    /// Never granted until released (by an operator, or a passing check).
+    Quarantined {
+        reason: String,
+        since: Timestamp,
+        by: Principal,
+    },
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        *self == Health::Healthy
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        matches!(self, Health::Quarantined { .. })
+    }
+
+    /// `healthy`, `suspect` or `quarantined`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Suspect { .. } => "suspect",
+            Health::Quarantined { .. } => "quarantined",
+        }
+    }
+}
+
 /// What can happen to a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostEvent {
     Grant(LeaseId),
     /// Its lease was released or expired.
@@ -193,6 +233,7 @@ pub enum HostEvent {
     Reclaimed(LeaseId),
     SetMaintenance(bool),
     SetRetired(bool),
+    SetHealth(Health),
 }
 
 impl HostRecord {
@@ -202,13 +243,17 @@ impl HostRecord {
             state: HostState::Available,
             maintenance: false,
             retired: false,
+            health: Health::Healthy,
             generation: Generation(1),
         }
     }
 
     /// May a new lease take this host now?
     pub fn is_grantable(&self) -> bool {
-        self.state == HostState::Available && !self.maintenance && !self.retired
+        self.state == HostState::Available
+            && !self.maintenance
+            && !self.retired
+            && !self.health.is_quarantined()
     }
 
     /// The lease holding it (or being reclaimed from it).
@@ -224,6 +269,7 @@ impl HostRecord {
         match self.state {
             HostState::Available if self.retired => "retired",
             HostState::Available if self.maintenance => "in maintenance",
+            HostState::Available if self.health.is_quarantined() => "quarantined",
             HostState::Available => "available",
             HostState::Leased(_) => "leased",
             HostState::Reclaiming(_) => "reclaiming",
@@ -260,6 +306,7 @@ impl HostRecord {
             }
             HostEvent::SetMaintenance(on) => next.maintenance = on,
             HostEvent::SetRetired(on) => next.retired = on,
+            HostEvent::SetHealth(health) => next.health = health,
         }
         Ok(next)
     }
@@ -398,9 +445,18 @@ mod tests {
         );
     }
 
-    /// Every host state (× maintenance × retired) × event.
+    /// Every host state (× maintenance × retired × health) × event.
     #[test]
     fn host_state_event_table() {
+        let suspect = Health::Suspect {
+            reason: "disk I/O error".into(),
+            since: Timestamp(5),
+        };
+        let quarantined = Health::Quarantined {
+            reason: "2 host failures".into(),
+            since: Timestamp(6),
+            by: Principal::server(),
+        };
         let a = LeaseId(uuid::Uuid::from_u128(1));
         let b = LeaseId(uuid::Uuid::from_u128(2));
         let states = [
@@ -418,63 +474,75 @@ mod tests {
             HostEvent::SetMaintenance(false),
             HostEvent::SetRetired(true),
             HostEvent::SetRetired(false),
+            HostEvent::SetHealth(suspect.clone()),
+            HostEvent::SetHealth(quarantined.clone()),
+            HostEvent::SetHealth(Health::Healthy),
         ];
         for state in states {
             for maintenance in [false, true] {
                 for retired in [false, true] {
-                    let h = HostRecord {
-                        name: HostName::new("h1").unwrap(),
-                        state,
-                        maintenance,
-                        retired,
-                        generation: Generation(7),
-                    };
-                    for event in events {
-                        let expected: Option<HostRecord> = match (state, event) {
-                            (HostState::Available, HostEvent::Grant(l))
-                                if !maintenance && !retired =>
-                            {
-                                Some(HostRecord {
-                                    state: HostState::Leased(l),
-                                    ..h.clone()
-                                })
-                            }
-                            (HostState::Leased(x), HostEvent::EndLease(l)) if x == l => {
-                                Some(HostRecord {
-                                    state: HostState::Reclaiming(l),
-                                    ..h.clone()
-                                })
-                            }
-                            (HostState::Reclaiming(x), HostEvent::Reclaimed(l)) if x == l => {
-                                Some(HostRecord {
-                                    state: HostState::Available,
-                                    ..h.clone()
-                                })
-                            }
-                            (_, HostEvent::SetMaintenance(m)) => Some(HostRecord {
-                                maintenance: m,
-                                ..h.clone()
-                            }),
-                            (_, HostEvent::SetRetired(r)) => Some(HostRecord {
-                                retired: r,
-                                ..h.clone()
-                            }),
-                            _ => None,
+                    for health in [Health::Healthy, suspect.clone(), quarantined.clone()] {
+                        let h = HostRecord {
+                            name: HostName::new("h1").unwrap(),
+                            state,
+                            maintenance,
+                            retired,
+                            health: health.clone(),
+                            generation: Generation(7),
                         };
-                        let got = h.apply(event);
-                        match expected {
-                            None => assert!(got.is_err(), "{h:?} × {event:?} should be refused"),
-                            Some(e) => {
-                                let got =
-                                    got.unwrap_or_else(|err| panic!("{h:?} × {event:?}: {err}"));
-                                assert_eq!(
-                                    got,
-                                    HostRecord {
-                                        generation: Generation(8),
-                                        ..e
-                                    },
-                                    "{h:?} × {event:?}"
-                                );
+                        for event in &events {
+                            let expected: Option<HostRecord> = match (state, event.clone()) {
+                                (HostState::Available, HostEvent::Grant(l))
+                                    if !maintenance && !retired && !health.is_quarantined() =>
+                                {
+                                    Some(HostRecord {
+                                        state: HostState::Leased(l),
+                                        ..h.clone()
+                                    })
+                                }
+                                (HostState::Leased(x), HostEvent::EndLease(l)) if x == l => {
+                                    Some(HostRecord {
+                                        state: HostState::Reclaiming(l),
+                                        ..h.clone()
+                                    })
+                                }
+                                (HostState::Reclaiming(x), HostEvent::Reclaimed(l)) if x == l => {
+                                    Some(HostRecord {
+                                        state: HostState::Available,
+                                        ..h.clone()
+                                    })
+                                }
+                                (_, HostEvent::SetMaintenance(m)) => Some(HostRecord {
+                                    maintenance: m,
+                                    ..h.clone()
+                                }),
+                                (_, HostEvent::SetRetired(r)) => Some(HostRecord {
+                                    retired: r,
+                                    ..h.clone()
+                                }),
+                                (_, HostEvent::SetHealth(health)) => Some(HostRecord {
+                                    health,
+                                    ..h.clone()
+                                }),
+                                _ => None,
+                            };
+                            let got = h.apply(event.clone());
+                            match expected {
+                                None => {
+                                    assert!(got.is_err(), "{h:?} × {event:?} should be refused")
+                                }
+                                Some(e) => {
+                                    let got = got
+                                        .unwrap_or_else(|err| panic!("{h:?} × {event:?}: {err}"));
+                                    assert_eq!(
+                                        got,
+                                        HostRecord {
+                                            generation: Generation(8),
+                                            ..e
+                                        },
+                                        "{h:?} × {event:?}"
+                                    );
+                                }
                             }
                         }
                     }

@@ -2,32 +2,51 @@
 //! `agent` is the caller), the full desired state, then two flows until
 //! the link ends — the desired state of hosts as committed events change
 //! them, down; reports, replies and session data, up.
+//!
+//! - **Who.** Only a caller with the `agent` role whose principal is the
+//!   rack's `agent` attaches (`core::policy::may_attach`); an operator's
+//!   token is refused, since the link carries the rack's BMC passwords and
+//!   replaces the real agent. In the development mode anyone may.
+//! - **Events.** Every attach is logged and recorded as `AGENT_ATTACHED`
+//!   (actor: the caller's principal; detail: rack, principal, version), and
+//!   its end as `AGENT_DETACHED` (detail: rack, principal, why).
+//! - **Reports** count only for hosts of the attached rack; a report about
+//!   any other host is ignored, counted, and logged once per
+//!   [`FOREIGN_LOG_INTERVAL`] with the count.
 
 use super::link::{FromAgent, Inbound, LinkError, Outbound, ToAgent};
 use super::registry::ConnId;
 use super::{DesiredHost, RackError, RackState, Racks};
-use crate::core::policy;
+use crate::core::Note;
+use crate::core::policy::{self, AuthMode};
 use crate::events::{EventKind, EventRecord};
-use crate::types::{Caller, RackName};
+use crate::types::{Caller, HostName, Principal, RackName};
 use futures::StreamExt;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long the agent has to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reports about hosts of other racks are logged at most once per this.
+pub const FOREIGN_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Racks {
     /// Serves one agent's link. The first message must be its hello naming
-    /// a rack whose `agent` is the caller (operators may attach for any
-    /// rack: the development mode). A newer attach for the same rack
-    /// replaces the older one. Returns what goes down the agent's stream.
+    /// a rack whose `agent` is the caller (anyone, for any rack, in the
+    /// development mode). A newer attach for the same rack replaces the
+    /// older one. Returns what goes down the agent's stream.
     pub async fn attach(
         &self,
         caller: Caller,
+        mode: AuthMode,
         mut inbound: Inbound,
     ) -> Result<mpsc::Receiver<Outbound>, RackError> {
-        policy::may_link(&caller)?;
+        if let Err(denied) = policy::may_link(&caller, mode) {
+            warn!(principal = %caller.principal, role = %caller.role, "agent attach refused: not an agent");
+            return Err(denied.into());
+        }
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
             .await
             .map_err(|_| RackError::HelloTimeout {
@@ -48,9 +67,22 @@ impl Racks {
         let Some(agent) = spec.agent.clone() else {
             return Err(RackError::RackHasNoAgent { rack });
         };
-        policy::may_attach(&caller, &rack, &agent)?;
+        if let Err(denied) = policy::may_attach(&caller, &rack, &agent, mode) {
+            warn!(rack = %rack, principal = %caller.principal, agent = %agent, "agent attach refused: not the rack's agent");
+            return Err(denied.into());
+        }
         let conn = self.registry.connect(&rack, &agent);
-        info!(rack = %rack, agent = %agent, version = %hello.version, "agent attached");
+        let principal = caller.principal.clone();
+        info!(rack = %rack, agent = %agent, principal = %principal, version = %hello.version, "agent attached");
+        self.note_link(
+            &principal,
+            EventKind::AgentAttached,
+            format!(
+                "rack {rack}, principal {principal}, version {}",
+                truncated(&hello.version)
+            ),
+        )
+        .await;
         // Subscribe before the full state, so that no change falls between.
         let events = self.core.subscribe();
         let state = match self.rack_state(&rack).await {
@@ -68,21 +100,52 @@ impl Racks {
         tokio::spawn(
             async move {
                 let push = me.push_changes(&rack, events, tx.clone());
-                tokio::select! {
-                    () = me.read_agent(&rack, conn.id, inbound) => {}
-                    () = push => {}
-                    () = tx.closed() => {}
-                }
-                me.detach(&rack, conn.id).await;
+                let why = tokio::select! {
+                    why = me.read_agent(&rack, conn.id, inbound) => why,
+                    () = push => "the server stopped following the rack".to_owned(),
+                    // The agent's call is gone.
+                    () = tx.closed() => "the agent closed the link".to_owned(),
+                };
+                let why = if me.detach(&rack, conn.id).await {
+                    why
+                } else {
+                    "replaced by a newer attach".to_owned()
+                };
+                info!(principal = %principal, why = %why, "agent detached");
+                me.note_link(
+                    &principal,
+                    EventKind::AgentDetached,
+                    format!("rack {rack}, principal {principal}: {why}"),
+                )
+                .await;
             }
             .instrument(span),
         );
         Ok(conn.rx)
     }
 
-    async fn detach(&self, rack: &RackName, conn: ConnId) {
+    /// Records an attach or detach; a store failure is logged, not fatal
+    /// to the link.
+    async fn note_link(&self, actor: &Principal, kind: EventKind, detail: String) {
+        let note = Note {
+            actor: actor.clone(),
+            kind,
+            hosts: Vec::new(),
+            lease: None,
+            detail,
+        };
+        if let Err(e) = self.core.record(note).await {
+            warn!(error = %lab_types::error_chain(&e), kind = ?kind, "cannot record the agent link event");
+        }
+    }
+
+    /// Ends connection `conn`; false if a newer attach replaced it.
+    async fn detach(&self, rack: &RackName, conn: ConnId) -> bool {
         if self.registry.disconnect(rack, conn) {
             self.refresh_reachability().await;
+            true
+        } else {
+            false
         }
     }
 
@@ -107,8 +170,16 @@ impl Racks {
                             | EventKind::HostRetired
                             | EventKind::HostRemoved
                     ) => {}
-                // A forward changes nothing the agent is told.
-                Ok(e) if matches!(e.kind, EventKind::ForwardOpened | EventKind::ForwardClosed) => {
+                // Forwards and agent links change nothing the agent is told.
+                Ok(e)
+                    if matches!(
+                        e.kind,
+                        EventKind::ForwardOpened
+                            | EventKind::ForwardClosed
+                            | EventKind::AgentAttached
+                            | EventKind::AgentDetached
+                    ) =>
+                {
                     continue;
                 }
                 Ok(e) => {
@@ -133,7 +204,10 @@ impl Racks {
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }
-            // The whole rack again (inventory change, or events missed).
+            // The whole rack again (inventory change, or events missed),
+            // after the registry learnt which hosts are in the rack now:
+            // the agent's reports about new hosts must count.
+            self.refresh_reachability().await;
             let Ok(state) = self.rack_state(rack).await else {
                 return;
             };
@@ -144,13 +218,23 @@ impl Racks {
     }
 
     /// Reads the agent's reports, replies and session data until its stream
-    /// ends or breaks.
-    async fn read_agent(&self, rack: &RackName, conn: ConnId, mut inbound: Inbound) {
+    /// ends or breaks; says why it ended.
+    async fn read_agent(&self, rack: &RackName, conn: ConnId, mut inbound: Inbound) -> String {
+        let mut foreign = ForeignReports::default();
         while let Some(msg) = inbound.next().await {
             match msg {
                 Ok(FromAgent::Report(r)) => {
-                    if self.registry.report(rack, r) {
-                        self.refresh_reachability().await;
+                    let host = r.host.clone();
+                    match self.registry.report(rack, conn, r) {
+                        Ok(rep) => {
+                            if rep.reachability_changed {
+                                self.refresh_reachability().await;
+                            }
+                            if let Some((host, lease, verdict)) = rep.verdict {
+                                self.core.host_verdict(host, lease, verdict).await;
+                            }
+                        }
+                        Err(total) => foreign.seen(rack, &host, total),
                     }
                 }
                 Ok(FromAgent::Reply(r)) => self.registry.reply(rack, conn, r),
@@ -160,12 +244,55 @@ impl Racks {
                 }
                 Err(LinkError::Broken(e)) => {
                     info!(error = %e, "agent stream broke");
-                    return;
+                    foreign.flush(rack);
+                    return format!("the link broke: {e}");
                 }
                 Err(e @ (LinkError::BadHello { .. } | LinkError::BadReport { .. })) => {
                     warn!(error = %lab_types::error_chain(&e), "ignoring a malformed message");
                 }
             }
         }
+        foreign.flush(rack);
+        "the agent closed the link".to_owned()
     }
+}
+
+/// Reports about hosts outside the rack, logged at most once per
+/// [`FOREIGN_LOG_INTERVAL`].
+#[derive(Default)]
+struct ForeignReports {
+    last_line: Option<Instant>,
+    /// Ignored since the last line.
+    unlogged: u64,
+}
+
+impl ForeignReports {
+    fn seen(&mut self, rack: &RackName, host: &HostName, total: u64) {
+        self.unlogged += 1;
+        if self
+            .last_line
+            .is_none_or(|t| t.elapsed() >= FOREIGN_LOG_INTERVAL)
+        {
+            warn!(rack = %rack, host = %host, count = self.unlogged, total, "ignoring reports about hosts outside the agent's rack");
+            self.unlogged = 0;
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    fn flush(&mut self, rack: &RackName) {
+        if self.unlogged > 0 {
+            warn!(rack = %rack, count = self.unlogged, "ignored reports about hosts outside the agent's rack");
+            self.unlogged = 0;
+        }
+    }
+}
+
+/// An agent's version as recorded: at most 64 characters, none a control
+/// character.
+fn truncated(version: &str) -> String {
+    version
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect()
 }

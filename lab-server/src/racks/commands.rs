@@ -25,6 +25,10 @@ pub const RECLAIM_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CONSOLE_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the agent has to start a console log read.
 pub const LOG_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output messages (each at most 64 KiB) a console log read may have out
+/// that the server has not credited back: what a read holds in memory on
+/// either side.
+pub const LOG_WINDOW: u32 = 16;
 /// Session output buffered for a viewer; one that falls this far behind
 /// loses its session rather than stalling the rack's other traffic.
 pub(super) const SESSION_BUFFER: usize = 256;
@@ -86,6 +90,9 @@ pub struct ConsoleOpen {
     /// Replay at most this many bytes of recent output first (0: the
     /// agent's default).
     pub replay_bytes: u32,
+    /// Replay nothing captured before this time: set by the server (never
+    /// taken from a user) to the grant time of the lease the caller holds.
+    pub not_before: Option<Timestamp>,
 }
 
 /// A forward as the user asked for it: a port of a host (the agent dials
@@ -97,11 +104,13 @@ pub struct ForwardOpen {
     pub port: u16,
 }
 
-/// A console log read: from `from` to `to` (`None`: until now).
+/// A console log read: from `from` to `to` (`None`: until now), with a
+/// flow-control window of `window` output messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRead {
     pub from: Timestamp,
     pub to: Option<Timestamp>,
+    pub window: u32,
 }
 
 /// The agent's answer to command `id`.
@@ -143,6 +152,8 @@ pub enum FailureKind {
     /// A bug or an unexpected failure in the agent, or a kind this server
     /// does not know.
     Internal,
+    /// A limit of the agent is reached (concurrent console log reads).
+    ResourceExhausted,
 }
 
 /// What a command answers besides its reply.

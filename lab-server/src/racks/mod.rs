@@ -10,7 +10,7 @@
 //! |------|------------------|
 //! | `registry.rs` | [`RackRegistry`]: connections per rack, commands under way, reports, records |
 //! | `attach.rs` | [`Racks::attach`]: the hello, the full state, changes as events commit, the agent's messages |
-//! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] |
+//! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] ([`ConsoleLogReader`], [`LogStream`]) |
 //! | `forward.rs` | [`Racks::forward`], [`Racks::run_forward`]: TCP to a host's port, with credit windows |
 //! | `link.rs` | the link's messages as typed values ([`FromAgent`], [`ToAgent`]) |
 //! | `desired.rs` | a host's desired state ([`DesiredHost`]), BMC password included |
@@ -83,10 +83,11 @@ mod registry;
 
 pub use commands::{
     AgentFailure, CONSOLE_OPEN_TIMEOUT, Command, CommandId, CommandKind, CommandReply, ConsoleOpen,
-    ConsoleSession, Done, FailureKind, ForwardOpen, LOG_READ_TIMEOUT, LogRead, POWER_TIMEOUT,
-    PowerAction, RECLAIM_TIMEOUT,
+    ConsoleSession, Done, FailureKind, ForwardOpen, LOG_READ_TIMEOUT, LOG_WINDOW, LogRead,
+    POWER_TIMEOUT, PowerAction, RECLAIM_TIMEOUT,
 };
 pub use desired::{ActiveLease, BmcAccess, DesiredHost, Hardware, RackState};
+pub use drive::{ConsoleLogReader, LogStream};
 pub use error::RackError;
 pub use forward::{
     FORWARD_CHUNK, FORWARD_OPEN_TIMEOUT, FORWARD_WINDOW, Forward, ForwardEnd, ForwardLimits,

@@ -6,6 +6,7 @@
 //! record for a host of an agent's rack that never reported is made up
 //! here ("waiting for the rack's agent", "never started"), in one place.
 
+use crate::health::{Attribution, HostVerdict, Rules};
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, Timestamp};
 use std::collections::{HashMap, VecDeque};
@@ -19,8 +20,12 @@ pub const PROVISIONING_KEPT: usize = 4096;
 pub enum ProvisionPhase {
     /// Waiting for the rack's agent to start.
     Pending,
-    /// Boot device set, power switched on: the host is booting.
+    /// Boot device set, power switched on: the host is booting (for an
+    /// install profile: also again from its disk, after the install).
     Booting,
+    /// A profile that installs to disk: the installer runs (with a
+    /// percentage).
+    Installing,
     /// The profile's ready marker appeared (or it has none and the host was
     /// powered on).
     Ready,
@@ -40,6 +45,8 @@ pub struct ProvisionReport {
     pub stage: String,
     /// For `Failed`: the last lines of the host's console.
     pub console_tail: String,
+    /// For `Installing`: how much of the install is done, 0–100.
+    pub percent: u32,
 }
 
 /// One host's provisioning for one lease, as users see it.
@@ -51,6 +58,10 @@ pub struct Provisioning {
     /// When the agent's report came in; `None` for a made-up record.
     pub updated_at: Option<Timestamp>,
     pub console_tail: String,
+    /// For `Failed`: whose fault it was (see [`crate::health::attribution`]).
+    pub failure: Option<Attribution>,
+    /// For `Installing`: 0–100 (0 in other phases).
+    pub percent: u32,
 }
 
 /// The records, keyed by lease and host.
@@ -64,24 +75,53 @@ pub(super) struct Records {
 }
 
 impl Records {
-    /// Takes an agent's report on `host`, received at `now`.
-    pub(super) fn update(&mut self, host: &HostName, report: ProvisionReport, now: Timestamp) {
+    /// Takes an agent's report on `host`, received at `now`: it replaces
+    /// the record of its lease on that host. A percentage belongs to the
+    /// installing phase only, and is at most 100; a failure is attributed
+    /// by `rules`.
+    pub(super) fn update(
+        &mut self,
+        host: &HostName,
+        report: ProvisionReport,
+        now: Timestamp,
+        rules: &Rules,
+    ) -> Option<HostVerdict> {
         let key = (report.lease, host.clone());
+        let percent = match report.phase {
+            ProvisionPhase::Installing => report.percent.min(100),
+            _ => 0,
+        };
+        let failure = (report.phase == ProvisionPhase::Failed)
+            .then(|| rules.classify(&report.stage, &report.console_tail));
         let record = Provisioning {
             host: host.clone(),
             phase: report.phase,
             stage: report.stage,
             updated_at: Some(now),
             console_tail: report.console_tail,
+            failure,
+            percent,
         };
-        if self.provisioning.insert(key.clone(), record).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > PROVISIONING_KEPT {
-                if let Some(old) = self.order.pop_front() {
-                    self.provisioning.remove(&old);
+        let verdict = match (&record.phase, &record.failure) {
+            (ProvisionPhase::Failed, Some(f)) => Some(HostVerdict::Failed(f.clone())),
+            (ProvisionPhase::Ready, _) => Some(HostVerdict::Ready),
+            _ => None,
+        };
+        let phase = record.phase;
+        match self.provisioning.insert(key.clone(), record) {
+            None => {
+                self.order.push_back(key);
+                while self.order.len() > PROVISIONING_KEPT {
+                    if let Some(old) = self.order.pop_front() {
+                        self.provisioning.remove(&old);
+                    }
                 }
             }
+            // The same phase again (an agent's resent report): said already.
+            Some(old) if old.phase == phase => return None,
+            Some(_) => {}
         }
+        verdict
     }
 
     /// Records that `host`'s reclaim after `lease` finished at `now`.
@@ -122,6 +162,8 @@ impl Records {
                         },
                         updated_at: None,
                         console_tail: String::new(),
+                        failure: None,
+                        percent: 0,
                     })
             })
             .collect()
@@ -165,6 +207,7 @@ mod tests {
             phase,
             stage: stage.into(),
             console_tail: String::new(),
+            percent: 0,
         }
     }
 
@@ -177,11 +220,13 @@ mod tests {
             &h("h2"),
             report(active.id, ProvisionPhase::Booting, "powered on"),
             Timestamp(5),
+            &Rules::default(),
         );
         r.update(
             &h("h2"),
             report(active.id, ProvisionPhase::Ready, "ready"),
             Timestamp(7),
+            &Rules::default(),
         );
         // (lease, hosts with an agent, [(host, phase, stage, updated_at)])
         type Row<'a> = (&'a str, ProvisionPhase, &'a str, Option<i64>);
@@ -227,6 +272,57 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_attributed_and_nothing_else_is() {
+        let l = lease(&["h1", "h2"], LeaseState::Active);
+        let mut r = Records::default();
+        let rules = Rules::default();
+        let first = r.update(
+            &h("h1"),
+            ProvisionReport {
+                console_tail: "Booting from Hard Disk...\r\nNo bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Failed, "no \"READY\" within 60s")
+            },
+            Timestamp(1),
+            &rules,
+        );
+        assert!(
+            matches!(&first, Some(HostVerdict::Failed(f)) if f.class == crate::health::FailureClass::Host),
+            "{first:?}"
+        );
+        r.update(
+            &h("h2"),
+            ProvisionReport {
+                console_tail: "No bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Booting, "powered on")
+            },
+            Timestamp(1),
+            &rules,
+        );
+        // Said once: an agent resending the same report says nothing new.
+        let again = r.update(
+            &h("h1"),
+            ProvisionReport {
+                console_tail: "Booting from Hard Disk...\r\nNo bootable device.\r\n".into(),
+                ..report(l.id, ProvisionPhase::Failed, "no \"READY\" within 60s")
+            },
+            Timestamp(2),
+            &rules,
+        );
+        assert_eq!(again, None);
+        let got = r.for_lease(&l, |_| true);
+        let f = got[0].failure.as_ref().expect("h1's failure is attributed");
+        assert_eq!(
+            (f.class, f.rule.as_str(), f.line.as_str()),
+            (
+                crate::health::FailureClass::Host,
+                "no bootable device",
+                "No bootable device."
+            )
+        );
+        assert_eq!(got[1].failure, None, "only a failure is attributed");
+    }
+
+    #[test]
     fn only_the_latest_records_are_kept() {
         let mut r = Records::default();
         let first = lease(&["h1"], LeaseState::Active);
@@ -234,6 +330,7 @@ mod tests {
             &h("h1"),
             report(first.id, ProvisionPhase::Ready, "first"),
             Timestamp(1),
+            &Rules::default(),
         );
         r.reclaimed(first.id, &h("h1"), Timestamp(2));
         for i in 0..PROVISIONING_KEPT {
@@ -242,6 +339,7 @@ mod tests {
                 &h("h1"),
                 report(l, ProvisionPhase::Booting, "x"),
                 Timestamp(3),
+                &Rules::default(),
             );
             r.reclaimed(l, &h("h1"), Timestamp(i as i64));
         }

@@ -4,10 +4,14 @@
 //! agent are always reachable. Pure: the registry feeds it the inventory,
 //! the attached racks and the reports, and hands the result to the core
 //! (`Core::set_unreachable`), which grants no unreachable host.
+//!
+//! It also knows which rack each managed host is in: an agent speaks only
+//! for its own rack's hosts, and a report counts only while the host is in
+//! the rack whose agent sent it.
 
 use crate::inventory::Inventory;
 use crate::types::{HostName, RackName};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 /// What an agent last said about driving a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,20 +23,34 @@ pub enum HostReachability {
 /// The agents' last word on each host, and which hosts have an agent.
 #[derive(Debug, Default)]
 pub(super) struct Reachability {
-    reports: HashMap<HostName, HostReachability>,
-    /// Hosts whose rack has an agent, as of the last [`Self::refresh`].
-    managed: HashSet<HostName>,
+    /// The last report on each host, with the rack whose agent sent it.
+    reports: HashMap<HostName, (RackName, HostReachability)>,
+    /// Hosts whose rack has an agent, with that rack, as of the last
+    /// [`Self::refresh`].
+    managed: HashMap<HostName, RackName>,
 }
 
 impl Reachability {
-    /// Records a report; true when it changes what is known of the host.
-    pub(super) fn report(&mut self, host: HostName, now: HostReachability) -> bool {
+    /// Records a report from `rack`'s agent (the caller checked that the
+    /// host is in it); true when it changes what is known of the host.
+    pub(super) fn report(
+        &mut self,
+        rack: &RackName,
+        host: HostName,
+        now: HostReachability,
+    ) -> bool {
+        let now = (rack.clone(), now);
         self.reports.insert(host, now.clone()) != Some(now)
     }
 
     /// Does `host`'s rack have an agent?
     pub(super) fn is_managed(&self, host: &HostName) -> bool {
-        self.managed.contains(host)
+        self.managed.contains_key(host)
+    }
+
+    /// The rack of `host`, if that rack has an agent.
+    pub(super) fn rack_of(&self, host: &HostName) -> Option<&RackName> {
+        self.managed.get(host)
     }
 
     /// The unreachable hosts of `inventory` with why, given which racks
@@ -48,13 +66,16 @@ impl Reachability {
             let Some(agent) = inventory.rack(&h.rack).and_then(|r| r.agent.as_ref()) else {
                 continue;
             };
-            self.managed.insert(h.name.clone());
+            self.managed.insert(h.name.clone(), h.rack.clone());
             if !attached(&h.rack) {
                 unreachable.insert(
                     h.name.clone(),
                     format!("agent {agent} of rack {} is not attached", h.rack),
                 );
-            } else if let Some(HostReachability::Unreachable { reason }) = self.reports.get(&h.name)
+            } else if let Some((from, HostReachability::Unreachable { reason })) =
+                self.reports.get(&h.name)
+                // A report from the host's former rack no longer counts.
+                && from == &h.rack
             {
                 unreachable.insert(h.name.clone(), reason.clone());
             }
@@ -102,6 +123,10 @@ mac = "52:54:00:00:00:03"
         HostName::new(name).unwrap()
     }
 
+    fn rack(name: &str) -> RackName {
+        RackName::new(name).unwrap()
+    }
+
     fn silent(reason: &str) -> HostReachability {
         HostReachability::Unreachable {
             reason: reason.into(),
@@ -143,7 +168,7 @@ mac = "52:54:00:00:00:03"
         for (attached, reports, want) in cases {
             let mut r = Reachability::default();
             for (host, rep) in reports.clone() {
-                r.report(h(host), rep);
+                r.report(&rack("r1"), h(host), rep);
             }
             let got = r.refresh(&inv, |rack| attached && rack.as_str() == "r1");
             let want: BTreeMap<HostName, String> =
@@ -151,17 +176,33 @@ mac = "52:54:00:00:00:03"
             assert_eq!(got, want, "attached={attached} {reports:?}");
             assert!(r.is_managed(&h("h1")) && r.is_managed(&h("h2")));
             assert!(!r.is_managed(&h("h3")));
+            assert_eq!(r.rack_of(&h("h1")), Some(&rack("r1")));
+            assert_eq!(r.rack_of(&h("h3")), None);
         }
+    }
+
+    #[test]
+    fn a_report_from_a_former_rack_does_not_count() {
+        let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+        let mut r = Reachability::default();
+        r.report(&rack("r9"), h("h1"), silent("said r9"));
+        assert_eq!(r.refresh(&inv, |_| true), BTreeMap::new());
+        r.report(&rack("r1"), h("h1"), silent("said r1"));
+        assert_eq!(
+            r.refresh(&inv, |_| true),
+            BTreeMap::from([(h("h1"), "said r1".to_owned())])
+        );
     }
 
     #[test]
     fn only_a_change_is_news() {
         let mut r = Reachability::default();
-        assert!(r.report(h("h1"), HostReachability::Reachable));
-        assert!(!r.report(h("h1"), HostReachability::Reachable));
-        assert!(r.report(h("h1"), silent("a")));
-        assert!(!r.report(h("h1"), silent("a")));
-        assert!(r.report(h("h1"), silent("b")));
-        assert!(r.report(h("h1"), HostReachability::Reachable));
+        let r1 = rack("r1");
+        assert!(r.report(&r1, h("h1"), HostReachability::Reachable));
+        assert!(!r.report(&r1, h("h1"), HostReachability::Reachable));
+        assert!(r.report(&r1, h("h1"), silent("a")));
+        assert!(!r.report(&r1, h("h1"), silent("a")));
+        assert!(r.report(&r1, h("h1"), silent("b")));
+        assert!(r.report(&r1, h("h1"), HostReachability::Reachable));
     }
 }

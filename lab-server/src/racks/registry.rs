@@ -17,6 +17,7 @@ use super::reclaim::AgentReclaimer;
 use super::{Command, CommandId, CommandKind, CommandReply, RackError};
 use crate::core::clock::Clock;
 use crate::core::reclaim::Reclaimer;
+use crate::health::{HostVerdict, Rules};
 use crate::inventory::Inventory;
 use crate::lease::Lease;
 use crate::types::{HostName, LeaseId, RackName, Timestamp};
@@ -29,12 +30,22 @@ use tracing::{debug, info};
 /// Messages buffered for an agent's stream.
 const TO_AGENT_BUFFER: usize = 256;
 
+/// What one host report changed.
+#[derive(Debug)]
+pub(super) struct Reported {
+    pub reachability_changed: bool,
+    /// A provisioning that just failed or became ready, for the host's health.
+    pub verdict: Option<(HostName, LeaseId, HostVerdict)>,
+}
+
 /// The attached agents and what they told; cheap to clone.
 #[derive(Clone)]
 pub struct RackRegistry(Arc<Shared>);
 
 struct Shared {
     clock: Arc<dyn Clock>,
+    /// Attribute provisioning failures (host, job, infra).
+    failure_rules: Rules,
     state: Mutex<State>,
 }
 
@@ -59,6 +70,8 @@ struct Conn {
     agent: String,
     tx: mpsc::Sender<Outbound>,
     commands: Commands,
+    /// Reports about hosts outside the rack, ignored.
+    foreign_reports: u64,
 }
 
 /// A new connection: its id, and both ends of its stream to the agent.
@@ -78,10 +91,17 @@ impl std::fmt::Debug for RackRegistry {
 }
 
 impl RackRegistry {
-    /// An empty registry reading time from `clock` (the core's).
+    /// An empty registry reading time from `clock` (the core's), with the
+    /// shipped failure attribution rules.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_failure_rules(clock, Rules::default())
+    }
+
+    /// An empty registry attributing provisioning failures by `rules`.
+    pub fn with_failure_rules(clock: Arc<dyn Clock>, rules: Rules) -> Self {
         Self(Arc::new(Shared {
             clock,
+            failure_rules: rules,
             state: Mutex::default(),
         }))
     }
@@ -113,6 +133,7 @@ impl RackRegistry {
             agent: agent.to_owned(),
             tx: tx.clone(),
             commands: Commands::default(),
+            foreign_reports: 0,
         };
         if let Some(old) = st.conns.insert(rack.clone(), conn) {
             let _ = old
@@ -155,15 +176,45 @@ impl RackRegistry {
 
     // ------------------------------------------------------------ from the agent
 
-    /// Takes a host report; true when the host's reachability changed.
-    pub(super) fn report(&self, rack: &RackName, r: HostReport) -> bool {
+    /// Takes a host report from connection `conn` of `rack`'s agent: true
+    /// when the host's reachability changed. A report about a host that is
+    /// not in `rack` (as of the last inventory seen) is ignored and
+    /// counted: `Err` with the count so far on this connection. An agent
+    /// speaks for its own rack only.
+    pub(super) fn report(
+        &self,
+        rack: &RackName,
+        conn: ConnId,
+        r: HostReport,
+    ) -> Result<Reported, u64> {
         let now = self.now();
         let mut st = self.lock();
+        if st.reachability.rack_of(&r.host) != Some(rack) {
+            let c = st.conns.get_mut(rack).filter(|c| c.id == conn);
+            return Err(c.map_or(1, |c| {
+                c.foreign_reports += 1;
+                c.foreign_reports
+            }));
+        }
+        let mut verdict = None;
         if let Some(p) = r.provisioning {
             debug!(rack = %rack, host = %r.host, lease = %p.lease, phase = ?p.phase, stage = %p.stage, "provisioning");
-            st.records.update(&r.host, p, now);
+            let lease = p.lease;
+            verdict = st
+                .records
+                .update(&r.host, p, now, &self.0.failure_rules)
+                .map(|v| (r.host.clone(), lease, v));
         }
-        st.reachability.report(r.host, r.reachability)
+        Ok(Reported {
+            reachability_changed: st.reachability.report(rack, r.host, r.reachability),
+            verdict,
+        })
+    }
+
+    /// Reports about hosts outside `rack` its current connection sent.
+    #[cfg(test)]
+    pub(super) fn foreign_reports(&self, rack: &RackName) -> u64 {
+        self.lock().conns.get(rack).map_or(0, |c| c.foreign_reports)
     }
 
     /// Hands a reply to the command waiting for it on connection `conn`.

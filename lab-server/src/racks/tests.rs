@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::core::clock::TokioClock;
+use crate::core::policy::AuthMode;
 use crate::core::reclaim::ReclaimJob;
 use crate::core::{Core, CoreConfig, CoreError, WaitState};
 use crate::inventory::Inventory;
@@ -160,10 +161,21 @@ struct FakeAgent {
     down: mpsc::Receiver<Outbound>,
 }
 
-/// Opens a link as `who`, sending `first` before the registry looks.
+/// Opens a link as `who` (tokens, not the development mode), sending
+/// `first` before the registry looks.
 async fn link(
     racks: &Racks,
     who: Caller,
+    first: Vec<Result<FromAgent, LinkError>>,
+    close: bool,
+) -> Result<FakeAgent, RackError> {
+    link_in(racks, who, AuthMode::Tokens, first, close).await
+}
+
+async fn link_in(
+    racks: &Racks,
+    who: Caller,
+    mode: AuthMode,
     first: Vec<Result<FromAgent, LinkError>>,
     close: bool,
 ) -> Result<FakeAgent, RackError> {
@@ -172,7 +184,9 @@ async fn link(
         up.send(m).await.unwrap();
     }
     let keep = (!close).then_some(up);
-    let down = racks.attach(who, Box::pin(ReceiverStream::new(rx))).await?;
+    let down = racks
+        .attach(who, mode, Box::pin(ReceiverStream::new(rx)))
+        .await?;
     let up = keep.unwrap_or_else(|| mpsc::channel(1).0);
     Ok(FakeAgent { up, down })
 }
@@ -405,13 +419,15 @@ async fn run(lab: &Lab, op: Op, lease: &Lease) -> Result<(), RackError> {
                 host: h("h1"),
                 write: true,
                 replay_bytes: 0,
+                not_before: None,
             };
             lab.racks.console(&root, open).await.map(drop)
         }
         Op::Log => {
             let mut parts = lab.racks.console_log(&root, lease).await?;
-            assert_eq!(parts.len(), 1);
-            parts.remove(0).1.map(drop)
+            let part = parts.next_part().await.expect("one host");
+            assert!(parts.next_part().await.is_none());
+            part.1.map(drop)
         }
         Op::Reclaim => {
             let inventory = lab.core.inventory().await.unwrap();
@@ -518,7 +534,7 @@ async fn reports_update_provisioning_and_reachability() {
     let other = grant(&lab.core, "alice", "h3", None).await;
     assert!(lab.racks.provisioning(&other).is_empty());
 
-    let report = |reachability, phase, stage: &str| {
+    let report = |reachability, phase, stage: &str, percent| {
         FromAgent::Report(HostReport {
             host: h("h1"),
             reachability,
@@ -527,35 +543,57 @@ async fn reports_update_provisioning_and_reachability() {
                 phase,
                 stage: stage.into(),
                 console_tail: String::new(),
+                percent,
             }),
         })
     };
     let silent = HostReachability::Unreachable {
         reason: "BMC of h1 silent".into(),
     };
+    // (reachability, phase, stage, percent sent, percent kept, unreachable)
     let steps = [
         (
             silent,
             ProvisionPhase::Booting,
             "powered on",
+            0,
+            0,
             Some("BMC of h1 silent"),
+        ),
+        (
+            HostReachability::Reachable,
+            ProvisionPhase::Installing,
+            "writing the image",
+            42,
+            42,
+            None,
+        ),
+        (
+            HostReachability::Reachable,
+            ProvisionPhase::Installing,
+            "image written",
+            250,
+            100,
+            None,
         ),
         (
             HostReachability::Reachable,
             ProvisionPhase::Ready,
             "ready",
+            7,
+            0,
             None,
         ),
     ];
-    for (reachability, phase, stage, want_unreachable) in steps {
+    for (reachability, phase, stage, sent, kept, want_unreachable) in steps {
         let now = lab.racks.registry().now();
-        agent.send(report(reachability, phase, stage)).await;
+        agent.send(report(reachability, phase, stage, sent)).await;
         let p = until("the report's provisioning", || async {
             let p = lab.racks.provisioning(&lease).remove(0);
-            (p.phase == phase).then_some(p)
+            (p.phase == phase && p.stage == stage).then_some(p)
         })
         .await;
-        assert_eq!(p.stage, stage);
+        assert_eq!(p.percent, kept, "{stage}");
         assert!(p.updated_at.is_some_and(|t| t >= now), "{p:?}");
         let why = until("the report's reachability", || async {
             let why = unreachable(&lab.core, "h1").await;
@@ -669,6 +707,19 @@ async fn attach_refusals() {
             "a2 may not attach for rack r1 (its agent is a1)",
         ),
         (
+            caller("root", Role::Operator),
+            vec![Ok(hello("r1"))],
+            false,
+            "root (operator) is not an agent",
+        ),
+        // An operator's token named like the rack's agent is no agent.
+        (
+            caller("a1", Role::Operator),
+            vec![Ok(hello("r1"))],
+            false,
+            "a1 (operator) is not an agent",
+        ),
+        (
             a1(),
             vec![Ok(hello("r9"))],
             false,
@@ -726,11 +777,12 @@ async fn attach_refusals() {
                 .is_attached(&RackName::new("r1").unwrap())
         );
     }
-    // An operator may attach for any rack that has an agent (development
-    // mode).
-    link(
+    // In the development mode anyone may attach for any rack that has an
+    // agent.
+    link_in(
         &lab.racks,
         caller("root", Role::Operator),
+        AuthMode::InsecureDev,
         vec![Ok(hello("r1"))],
         false,
     )
@@ -755,6 +807,7 @@ async fn drive_refusals() {
         host: h(host),
         write: false,
         replay_bytes: 0,
+        not_before: None,
     };
     let power = |who: &Caller, host: &str, action| {
         let (racks, who, host) = (lab.racks.clone(), who.clone(), h(host));
@@ -832,10 +885,16 @@ async fn a_holders_console_ends_with_the_lease() {
         host: h("h1"),
         write: true,
         replay_bytes: 0,
+        not_before: None,
     };
     let (session, id) = tokio::join!(lab.racks.console(&alice, open.clone()), async {
         let c = agent.command().await;
-        assert_eq!(c.kind, CommandKind::Console(open.clone()));
+        // The holder's replay starts at the lease's grant.
+        let want = ConsoleOpen {
+            not_before: Some(lease.granted_at),
+            ..open.clone()
+        };
+        assert_eq!(c.kind, CommandKind::Console(want));
         agent.reply(c.id, Ok(Done::default())).await;
         c.id
     });
@@ -1098,5 +1157,285 @@ async fn an_idle_forward_is_closed() {
     assert_eq!(
         end.unwrap_err().to_string(),
         "forward to h1 closed after 1m without traffic"
+    );
+}
+
+/// Who sees what was captured before the lease: the holder (an operator
+/// too, when it holds the lease) replays nothing from before the grant; an
+/// operator without the lease replays everything.
+#[tokio::test(start_paused = true)]
+async fn only_an_operator_without_the_lease_sees_before_it() {
+    let lab = lab().await;
+    let mut agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    let open = ConsoleOpen {
+        host: h("h1"),
+        write: false,
+        replay_bytes: 0,
+        not_before: Some(Timestamp(1)),
+    };
+    // (who, the bound the agent is told)
+    let cases = [
+        (caller("alice", Role::Ci), Some(lease.granted_at)),
+        (caller("alice", Role::Operator), Some(lease.granted_at)),
+        (caller("root", Role::Operator), None),
+    ];
+    for (who, want) in cases {
+        let (session, ()) = tokio::join!(lab.racks.console(&who, open.clone()), async {
+            // (The previous session's close comes first.)
+            let c = loop {
+                let c = agent.command().await;
+                if c.kind != CommandKind::CloseSession {
+                    break c;
+                }
+            };
+            let CommandKind::Console(o) = &c.kind else {
+                panic!("{c:?}")
+            };
+            // Never what the user asked for.
+            assert_eq!(o.not_before, want, "{who:?}");
+            agent.reply(c.id, Ok(Done::default())).await;
+        });
+        drop(session.unwrap());
+    }
+}
+
+/// An agent speaks for its own rack only: reports about any other host
+/// change nothing and are counted.
+#[tokio::test(start_paused = true)]
+async fn reports_about_other_racks_hosts_are_ignored() {
+    let lab = lab().await;
+    let agent = attach(&lab.racks).await;
+    let other = grant(&lab.core, "bob", "h3", Some("xen")).await;
+    let r1 = RackName::new("r1").unwrap();
+    for host in ["h3", "h9"] {
+        agent
+            .send(FromAgent::Report(HostReport {
+                host: h(host),
+                reachability: HostReachability::Unreachable {
+                    reason: "forged".into(),
+                },
+                provisioning: Some(ProvisionReport {
+                    lease: other.id,
+                    phase: ProvisionPhase::Ready,
+                    stage: "forged".into(),
+                    console_tail: String::new(),
+                    percent: 0,
+                }),
+            }))
+            .await;
+    }
+    until("both reports counted", || async {
+        (lab.racks.registry().foreign_reports(&r1) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(unreachable(&lab.core, "h3").await, None);
+    assert!(lab.racks.provisioning(&other).is_empty());
+    // A report about its own host still counts.
+    agent
+        .send(FromAgent::Report(HostReport {
+            host: h("h1"),
+            reachability: HostReachability::Unreachable {
+                reason: "BMC of h1 silent".into(),
+            },
+            provisioning: None,
+        }))
+        .await;
+    let why = until("h1 unreachable", || async {
+        unreachable(&lab.core, "h1").await
+    })
+    .await;
+    assert_eq!(why, "BMC of h1 silent");
+    assert_eq!(lab.racks.registry().foreign_reports(&r1), 2);
+}
+
+/// Every attach and its end are events with the caller's principal.
+#[tokio::test(start_paused = true)]
+async fn agent_links_are_recorded() {
+    let lab = lab().await;
+    let links = || async {
+        let events = lab
+            .core
+            .list_events(crate::store::EventQuery {
+                after_seq: 0,
+                limit: 1000,
+                host: None,
+                lease: None,
+            })
+            .await
+            .unwrap();
+        events
+            .events
+            .into_iter()
+            .filter(|e| matches!(e.kind, EventKind::AgentAttached | EventKind::AgentDetached))
+            .map(|e| (e.kind, e.actor.to_string(), e.detail))
+            .collect::<Vec<_>>()
+    };
+    let first = attach(&lab.racks).await;
+    let second = attach(&lab.racks).await;
+    drop(first);
+    drop(second);
+    let got = until("four link events", || async {
+        let l = links().await;
+        (l.len() == 4).then_some(l)
+    })
+    .await;
+    let attached = (
+        EventKind::AgentAttached,
+        "a1".to_owned(),
+        "rack r1, principal a1, version test".to_owned(),
+    );
+    assert_eq!(got[..2], [attached.clone(), attached]);
+    let mut ends: Vec<_> = got[2..].iter().map(|e| e.2.as_str()).collect();
+    ends.sort_unstable();
+    assert_eq!(
+        ends,
+        [
+            "rack r1, principal a1: replaced by a newer attach",
+            "rack r1, principal a1: the agent closed the link",
+        ]
+    );
+    assert!(
+        got[2..]
+            .iter()
+            .all(|e| e.0 == EventKind::AgentDetached && e.1 == "a1")
+    );
+}
+
+/// Whenever the lease ends while its holder's console is being opened, the
+/// console is either refused or ended: it never outlives the lease.
+#[tokio::test(start_paused = true)]
+async fn a_console_opened_as_the_lease_ends_does_not_outlive_it() {
+    let mut outcomes = BTreeSet::new();
+    for delay in 0..16 {
+        let lab = lab().await;
+        let mut agent = attach(&lab.racks).await;
+        let lease = grant(&lab.core, "alice", "h1", None).await;
+        let alice = caller("alice", Role::Ci);
+        // The agent opens every console it is asked for.
+        let answer = tokio::spawn(async move {
+            loop {
+                let c = agent.command().await;
+                if matches!(c.kind, CommandKind::Console(_)) {
+                    agent.reply(c.id, Ok(Done::default())).await;
+                }
+            }
+        });
+        let release = {
+            let (core, alice) = (lab.core.clone(), alice.clone());
+            tokio::spawn(async move {
+                for _ in 0..delay {
+                    tokio::task::yield_now().await;
+                }
+                core.release(alice, lease.id).await.unwrap();
+            })
+        };
+        let open = ConsoleOpen {
+            host: h("h1"),
+            write: true,
+            replay_bytes: 0,
+            not_before: None,
+        };
+        match lab.racks.console(&alice, open).await {
+            Err(e) => {
+                assert!(matches!(e, RackError::Denied(_)), "delay {delay}: {e}");
+                outcomes.insert("refused");
+            }
+            Ok(mut session) => {
+                let end = loop {
+                    let d = within("the end of the session", session.output.recv())
+                        .await
+                        .expect("ended by the server, not dropped");
+                    if d.end {
+                        break d;
+                    }
+                };
+                assert!(end.lease_ended, "delay {delay}: {end:?}");
+                outcomes.insert("ended");
+            }
+        }
+        release.await.unwrap();
+        answer.abort();
+        let r1 = RackName::new("r1").unwrap();
+        assert_eq!(lab.racks.registry().under_way(&r1).1, 0, "delay {delay}");
+    }
+    // Both ways were taken (the lease ended before the session was
+    // registered, and after).
+    assert_eq!(outcomes, BTreeSet::from(["ended", "refused"]));
+}
+
+/// A log read's output is credited back to the agent as it is read, never
+/// before; an agent refusing the first read for being busy is the answer.
+#[tokio::test(start_paused = true)]
+async fn log_reads_are_credited_as_they_are_read() {
+    let lab = lab().await;
+    let mut agent = attach(&lab.racks).await;
+    let lease = grant(&lab.core, "alice", "h1", None).await;
+    let alice = caller("alice", Role::Ci);
+    let (reader, id) = tokio::join!(lab.racks.console_log(&alice, &lease), async {
+        let c = agent.command().await;
+        assert_eq!(
+            c.kind,
+            CommandKind::Log(LogRead {
+                from: lease.granted_at,
+                to: None,
+                window: LOG_WINDOW,
+            })
+        );
+        agent.reply(c.id, Ok(Done::default())).await;
+        c.id
+    });
+    let mut reader = reader.unwrap();
+    let (host, part) = reader.next_part().await.unwrap();
+    assert_eq!(host.as_str(), "h1");
+    let mut part = part.unwrap();
+    for n in 0..LOG_WINDOW {
+        agent
+            .send(FromAgent::Data(SessionData {
+                id,
+                output: vec![n as u8; 10],
+                ..Default::default()
+            }))
+            .await;
+    }
+    settle().await;
+    assert!(inputs_so_far(&mut agent).is_empty(), "nothing read yet");
+    for n in 0..LOG_WINDOW {
+        let d = within("log output", part.next()).await.unwrap();
+        assert_eq!(d.output, vec![n as u8; 10]);
+    }
+    let credits: Vec<(CommandId, u32)> = inputs_so_far(&mut agent)
+        .iter()
+        .map(|i| (i.id, i.credit))
+        .collect();
+    assert_eq!(credits, [(id, LOG_WINDOW / 2), (id, LOG_WINDOW / 2)]);
+    agent
+        .send(FromAgent::Data(SessionData {
+            id,
+            end: true,
+            ..Default::default()
+        }))
+        .await;
+    assert!(within("the end", part.next()).await.unwrap().end);
+    assert!(reader.next_part().await.is_none());
+
+    // Busy: the call fails with the agent's words.
+    let (refused, ()) = tokio::join!(lab.racks.console_log(&alice, &lease), async {
+        let c = agent.command().await;
+        let failure = AgentFailure {
+            kind: FailureKind::ResourceExhausted,
+            message: "2 console log reads of h1 are already streaming".into(),
+        };
+        agent.reply(c.id, Err(failure)).await;
+    });
+    assert!(
+        matches!(
+            refused,
+            Err(RackError::AgentFailed {
+                kind: FailureKind::ResourceExhausted,
+                ..
+            })
+        ),
+        "{refused:?}"
     );
 }

@@ -609,6 +609,8 @@ pub(super) async fn console_input(
         host,
         write: true,
         replay_bytes: 1,
+        // Set by the rack registry from the caller's lease.
+        not_before: None,
     };
     let session = match st.api.racks().console(&s.caller, open).await {
         Ok(c) => c,
@@ -638,13 +640,13 @@ pub(super) async fn console_log(
         Ok(l) => l,
         Err(e) => return core_err(e),
     };
-    let parts = match st.api.racks().console_log(&s.caller, &lease).await {
+    let mut parts = match st.api.racks().console_log(&s.caller, &lease).await {
         Ok(p) => p,
         Err(e) => return rack_err(e),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Infallible>>(16);
     tokio::spawn(async move {
-        for (host, part) in parts {
+        while let Some((host, part)) = parts.next_part().await {
             if tx
                 .send(Ok(format!("=== {host} ===\n").into_bytes()))
                 .await
@@ -660,7 +662,7 @@ pub(super) async fn console_log(
                     continue;
                 }
             };
-            while let Some(d) = data.recv().await {
+            while let Some(d) = data.next().await {
                 if !d.output.is_empty() && tx.send(Ok(d.output)).await.is_err() {
                     return;
                 }
@@ -807,6 +809,9 @@ pub(super) async fn console(
         host,
         write: false,
         replay_bytes: 16 * 1024,
+        // Set by the rack registry: a holder sees nothing from before its
+        // lease.
+        not_before: None,
     };
     let mut session = match st.api.racks().console(&s.caller, open).await {
         Ok(c) => c,

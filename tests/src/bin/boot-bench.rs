@@ -20,10 +20,33 @@
 //! * aarch64 (a): the same lease through the whole lab for an aarch64 UEFI
 //!   host (a `qemu-system-aarch64` virt VM with AAVMF behind its `ipmi_sim`
 //!   BMC): UEFI PXE → the agent's DHCP (option 93 = 11) → GRUB → the
-//!   per-host `hosts/<mac>.grub` → Xen on ARM + dom0 → the marker.
+//!   per-host `hosts/<mac>.grub` → Xen, the dom0 kernel and the initrd
+//!   (all over TFTP: the box's agent leaves `[http] grub` off) → Xen on
+//!   ARM + dom0 → the marker.
 //! * aarch64 (c): the floor, QEMU boots the same images directly
 //!   (`-kernel` Xen, the dom0 kernel and initrd as two `guest-loader`
 //!   devices) with the command lines of `pxe-assets/profiles/xen.grub.j2`.
+//!
+//! With `--install`, instead, the install-to-disk rows (profile
+//! `xen-install`, docs/netboot.md "Installing to disk"):
+//!
+//! * install (a): `lab lease acquire --host h1 --profile xen-install
+//!   --wait-ready` → the agent PXE-boots the installer, which streams the
+//!   disk image over the agent's HTTP onto the host's disk and powers off →
+//!   the agent sets boot device disk and powers on → GRUB → Xen → dom0 from
+//!   the disk → sshd answers (its `SSH-2.0-` banner, polled every 250 ms
+//!   from inside the box). By phase: installer (its first line), writing
+//!   (the stream starts), written (`stage=done`: streamed, written,
+//!   verified), grub (the disk boot: the installer's power-off, the agent's
+//!   boot device and power-on, BIOS), xen, dom0 (its `/init`), ready
+//!   (`LAB-DISK-READY`), ssh; and when `lab … --wait-ready` returned. The
+//!   installer's own figures (MB/s written) are printed per run.
+//! * install (c): the floor, QEMU booting a fresh copy of the same image
+//!   straight from its disk (no lab, no install: `zstd -d` once, then
+//!   `snapshot=on` so every run is a first boot), QEMU's user-mode network
+//!   (`restrict=on`: DHCP only, sshd reached by a `hostfwd` on the
+//!   loopback of a namespace of its own); phases grub, xen, dom0, ready,
+//!   ssh from QEMU's start.
 //!
 //! (a) and (b) each have their own lab in a box (tests/labbox/bmc.rs: a
 //! network namespace, a bridge, a QEMU host behind an `ipmi_sim` BMC, the
@@ -33,9 +56,12 @@
 //!
 //! Run (root; see tests/labbox/README.md):
 //!   cargo build --release --workspace
-//!   cargo run --release -p lab-tests --bin boot-bench -- [--runs N] [--skip-lab] [--timeout SECS] [--arch x86_64|aarch64|all]
+//!   cargo run --release -p lab-tests --bin boot-bench -- [--runs N] [--skip-lab] [--timeout SECS] [--arch x86_64|aarch64|all] [--install]
 //! `--skip-lab` leaves out (a) (which needs lab-agent's IPMI power-on);
-//! `--arch` picks the rows (default all: x86_64 (a) (b) (c), aarch64 (a) (c)).
+//! `--arch` picks the rows (default all: x86_64 (a) (b) (c), aarch64 (a) (c));
+//! `--install` runs the install rows only (x86_64; needs the disk image,
+//! `pxe-assets/build-image.sh`; `--timeout` is then per install-and-boot,
+//! default 600).
 
 #[path = "../../labbox/mod.rs"]
 mod labbox;
@@ -59,6 +85,7 @@ struct Args {
     timeout: Duration,
     x86: bool,
     aarch64: bool,
+    install: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -68,7 +95,9 @@ fn parse_args() -> Result<Args> {
         timeout: Duration::from_secs(120),
         x86: true,
         aarch64: true,
+        install: false,
     };
+    let mut timeout_given = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -90,7 +119,9 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .context("--timeout needs seconds")?;
                 a.timeout = Duration::from_secs(s);
+                timeout_given = true;
             }
+            "--install" => a.install = true,
             "--arch" => {
                 (a.x86, a.aarch64) = match it.next().as_deref() {
                     Some("x86_64") => (true, false),
@@ -102,15 +133,20 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "usage: boot-bench [--runs N (default 3)] [--skip-lab] [--timeout SECS (per boot, default 120)]\n\
-                     \x20                 [--arch x86_64|aarch64|all (default all)]\n\
+                     \x20                 [--arch x86_64|aarch64|all (default all)] [--install]\n\
                      Times a Xen dom0 boot (a) through lab lease acquire, (b) with dnsmasq + ipmitool,\n\
                      (c) by QEMU direct -kernel boot; for aarch64 (a) and (c) (guest-loader).\n\
+                     --install: instead, lease → SSH in dom0 from the disk with profile xen-install,\n\
+                     by phase, beside QEMU booting the same image from its disk (timeout default 600).\n\
                      See tests/labbox/README.md. Needs root."
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
         }
+    }
+    if a.install && !timeout_given {
+        a.timeout = Duration::from_secs(600);
     }
     Ok(a)
 }
@@ -231,21 +267,25 @@ struct ArmBoot {
 }
 
 fn arm_boot() -> Result<ArmBoot> {
-    let (xen, modules) = profile_boot("xen.grub.j2", "xen_hypervisor /artifacts/…", |line| {
-        // `if xen_module --nounzip /artifacts/FILE ARGS; then`
-        let line = line.strip_prefix("if ").unwrap_or(line);
-        let line = line.strip_suffix("; then").unwrap_or(line);
-        let (kind, rest) = line.split_once(' ')?;
-        let hypervisor = match kind {
-            "xen_hypervisor" => true,
-            "xen_module" => false,
-            _ => return None,
-        };
-        rest.trim_start_matches("--nounzip")
-            .trim()
-            .strip_prefix("/artifacts/")
-            .map(|r| (hypervisor, r))
-    })?;
+    let (xen, modules) = profile_boot(
+        "xen.grub.j2",
+        "xen_hypervisor {{ grub_artifacts }}/…",
+        |line| {
+            // `if xen_module --nounzip {{ grub_artifacts }}/FILE ARGS; then`
+            let line = line.strip_prefix("if ").unwrap_or(line);
+            let line = line.strip_suffix("; then").unwrap_or(line);
+            let (kind, rest) = line.split_once(' ')?;
+            let hypervisor = match kind {
+                "xen_hypervisor" => true,
+                "xen_module" => false,
+                _ => return None,
+            };
+            rest.trim_start_matches("--nounzip")
+                .trim()
+                .strip_prefix("{{ grub_artifacts }}/")
+                .map(|r| (hypervisor, r))
+        },
+    )?;
     Ok(ArmBoot { xen, modules })
 }
 
@@ -760,6 +800,9 @@ fn ratio(a: &Series, b: &Series) -> String {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.install {
+        return install_main(&args);
+    }
     let archs: Vec<Arch> = [(args.x86, Arch::X86_64), (args.aarch64, Arch::Aarch64)]
         .into_iter()
         .filter_map(|(on, arch)| on.then_some(arch))
@@ -920,6 +963,474 @@ fn main() -> Result<()> {
     }
     if args.aarch64 {
         println!("aarch64 (a)/(c) median: {}", ratio(&arm_a, &arm_c));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------- install to disk
+
+/// The install image and its checksum in the artifacts cache.
+const IMAGE: &str = "xenlab-amd64.img.zst";
+const IMAGE_SHA256: &str = "xenlab-amd64.img.zst.sha256";
+/// What the installer's PXE boot loads.
+const INSTALLER: [&str; 2] = ["vmlinuz-amd64", "initrd-install-amd64.gz"];
+
+/// The console phases of a disk boot, in order (each searched for after
+/// the previous one; `|` separates alternatives): GRUB runs, Xen starts,
+/// the dom0 kernel runs its `/init`, the ready line.
+const DISK_PHASES: [(&str, &str); 4] = [
+    ("grub", "GNU GRUB|Booting `Debian|Booting 'Debian"),
+    ("xen", "(XEN) Xen version"),
+    ("dom0", "Run /init as init process|Freeing unused kernel"),
+    ("ready", "LAB-DISK-READY"),
+];
+
+/// The install's phases before the disk boot: the installer's first line,
+/// the stream starts, `stage=done` (streamed, written, verified).
+const INSTALL_PHASES: [(&str, &str); 3] = [
+    ("installer", "LAB-INSTALL stage=start"),
+    ("writing", "LAB-INSTALL stage=writing percent=0 "),
+    ("written", "LAB-INSTALL stage=done"),
+];
+
+const INSTALL_FAILURES: [&str; 3] = [
+    "LAB-INSTALL stage=failed",
+    "LAB-DISK-FAILED",
+    "LAB-BOOT-FAILED",
+];
+
+/// When sshd first answered, and when each console phase appeared
+/// (seconds after the start).
+struct DiskRun {
+    phases: Phases,
+    ssh: f64,
+}
+
+/// Polls `console` from byte `from` until every phase of `table` has
+/// appeared, each after the previous one, and `ssh_up` holds (polled every
+/// 250 ms once the phase `ssh_from` was seen); fails on a failure line or
+/// after `timeout`. A check blocks up to 2 s (no answer while the host has
+/// no address yet), so the phases after `ssh_from` are seen up to 2 s late.
+fn wait_disk_run(
+    console: &Path,
+    from: u64,
+    table: &PhaseTable,
+    ssh_from: &str,
+    t0: Instant,
+    timeout: Duration,
+    ssh_up: &dyn Fn() -> bool,
+) -> Result<DiskRun> {
+    let mut seen: Phases = vec![None; table.len()];
+    // Where in the text the next phase is searched from.
+    let mut at = 0;
+    let mut ssh = None;
+    let mut last_ssh_poll: Option<Instant> = None;
+    let ssh_index = table
+        .iter()
+        .position(|(n, _)| *n == ssh_from)
+        .context("ssh_from names a phase")?;
+    loop {
+        let bytes = std::fs::read(console).unwrap_or_default();
+        let now = Instant::now();
+        let text = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default());
+        for (i, (_, needles)) in table.iter().enumerate() {
+            if seen[i].is_some() {
+                continue;
+            }
+            let hit = needles
+                .split('|')
+                .filter_map(|n| text.get(at..)?.find(n).map(|p| at + p + n.len()))
+                .min();
+            match hit {
+                Some(end) => {
+                    seen[i] = Some(now.duration_since(t0).as_secs_f64());
+                    at = end;
+                }
+                None => break,
+            }
+        }
+        if let Some(f) = INSTALL_FAILURES.iter().find(|f| text.contains(*f)) {
+            bail!("{f} on the console; its tail:\n{}", tail(&text));
+        }
+        if ssh.is_none()
+            && seen[ssh_index].is_some()
+            && last_ssh_poll.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(250))
+        {
+            last_ssh_poll = Some(now);
+            if ssh_up() {
+                ssh = Some(Instant::now().duration_since(t0).as_secs_f64());
+            }
+        }
+        if let (Some(ssh), true) = (ssh, seen.iter().all(Option::is_some)) {
+            return Ok(DiskRun { phases: seen, ssh });
+        }
+        if now.duration_since(t0) > timeout {
+            bail!(
+                "not through every phase with sshd answering within {timeout:?} ({}); console tail:\n{}",
+                phases_line_all(table, &seen),
+                tail(&text)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every phase, the last one too.
+fn phases_line_all(table: &PhaseTable, p: &Phases) -> String {
+    table
+        .iter()
+        .zip(p)
+        .map(|((name, _), t)| match t {
+            Some(t) => format!("{name} {t:.1}"),
+            None => format!("{name} -"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether sshd answers at `addr` inside `ns` (its `SSH-2.0-` banner within
+/// 2 s).
+fn ssh_banner(ns: &labbox::Netns, addr: &str) -> bool {
+    let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "22"));
+    ns.command("timeout")
+        .args([
+            "2",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ip}/{port} && head -c 8 <&3"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map(|o| o.stdout.starts_with(b"SSH-2.0-"))
+        .unwrap_or(false)
+}
+
+/// The installer's `stage=done` words: (bytes, seconds, MB/s).
+fn install_figures(console: &str) -> Option<(u64, f64, f64)> {
+    let line = console
+        .lines()
+        .find(|l| l.contains("LAB-INSTALL stage=done"))?;
+    let word = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+    };
+    Some((
+        word("bytes")?.parse().ok()?,
+        word("seconds")?.parse().ok()?,
+        word("mbps")?.parse().ok()?,
+    ))
+}
+
+/// One install (a): lease with `xen-install` and `--wait-ready` → SSH in
+/// dom0 from the disk; then the release. Returns the run, the installer's
+/// figures and when `lab --wait-ready` returned.
+fn run_install_lab(
+    lab: &Lab,
+    table: &PhaseTable,
+    timeout: Duration,
+) -> Result<(DiskRun, (u64, f64, f64), f64)> {
+    let b = &lab.lab;
+    let h = &b.hosts()[0];
+    if b.vm_running(h) {
+        power_off(b, h)?;
+    }
+    let from = b.console_len(h);
+    let t0 = Instant::now();
+    let child = lab
+        .lab
+        .netns()
+        .command(bin_path("lab"))
+        .args(["--json", "lease", "acquire", "--host", &h.name])
+        .args([
+            "--profile",
+            "xen-install",
+            "--ttl",
+            "20m",
+            "--ssh-key",
+            "none",
+        ])
+        .arg(format!("--wait-ready={}s", timeout.as_secs()))
+        .env("LAB_SERVER", format!("http://{}", lab.addr))
+        .env("LAB_TOKEN", "bench")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("run lab lease acquire")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = tx.send((Instant::now(), out));
+    });
+    let addr = format!("{}:22", h.ipv4);
+    let run = wait_disk_run(b.console_path(h), from, table, "dom0", t0, timeout, &|| {
+        ssh_banner(b.netns(), &addr)
+    });
+    // The CLI returns once the server has READY (or failed, or its own
+    // timeout): the lease id is on its stdout either way.
+    let (when, out) = rx
+        .recv_timeout(timeout)
+        .context("lab lease acquire --wait-ready did not return")?;
+    let out = out.context("lab lease acquire")?;
+    let lease: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "lab lease acquire printed no lease: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let id = lease["id"]
+        .as_str()
+        .with_context(|| format!("no lease id in {lease}"))?
+        .to_owned();
+    let released = lab_cli(lab, &["lease", "release", &id]);
+    let run = run.with_context(|| format!("install (a) lease {id}"))?;
+    if !out.status.success() {
+        bail!(
+            "lab lease acquire --wait-ready failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    released?;
+    if !b.wait_vm(h, false, Duration::from_secs(60)) {
+        bail!("the release left {} powered on", h.name);
+    }
+    let console = String::from_utf8_lossy(
+        std::fs::read(b.console_path(h))
+            .unwrap_or_default()
+            .get(from as usize..)
+            .unwrap_or_default(),
+    )
+    .into_owned();
+    let figures = install_figures(&console).context("no stage=done figures on the console")?;
+    Ok((run, figures, when.duration_since(t0).as_secs_f64()))
+}
+
+/// The durations between the phases at `marks` (indices into the run's
+/// phases, in order) and then to sshd answering; the first is from the
+/// start.
+fn steps(run: &DiskRun, marks: &[usize]) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut prev = 0.0;
+    for &i in marks {
+        let t = run.phases[i].unwrap_or(prev);
+        out.push(t - prev);
+        prev = t;
+    }
+    out.push(run.ssh - prev);
+    out
+}
+
+/// The floor's disk: the image decompressed once (sparse), removed at the
+/// end.
+struct FloorDisk(std::path::PathBuf);
+
+impl FloorDisk {
+    fn make(artifacts: &Path, dir: &Path) -> Result<FloorDisk> {
+        let path = dir.join("floor.img");
+        let out = std::process::Command::new("zstd")
+            .args(["-d", "-q", "-f", "--sparse", "-o"])
+            .arg(&path)
+            .arg(artifacts.join(IMAGE))
+            .output()
+            .context("run zstd")?;
+        if !out.status.success() {
+            bail!("zstd -d {IMAGE}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(FloorDisk(path))
+    }
+}
+
+impl Drop for FloorDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One install (c): QEMU boots the image's disk (a first boot: writes go
+/// to a snapshot) in a namespace of its own → sshd answers on a hostfwd.
+fn run_floor(disk: &FloorDisk, logs: &LogDir, n: usize, timeout: Duration) -> Result<DiskRun> {
+    let ns = labbox::Netns::new("bench-floor");
+    let mut cmd = ns.command("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-cpu", "qemu64", "-m", bmc::VM_MEM])
+        .args(["-nodefaults", "-nographic", "-monitor", "none"])
+        .args(["-serial", "stdio"])
+        .args([
+            "-netdev",
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
+            "-device",
+            "virtio-net-pci,disable-legacy=on,netdev=n0,romfile=",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=disk0,format=raw,snapshot=on",
+            disk.0.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
+        .args(["-boot", "strict=on"]);
+    let t0 = Instant::now();
+    let mut vm = Proc::spawn(&format!("floor-{n}"), cmd, logs);
+    let r = wait_disk_run(vm.log_path(), 0, &DISK_PHASES, "dom0", t0, timeout, &|| {
+        ssh_banner(&ns, "127.0.0.1:2222")
+    });
+    vm.kill();
+    r.context("install (c) QEMU from the image's disk")
+}
+
+fn install_main(args: &Args) -> Result<()> {
+    let mut pre = LabBox::prereqs();
+    pre.tool("zstd", &["--version"], "apt-get install -y zstd")
+        .tool("timeout", &["--version"], "apt-get install -y coreutils");
+    let artifacts = labbox::artifacts_dir();
+    for f in [IMAGE, IMAGE_SHA256] {
+        pre.file(
+            &artifacts.join(f),
+            "the disk image is built by `sudo pxe-assets/build-image.sh` (scripts/deps.sh runs it)",
+        );
+    }
+    pre.assert_all();
+    if let Some(why) = labbox::ensure_artifacts(&artifacts, &INSTALLER) {
+        bail!("{why}");
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let info = std::fs::read_to_string(artifacts.join("xenlab-amd64.img.info")).unwrap_or_default();
+    let info_word = |k: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    println!(
+        "boot-bench --install: {} run(s) of each, alternating, one VM at a time; QEMU TCG -cpu qemu64 -m {}; {} CPUs; load {}",
+        args.runs,
+        bmc::VM_MEM,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "boot-bench: image {} ({} bytes compressed, {} bytes written), artifacts {}",
+        IMAGE,
+        info_word("compressed_bytes"),
+        info_word("image_bytes"),
+        artifacts.display()
+    );
+    println!(
+        "boot-bench: [phases] = seconds after the start when the console first shows: installer (its first line), \
+         writing (the image stream starts), written (stage=done: streamed, written, verified), grub (the disk boots), \
+         xen (Xen starts), dom0 (its /init runs), ready (LAB-DISK-READY); ssh = sshd's banner answers; \
+         cli = lab lease acquire --wait-ready returned"
+    );
+    let table: Vec<(&str, &str)> = INSTALL_PHASES
+        .iter()
+        .chain(DISK_PHASES.iter())
+        .copied()
+        .collect();
+    let lab = if args.skip_lab {
+        None
+    } else {
+        Some(start_lab(&artifacts)?)
+    };
+    let floor_logs = LogDir::new("bench-floor-");
+    let disk = FloorDisk::make(&artifacts, floor_logs.path())?;
+    let mut a = Series {
+        label: "install (a) lease → SSH in dom0 from disk",
+        runs: vec![],
+    };
+    let mut c = Series {
+        label: "install (c) QEMU, the image's disk → SSH",
+        runs: vec![],
+    };
+    // (a) from the disk boot on: the install's end (stage=done) → SSH.
+    let mut a_boot = Series {
+        label: "install (a) stage=done → SSH (reboot, boot)",
+        runs: vec![],
+    };
+    let mut mbps = Vec::new();
+    // Phase durations (s) of every run: (a) and (c).
+    let mut a_steps: Vec<Vec<f64>> = Vec::new();
+    let mut c_steps: Vec<Vec<f64>> = Vec::new();
+    for n in 1..=args.runs {
+        if let Some(lab) = &lab {
+            let (run, (bytes, secs, rate), cli) =
+                run_install_lab(lab, &table, args.timeout).unwrap_or_else(|e| fail(e));
+            println!(
+                "run {n}: install (a) {:.1} s  [{}, ssh {:.1}, cli {:.1}]  installer: {} bytes in {secs} s, {rate} MB/s",
+                run.ssh,
+                phases_line_all(&table, &run.phases),
+                run.ssh,
+                cli,
+                bytes
+            );
+            a.runs.push(Duration::from_secs_f64(run.ssh));
+            let written = run.phases[2].unwrap_or(0.0);
+            a_boot.runs.push(Duration::from_secs_f64(run.ssh - written));
+            mbps.push(rate);
+            a_steps.push(steps(&run, &[0, 1, 2, 3, 4, 5]));
+        }
+        let run = run_floor(&disk, &floor_logs, n, args.timeout).unwrap_or_else(|e| fail(e));
+        println!(
+            "run {n}: install (c) {:.1} s  [{}, ssh {:.1}]",
+            run.ssh,
+            phases_line_all(&DISK_PHASES, &run.phases),
+            run.ssh
+        );
+        c.runs.push(Duration::from_secs_f64(run.ssh));
+        c_steps.push(steps(&run, &[0, 1, 2]));
+    }
+    println!();
+    println!(
+        "{:<46} {:>7} {:>7} {:>7}   runs (s)",
+        "time to sshd answering in dom0", "min", "median", "max"
+    );
+    for s in [&a, &a_boot, &c] {
+        println!("{}", s.row());
+    }
+    println!();
+    println!(
+        "{:<46} {:>9} {:>9}",
+        "by phase (median s)", "(a) lab", "(c) floor"
+    );
+    let med = |runs: &[Vec<f64>], i: Option<usize>| -> String {
+        let Some(i) = i else { return "-".into() };
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).copied()).collect();
+        if v.is_empty() {
+            return "-".into();
+        }
+        v.sort_by(f64::total_cmp);
+        format!("{:.1}", (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0)
+    };
+    for (label, ai, ci) in [
+        ("lease → installer's first line (PXE)", Some(0), None),
+        ("installer: DHCP, metadata, disk", Some(1), None),
+        ("image streamed, written, verified", Some(2), None),
+        ("reboot: power-off, boot device disk, on", Some(3), None),
+        ("QEMU start → GRUB", None, Some(0)),
+        ("GRUB → Xen", Some(4), Some(1)),
+        ("Xen → dom0 /init", Some(5), Some(2)),
+        ("dom0 /init → sshd answering", Some(6), Some(3)),
+    ] {
+        println!(
+            "{label:<46} {:>9} {:>9}",
+            med(&a_steps, ai),
+            med(&c_steps, ci)
+        );
+    }
+    println!();
+    println!("install (a)/(c) median: {}", ratio(&a, &c));
+    println!(
+        "install (a) stage=done → SSH / (c) median: {}",
+        ratio(&a_boot, &c)
+    );
+    if !mbps.is_empty() {
+        mbps.sort_by(f64::total_cmp);
+        println!(
+            "install throughput (installer, MB/s of image written): min {:.1} median {:.1} max {:.1}",
+            mbps[0],
+            (mbps[(mbps.len() - 1) / 2] + mbps[mbps.len() / 2]) / 2.0,
+            mbps[mbps.len() - 1]
+        );
     }
     Ok(())
 }

@@ -178,6 +178,8 @@ fn known_hosts(n: u32) -> impl Iterator<Item = BootHost> {
         firmware: Firmware::Bios,
         profile: "bench".into(),
         lease: None,
+        holder: None,
+        ssh_key: None,
     })
 }
 

@@ -3,8 +3,10 @@
 //! VMs, each behind its own `ipmi_sim` BMC) in a fresh network namespace,
 //! takes a guided tour through the `lab` CLI (lease a host with profile
 //! `xen`, watch it boot to dom0 on its console, release it and see it
-//! powered off), then keeps the lab up and prints what to type next until
-//! Enter is pressed (or at once with `--tour-only`). Everything it made is
+//! powered off), then keeps the lab up and prints what to type next —
+//! including profile `xen-install` (Debian + Xen installed on the host's
+//! disk, then `lab ssh` into its dom0) — until Enter is pressed (or at once
+//! with `--tour-only`). Everything it made is
 //! removed when it stops. Needs root; `scripts/demo.sh` builds and runs it.
 
 #[path = "../../labbox/mod.rs"]
@@ -80,6 +82,14 @@ fn main() {
     if let Some(d) = dashboard {
         println!("  open http://{d}/ in a browser (the dashboard; metrics at http://{d}/metrics)");
     }
+    println!("Profiles: xen (Xen + a test dom0 over the network), health-check, local-disk, and");
+    println!(
+        "xen-install (Debian 12 + Xen 4.17 installed on the host's disk, then booted from it, ~3-4 min):"
+    );
+    println!(
+        "  {lab} lease acquire --host h1 --profile xen-install --ssh-key ~/.ssh/id_ed25519.pub --wait-ready=600s"
+    );
+    println!("  {lab} ssh h1 -- xl info      # root in dom0 from the disk, with that key");
     println!();
     print!("Press Enter to stop the lab and remove everything it made. ");
     let _ = std::io::stdout().flush();

@@ -21,6 +21,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use lab_proto::v1 as pb;
+use lab_tests::agent::rss_kib;
 use lab_tests::{Clients, ServerProcess, inventory_toml};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,13 +92,6 @@ fn parse() -> Result<Opts> {
         "--hosts must exceed --clients (each client uses its own host, one stays held)"
     );
     Ok(o)
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[derive(Default)]

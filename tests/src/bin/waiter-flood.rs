@@ -16,6 +16,7 @@
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use lab_proto::v1 as pb;
+use lab_tests::agent::rss_kib;
 use lab_tests::{Clients, ServerProcess, inventory_toml, percentile};
 use std::time::{Duration, Instant};
 
@@ -24,20 +25,6 @@ usage: waiter-flood [--waiters N] [--connections N] [--server-arg=ARG]...
   --waiters N        Acquire streams to open, all as principal mallory [10000]
   --connections N    spread over this many connections (at most 128 streams each) [100]
   --server-arg=ARG   one more argument for lab-server (repeatable)";
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
 
 async fn get_host_latency(c: &mut Clients) -> Result<(Duration, Duration)> {
     let mut v = Vec::new();
@@ -84,7 +71,7 @@ async fn flood(waiters: usize, connections: usize, extra: Vec<String>) -> Result
         .await
         .map_err(|s| anyhow::anyhow!("hold the hosts: {s}"))?;
     let (idle_p50, idle_p99) = get_host_latency(&mut probe).await?;
-    let before = rss_kib(pid);
+    let before = rss_kib(pid).unwrap_or(0);
 
     let mut conns = Vec::new();
     for _ in 0..connections {
@@ -131,13 +118,13 @@ async fn flood(waiters: usize, connections: usize, extra: Vec<String>) -> Result
     }
     // Let the server settle, then measure with the streams open.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = rss_kib(pid);
+    let during = rss_kib(pid).unwrap_or(0);
     let (busy_p50, busy_p99) = get_host_latency(&mut probe).await?;
     let waiting = streams.len();
     drop(streams);
     drop(conns);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = rss_kib(pid);
+    let after = rss_kib(pid).unwrap_or(0);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!(
         "server args: {}",

@@ -1,0 +1,89 @@
+//! The real `lab-agent` binary as a child process of a test: a config on
+//! loopback (TFTP and HTTP on port 0, the repository's pxe-assets), started
+//! and waited for until it prints where it listens, killed on drop.
+
+use crate::bin_path;
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A running `lab-agent` process.
+pub struct AgentProcess {
+    pub child: Child,
+    /// Its TFTP and HTTP addresses.
+    pub tftp: String,
+    pub http: String,
+    /// Where its stderr (the log) goes.
+    pub log: PathBuf,
+    /// Its data directory (console logs, reports).
+    pub data_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Spawns the agent of rack `r1` against the server at `server`, token
+    /// `agent-r1`, files under `dir`; `extra` is appended to agent.toml.
+    pub fn spawn(dir: &Path, server: SocketAddr, extra: &str) -> Result<AgentProcess> {
+        let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
+        let data_dir = dir.join("agent-data");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "rack = \"r1\"\nserver = \"http://{server}\"\ndata_dir = \"{}\"\n{extra}\n[tftp]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:0\"\n[assets]\nroot = \"{assets}\"\n",
+                data_dir.display()
+            ),
+        )?;
+        let log = dir.join("agent.log");
+        let mut child = Command::new(bin_path("lab-agent"))
+            .args(["--config", config.to_str().unwrap(), "--token", "agent-r1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .spawn()
+            .context("lab-agent is built (cargo build --workspace)")?;
+        let stdout = child.stdout.take().unwrap();
+        let mut agent = AgentProcess {
+            child,
+            tftp: String::new(),
+            http: String::new(),
+            log,
+            data_dir,
+        };
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(a) = line.strip_prefix("lab-agent tftp listening on ") {
+                agent.tftp = a.to_owned();
+            } else if let Some(a) = line.strip_prefix("lab-agent http listening on ") {
+                agent.http = a.to_owned();
+            } else if line.starts_with("lab-agent running") {
+                break;
+            }
+        }
+        if agent.tftp.is_empty() || agent.http.is_empty() {
+            bail!(
+                "agent did not start: {}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+        }
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
