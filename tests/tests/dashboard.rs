@@ -37,12 +37,32 @@ fn terminal_server() -> std::net::SocketAddr {
                 if conn.write_all(banner.as_bytes()).is_err() {
                     return;
                 }
+                // Like a getty, prompt again every second while nobody types:
+                // a holder's console shows only what came after its lease's
+                // grant, so the banner alone (printed at connect, before any
+                // lease) would never reach it.
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(1)));
                 let mut line = Vec::new();
                 let mut buf = [0u8; 256];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 {
-                        return;
-                    }
+                loop {
+                    let n = match conn.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            if line.is_empty()
+                                && conn.write_all(b"\r\nlab-h00 dom0 login: ").is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
                     for &b in &buf[..n] {
                         if b == b'\r' || b == b'\n' {
                             if !line.is_empty() {
