@@ -47,6 +47,18 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 #[derive(Debug)]
 struct Refusal(StatusCode, String);
 
+/// The value of a `Result<_, Refusal>`, or return the refusal as the
+/// handler's response (the handlers' early answers: not signed in, a bad
+/// CSRF token, a malformed name or id).
+macro_rules! refused {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return r.into_response(),
+        }
+    };
+}
+
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         (self.0, self.1).into_response()
@@ -397,14 +409,8 @@ pub(super) async fn host(
     Path(name): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.api_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let name = match host_name(name) {
-        Ok(n) => n,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.api_signed(&h));
+    let name = refused!(host_name(name));
     let view = match st.api.core().get_host(name).await {
         Ok(v) => v,
         Err(e) => return core_err(e),
@@ -485,14 +491,8 @@ pub(super) async fn lease(
     Path(id): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.api_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let id = match lease_id(&id) {
-        Ok(i) => i,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.api_signed(&h));
+    let id = refused!(lease_id(&id));
     match st.api.core().get_lease(id).await {
         Ok(l) => {
             let mut j = lease_json(&st, &l);
@@ -512,14 +512,8 @@ pub(super) async fn renew(
     Path(id): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.post_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let id = match lease_id(&id) {
-        Ok(i) => i,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.post_signed(&h));
+    let id = refused!(lease_id(&id));
     match st.api.core().renew(s.caller, id, None).await {
         Ok(l) => Json(lease_json(&st, &l)).into_response(),
         Err(e) => core_err(e),
@@ -531,14 +525,8 @@ pub(super) async fn release(
     Path(id): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.post_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let id = match lease_id(&id) {
-        Ok(i) => i,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.post_signed(&h));
+    let id = refused!(lease_id(&id));
     match st.api.core().release(s.caller, id).await {
         Ok(l) => Json(lease_json(&st, &l)).into_response(),
         Err(e) => core_err(e),
@@ -558,14 +546,8 @@ pub(super) async fn maintenance(
     h: HeaderMap,
     Json(m): Json<Maintenance>,
 ) -> Response {
-    let s = match st.post_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let name = match host_name(name) {
-        Ok(n) => n,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.post_signed(&h));
+    let name = refused!(host_name(name));
     let reason = match crate::grpc::convert::text("reason", m.reason) {
         Ok(r) => r,
         Err(e) => return error(e),
@@ -594,14 +576,8 @@ pub(super) async fn console_input(
     h: HeaderMap,
     Json(input): Json<ConsoleInput>,
 ) -> Response {
-    let s = match st.post_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let host = match host_name(name) {
-        Ok(n) => n,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.post_signed(&h));
+    let host = refused!(host_name(name));
     if input.text.len() > MAX_CONSOLE_INPUT {
         return (StatusCode::PAYLOAD_TOO_LARGE, "console input too long").into_response();
     }
@@ -628,14 +604,8 @@ pub(super) async fn console_log(
     Path(id): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.api_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let id = match lease_id(&id) {
-        Ok(i) => i,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.api_signed(&h));
+    let id = refused!(lease_id(&id));
     let lease = match st.api.core().get_lease(id).await {
         Ok(l) => l,
         Err(e) => return core_err(e),
@@ -722,10 +692,7 @@ fn event_json(e: &EventRecord) -> String {
 /// committed one as it comes. After falling behind, it tells the page to
 /// reload its data (`event: lagged`).
 pub(super) async fn events(State(st): State<WebState>, h: HeaderMap) -> Response {
-    let s = match st.api_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.api_signed(&h));
     let Some(slot) = s.session.stream() else {
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -790,14 +757,8 @@ pub(super) async fn console(
     Path(name): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    let s = match st.api_signed(&h) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let host = match host_name(name) {
-        Ok(n) => n,
-        Err(r) => return r.into_response(),
-    };
+    let s = refused!(st.api_signed(&h));
+    let host = refused!(host_name(name));
     let Some(slot) = s.session.stream() else {
         return (
             StatusCode::TOO_MANY_REQUESTS,
