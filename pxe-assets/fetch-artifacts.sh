@@ -132,10 +132,41 @@ xdeb=$(deb_for xen-hypervisor-4.17-amd64)
 bdeb=$(deb_for busybox-static)
 ideb=$(deb_for ipxe)
 
-# Only what we need from the ~70 MB kernel .deb: vmlinuz and the xenfs modules.
+# add_modules KROOT DEST KVER WHAT MODS...: the modules MODS of the kernel
+# tree KROOT (a lib/modules/KVER) and, transitively, their "depends=" (from
+# the .modinfo strings; every dependency is a module, never built in) copied
+# into DEST/lib/modules/KVER, with its modules.dep (busybox depmod). WHAT
+# names the initramfs in errors.
+add_modules() {
+  local kroot=$1 dest=$2 kver=$3 what=$4 m f index queue have
+  shift 4
+  local wanted="$*"
+  index=$(mktemp "$work/ko.index.XXXXXX")
+  (cd "$kroot" && find kernel -name '*.ko' | awk '{ n = $0; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); print n, $0 }') > "$index"
+  queue=$wanted have=" "
+  while [ -n "$(echo $queue)" ]; do
+    # shellcheck disable=SC2086  # a word list
+    set -- $queue; m=$(echo "$1" | tr - _); shift; queue="$*"
+    case "$have" in *" $m "*) continue ;; esac
+    f=$(awk -v m="$m" '$1 == m { print $2; exit }' "$index")
+    [ -n "$f" ] || { echo "$what: module $m not in $kroot" >&2; exit 1; }
+    have="$have$m "
+    mkdir -p "$dest/lib/modules/$kver/$(dirname "$f")"
+    cp "$kroot/$f" "$dest/lib/modules/$kver/$f"
+    queue="$queue $(tr '\0' '\n' < "$kroot/$f" | sed -n 's/^depends=//p' | head -n1 | tr , ' ')"
+  done
+  "$work/bin/busybox" depmod -b "$dest" "$kver"
+  for m in $wanted; do grep -q "/$m.ko:" "$dest/lib/modules/$kver/modules.dep" ||
+    grep -q "/${m//_/-}.ko:" "$dest/lib/modules/$kver/modules.dep" ||
+    { echo "$what: $m missing from modules.dep" >&2; exit 1; }; done
+  rm -f "$index"
+}
+
+# From the ~70 MB kernel .deb, in one pass: vmlinuz and the modules (the
+# xenfs ones, the test initramfs' NIC and disk drivers, the installer's).
 M=./lib/modules/$kver/kernel/drivers
-(cd "$work" && dpkg-deb --fsys-tarfile "$kdeb" | tar -x "./boot/vmlinuz-$kver" \
-  "$M/xen/xen-privcmd.ko" "$M/xen/xenfs/xenfs.ko")
+(cd "$work" && dpkg-deb --fsys-tarfile "$kdeb" | tar -x --wildcards "./boot/vmlinuz-$kver" \
+  "./lib/modules/$kver/kernel/*")
 cp "$work/boot/vmlinuz-$kver" "$work/vmlinuz-amd64"
 
 dpkg-deb --fsys-tarfile "$xdeb" | tar -xO ./boot/xen-4.17-amd64.gz | gunzip > "$work/xen-4.17-amd64"
@@ -150,12 +181,17 @@ root=$work/rootfs
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,lib/modules}
 cp "$work/bin/busybox" "$root/bin/busybox"
 cp "$work/$M/xen/xen-privcmd.ko" "$work/$M/xen/xenfs/xenfs.ko" "$root/lib/modules/"
+# NIC and disk drivers: init loads them (without Xen) before the facts line.
+labbox_mods="virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ahci ata_piix sd_mod nvme"
+add_modules "$work/lib/modules/$kver" "$root" "$kver" "test initramfs" $labbox_mods
 install -m 0755 "$here/initramfs/init" "$root/init"
 # /dev/console: the kernel's built-in initramfs already has it and init mounts
 # devtmpfs; the node is added too when we can (root), as the shared recipe does.
 if [ "$(id -u)" = 0 ]; then mknod -m 600 "$root/dev/console" c 5 1; mknod -m 666 "$root/dev/null" c 1 3; fi
 (cd "$root" && find . | LC_ALL=C sort | "$work/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -n -6 > "$work/initrd-labbox-amd64.gz"
 
+# Inputs besides the packages (what tests/labbox's ensure_artifacts checks).
+(cd "$here" && sha256sum fetch-artifacts.sh initramfs/init) >> "$work/VERSIONS"
 for f in xen-4.17-amd64 vmlinuz-amd64 initrd-labbox-amd64.gz undionly.kpxe ipxe.efi snponly.efi VERSIONS; do
   mv -f "$work/$f" "$out/$f"
 done
@@ -198,27 +234,8 @@ else
     cp -L "$f" "$iroot/lib/x86_64-linux-gnu/$l"
   done
   cp -L "$i/debs/lib64/ld-linux-x86-64.so.2" "$iroot/lib64/ld-linux-x86-64.so.2"
-  # Modules: the wanted ones and, transitively, their "depends=" (from the
-  # .modinfo strings; every dependency is a module, never built in).
-  (cd "$i" && dpkg-deb --fsys-tarfile "$kdeb" | tar -x --wildcards "./lib/modules/$kver/kernel/*")
-  kroot=$i/lib/modules/$kver
-  (cd "$kroot" && find kernel -name '*.ko' | awk '{ n = $0; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); print n, $0 }') > "$i/ko.index"
-  queue=$inst_mods have=" "
-  while [ -n "$(echo $queue)" ]; do
-    # shellcheck disable=SC2086  # a word list
-    set -- $queue; m=$(echo "$1" | tr - _); shift; queue="$*"
-    case "$have" in *" $m "*) continue ;; esac
-    f=$(awk -v m="$m" '$1 == m { print $2; exit }' "$i/ko.index")
-    [ -n "$f" ] || { echo "installer: module $m not in $kpkg" >&2; exit 1; }
-    have="$have$m "
-    mkdir -p "$iroot/lib/modules/$kver/$(dirname "$f")"
-    cp "$kroot/$f" "$iroot/lib/modules/$kver/$f"
-    queue="$queue $(tr '\0' '\n' < "$kroot/$f" | sed -n 's/^depends=//p' | head -n1 | tr , ' ')"
-  done
-  "$work/bin/busybox" depmod -b "$iroot" "$kver"
-  for m in $inst_mods; do grep -q "/$m.ko:" "$iroot/lib/modules/$kver/modules.dep" ||
-    grep -q "/${m//_/-}.ko:" "$iroot/lib/modules/$kver/modules.dep" ||
-    { echo "installer: $m missing from modules.dep" >&2; exit 1; }; done
+  # Modules: the wanted ones and, transitively, their dependencies.
+  add_modules "$work/lib/modules/$kver" "$iroot" "$kver" installer $inst_mods
   install -m 0755 "$here/installer/init" "$iroot/init"
   if [ "$(id -u)" = 0 ]; then
     mknod -m 600 "$iroot/dev/console" c 5 1; mknod -m 666 "$iroot/dev/null" c 1 3
@@ -266,8 +283,8 @@ if [ "${LAB_NO_ARM64:-0}" != 1 ]; then
     a=$work/arm64
     mkdir -p "$a"
     AM=./lib/modules/$akver/kernel/drivers
-    (cd "$a" && dpkg-deb --fsys-tarfile "$akdeb" | tar -x "./boot/vmlinuz-$akver" \
-      "$AM/xen/xen-privcmd.ko" "$AM/xen/xenfs/xenfs.ko")
+    (cd "$a" && dpkg-deb --fsys-tarfile "$akdeb" | tar -x --wildcards "./boot/vmlinuz-$akver" \
+      "./lib/modules/$akver/kernel/*")
     # The arm64 vmlinuz is an uncompressed Image (~33 MB): gzipped for GRUB's
     # slow TFTP; the xen profile loads it with --nounzip and Xen unpacks it.
     gzip -n -6 < "$a/boot/vmlinuz-$akver" > "$work/vmlinuz-arm64.gz"
@@ -294,6 +311,8 @@ if [ "${LAB_NO_ARM64:-0}" != 1 ]; then
     mkdir -p "$aroot"/{bin,dev,proc,sys,tmp,etc,lib/modules}
     cp "$a/bin/busybox" "$aroot/bin/busybox"
     cp "$a/$AM/xen/xen-privcmd.ko" "$a/$AM/xen/xenfs/xenfs.ko" "$aroot/lib/modules/"
+    add_modules "$a/lib/modules/$akver" "$aroot" "$akver" "arm64 test initramfs" \
+      virtio_pci virtio_mmio virtio_net virtio_blk virtio_scsi e1000e igb ahci sd_mod nvme
     install -m 0755 "$here/initramfs/init" "$aroot/init"
     if [ "$(id -u)" = 0 ]; then mknod -m 600 "$aroot/dev/console" c 5 1; mknod -m 666 "$aroot/dev/null" c 1 3; fi
     (cd "$aroot" && find . | LC_ALL=C sort | "$work/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -n -6 > "$work/initrd-labbox-arm64.gz"

@@ -170,27 +170,33 @@ pub fn ensure_artifacts(dir: &Path, files: &[&str]) -> Option<String> {
 }
 
 /// Why the outputs in `dir` are stale, if they are: a cache key the script
-/// writes (`VERSIONS-arm64`, `VERSIONS-install`: package versions and the
-/// sha256 of its inputs, itself included) records another version of
-/// `script` than the current one (e.g. the GRUB image was built before the
-/// script added a module the profiles now use). The script rebuilds what
-/// such a key covers.
+/// writes (`VERSIONS`, `VERSIONS-arm64`, `VERSIONS-install`: package
+/// versions and the sha256 of its inputs, itself included) records another
+/// version of an input under `pxe-assets/` than the current one (e.g. the
+/// GRUB image was built before the script added a module the profiles now
+/// use, or the test initramfs before `initramfs/init` changed its facts
+/// line). The script rebuilds what such a key covers.
 fn stale_artifacts(dir: &Path, script: &Path) -> Option<String> {
-    let out = Command::new("sha256sum").arg(script).output().ok()?;
-    let current = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()?
-        .to_owned();
-    ["VERSIONS-arm64", "VERSIONS-install"]
+    let assets = script.parent()?;
+    let sha256 = |file: &Path| -> Option<String> {
+        let out = Command::new("sha256sum").arg(file).output().ok()?;
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()?
+                .to_owned(),
+        )
+    };
+    ["VERSIONS", "VERSIONS-arm64", "VERSIONS-install"]
         .into_iter()
-        .find(|key| {
-            std::fs::read_to_string(dir.join(key)).is_ok_and(|text| {
-                text.lines()
-                    .filter_map(|l| l.split_once("  "))
-                    .any(|(hash, name)| name == "fetch-artifacts.sh" && hash != current)
-            })
+        .find_map(|key| {
+            let text = std::fs::read_to_string(dir.join(key)).ok()?;
+            text.lines()
+                .filter_map(|l| l.split_once("  "))
+                .filter(|(_, name)| assets.join(name).is_file())
+                .find(|(hash, name)| sha256(&assets.join(name)).is_some_and(|h| h != *hash))
+                .map(|(_, name)| format!("stale ({key} records another {name})"))
         })
-        .map(|key| format!("stale ({key} records another fetch-artifacts.sh)"))
 }
 
 // ------------------------------------------------------------------- logs
