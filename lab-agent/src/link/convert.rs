@@ -216,6 +216,7 @@ pub fn report(r: &Report) -> pb::HostReport {
         out.stage.clone_from(&p.stage);
         out.console_tail.clone_from(&p.console_tail);
         out.percent = p.percent;
+        out.ready_line.clone_from(&p.ready_line);
     }
     out
 }
@@ -402,6 +403,7 @@ mod tests {
                 stage: "no text".into(),
                 console_tail: "panic".into(),
                 percent: 0,
+                ready_line: String::new(),
             }),
         };
         let p = report(&r);
@@ -421,12 +423,29 @@ mod tests {
                 stage: "writing the image".into(),
                 console_tail: String::new(),
                 percent: 42,
+                ready_line: String::new(),
             }),
             ..r.clone()
         });
         assert_eq!(
             (installing.phase(), installing.percent),
             (pb::ProvisionPhase::Installing, 42)
+        );
+        let facts = "LAB-HEALTH-OK arch=x86_64 cpus=1 mem_kb=503000";
+        let ready = report(&Report {
+            provisioning: Some(crate::rack::Provisioning {
+                lease,
+                phase: Phase::Ready,
+                stage: "\"LAB-HEALTH-OK\" on the console".into(),
+                console_tail: String::new(),
+                percent: 0,
+                ready_line: facts.into(),
+            }),
+            ..r.clone()
+        });
+        assert_eq!(
+            (ready.phase(), ready.ready_line.as_str()),
+            (pb::ProvisionPhase::Ready, facts)
         );
         let cleared = report(&Report {
             unreachable: None,

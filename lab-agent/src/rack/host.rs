@@ -539,9 +539,12 @@ impl Host {
                     stage,
                     tail,
                     percent,
+                    ready_line,
                 } => {
                     if phase == super::report::Phase::Installing {
                         info!(%lease, %phase, stage, percent, "provisioning");
+                    } else if !ready_line.is_empty() {
+                        info!(%lease, %phase, stage, ready_line, "provisioning");
                     } else {
                         info!(%lease, %phase, stage, "provisioning");
                     }
@@ -552,6 +555,7 @@ impl Host {
                             stage,
                             console_tail: tail,
                             percent,
+                            ready_line,
                         });
                     });
                     if let Some(t) = ticket {

@@ -27,7 +27,13 @@
 //!
 //! A provisioning reports every stage; a BMC error, a failure text, the
 //! timeout or the console capture stopping make it FAILED (with the
-//! console tail where there is one). A reclaim reports nothing but answers
+//! console tail where there is one). READY carries the console line that
+//! held the ready text ([`MatchedLine`]: the health check's facts line): when
+//! the text arrives before its line ends, the watch waits up to
+//! [`READY_LINE_WAIT`] for the end of the line (a timeout or the console
+//! closing then reports READY with the line so far). A finished run ignores
+//! whatever the host does next: the `health-check` initramfs powers the host
+//! off right after its line. A reclaim reports nothing but answers
 //! its command: done (the lease's provisioning is cleared) or why not. A
 //! new lease replaces a provisioning in progress; a reclaim stops it; a new
 //! lease during a reclaim waits for the reclaim to end.
@@ -133,6 +139,10 @@ pub const RESUMED_INSTALL: &str = "the agent restarted during the install; insta
 pub const REBOOTING: &str = "rebooting: waiting for the host to power off";
 /// The stage of the disk boot after an install.
 pub const FROM_DISK: &str = "booting from disk";
+/// How long READY waits for the end of the line that holds the ready text.
+pub const READY_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest ready line reported (bytes; a longer one is cut).
+pub const MAX_READY_LINE: usize = 4096;
 /// How often the power state is read while waiting for the power-off.
 pub const POWER_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -368,6 +378,9 @@ pub enum Action {
         tail: String,
         /// For [`Phase::Installing`]: 0–100.
         percent: u32,
+        /// For [`Phase::Ready`]: the console line that held the ready text
+        /// (cleaned, at most [`MAX_READY_LINE`] bytes), else empty.
+        ready_line: String,
     },
     /// The host's BMC answered (`None`) or did not (why).
     Reachable(Option<String>),
@@ -387,6 +400,8 @@ pub enum Action {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Window {
     recent: Vec<u8>,
+    /// Where in `recent` the ready text was seen.
+    ready_at: Option<usize>,
 }
 
 /// What the console showed.
@@ -423,6 +438,11 @@ impl Window {
             return Some(Seen::Fail(f.clone()));
         }
         if new(ready) {
+            let from = old.saturating_sub(ready.len().saturating_sub(1));
+            self.ready_at = self.recent[from..]
+                .windows(ready.len())
+                .position(|w| w == ready.as_bytes())
+                .map(|i| from + i);
             return Some(Seen::Ready);
         }
         let keep = TAIL_KEEP + ready.len() + settings.fail.iter().map(String::len).sum::<usize>();
@@ -436,6 +456,64 @@ impl Window {
     pub fn tail(&self) -> String {
         tail(&self.recent)
     }
+
+    /// The line that holds the ready text [`Self::feed`] saw, as far as it
+    /// arrived (from its start, up to its end if that arrived too).
+    pub fn ready_line(&self) -> MatchedLine {
+        let mut line = MatchedLine::default();
+        if let Some(at) = self.ready_at {
+            let start = self.recent[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+            line.extend(&self.recent[start..]);
+        }
+        line
+    }
+}
+
+/// The console line that held the ready text, collected until its end
+/// (a newline) or [`MAX_READY_LINE`] bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MatchedLine {
+    bytes: Vec<u8>,
+    ended: bool,
+}
+
+impl MatchedLine {
+    /// Adds output; whether the line is complete now.
+    pub fn extend(&mut self, data: &[u8]) -> bool {
+        for &b in data {
+            if self.ended {
+                break;
+            }
+            if b == b'\n' {
+                self.ended = true;
+            } else {
+                self.bytes.push(b);
+                self.ended = self.bytes.len() >= MAX_READY_LINE;
+            }
+        }
+        self.ended
+    }
+
+    /// The line as text: control characters and terminal escapes stripped,
+    /// trimmed, at most [`MAX_READY_LINE`] bytes.
+    pub fn text(&self) -> String {
+        cap_line(super::install::clean(&self.bytes))
+    }
+}
+
+/// `line` cut to at most [`MAX_READY_LINE`] bytes (on a character boundary).
+fn cap_line(mut line: String) -> String {
+    if line.len() > MAX_READY_LINE {
+        let mut end = MAX_READY_LINE;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
 }
 
 /// The last 20 lines of console output, for failure reports.
@@ -479,6 +557,9 @@ struct Run {
     install_line: Option<String>,
     /// How much of the install is done.
     percent: u32,
+    /// The ready text was seen but its line has not ended yet: the line so
+    /// far and the READY stage to report.
+    ready: Option<(MatchedLine, String)>,
     done: bool,
 }
 
@@ -583,6 +664,7 @@ impl Machine {
             install_since: now,
             install_line: None,
             percent: 0,
+            ready: None,
             done: false,
         };
         run.advance(now, out);
@@ -629,6 +711,25 @@ impl Run {
         percent: u32,
         out: &mut Vec<Action>,
     ) {
+        self.report_full(phase, stage, tail, percent, String::new(), out);
+    }
+
+    /// Reports READY with the line that held the ready text and ends the
+    /// run.
+    fn ready(&mut self, stage: String, line: String, out: &mut Vec<Action>) {
+        self.report_full(Phase::Ready, stage, String::new(), 0, line, out);
+        self.finish(out, None);
+    }
+
+    fn report_full(
+        &mut self,
+        phase: Phase,
+        stage: String,
+        tail: String,
+        percent: u32,
+        ready_line: String,
+        out: &mut Vec<Action>,
+    ) {
         if let Some(s) = self.provisioning() {
             out.push(Action::Report {
                 lease: s.lease,
@@ -636,6 +737,7 @@ impl Run {
                 stage,
                 tail,
                 percent,
+                ready_line,
             });
             self.phase = phase;
         }
@@ -868,6 +970,14 @@ impl Run {
                 return self.finish(out, Some(ReclaimFailure::Bmc(f)));
             }
             (Step::WaitReady, Event::Output(data)) => {
+                // The ready text came: the rest of its line.
+                if let Some((mut line, stage)) = self.ready.take() {
+                    if line.extend(&data) {
+                        return self.ready(stage, line.text(), out);
+                    }
+                    self.ready = Some((line, stage));
+                    return;
+                }
                 let Some(s) = self.provisioning() else { return };
                 let settings = s.settings.clone();
                 let ready = settings.ready.clone().unwrap_or_default();
@@ -883,10 +993,26 @@ impl Run {
                             "{ready:?} on the console {:.1}s after the lease reached the agent",
                             (now - self.started).as_secs_f64()
                         );
-                        self.report(Phase::Ready, stage, String::new(), out);
+                        let line = self.window.ready_line();
+                        if line.ended {
+                            return self.ready(stage, line.text(), out);
+                        }
+                        self.ready = Some((line, stage));
+                        out.push(Action::Watch {
+                            deadline: now + READY_LINE_WAIT,
+                        });
+                        return;
                     }
                 }
                 return self.finish(out, None);
+            }
+            // The ready text came but its line did not end: READY with the
+            // line so far.
+            (Step::WaitReady, Event::Timeout | Event::ConsoleClosed) if self.ready.is_some() => {
+                if let Some((line, stage)) = self.ready.take() {
+                    return self.ready(stage, line.text(), out);
+                }
+                return;
             }
             (
                 Step::WaitReady | Step::WaitInstall | Step::WaitOff | Step::WaitDisk,
@@ -1007,8 +1133,7 @@ impl Run {
                     if !about.is_empty() {
                         stage = format!("{stage}: {about}");
                     }
-                    self.report(Phase::Ready, stage, String::new(), out);
-                    return self.finish(out, None);
+                    return self.ready(stage, cap_line(line), out);
                 }
                 return;
             }
@@ -1081,6 +1206,19 @@ mod tests {
             stage: stage.into(),
             tail: tail.into(),
             percent: 0,
+            ready_line: String::new(),
+        }
+    }
+
+    /// READY of lease 1 with the line that held the ready text.
+    fn ready_with(stage: &str, line: &str) -> Action {
+        Action::Report {
+            lease: lease(1),
+            phase: Phase::Ready,
+            stage: stage.into(),
+            tail: String::new(),
+            percent: 0,
+            ready_line: line.into(),
         }
     }
 
@@ -1106,7 +1244,7 @@ mod tests {
         [at_power_on(false), vec![E::PowerSet]].concat()
     }
     fn ready() -> Vec<Event> {
-        [watching(), vec![E::Output(b"READY".to_vec())]].concat()
+        [watching(), vec![E::Output(b"READY\r\n".to_vec())]].concat()
     }
     fn reclaiming(on: bool, keys: &[u8]) -> Vec<Event> {
         vec![E::Reclaim(reclaim(true, keys)), E::Power { on }]
@@ -1160,6 +1298,7 @@ mod tests {
             stage: stage.into(),
             tail: String::new(),
             percent,
+            ready_line: String::new(),
         }
     }
 
@@ -1554,10 +1693,10 @@ mod tests {
                 out(&format!("[  OK  ] Started ssh.service\r\n{ready_line}\r\n")),
                 120,
                 vec![
-                    report(
-                        Phase::Ready,
+                    ready_with(
                         "\"LAB-DISK-READY\" on the console 120.0s after the lease reached the agent: \
                          xen 4.17.7, ssh root@198.18.0.11, host key SHA256:abc",
+                        &ready_line,
                     ),
                     A::End,
                 ],
@@ -1875,12 +2014,12 @@ mod tests {
             (
                 "watching × ready text",
                 watching(),
-                E::Output(b"boot\r\nREADY\r\n".to_vec()),
+                E::Output(b"boot\r\n\x1b[0mREADY arch=x86_64 cpus=2\r\nmore\r\n".to_vec()),
                 12,
                 vec![
-                    report(
-                        Phase::Ready,
+                    ready_with(
                         "\"READY\" on the console 12.0s after the lease reached the agent",
+                        "READY arch=x86_64 cpus=2",
                     ),
                     A::End,
                 ],
@@ -1909,16 +2048,91 @@ mod tests {
             ),
             (
                 "watching × the ready text split over two outputs",
-                [watching(), vec![E::Output(b"xx REA".to_vec())]].concat(),
-                E::Output(b"DY".to_vec()),
+                [watching(), vec![E::Output(b"xx\nyy REA".to_vec())]].concat(),
+                E::Output(b"DY cpus=1\r\n".to_vec()),
                 0,
                 vec![
-                    report(
-                        Phase::Ready,
+                    ready_with(
                         "\"READY\" on the console 0.0s after the lease reached the agent",
+                        "yy READY cpus=1",
                     ),
                     A::End,
                 ],
+            ),
+            (
+                "watching × the ready text before its line ends",
+                watching(),
+                E::Output(b"READY cpus".to_vec()),
+                3,
+                vec![A::Watch {
+                    deadline: t0 + Duration::from_secs(3) + READY_LINE_WAIT,
+                }],
+            ),
+            (
+                "ready text × the end of its line",
+                [watching(), vec![E::Output(b"READY cpus".to_vec())]].concat(),
+                E::Output(b"=2 mem_kb=1\r\nLAB-POWEROFF\r\n".to_vec()),
+                1,
+                vec![
+                    ready_with(
+                        "\"READY\" on the console 0.0s after the lease reached the agent",
+                        "READY cpus=2 mem_kb=1",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "ready text × more of its line, no end",
+                [watching(), vec![E::Output(b"READY cpus".to_vec())]].concat(),
+                E::Output(b"=2 FAIL".to_vec()),
+                1,
+                vec![],
+            ),
+            (
+                "ready text × no end of its line in time",
+                [watching(), vec![E::Output(b"READY cpus".to_vec())]].concat(),
+                E::Timeout,
+                2,
+                vec![
+                    ready_with(
+                        "\"READY\" on the console 0.0s after the lease reached the agent",
+                        "READY cpus",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "ready text × capture stopped before its line ended",
+                [watching(), vec![E::Output(b"READY cpus".to_vec())]].concat(),
+                E::ConsoleClosed,
+                1,
+                vec![
+                    ready_with(
+                        "\"READY\" on the console 0.0s after the lease reached the agent",
+                        "READY cpus",
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "ready text × a line longer than 4 KiB",
+                [watching(), vec![E::Output(b"READY ".to_vec())]].concat(),
+                E::Output(vec![b'x'; 5000]),
+                0,
+                vec![
+                    ready_with(
+                        "\"READY\" on the console 0.0s after the lease reached the agent",
+                        &format!("READY {}", "x".repeat(MAX_READY_LINE - 6)),
+                    ),
+                    A::End,
+                ],
+            ),
+            (
+                "ready × the host powers itself off (health check)",
+                ready(),
+                E::Power { on: false },
+                5,
+                vec![],
             ),
             (
                 "watching × timeout",

@@ -105,6 +105,9 @@ pub struct Provisioning {
     /// For [`Phase::Installing`]: how much of the install is done (0–100;
     /// not persisted: a restarted agent installs again).
     pub percent: u32,
+    /// For [`Phase::Ready`]: the console line that held the profile's ready
+    /// text (the health check's facts line); not persisted.
+    pub ready_line: String,
 }
 
 /// What the agent reports about one host.
@@ -165,6 +168,7 @@ impl Reports {
                         stage: r.stage,
                         console_tail: String::new(),
                         percent: 0,
+                        ready_line: String::new(),
                     }),
                     ..Report::new(host.clone())
                 };

@@ -70,6 +70,16 @@ fn config(dir: &Path) -> RackConfig {
         },
     );
     profiles.insert(
+        "health-check".to_owned(),
+        ProfileSettings {
+            ready: Some("LAB-HEALTH-OK".into()),
+            fail: vec!["LAB-BOOT-FAILED".into(), "No bootable device".into()],
+            timeout: Duration::from_secs(180),
+            xen_debug_keys: Vec::new(),
+            install: None,
+        },
+    );
+    profiles.insert(
         "xen-install".to_owned(),
         ProfileSettings {
             ready: Some("LAB-DISK-READY".into()),
@@ -310,6 +320,54 @@ async fn a_lease_boots_over_pxe_powers_on_and_is_ready_on_its_text() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_health_check_is_ready_with_its_facts_line_and_may_power_itself_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(dir.path(), Bmcs::default());
+    let lease = LeaseId::random();
+    lab.rack
+        .apply_rack(vec![spec_with("h0", 0, Some(lease), "health-check")]);
+    let mut serial = lab.console("h0").await;
+    lab.until_phase("h0", Phase::Booting).await;
+    // The facts line arrives in pieces; the ready text before its end.
+    let facts = "LAB-HEALTH-OK arch=x86_64 cpus=1 mem_kb=503000 model=QEMU_Virtual_CPU \
+                 macs=52:54:00:00:00:00 disks=vda:4294967296 virt=svm iommu=no kernel=6.1.0-57-amd64";
+    let (head, rest) = facts.split_at(20);
+    serial
+        .write_all(format!("LAB-BOOTED uptime=2.51\r\n\x1b[0m{head}").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        lab.progress("h0").iter().all(|(p, _, _)| *p != Phase::Ready),
+        "not READY before the line ends"
+    );
+    serial
+        .write_all(format!("{rest}\r\nLAB-POWEROFF\r\n").as_bytes())
+        .await
+        .unwrap();
+    let ready = lab.until_phase("h0", Phase::Ready).await;
+    assert_eq!((ready.lease, ready.ready_line.as_str()), (lease, facts));
+    // The initramfs powers the host off and its console goes quiet: the
+    // provisioning stays READY (no failure, no timeout), whatever the
+    // BMC probes see for the rest of the lease.
+    let sim = lab.bmc("h0");
+    sim.set_power(crate::ipmi::PowerAction::Off).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    // What the agent holds now (sent again, as after an attach).
+    lab.rack.resend_reports();
+    while let Ok(r) = lab.reports.try_recv() {
+        lab.seen.push(r);
+    }
+    let last = lab.progress("h0").last().cloned().unwrap();
+    assert_eq!(last.0, Phase::Ready, "{:?}", lab.progress("h0"));
+    assert!(
+        lab.progress("h0").iter().all(|(p, _, _)| *p != Phase::Failed),
+        "{:?}",
+        lab.progress("h0")
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failure_text_fails_the_boot_with_the_console_tail() {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::new(dir.path(), Bmcs::default());
@@ -442,7 +500,10 @@ async fn a_dead_bmc_on_one_host_delays_no_other() {
     // While hA's BMC set-up hangs, hB is provisioned and driven.
     let mut serial_b = lab.console("hB").await;
     lab.until_phase("hB", Phase::Booting).await;
-    serial_b.write_all(READY.as_bytes()).await.unwrap();
+    serial_b
+        .write_all(format!("{READY}\r\n").as_bytes())
+        .await
+        .unwrap();
     lab.until_phase("hB", Phase::Ready).await;
     assert!(lab.rack.power("hB", None).await.unwrap());
     assert_eq!(lab.table.all().len(), 2, "both are served");

@@ -274,6 +274,7 @@ mod tests {
                 stage: "powered on".into(),
                 console_tail: String::new(),
                 percent: 0,
+                ready_line: String::new(),
             })),
         }
     }
