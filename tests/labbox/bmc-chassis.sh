@@ -26,9 +26,17 @@
 #                   (x86), so that an iPXE "exit" (profile local-disk) boots it
 #   anything else   x86: the disk only, the NIC without ROM; aarch64: no NIC
 #                   (and no disk): nothing to boot
-# A reset (and a power cycle) after the boot device changed restarts QEMU
-# with the new one, as a real BMC's next boot would; otherwise a reset is
-# QEMU's system_reset.
+# Fault (read at every power-on from <host dir>/fault, written by the
+# harness's set_fault and lab-demo's `fault` command; absent or empty: none;
+# the one the VM runs with is in fault.running):
+#   memory   the VM gets half of MEM
+#   nic      the NIC drops PXE: x86 no boot ROM (SeaBIOS: "No bootable
+#            device"), aarch64 the NIC on a hub port that reaches nothing
+#            (no DHCP reply)
+#   disk     no disk attached
+# A reset (and a power cycle) after the boot device or the fault changed
+# restarts QEMU with the new one, as a real BMC's next boot would;
+# otherwise a reset is QEMU's system_reset.
 # The VM's serial port connects to 127.0.0.1:SERIAL_PORT, the persistent
 # serial relay of the host (serial-relay.py), which ipmi_sim's SOL also uses.
 # QEMU runs inside ipmi_sim's network namespace (it inherits it).
@@ -50,6 +58,26 @@ running() {
   tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pidfile"
 }
 
+# The fault of the next power-on ("" for none; an unknown word is logged
+# and ignored).
+fault() {
+  local f; f=$(tr -d ' \t\r\n' < "$d/fault" 2>/dev/null)
+  case "$f" in
+    ''|memory|nic|disk) echo "$f" ;;
+    *) echo "$(date +%T.%N) unknown fault '$f' ignored" >> "$log" ;;
+  esac
+}
+
+# MEM (e.g. 1G, 512M, 1024) halved, in MiB.
+half_mem() {
+  local m=${MEM:-1G}
+  case "$m" in
+    *G) echo "$(( ${m%G} * 1024 / 2 ))M" ;;
+    *M) echo "$(( ${m%M} / 2 ))M" ;;
+    *) echo "$(( m / 2 ))M" ;;
+  esac
+}
+
 qmp() {
   python3 - "$d/qmp.sock" "$1" <<'PY' >> "$log" 2>&1
 import json, socket, sys
@@ -63,8 +91,14 @@ PY
 start_vm() {
   running && return 0
   local boot; boot=$(cat "$d/boot" 2>/dev/null || echo default)
+  local flt; flt=$(fault)
   rm -f "$pidfile" "$d/qmp.sock"
   echo "$boot" > "$d/boot.running"
+  echo "$flt" > "$d/fault.running"
+  local mem=${MEM:-1G}
+  if [ -n "$flt" ]; then echo "$(date +%T.%N) fault: $flt" >> "$log"; fi
+  [ "$flt" = memory ] && mem=$(half_mem)
+  [ "$flt" = disk ] && DISK=
   if [ "${ARCH:-x86_64}" = aarch64 ]; then
     # aarch64: QEMU virt with AAVMF and a fresh copy of its variable
     # store on every power-on (no boot entries left from an earlier one).
@@ -79,12 +113,15 @@ start_vm() {
       pxe) net=(-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no"
                 -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile=") ;;
     esac
+    if [ "$flt" = nic ] && [ "$boot" = pxe ]; then
+      net=(-netdev "hubport,id=n0,hubid=0" -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile=")
+    fi
     if ! cp "$AAVMF_VARS" "$d/AAVMF_VARS.fd" 2>> "$log"; then
       echo "$(date +%T.%N) cannot copy $AAVMF_VARS" >> "$log"; return 1
     fi
     # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
     "${QEMU:-qemu-system-aarch64}" -name "$NAME" -accel tcg \
-      -M virt,virtualization=on,gic-version=3,acpi=off -cpu cortex-a57 -m "${MEM:-1G}" \
+      -M virt,virtualization=on,gic-version=3,acpi=off -cpu cortex-a57 -m "$mem" \
       -nodefaults -display none -monitor none \
       -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
       -drive "if=pflash,format=raw,readonly=on,file=$AAVMF_CODE" \
@@ -106,12 +143,14 @@ start_vm() {
       pxe) nic=",romfile=$ROM,bootindex=1"; dboot=2 ;;
       *)   nic=",romfile="; dboot=1 ;;
     esac
+    # fault nic: the NIC has no boot ROM (the disk stays second).
+    [ "$flt" = nic ] && nic=",romfile="
     if [ -n "${DISK:-}" ]; then
       disk=(-drive "file=$DISK,if=none,id=disk0,format=qcow2"
             -device "virtio-blk-pci,drive=disk0,bootindex=$dboot")
     fi
     # shellcheck disable=SC2086  # EXTRA_QEMU_ARGS is a word list
-    "${QEMU:-qemu-system-x86_64}" -name "$NAME" -accel tcg -cpu qemu64 -m "${MEM:-1G}" \
+    "${QEMU:-qemu-system-x86_64}" -name "$NAME" -accel tcg -cpu qemu64 -m "$mem" \
       -nodefaults -nographic -monitor none \
       -daemonize -pidfile "$pidfile" -qmp "unix:$d/qmp.sock,server=on,wait=off" \
       -chardev "socket,id=ser0,host=127.0.0.1,port=$SERIAL_PORT" -serial chardev:ser0 \
@@ -145,7 +184,8 @@ case "$op $item" in
     if [ "$val" = 1 ]; then start_vm || exit 1; else stop_vm; fi ;;
   "set reset")
     if running; then
-      if [ "$(cat "$d/boot" 2>/dev/null || echo default)" != "$(cat "$d/boot.running" 2>/dev/null)" ]; then
+      if [ "$(cat "$d/boot" 2>/dev/null || echo default)" != "$(cat "$d/boot.running" 2>/dev/null)" ] ||
+         [ "$(fault)" != "$(cat "$d/fault.running" 2>/dev/null)" ]; then
         stop_vm; start_vm || exit 1
       else
         qmp system_reset

@@ -28,6 +28,10 @@
 //! the namespace's own loopback. No DHCP server is started here: a test adds
 //! its own (lab-agent, dnsmasq) inside the namespace, on `br0`.
 //!
+//! A host can carry a hardware fault ([`Fault`]: half the memory, a NIC
+//! that drops PXE, no disk), read by `bmc-chassis.sh` at every power-on
+//! from `<host dir>/fault` ([`LabBox::set_fault`]).
+//!
 //! Teardown ([`Drop`]) kills the VMs (by pidfile), the BMCs and the relays,
 //! deletes the namespace (its bridge and taps go with it) and removes the
 //! log directory — or keeps it, printing every `*.log`, when the thread is
@@ -106,6 +110,51 @@ impl Arch {
     }
 }
 
+/// A hardware fault a box host can carry: `bmc-chassis.sh` reads it from
+/// `<host dir>/fault` at every power-on (and a reset after it changed
+/// restarts the VM with it), so it shows from the host's next boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The VM gets half of [`VM_MEM`].
+    Memory,
+    /// The NIC drops PXE: an x86_64 VM's NIC has no boot ROM (SeaBIOS
+    /// ends in "No bootable device"), an aarch64 VM's NIC reaches nothing
+    /// (no DHCP reply).
+    Nic,
+    /// No disk attached.
+    Disk,
+}
+
+impl Fault {
+    /// Every fault, in the order `lab-demo` lists them.
+    pub const ALL: [Fault; 3] = [Fault::Memory, Fault::Nic, Fault::Disk];
+
+    /// Its word in the fault file and on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Memory => "memory",
+            Fault::Nic => "nic",
+            Fault::Disk => "disk",
+        }
+    }
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown fault {s:?}: memory, nic or disk"))
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One simulated host of the box and how to reach its BMC.
 #[derive(Debug, Clone)]
 pub struct BoxHost {
@@ -178,6 +227,11 @@ impl BoxHost {
 
     fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
+    }
+
+    /// The file `bmc-chassis.sh` reads the host's fault from.
+    pub fn fault_file(&self) -> PathBuf {
+        self.dir.join("fault")
     }
 }
 
@@ -497,6 +551,32 @@ impl LabBox {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    // ------------------------------------------------------------- faults
+
+    /// Gives the host a hardware fault (`None`: clears it), from its next
+    /// power-on (or a reset, which then restarts the VM).
+    pub fn set_fault(&self, host: &BoxHost, fault: Option<Fault>) {
+        let path = host.fault_file();
+        match fault {
+            Some(f) => std::fs::write(&path, format!("{f}\n"))
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display())),
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("remove {}: {e}", path.display()),
+            },
+        }
+    }
+
+    /// The host's fault (what its next power-on gets).
+    pub fn fault(&self, host: &BoxHost) -> Option<Fault> {
+        std::fs::read_to_string(host.fault_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     // ---------------------------------------------------------------- VMs

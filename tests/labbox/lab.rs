@@ -56,10 +56,12 @@ fail = ["LAB-DOM0-FAIL", "LAB-BOOT-FAILED"]
 timeout = "{xen_timeout}"
 xen_debug_keys = "q"
 
+# One facts line, then the host powers itself off. A NIC without PXE
+# (fault nic) ends in SeaBIOS's "No bootable device".
 [profiles.health-check]
 ready = "LAB-HEALTH-OK"
-fail = ["LAB-HEALTH-FAIL", "LAB-BOOT-FAILED"]
-timeout = "120s"
+fail = ["LAB-BOOT-FAILED", "No bootable device", "Kernel panic"]
+timeout = "180s"
 
 # Install to disk (x86 hosts: each has a qcow2 disk), then boot it.
 [profiles.xen-install]
@@ -79,6 +81,45 @@ xen_debug_keys = "q"
     )
 }
 
+/// Real tokens for a lab with authentication: a tokens file made with
+/// `lab-server token new` in the log directory, with the agent of rack
+/// `r1` (principal `agent-r1`), an ordinary user (`alice`, role
+/// `developer`) and an operator (`ops`).
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub file: std::path::PathBuf,
+    pub agent: String,
+    pub user: String,
+    pub operator: String,
+}
+
+impl Tokens {
+    /// Makes the three tokens in `<logs>/tokens.toml`.
+    pub fn new(logs: &LogDir) -> Tokens {
+        let file = logs.join("tokens.toml");
+        let token = |principal: &str, role: &str| -> String {
+            let out = std::process::Command::new(lab_tests::bin_path("lab-server"))
+                .args(["token", "new", "--principal", principal, "--role", role])
+                .arg("--tokens-file")
+                .arg(&file)
+                .output()
+                .expect("run lab-server token new");
+            assert!(
+                out.status.success(),
+                "lab-server token new --principal {principal}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        Tokens {
+            agent: token("agent-r1", "agent"),
+            user: token("alice", "developer"),
+            operator: token("ops", "operator"),
+            file,
+        }
+    }
+}
+
 /// Starts the real lab-server (development mode, store under `logs`) with
 /// `inventory` and `env`, then the real lab-agent with the configuration
 /// `agent_toml(server address)`, both inside `ns`; waits until the agent has
@@ -90,10 +131,27 @@ pub fn start_server_and_agent(
     env: &[(&str, &str)],
     agent_toml: impl FnOnce(&str) -> String,
 ) -> (Proc, Proc, String, String) {
+    start_server_and_agent_with(ns, logs, inventory, env, None, agent_toml)
+}
+
+/// [`start_server_and_agent`], with authentication by `tokens` instead of
+/// development mode when given.
+pub fn start_server_and_agent_with(
+    ns: &Netns,
+    logs: &LogDir,
+    inventory: &str,
+    env: &[(&str, &str)],
+    tokens: Option<&Tokens>,
+    agent_toml: impl FnOnce(&str) -> String,
+) -> (Proc, Proc, String, String) {
     let inv = logs.join("inventory.toml");
     std::fs::write(&inv, inventory).expect("write inventory");
     let mut cmd = ns.command(lab_tests::bin_path("lab-server"));
-    cmd.args(["--dev-insecure-no-auth", "--listen", "127.0.0.1:0"])
+    match tokens {
+        Some(t) => cmd.arg("--tokens").arg(&t.file),
+        None => cmd.arg("--dev-insecure-no-auth"),
+    };
+    cmd.args(["--listen", "127.0.0.1:0"])
         .args(["--web-listen", "127.0.0.1:0"])
         .arg("--inventory")
         .arg(&inv)
@@ -119,7 +177,8 @@ pub fn start_server_and_agent(
     let mut cmd = ns.command(lab_tests::bin_path("lab-agent"));
     cmd.arg("--config")
         .arg(&config)
-        .args(["--token", "agent-r1"])
+        .arg("--token")
+        .arg(tokens.map_or("agent-r1", |t| t.agent.as_str()))
         .env("LAB_LOG", "info,lab_agent=debug");
     let mut agent = Proc::spawn("lab-agent", cmd, logs);
     agent.expect_line("its attach to lab-server", START_TIMEOUT, |l| {
@@ -137,6 +196,9 @@ pub struct RunningLab {
     pub addr: String,
     /// lab-server's web port (dashboard, /metrics), inside the namespace.
     pub web: String,
+    /// The tokens, for a lab started with authentication
+    /// ([`Self::start_authenticated`]); else development mode.
+    pub tokens: Option<Tokens>,
     pub lab: LabBox,
 }
 
@@ -150,11 +212,29 @@ impl RunningLab {
     /// Starts lab-server and lab-agent in a box (any mix of hosts), and
     /// waits until the agent has attached.
     pub fn start_in(lab: LabBox, artifacts: &Path, xen_timeout: &str) -> RunningLab {
-        let (server, agent, addr, web) = start_server_and_agent(
+        Self::start_in_with(lab, artifacts, xen_timeout, false)
+    }
+
+    /// Like [`Self::start`], with authentication: real tokens ([`Tokens`])
+    /// instead of development mode; `lab` commands run as the ordinary
+    /// user `alice` ([`Self::lab_command_as`] for the operator).
+    pub fn start_authenticated(
+        prefix: &str,
+        hosts: usize,
+        artifacts: &Path,
+        xen_timeout: &str,
+    ) -> RunningLab {
+        Self::start_in_with(LabBox::start(prefix, hosts), artifacts, xen_timeout, true)
+    }
+
+    fn start_in_with(lab: LabBox, artifacts: &Path, xen_timeout: &str, auth: bool) -> RunningLab {
+        let tokens = auth.then(|| Tokens::new(lab.logs()));
+        let (server, agent, addr, web) = start_server_and_agent_with(
             lab.netns(),
             lab.logs(),
             &lab.inventory_toml("r1"),
             &[(bmc::PASSWORD_ENV, lab.password())],
+            tokens.as_ref(),
             |addr| agent_toml(addr, artifacts, &lab.logs().join("agent-data"), xen_timeout),
         );
         RunningLab {
@@ -162,6 +242,7 @@ impl RunningLab {
             server,
             addr,
             web,
+            tokens,
             lab,
         }
     }
@@ -235,11 +316,19 @@ impl RunningLab {
             .unwrap_or_else(|e| panic!("ipmitool power status of {host}: {e}"))
     }
 
-    /// A `lab` command inside the namespace, pointed at the server.
+    /// A `lab` command inside the namespace, pointed at the server: as
+    /// `ci` (an operator) in development mode, as the ordinary user
+    /// `alice` with authentication.
     pub fn lab_command(&self) -> std::process::Command {
+        let token = self.tokens.as_ref().map_or("ci", |t| t.user.as_str());
+        self.lab_command_as(token)
+    }
+
+    /// A `lab` command inside the namespace with this token.
+    pub fn lab_command_as(&self, token: &str) -> std::process::Command {
         let mut cmd = self.lab.netns().command(lab_tests::bin_path("lab"));
         cmd.env("LAB_SERVER", format!("http://{}", self.addr))
-            .env("LAB_TOKEN", "ci");
+            .env("LAB_TOKEN", token);
         cmd
     }
 }

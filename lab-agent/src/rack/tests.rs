@@ -338,7 +338,9 @@ async fn a_health_check_is_ready_with_its_facts_line_and_may_power_itself_off() 
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        lab.progress("h0").iter().all(|(p, _, _)| *p != Phase::Ready),
+        lab.progress("h0")
+            .iter()
+            .all(|(p, _, _)| *p != Phase::Ready),
         "not READY before the line ends"
     );
     serial
@@ -361,7 +363,9 @@ async fn a_health_check_is_ready_with_its_facts_line_and_may_power_itself_off() 
     let last = lab.progress("h0").last().cloned().unwrap();
     assert_eq!(last.0, Phase::Ready, "{:?}", lab.progress("h0"));
     assert!(
-        lab.progress("h0").iter().all(|(p, _, _)| *p != Phase::Failed),
+        lab.progress("h0")
+            .iter()
+            .all(|(p, _, _)| *p != Phase::Failed),
         "{:?}",
         lab.progress("h0")
     );
