@@ -117,7 +117,11 @@ fn aarch64_facts_line_reads_model_and_el2() {
     );
     // No device tree (ACPI): the implementer and part numbers; no EL2.
     std::fs::remove_dir_all(r.join("sys/firmware")).unwrap();
-    put(r, "dmesg", "[    0.000000] CPU: All CPU(s) started at EL1\n");
+    put(
+        r,
+        "dmesg",
+        "[    0.000000] CPU: All CPU(s) started at EL1\n",
+    );
     let line = facts(r);
     assert!(line.contains(" model=0x41:0xd07 "), "{line}");
     assert!(line.contains(" virt=none "), "{line}");
