@@ -14,6 +14,7 @@
 //!   suspicion.
 
 pub mod attribution;
+pub mod facts;
 
 pub use attribution::{Attribution, FailureClass, Rules};
 
