@@ -36,6 +36,13 @@ pub enum EventKind {
     AgentDetached,
     /// A host's health changed (detail: the new health and why).
     HostHealth,
+    /// A health check's lease was granted (actor `lab-health`; detail: what
+    /// triggered it).
+    HealthCheckStarted,
+    /// A health check passed (detail: what it found).
+    HealthCheckPassed,
+    /// A health check failed (detail: why).
+    HealthCheckFailed,
 }
 
 /// One entry of the event log.

@@ -98,12 +98,35 @@ struct Args {
     /// docs/operations.md, "Failure attribution").
     #[arg(long, env = "LAB_FAILURE_RULES")]
     failure_rules: Option<PathBuf>,
-    /// This many provisioning failures attributed to a host within
-    /// --quarantine-window quarantine it (fewer make it suspect).
+    /// This many provisioning failures attributed to a host, or this many
+    /// failed health checks, within --quarantine-window quarantine it until
+    /// an operator releases it (fewer failures make it suspect; one failed
+    /// check quarantines it until a check passes).
     #[arg(long, env = "LAB_QUARANTINE_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     quarantine_after: u32,
     #[arg(long, env = "LAB_QUARANTINE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     quarantine_window: Duration,
+    /// A health check (profile health-check, held by lab-health) fails when
+    /// its host is not READY within this long.
+    #[arg(long, env = "LAB_HEALTH_CHECK_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    health_check_timeout: Duration,
+    /// Check a host after every N leases (0: never).
+    #[arg(long, env = "LAB_HEALTH_CHECK_EVERY", default_value_t = 0)]
+    health_check_every: u32,
+    /// Check a host that has been free this long ("off": never).
+    #[arg(long, env = "LAB_HEALTH_CHECK_IDLE", default_value = "off", value_parser = parse_off_duration)]
+    health_check_idle: OffDuration,
+}
+
+/// A duration, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct OffDuration(Option<Duration>);
+
+fn parse_off_duration(s: &str) -> Result<OffDuration, humantime::DurationError> {
+    if s == "off" || s == "0" {
+        return Ok(OffDuration(None));
+    }
+    humantime::parse_duration(s).map(|d| OffDuration(Some(d)))
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +259,9 @@ async fn run(args: Args) -> Result<()> {
     config.retention = args.retention;
     config.quarantine_after = args.quarantine_after as usize;
     config.quarantine_window = args.quarantine_window;
+    config.health_check_timeout = args.health_check_timeout;
+    config.health_check_every = args.health_check_every;
+    config.health_check_idle = args.health_check_idle.0;
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());

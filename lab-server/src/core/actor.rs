@@ -14,6 +14,8 @@ use super::{
     LeasePage, LeaseQuery, QueueEntry, ReloadSummary, Reply, WaitState,
 };
 use crate::events::{EventKind, EventRecord};
+use crate::health::checks::{self, CHECK_PROFILE, CheckResult, LoopRules};
+use crate::health::facts::{self, CheckVerdict, Facts};
 use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
 use crate::lease::machine::Health;
@@ -22,7 +24,7 @@ use crate::lease::{
 };
 use crate::store::{Batch, Snapshot, Store, StoreError, Write};
 use crate::types::{
-    Caller, Generation, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId,
+    Caller, Generation, HostName, LeaseId, Principal, ProfileName, RequestId, Timestamp, WaiterId,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -187,6 +189,10 @@ pub(super) struct Actor {
     /// quarantine window. Not persisted (a restart forgets suspicions in
     /// the making, not the health already recorded).
     host_failures: HashMap<HostName, VecDeque<Timestamp>>,
+    /// Free hosts by when they became free, for `--health-check-idle`
+    /// (removed when a check is asked for; in memory: a restart starts
+    /// the count again).
+    idle_since: HashMap<HostName, Timestamp>,
     last_seq: u64,
     /// The inventory must be reconciled with the host records (after a
     /// reload of state from the store).
@@ -236,6 +242,7 @@ impl Actor {
             reclaiming: HashSet::new(),
             unreachable: BTreeMap::new(),
             host_failures: HashMap::new(),
+            idle_since: HashMap::new(),
             last_seq: 0,
             resync: false,
             next_retention: tokio::time::Instant::now(),
@@ -243,6 +250,12 @@ impl Actor {
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
+        actor.idle_since = actor
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.state == HostState::Available)
+            .map(|(n, _)| (n.clone(), now))
+            .collect();
         let mut p = Pending::default();
         let summary = actor.sync_inventory(&mut p, now, &Principal::server());
         actor.withdraw_orphans(&mut p, now);
@@ -299,9 +312,22 @@ impl Actor {
         self.orphans.clear();
         let until = now.saturating_add(self.config.reattach_grace);
         for mut w in snapshot.waiters {
-            w.detached = true;
             let id = w.id;
             *self.waiting.entry(w.principal.clone()).or_default() += 1;
+            if w.check.is_some() {
+                // The server's own health check: nobody to wait for.
+                self.queue.push(w);
+                self.waiters.insert(
+                    id,
+                    Slot {
+                        client: None,
+                        detached_until: None,
+                        no_wait: false,
+                    },
+                );
+                continue;
+            }
+            w.detached = true;
             let detached_until = match &w.request_id {
                 Some(r) => {
                     self.by_request.insert((w.principal.clone(), r.clone()), id);
@@ -336,7 +362,8 @@ impl Actor {
                 .detached
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
-            let deadline = [expiry, grace, Some(self.next_retention)]
+            let idle = self.idle_due().map(|t| self.clock.instant_at(t));
+            let deadline = [expiry, grace, idle, Some(self.next_retention)]
                 .into_iter()
                 .flatten()
                 .min();
@@ -357,6 +384,7 @@ impl Actor {
             self.withdraw_orphans(&mut p, now);
             self.withdraw_ghosts(&mut p, now);
             self.expire_due(&mut p, now);
+            self.idle_checks(&mut p, now);
             for cmd in cmds.drain(..) {
                 self.handle(&mut p, now, cmd);
             }
@@ -492,6 +520,14 @@ impl Actor {
                 lease,
                 verdict,
             } => self.host_verdict(p, now, &host, lease, verdict),
+            Command::CheckHost {
+                caller,
+                host,
+                reply,
+            } => {
+                let r = self.check_host(p, now, &caller, &host);
+                p.reply(reply, r);
+            }
             Command::SetInventory {
                 actor,
                 inventory,
@@ -508,7 +544,11 @@ impl Actor {
                 self.drop_unsatisfiable(p, now);
                 p.reply(reply, Ok(r));
             }
-            Command::Reclaimed { host, lease } => self.reclaimed(p, now, host, lease),
+            Command::Reclaimed {
+                host,
+                lease,
+                failure,
+            } => self.reclaimed(p, now, host, lease, failure),
             Command::SetUnreachable { hosts } => self.set_unreachable(p, now, hosts),
             Command::GetInventory { reply } => {
                 let inv = self.inventory.clone();
@@ -719,6 +759,7 @@ impl Actor {
             request_id: request_id.clone(),
             queued_at: now,
             detached: false,
+            check: None,
         };
         if !no_wait {
             p.batch.writes.push(Write::Waiter(w.clone()));
@@ -957,7 +998,16 @@ impl Actor {
             match lease.apply(&LeaseEvent::Expire { now }) {
                 Ok(next) => {
                     info!(lease = %id, holder = %next.holder, hosts = %join(&next.hosts), "lease expired");
+                    let check = is_check(&next).then(|| next.hosts.clone());
                     self.end_lease(p, now, &Principal::server(), next, EventKind::LeaseExpired);
+                    // (The lease has ended: the outcome does not end it again.)
+                    let why = format!(
+                        "no READY within {}",
+                        humantime::format_duration(self.config.health_check_timeout)
+                    );
+                    for h in check.into_iter().flatten() {
+                        self.check_outcome(p, now, id, &h, CheckResult::Fail(why.clone()));
+                    }
                 }
                 Err(e) => error!(lease = %id, error = %e, "cannot expire lease"),
             }
@@ -980,9 +1030,20 @@ impl Actor {
         e.lease = Some(id);
         e.hosts = hosts.clone();
         let mut reclaiming = Vec::with_capacity(hosts.len());
+        let every = self.config.health_check_every;
         for h in &hosts {
             match self.host_apply(p, h, HostEvent::EndLease(id)) {
-                Ok(()) => reclaiming.push(h.clone()),
+                Ok(()) => {
+                    reclaiming.push(h.clone());
+                    if every > 0
+                        && self
+                            .hosts
+                            .get(h)
+                            .is_some_and(|r| r.leases_since_check >= every)
+                    {
+                        self.request_check(p, now, h, format!("after {every} leases"));
+                    }
+                }
                 Err(err) => {
                     error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease")
                 }
@@ -998,14 +1059,21 @@ impl Actor {
                 .or_else(|| self.retired_specs.get(&h))
                 .is_none_or(|spec| self.reclaimer.is_immediate(spec, &self.inventory));
             if immediate {
-                self.reclaimed(p, now, h, id);
+                self.reclaimed(p, now, h, id, None);
             } else {
                 p.reclaims.push((h, id));
             }
         }
     }
 
-    fn reclaimed(&mut self, p: &mut Pending, now: Timestamp, host: HostName, lease: LeaseId) {
+    fn reclaimed(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        host: HostName,
+        lease: LeaseId,
+        failure: Option<String>,
+    ) {
         self.reclaiming.remove(&host);
         if let Err(err) = self.host_apply(p, &host, HostEvent::Reclaimed(lease)) {
             debug!(host = %host, lease = %lease, error = %err, "stale reclaim report");
@@ -1014,6 +1082,13 @@ impl Actor {
         let e = self.event(p, now, &Principal::server(), EventKind::HostAvailable);
         e.hosts = vec![host.clone()];
         e.lease = Some(lease);
+        self.idle_since.insert(host.clone(), now);
+        // A check's own reclaim failing says what the check said already.
+        if let Some(why) = failure
+            && !self.leases.get(&lease).is_some_and(is_check)
+        {
+            self.request_check(p, now, &host, format!("after a reclaim that failed: {why}"));
+        }
         if self.hosts.get(&host).is_some_and(|h| h.retired) {
             self.remove_host(p, now, &Principal::server(), &host);
         }
@@ -1052,6 +1127,7 @@ impl Actor {
                     arch: spec.arch,
                     flags: &spec.flags,
                     grantable: rec.is_grantable() && !unreachable,
+                    checkable: rec.is_checkable() && !unreachable,
                     gone: rec.retired,
                     free_at,
                 })
@@ -1128,7 +1204,12 @@ impl Actor {
                 ssh_public_key: waiter.spec.ssh_public_key.clone(),
             };
             for h in &hosts {
-                if let Err(e) = self.host_apply(p, h, HostEvent::Grant(lease.id)) {
+                let grant = if waiter.check.is_some() {
+                    HostEvent::GrantCheck(lease.id)
+                } else {
+                    HostEvent::Grant(lease.id)
+                };
+                if let Err(e) = self.host_apply(p, h, grant) {
                     // The queue only offers grantable hosts: this is a bug.
                     error!(host = %h, error = %e, "scheduler offered a host it may not grant");
                 }
@@ -1138,6 +1219,13 @@ impl Actor {
             e.waiter = Some(waiter_id);
             e.hosts = hosts.clone();
             info!(lease = %lease.id, holder = %lease.holder, hosts = %join(&hosts), waiter = waiter_id, "lease granted");
+            if let Some(trigger) = &waiter.check {
+                let e = self.event(p, now, &Principal::health(), EventKind::HealthCheckStarted);
+                e.lease = Some(lease.id);
+                e.hosts = hosts.clone();
+                e.detail = trigger.clone();
+                info!(lease = %lease.id, host = %join(&hosts), trigger = %trigger, "health check started");
+            }
             if let Some(r) = &waiter.request_id {
                 self.recent_grants
                     .insert((waiter.principal.clone(), r.clone()), lease.id);
@@ -1314,7 +1402,12 @@ impl Actor {
         for h in back {
             info!(host = %h, "host reachable again");
             let e = self.event(p, now, &Principal::server(), EventKind::HostReachable);
-            e.hosts = vec![h];
+            e.hosts = vec![h.clone()];
+            if let Some(why) = self.unreachable.get(&h).cloned()
+                && checks::check_when_back(&why)
+            {
+                self.request_check(p, now, &h, format!("reachable again after: {why}"));
+            }
         }
         for (h, why) in &hosts {
             if self.unreachable.get(h) != Some(why) {
@@ -1384,10 +1477,14 @@ impl Actor {
                 reason,
                 since: now,
                 by: caller.principal.clone(),
+                until_released: true,
             }
         } else {
             // A release forgives the failures counted so far.
             self.host_failures.remove(host);
+            if !rec.check_failures.is_empty() {
+                self.host_apply(p, host, HostEvent::SetCheckFailures(Vec::new()))?;
+            }
             Health::Healthy
         };
         self.set_health(p, now, &caller.principal, host, health)?;
@@ -1406,6 +1503,15 @@ impl Actor {
         lease: LeaseId,
         verdict: HostVerdict,
     ) {
+        if self
+            .leases
+            .get(&lease)
+            .is_some_and(|l| is_check(l) && l.is_active() && l.hosts.contains(host))
+        {
+            let result = self.check_result(host, verdict);
+            self.check_outcome(p, now, lease, host, result);
+            return;
+        }
         let Some(rec) = self.hosts.get(host) else {
             return;
         };
@@ -1422,6 +1528,12 @@ impl Actor {
                 if rec.health.is_quarantined() {
                     return;
                 }
+                self.request_check(
+                    p,
+                    now,
+                    host,
+                    format!("after a host failure in lease {lease}: {}", f.rule),
+                );
                 if n >= self.config.quarantine_after {
                     Health::Quarantined {
                         reason: format!(
@@ -1430,6 +1542,7 @@ impl Actor {
                         ),
                         since: now,
                         by: Principal::server(),
+                        until_released: true,
                     }
                 } else {
                     Health::Suspect {
@@ -1439,13 +1552,245 @@ impl Actor {
                 }
             }
             HostVerdict::Failed(_) => return,
-            HostVerdict::Ready => match rec.health {
+            HostVerdict::Ready { .. } => match rec.health {
                 Health::Suspect { .. } => Health::Healthy,
                 _ => return,
             },
         };
         if let Err(e) = self.set_health(p, now, &Principal::server(), host, health) {
             warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+    }
+
+    /// `lab host check`: operators only, not in maintenance; joins a check
+    /// already pending.
+    fn check_host(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        host: &HostName,
+    ) -> Result<HostView, CoreError> {
+        policy::operators_only(caller, "check hosts")?;
+        let rec = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| not_found("host", host))?;
+        if rec.maintenance || rec.retired {
+            return Err(CoreError::Transition(crate::lease::TransitionError::Host {
+                host: host.clone(),
+                state: if rec.retired {
+                    "retired"
+                } else {
+                    "in maintenance"
+                },
+                action: "be checked",
+            }));
+        }
+        self.request_check(p, now, host, format!("asked for by {}", caller.principal));
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// Is a health check of `host` waiting or running?
+    fn check_pending(&self, host: &HostName) -> bool {
+        self.queue
+            .iter()
+            .any(|w| w.check.is_some() && w.spec.hosts.contains(host))
+            || self
+                .hosts
+                .get(host)
+                .and_then(|r| match r.state {
+                    HostState::Leased(l) => self.leases.get(&l),
+                    _ => None,
+                })
+                .is_some_and(is_check)
+    }
+
+    /// Ask for a health check of `host` (why: `trigger`): a request of
+    /// `lab-health` for that host with profile `health-check`, queued ahead
+    /// of every other and durable like any. A trigger while a check is
+    /// pending joins it.
+    fn request_check(&mut self, p: &mut Pending, now: Timestamp, host: &HostName, trigger: String) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        if rec.retired || self.inventory.host(host).is_none() {
+            return;
+        }
+        self.idle_since.remove(host);
+        if self.check_pending(host) {
+            debug!(host = %host, trigger = %trigger, "health check already pending: joined");
+            return;
+        }
+        let principal = Principal::health();
+        let spec = crate::lease::LeaseSpec {
+            arch: None,
+            flags: Default::default(),
+            hosts: [host.clone()].into(),
+            count: 1,
+            profile: Some(ProfileName::new(CHECK_PROFILE).expect("a valid profile name")),
+            ttl: self.config.health_check_timeout,
+            priority: 0,
+            comment: format!("health check: {trigger}"),
+            ssh_public_key: None,
+        };
+        let e = self.event(p, now, &principal, EventKind::LeaseRequested);
+        e.waiter = Some(e.seq);
+        e.request = Some(spec.clone());
+        e.hosts = vec![host.clone()];
+        e.detail = trigger.clone();
+        let id = e.seq;
+        info!(host = %host, trigger = %trigger, waiter = id, "health check requested");
+        let w = Waiter {
+            id,
+            principal: principal.clone(),
+            spec,
+            request_id: None,
+            queued_at: now,
+            detached: false,
+            check: Some(trigger),
+        };
+        p.batch.writes.push(Write::Waiter(w.clone()));
+        *self.waiting.entry(principal).or_default() += 1;
+        self.queue.push(w);
+        self.waiters.insert(
+            id,
+            Slot {
+                client: None,
+                detached_until: None,
+                no_wait: false,
+            },
+        );
+    }
+
+    /// What a check lease's provisioning says: READY with the facts line
+    /// compared with the inventory, or a failed boot.
+    fn check_result(&self, host: &HostName, verdict: HostVerdict) -> CheckResult {
+        match verdict {
+            HostVerdict::Failed(f) if f.rule.is_empty() => {
+                CheckResult::Fail(format!("the boot failed: {}", f.line))
+            }
+            HostVerdict::Failed(f) => CheckResult::Fail(format!(
+                "the boot failed ({}: {}): {}",
+                f.class, f.rule, f.line
+            )),
+            HostVerdict::Ready { ready_line } if ready_line.trim().is_empty() => {
+                CheckResult::Fail(format!(
+                    "READY without a facts line (the agent sent none; the profile's ready text must match the {} line)",
+                    facts::FACTS_MARKER
+                ))
+            }
+            HostVerdict::Ready { ready_line } => {
+                let Some(spec) = self.inventory.host(host) else {
+                    return CheckResult::Fail("the host is no longer in the inventory".into());
+                };
+                match Facts::parse(&ready_line) {
+                    Err(e) => CheckResult::Fail(format!("unreadable facts line: {e}")),
+                    Ok(f) => match facts::compare(&f, spec) {
+                        CheckVerdict::Pass => CheckResult::Pass,
+                        CheckVerdict::Fail { reason } => CheckResult::Fail(reason),
+                    },
+                }
+            }
+        }
+    }
+
+    /// A health check ended: its event, the host's health by the loop's
+    /// rules ([`checks::after_check`]), and the end of its lease if it is
+    /// still active (the host is reclaimed as after any lease).
+    fn check_outcome(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        lease: LeaseId,
+        host: &HostName,
+        result: CheckResult,
+    ) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        let rules = LoopRules {
+            quarantine_after: self.config.quarantine_after,
+            window: self.config.quarantine_window,
+        };
+        let (health, failures) =
+            checks::after_check(&rec.health, &rec.check_failures, &result, now, rules);
+        let failures_changed = failures != rec.check_failures;
+        let actor = Principal::health();
+        let (kind, detail) = match &result {
+            CheckResult::Pass => (
+                EventKind::HealthCheckPassed,
+                "the facts match the inventory".to_string(),
+            ),
+            CheckResult::Fail(why) => (EventKind::HealthCheckFailed, why.clone()),
+        };
+        match &result {
+            CheckResult::Pass => info!(host = %host, lease = %lease, "health check passed"),
+            CheckResult::Fail(why) => {
+                warn!(host = %host, lease = %lease, reason = %why, "health check failed")
+            }
+        }
+        let e = self.event(p, now, &actor, kind);
+        e.hosts = vec![host.clone()];
+        e.lease = Some(lease);
+        e.detail = detail;
+        if failures_changed
+            && let Err(e) = self.host_apply(p, host, HostEvent::SetCheckFailures(failures))
+        {
+            warn!(host = %host, error = %e, "cannot record the check's failure");
+        }
+        if matches!(health, Health::Healthy) {
+            // A pass clears provisioning suspicions counted so far.
+            self.host_failures.remove(host);
+        }
+        if let Err(e) = self.set_health(p, now, &actor, host, health) {
+            warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+        if let Some(l) = self.leases.get(&lease).filter(|l| l.is_active())
+            && let Ok(next) = l.apply(&LeaseEvent::Release { now })
+        {
+            self.end_lease(p, now, &actor, next, EventKind::LeaseReleased);
+        }
+    }
+
+    /// When the next idle check is due: the earliest free-since time plus
+    /// `--health-check-idle` of the hosts that may be checked now.
+    fn idle_due(&self) -> Option<Timestamp> {
+        let idle = self.config.health_check_idle?;
+        self.idle_since
+            .iter()
+            .filter(|(h, _)| self.idle_checkable(h))
+            .map(|(_, t)| t.saturating_add(idle))
+            .min()
+    }
+
+    fn idle_checkable(&self, host: &HostName) -> bool {
+        self.hosts.get(host).is_some_and(|r| {
+            r.is_checkable()
+                && !matches!(
+                    r.health,
+                    Health::Quarantined {
+                        until_released: true,
+                        ..
+                    }
+                )
+        }) && !self.unreachable.contains_key(host)
+    }
+
+    /// Check the hosts free for longer than `--health-check-idle`.
+    fn idle_checks(&mut self, p: &mut Pending, now: Timestamp) {
+        let Some(idle) = self.config.health_check_idle else {
+            return;
+        };
+        let due: Vec<HostName> = self
+            .idle_since
+            .iter()
+            .filter(|(h, t)| t.saturating_add(idle) <= now && self.idle_checkable(h))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in due {
+            let trigger = format!("idle for {}", humantime::format_duration(idle));
+            self.request_check(p, now, &h, trigger);
         }
     }
 
@@ -1653,6 +1998,7 @@ impl Actor {
         let Some(tx) = self.tx.upgrade() else { return };
         tokio::spawn(async move {
             let mut delay = Duration::from_secs(1);
+            let mut failure = None;
             if let Some(job) = job {
                 loop {
                     // Nothing to do any more, e.g. the rack lost its agent in
@@ -1666,11 +2012,20 @@ impl Actor {
                         break;
                     };
                     warn!(host = %host, lease = %lease, error = %error_chain(&e), retry_in = ?delay, "reclaim failed");
+                    if e.host_fault {
+                        failure.get_or_insert_with(|| error_chain(&e));
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(60));
                 }
             }
-            let _ = tx.send(Command::Reclaimed { host, lease }).await;
+            let _ = tx
+                .send(Command::Reclaimed {
+                    host,
+                    lease,
+                    failure,
+                })
+                .await;
         });
     }
 }
@@ -1703,6 +2058,12 @@ fn join(hosts: &[HostName]) -> String {
         .map(HostName::as_str)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A health check's lease (its holder is the server's `lab-health`, a
+/// principal no token can have).
+fn is_check(lease: &Lease) -> bool {
+    lease.holder == Principal::health()
 }
 
 fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {

@@ -73,6 +73,12 @@ pub struct CoreConfig {
     /// `quarantine_window` quarantine it (fewer make it suspect).
     pub quarantine_after: usize,
     pub quarantine_window: Duration,
+    /// A health check's lease lasts this long; no READY by then fails it.
+    pub health_check_timeout: Duration,
+    /// Check a host after this many leases (0: never).
+    pub health_check_every: u32,
+    /// Check a host that has been free this long (`None`: never).
+    pub health_check_idle: Option<Duration>,
 }
 
 impl CoreConfig {
@@ -89,6 +95,9 @@ impl CoreConfig {
             retention_batch: 1000,
             quarantine_after: 2,
             quarantine_window: Duration::from_secs(3600),
+            health_check_timeout: Duration::from_secs(600),
+            health_check_every: 0,
+            health_check_idle: None,
         }
     }
 
@@ -330,6 +339,11 @@ enum Command {
         lease: LeaseId,
         verdict: HostVerdict,
     },
+    CheckHost {
+        caller: Caller,
+        host: HostName,
+        reply: Reply<HostView>,
+    },
     SetInventory {
         actor: Principal,
         inventory: Arc<Inventory>,
@@ -338,6 +352,9 @@ enum Command {
     Reclaimed {
         host: HostName,
         lease: LeaseId,
+        /// The first error of a reclaim that had to be retried because the
+        /// host failed it (not the lab: an agent away is no reason to check).
+        failure: Option<String>,
     },
     SetUnreachable {
         hosts: BTreeMap<HostName, String>,
@@ -613,6 +630,19 @@ impl Core {
                 verdict,
             })
             .await;
+    }
+
+    /// Check a host now: the server leases it to itself (`lab-health`)
+    /// with profile `health-check`, ahead of every waiter, and compares
+    /// what it sees with the inventory (see [`crate::health`]). Operators
+    /// only; not a host in maintenance; joins a check already pending.
+    pub async fn check_host(&self, caller: Caller, host: HostName) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::CheckHost {
+            caller,
+            host,
+            reply,
+        })
+        .await
     }
 
     /// Re-read the inventory file and apply it. Operators only (the server

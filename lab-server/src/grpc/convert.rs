@@ -356,7 +356,9 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
             h.health_reason = reason.clone();
             h.health_since = Some(ts(*since));
         }
-        Health::Quarantined { reason, since, by } => {
+        Health::Quarantined {
+            reason, since, by, ..
+        } => {
             h.health = pb::HostHealth::Quarantined as i32;
             h.health_reason = format!("{reason} (by {by})");
             h.health_since = Some(ts(*since));
@@ -418,6 +420,9 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::AgentAttached => P::AgentAttached,
         EventKind::AgentDetached => P::AgentDetached,
         EventKind::HostHealth => P::HostHealth,
+        EventKind::HealthCheckStarted => P::HealthCheckStarted,
+        EventKind::HealthCheckPassed => P::HealthCheckPassed,
+        EventKind::HealthCheckFailed => P::HealthCheckFailed,
     }
 }
 

@@ -183,9 +183,7 @@ fn disk(s: &str) -> Result<Disk, String> {
     if name.is_empty() {
         return Err("empty disk name".into());
     }
-    let bytes = bytes
-        .parse()
-        .map_err(|e| format!("size {bytes:?}: {e}"))?;
+    let bytes = bytes.parse().map_err(|e| format!("size {bytes:?}: {e}"))?;
     Ok(Disk {
         name: name.into(),
         bytes,
@@ -215,7 +213,9 @@ fn yes_no(s: &str) -> Result<bool, String> {
 pub enum CheckVerdict {
     Pass,
     /// Every mismatch, `; `-separated.
-    Fail { reason: String },
+    Fail {
+        reason: String,
+    },
 }
 
 /// Compares `facts` with the host's inventory description (see the module
@@ -254,7 +254,10 @@ pub fn compare(facts: &Facts, host: &HostSpec) -> CheckVerdict {
             None => wrong.push(format!("memory not visible, inventory expects {mb} MiB")),
             // mem_kb >= 90 % of mb * 1024 kB, in integers.
             Some(kb) if kb.saturating_mul(100) < mb.saturating_mul(1024 * MEMORY_SHARE_PERCENT) => {
-                wrong.push(format!("memory {} MiB, inventory expects {mb} MiB", kb / 1024))
+                wrong.push(format!(
+                    "memory {} MiB, inventory expects {mb} MiB",
+                    kb / 1024
+                ))
             }
             Some(_) => {}
         }
@@ -347,7 +350,9 @@ mod tests {
         assert_eq!(f.mem_kb, Some(1012345));
         assert_eq!(f.model.as_deref(), Some("QEMU_Virtual_CPU"));
         assert_eq!(
-            f.macs.as_ref().map(|m| m.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
+            f.macs
+                .as_ref()
+                .map(|m| m.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
             Some(vec!["52:54:00:12:34:01".into(), "52:54:00:12:34:02".into()])
         );
         assert_eq!(
@@ -400,13 +405,22 @@ mod tests {
                 "LAB-HEALTH-OK mem_kb=-1",
                 "bad mem_kb=\"-1\": invalid digit found in string",
             ),
-            ("LAB-HEALTH-OK iommu=maybe", "bad iommu=\"maybe\": expected yes or no"),
+            (
+                "LAB-HEALTH-OK iommu=maybe",
+                "bad iommu=\"maybe\": expected yes or no",
+            ),
             (
                 "LAB-HEALTH-OK virt=hvm",
                 "bad virt=\"hvm\": expected vmx, svm, el2 or none",
             ),
-            ("LAB-HEALTH-OK disks=vda", "bad disks=\"vda\": expected name:bytes"),
-            ("LAB-HEALTH-OK disks=:5", "bad disks=\":5\": empty disk name"),
+            (
+                "LAB-HEALTH-OK disks=vda",
+                "bad disks=\"vda\": expected name:bytes",
+            ),
+            (
+                "LAB-HEALTH-OK disks=:5",
+                "bad disks=\":5\": empty disk name",
+            ),
             (
                 "LAB-HEALTH-OK disks=vda:8G",
                 "bad disks=\"vda:8G\": size \"8G\": invalid digit found in string",
@@ -463,7 +477,11 @@ mod tests {
                 Some("2 CPUs, inventory expects 4"),
             ),
             // Disks: count, and each at least min_disk_gb.
-            ("[host.expect]\ndisks = 2\nmin_disk_gb = 1\n", QEMU_X86, None),
+            (
+                "[host.expect]\ndisks = 2\nmin_disk_gb = 1\n",
+                QEMU_X86,
+                None,
+            ),
             (
                 "[host.expect]\ndisks = 2\n",
                 QEMU_X86_HALF,
@@ -482,13 +500,17 @@ mod tests {
             (
                 "[host.expect]\ndisks = 1\n",
                 QEMU_ARM.replace("arch=aarch64", "arch=x86_64").leak(),
-                Some("inventory MAC 52:54:00:12:34:01 not among the NICs seen (52:54:00:12:35:01); disks not visible, inventory expects 1"),
+                Some(
+                    "inventory MAC 52:54:00:12:34:01 not among the NICs seen (52:54:00:12:35:01); disks not visible, inventory expects 1",
+                ),
             ),
             // Always: arch and MAC, when shown.
             (
                 "",
                 QEMU_ARM,
-                Some("arch aarch64, inventory says x86_64; inventory MAC 52:54:00:12:34:01 not among the NICs seen (52:54:00:12:35:01)"),
+                Some(
+                    "arch aarch64, inventory says x86_64; inventory MAC 52:54:00:12:34:01 not among the NICs seen (52:54:00:12:35:01)",
+                ),
             ),
             (
                 "",
@@ -516,7 +538,9 @@ mod tests {
             let got = compare(&facts, &host);
             let want = match want {
                 None => CheckVerdict::Pass,
-                Some(r) => CheckVerdict::Fail { reason: r.to_string() },
+                Some(r) => CheckVerdict::Fail {
+                    reason: r.to_string(),
+                },
             };
             assert_eq!(got, want, "inventory {extra:?}, facts {line:?}");
         }

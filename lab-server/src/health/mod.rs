@@ -14,6 +14,7 @@
 //!   suspicion.
 
 pub mod attribution;
+pub mod checks;
 pub mod facts;
 
 pub use attribution::{Attribution, FailureClass, Rules};
@@ -23,5 +24,9 @@ pub use attribution::{Attribution, FailureClass, Rules};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostVerdict {
     Failed(Attribution),
-    Ready,
+    /// With the console line that matched the profile's ready text (empty
+    /// when the agent sent none): a health check's facts.
+    Ready {
+        ready_line: String,
+    },
 }

@@ -830,10 +830,12 @@ mod tests {
              `firmware`, `rack`, `mac`, `ipv4`, `flags`, `bmc`, `console`, `expect`"
         );
         assert_eq!(
-            err(&one_host("[host.expect]
+            err(&one_host(
+                "[host.expect]
 cpus = 2
 memory_gb = 4
-")),
+"
+            )),
             "inventory.toml:12:1: unknown field `memory_gb`, expected one of `memory_mb`, \
              `cpus`, `disks`, `min_disk_gb`"
         );

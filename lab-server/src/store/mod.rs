@@ -409,6 +409,7 @@ pub(crate) mod contract {
             request_id: Some(crate::types::RequestId::new("r-1").unwrap()),
             queued_at: Timestamp(5),
             detached: false,
+            check: None,
         }
     }
 
