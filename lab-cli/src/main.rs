@@ -145,7 +145,7 @@ struct Cli {
 enum Command {
     /// List hosts with their state, holder and lease expiry
     Hosts(HostsArgs),
-    /// Show one host, or put it in or out of maintenance
+    /// Show one host and its history; maintenance, quarantine, health checks
     #[command(subcommand)]
     Host(HostCommand),
     /// Acquire, renew, release, show and list leases; wait for boot
