@@ -151,7 +151,8 @@ mod tests {
         // (name, reason prefix, by, until_released), failures after (s))
         type Want<'a> = (&'a str, &'a str, Option<&'a Principal>, bool);
         let health = Principal::health();
-        let cases: Vec<(Health, Vec<i64>, CheckResult, Want, Vec<i64>)> = vec![
+        type Case<'a> = (Health, Vec<i64>, CheckResult, Want<'a>, Vec<i64>);
+        let cases: Vec<Case> = vec![
             // Pass: healthy, unless held.
             (
                 Health::Healthy,
