@@ -1470,7 +1470,14 @@ impl Actor {
                     reason: "a quarantine needs a reason".into(),
                 });
             }
-            if rec.health.is_quarantined() {
+            // An operator's quarantine (or one held until released) stays
+            // as it is; an automatic one that a passing check would lift
+            // becomes the operator's.
+            if let Health::Quarantined {
+                until_released: true,
+                ..
+            } = rec.health
+            {
                 return self.view(host).ok_or_else(|| not_found("host", host));
             }
             Health::Quarantined {

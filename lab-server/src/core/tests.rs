@@ -1553,3 +1553,36 @@ async fn checks_are_triggered_by_reachability_lease_count_and_idleness() {
     assert_eq!(idle.len(), 2, "{idle:?}");
     assert!(idle.iter().all(|t| t.ends_with("idle for 1h")), "{idle:?}");
 }
+
+/// An operator's quarantine of a host a failed check quarantined takes
+/// over: a later passing check no longer lifts it.
+#[tokio::test(start_paused = true)]
+async fn an_operators_quarantine_replaces_a_checks() {
+    use crate::lease::machine::Health;
+    let core = start(Arc::new(MemStore::default())).await;
+    let h1 = HostName::new("h1").unwrap();
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready("LAB-HEALTH-OK arch=aarch64"))
+        .await;
+    settle().await;
+    assert!(matches!(
+        health(&core, "h1").await,
+        Health::Quarantined { ref by, until_released: false, .. } if *by == Principal::health()
+    ));
+    core.set_quarantine(operator("root"), h1.clone(), true, "bad PSU".into())
+        .await
+        .unwrap();
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!((reason.as_str(), by.as_str()), ("bad PSU", "root"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
