@@ -125,6 +125,8 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::AgentAttached) => "agent-attached",
         Ok(EventKind::AgentDetached) => "agent-detached",
         Ok(EventKind::HostHealth) => "host-health",
+        Ok(EventKind::LeaseExpiring) => "lease-expiring",
+        Ok(EventKind::WebhookUndelivered) => "webhook-undelivered",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
