@@ -1861,7 +1861,9 @@ fn expiring_detail(expires_at: Timestamp, left: Duration) -> String {
     format!(
         "{} (in {})",
         expiring_marker(expires_at),
-        humantime::format_duration(Duration::from_secs(left.as_secs()))
+        humantime::format_duration(Duration::from_secs(
+            (left.as_millis() as u64).div_ceil(1000)
+        ))
     )
 }
 
