@@ -41,9 +41,7 @@ impl Target {
             .authority()
             .ok_or_else(|| format!("invalid URL {url:?}: no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!(
-                "invalid URL: credentials in the URL are not allowed (the receiver checks X-Lab-Signature instead)"
-            ));
+            return Err("invalid URL: credentials in the URL are not allowed (the receiver checks X-Lab-Signature instead)".into());
         }
         let host = authority
             .host()
@@ -235,16 +233,17 @@ where
         .await
         .map_err(http)?;
     let mut conn = std::pin::pin!(conn);
+    let mut answer = std::pin::pin!(sender.send_request(req));
     // Drive the connection while the request is in flight; the status is
     // all that is wanted, so the connection is dropped (closed) after it.
+    // A receiver that answers and closes at once may end the connection
+    // before the answer is taken: it is taken then.
     tokio::select! {
-        r = sender.send_request(req) => r.map(|resp| resp.status().as_u16()).map_err(http),
+        biased;
+        r = &mut answer => r.map(|resp| resp.status().as_u16()).map_err(http),
         r = &mut conn => match r {
             Err(e) => Err(http(e)),
-            Ok(()) => Err(PostError::Connect {
-                target: target.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection closed before an answer"),
-            }),
+            Ok(()) => answer.await.map(|resp| resp.status().as_u16()).map_err(http),
         },
     }
 }

@@ -114,9 +114,12 @@ impl Deliverer {
         let mut busy: HashSet<OutboxKey> = HashSet::new();
         let mut reloads = true;
         let mut last_size_check: Option<Instant> = None;
+        // The outbox changed since its size was last checked.
+        let mut dirty = true;
         loop {
-            if last_size_check.is_none_or(|t| t.elapsed() >= SIZE_CHECK) {
+            if dirty && last_size_check.is_none_or(|t| t.elapsed() >= SIZE_CHECK) {
                 last_size_check = Some(Instant::now());
+                dirty = false;
                 self.keep_bounded().await;
             }
             let now = clock.now();
@@ -204,14 +207,21 @@ impl Deliverer {
             } else {
                 Some(tokio::time::Instant::now() + Duration::from_secs(1))
             };
-            // Never sooner than the size check's period while idle with
-            // nothing due (a row due in the past would be in flight).
+            // The size check that is owed, too.
+            let next = match (dirty, last_size_check) {
+                (true, Some(t)) => {
+                    let check = tokio::time::Instant::from_std(t + SIZE_CHECK);
+                    Some(next.map_or(check, |n| n.min(check)))
+                }
+                _ => next,
+            };
             tokio::select! {
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                     match done {
                         Ok(a) => {
                             busy.remove(&a.row.key());
                             self.settle(a).await;
+                            dirty = true;
                         }
                         Err(e) => {
                             error!(error = %e, "a webhook delivery task failed");
@@ -219,7 +229,7 @@ impl Deliverer {
                         }
                     }
                 }
-                () = wake.notified() => {}
+                () = wake.notified() => dirty = true,
                 r = self.webhooks.changed(), if reloads => {
                     if r.is_err() {
                         reloads = false;
