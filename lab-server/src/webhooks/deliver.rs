@@ -16,7 +16,7 @@ use crate::core::{Core, Note, error_chain};
 use crate::events::EventKind;
 use crate::store::{OutboxKey, OutboxRow, Settle, Store, StoreError};
 use crate::types::{HostName, LeaseId, Principal};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -111,7 +111,8 @@ impl Deliverer {
         let wake = self.core.outbox_wake();
         let clock = self.core.clock();
         let mut inflight: JoinSet<Attempt> = JoinSet::new();
-        let mut busy: HashSet<OutboxKey> = HashSet::new();
+        // Rows in flight, by the task that sends each.
+        let mut busy: HashMap<tokio::task::Id, OutboxKey> = HashMap::new();
         let mut reloads = true;
         let mut last_size_check: Option<Instant> = None;
         // The outbox changed since its size was last checked.
@@ -127,7 +128,7 @@ impl Deliverer {
             let free = self.config.concurrency.saturating_sub(inflight.len());
             if free > 0 {
                 match blocking(&self.store, {
-                    let limit = free + busy.len();
+                    let limit = free + inflight.len();
                     move |s| s.outbox_due(now, limit)
                 })
                 .await
@@ -135,10 +136,12 @@ impl Deliverer {
                     Ok(rows) => {
                         let hooks = self.webhooks.borrow().clone();
                         let mut orphans = Vec::new();
+                        let in_flight: HashSet<&OutboxKey> = busy.values().collect();
+                        let rows: Vec<OutboxRow> = rows
+                            .into_iter()
+                            .filter(|r| !in_flight.contains(&r.key()))
+                            .collect();
                         for row in rows {
-                            if busy.contains(&row.key()) {
-                                continue;
-                            }
                             if inflight.len() >= self.config.concurrency {
                                 break;
                             }
@@ -160,8 +163,8 @@ impl Deliverer {
                             ];
                             let target = hook.url.clone();
                             let timeouts = self.config.timeouts;
-                            busy.insert(row.key());
-                            inflight.spawn(async move {
+                            let key = row.key();
+                            let task = inflight.spawn(async move {
                                 let started = Instant::now();
                                 let result =
                                     client::post(&target, &headers, row.body.clone(), timeouts)
@@ -172,6 +175,7 @@ impl Deliverer {
                                     took: started.elapsed(),
                                 }
                             });
+                            busy.insert(task.id(), key);
                         }
                         if !orphans.is_empty() {
                             info!(
@@ -216,16 +220,18 @@ impl Deliverer {
                 _ => next,
             };
             tokio::select! {
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
                     match done {
-                        Ok(a) => {
-                            busy.remove(&a.row.key());
+                        Ok((id, a)) => {
+                            busy.remove(&id);
                             self.settle(a).await;
                             dirty = true;
                         }
                         Err(e) => {
+                            // Tried again when it comes due (its row is
+                            // unchanged).
+                            busy.remove(&e.id());
                             error!(error = %e, "a webhook delivery task failed");
-                            // Its key stays busy until a restart; rare.
                         }
                     }
                 }
@@ -394,5 +400,231 @@ fn undelivered_note(row: &OutboxRow, detail: String) -> Note {
         hosts,
         lease,
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The delivery task against a receiver on loopback that always
+    //! answers 503, with a back-off of milliseconds: it gives up, and a
+    //! full outbox is trimmed, each with its event and counter. Real time,
+    //! polled (no timed assertion).
+    use super::*;
+    use crate::core::clock::TokioClock;
+    use crate::core::reclaim::Immediate;
+    use crate::core::{AcquireRequest, CoreConfig, WaitState};
+    use crate::inventory::Inventory;
+    use crate::lease::LeaseSpec;
+    use crate::store::memory::MemStore;
+    use crate::types::{Caller, Role};
+    use crate::webhooks::Webhooks;
+    use std::path::Path;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const INVENTORY: &str = "[[rack]]\nname = \"r1\"\n\n[[host]]\nname = \"h1\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"r1\"\nmac = \"52:54:00:00:00:01\"\n";
+
+    /// Answers every request 503 and counts them.
+    async fn refuser() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        (port, n)
+    }
+
+    async fn start(port: u16, config: DeliveryConfig) -> (Core, Arc<MemStore>) {
+        let hooks = Webhooks::parse(
+            &format!(
+                "[[webhook]]\nname = \"down\"\nurl = \"http://127.0.0.1:{port}/\"\nevents = [\"*\"]\nsecret = \"k\"\n"
+            ),
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        let hooks: SharedWebhooks = Arc::new(hooks);
+        let mut c = CoreConfig::new("inv.toml".into());
+        c.webhooks = hooks.clone();
+        let store = Arc::new(MemStore::new());
+        let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+        let (core, _) = Core::start(
+            c,
+            store.clone(),
+            inv,
+            Arc::new(Immediate),
+            Arc::new(TokioClock::new()),
+        )
+        .await
+        .unwrap();
+        let (_tx, rx) = watch::channel(hooks);
+        // The sender is dropped: the task stops watching for reloads.
+        spawn(core.clone(), rx, config);
+        (core, store)
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..3000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    fn undelivered(store: &MemStore) -> Vec<String> {
+        store
+            .all_events()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::WebhookUndelivered)
+            .map(|e| e.detail)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_delivery_refused_until_its_deadline_is_given_up_once() {
+        let (port, posts) = refuser().await;
+        let config = DeliveryConfig {
+            backoff: Backoff {
+                first: Duration::from_millis(20),
+                max: Duration::from_millis(50),
+                give_up_after: Duration::from_millis(300),
+            },
+            ..Default::default()
+        };
+        let (core, store) = start(port, config).await;
+        // Start-up committed INVENTORY_LOADED and HOST_ADDED: two rows.
+        until("both deliveries given up", || {
+            undelivered(&store).len() == 2
+        })
+        .await;
+        let details = undelivered(&store);
+        assert!(
+            details
+                .iter()
+                .all(|d| d.starts_with("webhook down: gave up delivering event ")
+                    && d.ends_with("last error: HTTP status 503")),
+            "{details:?}"
+        );
+        assert!(
+            posts.load(std::sync::atomic::Ordering::SeqCst) >= 4,
+            "retried"
+        );
+        until("the outbox empty", || store.outbox_len().unwrap() == 0).await;
+        let counts = core.stats().webhooks.deliveries();
+        assert!(
+            counts.contains(&("down".into(), "given_up", 2)),
+            "{counts:?}"
+        );
+        assert!(
+            counts
+                .iter()
+                .any(|(h, r, n)| h == "down" && *r == "http_error" && *n >= 4),
+            "{counts:?}"
+        );
+        // WEBHOOK_UNDELIVERED is not delivered: nothing new in the outbox.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.outbox_len().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_the_oldest_deliveries_with_an_event() {
+        let (port, _) = refuser().await;
+        let config = DeliveryConfig {
+            outbox_max: 3,
+            // Retried rarely: the rows stay.
+            backoff: Backoff {
+                first: Duration::from_secs(3600),
+                max: Duration::from_secs(3600),
+                give_up_after: Duration::from_secs(86_400),
+            },
+            ..Default::default()
+        };
+        let (core, store) = start(port, config).await;
+        let ci = Caller {
+            principal: Principal::new("ci").unwrap(),
+            role: Role::Ci,
+        };
+        let spec = LeaseSpec {
+            arch: None,
+            flags: Default::default(),
+            hosts: Default::default(),
+            count: 1,
+            profile: None,
+            ttl: Duration::from_secs(600),
+            priority: 0,
+            ssh_public_key: None,
+            comment: String::new(),
+        };
+        let mut acq = core
+            .acquire(
+                ci.clone(),
+                AcquireRequest {
+                    spec,
+                    no_wait: false,
+                    request_id: None,
+                },
+            )
+            .await
+            .unwrap();
+        let lease = loop {
+            match acq.next().await.unwrap() {
+                WaitState::Granted(l) => break l,
+                WaitState::Queued { .. } => {}
+                WaitState::Failed(e) => panic!("{e}"),
+            }
+        };
+        core.release(ci, lease.id).await.unwrap();
+        // 2 at start + requested, granted, released, reclaiming, available.
+        until("the outbox trimmed to 3", || {
+            store.outbox_len().unwrap() == 3 && !undelivered(&store).is_empty()
+        })
+        .await;
+        let details = undelivered(&store);
+        assert!(
+            details
+                .iter()
+                .all(|d| d.starts_with("webhook outbox over 3 rows: dropped ")
+                    && d.ends_with("for down")),
+            "{details:?}"
+        );
+        let kept: Vec<u64> = store
+            .outbox_due(crate::types::Timestamp(i64::MAX), 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        let newest: Vec<u64> = {
+            let mut all: Vec<u64> = store
+                .all_events()
+                .iter()
+                .filter(|e| e.kind != EventKind::WebhookUndelivered)
+                .map(|e| e.seq)
+                .collect();
+            all.sort();
+            all.split_off(all.len() - 3)
+        };
+        let mut kept_sorted = kept.clone();
+        kept_sorted.sort();
+        assert_eq!(kept_sorted, newest, "the newest events' rows are kept");
+        let dropped: u64 = core
+            .stats()
+            .webhooks
+            .deliveries()
+            .iter()
+            .filter(|(_, r, _)| *r == "dropped")
+            .map(|(_, _, n)| n)
+            .sum();
+        assert_eq!(dropped, 4, "7 rows, 3 kept");
     }
 }
