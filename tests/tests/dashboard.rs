@@ -124,6 +124,7 @@ fn the_dashboard_in_headless_chromium() {
             ("tok-agent", "agent-r1", "agent"),
             ("tok-ci1", "ci1", "ci"),
             ("tok-dev2", "dev2", "developer"),
+            ("tok-op3", "op3", "operator"),
         ]),
     )
     .unwrap();
@@ -193,6 +194,7 @@ fn the_dashboard_in_headless_chromium() {
         .env("LAB_SERVER", format!("http://{}", server.addr))
         .env("HOLDER_TOKEN", "tok-ci1")
         .env("OTHER_TOKEN", "tok-dev2")
+        .env("OPERATOR_TOKEN", "tok-op3")
         .env("OUT", &out)
         .output()
         .expect("python3 with python3-selenium (scripts/deps.sh)");
@@ -217,6 +219,7 @@ fn the_dashboard_in_headless_chromium() {
         "lease",
         "host-holder",
         "host-nonholder",
+        "host-quarantined",
     ] {
         let png = out.join(format!("{page}.png"));
         let bytes = std::fs::read(&png).unwrap_or_default();
