@@ -174,11 +174,7 @@ def main():
         assert h02["health"] == "quarantined", h02
         print("dashboard checks passed")
     except Exception:
-        shot(d, "failure")
-        for e in d.find_elements(By.CSS_SELECTOR, ".error"):
-            print(f"page error: {e.text}", file=sys.stderr)
-        for entry in d.get_log("browser"):
-            print(f"browser: {entry['message']}", file=sys.stderr)
+        failed(d, "failure")
         raise
     finally:
         if waiting:
@@ -186,9 +182,24 @@ def main():
         d.quit()
 
 
-if __name__ == "__main__":
+def failed(d, name):
+    """After a failed check: a screenshot, the page's errors and the
+    browser's console."""
+    shot(d, name)
+    for e in d.find_elements(By.CSS_SELECTOR, ".error"):
+        print(f"page error: {e.text}", file=sys.stderr)
+    for entry in d.get_log("browser"):
+        print(f"browser: {entry['message']}", file=sys.stderr)
+
+
+def run(check):
+    """Runs a script's checks: a failed one exits 1 with its message."""
     try:
-        main()
+        check()
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -23,7 +23,7 @@ import sys
 from selenium.webdriver.common.by import By
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dashboard as dash  # noqa: E402  (browser, wait, sign_in, shot, row_text)
+import dashboard as dash  # noqa: E402  (browser, wait, sign_in, shot, row_text, failed, run)
 
 HOST = os.environ["HOST"]
 MARKER = os.environ["MARKER"]
@@ -48,17 +48,11 @@ def main():
         dash.shot(d, "host-dom0")
         print("host page checks passed")
     except Exception:
-        dash.shot(d, "host-dom0-failure")
-        for entry in d.get_log("browser"):
-            print(f"browser: {entry['message']}", file=sys.stderr)
+        dash.failed(d, "host-dom0-failure")
         raise
     finally:
         d.quit()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AssertionError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
+    dash.run(main)

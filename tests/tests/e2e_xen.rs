@@ -42,40 +42,25 @@ fn artifacts() -> std::path::PathBuf {
 /// `host` leased and healthy on the hosts page, and `marker` in the host
 /// page's live console. Screenshots in `$CARGO_TARGET_TMPDIR/e2e-dashboard/`.
 fn dashboard_shows_the_boot(l: &RunningLab, host: &str, marker: &str) {
-    for (bin, pkg) in [
-        ("/usr/bin/chromium", "chromium"),
-        ("/usr/bin/chromedriver", "chromium-driver"),
-    ] {
-        assert!(
-            std::path::Path::new(bin).exists(),
-            "{bin} is needed: apt-get install {pkg} (scripts/deps.sh)"
-        );
-    }
     let web = l
         .lab
         .netns()
         .forward_to_loopback(l.web.parse().expect("the web address"));
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-dashboard");
     std::fs::create_dir_all(&out).unwrap();
-    let script = labbox::repo_root().join("tests/browser/host_console.py");
-    // Debian's python3, where python3-selenium is installed.
-    let run = std::process::Command::new("/usr/bin/python3")
-        .arg(&script)
-        .env("WEB_URL", format!("http://{web}"))
-        .env("TOKEN", "ci")
-        .env("HOST", host)
-        .env("MARKER", marker)
-        .env("OUT", &out)
-        .output()
-        .expect("python3 with python3-selenium (scripts/deps.sh)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    let (passed, said) = lab_tests::browser::run_script(
+        "host_console.py",
+        &[
+            ("WEB_URL", &format!("http://{web}")),
+            ("TOKEN", "ci"),
+            ("HOST", host),
+            ("MARKER", marker),
+            ("OUT", out.to_str().unwrap()),
+        ],
     );
     eprint!("{said}");
     assert!(
-        run.status.success(),
+        passed,
         "the dashboard's host page did not show {marker} (screenshots in {}):\n{said}",
         out.display()
     );
