@@ -7,6 +7,7 @@
 //! clients run in them.
 
 pub mod agent;
+pub mod browser;
 pub mod crash_loop;
 pub mod history;
 pub mod netns;

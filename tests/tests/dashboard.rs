@@ -94,15 +94,7 @@ fn curl(url: &str) -> String {
 
 #[test]
 fn the_dashboard_in_headless_chromium() {
-    for (bin, pkg) in [
-        ("/usr/bin/chromium", "chromium"),
-        ("/usr/bin/chromedriver", "chromium-driver"),
-    ] {
-        assert!(
-            std::path::Path::new(bin).exists(),
-            "{bin} is needed: apt-get install {pkg} (scripts/deps.sh)"
-        );
-    }
+    lab_tests::browser::require_chromium();
     let dir = tempfile::tempdir().unwrap();
     let console = terminal_server();
     let mut inventory = String::from("[[rack]]\nname = \"r1\"\nagent = \"agent-r1\"\n");
@@ -124,6 +116,7 @@ fn the_dashboard_in_headless_chromium() {
             ("tok-agent", "agent-r1", "agent"),
             ("tok-ci1", "ci1", "ci"),
             ("tok-dev2", "dev2", "developer"),
+            ("tok-op3", "op3", "operator"),
         ]),
     )
     .unwrap();
@@ -184,26 +177,21 @@ fn the_dashboard_in_headless_chromium() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/dashboard.py");
-    // Debian's python3, where python3-selenium is installed.
-    let run = Command::new("/usr/bin/python3")
-        .arg(script)
-        .env("WEB_URL", format!("http://{web}"))
-        .env("LAB", bin_path("lab"))
-        .env("LAB_SERVER", format!("http://{}", server.addr))
-        .env("HOLDER_TOKEN", "tok-ci1")
-        .env("OTHER_TOKEN", "tok-dev2")
-        .env("OUT", &out)
-        .output()
-        .expect("python3 with python3-selenium (scripts/deps.sh)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    let (passed, said) = lab_tests::browser::run_script(
+        "dashboard.py",
+        &[
+            ("WEB_URL", &format!("http://{web}")),
+            ("LAB", bin_path("lab").to_str().unwrap()),
+            ("LAB_SERVER", &format!("http://{}", server.addr)),
+            ("HOLDER_TOKEN", "tok-ci1"),
+            ("OTHER_TOKEN", "tok-dev2"),
+            ("OPERATOR_TOKEN", "tok-op3"),
+            ("OUT", out.to_str().unwrap()),
+        ],
     );
     println!("{said}");
     assert!(
-        run.status.success(),
+        passed,
         "the browser checks failed (screenshots in {}):\n{said}\n--- server log ---\n{}\n--- agent log ---\n{}",
         out.display(),
         server.log_text(),
@@ -217,6 +205,7 @@ fn the_dashboard_in_headless_chromium() {
         "lease",
         "host-holder",
         "host-nonholder",
+        "host-quarantined",
     ] {
         let png = out.join(format!("{page}.png"));
         let bytes = std::fs::read(&png).unwrap_or_default();
