@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod console_lab;
 pub mod crash_loop;
 pub mod history;
 pub mod netns;
