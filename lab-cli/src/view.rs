@@ -128,6 +128,8 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HealthCheckStarted) => "health-check-started",
         Ok(EventKind::HealthCheckPassed) => "health-check-passed",
         Ok(EventKind::HealthCheckFailed) => "health-check-failed",
+        Ok(EventKind::LeaseExpiring) => "lease-expiring",
+        Ok(EventKind::WebhookUndelivered) => "webhook-undelivered",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }

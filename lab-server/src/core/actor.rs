@@ -2,8 +2,8 @@
 //! the only writer of the store. See the parent module for the batch cycle.
 //!
 //! Besides the batches of commands, the actor's loop wakes for the earliest
-//! lease expiry, the earliest end of a detached waiter's grace period, and
-//! the next retention step.
+//! lease expiry, the earliest expiry warning, the earliest end of a
+//! detached waiter's grace period, and the next retention step.
 
 use super::clock::Clock;
 use super::policy;
@@ -22,14 +22,15 @@ use crate::lease::machine::Health;
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
-use crate::store::{Batch, Snapshot, Store, StoreError, Write};
+use crate::store::{Batch, EventQuery, Snapshot, Store, StoreError, Write};
 use crate::types::{
     Caller, Generation, HostName, LeaseId, Principal, ProfileName, RequestId, Timestamp, WaiterId,
 };
+use crate::webhooks::SharedWebhooks;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 type AfterCommit = Box<dyn FnOnce(Option<&CoreError>) + Send>;
@@ -50,6 +51,9 @@ struct Pending {
     publish: bool,
     /// A `Stop` command: its reply, sent after the batch.
     stop: Option<Reply<()>>,
+    /// Leases warned of their expiry in this batch (forgotten again if the
+    /// commit fails).
+    warned: Vec<LeaseId>,
 }
 
 impl Pending {
@@ -145,6 +149,14 @@ impl Detached {
     }
 }
 
+/// The channels the actor shares with its handle.
+pub(super) struct Links {
+    pub tx: mpsc::Sender<Command>,
+    pub events: broadcast::Sender<EventRecord>,
+    pub stats: Arc<CoreStats>,
+    pub outbox_wake: Arc<Notify>,
+}
+
 pub(super) struct Actor {
     config: CoreConfig,
     store: Arc<dyn Store>,
@@ -161,6 +173,14 @@ pub(super) struct Actor {
     by_grant: BTreeSet<LeaseKey>,
     /// Active leases by expiry.
     expiries: BTreeSet<(Timestamp, LeaseId)>,
+    /// Active leases by the time of their expiry warning (those not warned
+    /// for their current expiry, with a TTL longer than the warning).
+    warnings: BTreeSet<(Timestamp, LeaseId)>,
+    /// The expiry each lease was warned of (active leases only).
+    warned: HashMap<LeaseId, Timestamp>,
+    /// The webhooks in force: events they want get outbox rows.
+    webhooks: SharedWebhooks,
+    outbox_wake: Arc<Notify>,
     /// Ended leases by end time (retention).
     ended: BTreeSet<(Timestamp, LeaseId)>,
     queue: Queue,
@@ -211,12 +231,20 @@ impl Actor {
         inventory: Inventory,
         reclaimer: Arc<dyn Reclaimer>,
         clock: Arc<dyn Clock>,
-        tx: mpsc::Sender<Command>,
-        events: broadcast::Sender<EventRecord>,
-        stats: Arc<CoreStats>,
+        links: Links,
     ) -> Result<Actor, CoreError> {
+        let Links {
+            tx,
+            events,
+            stats,
+            outbox_wake,
+        } = links;
         let snapshot = load(&store).await?;
         let mut actor = Actor {
+            webhooks: config.webhooks.clone(),
+            warnings: BTreeSet::new(),
+            warned: HashMap::new(),
+            outbox_wake,
             config,
             store,
             clock,
@@ -261,6 +289,8 @@ impl Actor {
         actor.withdraw_orphans(&mut p, now);
         actor.drop_unsatisfiable(&mut p, now);
         actor.expire_due(&mut p, now);
+        actor.recall_warnings(now).await;
+        actor.warn_due(&mut p, now);
         p.reclaims.extend(actor.reclaiming_hosts());
         let active = actor.expiries.len();
         let waiting = actor.queue.len();
@@ -288,6 +318,7 @@ impl Actor {
             .map(|h| (h.name.clone(), h))
             .collect();
         self.expiries.clear();
+        self.warnings.clear();
         self.ended.clear();
         self.by_grant.clear();
         self.leases.clear();
@@ -363,7 +394,11 @@ impl Actor {
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
             let idle = self.idle_due().map(|t| self.clock.instant_at(t));
-            let deadline = [expiry, grace, idle, Some(self.next_retention)]
+            let warning = self
+                .warnings
+                .first()
+                .map(|(t, _)| self.clock.instant_at(*t));
+            let deadline = [expiry, warning, grace, idle, Some(self.next_retention)]
                 .into_iter()
                 .flatten()
                 .min();
@@ -385,6 +420,7 @@ impl Actor {
             self.withdraw_ghosts(&mut p, now);
             self.expire_due(&mut p, now);
             self.idle_checks(&mut p, now);
+            self.warn_due(&mut p, now);
             for cmd in cmds.drain(..) {
                 self.handle(&mut p, now, cmd);
             }
@@ -562,6 +598,18 @@ impl Actor {
                 let seq = e.seq;
                 p.reply(reply, Ok(seq));
             }
+            Command::SetWebhooks { webhooks, reply } => {
+                let kept = webhooks.names();
+                for gone in self.webhooks.names().difference(&kept) {
+                    info!(hook = %gone, "webhook removed; its pending deliveries are dropped");
+                    p.batch.writes.push(Write::DropOutbox {
+                        hook: (*gone).to_owned(),
+                    });
+                }
+                drop(kept);
+                self.webhooks = webhooks;
+                p.reply(reply, Ok(()));
+            }
             Command::Stop { reply } => p.stop = Some(reply),
         }
     }
@@ -610,19 +658,38 @@ impl Actor {
         Ok(())
     }
 
-    /// Add a lease to the expiry, end-time and grant-time indexes.
+    /// When `l`'s expiry warning is due, if it gets one: its TTL is longer
+    /// than the warning period (which is not zero).
+    fn warning_time(&self, l: &Lease) -> Option<Timestamp> {
+        let d = self.config.expiry_warning;
+        (!d.is_zero() && Duration::from_millis(l.ttl_ms) > d)
+            .then(|| l.expires_at.saturating_sub(d))
+    }
+
+    /// Add a lease to the expiry, warning, end-time and grant-time indexes.
     fn index_lease(&mut self, l: &Lease) {
         self.by_grant.insert((l.granted_at, l.id));
         if l.is_active() {
             self.expiries.insert((l.expires_at, l.id));
-        } else if let Some(t) = l.ended_at {
-            self.ended.insert((t, l.id));
+            if self.warned.get(&l.id) != Some(&l.expires_at)
+                && let Some(t) = self.warning_time(l)
+            {
+                self.warnings.insert((t, l.id));
+            }
+        } else {
+            self.warned.remove(&l.id);
+            if let Some(t) = l.ended_at {
+                self.ended.insert((t, l.id));
+            }
         }
     }
 
     fn unindex_lease(&mut self, l: &Lease) {
         self.by_grant.remove(&(l.granted_at, l.id));
         self.expiries.remove(&(l.expires_at, l.id));
+        if let Some(t) = self.warning_time(l) {
+            self.warnings.remove(&(t, l.id));
+        }
         if let Some(t) = l.ended_at {
             self.ended.remove(&(t, l.id));
         }
@@ -1010,6 +1077,72 @@ impl Actor {
                     }
                 }
                 Err(e) => error!(lease = %id, error = %e, "cannot expire lease"),
+            }
+        }
+    }
+
+    /// `LEASE_EXPIRING` for every active lease whose warning is due.
+    fn warn_due(&mut self, p: &mut Pending, now: Timestamp) {
+        while let Some(&(t, id)) = self.warnings.first() {
+            if t > now {
+                break;
+            }
+            self.warnings.pop_first();
+            let Some(lease) = self.leases.get(&id).filter(|l| l.is_active()) else {
+                continue;
+            };
+            let (expires_at, hosts, holder) =
+                (lease.expires_at, lease.hosts.clone(), lease.holder.clone());
+            let left = expires_at.since(now);
+            info!(lease = %id, holder = %holder, expires = %expires_at, "lease expiring");
+            let e = self.event(p, now, &Principal::server(), EventKind::LeaseExpiring);
+            e.lease = Some(id);
+            e.hosts = hosts;
+            e.detail = expiring_detail(expires_at, left);
+            self.warned.insert(id, expires_at);
+            p.warned.push(id);
+        }
+    }
+
+    /// After a restart: the leases whose warning is due were perhaps
+    /// warned before it; their event logs say (one indexed read each, for
+    /// the few leases within the warning period of their expiry).
+    async fn recall_warnings(&mut self, now: Timestamp) {
+        let due: Vec<(LeaseId, Timestamp)> = self
+            .warnings
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .filter_map(|(_, id)| self.leases.get(id).map(|l| (*id, l.expires_at)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let warned = tokio::task::spawn_blocking(move || {
+            due.into_iter()
+                .filter(|(id, expires_at)| {
+                    let marker = expiring_marker(*expires_at);
+                    store
+                        .events(&EventQuery {
+                            limit: 100_000,
+                            lease: Some(*id),
+                            ..Default::default()
+                        })
+                        .is_ok_and(|es| {
+                            es.iter().any(|e| {
+                                e.kind == EventKind::LeaseExpiring && e.detail.starts_with(&marker)
+                            })
+                        })
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (id, expires_at) in warned {
+            if let Some(l) = self.leases.get(&id).cloned() {
+                self.unindex_lease(&l);
+                self.warned.insert(id, expires_at);
+                self.index_lease(&l);
             }
         }
     }
@@ -1908,6 +2041,13 @@ impl Actor {
     }
 
     async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
+        // The outbox rows of the batch's events, in the same transaction.
+        if !self.webhooks.is_empty() && !p.batch.events.is_empty() {
+            let rows = crate::webhooks::outbox_rows(&self.webhooks, &p.batch.events, |l| {
+                self.leases.get(&l).map(|l| l.holder.clone())
+            });
+            p.batch.writes.extend(rows.into_iter().map(Write::Outbox));
+        }
         let result = if p.batch.is_empty() {
             Ok(Batch::default())
         } else {
@@ -1933,6 +2073,9 @@ impl Actor {
                 for f in p.after {
                     f(None);
                 }
+                if batch.writes.iter().any(|w| matches!(w, Write::Outbox(_))) {
+                    self.outbox_wake.notify_one();
+                }
                 for e in batch.events {
                     let _ = self.events.send(e);
                 }
@@ -1946,6 +2089,10 @@ impl Actor {
                 let err = CoreError::Store(Arc::new(e));
                 for f in std::mem::take(&mut p.after) {
                     f(Some(&err));
+                }
+                // Warnings that were not committed go out again.
+                for id in std::mem::take(&mut p.warned) {
+                    self.warned.remove(&id);
                 }
                 // Every waiting client is answered UNAVAILABLE: its request
                 // may not be what the store holds. The store's waiters
@@ -2071,6 +2218,21 @@ fn join(hosts: &[HostName]) -> String {
 /// principal no token can have).
 fn is_check(lease: &Lease) -> bool {
     lease.holder == Principal::health()
+}
+
+/// How a `LEASE_EXPIRING` detail starts: names the expiry it warns of.
+fn expiring_marker(expires_at: Timestamp) -> String {
+    format!("expires {expires_at}")
+}
+
+fn expiring_detail(expires_at: Timestamp, left: Duration) -> String {
+    format!(
+        "{} (in {})",
+        expiring_marker(expires_at),
+        humantime::format_duration(Duration::from_secs(
+            (left.as_millis() as u64).div_ceil(1000)
+        ))
+    )
 }
 
 fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {

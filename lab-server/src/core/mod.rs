@@ -19,6 +19,12 @@
 //! their client resumes them by request id ([`AcquireRequest::request_id`]),
 //! or are withdrawn after [`CoreConfig::reattach_grace`]. Retention removes
 //! ended leases and old events in bounded steps ([`CoreConfig::retention`]).
+//!
+//! A `LEASE_EXPIRING` event goes out [`CoreConfig::expiry_warning`] before an
+//! active lease expires (once per expiry; a renewal re-arms it). Every
+//! committed event that a webhook wants gets an outbox row in the same
+//! commit (`crate::webhooks`); the delivery task is woken after such a
+//! commit ([`Core::outbox_wake`]).
 
 mod actor;
 pub use actor::error_chain;
@@ -33,6 +39,7 @@ use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
 use crate::types::{Caller, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId};
+use crate::webhooks::SharedWebhooks;
 use clock::Clock;
 use policy::Denied;
 use reclaim::Reclaimer;
@@ -42,7 +49,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 
 /// Limits the server enforces on leases. (The TTL of a request that names
 /// none is filled in where the request is read: `grpc::Api`'s default TTL.)
@@ -79,6 +86,11 @@ pub struct CoreConfig {
     pub health_check_every: u32,
     /// Check a host that has been free this long (`None`: never).
     pub health_check_idle: Option<Duration>,
+    /// A `LEASE_EXPIRING` event this long before an active lease expires
+    /// (zero: none). A lease whose TTL is not longer gets none.
+    pub expiry_warning: Duration,
+    /// The webhooks in force at start (then [`Core::set_webhooks`]).
+    pub webhooks: SharedWebhooks,
 }
 
 impl CoreConfig {
@@ -98,6 +110,8 @@ impl CoreConfig {
             health_check_timeout: Duration::from_secs(600),
             health_check_every: 0,
             health_check_idle: None,
+            expiry_warning: Duration::from_secs(600),
+            webhooks: SharedWebhooks::default(),
         }
     }
 
@@ -373,6 +387,10 @@ enum Command {
         note: Note,
         reply: Reply<u64>,
     },
+    SetWebhooks {
+        webhooks: SharedWebhooks,
+        reply: Reply<()>,
+    },
     /// Finish the batch, then stop (waiting requests stay in the store).
     Stop {
         reply: Reply<()>,
@@ -447,6 +465,7 @@ pub struct Core {
     clock: Arc<dyn Clock>,
     event_reads: Arc<Semaphore>,
     stats: Arc<CoreStats>,
+    outbox_wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Core {
@@ -471,15 +490,19 @@ impl Core {
         let (events, _) = broadcast::channel(8192);
         let inventory_path = config.inventory_path.clone();
         let stats = Arc::new(CoreStats::default());
+        let outbox_wake = Arc::new(Notify::new());
         let actor = actor::Actor::start(
             config,
             store.clone(),
             inventory,
             reclaimer,
             clock.clone(),
-            tx.clone(),
-            events.clone(),
-            stats.clone(),
+            actor::Links {
+                tx: tx.clone(),
+                events: events.clone(),
+                stats: stats.clone(),
+                outbox_wake: outbox_wake.clone(),
+            },
         )
         .await?;
         let handle = tokio::spawn(actor.run(rx));
@@ -494,6 +517,7 @@ impl Core {
                 clock,
                 event_reads: Arc::new(Semaphore::new(CONCURRENT_EVENT_READS)),
                 stats,
+                outbox_wake,
             },
             handle,
         ))
@@ -729,6 +753,26 @@ impl Core {
     /// The inventory in force.
     pub async fn inventory(&self) -> Result<Arc<Inventory>, CoreError> {
         self.call(|reply| Command::GetInventory { reply }).await
+    }
+
+    /// Replace the webhooks in force: events committed from now on get
+    /// outbox rows for these hooks; the rows of hooks no longer there are
+    /// dropped (in the same commit).
+    pub async fn set_webhooks(&self, webhooks: SharedWebhooks) -> Result<(), CoreError> {
+        self.call(|reply| Command::SetWebhooks { webhooks, reply })
+            .await
+    }
+
+    /// Notified after every commit that wrote outbox rows (the delivery
+    /// task waits on it).
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.outbox_wake.clone()
+    }
+
+    /// The store (for the webhook delivery task, which settles outbox rows
+    /// directly: they are not core state).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     /// Commits `note` to the event log; its sequence number once durable.

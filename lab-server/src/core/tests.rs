@@ -1586,3 +1586,224 @@ async fn an_operators_quarantine_replaces_a_checks() {
         other => panic!("{other:?}"),
     }
 }
+
+/// LEASE_EXPIRING events in the store, as (lease, detail).
+fn expiring(store: &MemStore) -> Vec<(LeaseId, String)> {
+    store
+        .all_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::LeaseExpiring)
+        .map(|e| (e.lease.unwrap(), e.detail))
+        .collect()
+}
+
+fn warning_config(warning_s: u64) -> CoreConfig {
+    let mut c = config();
+    c.max_lifetime = Duration::from_secs(1000);
+    c.expiry_warning = Duration::from_secs(warning_s);
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiring_lease_is_warned_once_and_a_renewal_re_arms_it() {
+    let store = Arc::new(MemStore::new());
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let lease = granted(&core, "ci", spec(1, 60)).await;
+    // A lease whose TTL is not longer than the warning gets none.
+    let short = granted(&core, "bob", spec(1, 10)).await;
+    tokio::time::advance(Duration::from_secs(49)).await;
+    settle().await;
+    assert_eq!(expiring(&store), [], "not before 10 s ahead of the expiry");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    let first = expiring(&store);
+    assert_eq!(
+        first,
+        [(lease.id, format!("expires {} (in 9s)", lease.expires_at))]
+    );
+    let e = store
+        .all_events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::LeaseExpiring)
+        .unwrap();
+    assert_eq!(e.hosts, lease.hosts);
+    assert_eq!(e.actor, Principal::server());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1, "once per expiry");
+    // Renewed at 56 s for 60 s: warned again at 106 s.
+    let renewed = core.renew(caller("ci"), lease.id, None).await.unwrap();
+    tokio::time::advance(Duration::from_secs(49)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(
+        expiring(&store)[1],
+        (
+            renewed.id,
+            format!("expires {} (in 9s)", renewed.expires_at)
+        )
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(
+        core.get_lease(lease.id).await.unwrap().state,
+        LeaseState::Expired
+    );
+    assert_eq!(
+        core.get_lease(short.id).await.unwrap().state,
+        LeaseState::Expired
+    );
+    assert_eq!(expiring(&store).len(), 2, "{:?}", expiring(&store));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_expiry_warnings_when_switched_off() {
+    let store = Arc::new(MemStore::new());
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(0),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let lease = granted(&core, "ci", spec(1, 60)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    settle().await;
+    assert!(!core.get_lease(lease.id).await.unwrap().is_active());
+    assert_eq!(expiring(&store), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warning_survives_a_crash_once_and_one_due_meanwhile_is_sent_at_start() {
+    let store = Arc::new(MemStore::new());
+    let (core, actor) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let warned = granted(&core, "ci", spec(1, 60)).await;
+    let later = granted(&core, "bob", spec(1, 120)).await;
+    tokio::time::advance(Duration::from_secs(51)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1);
+    crash(actor).await;
+    drop(core);
+    // Back 60 s later (the clock restarts at the new base): the first lease
+    // was warned already (and has expired by now); the second one's warning
+    // fell due while the server was down.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_111_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    settle().await;
+    let ids: Vec<LeaseId> = expiring(&store).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(ids, [warned.id, later.id]);
+    drop(core);
+    // And again just after: nothing is sent twice.
+    let (_core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_112_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 2, "{:?}", expiring(&store));
+}
+
+fn webhooks(text: &str) -> crate::webhooks::SharedWebhooks {
+    Arc::new(crate::webhooks::Webhooks::parse(text, Path::new("w.toml")).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_that_hooks_want_get_outbox_rows_in_their_commit() {
+    let store = Arc::new(MemStore::new());
+    let mut config = warning_config(10);
+    config.webhooks = webhooks(
+        r#"
+[[webhook]]
+name = "ci"
+url = "http://127.0.0.1:1/"
+events = ["LEASE_GRANTED", "LEASE_EXPIRING"]
+secret = "k"
+holders = ["ci"]
+
+[[webhook]]
+name = "ops"
+url = "http://127.0.0.1:1/ops"
+events = ["HOST_HEALTH"]
+secret = "k"
+"#,
+    );
+    let (core, _) = start_at(store.clone(), config, 1_000_000, Arc::new(Immediate)).await;
+    let wake = core.outbox_wake();
+    let rows = |store: &MemStore| -> Vec<(String, String, u64)> {
+        store
+            .outbox_due(Timestamp(i64::MAX), 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.hook, r.kind, r.seq))
+            .collect()
+    };
+    let mine = granted(&core, "ci", spec(1, 60)).await;
+    let _theirs = granted(&core, "bob", spec(1, 60)).await;
+    // The delivery task is woken by the commit that wrote rows.
+    tokio::time::timeout(Duration::from_secs(1), wake.notified())
+        .await
+        .expect("woken");
+    let grant = store
+        .all_events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::LeaseGranted && e.lease == Some(mine.id))
+        .unwrap();
+    assert_eq!(
+        rows(&store),
+        [("ci".into(), "LEASE_GRANTED".into(), grant.seq)]
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(&store.outbox_due(Timestamp(i64::MAX), 1).unwrap()[0].body).unwrap();
+    assert_eq!(body["principal"], "ci");
+    assert_eq!(body["lease"], mine.id.to_string());
+
+    let op = Caller {
+        principal: Principal::new("root").unwrap(),
+        role: Role::Operator,
+    };
+    core.set_quarantine(op, HostName::new("h1").unwrap(), true, "flaky".into())
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(51)).await;
+    settle().await;
+    let kinds: Vec<(String, String)> = rows(&store).into_iter().map(|(h, k, _)| (h, k)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ci".into(), "LEASE_GRANTED".into()),
+            ("ops".into(), "HOST_HEALTH".into()),
+            ("ci".into(), "LEASE_EXPIRING".into()),
+        ]
+    );
+
+    // A reload that removes a hook drops its rows (in its own commit).
+    core.set_webhooks(webhooks(
+        "[[webhook]]\nname = \"ops\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\nsecret = \"k\"\n",
+    ))
+    .await
+    .unwrap();
+    let kinds: Vec<String> = rows(&store).into_iter().map(|(h, _, _)| h).collect();
+    assert_eq!(kinds, ["ops"]);
+}

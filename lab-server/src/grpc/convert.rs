@@ -423,6 +423,8 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HealthCheckStarted => P::HealthCheckStarted,
         EventKind::HealthCheckPassed => P::HealthCheckPassed,
         EventKind::HealthCheckFailed => P::HealthCheckFailed,
+        EventKind::LeaseExpiring => P::LeaseExpiring,
+        EventKind::WebhookUndelivered => P::WebhookUndelivered,
     }
 }
 
@@ -452,6 +454,16 @@ pub fn role_to_proto(r: Role) -> pb::Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Webhook configurations and payloads name kinds as the API does.
+    #[test]
+    fn event_kind_names_are_the_api_names() {
+        for k in EventKind::ALL {
+            let api = event_kind_to_proto(k).as_str_name();
+            assert_eq!(Some(k.name()), api.strip_prefix("EVENT_KIND_"), "{k:?}");
+            assert_eq!(EventKind::from_name(k.name()), Some(k));
+        }
+    }
 
     fn req() -> pb::LeaseRequest {
         pb::LeaseRequest {
