@@ -34,7 +34,8 @@
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium g++"
-missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+# One line, space-separated (the pattern below matches " name ").
+missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf '%s ' "$p"; done)
 # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the
 # image's backport: allow that downgrade explicitly. qemu-img itself (the
 # box's disks): any qemu-utils will do, else bookworm's.
@@ -60,6 +61,13 @@ if [ -n "$missing$extra" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     --allow-downgrades $missing $extra
   [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+# Installing bookworm's QEMU can remove a newer qemu-utils without putting
+# one back (seen on a fresh machine: qemu-img gone, the disk tests failed).
+if ! command -v qemu-img >/dev/null; then
+  printf '\n==> %s\n' "qemu-utils/bookworm (qemu-img)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    --allow-downgrades qemu-utils/bookworm
 fi
 
 CARGO_DEB_VERSION=3.8.0

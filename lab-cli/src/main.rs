@@ -53,6 +53,7 @@ mod rawterm;
 mod ready;
 mod sanitize;
 mod sshkey;
+mod stdin;
 mod view;
 mod waiting;
 
@@ -64,12 +65,15 @@ use crate::commands::admin::InventoryCommand;
 use crate::commands::console::ConsoleArgs;
 use crate::commands::events::EventsArgs;
 use crate::commands::forward::ForwardArgs;
+use crate::commands::grab::GrabArgs;
 use crate::commands::hosts::{HostCommand, HostsArgs};
 use crate::commands::lease::LeaseCommand;
 use crate::commands::power::PowerArgs;
 use crate::commands::run::RunArgs;
 use crate::commands::ssh::SshArgs;
-use crate::commands::{Ctx, Reach, admin, console, events, forward, hosts, lease, power, run, ssh};
+use crate::commands::{
+    Ctx, Reach, admin, console, events, forward, grab, hosts, lease, power, run, ssh,
+};
 
 /// Lease lab hardware: list hosts, acquire and release leases, follow events
 #[derive(Debug, Parser)]
@@ -145,7 +149,7 @@ struct Cli {
 enum Command {
     /// List hosts with their state, holder and lease expiry
     Hosts(HostsArgs),
-    /// Show one host, or put it in or out of maintenance
+    /// Show one host and its history; maintenance, quarantine, health checks
     #[command(subcommand)]
     Host(HostCommand),
     /// Acquire, renew, release, show and list leases; wait for boot
@@ -249,6 +253,20 @@ enum Command {
     /// failed to boot, 9 not ready in time, 130 interrupted before CMD ran).
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// For developers: acquires a lease (profile xen unless --profile
+    /// names another; the acquire options are lease acquire's), waits until
+    /// every host is ready (--wait-ready=TIMEOUT, default 10m;
+    /// --no-wait-ready attaches at once), then attaches to the first host's
+    /// console (Ctrl-E c . detaches) or, with --ssh, logs in with lab ssh.
+    /// The lease is renewed every TTL/3 while you are attached.
+    ///
+    /// On detach lab asks whether to keep the lease (it then runs to its
+    /// expiry, no longer renewed) or release it; --keep or --release
+    /// answer for scripts. Without a terminal to ask on, or when a signal
+    /// ends the session (SIGTERM, SIGHUP), the lease is released unless
+    /// --keep.
+    #[command(verbatim_doc_comment)]
+    Grab(GrabArgs),
     /// Operator commands on the inventory
     #[command(subcommand)]
     Inventory(InventoryCommand),
@@ -371,6 +389,7 @@ async fn main() -> ExitCode {
         Command::Forward(args) => forward::run(&ctx, args).await,
         Command::Ssh(args) => ssh::run(&ctx, args).await,
         Command::Run(args) => run::run(&ctx, args).await,
+        Command::Grab(args) => grab::run(&ctx, args).await,
         Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
         Command::Whoami => admin::whoami(&ctx).await,
         Command::Completions { .. } => unreachable!("handled above"),

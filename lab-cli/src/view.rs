@@ -125,6 +125,11 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::AgentAttached) => "agent-attached",
         Ok(EventKind::AgentDetached) => "agent-detached",
         Ok(EventKind::HostHealth) => "host-health",
+        Ok(EventKind::HealthCheckStarted) => "health-check-started",
+        Ok(EventKind::HealthCheckPassed) => "health-check-passed",
+        Ok(EventKind::HealthCheckFailed) => "health-check-failed",
+        Ok(EventKind::LeaseExpiring) => "lease-expiring",
+        Ok(EventKind::WebhookUndelivered) => "webhook-undelivered",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }

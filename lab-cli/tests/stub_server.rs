@@ -590,6 +590,16 @@ impl AdminService for Stub {
         Err(Status::permission_denied("alice is not an operator"))
     }
 
+    async fn check_host(
+        &self,
+        req: Request<lab_proto::v1::CheckHostRequest>,
+    ) -> Result<Response<Host>, Status> {
+        principal(&req)?;
+        Err(Status::permission_denied(
+            "alice may not check hosts (operators only)",
+        ))
+    }
+
     async fn reload_inventory(
         &self,
         req: Request<ReloadInventoryRequest>,
@@ -698,6 +708,28 @@ fn auth_errors_exit_3() {
     assert_eq!((code, err.as_str()), (3, "lab: unknown token\n"));
     let (code, _, err) = run(addr, GOOD, &["host", "maintenance", "on", "x1"]);
     assert_eq!((code, err.as_str()), (3, "lab: alice is not an operator\n"));
+}
+
+#[test]
+fn host_check_is_for_operators_and_host_show_has_history() {
+    let (addr, _) = start();
+    let (code, _, err) = run(addr, GOOD, &["host", "check", "x1"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (3, "lab: alice may not check hosts (operators only)\n")
+    );
+    // The stub's log: L-1 granted to alice on x1.
+    let (code, out, _) = run(addr, GOOD, &["host", "show", "x1"]);
+    assert_eq!(code, 0);
+    let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains("L-1 alice active"), "{out}");
+    assert!(flat.contains("health checks: none"), "{out}");
+    let (code, out, _) = run(addr, GOOD, &["host", "show", "x1", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["name"], "x1");
+    assert_eq!(v["history"]["leases"][0]["lease_id"], "L-1");
+    assert_eq!(v["history"]["leases"][0]["outcome"], "active");
 }
 
 #[test]

@@ -20,6 +20,8 @@
 //! - [`inventory`]: `inventory.toml`, raw and validated.
 //! - [`metrics`]: the OpenMetrics registry of `/metrics`; [`web`]: the web
 //!   port (`--web-listen`): `/metrics` and the dashboard.
+//! - [`webhooks`]: the webhooks file, the outbox rows the core writes with
+//!   its events, and the task that delivers them (signed, with back-off).
 //! - [`events`], [`types`]: the event record; typed ids.
 //!
 //! (`fuzzing`, hidden from these docs, holds the entry points of the fuzz
@@ -40,3 +42,4 @@ pub mod racks;
 pub mod store;
 pub mod types;
 pub mod web;
+pub mod webhooks;

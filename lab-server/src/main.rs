@@ -17,6 +17,7 @@ use lab_server::inventory::Inventory;
 use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
+use lab_server::webhooks::{SharedWebhooks, Webhooks};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,12 +99,45 @@ struct Args {
     /// docs/operations.md, "Failure attribution").
     #[arg(long, env = "LAB_FAILURE_RULES")]
     failure_rules: Option<PathBuf>,
-    /// This many provisioning failures attributed to a host within
-    /// --quarantine-window quarantine it (fewer make it suspect).
+    /// This many provisioning failures attributed to a host, or this many
+    /// failed health checks, within --quarantine-window quarantine it until
+    /// an operator releases it (fewer failures make it suspect; one failed
+    /// check quarantines it until a check passes).
     #[arg(long, env = "LAB_QUARANTINE_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     quarantine_after: u32,
     #[arg(long, env = "LAB_QUARANTINE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     quarantine_window: Duration,
+    /// A health check (profile health-check, held by lab-health) fails when
+    /// its host is not READY within this long.
+    #[arg(long, env = "LAB_HEALTH_CHECK_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    health_check_timeout: Duration,
+    /// Check a host after every N leases (0: never).
+    #[arg(long, env = "LAB_HEALTH_CHECK_EVERY", default_value_t = 0)]
+    health_check_every: u32,
+    /// Check a host that has been free this long ("off": never).
+    #[arg(long, env = "LAB_HEALTH_CHECK_IDLE", default_value = "off", value_parser = parse_off_duration)]
+    health_check_idle: OffDuration,
+    /// Webhooks: where events are POSTed, signed (re-read on SIGHUP; see
+    /// docs/operations.md, "Webhooks").
+    #[arg(long, env = "LAB_WEBHOOKS")]
+    webhooks: Option<PathBuf>,
+    /// Most webhook deliveries the outbox keeps (the oldest dropped beyond).
+    #[arg(long, env = "LAB_WEBHOOK_OUTBOX_MAX", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_outbox_max: u64,
+    /// A LEASE_EXPIRING event this long before a lease expires (0: none).
+    #[arg(long, env = "LAB_EXPIRY_WARNING", default_value = "10m", value_parser = humantime::parse_duration)]
+    expiry_warning: Duration,
+}
+
+/// A duration, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct OffDuration(Option<Duration>);
+
+fn parse_off_duration(s: &str) -> Result<OffDuration, humantime::DurationError> {
+    if s == "off" || s == "0" {
+        return Ok(OffDuration(None));
+    }
+    humantime::parse_duration(s).map(|d| OffDuration(Some(d)))
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +270,19 @@ async fn run(args: Args) -> Result<()> {
     config.retention = args.retention;
     config.quarantine_after = args.quarantine_after as usize;
     config.quarantine_window = args.quarantine_window;
+    config.health_check_timeout = args.health_check_timeout;
+    config.health_check_every = args.health_check_every;
+    config.health_check_idle = args.health_check_idle.0;
+    config.expiry_warning = args.expiry_warning;
+    let webhooks: SharedWebhooks = match &args.webhooks {
+        Some(path) => {
+            let w = Webhooks::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            info!(path = %path.display(), hooks = w.hooks.len(), "webhooks loaded");
+            Arc::new(w)
+        }
+        None => SharedWebhooks::default(),
+    };
+    config.webhooks = webhooks.clone();
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());
@@ -259,12 +306,22 @@ async fn run(args: Args) -> Result<()> {
     let (core, actor) = Core::start(config, Arc::new(store), inventory, racks.reclaimer(), clock)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let (webhooks_tx, webhooks_rx) = tokio::sync::watch::channel(webhooks);
+    lab_server::webhooks::deliver::spawn(
+        core.clone(),
+        webhooks_rx,
+        lab_server::webhooks::deliver::DeliveryConfig {
+            outbox_max: args.webhook_outbox_max,
+            ..Default::default()
+        },
+    );
 
-    // SIGHUP: reload the inventory and the tokens file; keep the last good
-    // one of each on error.
+    // SIGHUP: reload the inventory, the tokens file and the webhooks; keep
+    // the last good one of each on error.
     let auth = Arc::new(std::sync::RwLock::new(auth));
     let hup_core = core.clone();
     let hup_auth = auth.clone();
+    let webhooks_path = args.webhooks.clone();
     let tokens_path = args.tokens.clone().filter(|_| !args.dev_insecure_no_auth);
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -284,6 +341,26 @@ async fn run(args: Args) -> Result<()> {
                     }
                     Err(e) => {
                         error!(error = %error_chain(&e), "tokens reload failed; keeping the last good tokens")
+                    }
+                }
+            }
+            if let Some(path) = &webhooks_path {
+                match Webhooks::load(path) {
+                    Ok(w) => {
+                        let w = Arc::new(w);
+                        let hooks = w.hooks.len();
+                        match hup_core.set_webhooks(w.clone()).await {
+                            Ok(()) => {
+                                webhooks_tx.send_replace(w);
+                                info!(webhooks = %path.display(), hooks, "webhooks reloaded on SIGHUP");
+                            }
+                            Err(e) => {
+                                error!(error = %error_chain(&e), "webhooks reload failed; keeping the last good webhooks")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %error_chain(&e), "webhooks reload failed; keeping the last good webhooks")
                     }
                 }
             }

@@ -2,7 +2,9 @@
 //! core's state are read at scrape time from the atomics the actor sets
 //! after each batch ([`CoreStats`]); the histograms are lock-free
 //! ([`AtomicHistogram`]) and shared with the code that observes them; the
-//! count of attached agents is read from the rack registry. Nothing here
+//! count of attached agents is read from the rack registry; the webhook
+//! delivery counts and outbox depth from the delivery task's
+//! [`WebhookStats`](crate::webhooks::WebhookStats). Nothing here
 //! sends a command to the actor, so a scrape never slows a batch.
 //! The names, types and meanings are listed in `docs/metrics.md`.
 
@@ -57,6 +59,11 @@ pub fn registry(core: Arc<CoreStats>, api: &ApiStats, racks: RackRegistry) -> Re
         "lab_grant_latency_seconds",
         "Time from an Acquire call's arrival to its grant being sent, waiting included",
         api.grant_latency.clone(),
+    );
+    r.register(
+        "lab_webhook_delivery_seconds",
+        "Time of one webhook delivery attempt (connection included), whatever its result",
+        core.webhooks.latency.clone(),
     );
     r.register_collector(Box::new(StateCollector { core, racks }));
     r.register_collector(Box::new(ProcessCollector::new()));
@@ -136,6 +143,25 @@ impl Collector for StateCollector {
             "lab_agents_attached",
             "Rack agents attached now",
             self.racks.attached_count() as i64,
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "lab_webhook_deliveries",
+                "Webhook delivery attempts by hook and result (delivered, http_error, unreachable), and deliveries given up after 24 h (given_up) or dropped from a full outbox (dropped)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (hook, result, n) in c.webhooks.deliveries() {
+                family
+                    .encode_family(&[("hook", hook.as_str()), ("result", result)])?
+                    .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        gauge(
+            &mut encoder,
+            "lab_webhook_outbox_rows",
+            "Webhook deliveries waiting in the outbox (pending or being retried)",
+            load(&c.webhooks.depth),
         )?;
         Ok(())
     }

@@ -103,6 +103,9 @@ name_type!(
     "profile name"
 );
 
+/// The principal of the server's health checks (reserved, like `server`).
+pub const HEALTH_PRINCIPAL: &str = "lab-health";
+
 /// The identity behind a token (`ci-osstest`, `alice`), or `server` for the
 /// server's own actions.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -113,7 +116,7 @@ impl Principal {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidName> {
         let s = s.into();
         check_name("principal", &s)?;
-        if s == "server" {
+        if s == "server" || s == HEALTH_PRINCIPAL {
             return Err(InvalidName {
                 what: "principal",
                 value: s,
@@ -125,6 +128,10 @@ impl Principal {
     /// The server itself (expiry, reclaim, inventory reloads on SIGHUP).
     pub fn server() -> Self {
         Self("server".to_owned())
+    }
+    /// The server's health checks: the holder of their leases.
+    pub fn health() -> Self {
+        Self(HEALTH_PRINCIPAL.to_owned())
     }
     pub fn as_str(&self) -> &str {
         &self.0

@@ -7,6 +7,8 @@
 //! clients run in them.
 
 pub mod agent;
+pub mod browser;
+pub mod console_lab;
 pub mod crash_loop;
 pub mod history;
 pub mod netns;

@@ -38,6 +38,34 @@ fn artifacts() -> std::path::PathBuf {
     dir
 }
 
+/// `tests/browser/host_console.py`: signs in to the lab's dashboard, sees
+/// `host` leased and healthy on the hosts page, and `marker` in the host
+/// page's live console. Screenshots in `$CARGO_TARGET_TMPDIR/e2e-dashboard/`.
+fn dashboard_shows_the_boot(l: &RunningLab, host: &str, marker: &str) {
+    let web = l
+        .lab
+        .netns()
+        .forward_to_loopback(l.web.parse().expect("the web address"));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-dashboard");
+    std::fs::create_dir_all(&out).unwrap();
+    let (passed, said) = lab_tests::browser::run_script(
+        "host_console.py",
+        &[
+            ("WEB_URL", &format!("http://{web}")),
+            ("TOKEN", "ci"),
+            ("HOST", host),
+            ("MARKER", marker),
+            ("OUT", out.to_str().unwrap()),
+        ],
+    );
+    eprint!("{said}");
+    assert!(
+        passed,
+        "the dashboard's host page did not show {marker} (screenshots in {}):\n{said}",
+        out.display()
+    );
+}
+
 #[test]
 fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
     if !labbox::is_root() {
@@ -90,6 +118,10 @@ fn a_leased_host_boots_xen_through_ipmi_pxe_and_sol_and_comes_back_clean() {
         log.contains("LAB-DOM0-OK hypervisor=xen") && log.contains("control_d"),
         "lab console --lease {id} lacks the dom0 marker:\n{log}"
     );
+    // The dashboard's host page shows the same boot, live, in a real
+    // browser (headless Chromium outside the namespace, through a forward
+    // of the web port to loopback, as lab-demo does).
+    dashboard_shows_the_boot(&l, "h1", "LAB-DOM0-OK");
     // Type on the console: `lab console h1` (stdin not a terminal: bytes
     // go as they are) reaches dom0's shell over SOL and its answer comes
     // back through the agent and the server.

@@ -507,6 +507,7 @@ fn check_installed(root: &Root) {
         ("/etc/lab/server.env", "root:root", 0o600),
         ("/etc/lab/inventory.toml", "root:root", 0o644),
         ("/etc/lab/agent.toml", "root:root", 0o644),
+        ("/etc/lab/webhooks.toml", "root:root", 0o644),
         ("/var/lib/lab", "lab:lab", 0o750),
     ] {
         assert_eq!(root.owner_mode(f), (owner.into(), mode), "{f}");
@@ -517,6 +518,7 @@ fn check_installed(root: &Root) {
         "/etc/lab/inventory.toml",
         "/etc/lab/server.env",
         "/etc/lab/agent.toml",
+        "/etc/lab/webhooks.toml",
     ] {
         assert!(conffiles.contains(f), "{f} is not a conffile:\n{conffiles}");
     }

@@ -6,7 +6,7 @@
 //! help) goes to stderr, with the server's text in it escaped, so
 //! `lab console --lease L > log` captures the console and nothing else.
 
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
@@ -62,6 +62,21 @@ pub async fn run(ctx: &Ctx, args: ConsoleArgs) -> anyhow::Result<()> {
         write: !args.follow,
         replay: args.replay.unwrap_or(0),
         escapes: tty || args.escape,
+        raw: tty,
+    };
+    live(ctx, session).await
+}
+
+/// An interactive session on `host`'s console, as `lab console HOST`
+/// gives (raw terminal and `Ctrl-E c .` when stdin is a terminal); returns
+/// when it is detached, stdin ends or the server ends it.
+pub async fn attach(ctx: &Ctx, host: &str) -> anyhow::Result<()> {
+    let tty = io::stdin().is_terminal();
+    let session = Session {
+        host: host.to_owned(),
+        write: true,
+        replay: 0,
+        escapes: tty,
         raw: tty,
     };
     live(ctx, session).await
@@ -138,7 +153,10 @@ async fn live(ctx: &Ctx, s: Session) -> anyhow::Result<()> {
     // Raw mode only now: an error opening the session prints as usual. The
     // guard restores the terminal however this function is left.
     let _raw = if s.raw { Some(RawMode::enter()?) } else { None };
-    let mut stdin = s.write.then(stdin_reader);
+    let mut stdin = match s.write {
+        true => Some(stdin_reader().lock().await),
+        false => None,
+    };
     let mut escapes = Escapes::default();
     let mut linger: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
 
@@ -201,32 +219,39 @@ async fn live(ctx: &Ctx, s: Session) -> anyhow::Result<()> {
     }
 }
 
-/// Reads stdin on a thread of its own (a blocking read cannot be cancelled,
-/// and a runtime would wait for it on shutdown; a plain thread dies with the
-/// process). The channel closes at end of input.
-fn stdin_reader() -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel(16);
-    std::thread::spawn(move || {
-        let mut stdin = io::stdin().lock();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+/// stdin's chunks ([`crate::stdin::reader`]). One reader per process,
+/// shared: after a console session, whatever reads stdin next (`lab grab`'s
+/// question) gets the bytes the thread reads, not a second thread racing
+/// the first for the terminal.
+fn stdin_reader() -> &'static tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>> {
+    static STDIN: std::sync::OnceLock<tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    STDIN.get_or_init(|| tokio::sync::Mutex::new(crate::stdin::reader(16, 4096)))
+}
+
+/// The next line of stdin (without its end), through the shared reader;
+/// `None` at end of input.
+pub async fn read_line() -> Option<String> {
+    let mut rx = stdin_reader().lock().await;
+    let mut line = Vec::new();
+    loop {
+        let chunk = rx.recv().await;
+        let Some(chunk) = chunk else {
+            return (!line.is_empty()).then(|| String::from_utf8_lossy(&line).into_owned());
+        };
+        for b in chunk {
+            if b == b'\n' || b == b'\r' {
+                return Some(String::from_utf8_lossy(&line).into_owned());
             }
+            line.push(b);
         }
-    });
-    rx
+    }
 }
 
 /// The next chunk; never resolves when there is no receiver.
-async fn recv(rx: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
+async fn recv(
+    rx: &mut Option<tokio::sync::MutexGuard<'static, mpsc::Receiver<Vec<u8>>>>,
+) -> Option<Vec<u8>> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

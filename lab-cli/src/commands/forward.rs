@@ -9,7 +9,6 @@
 //! (exit 0). A forward cut by the server (the lease ended, idle, the
 //! connection broke) exits with the status's code ([`crate::exit`]).
 
-use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use clap::Args;
@@ -63,27 +62,10 @@ pub async fn run(ctx: &Ctx, args: ForwardArgs) -> anyhow::Result<()> {
     }
 }
 
-/// stdin/stdout as the connection. stdin is read on a thread of its own
-/// (a blocking read cannot be cancelled; the thread dies with the process
-/// once the host closed the connection).
+/// stdin/stdout as the connection ([`crate::stdin::reader`]: the thread
+/// dies with the process once the host closed the connection).
 async fn stdio(ctx: &Ctx, host: &str, port: u16) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(2);
-    std::thread::spawn(move || {
-        let mut stdin = io::stdin().lock();
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    });
+    let rx = crate::stdin::reader(2, CHUNK);
     let carry = carry(ctx, host, port, rx, tokio::io::stdout());
     tokio::select! {
         r = carry => r,

@@ -151,6 +151,12 @@ pub struct AcquireArgs {
 }
 
 impl AcquireArgs {
+    /// `profile` unless the request names one.
+    pub fn or_profile(mut self, profile: &str) -> Self {
+        self.profile.get_or_insert_with(|| profile.to_owned());
+        self
+    }
+
     /// The request, with the public key read from `--ssh-key` (or a
     /// default file).
     fn request(self, ssh_public_key: Option<String>) -> AcquireRequest {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod console;
 pub mod events;
 pub mod forward;
+pub mod grab;
 pub mod hosts;
 pub mod lease;
 pub mod power;

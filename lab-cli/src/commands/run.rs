@@ -59,26 +59,26 @@ pub struct RunArgs {
 }
 
 /// `lab: …` on stderr.
-fn say(text: &str) {
+pub(super) fn say(text: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "lab: {}", sanitize::line(text));
 }
 
 /// SIGINT and SIGTERM, from the moment `lab run` starts.
-struct Signals {
+pub(super) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Self> {
+    pub(super) fn new() -> std::io::Result<Self> {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
         })
     }
 
-    async fn recv(&mut self) -> Signal {
+    pub(super) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.int.recv() => Signal::SIGINT,
             _ = self.term.recv() => Signal::SIGTERM,
@@ -104,16 +104,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         artifacts: args.artifacts.as_deref(),
     };
     // Renewing from the grant on: booting may take longer than a short TTL.
-    let ttl = lease
-        .ttl
-        .as_ref()
-        .and_then(convert::duration_from_proto)
-        .unwrap_or(Duration::from_secs(3600));
-    let renewer = Renewer(tokio::spawn(renew_every(
-        ctx.lab.clone(),
-        id.clone(),
-        (ttl / 3).max(Duration::from_millis(500)),
-    )));
+    let renewer = Renewer::start(&ctx.lab, &lease);
     if let Some(timeout) = wait {
         let ready = tokio::select! {
             (_, r) = lease::wait_ready(ctx, lease.clone(), timeout) => r,
@@ -148,7 +139,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
 
 /// `wait_ready`'s error, whose message says the lease is still held, for a
 /// lease `lab run` released: same kind (same exit code), true words.
-fn released(e: anyhow::Error) -> anyhow::Error {
+pub(super) fn released(e: anyhow::Error) -> anyhow::Error {
     let fix = |m: &str| m.replace("is still held", "was released");
     if let Some(ProvisionFailed(m)) = e.downcast_ref() {
         return ProvisionFailed(fix(m)).into();
@@ -163,7 +154,23 @@ fn released(e: anyhow::Error) -> anyhow::Error {
 }
 
 /// The renewal task; stopped when dropped.
-struct Renewer(tokio::task::JoinHandle<()>);
+pub(super) struct Renewer(tokio::task::JoinHandle<()>);
+
+impl Renewer {
+    /// Renews `lease` every TTL/3 (at least every 500 ms) from now on.
+    pub(super) fn start(lab: &Lab, lease: &Lease) -> Renewer {
+        let ttl = lease
+            .ttl
+            .as_ref()
+            .and_then(convert::duration_from_proto)
+            .unwrap_or(Duration::from_secs(3600));
+        Renewer(tokio::spawn(renew_every(
+            lab.clone(),
+            lease.id.clone(),
+            (ttl / 3).max(Duration::from_millis(500)),
+        )))
+    }
+}
 
 impl Drop for Renewer {
     fn drop(&mut self) {

@@ -58,6 +58,20 @@ pub struct SshArgs {
     options: Vec<String>,
 }
 
+impl SshArgs {
+    /// `lab ssh HOST` as root with the default key and no command.
+    pub fn to(host: &str, ssh_key: Option<SshKeyArg>) -> SshArgs {
+        SshArgs {
+            host: host.to_owned(),
+            command: Vec::new(),
+            user: "root".to_owned(),
+            port: 22,
+            ssh_key,
+            options: Vec::new(),
+        }
+    }
+}
+
 /// `s` quoted for the shell that runs ssh's ProxyCommand, with `%`
 /// doubled (ssh expands `%` tokens in it).
 fn quote(s: &str) -> String {

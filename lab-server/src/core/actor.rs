@@ -2,8 +2,8 @@
 //! the only writer of the store. See the parent module for the batch cycle.
 //!
 //! Besides the batches of commands, the actor's loop wakes for the earliest
-//! lease expiry, the earliest end of a detached waiter's grace period, and
-//! the next retention step.
+//! lease expiry, the earliest expiry warning, the earliest end of a
+//! detached waiter's grace period, and the next retention step.
 
 use super::clock::Clock;
 use super::policy;
@@ -14,20 +14,23 @@ use super::{
     LeasePage, LeaseQuery, QueueEntry, ReloadSummary, Reply, WaitState,
 };
 use crate::events::{EventKind, EventRecord};
+use crate::health::checks::{self, CHECK_PROFILE, CheckResult, LoopRules};
+use crate::health::facts::{self, CheckVerdict, Facts};
 use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
 use crate::lease::machine::Health;
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
-use crate::store::{Batch, Snapshot, Store, StoreError, Write};
+use crate::store::{Batch, EventQuery, Snapshot, Store, StoreError, Write};
 use crate::types::{
-    Caller, Generation, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId,
+    Caller, Generation, HostName, LeaseId, Principal, ProfileName, RequestId, Timestamp, WaiterId,
 };
+use crate::webhooks::SharedWebhooks;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 type AfterCommit = Box<dyn FnOnce(Option<&CoreError>) + Send>;
@@ -48,6 +51,9 @@ struct Pending {
     publish: bool,
     /// A `Stop` command: its reply, sent after the batch.
     stop: Option<Reply<()>>,
+    /// Leases warned of their expiry in this batch (forgotten again if the
+    /// commit fails).
+    warned: Vec<LeaseId>,
 }
 
 impl Pending {
@@ -143,6 +149,14 @@ impl Detached {
     }
 }
 
+/// The channels the actor shares with its handle.
+pub(super) struct Links {
+    pub tx: mpsc::Sender<Command>,
+    pub events: broadcast::Sender<EventRecord>,
+    pub stats: Arc<CoreStats>,
+    pub outbox_wake: Arc<Notify>,
+}
+
 pub(super) struct Actor {
     config: CoreConfig,
     store: Arc<dyn Store>,
@@ -159,6 +173,14 @@ pub(super) struct Actor {
     by_grant: BTreeSet<LeaseKey>,
     /// Active leases by expiry.
     expiries: BTreeSet<(Timestamp, LeaseId)>,
+    /// Active leases by the time of their expiry warning (those not warned
+    /// for their current expiry, with a TTL longer than the warning).
+    warnings: BTreeSet<(Timestamp, LeaseId)>,
+    /// The expiry each lease was warned of (active leases only).
+    warned: HashMap<LeaseId, Timestamp>,
+    /// The webhooks in force: events they want get outbox rows.
+    webhooks: SharedWebhooks,
+    outbox_wake: Arc<Notify>,
     /// Ended leases by end time (retention).
     ended: BTreeSet<(Timestamp, LeaseId)>,
     queue: Queue,
@@ -187,6 +209,10 @@ pub(super) struct Actor {
     /// quarantine window. Not persisted (a restart forgets suspicions in
     /// the making, not the health already recorded).
     host_failures: HashMap<HostName, VecDeque<Timestamp>>,
+    /// Free hosts by when they became free, for `--health-check-idle`
+    /// (removed when a check is asked for; in memory: a restart starts
+    /// the count again).
+    idle_since: HashMap<HostName, Timestamp>,
     last_seq: u64,
     /// The inventory must be reconciled with the host records (after a
     /// reload of state from the store).
@@ -205,12 +231,20 @@ impl Actor {
         inventory: Inventory,
         reclaimer: Arc<dyn Reclaimer>,
         clock: Arc<dyn Clock>,
-        tx: mpsc::Sender<Command>,
-        events: broadcast::Sender<EventRecord>,
-        stats: Arc<CoreStats>,
+        links: Links,
     ) -> Result<Actor, CoreError> {
+        let Links {
+            tx,
+            events,
+            stats,
+            outbox_wake,
+        } = links;
         let snapshot = load(&store).await?;
         let mut actor = Actor {
+            webhooks: config.webhooks.clone(),
+            warnings: BTreeSet::new(),
+            warned: HashMap::new(),
+            outbox_wake,
             config,
             store,
             clock,
@@ -236,6 +270,7 @@ impl Actor {
             reclaiming: HashSet::new(),
             unreachable: BTreeMap::new(),
             host_failures: HashMap::new(),
+            idle_since: HashMap::new(),
             last_seq: 0,
             resync: false,
             next_retention: tokio::time::Instant::now(),
@@ -243,11 +278,19 @@ impl Actor {
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
+        actor.idle_since = actor
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.state == HostState::Available)
+            .map(|(n, _)| (n.clone(), now))
+            .collect();
         let mut p = Pending::default();
         let summary = actor.sync_inventory(&mut p, now, &Principal::server());
         actor.withdraw_orphans(&mut p, now);
         actor.drop_unsatisfiable(&mut p, now);
         actor.expire_due(&mut p, now);
+        actor.recall_warnings(now).await;
+        actor.warn_due(&mut p, now);
         p.reclaims.extend(actor.reclaiming_hosts());
         let active = actor.expiries.len();
         let waiting = actor.queue.len();
@@ -275,6 +318,7 @@ impl Actor {
             .map(|h| (h.name.clone(), h))
             .collect();
         self.expiries.clear();
+        self.warnings.clear();
         self.ended.clear();
         self.by_grant.clear();
         self.leases.clear();
@@ -299,9 +343,22 @@ impl Actor {
         self.orphans.clear();
         let until = now.saturating_add(self.config.reattach_grace);
         for mut w in snapshot.waiters {
-            w.detached = true;
             let id = w.id;
             *self.waiting.entry(w.principal.clone()).or_default() += 1;
+            if w.check.is_some() {
+                // The server's own health check: nobody to wait for.
+                self.queue.push(w);
+                self.waiters.insert(
+                    id,
+                    Slot {
+                        client: None,
+                        detached_until: None,
+                        no_wait: false,
+                    },
+                );
+                continue;
+            }
+            w.detached = true;
             let detached_until = match &w.request_id {
                 Some(r) => {
                     self.by_request.insert((w.principal.clone(), r.clone()), id);
@@ -336,7 +393,12 @@ impl Actor {
                 .detached
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
-            let deadline = [expiry, grace, Some(self.next_retention)]
+            let idle = self.idle_due().map(|t| self.clock.instant_at(t));
+            let warning = self
+                .warnings
+                .first()
+                .map(|(t, _)| self.clock.instant_at(*t));
+            let deadline = [expiry, warning, grace, idle, Some(self.next_retention)]
                 .into_iter()
                 .flatten()
                 .min();
@@ -357,6 +419,8 @@ impl Actor {
             self.withdraw_orphans(&mut p, now);
             self.withdraw_ghosts(&mut p, now);
             self.expire_due(&mut p, now);
+            self.idle_checks(&mut p, now);
+            self.warn_due(&mut p, now);
             for cmd in cmds.drain(..) {
                 self.handle(&mut p, now, cmd);
             }
@@ -492,6 +556,14 @@ impl Actor {
                 lease,
                 verdict,
             } => self.host_verdict(p, now, &host, lease, verdict),
+            Command::CheckHost {
+                caller,
+                host,
+                reply,
+            } => {
+                let r = self.check_host(p, now, &caller, &host);
+                p.reply(reply, r);
+            }
             Command::SetInventory {
                 actor,
                 inventory,
@@ -508,7 +580,11 @@ impl Actor {
                 self.drop_unsatisfiable(p, now);
                 p.reply(reply, Ok(r));
             }
-            Command::Reclaimed { host, lease } => self.reclaimed(p, now, host, lease),
+            Command::Reclaimed {
+                host,
+                lease,
+                failure,
+            } => self.reclaimed(p, now, host, lease, failure),
             Command::SetUnreachable { hosts } => self.set_unreachable(p, now, hosts),
             Command::GetInventory { reply } => {
                 let inv = self.inventory.clone();
@@ -521,6 +597,18 @@ impl Actor {
                 e.detail = note.detail;
                 let seq = e.seq;
                 p.reply(reply, Ok(seq));
+            }
+            Command::SetWebhooks { webhooks, reply } => {
+                let kept = webhooks.names();
+                for gone in self.webhooks.names().difference(&kept) {
+                    info!(hook = %gone, "webhook removed; its pending deliveries are dropped");
+                    p.batch.writes.push(Write::DropOutbox {
+                        hook: (*gone).to_owned(),
+                    });
+                }
+                drop(kept);
+                self.webhooks = webhooks;
+                p.reply(reply, Ok(()));
             }
             Command::Stop { reply } => p.stop = Some(reply),
         }
@@ -570,19 +658,38 @@ impl Actor {
         Ok(())
     }
 
-    /// Add a lease to the expiry, end-time and grant-time indexes.
+    /// When `l`'s expiry warning is due, if it gets one: its TTL is longer
+    /// than the warning period (which is not zero).
+    fn warning_time(&self, l: &Lease) -> Option<Timestamp> {
+        let d = self.config.expiry_warning;
+        (!d.is_zero() && Duration::from_millis(l.ttl_ms) > d)
+            .then(|| l.expires_at.saturating_sub(d))
+    }
+
+    /// Add a lease to the expiry, warning, end-time and grant-time indexes.
     fn index_lease(&mut self, l: &Lease) {
         self.by_grant.insert((l.granted_at, l.id));
         if l.is_active() {
             self.expiries.insert((l.expires_at, l.id));
-        } else if let Some(t) = l.ended_at {
-            self.ended.insert((t, l.id));
+            if self.warned.get(&l.id) != Some(&l.expires_at)
+                && let Some(t) = self.warning_time(l)
+            {
+                self.warnings.insert((t, l.id));
+            }
+        } else {
+            self.warned.remove(&l.id);
+            if let Some(t) = l.ended_at {
+                self.ended.insert((t, l.id));
+            }
         }
     }
 
     fn unindex_lease(&mut self, l: &Lease) {
         self.by_grant.remove(&(l.granted_at, l.id));
         self.expiries.remove(&(l.expires_at, l.id));
+        if let Some(t) = self.warning_time(l) {
+            self.warnings.remove(&(t, l.id));
+        }
         if let Some(t) = l.ended_at {
             self.ended.remove(&(t, l.id));
         }
@@ -719,6 +826,7 @@ impl Actor {
             request_id: request_id.clone(),
             queued_at: now,
             detached: false,
+            check: None,
         };
         if !no_wait {
             p.batch.writes.push(Write::Waiter(w.clone()));
@@ -957,9 +1065,84 @@ impl Actor {
             match lease.apply(&LeaseEvent::Expire { now }) {
                 Ok(next) => {
                     info!(lease = %id, holder = %next.holder, hosts = %join(&next.hosts), "lease expired");
+                    let check = is_check(&next).then(|| next.hosts.clone());
                     self.end_lease(p, now, &Principal::server(), next, EventKind::LeaseExpired);
+                    // (The lease has ended: the outcome does not end it again.)
+                    let why = format!(
+                        "no READY within {}",
+                        humantime::format_duration(self.config.health_check_timeout)
+                    );
+                    for h in check.into_iter().flatten() {
+                        self.check_outcome(p, now, id, &h, CheckResult::Fail(why.clone()));
+                    }
                 }
                 Err(e) => error!(lease = %id, error = %e, "cannot expire lease"),
+            }
+        }
+    }
+
+    /// `LEASE_EXPIRING` for every active lease whose warning is due.
+    fn warn_due(&mut self, p: &mut Pending, now: Timestamp) {
+        while let Some(&(t, id)) = self.warnings.first() {
+            if t > now {
+                break;
+            }
+            self.warnings.pop_first();
+            let Some(lease) = self.leases.get(&id).filter(|l| l.is_active()) else {
+                continue;
+            };
+            let (expires_at, hosts, holder) =
+                (lease.expires_at, lease.hosts.clone(), lease.holder.clone());
+            let left = expires_at.since(now);
+            info!(lease = %id, holder = %holder, expires = %expires_at, "lease expiring");
+            let e = self.event(p, now, &Principal::server(), EventKind::LeaseExpiring);
+            e.lease = Some(id);
+            e.hosts = hosts;
+            e.detail = expiring_detail(expires_at, left);
+            self.warned.insert(id, expires_at);
+            p.warned.push(id);
+        }
+    }
+
+    /// After a restart: the leases whose warning is due were perhaps
+    /// warned before it; their event logs say (one indexed read each, for
+    /// the few leases within the warning period of their expiry).
+    async fn recall_warnings(&mut self, now: Timestamp) {
+        let due: Vec<(LeaseId, Timestamp)> = self
+            .warnings
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .filter_map(|(_, id)| self.leases.get(id).map(|l| (*id, l.expires_at)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let warned = tokio::task::spawn_blocking(move || {
+            due.into_iter()
+                .filter(|(id, expires_at)| {
+                    let marker = expiring_marker(*expires_at);
+                    store
+                        .events(&EventQuery {
+                            limit: 100_000,
+                            lease: Some(*id),
+                            ..Default::default()
+                        })
+                        .is_ok_and(|es| {
+                            es.iter().any(|e| {
+                                e.kind == EventKind::LeaseExpiring && e.detail.starts_with(&marker)
+                            })
+                        })
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (id, expires_at) in warned {
+            if let Some(l) = self.leases.get(&id).cloned() {
+                self.unindex_lease(&l);
+                self.warned.insert(id, expires_at);
+                self.index_lease(&l);
             }
         }
     }
@@ -980,9 +1163,20 @@ impl Actor {
         e.lease = Some(id);
         e.hosts = hosts.clone();
         let mut reclaiming = Vec::with_capacity(hosts.len());
+        let every = self.config.health_check_every;
         for h in &hosts {
             match self.host_apply(p, h, HostEvent::EndLease(id)) {
-                Ok(()) => reclaiming.push(h.clone()),
+                Ok(()) => {
+                    reclaiming.push(h.clone());
+                    if every > 0
+                        && self
+                            .hosts
+                            .get(h)
+                            .is_some_and(|r| r.leases_since_check >= every)
+                    {
+                        self.request_check(p, now, h, format!("after {every} leases"));
+                    }
+                }
                 Err(err) => {
                     error!(host = %h, lease = %id, error = %err, "host does not hold the ending lease")
                 }
@@ -998,14 +1192,21 @@ impl Actor {
                 .or_else(|| self.retired_specs.get(&h))
                 .is_none_or(|spec| self.reclaimer.is_immediate(spec, &self.inventory));
             if immediate {
-                self.reclaimed(p, now, h, id);
+                self.reclaimed(p, now, h, id, None);
             } else {
                 p.reclaims.push((h, id));
             }
         }
     }
 
-    fn reclaimed(&mut self, p: &mut Pending, now: Timestamp, host: HostName, lease: LeaseId) {
+    fn reclaimed(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        host: HostName,
+        lease: LeaseId,
+        failure: Option<String>,
+    ) {
         self.reclaiming.remove(&host);
         if let Err(err) = self.host_apply(p, &host, HostEvent::Reclaimed(lease)) {
             debug!(host = %host, lease = %lease, error = %err, "stale reclaim report");
@@ -1014,6 +1215,13 @@ impl Actor {
         let e = self.event(p, now, &Principal::server(), EventKind::HostAvailable);
         e.hosts = vec![host.clone()];
         e.lease = Some(lease);
+        self.idle_since.insert(host.clone(), now);
+        // A check's own reclaim failing says what the check said already.
+        if let Some(why) = failure
+            && !self.leases.get(&lease).is_some_and(is_check)
+        {
+            self.request_check(p, now, &host, format!("after a reclaim that failed: {why}"));
+        }
         if self.hosts.get(&host).is_some_and(|h| h.retired) {
             self.remove_host(p, now, &Principal::server(), &host);
         }
@@ -1052,6 +1260,7 @@ impl Actor {
                     arch: spec.arch,
                     flags: &spec.flags,
                     grantable: rec.is_grantable() && !unreachable,
+                    checkable: rec.is_checkable() && !unreachable,
                     gone: rec.retired,
                     free_at,
                 })
@@ -1128,7 +1337,12 @@ impl Actor {
                 ssh_public_key: waiter.spec.ssh_public_key.clone(),
             };
             for h in &hosts {
-                if let Err(e) = self.host_apply(p, h, HostEvent::Grant(lease.id)) {
+                let grant = if waiter.check.is_some() {
+                    HostEvent::GrantCheck(lease.id)
+                } else {
+                    HostEvent::Grant(lease.id)
+                };
+                if let Err(e) = self.host_apply(p, h, grant) {
                     // The queue only offers grantable hosts: this is a bug.
                     error!(host = %h, error = %e, "scheduler offered a host it may not grant");
                 }
@@ -1138,6 +1352,13 @@ impl Actor {
             e.waiter = Some(waiter_id);
             e.hosts = hosts.clone();
             info!(lease = %lease.id, holder = %lease.holder, hosts = %join(&hosts), waiter = waiter_id, "lease granted");
+            if let Some(trigger) = &waiter.check {
+                let e = self.event(p, now, &Principal::health(), EventKind::HealthCheckStarted);
+                e.lease = Some(lease.id);
+                e.hosts = hosts.clone();
+                e.detail = trigger.clone();
+                info!(lease = %lease.id, host = %join(&hosts), trigger = %trigger, "health check started");
+            }
             if let Some(r) = &waiter.request_id {
                 self.recent_grants
                     .insert((waiter.principal.clone(), r.clone()), lease.id);
@@ -1314,7 +1535,12 @@ impl Actor {
         for h in back {
             info!(host = %h, "host reachable again");
             let e = self.event(p, now, &Principal::server(), EventKind::HostReachable);
-            e.hosts = vec![h];
+            e.hosts = vec![h.clone()];
+            if let Some(why) = self.unreachable.get(&h).cloned()
+                && checks::check_when_back(&why)
+            {
+                self.request_check(p, now, &h, format!("reachable again after: {why}"));
+            }
         }
         for (h, why) in &hosts {
             if self.unreachable.get(h) != Some(why) {
@@ -1377,17 +1603,28 @@ impl Actor {
                     reason: "a quarantine needs a reason".into(),
                 });
             }
-            if rec.health.is_quarantined() {
+            // An operator's quarantine (or one held until released) stays
+            // as it is; an automatic one that a passing check would lift
+            // becomes the operator's.
+            if let Health::Quarantined {
+                until_released: true,
+                ..
+            } = rec.health
+            {
                 return self.view(host).ok_or_else(|| not_found("host", host));
             }
             Health::Quarantined {
                 reason,
                 since: now,
                 by: caller.principal.clone(),
+                until_released: true,
             }
         } else {
             // A release forgives the failures counted so far.
             self.host_failures.remove(host);
+            if !rec.check_failures.is_empty() {
+                self.host_apply(p, host, HostEvent::SetCheckFailures(Vec::new()))?;
+            }
             Health::Healthy
         };
         self.set_health(p, now, &caller.principal, host, health)?;
@@ -1406,6 +1643,15 @@ impl Actor {
         lease: LeaseId,
         verdict: HostVerdict,
     ) {
+        if self
+            .leases
+            .get(&lease)
+            .is_some_and(|l| is_check(l) && l.is_active() && l.hosts.contains(host))
+        {
+            let result = self.check_result(host, verdict);
+            self.check_outcome(p, now, lease, host, result);
+            return;
+        }
         let Some(rec) = self.hosts.get(host) else {
             return;
         };
@@ -1422,6 +1668,12 @@ impl Actor {
                 if rec.health.is_quarantined() {
                     return;
                 }
+                self.request_check(
+                    p,
+                    now,
+                    host,
+                    format!("after a host failure in lease {lease}: {}", f.rule),
+                );
                 if n >= self.config.quarantine_after {
                     Health::Quarantined {
                         reason: format!(
@@ -1430,6 +1682,7 @@ impl Actor {
                         ),
                         since: now,
                         by: Principal::server(),
+                        until_released: true,
                     }
                 } else {
                     Health::Suspect {
@@ -1439,13 +1692,245 @@ impl Actor {
                 }
             }
             HostVerdict::Failed(_) => return,
-            HostVerdict::Ready => match rec.health {
+            HostVerdict::Ready { .. } => match rec.health {
                 Health::Suspect { .. } => Health::Healthy,
                 _ => return,
             },
         };
         if let Err(e) = self.set_health(p, now, &Principal::server(), host, health) {
             warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+    }
+
+    /// `lab host check`: operators only, not in maintenance; joins a check
+    /// already pending.
+    fn check_host(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        caller: &Caller,
+        host: &HostName,
+    ) -> Result<HostView, CoreError> {
+        policy::operators_only(caller, "check hosts")?;
+        let rec = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| not_found("host", host))?;
+        if rec.maintenance || rec.retired {
+            return Err(CoreError::Transition(crate::lease::TransitionError::Host {
+                host: host.clone(),
+                state: if rec.retired {
+                    "retired"
+                } else {
+                    "in maintenance"
+                },
+                action: "be checked",
+            }));
+        }
+        self.request_check(p, now, host, format!("asked for by {}", caller.principal));
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// Is a health check of `host` waiting or running?
+    fn check_pending(&self, host: &HostName) -> bool {
+        self.queue
+            .iter()
+            .any(|w| w.check.is_some() && w.spec.hosts.contains(host))
+            || self
+                .hosts
+                .get(host)
+                .and_then(|r| match r.state {
+                    HostState::Leased(l) => self.leases.get(&l),
+                    _ => None,
+                })
+                .is_some_and(is_check)
+    }
+
+    /// Ask for a health check of `host` (why: `trigger`): a request of
+    /// `lab-health` for that host with profile `health-check`, queued ahead
+    /// of every other and durable like any. A trigger while a check is
+    /// pending joins it.
+    fn request_check(&mut self, p: &mut Pending, now: Timestamp, host: &HostName, trigger: String) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        if rec.retired || self.inventory.host(host).is_none() {
+            return;
+        }
+        self.idle_since.remove(host);
+        if self.check_pending(host) {
+            debug!(host = %host, trigger = %trigger, "health check already pending: joined");
+            return;
+        }
+        let principal = Principal::health();
+        let spec = crate::lease::LeaseSpec {
+            arch: None,
+            flags: Default::default(),
+            hosts: [host.clone()].into(),
+            count: 1,
+            profile: Some(ProfileName::new(CHECK_PROFILE).expect("a valid profile name")),
+            ttl: self.config.health_check_timeout,
+            priority: 0,
+            comment: format!("health check: {trigger}"),
+            ssh_public_key: None,
+        };
+        let e = self.event(p, now, &principal, EventKind::LeaseRequested);
+        e.waiter = Some(e.seq);
+        e.request = Some(spec.clone());
+        e.hosts = vec![host.clone()];
+        e.detail = trigger.clone();
+        let id = e.seq;
+        info!(host = %host, trigger = %trigger, waiter = id, "health check requested");
+        let w = Waiter {
+            id,
+            principal: principal.clone(),
+            spec,
+            request_id: None,
+            queued_at: now,
+            detached: false,
+            check: Some(trigger),
+        };
+        p.batch.writes.push(Write::Waiter(w.clone()));
+        *self.waiting.entry(principal).or_default() += 1;
+        self.queue.push(w);
+        self.waiters.insert(
+            id,
+            Slot {
+                client: None,
+                detached_until: None,
+                no_wait: false,
+            },
+        );
+    }
+
+    /// What a check lease's provisioning says: READY with the facts line
+    /// compared with the inventory, or a failed boot.
+    fn check_result(&self, host: &HostName, verdict: HostVerdict) -> CheckResult {
+        match verdict {
+            HostVerdict::Failed(f) if f.rule.is_empty() => {
+                CheckResult::Fail(format!("the boot failed: {}", f.line))
+            }
+            HostVerdict::Failed(f) => CheckResult::Fail(format!(
+                "the boot failed ({}: {}): {}",
+                f.class, f.rule, f.line
+            )),
+            HostVerdict::Ready { ready_line } if ready_line.trim().is_empty() => {
+                CheckResult::Fail(format!(
+                    "READY without a facts line (the agent sent none; the profile's ready text must match the {} line)",
+                    facts::FACTS_MARKER
+                ))
+            }
+            HostVerdict::Ready { ready_line } => {
+                let Some(spec) = self.inventory.host(host) else {
+                    return CheckResult::Fail("the host is no longer in the inventory".into());
+                };
+                match Facts::parse(&ready_line) {
+                    Err(e) => CheckResult::Fail(format!("unreadable facts line: {e}")),
+                    Ok(f) => match facts::compare(&f, spec) {
+                        CheckVerdict::Pass => CheckResult::Pass,
+                        CheckVerdict::Fail { reason } => CheckResult::Fail(reason),
+                    },
+                }
+            }
+        }
+    }
+
+    /// A health check ended: its event, the host's health by the loop's
+    /// rules ([`checks::after_check`]), and the end of its lease if it is
+    /// still active (the host is reclaimed as after any lease).
+    fn check_outcome(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        lease: LeaseId,
+        host: &HostName,
+        result: CheckResult,
+    ) {
+        let Some(rec) = self.hosts.get(host) else {
+            return;
+        };
+        let rules = LoopRules {
+            quarantine_after: self.config.quarantine_after,
+            window: self.config.quarantine_window,
+        };
+        let (health, failures) =
+            checks::after_check(&rec.health, &rec.check_failures, &result, now, rules);
+        let failures_changed = failures != rec.check_failures;
+        let actor = Principal::health();
+        let (kind, detail) = match &result {
+            CheckResult::Pass => (
+                EventKind::HealthCheckPassed,
+                "the facts match the inventory".to_string(),
+            ),
+            CheckResult::Fail(why) => (EventKind::HealthCheckFailed, why.clone()),
+        };
+        match &result {
+            CheckResult::Pass => info!(host = %host, lease = %lease, "health check passed"),
+            CheckResult::Fail(why) => {
+                warn!(host = %host, lease = %lease, reason = %why, "health check failed")
+            }
+        }
+        let e = self.event(p, now, &actor, kind);
+        e.hosts = vec![host.clone()];
+        e.lease = Some(lease);
+        e.detail = detail;
+        if failures_changed
+            && let Err(e) = self.host_apply(p, host, HostEvent::SetCheckFailures(failures))
+        {
+            warn!(host = %host, error = %e, "cannot record the check's failure");
+        }
+        if matches!(health, Health::Healthy) {
+            // A pass clears provisioning suspicions counted so far.
+            self.host_failures.remove(host);
+        }
+        if let Err(e) = self.set_health(p, now, &actor, host, health) {
+            warn!(host = %host, error = %e, "cannot record the host's health");
+        }
+        if let Some(l) = self.leases.get(&lease).filter(|l| l.is_active())
+            && let Ok(next) = l.apply(&LeaseEvent::Release { now })
+        {
+            self.end_lease(p, now, &actor, next, EventKind::LeaseReleased);
+        }
+    }
+
+    /// When the next idle check is due: the earliest free-since time plus
+    /// `--health-check-idle` of the hosts that may be checked now.
+    fn idle_due(&self) -> Option<Timestamp> {
+        let idle = self.config.health_check_idle?;
+        self.idle_since
+            .iter()
+            .filter(|(h, _)| self.idle_checkable(h))
+            .map(|(_, t)| t.saturating_add(idle))
+            .min()
+    }
+
+    fn idle_checkable(&self, host: &HostName) -> bool {
+        self.hosts.get(host).is_some_and(|r| {
+            r.is_checkable()
+                && !matches!(
+                    r.health,
+                    Health::Quarantined {
+                        until_released: true,
+                        ..
+                    }
+                )
+        }) && !self.unreachable.contains_key(host)
+    }
+
+    /// Check the hosts free for longer than `--health-check-idle`.
+    fn idle_checks(&mut self, p: &mut Pending, now: Timestamp) {
+        let Some(idle) = self.config.health_check_idle else {
+            return;
+        };
+        let due: Vec<HostName> = self
+            .idle_since
+            .iter()
+            .filter(|(h, t)| t.saturating_add(idle) <= now && self.idle_checkable(h))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in due {
+            let trigger = format!("idle for {}", humantime::format_duration(idle));
+            self.request_check(p, now, &h, trigger);
         }
     }
 
@@ -1556,6 +2041,13 @@ impl Actor {
     }
 
     async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
+        // The outbox rows of the batch's events, in the same transaction.
+        if !self.webhooks.is_empty() && !p.batch.events.is_empty() {
+            let rows = crate::webhooks::outbox_rows(&self.webhooks, &p.batch.events, |l| {
+                self.leases.get(&l).map(|l| l.holder.clone())
+            });
+            p.batch.writes.extend(rows.into_iter().map(Write::Outbox));
+        }
         let result = if p.batch.is_empty() {
             Ok(Batch::default())
         } else {
@@ -1581,6 +2073,9 @@ impl Actor {
                 for f in p.after {
                     f(None);
                 }
+                if batch.writes.iter().any(|w| matches!(w, Write::Outbox(_))) {
+                    self.outbox_wake.notify_one();
+                }
                 for e in batch.events {
                     let _ = self.events.send(e);
                 }
@@ -1594,6 +2089,10 @@ impl Actor {
                 let err = CoreError::Store(Arc::new(e));
                 for f in std::mem::take(&mut p.after) {
                     f(Some(&err));
+                }
+                // Warnings that were not committed go out again.
+                for id in std::mem::take(&mut p.warned) {
+                    self.warned.remove(&id);
                 }
                 // Every waiting client is answered UNAVAILABLE: its request
                 // may not be what the store holds. The store's waiters
@@ -1653,6 +2152,7 @@ impl Actor {
         let Some(tx) = self.tx.upgrade() else { return };
         tokio::spawn(async move {
             let mut delay = Duration::from_secs(1);
+            let mut failure = None;
             if let Some(job) = job {
                 loop {
                     // Nothing to do any more, e.g. the rack lost its agent in
@@ -1666,11 +2166,20 @@ impl Actor {
                         break;
                     };
                     warn!(host = %host, lease = %lease, error = %error_chain(&e), retry_in = ?delay, "reclaim failed");
+                    if e.host_fault {
+                        failure.get_or_insert_with(|| error_chain(&e));
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(60));
                 }
             }
-            let _ = tx.send(Command::Reclaimed { host, lease }).await;
+            let _ = tx
+                .send(Command::Reclaimed {
+                    host,
+                    lease,
+                    failure,
+                })
+                .await;
         });
     }
 }
@@ -1703,6 +2212,27 @@ fn join(hosts: &[HostName]) -> String {
         .map(HostName::as_str)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A health check's lease (its holder is the server's `lab-health`, a
+/// principal no token can have).
+fn is_check(lease: &Lease) -> bool {
+    lease.holder == Principal::health()
+}
+
+/// How a `LEASE_EXPIRING` detail starts: names the expiry it warns of.
+fn expiring_marker(expires_at: Timestamp) -> String {
+    format!("expires {expires_at}")
+}
+
+fn expiring_detail(expires_at: Timestamp, left: Duration) -> String {
+    format!(
+        "{} (in {})",
+        expiring_marker(expires_at),
+        humantime::format_duration(Duration::from_secs(
+            (left.as_millis() as u64).div_ceil(1000)
+        ))
+    )
 }
 
 fn not_found(what: &'static str, name: impl std::fmt::Display) -> CoreError {

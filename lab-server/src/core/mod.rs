@@ -19,6 +19,12 @@
 //! their client resumes them by request id ([`AcquireRequest::request_id`]),
 //! or are withdrawn after [`CoreConfig::reattach_grace`]. Retention removes
 //! ended leases and old events in bounded steps ([`CoreConfig::retention`]).
+//!
+//! A `LEASE_EXPIRING` event goes out [`CoreConfig::expiry_warning`] before an
+//! active lease expires (once per expiry; a renewal re-arms it). Every
+//! committed event that a webhook wants gets an outbox row in the same
+//! commit (`crate::webhooks`); the delivery task is woken after such a
+//! commit ([`Core::outbox_wake`]).
 
 mod actor;
 pub use actor::error_chain;
@@ -33,6 +39,7 @@ use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::store::{EventQuery, Store, StoreError};
 use crate::types::{Caller, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId};
+use crate::webhooks::SharedWebhooks;
 use clock::Clock;
 use policy::Denied;
 use reclaim::Reclaimer;
@@ -42,7 +49,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 
 /// Limits the server enforces on leases. (The TTL of a request that names
 /// none is filled in where the request is read: `grpc::Api`'s default TTL.)
@@ -73,6 +80,17 @@ pub struct CoreConfig {
     /// `quarantine_window` quarantine it (fewer make it suspect).
     pub quarantine_after: usize,
     pub quarantine_window: Duration,
+    /// A health check's lease lasts this long; no READY by then fails it.
+    pub health_check_timeout: Duration,
+    /// Check a host after this many leases (0: never).
+    pub health_check_every: u32,
+    /// Check a host that has been free this long (`None`: never).
+    pub health_check_idle: Option<Duration>,
+    /// A `LEASE_EXPIRING` event this long before an active lease expires
+    /// (zero: none). A lease whose TTL is not longer gets none.
+    pub expiry_warning: Duration,
+    /// The webhooks in force at start (then [`Core::set_webhooks`]).
+    pub webhooks: SharedWebhooks,
 }
 
 impl CoreConfig {
@@ -89,6 +107,11 @@ impl CoreConfig {
             retention_batch: 1000,
             quarantine_after: 2,
             quarantine_window: Duration::from_secs(3600),
+            health_check_timeout: Duration::from_secs(600),
+            health_check_every: 0,
+            health_check_idle: None,
+            expiry_warning: Duration::from_secs(600),
+            webhooks: SharedWebhooks::default(),
         }
     }
 
@@ -330,6 +353,11 @@ enum Command {
         lease: LeaseId,
         verdict: HostVerdict,
     },
+    CheckHost {
+        caller: Caller,
+        host: HostName,
+        reply: Reply<HostView>,
+    },
     SetInventory {
         actor: Principal,
         inventory: Arc<Inventory>,
@@ -338,6 +366,9 @@ enum Command {
     Reclaimed {
         host: HostName,
         lease: LeaseId,
+        /// The first error of a reclaim that had to be retried because the
+        /// host failed it (not the lab: an agent away is no reason to check).
+        failure: Option<String>,
     },
     SetUnreachable {
         hosts: BTreeMap<HostName, String>,
@@ -355,6 +386,10 @@ enum Command {
     Record {
         note: Note,
         reply: Reply<u64>,
+    },
+    SetWebhooks {
+        webhooks: SharedWebhooks,
+        reply: Reply<()>,
     },
     /// Finish the batch, then stop (waiting requests stay in the store).
     Stop {
@@ -430,6 +465,7 @@ pub struct Core {
     clock: Arc<dyn Clock>,
     event_reads: Arc<Semaphore>,
     stats: Arc<CoreStats>,
+    outbox_wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Core {
@@ -454,15 +490,19 @@ impl Core {
         let (events, _) = broadcast::channel(8192);
         let inventory_path = config.inventory_path.clone();
         let stats = Arc::new(CoreStats::default());
+        let outbox_wake = Arc::new(Notify::new());
         let actor = actor::Actor::start(
             config,
             store.clone(),
             inventory,
             reclaimer,
             clock.clone(),
-            tx.clone(),
-            events.clone(),
-            stats.clone(),
+            actor::Links {
+                tx: tx.clone(),
+                events: events.clone(),
+                stats: stats.clone(),
+                outbox_wake: outbox_wake.clone(),
+            },
         )
         .await?;
         let handle = tokio::spawn(actor.run(rx));
@@ -477,6 +517,7 @@ impl Core {
                 clock,
                 event_reads: Arc::new(Semaphore::new(CONCURRENT_EVENT_READS)),
                 stats,
+                outbox_wake,
             },
             handle,
         ))
@@ -615,6 +656,19 @@ impl Core {
             .await;
     }
 
+    /// Check a host now: the server leases it to itself (`lab-health`)
+    /// with profile `health-check`, ahead of every waiter, and compares
+    /// what it sees with the inventory (see [`crate::health`]). Operators
+    /// only; not a host in maintenance; joins a check already pending.
+    pub async fn check_host(&self, caller: Caller, host: HostName) -> Result<HostView, CoreError> {
+        self.call(|reply| Command::CheckHost {
+            caller,
+            host,
+            reply,
+        })
+        .await
+    }
+
     /// Re-read the inventory file and apply it. Operators only (the server
     /// itself on SIGHUP). On error the last good inventory stays in force.
     pub async fn reload_inventory(&self, caller: &Caller) -> Result<ReloadSummary, CoreError> {
@@ -699,6 +753,26 @@ impl Core {
     /// The inventory in force.
     pub async fn inventory(&self) -> Result<Arc<Inventory>, CoreError> {
         self.call(|reply| Command::GetInventory { reply }).await
+    }
+
+    /// Replace the webhooks in force: events committed from now on get
+    /// outbox rows for these hooks; the rows of hooks no longer there are
+    /// dropped (in the same commit).
+    pub async fn set_webhooks(&self, webhooks: SharedWebhooks) -> Result<(), CoreError> {
+        self.call(|reply| Command::SetWebhooks { webhooks, reply })
+            .await
+    }
+
+    /// Notified after every commit that wrote outbox rows (the delivery
+    /// task waits on it).
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.outbox_wake.clone()
+    }
+
+    /// The store (for the webhook delivery task, which settles outbox rows
+    /// directly: they are not core state).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     /// Commits `note` to the event log; its sequence number once durable.

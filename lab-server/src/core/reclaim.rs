@@ -31,6 +31,10 @@ pub struct ReclaimJob {
 #[error("reclaim of {host} failed")]
 pub struct ReclaimError {
     pub host: HostName,
+    /// The reclaim ran and the host (its BMC) failed it, as opposed to the
+    /// lab failing to run it (agent away, no answer): a reason to check
+    /// the host.
+    pub host_fault: bool,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }

@@ -31,6 +31,8 @@ pub struct CoreStats {
     pub commit_seconds: AtomicHistogram,
     /// Commands taken into one batch.
     pub batch_commands: AtomicHistogram,
+    /// The webhook delivery task's counters (it shares the core's stats).
+    pub webhooks: std::sync::Arc<crate::webhooks::WebhookStats>,
 }
 
 impl Default for CoreStats {
@@ -63,6 +65,7 @@ impl Default for CoreStats {
             commit_seconds: AtomicHistogram::exponential(0.000_25, 2.0, 15),
             // 1 .. 512 (the most one batch takes).
             batch_commands: AtomicHistogram::exponential(1.0, 2.0, 10),
+            webhooks: Default::default(),
         }
     }
 }

@@ -1057,13 +1057,48 @@ async fn health(core: &Core, h: &str) -> crate::lease::machine::Health {
         .health
 }
 
-/// The health loop without checks: a host failure makes a host suspect, a
-/// READY clears it, the configured count within the window quarantines it
-/// (never granted, surviving a restart) until an operator releases it; job
-/// and lab failures say nothing about the host; only operators quarantine.
+/// The facts line of h1 as the inventory describes it (no expectations:
+/// arch and MAC only).
+const H1_FACTS: &str = "LAB-HEALTH-OK arch=x86_64 cpus=2 mem_kb=1012345 macs=52:54:00:00:00:01";
+
+fn ready(line: &str) -> crate::health::HostVerdict {
+    crate::health::HostVerdict::Ready {
+        ready_line: line.into(),
+    }
+}
+
+/// The active health-check lease on `h`, if any.
+async fn check_lease(core: &Core, h: &str) -> Option<Lease> {
+    core.get_host(HostName::new(h).unwrap())
+        .await
+        .unwrap()
+        .lease
+        .filter(|l| l.is_active() && l.holder == Principal::health())
+}
+
+fn kinds(store: &MemStore, wanted: &[EventKind]) -> Vec<String> {
+    store
+        .all_events()
+        .into_iter()
+        .filter(|e| wanted.contains(&e.kind))
+        .map(|e| format!("{:?} {} {}", e.kind, e.actor, e.detail))
+        .collect()
+}
+
+const CHECK_EVENTS: &[EventKind] = &[
+    EventKind::HealthCheckStarted,
+    EventKind::HealthCheckPassed,
+    EventKind::HealthCheckFailed,
+];
+
+/// Provisioning verdicts: a host failure makes a host suspect and asks for
+/// a check (queued behind the lease); a READY clears a suspicion; the
+/// configured count within the window quarantines it until an operator
+/// releases it (a passing check does not); job and lab failures say
+/// nothing about the host; only operators quarantine.
 #[tokio::test(start_paused = true)]
 async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
-    use crate::health::{FailureClass, HostVerdict};
+    use crate::health::FailureClass;
     use crate::lease::machine::Health;
     let store = Arc::new(MemStore::default());
     let core = start(store.clone()).await;
@@ -1081,8 +1116,9 @@ async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
     }
     settle().await;
     assert_eq!(health(&core, "h1").await, Health::Healthy);
+    assert!(core.list_queue().await.unwrap().is_empty(), "no check");
 
-    // One host failure: suspect, still granted.
+    // One host failure: suspect, still granted, and a check waits for h1.
     core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
         .await;
     settle().await;
@@ -1093,25 +1129,50 @@ async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
         ),
         other => panic!("{other:?}"),
     }
+    let queue = core.list_queue().await.unwrap();
+    assert_eq!(queue.len(), 1);
+    assert_eq!(queue[0].principal, Principal::health());
+    assert_eq!(
+        queue[0].spec.comment,
+        format!(
+            "health check: after a host failure in lease {}: no bootable device",
+            l.id
+        )
+    );
     // A later READY clears the suspicion.
-    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
-        .await;
+    core.host_verdict(h1.clone(), l.id, ready("")).await;
     settle().await;
     assert_eq!(health(&core, "h1").await, Health::Healthy);
 
-    // Outside the window the count starts again: suspect, not quarantined.
-    tokio::time::advance(Duration::from_secs(3601)).await;
-    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+    // The lease ends: the check takes h1, and passes.
+    core.release(caller("ci"), l.id).await.unwrap();
+    settle().await;
+    let check = check_lease(&core, "h1").await.expect("the check holds h1");
+    core.host_verdict(h1.clone(), check.id, ready(H1_FACTS))
         .await;
     settle().await;
-    assert!(matches!(health(&core, "h1").await, Health::Suspect { .. }));
-    // A second one within the hour: quarantined, by the server.
+    assert_eq!(
+        host_state(&core, "h1").await,
+        crate::lease::HostState::Available
+    );
+
+    // Two host failures within the hour: quarantined by the server, and a
+    // passing check does not release that.
+    let l = granted(&core, "ci", on_host("h1", 60)).await;
+    core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
+        .await;
     core.host_verdict(h1.clone(), l.id, attribution(FailureClass::Host))
         .await;
     settle().await;
     match health(&core, "h1").await {
-        Health::Quarantined { reason, by, .. } => {
+        Health::Quarantined {
+            reason,
+            by,
+            until_released,
+            ..
+        } => {
             assert_eq!(by, Principal::server());
+            assert!(until_released);
             assert!(
                 reason.starts_with("2 host failures within 1h; the last: no bootable device"),
                 "{reason}"
@@ -1119,18 +1180,22 @@ async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
         }
         other => panic!("{other:?}"),
     }
-    // A READY does not release a quarantine.
-    core.host_verdict(h1.clone(), l.id, HostVerdict::Ready)
+    assert_eq!(
+        core.list_queue().await.unwrap().len(),
+        1,
+        "one check, joined"
+    );
+    core.release(caller("ci"), l.id).await.unwrap();
+    settle().await;
+    let check = check_lease(&core, "h1")
+        .await
+        .expect("checked while quarantined");
+    core.host_verdict(h1.clone(), check.id, ready(H1_FACTS))
         .await;
     settle().await;
     assert!(health(&core, "h1").await.is_quarantined());
 
-    // The lease ran out meanwhile (the hour passed); h1 is never granted
-    // while quarantined, h2 is.
-    assert_eq!(
-        host_state(&core, "h1").await,
-        crate::lease::HostState::Available
-    );
+    // Never granted while quarantined; h2 is.
     let e = core
         .acquire(caller("ci"), ask(on_host("h1", 60), true))
         .await
@@ -1187,4 +1252,558 @@ async fn host_failures_make_a_host_suspect_then_quarantined_until_released() {
             "root healthy (was quarantined)",
         ]
     );
+}
+
+/// `lab host check`: operators only, a known host not in maintenance; the
+/// check is a lease of `lab-health` with profile `health-check`, granted
+/// ahead of a waiter that came first; a second check joins it; a pass is
+/// recorded and the lease released.
+#[tokio::test(start_paused = true)]
+async fn a_check_goes_ahead_of_waiters_and_passes() {
+    let store = Arc::new(MemStore::default());
+    let core = start(store.clone()).await;
+    let h1 = HostName::new("h1").unwrap();
+    let a = granted(&core, "a", on_host("h1", 60)).await;
+    let mut b = core
+        .acquire(caller("b"), ask(on_host("h1", 60), false))
+        .await
+        .unwrap();
+    settle().await;
+
+    let e = core.check_host(caller("b"), h1.clone()).await.unwrap_err();
+    assert!(matches!(e, CoreError::PermissionDenied(_)), "{e}");
+    let e = core
+        .check_host(operator("root"), HostName::new("h9").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::NotFound { .. }), "{e}");
+    core.set_maintenance(operator("root"), h1.clone(), true, "fans".into())
+        .await
+        .unwrap();
+    let e = core
+        .check_host(operator("root"), h1.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "host h1 is in maintenance, cannot be checked"
+    );
+    core.set_maintenance(operator("root"), h1.clone(), false, String::new())
+        .await
+        .unwrap();
+
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    let queue = core.list_queue().await.unwrap();
+    assert_eq!(
+        queue
+            .iter()
+            .map(|q| q.principal.to_string())
+            .collect::<Vec<_>>(),
+        ["lab-health", "b"],
+        "one check (the second joined), ahead of b"
+    );
+
+    core.release(caller("a"), a.id).await.unwrap();
+    settle().await;
+    let check = check_lease(&core, "h1").await.expect("the check got h1");
+    assert_eq!(
+        check.profile.as_ref().map(|p| p.as_str()),
+        Some("health-check")
+    );
+    assert_eq!(check.ttl(), Duration::from_secs(600));
+    assert_eq!(check.comment, "health check: asked for by root");
+
+    core.host_verdict(h1.clone(), check.id, ready(H1_FACTS))
+        .await;
+    // b gets h1 once the check is done.
+    let l = loop {
+        match b.next().await.expect("a final state") {
+            WaitState::Granted(l) => break l,
+            WaitState::Queued { .. } => continue,
+            WaitState::Failed(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(l.hosts, vec![h1.clone()]);
+    assert_eq!(
+        core.get_lease(check.id).await.unwrap().state,
+        LeaseState::Released
+    );
+    assert_eq!(
+        kinds(&store, CHECK_EVENTS),
+        [
+            "HealthCheckStarted lab-health asked for by root",
+            "HealthCheckPassed lab-health the facts match the inventory",
+        ]
+    );
+}
+
+/// The loop: a failed check quarantines (even an expired one), a later
+/// pass on the quarantined host clears it, K failures within the window
+/// stick until an operator's release, and an operator's quarantine stays
+/// through a pass. Durable: the K-th failure counts those before a restart.
+#[tokio::test(start_paused = true)]
+async fn the_health_loop_closes_by_itself_except_for_repeat_offenders() {
+    use crate::lease::machine::Health;
+    let store = Arc::new(MemStore::default());
+    let core = start(store.clone()).await;
+    let h1 = HostName::new("h1").unwrap();
+    let root = || operator("root");
+    let mut expect_log: Vec<String> = Vec::new();
+
+    // 1. Wrong facts: quarantined, reason naming the mismatch.
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(
+        h1.clone(),
+        c.id,
+        ready("LAB-HEALTH-OK arch=x86_64 macs=52:54:00:00:00:09"),
+    )
+    .await;
+    settle().await;
+    let why = "inventory MAC 52:54:00:00:00:01 not among the NICs seen (52:54:00:00:00:09)";
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!(reason, format!("health check failed: {why}"));
+            assert_eq!(by, Principal::health());
+        }
+        other => panic!("{other:?}"),
+    }
+    expect_log.push(format!("HealthCheckFailed lab-health {why}"));
+
+    // 2. A check of the quarantined host passes: healthy again (outside
+    // the window, so the count starts over).
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1")
+        .await
+        .expect("granted while quarantined");
+    core.host_verdict(h1.clone(), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    assert_eq!(health(&core, "h1").await, Health::Healthy);
+    expect_log.push("HealthCheckPassed lab-health the facts match the inventory".into());
+
+    // 3. No READY in time: a failure.
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    assert!(check_lease(&core, "h1").await.is_some());
+    tokio::time::advance(Duration::from_secs(601)).await;
+    settle().await;
+    assert!(check_lease(&core, "h1").await.is_none());
+    assert!(health(&core, "h1").await.is_quarantined());
+    expect_log.push("HealthCheckFailed lab-health no READY within 10m".into());
+
+    // A restart in between: the failures are on the host record.
+    drop(core);
+    let core = start(store.clone()).await;
+
+    // 4. A failed boot within the window: the second failure sticks.
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(
+        h1.clone(),
+        c.id,
+        attribution(crate::health::FailureClass::Host),
+    )
+    .await;
+    settle().await;
+    expect_log.push("HealthCheckFailed lab-health the boot failed (host: no bootable device): No bootable device.".into());
+    let sticky = health(&core, "h1").await;
+    match &sticky {
+        Health::Quarantined {
+            reason,
+            until_released,
+            ..
+        } => {
+            assert!(until_released);
+            assert!(
+                reason.starts_with("2 failed health checks within 1h; stays quarantined until `lab host release-quarantine`; the last: the boot failed"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // ... through a pass.
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    assert_eq!(health(&core, "h1").await, sticky);
+    expect_log.push("HealthCheckPassed lab-health the facts match the inventory".into());
+
+    // 5. The operator releases it; then quarantines it: a pass keeps that.
+    core.set_quarantine(root(), h1.clone(), false, String::new())
+        .await
+        .unwrap();
+    let v = core
+        .set_quarantine(root(), h1.clone(), true, "fan noise".into())
+        .await
+        .unwrap();
+    assert!(v.record.check_failures.is_empty(), "a release forgives");
+    core.check_host(root(), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!(
+                (reason.as_str(), by),
+                ("fan noise", Principal::new("root").unwrap())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    expect_log.push("HealthCheckPassed lab-health the facts match the inventory".into());
+    let got: Vec<String> = kinds(&store, CHECK_EVENTS)
+        .into_iter()
+        .filter(|e| !e.starts_with("HealthCheckStarted"))
+        .collect();
+    assert_eq!(got, expect_log);
+}
+
+/// What triggers a check besides an operator: a host reachable again
+/// after its BMC was silent (not after its agent was away), every N
+/// leases, idle for D; a queued check survives a restart.
+#[tokio::test(start_paused = true)]
+async fn checks_are_triggered_by_reachability_lease_count_and_idleness() {
+    let store = Arc::new(MemStore::default());
+    let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+    let mut config = CoreConfig::new("inv.toml".into());
+    config.max_lifetime = Duration::from_secs(100);
+    config.health_check_every = 2;
+    config.health_check_idle = Some(Duration::from_secs(3600));
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(1_000_000)));
+    let (core, _) = Core::start(
+        config.clone(),
+        store.clone(),
+        inv.clone(),
+        Arc::new(Immediate),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let h = |n: &str| HostName::new(n).unwrap();
+    let triggers = |store: &MemStore| -> Vec<String> {
+        store
+            .all_events()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::LeaseRequested && e.actor == Principal::health())
+            .map(|e| format!("{} {}", e.hosts[0], e.detail))
+            .collect()
+    };
+
+    // Reachability: the agent away, then back: no check. The BMC silent,
+    // then back: a check.
+    core.set_unreachable([(h("h1"), "agent a1 of rack r1 is not attached".to_string())].into())
+        .await
+        .unwrap();
+    core.set_unreachable(BTreeMap::new()).await.unwrap();
+    core.set_unreachable([(h("h2"), "BMC 10.0.0.2:623 does not answer".to_string())].into())
+        .await
+        .unwrap();
+    core.set_unreachable(BTreeMap::new()).await.unwrap();
+    settle().await;
+    assert_eq!(
+        triggers(&store),
+        ["h2 reachable again after: BMC 10.0.0.2:623 does not answer"]
+    );
+    let c = check_lease(&core, "h2").await.unwrap();
+    core.host_verdict(h("h2"), c.id, ready("LAB-HEALTH-OK"))
+        .await;
+    settle().await;
+
+    // Every 2 leases: h1's second lease ends with a check queued (which
+    // waits for h1 behind a lease asked for meanwhile? No: ahead of it).
+    for _ in 0..2 {
+        let l = granted(&core, "ci", on_host("h1", 60)).await;
+        core.release(caller("ci"), l.id).await.unwrap();
+    }
+    settle().await;
+    assert_eq!(triggers(&store)[1], "h1 after 2 leases");
+    let c = check_lease(&core, "h1").await.expect("h1 checked");
+    core.host_verdict(h("h1"), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    assert_eq!(triggers(&store).len(), 2);
+
+    // A check queued behind a lease survives a restart.
+    let l = granted(&core, "ci", on_host("h1", 60)).await;
+    core.check_host(operator("root"), h("h1")).await.unwrap();
+    drop(core);
+    let (core, _) = Core::start(config, store.clone(), inv, Arc::new(Immediate), clock)
+        .await
+        .unwrap();
+    core.release(caller("ci"), l.id).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1")
+        .await
+        .expect("the stored check was granted");
+    core.host_verdict(h("h1"), c.id, ready(H1_FACTS)).await;
+    settle().await;
+
+    // Idle for an hour: both hosts checked (h2 free the longest).
+    let before = triggers(&store).len();
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    settle().await;
+    let idle: Vec<String> = triggers(&store)[before..].to_vec();
+    assert_eq!(idle.len(), 2, "{idle:?}");
+    assert!(idle.iter().all(|t| t.ends_with("idle for 1h")), "{idle:?}");
+}
+
+/// An operator's quarantine of a host a failed check quarantined takes
+/// over: a later passing check no longer lifts it.
+#[tokio::test(start_paused = true)]
+async fn an_operators_quarantine_replaces_a_checks() {
+    use crate::lease::machine::Health;
+    let core = start(Arc::new(MemStore::default())).await;
+    let h1 = HostName::new("h1").unwrap();
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready("LAB-HEALTH-OK arch=aarch64"))
+        .await;
+    settle().await;
+    assert!(matches!(
+        health(&core, "h1").await,
+        Health::Quarantined { ref by, until_released: false, .. } if *by == Principal::health()
+    ));
+    core.set_quarantine(operator("root"), h1.clone(), true, "bad PSU".into())
+        .await
+        .unwrap();
+    core.check_host(operator("root"), h1.clone()).await.unwrap();
+    settle().await;
+    let c = check_lease(&core, "h1").await.unwrap();
+    core.host_verdict(h1.clone(), c.id, ready(H1_FACTS)).await;
+    settle().await;
+    match health(&core, "h1").await {
+        Health::Quarantined { reason, by, .. } => {
+            assert_eq!((reason.as_str(), by.as_str()), ("bad PSU", "root"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// LEASE_EXPIRING events in the store, as (lease, detail).
+fn expiring(store: &MemStore) -> Vec<(LeaseId, String)> {
+    store
+        .all_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::LeaseExpiring)
+        .map(|e| (e.lease.unwrap(), e.detail))
+        .collect()
+}
+
+fn warning_config(warning_s: u64) -> CoreConfig {
+    let mut c = config();
+    c.max_lifetime = Duration::from_secs(1000);
+    c.expiry_warning = Duration::from_secs(warning_s);
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiring_lease_is_warned_once_and_a_renewal_re_arms_it() {
+    let store = Arc::new(MemStore::new());
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let lease = granted(&core, "ci", spec(1, 60)).await;
+    // A lease whose TTL is not longer than the warning gets none.
+    let short = granted(&core, "bob", spec(1, 10)).await;
+    tokio::time::advance(Duration::from_secs(49)).await;
+    settle().await;
+    assert_eq!(expiring(&store), [], "not before 10 s ahead of the expiry");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    let first = expiring(&store);
+    assert_eq!(
+        first,
+        [(lease.id, format!("expires {} (in 9s)", lease.expires_at))]
+    );
+    let e = store
+        .all_events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::LeaseExpiring)
+        .unwrap();
+    assert_eq!(e.hosts, lease.hosts);
+    assert_eq!(e.actor, Principal::server());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1, "once per expiry");
+    // Renewed at 56 s for 60 s: warned again at 106 s.
+    let renewed = core.renew(caller("ci"), lease.id, None).await.unwrap();
+    tokio::time::advance(Duration::from_secs(49)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(
+        expiring(&store)[1],
+        (
+            renewed.id,
+            format!("expires {} (in 9s)", renewed.expires_at)
+        )
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(
+        core.get_lease(lease.id).await.unwrap().state,
+        LeaseState::Expired
+    );
+    assert_eq!(
+        core.get_lease(short.id).await.unwrap().state,
+        LeaseState::Expired
+    );
+    assert_eq!(expiring(&store).len(), 2, "{:?}", expiring(&store));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_expiry_warnings_when_switched_off() {
+    let store = Arc::new(MemStore::new());
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(0),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let lease = granted(&core, "ci", spec(1, 60)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    settle().await;
+    assert!(!core.get_lease(lease.id).await.unwrap().is_active());
+    assert_eq!(expiring(&store), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warning_survives_a_crash_once_and_one_due_meanwhile_is_sent_at_start() {
+    let store = Arc::new(MemStore::new());
+    let (core, actor) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_000_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    let warned = granted(&core, "ci", spec(1, 60)).await;
+    let later = granted(&core, "bob", spec(1, 120)).await;
+    tokio::time::advance(Duration::from_secs(51)).await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 1);
+    crash(actor).await;
+    drop(core);
+    // Back 60 s later (the clock restarts at the new base): the first lease
+    // was warned already (and has expired by now); the second one's warning
+    // fell due while the server was down.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let (core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_111_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    settle().await;
+    let ids: Vec<LeaseId> = expiring(&store).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(ids, [warned.id, later.id]);
+    drop(core);
+    // And again just after: nothing is sent twice.
+    let (_core, _) = start_at(
+        store.clone(),
+        warning_config(10),
+        1_112_000,
+        Arc::new(Immediate),
+    )
+    .await;
+    settle().await;
+    assert_eq!(expiring(&store).len(), 2, "{:?}", expiring(&store));
+}
+
+fn webhooks(text: &str) -> crate::webhooks::SharedWebhooks {
+    Arc::new(crate::webhooks::Webhooks::parse(text, Path::new("w.toml")).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_that_hooks_want_get_outbox_rows_in_their_commit() {
+    let store = Arc::new(MemStore::new());
+    let mut config = warning_config(10);
+    config.webhooks = webhooks(
+        r#"
+[[webhook]]
+name = "ci"
+url = "http://127.0.0.1:1/"
+events = ["LEASE_GRANTED", "LEASE_EXPIRING"]
+secret = "k"
+holders = ["ci"]
+
+[[webhook]]
+name = "ops"
+url = "http://127.0.0.1:1/ops"
+events = ["HOST_HEALTH"]
+secret = "k"
+"#,
+    );
+    let (core, _) = start_at(store.clone(), config, 1_000_000, Arc::new(Immediate)).await;
+    let wake = core.outbox_wake();
+    let rows = |store: &MemStore| -> Vec<(String, String, u64)> {
+        store
+            .outbox_due(Timestamp(i64::MAX), 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.hook, r.kind, r.seq))
+            .collect()
+    };
+    let mine = granted(&core, "ci", spec(1, 60)).await;
+    let _theirs = granted(&core, "bob", spec(1, 60)).await;
+    // The delivery task is woken by the commit that wrote rows.
+    tokio::time::timeout(Duration::from_secs(1), wake.notified())
+        .await
+        .expect("woken");
+    let grant = store
+        .all_events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::LeaseGranted && e.lease == Some(mine.id))
+        .unwrap();
+    assert_eq!(
+        rows(&store),
+        [("ci".into(), "LEASE_GRANTED".into(), grant.seq)]
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(&store.outbox_due(Timestamp(i64::MAX), 1).unwrap()[0].body).unwrap();
+    assert_eq!(body["principal"], "ci");
+    assert_eq!(body["lease"], mine.id.to_string());
+
+    let op = Caller {
+        principal: Principal::new("root").unwrap(),
+        role: Role::Operator,
+    };
+    core.set_quarantine(op, HostName::new("h1").unwrap(), true, "flaky".into())
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(51)).await;
+    settle().await;
+    let kinds: Vec<(String, String)> = rows(&store).into_iter().map(|(h, k, _)| (h, k)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ci".into(), "LEASE_GRANTED".into()),
+            ("ops".into(), "HOST_HEALTH".into()),
+            ("ci".into(), "LEASE_EXPIRING".into()),
+        ]
+    );
+
+    // A reload that removes a hook drops its rows (in its own commit).
+    core.set_webhooks(webhooks(
+        "[[webhook]]\nname = \"ops\"\nurl = \"http://127.0.0.1:1/\"\nevents = [\"*\"]\nsecret = \"k\"\n",
+    ))
+    .await
+    .unwrap();
+    let kinds: Vec<String> = rows(&store).into_iter().map(|(h, _, _)| h).collect();
+    assert_eq!(kinds, ["ops"]);
 }

@@ -73,6 +73,7 @@ pub(crate) fn from_agent(m: pb::AgentMessage) -> Result<FromAgent, LinkError> {
                 stage: r.stage,
                 console_tail: r.console_tail,
                 percent: r.percent,
+                ready_line: r.ready_line,
             }),
         }),
         Msg::Reply(r) => FromAgent::Reply(CommandReply {
@@ -331,6 +332,7 @@ mod tests {
                 stage: "powered on".into(),
                 console_tail: String::new(),
                 percent: 0,
+                ready_line: String::new(),
             })
         );
         // No lease, or an unreadable one: no provisioning.

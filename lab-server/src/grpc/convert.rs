@@ -356,7 +356,9 @@ pub fn host_to_proto(v: &HostView) -> pb::Host {
             h.health_reason = reason.clone();
             h.health_since = Some(ts(*since));
         }
-        Health::Quarantined { reason, since, by } => {
+        Health::Quarantined {
+            reason, since, by, ..
+        } => {
             h.health = pb::HostHealth::Quarantined as i32;
             h.health_reason = format!("{reason} (by {by})");
             h.health_since = Some(ts(*since));
@@ -418,6 +420,11 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::AgentAttached => P::AgentAttached,
         EventKind::AgentDetached => P::AgentDetached,
         EventKind::HostHealth => P::HostHealth,
+        EventKind::HealthCheckStarted => P::HealthCheckStarted,
+        EventKind::HealthCheckPassed => P::HealthCheckPassed,
+        EventKind::HealthCheckFailed => P::HealthCheckFailed,
+        EventKind::LeaseExpiring => P::LeaseExpiring,
+        EventKind::WebhookUndelivered => P::WebhookUndelivered,
     }
 }
 
@@ -447,6 +454,16 @@ pub fn role_to_proto(r: Role) -> pb::Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Webhook configurations and payloads name kinds as the API does.
+    #[test]
+    fn event_kind_names_are_the_api_names() {
+        for k in EventKind::ALL {
+            let api = event_kind_to_proto(k).as_str_name();
+            assert_eq!(Some(k.name()), api.strip_prefix("EVENT_KIND_"), "{k:?}");
+            assert_eq!(EventKind::from_name(k.name()), Some(k));
+        }
+    }
 
     fn req() -> pb::LeaseRequest {
         pb::LeaseRequest {

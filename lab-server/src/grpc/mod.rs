@@ -725,6 +725,16 @@ impl AdminService for Api {
         Ok(Response::new(cv::host_to_proto(&view)))
     }
 
+    async fn check_host(
+        &self,
+        req: Request<pb::CheckHostRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let caller = self.caller(&req)?;
+        let host = cv::host_name("host", req.into_inner().host)?;
+        let view = self.core.check_host(caller, host).await?;
+        Ok(Response::new(cv::host_to_proto(&view)))
+    }
+
     async fn reload_inventory(
         &self,
         req: Request<pb::ReloadInventoryRequest>,

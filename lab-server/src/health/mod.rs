@@ -11,9 +11,17 @@
 //!   the host makes it `suspect`, `--quarantine-after` of them within
 //!   `--quarantine-window` quarantine it (never granted until an operator
 //!   releases it); a later provisioning that reaches READY clears a
-//!   suspicion.
+//!   suspicion. A host failure also asks for a health check.
+//! - `facts.rs`: a health check's `LAB-HEALTH-OK` facts line, parsed and
+//!   compared with the host's inventory (`[host.expect]`, arch, MAC, flags).
+//! - `checks.rs`: the loop's rules: a failed check quarantines, a pass
+//!   clears (unless the quarantine is an operator's, or held after
+//!   `--quarantine-after` failed checks within the window). The core runs
+//!   checks as leases of `lab-health` with profile `health-check`.
 
 pub mod attribution;
+pub mod checks;
+pub mod facts;
 
 pub use attribution::{Attribution, FailureClass, Rules};
 
@@ -22,5 +30,9 @@ pub use attribution::{Attribution, FailureClass, Rules};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostVerdict {
     Failed(Attribution),
-    Ready,
+    /// With the console line that matched the profile's ready text (empty
+    /// when the agent sent none): a health check's facts.
+    Ready {
+        ready_line: String,
+    },
 }

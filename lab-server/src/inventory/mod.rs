@@ -15,7 +15,7 @@ mod secret;
 pub use secret::{Secret, SecretError, SecretRef};
 
 use crate::types::{Arch, Firmware, Flag, HostName, RackName};
-use raw::{RawBmc, RawConsole, RawHost, RawInventory, RawRack};
+use raw::{RawBmc, RawConsole, RawExpect, RawHost, RawInventory, RawRack};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -67,6 +67,22 @@ pub struct HostSpec {
     pub bmc: Option<BmcSpec>,
     pub console: ConsoleSource,
     pub flags: BTreeSet<Flag>,
+    /// What a health check expects to see (`[host.expect]`).
+    pub expect: Expectations,
+}
+
+/// A host's optional hardware expectations, checked by health checks
+/// (`crate::health::facts`); unset ones are not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expectations {
+    /// Installed memory; passes at 90 % (the kernel keeps some back).
+    pub memory_mb: Option<u64>,
+    /// Logical CPUs, exactly.
+    pub cpus: Option<u32>,
+    /// How many disks.
+    pub disks: Option<u32>,
+    /// Every disk at least this big (GB: 10⁹ bytes).
+    pub min_disk_gb: Option<u64>,
 }
 
 /// How to reach a host's BMC. Holds a reference to the password, never the
@@ -319,6 +335,12 @@ impl Cx<'_> {
         }
         let bmc = h.bmc.as_ref().map(|b| self.bmc(b)).transpose()?;
         let console = self.console(h.console.as_ref(), bmc.is_some())?;
+        let expect = h
+            .expect
+            .as_ref()
+            .map(|e| self.expect(e.get_ref()))
+            .transpose()?
+            .unwrap_or_default();
         Ok(HostSpec {
             name,
             arch,
@@ -329,6 +351,32 @@ impl Cx<'_> {
             bmc,
             console,
             flags,
+            expect,
+        })
+    }
+
+    fn expect(&self, e: &RawExpect) -> Result<Expectations, InventoryError> {
+        // A positive whole number of at most `max`.
+        let positive = |v: &Option<Spanned<i64>>, what: &str, max: u64| {
+            v.as_ref()
+                .map(|v| match u64::try_from(*v.get_ref()) {
+                    Ok(n) if n > 0 && n <= max => Ok(n),
+                    _ => Err(self.at(
+                        v,
+                        format!(
+                            "invalid {what} {}: must be between 1 and {max}",
+                            v.get_ref()
+                        ),
+                    )),
+                })
+                .transpose()
+        };
+        let small = u64::from(u32::MAX);
+        Ok(Expectations {
+            memory_mb: positive(&e.memory_mb, "memory_mb", 1 << 40)?,
+            cpus: positive(&e.cpus, "cpus", small)?.map(|n| n as u32),
+            disks: positive(&e.disks, "disks", small)?.map(|n| n as u32),
+            min_disk_gb: positive(&e.min_disk_gb, "min_disk_gb", 1 << 30)?,
         })
     }
 
@@ -647,6 +695,15 @@ mod tests {
             SecretRef::Env("LAB_BMC_PASSWORD_X86_01".into())
         );
         assert_eq!(x1.console, ConsoleSource::IpmiSol);
+        assert_eq!(
+            x1.expect,
+            Expectations {
+                memory_mb: Some(65536),
+                cpus: Some(16),
+                disks: Some(2),
+                min_disk_gb: Some(400),
+            }
+        );
 
         let x2 = inv.host(&HostName::new("x86-02").unwrap()).unwrap();
         assert_eq!(x2.firmware, Firmware::Uefi);
@@ -666,6 +723,10 @@ mod tests {
         assert_eq!(a1.rack.as_str(), "rack2");
         assert_eq!(a1.ipv4, None);
         assert_eq!(a1.bmc.as_ref().unwrap().endpoint.port, 6230);
+        assert_eq!(
+            (a1.expect.memory_mb, a1.expect.cpus, a1.expect.disks),
+            (Some(131072), Some(64), None)
+        );
         assert_eq!(
             a1.console,
             ConsoleSource::IpmiSol,
@@ -699,6 +760,7 @@ mod tests {
             (None, &None, &ConsoleSource::None)
         );
         assert!(h.flags.is_empty());
+        assert_eq!(h.expect, Expectations::default());
 
         let inv = parse(&one_host(
             "[host.bmc]\naddress = \"fd00::1\"\nuser = \"u\"\npassword_env = \"P\"\n\
@@ -765,7 +827,17 @@ mod tests {
         assert_eq!(
             err(&one_host("bogus = 1\n")),
             "inventory.toml:10:1: unknown field `bogus`, expected one of `name`, `arch`, \
-             `firmware`, `rack`, `mac`, `ipv4`, `flags`, `bmc`, `console`"
+             `firmware`, `rack`, `mac`, `ipv4`, `flags`, `bmc`, `console`, `expect`"
+        );
+        assert_eq!(
+            err(&one_host(
+                "[host.expect]
+cpus = 2
+memory_gb = 4
+"
+            )),
+            "inventory.toml:12:1: unknown field `memory_gb`, expected one of `memory_mb`, \
+             `cpus`, `disks`, `min_disk_gb`"
         );
         assert_eq!(
             err("[[rack]]\nname = \"rack1\"\nagent = \"a\"\nagnet = \"b\"\n"),
@@ -788,6 +860,41 @@ mod tests {
             )),
             "inventory.toml:12:1: unknown field `dev`, expected one of `kind`, `device`, `baud`, \
              `address`"
+        );
+    }
+
+    #[test]
+    fn bad_expectations_are_named() {
+        // (host lines from line 10, expected error)
+        let cases: &[(&str, &str)] = &[
+            (
+                "[host.expect]\nmemory_mb = 0\n",
+                "inventory.toml:11:13: invalid memory_mb 0: must be between 1 and 1099511627776",
+            ),
+            (
+                "expect = { cpus = -2 }\n",
+                "inventory.toml:10:19: invalid cpus -2: must be between 1 and 4294967295",
+            ),
+            (
+                "[host.expect]\ncpus = 2\ndisks = 5000000000\n",
+                "inventory.toml:12:9: invalid disks 5000000000: must be between 1 and 4294967295",
+            ),
+            (
+                "[host.expect]\nmin_disk_gb = \"8\"\n",
+                "inventory.toml:11:15: invalid type: string \"8\", expected i64",
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(&err(&one_host(extra)), want, "{extra}");
+        }
+        let inv = parse(&one_host("expect = { disks = 1, min_disk_gb = 8 }\n")).unwrap();
+        assert_eq!(
+            inv.hosts[0].expect,
+            Expectations {
+                disks: Some(1),
+                min_disk_gb: Some(8),
+                ..Expectations::default()
+            }
         );
     }
 

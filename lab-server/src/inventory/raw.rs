@@ -41,6 +41,18 @@ pub(super) struct RawHost {
     pub flags: Vec<Spanned<String>>,
     pub bmc: Option<Spanned<RawBmc>>,
     pub console: Option<Spanned<RawConsole>>,
+    pub expect: Option<Spanned<RawExpect>>,
+}
+
+/// A host's `[host.expect]` (or `expect = { … }`): what a health check
+/// compares the host's facts with.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExpect {
+    pub memory_mb: Option<Spanned<i64>>,
+    pub cpus: Option<Spanned<i64>>,
+    pub disks: Option<Spanned<i64>>,
+    pub min_disk_gb: Option<Spanned<i64>>,
 }
 
 /// A host's `[host.bmc]`.

@@ -13,7 +13,9 @@
 //!         maintenance and retired are flags: set or cleared in any state;
 //!         health (healthy, suspect, quarantined) is set in any state;
 //!         a host is grantable only when Available, not in maintenance, not
-//!         retired, not quarantined.
+//!         retired, not quarantined; a health check's lease (grant-check) may
+//!         take a quarantined host too. Grants count toward the next check
+//!         (`--health-check-every`); a check's grant resets the count.
 //! ```
 
 use crate::types::{
@@ -186,7 +188,18 @@ pub struct HostRecord {
     /// load as healthy).
     #[serde(default, skip_serializing_if = "Health::is_healthy")]
     pub health: Health,
+    /// When its recent health checks failed (oldest first), for
+    /// `--quarantine-after` within `--quarantine-window`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub check_failures: Vec<Timestamp>,
+    /// Leases granted since its last health check (`--health-check-every`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leases_since_check: u32,
     pub generation: Generation,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A host's own condition, apart from who holds it.
@@ -201,6 +214,10 @@ pub enum Health {
         reason: String,
         since: Timestamp,
         by: Principal,
+        /// Only an operator releases it (an operator's quarantine, or too
+        /// many failures within the window); a passing check does not.
+        #[serde(default)]
+        until_released: bool,
     },
 }
 
@@ -227,6 +244,8 @@ impl Health {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostEvent {
     Grant(LeaseId),
+    /// A health check's lease: granted in any health, not in maintenance.
+    GrantCheck(LeaseId),
     /// Its lease was released or expired.
     EndLease(LeaseId),
     /// The reclaim step (power off, boot device reset) finished.
@@ -234,6 +253,8 @@ pub enum HostEvent {
     SetMaintenance(bool),
     SetRetired(bool),
     SetHealth(Health),
+    /// The times of its recent failed health checks.
+    SetCheckFailures(Vec<Timestamp>),
 }
 
 impl HostRecord {
@@ -244,16 +265,20 @@ impl HostRecord {
             maintenance: false,
             retired: false,
             health: Health::Healthy,
+            check_failures: Vec::new(),
+            leases_since_check: 0,
             generation: Generation(1),
         }
     }
 
     /// May a new lease take this host now?
     pub fn is_grantable(&self) -> bool {
-        self.state == HostState::Available
-            && !self.maintenance
-            && !self.retired
-            && !self.health.is_quarantined()
+        self.is_checkable() && !self.health.is_quarantined()
+    }
+
+    /// May a health check's lease take this host now (whatever its health)?
+    pub fn is_checkable(&self) -> bool {
+        self.state == HostState::Available && !self.maintenance && !self.retired
     }
 
     /// The lease holding it (or being reclaimed from it).
@@ -291,6 +316,14 @@ impl HostRecord {
                     return Err(refuse("be granted"));
                 }
                 next.state = HostState::Leased(l);
+                next.leases_since_check = self.leases_since_check.saturating_add(1);
+            }
+            HostEvent::GrantCheck(l) => {
+                if !self.is_checkable() {
+                    return Err(refuse("be checked"));
+                }
+                next.state = HostState::Leased(l);
+                next.leases_since_check = 0;
             }
             HostEvent::EndLease(l) => {
                 if self.state != HostState::Leased(l) {
@@ -307,6 +340,7 @@ impl HostRecord {
             HostEvent::SetMaintenance(on) => next.maintenance = on,
             HostEvent::SetRetired(on) => next.retired = on,
             HostEvent::SetHealth(health) => next.health = health,
+            HostEvent::SetCheckFailures(times) => next.check_failures = times,
         }
         Ok(next)
     }
@@ -456,6 +490,7 @@ mod tests {
             reason: "2 host failures".into(),
             since: Timestamp(6),
             by: Principal::server(),
+            until_released: true,
         };
         let a = LeaseId(uuid::Uuid::from_u128(1));
         let b = LeaseId(uuid::Uuid::from_u128(2));
@@ -466,6 +501,7 @@ mod tests {
         ];
         let events = [
             HostEvent::Grant(b),
+            HostEvent::GrantCheck(b),
             HostEvent::EndLease(a),
             HostEvent::EndLease(b),
             HostEvent::Reclaimed(a),
@@ -477,6 +513,7 @@ mod tests {
             HostEvent::SetHealth(suspect.clone()),
             HostEvent::SetHealth(quarantined.clone()),
             HostEvent::SetHealth(Health::Healthy),
+            HostEvent::SetCheckFailures(vec![Timestamp(9)]),
         ];
         for state in states {
             for maintenance in [false, true] {
@@ -488,6 +525,8 @@ mod tests {
                             maintenance,
                             retired,
                             health: health.clone(),
+                            check_failures: Vec::new(),
+                            leases_since_check: 3,
                             generation: Generation(7),
                         };
                         for event in &events {
@@ -497,6 +536,17 @@ mod tests {
                                 {
                                     Some(HostRecord {
                                         state: HostState::Leased(l),
+                                        leases_since_check: 4,
+                                        ..h.clone()
+                                    })
+                                }
+                                // A check takes a quarantined host too.
+                                (HostState::Available, HostEvent::GrantCheck(l))
+                                    if !maintenance && !retired =>
+                                {
+                                    Some(HostRecord {
+                                        state: HostState::Leased(l),
+                                        leases_since_check: 0,
                                         ..h.clone()
                                     })
                                 }
@@ -524,6 +574,10 @@ mod tests {
                                     health,
                                     ..h.clone()
                                 }),
+                                (_, HostEvent::SetCheckFailures(times)) => Some(HostRecord {
+                                    check_failures: times,
+                                    ..h.clone()
+                                }),
                                 _ => None,
                             };
                             let got = h.apply(event.clone());
@@ -549,6 +603,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Records stored before health checks load with none of their fields.
+    #[test]
+    fn host_records_stored_before_checks_load() {
+        let old = r#"{"name":"h1","state":{"state":"available"},"maintenance":false,"retired":false,"health":{"Quarantined":{"reason":"r","since":5,"by":"root"}},"generation":3}"#;
+        let h: HostRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            h.health,
+            Health::Quarantined {
+                reason: "r".into(),
+                since: Timestamp(5),
+                by: Principal::new("root").unwrap(),
+                until_released: false,
+            }
+        );
+        assert!(h.check_failures.is_empty() && h.leases_since_check == 0);
+        let fresh = serde_json::to_string(&HostRecord::new(HostName::new("h2").unwrap())).unwrap();
+        assert!(!fresh.contains("check_failures") && !fresh.contains("leases_since_check"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The wait queue and the grant rule, as pure functions.
 //!
-//! **Order.** Waiters are served by priority (higher first), then arrival
-//! (earlier first).
+//! **Order.** The server's health checks first (each names one host, and
+//! may take it even when it is quarantined), then waiters by priority
+//! (higher first), then arrival (earlier first).
 //!
 //! **Grant rule (reservation).** A scheduling pass walks the queue in order
 //! with the set of grantable hosts. A waiter that can get all `count` hosts it
@@ -58,6 +59,8 @@ pub struct Candidate<'a> {
     pub flags: &'a BTreeSet<Flag>,
     /// Free to be granted now.
     pub grantable: bool,
+    /// Free to be granted to a health check now (whatever its health).
+    pub checkable: bool,
     /// Never grantable again under the current inventory (retired); maintenance
     /// hosts are not excluded since they come back.
     pub gone: bool,
@@ -96,9 +99,28 @@ pub struct Waiter {
     /// granted. Not persisted.
     #[serde(skip)]
     pub detached: bool,
+    /// A health check of the server's (what triggered it): ahead of every
+    /// other request, and granted a quarantined host too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
-type QueueKey = (Reverse<i32>, WaiterId);
+impl Waiter {
+    fn may_take(&self, c: &Candidate<'_>) -> bool {
+        if self.check.is_some() {
+            c.checkable
+        } else {
+            c.grantable
+        }
+    }
+}
+
+/// Health checks first, then by priority, then by arrival.
+type QueueKey = (bool, Reverse<i32>, WaiterId);
+
+fn key(w: &Waiter) -> QueueKey {
+    (w.check.is_none(), Reverse(w.spec.priority), w.id)
+}
 
 /// The queue: waiters in service order.
 #[derive(Debug, Default)]
@@ -109,7 +131,7 @@ pub struct Queue {
 
 impl Queue {
     pub fn push(&mut self, w: Waiter) {
-        let key = (Reverse(w.spec.priority), w.id);
+        let key = key(&w);
         self.keys.insert(w.id, key);
         self.waiters.insert(key, w);
     }
@@ -153,7 +175,10 @@ impl Queue {
     /// docs for the rule). Does not modify the queue.
     pub fn schedule(&self, candidates: &[Candidate<'_>]) -> Vec<(WaiterId, Vec<HostName>)> {
         let mut taken = vec![false; candidates.len()];
-        let mut free = candidates.iter().filter(|c| c.grantable).count();
+        let mut free = candidates
+            .iter()
+            .filter(|c| c.grantable || c.checkable)
+            .count();
         let mut grants = Vec::new();
         for w in self.waiters.values() {
             if free == 0 {
@@ -162,7 +187,7 @@ impl Queue {
             let usable: Vec<usize> = candidates
                 .iter()
                 .enumerate()
-                .filter(|(i, c)| !taken[*i] && c.grantable && w.spec.matches(c))
+                .filter(|(i, c)| !taken[*i] && w.may_take(c) && w.spec.matches(c))
                 .map(|(i, _)| i)
                 .collect();
             let grant = usable.len() >= w.spec.count as usize;
@@ -256,6 +281,7 @@ mod tests {
                     arch: self.arch[i],
                     flags: &self.flags[i],
                     grantable: free[i],
+                    checkable: free[i],
                     gone: false,
                     free_at: Some(Timestamp(if free[i] { 0 } else { 10_000 * (i as i64 + 1) })),
                 })
@@ -285,6 +311,7 @@ mod tests {
             request_id: None,
             queued_at: Timestamp(0),
             detached: false,
+            check: None,
         }
     }
 
@@ -417,6 +444,49 @@ mod tests {
         assert_eq!(
             est.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
             [(1, 1), (2, 2), (3, 3)]
+        );
+    }
+
+    /// A health check goes ahead of every request, whatever its priority,
+    /// and takes a host only it may take (quarantined: checkable, not
+    /// grantable); while it waits, the host is reserved for it.
+    #[test]
+    fn a_health_check_goes_first_and_may_take_a_quarantined_host() {
+        let lab = Lab::new(&[("a", Arch::X86_64, &[]), ("b", Arch::X86_64, &[])]);
+        let only_a = LeaseSpec {
+            hosts: [HostName::new("a").unwrap()].into(),
+            ..spec(1, 0)
+        };
+        let mut q = Queue::default();
+        q.push(waiter(1, spec(1, 100)));
+        q.push(waiter(2, only_a.clone()));
+        q.push(Waiter {
+            check: Some("operator".into()),
+            ..waiter(3, only_a.clone())
+        });
+        assert_eq!(q.iter().map(|w| w.id).collect::<Vec<_>>(), vec![3, 1, 2]);
+        // Both free: the check gets a, the priority-100 request b.
+        assert_eq!(
+            names(&q.schedule(&lab.candidates(&[true, true]))),
+            vec![(3, vec!["a".into()]), (1, vec!["b".into()])]
+        );
+        // a quarantined (checkable only), b busy: only the check gets a.
+        let mut c = lab.candidates(&[true, false]);
+        c[0].grantable = false;
+        assert_eq!(names(&q.schedule(&c)), vec![(3, vec!["a".into()])]);
+        q.remove(3);
+        assert!(
+            q.schedule(&c).is_empty(),
+            "nobody else takes a quarantined host"
+        );
+        // A check waiting for a busy host holds nothing else back.
+        q.push(Waiter {
+            check: Some("every 5 leases".into()),
+            ..waiter(4, only_a)
+        });
+        assert_eq!(
+            names(&q.schedule(&lab.candidates(&[false, true]))),
+            vec![(1, vec!["b".into()])]
         );
     }
 

@@ -47,6 +47,9 @@ pub struct ProvisionReport {
     pub console_tail: String,
     /// For `Installing`: how much of the install is done, 0–100.
     pub percent: u32,
+    /// For `Ready`: the console line that matched the profile's ready text
+    /// (a health check's facts); empty when none was sent.
+    pub ready_line: String,
 }
 
 /// One host's provisioning for one lease, as users see it.
@@ -93,6 +96,7 @@ impl Records {
         };
         let failure = (report.phase == ProvisionPhase::Failed)
             .then(|| rules.classify(&report.stage, &report.console_tail));
+        let ready_line = report.ready_line;
         let record = Provisioning {
             host: host.clone(),
             phase: report.phase,
@@ -104,7 +108,7 @@ impl Records {
         };
         let verdict = match (&record.phase, &record.failure) {
             (ProvisionPhase::Failed, Some(f)) => Some(HostVerdict::Failed(f.clone())),
-            (ProvisionPhase::Ready, _) => Some(HostVerdict::Ready),
+            (ProvisionPhase::Ready, _) => Some(HostVerdict::Ready { ready_line }),
             _ => None,
         };
         let phase = record.phase;
@@ -208,6 +212,7 @@ mod tests {
             stage: stage.into(),
             console_tail: String::new(),
             percent: 0,
+            ready_line: String::new(),
         }
     }
 

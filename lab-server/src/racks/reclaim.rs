@@ -30,6 +30,7 @@ impl Reclaimer for AgentReclaimer {
             let host = &job.host;
             let fail = |e: RackError| ReclaimError {
                 host: host.name.clone(),
+                host_fault: matches!(e, RackError::AgentFailed { .. }),
                 source: Box::new(e),
             };
             let cmd = CommandKind::Reclaim {

@@ -544,6 +544,7 @@ async fn reports_update_provisioning_and_reachability() {
                 stage: stage.into(),
                 console_tail: String::new(),
                 percent,
+                ready_line: String::new(),
             }),
         })
     };
@@ -1221,6 +1222,7 @@ async fn reports_about_other_racks_hosts_are_ignored() {
                     stage: "forged".into(),
                     console_tail: String::new(),
                     percent: 0,
+                    ready_line: String::new(),
                 }),
             }))
             .await;

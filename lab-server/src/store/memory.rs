@@ -3,8 +3,8 @@
 //! was written (commits, the largest commit, the largest prune step).
 
 use super::{
-    Batch, EventQuery, Pruned, Snapshot, Store, StoreError, Write, check_delete, check_event_seqs,
-    check_generation, check_waiter,
+    Batch, EventQuery, OutboxKey, OutboxRow, Pruned, Settle, Snapshot, Store, StoreError, Write,
+    check_delete, check_event_seqs, check_generation, check_waiter,
 };
 use crate::events::EventRecord;
 use crate::lease::{HostRecord, Lease, Waiter};
@@ -19,6 +19,7 @@ struct Data {
     leases: BTreeMap<LeaseId, Lease>,
     waiters: BTreeMap<WaiterId, Waiter>,
     events: Vec<EventRecord>,
+    outbox: BTreeMap<OutboxKey, OutboxRow>,
     /// Sequence number of the last event ever stored.
     last_seq: u64,
 }
@@ -130,6 +131,10 @@ impl Store for MemStore {
                     )?;
                     d.leases.insert(l.id, l.clone());
                 }
+                Write::Outbox(row) => {
+                    d.outbox.insert(row.key(), row.clone());
+                }
+                Write::DropOutbox { hook } => d.outbox.retain(|(_, h), _| h != hook),
             }
         }
         check_event_seqs(d.last_seq, &batch.events)?;
@@ -163,6 +168,58 @@ impl Store for MemStore {
         })
     }
 
+    fn outbox_due(&self, now: Timestamp, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let d = lock(&self.data);
+        let mut due: Vec<&OutboxRow> = d
+            .outbox
+            .values()
+            .filter(|r| r.next_attempt <= now)
+            .collect();
+        due.sort_by_key(|r| (r.next_attempt, r.seq, r.hook.clone()));
+        Ok(due.into_iter().take(limit).cloned().collect())
+    }
+
+    fn outbox_next_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(lock(&self.data)
+            .outbox
+            .values()
+            .map(|r| r.next_attempt)
+            .min())
+    }
+
+    fn outbox_settle(&self, outcomes: &[Settle]) -> Result<(), StoreError> {
+        let mut d = lock(&self.data);
+        for o in outcomes {
+            match o {
+                Settle::Delete(key) => {
+                    d.outbox.remove(key);
+                }
+                Settle::Retry(row) => {
+                    if let Some(r) = d.outbox.get_mut(&row.key()) {
+                        *r = row.clone();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.data).outbox.len() as u64)
+    }
+
+    fn outbox_trim(&self, max: u64, step: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut d = lock(&self.data);
+        let excess = (d.outbox.len() as u64).saturating_sub(max) as usize;
+        let mut removed = Vec::new();
+        for _ in 0..excess.min(step) {
+            if let Some((_, r)) = d.outbox.pop_first() {
+                removed.push(r);
+            }
+        }
+        Ok(removed)
+    }
+
     fn events(&self, query: &EventQuery) -> Result<Vec<EventRecord>, StoreError> {
         let d = lock(&self.data);
         let start = d.events.partition_point(|e| e.seq <= query.after_seq);
@@ -182,5 +239,6 @@ mod tests {
         super::super::contract::run_all(&super::MemStore::new());
         super::super::contract::waiters_and_deletes(&super::MemStore::new());
         super::super::contract::pruning(&super::MemStore::new());
+        super::super::contract::outbox(&super::MemStore::new());
     }
 }

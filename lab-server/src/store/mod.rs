@@ -10,6 +10,14 @@
 //! ([`Store::prune_events`]); ended leases are removed through the batch
 //! ([`Write::DeleteLease`]).
 //!
+//! Webhook deliveries wait in an **outbox**: a row per (event, hook)
+//! written through the batch ([`Write::Outbox`]) in the same transaction as
+//! the event, so an event that is committed is never lost to a crash
+//! before its delivery. A row carries the whole body it delivers, so
+//! retention may prune the event itself. The delivery task reads the rows
+//! that are due ([`Store::outbox_due`]), then deletes or reschedules them
+//! ([`Store::outbox_settle`]).
+//!
 //! Backends: [`redb::RedbStore`] (the embedded default) and
 //! [`memory::MemStore`] (tests; can be told to fail). A distributed backend
 //! implements the same trait without touching the lease logic.
@@ -20,6 +28,7 @@ pub mod redb;
 use crate::events::EventRecord;
 use crate::lease::{HostRecord, Lease, Waiter};
 use crate::types::{Generation, HostName, LeaseId, Timestamp, WaiterId};
+use serde::{Deserialize, Serialize};
 
 /// A store failure. The core answers UNAVAILABLE and reloads its state.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +80,56 @@ pub enum Write {
     Waiter(Waiter),
     /// A waiting request left the queue (granted or withdrawn).
     DeleteWaiter(WaiterId),
+    /// A webhook delivery to make (its event is in the same batch).
+    Outbox(OutboxRow),
+    /// Every outbox row of a hook that was removed from the configuration.
+    DropOutbox {
+        hook: String,
+    },
+}
+
+/// One webhook delivery waiting in the outbox, keyed by (event, hook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    /// The event's sequence number.
+    pub seq: u64,
+    /// The hook's name in the webhooks file.
+    pub hook: String,
+    /// Unique, the same for every attempt (`X-Lab-Delivery`).
+    pub delivery: String,
+    /// The event kind's API name (`X-Lab-Event`).
+    pub kind: String,
+    /// The JSON body, as it is signed and sent.
+    pub body: String,
+    /// When the event happened: the delivery is given up 24 h later.
+    pub created: Timestamp,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Not tried again before this time.
+    pub next_attempt: Timestamp,
+    /// Why the last attempt failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+impl OutboxRow {
+    pub fn key(&self) -> OutboxKey {
+        (self.seq, self.hook.clone())
+    }
+}
+
+/// An outbox row's key: (event seq, hook name).
+pub type OutboxKey = (u64, String);
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Delivered, given up or dropped: the row goes.
+    Delete(OutboxKey),
+    /// Failed; try again as the row now says (attempts, next attempt, last
+    /// error). Nothing happens if the row is gone meanwhile (its hook was
+    /// removed).
+    Retry(OutboxRow),
 }
 
 impl Write {
@@ -82,6 +141,8 @@ impl Write {
             Write::DeleteLease { id, .. } => format!("lease/{id}"),
             Write::Waiter(w) => format!("waiter/{}", w.id),
             Write::DeleteWaiter(id) => format!("waiter/{id}"),
+            Write::Outbox(r) => format!("outbox/{}/{}", r.seq, r.hook),
+            Write::DropOutbox { hook } => format!("outbox/*/{hook}"),
         }
     }
 }
@@ -153,6 +214,18 @@ pub trait Store: Send + Sync + 'static {
     /// `before`, in one transaction. The last event of the log is never
     /// removed, so sequence numbers continue after a restart.
     fn prune_events(&self, before: Timestamp, max: usize) -> Result<Pruned, StoreError>;
+    /// At most `limit` outbox rows whose next attempt is at or before
+    /// `now`, earliest first.
+    fn outbox_due(&self, now: Timestamp, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    /// The earliest next attempt of any outbox row.
+    fn outbox_next_due(&self) -> Result<Option<Timestamp>, StoreError>;
+    /// Apply the outcomes of delivery attempts, in one transaction.
+    fn outbox_settle(&self, outcomes: &[Settle]) -> Result<(), StoreError>;
+    /// Rows in the outbox.
+    fn outbox_len(&self) -> Result<u64, StoreError>;
+    /// Remove the oldest rows (by event) beyond `max` rows, at most
+    /// `step` in one transaction; returns the rows removed.
+    fn outbox_trim(&self, max: u64, step: usize) -> Result<Vec<OutboxRow>, StoreError>;
 }
 
 /// Events of a batch must continue the log without a gap.
@@ -409,6 +482,7 @@ pub(crate) mod contract {
             request_id: Some(crate::types::RequestId::new("r-1").unwrap()),
             queued_at: Timestamp(5),
             detached: false,
+            check: None,
         }
     }
 
@@ -593,6 +667,126 @@ pub(crate) mod contract {
                 ..all()
             }),
             [11]
+        );
+    }
+
+    pub fn row(seq: u64, hook: &str, next: i64) -> OutboxRow {
+        OutboxRow {
+            seq,
+            hook: hook.into(),
+            delivery: format!("d-{seq}-{hook}"),
+            kind: "HOST_ADDED".into(),
+            body: format!("{{\"id\":{seq}}}"),
+            created: Timestamp(seq as i64),
+            attempts: 0,
+            next_attempt: Timestamp(next),
+            last_error: None,
+        }
+    }
+
+    /// Outbox rows commit with their events (or not at all), come due in
+    /// order of next attempt, are deleted or rescheduled, outlive the
+    /// pruning of their events, go with their hook and are trimmed oldest
+    /// first. (A fresh store.)
+    pub fn outbox(store: &dyn Store) {
+        let keys = |rows: Vec<OutboxRow>| -> Vec<(u64, String)> {
+            rows.iter().map(OutboxRow::key).collect()
+        };
+        let k = |seq: u64, hook: &str| (seq, hook.to_owned());
+        store
+            .commit(&Batch {
+                writes: vec![
+                    Write::Outbox(row(1, "a", 10)),
+                    Write::Outbox(row(1, "b", 10)),
+                    Write::Outbox(row(2, "a", 5)),
+                ],
+                events: vec![
+                    event(1, EventKind::HostAdded, &["h1"]),
+                    event(2, EventKind::HostAdded, &["h2"]),
+                ],
+            })
+            .unwrap();
+        // A batch that fails leaves no row behind.
+        let err = store.commit(&Batch {
+            writes: vec![Write::Outbox(row(9, "a", 0))],
+            events: vec![event(9, EventKind::HostAdded, &[])],
+        });
+        assert!(matches!(err, Err(StoreError::EventGap { .. })), "{err:?}");
+        assert_eq!(store.outbox_len().unwrap(), 3);
+        assert_eq!(keys(store.outbox_due(Timestamp(4), 10).unwrap()), []);
+        assert_eq!(store.outbox_next_due().unwrap(), Some(Timestamp(5)));
+        assert_eq!(
+            keys(store.outbox_due(Timestamp(10), 10).unwrap()),
+            [k(2, "a"), k(1, "a"), k(1, "b")]
+        );
+        assert_eq!(
+            keys(store.outbox_due(Timestamp(10), 1).unwrap()),
+            [k(2, "a")]
+        );
+        assert_eq!(
+            store.outbox_due(Timestamp(10), 1).unwrap()[0],
+            row(2, "a", 5)
+        );
+
+        // Delivered: deleted; failed: rescheduled; a row that is gone is not
+        // brought back by a late retry.
+        let mut retry = row(1, "b", 100);
+        retry.attempts = 1;
+        retry.last_error = Some("HTTP 503".into());
+        store
+            .outbox_settle(&[
+                Settle::Delete(k(1, "a")),
+                Settle::Retry(retry.clone()),
+                Settle::Retry(row(7, "zz", 0)),
+            ])
+            .unwrap();
+        assert_eq!(store.outbox_len().unwrap(), 2);
+        assert_eq!(
+            keys(store.outbox_due(Timestamp(99), 10).unwrap()),
+            [k(2, "a")]
+        );
+        assert_eq!(store.outbox_due(Timestamp(100), 10).unwrap()[1], retry);
+
+        // Retention prunes the events; the rows carry their bodies.
+        store.prune_events(Timestamp(i64::MAX), 100).unwrap();
+        assert_eq!(store.outbox_len().unwrap(), 2);
+
+        // A removed hook's rows go with it.
+        store
+            .commit(&Batch {
+                writes: vec![
+                    Write::Outbox(row(3, "b", 0)),
+                    Write::DropOutbox { hook: "a".into() },
+                ],
+                events: vec![event(3, EventKind::HostAdded, &[])],
+            })
+            .unwrap();
+        assert_eq!(store.outbox_len().unwrap(), 2);
+        assert_eq!(
+            keys(store.outbox_due(Timestamp(1000), 10).unwrap()),
+            [k(3, "b"), k(1, "b")]
+        );
+
+        // Over the bound: the oldest events' rows go first, `step` at most.
+        store
+            .commit(&Batch {
+                writes: (4..=6).map(|s| Write::Outbox(row(s, "b", 0))).collect(),
+                events: (4..=6)
+                    .map(|s| event(s, EventKind::HostAdded, &[]))
+                    .collect(),
+            })
+            .unwrap();
+        assert_eq!(store.outbox_len().unwrap(), 5);
+        assert_eq!(
+            keys(store.outbox_trim(2, 2).unwrap()),
+            [k(1, "b"), k(3, "b")]
+        );
+        assert_eq!(keys(store.outbox_trim(2, 2).unwrap()), [k(4, "b")]);
+        assert_eq!(keys(store.outbox_trim(2, 2).unwrap()), []);
+        assert_eq!(store.outbox_len().unwrap(), 2);
+        assert_eq!(
+            keys(store.outbox_due(Timestamp(1000), 10).unwrap()),
+            [k(5, "b"), k(6, "b")]
         );
     }
 }

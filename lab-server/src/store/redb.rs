@@ -10,6 +10,12 @@
 //! | `events_by_host` | (host name, seq) | — |
 //! | `events_by_lease` | (lease id as u128, seq) | — |
 //! | `meta` | name | u64 |
+//! | `outbox` | (event seq, hook name) | JSON outbox row |
+//! | `outbox_due` | (next attempt ms, event seq, hook name) | — |
+//!
+//! `outbox_due` orders the outbox by next attempt, so the delivery task
+//! reads only the rows that are due; `meta["outbox_rows"]` counts the
+//! outbox (both written in the transaction that changes the outbox).
 //!
 //! The two index tables are written in the same transaction as the events
 //! they index, so a filtered query reads the index range and then only the
@@ -20,8 +26,8 @@
 //! concurrent changes into one commit.
 
 use super::{
-    Batch, EventQuery, Pruned, Snapshot, Store, StoreError, Write, check_delete, check_event_seqs,
-    check_generation, check_waiter,
+    Batch, EventQuery, OutboxRow, Pruned, Settle, Snapshot, Store, StoreError, Write, check_delete,
+    check_event_seqs, check_generation, check_waiter,
 };
 use crate::events::EventRecord;
 use crate::lease::{HostRecord, Lease, Waiter};
@@ -38,6 +44,11 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EVENTS_BY_HOST: TableDefinition<(&str, u64), ()> = TableDefinition::new("events_by_host");
 const EVENTS_BY_LEASE: TableDefinition<(u128, u64), ()> = TableDefinition::new("events_by_lease");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const OUTBOX: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("outbox");
+const OUTBOX_DUE: TableDefinition<(i64, u64, &str), ()> = TableDefinition::new("outbox_due");
+
+/// `meta` key: rows in the outbox.
+const OUTBOX_ROWS: &str = "outbox_rows";
 
 /// `meta` key: the last event seq the host and lease indexes cover.
 const INDEXED_THROUGH: &str = "events_indexed_through";
@@ -148,6 +159,92 @@ fn by_index(
     Ok(out)
 }
 
+/// The outbox tables open in a write transaction, and the change of its
+/// row count (saved to `meta` with [`Outbox::save`]).
+struct Outbox<'t> {
+    rows: Table<'t, (u64, &'static str), &'static [u8]>,
+    due: Table<'t, (i64, u64, &'static str), ()>,
+    op: &'static str,
+    added: i64,
+}
+
+impl<'t> Outbox<'t> {
+    fn open(txn: &'t redb::WriteTransaction, op: &'static str) -> Result<Self, StoreError> {
+        Ok(Self {
+            rows: txn.open_table(OUTBOX).map_err(backend(op))?,
+            due: txn.open_table(OUTBOX_DUE).map_err(backend(op))?,
+            op,
+            added: 0,
+        })
+    }
+
+    fn get(&self, seq: u64, hook: &str) -> Result<Option<OutboxRow>, StoreError> {
+        match self.rows.get((seq, hook)).map_err(backend(self.op))? {
+            Some(v) => Ok(Some(decode(&format!("outbox/{seq}/{hook}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Insert or replace a row (`create`: also when it is not stored).
+    fn put(&mut self, row: &OutboxRow, create: bool) -> Result<(), StoreError> {
+        match self.get(row.seq, &row.hook)? {
+            Some(old) => {
+                self.due
+                    .remove((old.next_attempt.0, old.seq, old.hook.as_str()))
+                    .map_err(backend(self.op))?;
+            }
+            None if create => self.added += 1,
+            None => return Ok(()),
+        }
+        self.rows
+            .insert((row.seq, row.hook.as_str()), encode(row).as_slice())
+            .map_err(backend(self.op))?;
+        self.due
+            .insert((row.next_attempt.0, row.seq, row.hook.as_str()), ())
+            .map_err(backend(self.op))?;
+        Ok(())
+    }
+
+    fn delete(&mut self, seq: u64, hook: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let Some(old) = self.get(seq, hook)? else {
+            return Ok(None);
+        };
+        self.rows.remove((seq, hook)).map_err(backend(self.op))?;
+        self.due
+            .remove((old.next_attempt.0, seq, hook))
+            .map_err(backend(self.op))?;
+        self.added -= 1;
+        Ok(Some(old))
+    }
+
+    fn drop_hook(&mut self, hook: &str) -> Result<(), StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.rows.iter().map_err(backend(self.op))? {
+            let (k, _) = entry.map_err(backend(self.op))?;
+            let (seq, h) = k.value();
+            if h == hook {
+                keys.push(seq);
+            }
+        }
+        for seq in keys {
+            self.delete(seq, hook)?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, meta: &mut Table<&str, u64>) -> Result<(), StoreError> {
+        if self.added != 0 {
+            let n = meta
+                .get(OUTBOX_ROWS)
+                .map_err(backend(self.op))?
+                .map_or(0, |v| v.value());
+            let n = n.saturating_add_signed(self.added);
+            meta.insert(OUTBOX_ROWS, n).map_err(backend(self.op))?;
+        }
+        Ok(())
+    }
+}
+
 impl RedbStore {
     /// Open (or create) the store file and its tables, and index events
     /// the host and lease indexes do not cover yet (a store written by an
@@ -163,6 +260,8 @@ impl RedbStore {
             txn.open_table(EVENTS_BY_HOST).map_err(backend("open"))?;
             txn.open_table(EVENTS_BY_LEASE).map_err(backend("open"))?;
             txn.open_table(META).map_err(backend("open"))?;
+            txn.open_table(OUTBOX).map_err(backend("open"))?;
+            txn.open_table(OUTBOX_DUE).map_err(backend("open"))?;
         }
         txn.commit().map_err(backend("open"))?;
         let store = Self {
@@ -236,6 +335,7 @@ impl RedbStore {
             let mut by_host = txn.open_table(EVENTS_BY_HOST).map_err(backend("commit"))?;
             let mut by_lease = txn.open_table(EVENTS_BY_LEASE).map_err(backend("commit"))?;
             let mut meta = txn.open_table(META).map_err(backend("commit"))?;
+            let mut outbox = Outbox::open(&txn, "commit")?;
             let host_generation = |hosts: &Table<&str, &[u8]>, key: &str| match hosts
                 .get(key)
                 .map_err(backend("read"))?
@@ -288,8 +388,11 @@ impl RedbStore {
                         let stored = waiters.remove(*id).map_err(backend("write"))?.is_some();
                         check_waiter(*id, false, stored)?;
                     }
+                    Write::Outbox(row) => outbox.put(row, true)?,
+                    Write::DropOutbox { hook } => outbox.drop_hook(hook)?,
                 }
             }
+            outbox.save(&mut meta)?;
             let last = events
                 .last()
                 .map_err(backend("read"))?
@@ -440,6 +543,109 @@ impl Store for RedbStore {
         txn.commit().map_err(backend(op))?;
         Ok(pruned)
     }
+
+    fn outbox_due(&self, now: Timestamp, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.outbox_due_inner(now, limit)
+    }
+
+    fn outbox_next_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        let op = "read outbox";
+        let txn = self.db.begin_read().map_err(backend(op))?;
+        let due = txn.open_table(OUTBOX_DUE).map_err(backend(op))?;
+        Ok(due
+            .first()
+            .map_err(backend(op))?
+            .map(|(k, _)| Timestamp(k.value().0)))
+    }
+
+    fn outbox_settle(&self, outcomes: &[Settle]) -> Result<(), StoreError> {
+        self.outbox_write("settle outbox", |outbox| {
+            for o in outcomes {
+                match o {
+                    Settle::Delete((seq, hook)) => {
+                        outbox.delete(*seq, hook)?;
+                    }
+                    Settle::Retry(row) => outbox.put(row, false)?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn outbox_len(&self) -> Result<u64, StoreError> {
+        let op = "read outbox";
+        let txn = self.db.begin_read().map_err(backend(op))?;
+        let meta = txn.open_table(META).map_err(backend(op))?;
+        Ok(meta
+            .get(OUTBOX_ROWS)
+            .map_err(backend(op))?
+            .map_or(0, |v| v.value()))
+    }
+
+    fn outbox_trim(&self, max: u64, step: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let len = self.outbox_len()?;
+        let excess = usize::try_from(len.saturating_sub(max)).unwrap_or(usize::MAX);
+        if excess == 0 {
+            return Ok(Vec::new());
+        }
+        self.outbox_write("trim outbox", |outbox| {
+            let mut keys = Vec::new();
+            for entry in outbox.rows.iter().map_err(backend("trim outbox"))? {
+                if keys.len() >= excess.min(step) {
+                    break;
+                }
+                let (k, _) = entry.map_err(backend("trim outbox"))?;
+                let (seq, hook) = k.value();
+                keys.push((seq, hook.to_owned()));
+            }
+            let mut removed = Vec::with_capacity(keys.len());
+            for (seq, hook) in keys {
+                removed.extend(outbox.delete(seq, &hook)?);
+            }
+            Ok(removed)
+        })
+    }
+}
+
+impl RedbStore {
+    fn outbox_write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Outbox<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(backend(op))?;
+        let out;
+        {
+            let mut meta = txn.open_table(META).map_err(backend(op))?;
+            let mut outbox = Outbox::open(&txn, op)?;
+            out = f(&mut outbox)?;
+            outbox.save(&mut meta)?;
+        }
+        txn.commit().map_err(backend(op))?;
+        Ok(out)
+    }
+
+    fn outbox_due_inner(&self, now: Timestamp, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let op = "read outbox";
+        let txn = self.db.begin_read().map_err(backend(op))?;
+        let due = txn.open_table(OUTBOX_DUE).map_err(backend(op))?;
+        let rows = txn.open_table(OUTBOX).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in due
+            .range((i64::MIN, 0, "")..(now.0.saturating_add(1), 0, ""))
+            .map_err(backend(op))?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = entry.map_err(backend(op))?;
+            let (_, seq, hook) = k.value();
+            if let Some(v) = rows.get((seq, hook)).map_err(backend(op))? {
+                out.push(decode(&format!("outbox/{seq}/{hook}"), v.value())?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -457,6 +663,8 @@ mod tests {
         super::super::contract::waiters_and_deletes(&store);
         let store = RedbStore::open(&dir.path().join("c.redb")).unwrap();
         super::super::contract::pruning(&store);
+        let store = RedbStore::open(&dir.path().join("d.redb")).unwrap();
+        super::super::contract::outbox(&store);
     }
 
     #[test]
@@ -472,6 +680,26 @@ mod tests {
         assert_eq!(snap.hosts.len(), 1);
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(snap.last_event_seq, 4);
+    }
+
+    #[test]
+    fn the_outbox_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lab.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            super::super::contract::outbox(&store);
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.outbox_len().unwrap(), 2);
+        let due = store.outbox_due(Timestamp(1000), 10).unwrap();
+        assert_eq!(
+            due,
+            [
+                super::super::contract::row(5, "b", 0),
+                super::super::contract::row(6, "b", 0)
+            ]
+        );
     }
 
     const RARE_LEASE: u128 = 77;

@@ -4,7 +4,7 @@
 //! of a host (server-sent events; the input box is shown, and input taken,
 //! only for a caller the policy lets drive the host), a lease's console log
 //! as a download, and the few actions: renew and release (the lease's
-//! holder or an operator), maintenance (operators).
+//! holder or an operator), maintenance and quarantine (operators).
 //!
 //! Every request re-authenticates the session's token with the API's
 //! authenticator, and every rule is the API's: the core and the rack
@@ -17,6 +17,7 @@ use super::session::{COOKIE, Session};
 use crate::core::policy;
 use crate::core::{CoreError, HostView};
 use crate::events::EventRecord;
+use crate::lease::machine::Health;
 use crate::lease::{HostState, Lease};
 use crate::racks::{ConsoleOpen, RackError};
 use crate::store::EventQuery;
@@ -327,10 +328,20 @@ fn host_json(v: &HostView) -> Value {
         HostState::Available => "available",
     };
     let lease = v.lease.as_ref();
+    let (health_reason, health_since) = match &r.health {
+        Health::Healthy => (None, None),
+        Health::Suspect { reason, since } => (Some(reason.clone()), Some(since.0)),
+        Health::Quarantined {
+            reason, since, by, ..
+        } => (Some(format!("{reason} (by {by})")), Some(since.0)),
+    };
     json!({
         "name": r.name.to_string(),
         "state": state,
         "maintenance": r.maintenance,
+        "health": r.health.name(),
+        "health_reason": health_reason,
+        "health_since": health_since,
         "holder": lease.map(|l| l.holder.to_string()),
         "lease": r.lease().map(|l| l.to_string()),
         "expires_at": lease.filter(|l| l.is_active()).map(|l| l.expires_at.0),
@@ -533,18 +544,27 @@ pub(super) async fn release(
     }
 }
 
+/// The body of an operator's switch on a host: on or off, and why.
 #[derive(serde::Deserialize)]
-pub(super) struct Maintenance {
+pub(super) struct Switch {
     on: bool,
     #[serde(default)]
     reason: String,
 }
 
-pub(super) async fn maintenance(
-    State(st): State<WebState>,
-    Path(name): Path<String>,
+/// Which of a host's operator switches a POST sets.
+#[derive(Clone, Copy)]
+enum HostSwitch {
+    Maintenance,
+    Quarantine,
+}
+
+async fn set_switch(
+    st: WebState,
+    name: String,
     h: HeaderMap,
-    Json(m): Json<Maintenance>,
+    m: Switch,
+    which: HostSwitch,
 ) -> Response {
     let s = refused!(st.post_signed(&h));
     let name = refused!(host_name(name));
@@ -552,15 +572,33 @@ pub(super) async fn maintenance(
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match st
-        .api
-        .core()
-        .set_maintenance(s.caller, name, m.on, reason)
-        .await
-    {
+    let core = st.api.core();
+    let done = match which {
+        HostSwitch::Maintenance => core.set_maintenance(s.caller, name, m.on, reason).await,
+        HostSwitch::Quarantine => core.set_quarantine(s.caller, name, m.on, reason).await,
+    };
+    match done {
         Ok(v) => Json(host_json(&v)).into_response(),
         Err(e) => core_err(e),
     }
+}
+
+pub(super) async fn maintenance(
+    State(st): State<WebState>,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    Json(m): Json<Switch>,
+) -> Response {
+    set_switch(st, name, h, m, HostSwitch::Maintenance).await
+}
+
+pub(super) async fn quarantine(
+    State(st): State<WebState>,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    Json(m): Json<Switch>,
+) -> Response {
+    set_switch(st, name, h, m, HostSwitch::Quarantine).await
 }
 
 #[derive(serde::Deserialize)]

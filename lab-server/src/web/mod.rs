@@ -79,6 +79,7 @@ pub fn router(state: WebState) -> Router {
             get(d::console).post(d::console_input),
         )
         .route("/api/hosts/{name}/maintenance", post(d::maintenance))
+        .route("/api/hosts/{name}/quarantine", post(d::quarantine))
         .route("/api/queue", get(d::queue))
         .route("/api/leases", get(d::leases))
         .route("/api/leases/{id}", get(d::lease))

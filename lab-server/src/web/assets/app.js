@@ -69,6 +69,10 @@ function stateBadge(s) {
   return el("span", { class: `state ${s}` }, s);
 }
 
+function healthBadge(h) {
+  return el("span", { class: `health ${h.health}` }, h.health);
+}
+
 function problem(e) {
   const p = el("p", { class: "error", role: "alert" }, String(e.message || e));
   app.prepend(p);
@@ -81,10 +85,11 @@ const render = {
   async hosts() {
     const hosts = await api("/api/hosts");
     app.replaceChildren(el("h1", {}, "Hosts"), table(
-      ["Host", "State", "Holder", "Expires", "Reachable", "Arch", "Rack", "Flags"],
+      ["Host", "State", "Health", "Holder", "Expires", "Reachable", "Arch", "Rack", "Flags"],
       hosts.map((h) => el("tr", { "data-host": h.name },
         el("td", {}, link(`/hosts/${h.name}`, h.name)),
         el("td", { class: "state-cell" }, stateBadge(h.state)),
+        el("td", { class: "health-cell", title: h.health_reason || "" }, healthBadge(h)),
         el("td", { class: "holder" }, h.holder && h.lease ? link(`/leases/${h.lease}`, h.holder) : "—"),
         el("td", {}, inTime(h.expires_at)),
         el("td", { title: h.unreachable_reason || "" }, h.reachable ? "yes" : `no: ${h.unreachable_reason}`),
@@ -161,6 +166,8 @@ const render = {
     const h = await api(`/api/hosts/${name}`);
     const details = el("dl", { id: "details" },
       el("dt", {}, "State"), el("dd", {}, stateBadge(h.state)),
+      el("dt", {}, "Health"), el("dd", { id: "health" }, healthBadge(h),
+        h.health_reason ? ` ${h.health_reason}, since ${when(h.health_since)}` : ""),
       el("dt", {}, "Holder"), el("dd", {}, h.holder && h.lease ? link(`/leases/${h.lease}`, h.holder) : "—"),
       el("dt", {}, "Expires"), el("dd", {}, h.expires_at ? `${when(h.expires_at)} (${inTime(h.expires_at)})` : "—"),
       el("dt", {}, "Reachable"), el("dd", {}, h.reachable ? "yes" : `no: ${h.unreachable_reason}`),
@@ -181,6 +188,11 @@ const render = {
         const reason = on ? prompt("Reason for maintenance?") || "" : "";
         post(`/api/hosts/${h.name}/maintenance`, { on, reason }).then(refresh, problem);
       } }, h.maintenance ? "End maintenance" : "Start maintenance"));
+      const quarantined = h.health === "quarantined";
+      actions.append(el("button", { id: "quarantine", onclick: () => {
+        const reason = quarantined ? "" : prompt("Reason for quarantine?") || "";
+        post(`/api/hosts/${h.name}/quarantine`, { on: !quarantined, reason }).then(refresh, problem);
+      } }, quarantined ? "Release from quarantine" : "Quarantine"));
     }
     const consoleBox = el("section", { id: "console-section" }, el("h2", {}, "Console"));
     app.replaceChildren(el("h1", {}, `Host ${h.name}`), details, actions, consoleBox);
