@@ -125,6 +125,15 @@ impl Principal {
         }
         Ok(Self(s))
     }
+    /// A principal named by another part of the lab — a lease's holder as
+    /// the server sends it to an agent —: any valid name, the server's own
+    /// (`server`, `lab-health`) included. Tokens and requests go through
+    /// [`Principal::new`].
+    pub fn named_by_lab(s: impl Into<String>) -> Result<Self, InvalidName> {
+        let s = s.into();
+        check_name("principal", &s)?;
+        Ok(Self(s))
+    }
     /// The server itself (expiry, reclaim, inventory reloads on SIGHUP).
     pub fn server() -> Self {
         Self("server".to_owned())
@@ -185,6 +194,16 @@ mod tests {
             e.to_string(),
             "invalid host name \"a b\": may only contain letters, digits, '-', '_' and '.'"
         );
+    }
+
+    #[test]
+    fn the_labs_own_principals_are_named_by_the_lab_only() {
+        for own in ["server", HEALTH_PRINCIPAL] {
+            assert!(Principal::new(own).is_err(), "{own}");
+            assert_eq!(Principal::named_by_lab(own).unwrap().as_str(), own);
+        }
+        assert!(Principal::named_by_lab("a b").is_err());
+        assert!(Principal::named_by_lab("").is_err());
     }
 
     #[test]

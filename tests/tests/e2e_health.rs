@@ -9,9 +9,14 @@
 //!   line as the READY report's `ready_line` (its log says so); the host
 //!   powers itself off after the line and the lease stays READY; the fault
 //!   cleared, the next health check shows about twice the memory;
+//! - the loop: with the `memory` fault `lab host check h2` (operator)
+//!   quarantines h2 with a reason naming the memory the inventory expects;
+//!   a lease of any host gets h1; the fault cleared, a second check makes
+//!   h2 healthy and grantable again;
 //! - h2 with the `nic` fault (its NIC has no PXE ROM): a lease of h2 fails
 //!   provisioning on "No bootable device", and the CLI attributes it to the
-//!   host.
+//!   host; once the lease is given back the server checks h2 by itself, the
+//!   check fails too and h2 is quarantined; requests go to h1.
 //!
 //! One lab in a box, one VM at a time. Needs what `e2e_xen.rs` needs.
 
@@ -139,6 +144,46 @@ fn health_check_facts_with_memory_and_nic_faults() {
     l.lab_ok(&["lease", "release", &id]);
     l.assert_reclaimed("h2");
 
+    // ------------------- the loop: lab host check → quarantined → healthy
+    // The operator checks h2 with the memory fault: the server leases it
+    // to itself (`lab-health`), compares the facts with the inventory's
+    // `memory_mb` and quarantines it, naming the memory.
+    l.lab.set_fault(&h2, Some(Fault::Memory));
+    let ops = l.tokens.as_ref().expect("real tokens").operator.clone();
+    lab_as(&l, &ops, &["host", "check", "h2"]);
+    l.wait_host("h2", "h2 quarantined by its health check", |v| {
+        v["health"] == "quarantined" && v["state"] == "available"
+    });
+    let shown = l.lab_ok(&["host", "show", "h2"]);
+    let reason = shown["health_reason"].as_str().unwrap_or_default();
+    eprintln!("e2e_health: lab host check h2 with fault memory: {reason}");
+    assert!(
+        reason.contains("memory") && reason.contains("1024"),
+        "the quarantine names the memory: {shown}"
+    );
+    // Never granted: a lease of any host gets h1.
+    let any = l.lab_ok(&["lease", "acquire", "--no-wait", "--ttl", "5m"]);
+    assert_eq!(any["hosts"], serde_json::json!(["h1"]), "{any}");
+    l.lab_ok(&["lease", "release", any["id"].as_str().unwrap()]);
+    // Fixed: the next check passes and h2 is healthy and granted again.
+    l.lab.set_fault(&h2, None);
+    lab_as(&l, &ops, &["host", "check", "h2"]);
+    l.wait_host("h2", "h2 healthy after a passing check", |v| {
+        v["health"] == "healthy" && v["state"] == "available"
+    });
+    let again = l.lab_ok(&[
+        "lease",
+        "acquire",
+        "--host",
+        "h2",
+        "--no-wait",
+        "--ttl",
+        "5m",
+    ]);
+    assert_eq!(again["hosts"], serde_json::json!(["h2"]), "{again}");
+    l.lab_ok(&["lease", "release", again["id"].as_str().unwrap()]);
+    l.assert_reclaimed("h2");
+
     // ------------------------------------------------ nic: no PXE, failed
     l.lab.set_fault(&h2, Some(Fault::Nic));
     let out = l
@@ -170,4 +215,41 @@ fn health_check_facts_with_memory_and_nic_faults() {
             .any(|c| c.contains("No bootable device")),
         "SeaBIOS found nothing to boot on h2"
     );
+    // A failure of the host's: once its lease is given back, the server
+    // checks h2 by itself; the check cannot boot either, and h2 is
+    // quarantined without anyone asking (its second failure within the
+    // hour: until an operator releases it). Requests go to h1.
+    let leases = l.lab_ok(&["lease", "list"]);
+    for lease in leases.as_array().into_iter().flatten() {
+        if lease["hosts"] == serde_json::json!(["h2"]) {
+            l.lab_ok(&["lease", "release", lease["id"].as_str().unwrap()]);
+        }
+    }
+    l.wait_host("h2", "h2 quarantined after the host's own failure", |v| {
+        v["health"] == "quarantined" && v["state"] == "available"
+    });
+    let shown = l.lab_ok(&["host", "show", "h2"]);
+    eprintln!(
+        "e2e_health: after the nic failure: {}",
+        shown["health_reason"]
+    );
+    let any = l.lab_ok(&["lease", "acquire", "--no-wait", "--ttl", "5m"]);
+    assert_eq!(any["hosts"], serde_json::json!(["h1"]), "{any}");
+    l.lab_ok(&["lease", "release", any["id"].as_str().unwrap()]);
+}
+
+/// `lab --json ARGS` with `token`, which must succeed.
+fn lab_as(l: &RunningLab, token: &str, args: &[&str]) -> serde_json::Value {
+    let out = l
+        .lab_command_as(token)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run lab");
+    assert!(
+        out.status.success(),
+        "lab {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }

@@ -114,7 +114,7 @@ pub fn host_spec(h: pb::AgentHost) -> Result<HostSpec, HostError> {
             None
         } else {
             Some(
-                Principal::new(h.holder).map_err(|source| HostError::Holder {
+                Principal::named_by_lab(h.holder).map_err(|source| HostError::Holder {
                     host: name.to_string(),
                     source,
                 })?,
@@ -339,6 +339,12 @@ mod tests {
         h.ssh_public_key.clear();
         let lease = host_spec(h).unwrap().lease.unwrap();
         assert_eq!((lease.holder, lease.ssh_public_key), (None, None));
+        // The server's health checks hold their leases as `lab-health`, a
+        // name no token may have: the agent takes it from the server.
+        let mut h = agent_host();
+        h.holder = "lab-health".into();
+        let lease = host_spec(h).unwrap().lease.unwrap();
+        assert_eq!(lease.holder.unwrap().as_str(), "lab-health");
     }
 
     #[test]
