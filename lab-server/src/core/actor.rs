@@ -102,6 +102,18 @@ struct Slot {
     no_wait: bool,
 }
 
+impl Slot {
+    /// The slot of the server's own health check: no client, never
+    /// withdrawn for being away.
+    fn for_check() -> Slot {
+        Slot {
+            client: None,
+            detached_until: None,
+            no_wait: false,
+        }
+    }
+}
+
 /// The request ids of recent grants: (principal, request id) → lease,
 /// bounded to [`RECENT_GRANTS`] (the oldest forgotten first).
 #[derive(Default)]
@@ -348,14 +360,7 @@ impl Actor {
             if w.check.is_some() {
                 // The server's own health check: nobody to wait for.
                 self.queue.push(w);
-                self.waiters.insert(
-                    id,
-                    Slot {
-                        client: None,
-                        detached_until: None,
-                        no_wait: false,
-                    },
-                );
+                self.waiters.insert(id, Slot::for_check());
                 continue;
             }
             w.detached = true;
@@ -1793,14 +1798,7 @@ impl Actor {
         p.batch.writes.push(Write::Waiter(w.clone()));
         *self.waiting.entry(principal).or_default() += 1;
         self.queue.push(w);
-        self.waiters.insert(
-            id,
-            Slot {
-                client: None,
-                detached_until: None,
-                no_wait: false,
-            },
-        );
+        self.waiters.insert(id, Slot::for_check());
     }
 
     /// What a check lease's provisioning says: READY with the facts line
