@@ -28,9 +28,9 @@
 //! the namespace's own loopback. No DHCP server is started here: a test adds
 //! its own (lab-agent, dnsmasq) inside the namespace, on `br0`.
 //!
-//! A host can carry a hardware fault ([`Fault`]: half the memory, a NIC
+//! A host can carry a hardware fault (`Fault`: half the memory, a NIC
 //! that drops PXE, no disk), read by `bmc-chassis.sh` at every power-on
-//! from `<host dir>/fault` ([`LabBox::set_fault`]).
+//! from `<host dir>/fault` (`LabBox::set_fault`).
 //!
 //! Teardown ([`Drop`]) kills the VMs (by pidfile), the BMCs and the relays,
 //! deletes the namespace (its bridge and taps go with it) and removes the
