@@ -448,6 +448,66 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     drop(in_tx);
     drop(out);
 
+    // ------------------------------------------------ a replay of many small chunks
+    // A serial console delivers a few bytes at a time; a new viewer's
+    // replay goes out as a few messages, not one per chunk (hundreds of
+    // them once overflowed the server's buffer for a browser viewer under
+    // load, which then lost its session on every reconnect).
+    for i in 0..300 {
+        serial.write_all(format!("line {i:03}\r\n").as_bytes()).await.unwrap();
+        serial.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    serial.write_all(b"BURST-END\r\n").await.unwrap();
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel::<pb::ConsoleRequest>(8);
+    let mut out = {
+        // Captured before the replay is asked for.
+        until("the burst captured", || {
+            let mut c = c.clone();
+            let id = l.id.clone();
+            async move { lease_log(&mut c, &id).await.contains("BURST-END").then_some(()) }
+        })
+        .await;
+        in_tx
+            .send(pb::ConsoleRequest {
+                msg: Some(pb::console_request::Msg::Open(pb::ConsoleOpen {
+                    host: "h0".into(),
+                    write: false,
+                    replay_bytes: 16 * 1024,
+                    not_before: None,
+                })),
+            })
+            .await
+            .unwrap();
+        c.hosts
+            .console(tokio_stream::wrappers::ReceiverStream::new(in_rx))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let (mut replay, mut messages) = (Vec::new(), 0);
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&replay).contains("BURST-END") {
+            if let Some(pb::console_response::Msg::Output(b)) =
+                out.message().await.unwrap().unwrap().msg
+            {
+                replay.extend_from_slice(&b);
+                messages += 1;
+            }
+        }
+    })
+    .await
+    .expect("the replay holds the burst");
+    let text = String::from_utf8_lossy(&replay);
+    assert!(text.contains("line 000") && text.contains("line 299"), "{text}");
+    assert!(
+        messages <= 8,
+        "a {}-byte replay came as {messages} messages",
+        replay.len()
+    );
+    drop(in_tx);
+    drop(out);
+
     // ------------------------------------------------ release → reclaim
     c.leases
         .release(pb::ReleaseRequest {

@@ -276,6 +276,16 @@ impl Viewer {
 
     /// The next event; `None` once the hub is closed and drained.
     pub async fn next(&mut self) -> Option<ViewerEvent> {
+        self.next_batch(1).await
+    }
+
+    /// Like [`Viewer::next`], but a data event holds every byte already
+    /// buffered after the viewer's position, up to `max` bytes (at least one
+    /// chunk): a replay or a burst of small serial chunks goes out as a few
+    /// messages rather than hundreds, so a viewer that reads a little late
+    /// does not overflow the buffers on its way. Its `ts_ms` is its first
+    /// byte's.
+    pub async fn next_batch(&mut self, max: usize) -> Option<ViewerEvent> {
         loop {
             self.head_rx.borrow_and_update();
             {
@@ -295,11 +305,23 @@ impl Viewer {
                         .partition_point(|c| c.offset + c.data.len() as u64 <= self.pos);
                     let c = &ring.chunks[idx];
                     let skip = (self.pos - c.offset) as usize;
-                    let chunk = Chunk {
+                    let first = c.data.slice(skip..);
+                    let mut chunk = Chunk {
                         offset: self.pos,
                         ts_ms: c.ts_ms,
-                        data: c.data.slice(skip..),
+                        data: first.clone(),
                     };
+                    let more = ring.chunks.range(idx + 1..);
+                    if first.len() < max && more.len() > 0 {
+                        let mut joined = bytes::BytesMut::from(&first[..]);
+                        for c in more {
+                            if joined.len() + c.data.len() > max {
+                                break;
+                            }
+                            joined.extend_from_slice(&c.data);
+                        }
+                        chunk.data = joined.freeze();
+                    }
                     self.pos += chunk.data.len() as u64;
                     return Some(ViewerEvent::Data(chunk));
                 }
@@ -394,6 +416,36 @@ mod tests {
         assert_eq!((c.offset, &c.data[..]), (6, &b"gh"[..]));
         hub.close();
         assert_eq!(v.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_joins_buffered_chunks_up_to_its_limit() {
+        let (hub, _rx) = Hub::new(HubConfig {
+            tail_bytes: 64,
+            buffer_bytes: 64,
+            input_queue: 1,
+        });
+        for (i, piece) in ["ab", "cd", "ef", "gh", "ij"].into_iter().enumerate() {
+            hub.publish(10 + i as u64, Bytes::from(piece));
+        }
+        let mut v = hub.subscribe_since(9, None);
+        // From offset 1: "b" then whole chunks while they fit in 6 bytes.
+        let c = data(v.next_batch(6).await);
+        assert_eq!((c.offset, c.ts_ms, &c.data[..]), (1, 10, &b"bcdef"[..]));
+        let c = data(v.next_batch(6).await);
+        assert_eq!((c.offset, c.ts_ms, &c.data[..]), (6, 13, &b"ghij"[..]));
+        // One chunk larger than the limit still goes out whole.
+        hub.publish(20, Bytes::from_static(b"0123456789"));
+        hub.publish(21, Bytes::from_static(b"x"));
+        let c = data(v.next_batch(4).await);
+        assert_eq!(&c.data[..], b"0123456789");
+        let c = data(v.next_batch(4).await);
+        assert_eq!((c.offset, &c.data[..]), (20, &b"x"[..]));
+        // `next` is one chunk at a time.
+        hub.publish(22, Bytes::from_static(b"y"));
+        hub.publish(23, Bytes::from_static(b"z"));
+        assert_eq!(&data(v.next().await).data[..], b"y");
+        assert_eq!(&data(v.next().await).data[..], b"z");
     }
 
     /// What `v` replays (everything up to the head).

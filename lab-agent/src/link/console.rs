@@ -36,6 +36,10 @@ pub const LOG_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_LOG_WINDOW: u32 = 64;
 /// Replay of a live session whose open names none.
 const DEFAULT_REPLAY: u64 = 16 * 1024;
+/// Most bytes of live output (or replay) sent in one session message: what
+/// is already buffered goes out joined, not one message per serial chunk
+/// (a replay is a few messages; the server buffers at most 256 per viewer).
+const LIVE_BATCH: usize = 4 * 1024;
 
 /// How many console log reads may stream at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +176,7 @@ pub async fn open_console(
     let task = tokio::spawn(async move {
         loop {
             tokio::select! {
-                ev = viewer.next() => match ev {
+                ev = viewer.next_batch(LIVE_BATCH) => match ev {
                     None => {
                         let _ = tx.send(data(id, Vec::new(), "console capture stopped", true)).await;
                         return;

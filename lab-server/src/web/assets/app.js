@@ -219,17 +219,37 @@ function openConsole(h, box) {
   const pre = el("pre", { id: "console", "aria-live": "polite" });
   const status = el("p", { id: "console-status", class: "hint" }, "connecting…");
   box.append(status, pre);
-  consoleStream = new EventSource(`/api/hosts/${h.name}/console`);
-  consoleStream.addEventListener("open", () => { status.textContent = "live (read-only view)"; });
-  consoleStream.addEventListener("output", (ev) => {
+  // Each (re)connection replays the recent output: the page shows what the
+  // newest one sent. The browser reconnects a broken stream by itself, but
+  // not one refused (e.g. too many streams open in this session, until an
+  // old one is closed): that one is reopened here, waiting longer each time.
+  let opened = 0, retry = 2000;
+  const connect = () => {
+    consoleStream = new EventSource(`/api/hosts/${h.name}/console`);
+    consoleStream.addEventListener("open", () => {
+      if (opened++ > 0) pre.textContent = "";
+      retry = 2000;
+      status.textContent = "live (read-only view)";
+    });
+    consoleStream.addEventListener("output", onOutput);
+    consoleStream.addEventListener("notice", (ev) => { status.textContent = ev.data; });
+    consoleStream.addEventListener("error", (ev) => {
+      const es = ev.target;
+      status.textContent = "console stream interrupted; reconnecting…";
+      if (es.readyState === EventSource.CLOSED && es === consoleStream) {
+        setTimeout(() => { if (es === consoleStream) connect(); }, retry);
+        retry = Math.min(retry * 2, 30000);
+      }
+    });
+  };
+  const onOutput = (ev) => {
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.append(stripAnsi(JSON.parse(ev.data)));
     // Keep at most ~256 KiB on the page.
     if (pre.textContent.length > 262144) pre.textContent = pre.textContent.slice(-196608);
     if (atBottom) pre.scrollTop = pre.scrollHeight;
-  });
-  consoleStream.addEventListener("notice", (ev) => { status.textContent = ev.data; });
-  consoleStream.addEventListener("error", () => { status.textContent = "console stream interrupted; reconnecting…"; });
+  };
+  connect();
 }
 
 function updateConsoleControls(h) {
