@@ -454,7 +454,10 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     // them once overflowed the server's buffer for a browser viewer under
     // load, which then lost its session on every reconnect).
     for i in 0..300 {
-        serial.write_all(format!("line {i:03}\r\n").as_bytes()).await.unwrap();
+        serial
+            .write_all(format!("line {i:03}\r\n").as_bytes())
+            .await
+            .unwrap();
         serial.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -465,7 +468,12 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
         until("the burst captured", || {
             let mut c = c.clone();
             let id = l.id.clone();
-            async move { lease_log(&mut c, &id).await.contains("BURST-END").then_some(()) }
+            async move {
+                lease_log(&mut c, &id)
+                    .await
+                    .contains("BURST-END")
+                    .then_some(())
+            }
         })
         .await;
         in_tx
@@ -499,7 +507,10 @@ async fn a_lease_is_provisioned_watched_driven_and_reclaimed_through_the_agent()
     .await
     .expect("the replay holds the burst");
     let text = String::from_utf8_lossy(&replay);
-    assert!(text.contains("line 000") && text.contains("line 299"), "{text}");
+    assert!(
+        text.contains("line 000") && text.contains("line 299"),
+        "{text}"
+    );
     assert!(
         messages <= 8,
         "a {}-byte replay came as {messages} messages",
