@@ -1,5 +1,9 @@
 //! Compiles `lab/v1/*.proto` in pure Rust (protox): no `protoc` needed.
 //! Also writes the encoded descriptor set that gRPC reflection serves.
+//!
+//! The vendored etcd v3 protos under `etcd/api/` (see the comment at the
+//! top of each) are compiled the same way, client side only, for
+//! lab-server's etcd store; they are not part of the reflection set.
 
 use prost::Message;
 use std::path::PathBuf;
@@ -19,5 +23,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Carries a BMC password: its Debug is written by hand, redacted.
         .skip_debug([".lab.v1.Bmc"])
         .compile_fds(fds)?;
+
+    let etcd = [
+        "etcd/api/etcdserverpb/rpc.proto",
+        "etcd/api/mvccpb/kv.proto",
+        "etcd/api/authpb/auth.proto",
+    ];
+    for f in etcd {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        // Carry passwords and tokens: their Debug is written by hand.
+        .skip_debug([
+            ".etcdserverpb.AuthenticateRequest",
+            ".etcdserverpb.AuthenticateResponse",
+        ])
+        .compile_fds(protox::compile(etcd, ["."])?)?;
     Ok(())
 }

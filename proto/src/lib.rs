@@ -3,7 +3,9 @@
 //! The `.proto` files live in `proto/lab/v1/`; `build.rs` compiles them with
 //! protox (pure Rust, no `protoc`). This crate exposes the generated messages,
 //! clients and servers, the encoded descriptor set for gRPC reflection, and a
-//! few conversions between protobuf well-known types and std types.
+//! few conversions between protobuf well-known types and std types; and,
+//! client side only, the etcd v3 API vendored under `proto/etcd/`
+//! ([`etcd`]) for lab-server's etcd store.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +13,46 @@
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
     tonic::include_proto!("lab.v1");
+}
+
+/// The etcd v3 API, client side only (lab-server's etcd store), from the
+/// protos vendored under `proto/etcd/api/` (etcd v3.5, annotations
+/// stripped; the wire format is that of etcd 3.4 and 3.5 alike).
+pub mod etcd {
+    #![allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+    /// `mvccpb`: keys, values and their revisions.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// `authpb`: users, roles and permissions.
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    /// `etcdserverpb`: the KV, Watch, Lease, Cluster, Maintenance and Auth
+    /// services.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+
+    /// Never prints the password.
+    impl std::fmt::Debug for etcdserverpb::AuthenticateRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("AuthenticateRequest")
+                .field("name", &self.name)
+                .field("password", &"***")
+                .finish()
+        }
+    }
+
+    /// Never prints the token.
+    impl std::fmt::Debug for etcdserverpb::AuthenticateResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("AuthenticateResponse")
+                .field("header", &self.header)
+                .field("token", &"***")
+                .finish()
+        }
+    }
 }
 
 /// The BMC access an agent receives: printed without its password, so
