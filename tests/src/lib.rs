@@ -3,13 +3,14 @@
 //! temporary store) or as a real child process (killed on drop, logs kept),
 //! and authenticated gRPC clients; [`history`], the checker that replays an
 //! event log; [`crash_loop`], SIGKILLs under load with everything
-//! acknowledged checked afterwards; [`netns`]: network namespaces and the
+//! acknowledged checked afterwards; [`etcd`], a throwaway etcd cluster; [`netns`]: network namespaces and the
 //! clients run in them.
 
 pub mod agent;
 pub mod browser;
 pub mod console_lab;
 pub mod crash_loop;
+pub mod etcd;
 pub mod history;
 pub mod netns;
 

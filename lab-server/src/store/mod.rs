@@ -18,10 +18,13 @@
 //! that are due ([`Store::outbox_due`]), then deletes or reschedules them
 //! ([`Store::outbox_settle`]).
 //!
-//! Backends: [`redb::RedbStore`] (the embedded default) and
-//! [`memory::MemStore`] (tests; can be told to fail). A distributed backend
-//! implements the same trait without touching the lease logic.
+//! Backends: [`redb::RedbStore`] (the embedded default),
+//! [`etcd::EtcdStore`] (replicas on several sites, docs/multi-site.md) and
+//! [`memory::MemStore`] (tests; can be told to fail). The conformance
+//! tests every backend passes are in `contract` (also built with the
+//! feature `store-contract`, for the etcd suite of the lab-tests crate).
 
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 
@@ -49,6 +52,10 @@ pub enum StoreError {
     EventGap { expected: u64, got: u64 },
     #[error("waiter {id} is {}", if *.stored { "already stored" } else { "not stored" })]
     WaiterConflict { id: WaiterId, stored: bool },
+    /// The etcd store's leader fence failed: this server's election key is
+    /// gone or was created again, so another server may be the leader.
+    #[error("this server is no longer the leader: its election key {key} is gone")]
+    Fenced { key: String },
     #[error("storage backend failed during {op}")]
     Backend {
         op: &'static str,
@@ -289,8 +296,9 @@ fn check_waiter(id: WaiterId, write: bool, stored: bool) -> Result<(), StoreErro
     }
 }
 
-#[cfg(test)]
-pub(crate) mod contract {
+#[cfg(any(test, feature = "store-contract"))]
+#[allow(clippy::missing_panics_doc)]
+pub mod contract {
     //! Tests every backend must pass.
     use super::*;
     use crate::events::EventKind;
