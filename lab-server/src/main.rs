@@ -15,9 +15,12 @@ use lab_server::grpc::{self, Api};
 use lab_server::health::Rules;
 use lab_server::inventory::Inventory;
 use lab_server::racks::{ForwardLimits, RackRegistry};
+use lab_server::store::Store;
+use lab_server::store::etcd::{EtcdConfig, EtcdStore};
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
 use lab_server::webhooks::{SharedWebhooks, Webhooks};
+use lab_types::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +51,41 @@ struct Args {
     /// Directory of the durable store (`lab.redb`).
     #[arg(long, env = "LAB_DATA_DIR", default_value = ".lab-data")]
     data_dir: PathBuf,
+    /// Where the state lives: `redb` (one server, in --data-dir) or `etcd`
+    /// (replicas on several sites; docs/multi-site.md).
+    #[arg(long, env = "LAB_STORE", value_enum, default_value = "redb")]
+    store: StoreKind,
+    /// etcd client URLs (`http://` or `https://`), comma-separated.
+    #[arg(
+        long,
+        env = "LAB_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL[,URL...]"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Every key of the lab in etcd is under this prefix.
+    #[arg(long, env = "LAB_ETCD_PREFIX", default_value = "/lab/")]
+    etcd_prefix: String,
+    /// CA certificate (PEM) of https:// etcd endpoints (else the system's roots).
+    #[arg(long, env = "LAB_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth; needs --etcd-key.
+    #[arg(long, env = "LAB_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "LAB_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; its password comes from --etcd-password-file or the
+    /// environment variable LAB_ETCD_PASSWORD, never the command line.
+    #[arg(long, env = "LAB_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (trailing newlines removed).
+    #[arg(long, env = "LAB_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Most operations in one etcd transaction; must not exceed etcd's
+    /// --max-txn-ops (raise that: docs/multi-site.md).
+    #[arg(long, env = "LAB_ETCD_MAX_TXN_OPS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(16..))]
+    etcd_max_txn_ops: u32,
     /// Tokens file mapping token digests to principals and roles.
     #[arg(long, env = "LAB_TOKENS")]
     tokens: Option<PathBuf>,
@@ -129,6 +167,13 @@ struct Args {
     expiry_warning: Duration,
 }
 
+/// The store backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Redb,
+    Etcd,
+}
+
 /// A duration, or `off`.
 #[derive(Debug, Clone, Copy)]
 struct OffDuration(Option<Duration>);
@@ -199,6 +244,74 @@ fn main() -> Result<()> {
         .block_on(run(args))
 }
 
+/// The store `--store` names: redb in --data-dir, or etcd.
+async fn open_store(args: &Args) -> Result<Arc<dyn Store>> {
+    match args.store {
+        StoreKind::Redb => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+            let db_path = args.data_dir.join("lab.redb");
+            let store = RedbStore::open(&db_path)
+                .map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
+            Ok(Arc::new(store))
+        }
+        StoreKind::Etcd => {
+            let config = etcd_config(args)?;
+            let endpoints = config.endpoints.join(",");
+            info!(endpoints = %endpoints, prefix = %config.prefix, user = ?config.user, "connecting to etcd");
+            // Connecting waits for an answer: off the async workers.
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(config))
+                .await?
+                .map_err(|e| anyhow::anyhow!("etcd {endpoints}: {}", error_chain(&e)))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The etcd options as a client configuration; the password from its file
+/// or LAB_ETCD_PASSWORD.
+fn etcd_config(args: &Args) -> Result<EtcdConfig> {
+    if args.etcd_endpoints.is_empty() {
+        bail!("--store etcd needs --etcd-endpoints URL[,URL...]");
+    }
+    for url in &args.etcd_endpoints {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--etcd-endpoints: {url} is not an http:// or https:// URL");
+        }
+    }
+    if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
+        bail!("--etcd-prefix must start and end with '/' (like /lab/)");
+    }
+    let mut config = EtcdConfig::new(args.etcd_endpoints.clone());
+    config.prefix = args.etcd_prefix.clone();
+    config.ca = args.etcd_ca.clone();
+    config.cert = args.etcd_cert.clone();
+    config.key = args.etcd_key.clone();
+    config.max_txn_ops = args.etcd_max_txn_ops as usize;
+    if let Some(user) = &args.etcd_user {
+        let password = match (
+            &args.etcd_password_file,
+            std::env::var_os("LAB_ETCD_PASSWORD"),
+        ) {
+            (Some(path), _) => {
+                let mut p = Secret::new(
+                    std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                );
+                p.trim_trailing_newlines();
+                p
+            }
+            (None, Some(v)) => Secret::new(v.into_encoded_bytes()),
+            (None, None) => bail!(
+                "--etcd-user needs a password: --etcd-password-file PATH or LAB_ETCD_PASSWORD"
+            ),
+        };
+        config.user = Some(user.clone());
+        config.password = Some(password);
+    }
+    Ok(config)
+}
+
 /// `token new`: a fresh token, printed with its entry, or added to the
 /// tokens file with only the token printed.
 fn token_new(principal: &str, role: Role, tokens_file: Option<&std::path::Path>) -> Result<()> {
@@ -250,11 +363,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let inventory =
         Inventory::load(&args.inventory).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
-    let db_path = args.data_dir.join("lab.redb");
-    let store = RedbStore::open(&db_path)
-        .map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
+    let store = open_store(&args).await?;
     if args.default_ttl > args.max_ttl {
         bail!("--default-ttl must not exceed --max-ttl");
     }
@@ -303,7 +412,7 @@ async fn run(args: Args) -> Result<()> {
         per_lease: usize::from(args.forwards_per_lease),
         idle_timeout: args.forward_idle_timeout,
     });
-    let (core, actor) = Core::start(config, Arc::new(store), inventory, racks.reclaimer(), clock)
+    let (core, actor) = Core::start(config, store, inventory, racks.reclaimer(), clock)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let (webhooks_tx, webhooks_rx) = tokio::sync::watch::channel(webhooks);
@@ -406,7 +515,11 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    info!(%addr, data = %db_path.display(), inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
+    let data = match args.store {
+        StoreKind::Redb => args.data_dir.join("lab.redb").display().to_string(),
+        StoreKind::Etcd => format!("etcd {}{}", args.etcd_endpoints.join(","), args.etcd_prefix),
+    };
+    info!(%addr, %data, inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
     println!("lab-server listening on {addr}");
     let web_listener = tokio::net::TcpListener::bind(args.web_listen)
         .await

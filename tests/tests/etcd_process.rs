@@ -1,0 +1,109 @@
+//! lab-server on a 3-member etcd (Debian's `etcd-server` on loopback), as
+//! real processes driven through the real `lab` CLI: a lease acquired, the
+//! etcd leader SIGKILLed, then the lease renewed and released and a new one
+//! granted — writes stall while etcd elects a new leader, then go on.
+
+use lab_tests::etcd::EtcdCluster;
+use lab_tests::{ServerProcess, bin_path, inventory_toml};
+use std::process::Command;
+use std::time::Instant;
+
+fn lab(server: &ServerProcess, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path("lab"))
+        .args(args)
+        .env("LAB_SERVER", format!("http://{}", server.addr))
+        .env("LAB_TOKEN", token)
+        .output()
+        .expect("run lab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn spawn_on_etcd(dir: &std::path::Path, cluster: &EtcdCluster, name: &str) -> ServerProcess {
+    let inventory = dir.join("inventory.toml");
+    if !inventory.exists() {
+        std::fs::write(&inventory, inventory_toml(2)).unwrap();
+    }
+    ServerProcess::spawn(
+        &[
+            "--dev-insecure-no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--inventory",
+            &inventory.to_string_lossy(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &cluster.endpoints(),
+        ],
+        &dir.join(format!("{name}.log")),
+    )
+    .unwrap()
+}
+
+#[test]
+fn leases_go_on_when_the_etcd_leader_is_killed() {
+    let mut cluster = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_on_etcd(dir.path(), &cluster, "server");
+
+    let (code, out, err) = lab(
+        &server,
+        "alice",
+        &["--json", "lease", "acquire", "--ttl", "10m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_str().unwrap().to_owned();
+
+    let leader = cluster.leader().expect("etcd has a leader");
+    cluster.kill(leader);
+    let killed = Instant::now();
+
+    let (code, out, err) = lab(
+        &server,
+        "alice",
+        &["--json", "lease", "renew", &id, "--ttl", "20m"],
+    );
+    let stall = killed.elapsed();
+    assert_eq!(code, 0, "renew after the etcd leader died: {err}");
+    assert_eq!(json(&out)["state"], "active");
+    eprintln!("renew answered {stall:?} after the etcd leader was killed");
+    assert!(
+        cluster.leader().is_some(),
+        "the two others elected a leader"
+    );
+
+    let (code, _, err) = lab(&server, "alice", &["lease", "release", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = lab(
+        &server,
+        "bob",
+        &["--json", "lease", "acquire", "--count", "2", "--ttl", "10m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["hosts"].as_array().unwrap().len(), 2);
+
+    // Everything acknowledged is in etcd: a second server on the same
+    // cluster loads it (the first one stopped).
+    drop(server);
+    let again = spawn_on_etcd(dir.path(), &cluster, "again");
+    let (code, out, err) = lab(&again, "alice", &["--json", "lease", "show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["state"], "released");
+    let (code, out, _) = lab(&again, "alice", &["hosts"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().filter(|l| l.contains("bob")).count(),
+        2,
+        "{out}"
+    );
+}
