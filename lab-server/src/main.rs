@@ -16,6 +16,7 @@ use lab_server::health::Rules;
 use lab_server::inventory::Inventory;
 use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::Store;
+use lab_server::store::etcd::election::Election;
 use lab_server::store::etcd::{EtcdConfig, EtcdStore};
 use lab_server::store::redb::RedbStore;
 use lab_server::types::{Caller, Principal, Role};
@@ -82,6 +83,10 @@ struct Args {
     /// File holding the etcd user's password (trailing newlines removed).
     #[arg(long, env = "LAB_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     etcd_password_file: Option<PathBuf>,
+    /// With --store etcd: the URL clients are sent to while this server
+    /// leads (default: http(s)://<the --listen address>).
+    #[arg(long, env = "LAB_ADVERTISE", value_name = "URL")]
+    advertise: Option<String>,
     /// Most operations in one etcd transaction; must not exceed etcd's
     /// --max-txn-ops (raise that: docs/multi-site.md).
     #[arg(long, env = "LAB_ETCD_MAX_TXN_OPS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(16..))]
@@ -245,7 +250,7 @@ fn main() -> Result<()> {
 }
 
 /// The store `--store` names: redb in --data-dir, or etcd.
-async fn open_store(args: &Args) -> Result<Arc<dyn Store>> {
+async fn open_store(args: &Args) -> Result<(Arc<dyn Store>, Option<Arc<EtcdStore>>)> {
     match args.store {
         StoreKind::Redb => {
             std::fs::create_dir_all(&args.data_dir)
@@ -253,7 +258,7 @@ async fn open_store(args: &Args) -> Result<Arc<dyn Store>> {
             let db_path = args.data_dir.join("lab.redb");
             let store = RedbStore::open(&db_path)
                 .map_err(|e| anyhow::anyhow!("{}: {}", db_path.display(), error_chain(&e)))?;
-            Ok(Arc::new(store))
+            Ok((Arc::new(store), None))
         }
         StoreKind::Etcd => {
             let config = etcd_config(args)?;
@@ -263,7 +268,8 @@ async fn open_store(args: &Args) -> Result<Arc<dyn Store>> {
             let store = tokio::task::spawn_blocking(move || EtcdStore::connect(config))
                 .await?
                 .map_err(|e| anyhow::anyhow!("etcd {endpoints}: {}", error_chain(&e)))?;
-            Ok(Arc::new(store))
+            let store = Arc::new(store);
+            Ok((store.clone(), Some(store)))
         }
     }
 }
@@ -363,12 +369,109 @@ async fn run(args: Args) -> Result<()> {
     };
     let inventory =
         Inventory::load(&args.inventory).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let store = open_store(&args).await?;
+    let (store, etcd) = open_store(&args).await?;
     if args.default_ttl > args.max_ttl {
         bail!("--default-ttl must not exceed --max-ttl");
     }
     if args.max_ttl > args.max_lifetime {
         bail!("--max-ttl must not exceed --max-lifetime");
+    }
+    let web_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            lab_client::web::WebTls::from_pem_files(cert, key)
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        ),
+        _ => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read(p).with_context(|| format!("cannot read TLS {what} {}", p.display()))
+            };
+            let identity =
+                tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+            Some(tonic::transport::ServerTlsConfig::new().identity(identity))
+        }
+        _ => {
+            if !args.listen.ip().is_loopback() {
+                warn!(listen = %args.listen, "serving without TLS on a non-loopback address: tokens and BMC passwords (sent to agents) cross the network in clear text; use --tls-cert/--tls-key");
+            }
+            None
+        }
+    };
+    let scheme = if tls.is_some() { "TLS" } else { "plaintext" };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let data = match args.store {
+        StoreKind::Redb => args.data_dir.join("lab.redb").display().to_string(),
+        StoreKind::Etcd => format!("etcd {}{}", args.etcd_endpoints.join(","), args.etcd_prefix),
+    };
+    let web_listener = tokio::net::TcpListener::bind(args.web_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--web-listen)", args.web_listen))?;
+    let web_addr = web_listener.local_addr()?;
+    let web_scheme = if web_tls.is_some() { "https" } else { "http" };
+    // Said once the server answers: with redb when the core has started;
+    // with etcd at once (a standby answers too).
+    let announce = || {
+        info!(%addr, %data, inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
+        info!(addr = %web_addr, transport = scheme, "web port listening (/metrics, dashboard)");
+        // Scripts read the first line only; a closed stdout is no error.
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "lab-server listening on {addr}");
+        let _ = writeln!(
+            out,
+            "lab-server web listening on {web_addr} ({web_scheme}://{web_addr}/)"
+        );
+        let _ = out.flush();
+    };
+    // With etcd: a standby until elected (every call answered UNAVAILABLE
+    // with the leader's address), then the leader, its writes fenced.
+    let mut listener = listener;
+    let mut leadership = None;
+    if let Some(etcd) = &etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let me = args
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
+        let election = Election::new(etcd.client(), etcd.prefix(), me.clone());
+        let (leader_tx, leader_rx) = tokio::sync::watch::channel(None);
+        let shared = listener.into_std()?;
+        let standby_listener = tokio::net::TcpListener::from_std(shared.try_clone()?)?;
+        listener = tokio::net::TcpListener::from_std(shared)?;
+        let (standby_stop, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+        let standby = tokio::spawn(grpc::standby::serve_standby(
+            standby_listener,
+            tls.clone(),
+            leader_rx,
+            async move {
+                let _ = standby_stopped.await;
+            },
+        ));
+        announce();
+        info!(advertise = %me, "standby: campaigning for the lead (etcd election)");
+        let won = tokio::select! {
+            won = election.until_leader(&leader_tx) => won,
+            () = shutdown_signal() => {
+                let _ = standby_stop.send(());
+                let _ = standby.await;
+                info!("lab-server stopped (standby)");
+                return Ok(());
+            }
+        };
+        let _ = standby_stop.send(());
+        let _ = standby.await;
+        info!(
+            advertise = %me,
+            fence = won.fence.create_revision,
+            "elected the leader: loading the state from etcd"
+        );
+        etcd.set_fence(Some(won.fence.clone()));
+        leadership = Some(won);
     }
     let mut config = CoreConfig::new(args.inventory.clone());
     config.max_ttl = args.max_ttl;
@@ -487,55 +590,8 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
-    let web_tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            lab_client::web::WebTls::from_pem_files(cert, key)
-                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
-        ),
-        _ => None,
-    };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let read = |p: &PathBuf, what: &str| {
-                std::fs::read(p).with_context(|| format!("cannot read TLS {what} {}", p.display()))
-            };
-            let identity =
-                tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
-            Some(tonic::transport::ServerTlsConfig::new().identity(identity))
-        }
-        _ => {
-            if !args.listen.ip().is_loopback() {
-                warn!(listen = %args.listen, "serving without TLS on a non-loopback address: tokens and BMC passwords (sent to agents) cross the network in clear text; use --tls-cert/--tls-key");
-            }
-            None
-        }
-    };
-    let scheme = if tls.is_some() { "TLS" } else { "plaintext" };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let data = match args.store {
-        StoreKind::Redb => args.data_dir.join("lab.redb").display().to_string(),
-        StoreKind::Etcd => format!("etcd {}{}", args.etcd_endpoints.join(","), args.etcd_prefix),
-    };
-    info!(%addr, %data, inventory = %args.inventory.display(), transport = scheme, "lab-server listening");
-    println!("lab-server listening on {addr}");
-    let web_listener = tokio::net::TcpListener::bind(args.web_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--web-listen)", args.web_listen))?;
-    let web_addr = web_listener.local_addr()?;
-    let web_scheme = if web_tls.is_some() { "https" } else { "http" };
-    info!(addr = %web_addr, transport = scheme, "web port listening (/metrics, dashboard)");
-    {
-        // Scripts read the first line only; a closed stdout is no error.
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "lab-server web listening on {web_addr} ({web_scheme}://{web_addr}/)"
-        );
-        let _ = out.flush();
+    if etcd.is_none() {
+        announce();
     }
     let api = Api::with_racks(core, auth, args.default_ttl, racks);
     let (web_stop_tx, web_stop_rx) = tokio::sync::watch::channel(false);
@@ -565,8 +621,20 @@ async fn run(args: Args) -> Result<()> {
         let _ = stop_tx.send(true);
         let _ = web_stop_tx.send(true);
     });
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = serve => r.map_err(|e| anyhow::anyhow!("gRPC server failed: {e}"))?,
+        () = lost => {
+            error!("lost the lead (the etcd election lease is gone): stopping; start again as a standby");
+            web.abort();
+            drop(actor);
+            bail!("lost the etcd leadership");
+        }
         () = async {
             let _ = stop_rx.wait_for(|stop| *stop).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -574,6 +642,10 @@ async fn run(args: Args) -> Result<()> {
     }
     web.abort();
     drop(actor);
+    if let Some(l) = leadership {
+        // A standby takes over at once rather than after the lease's TTL.
+        l.resign().await;
+    }
     info!("lab-server stopped");
     Ok(())
 }

@@ -186,6 +186,35 @@ impl EtcdCluster {
         None
     }
 
+    /// Revoke the etcd lease the key `key` is attached to (what happens to
+    /// a leader cut off from etcd for a TTL, at once). Returns the lease id.
+    pub fn revoke_lease_of(&self, key: &str) -> Result<String> {
+        let port = self
+            .members
+            .iter()
+            .find(|m| m.child.is_some())
+            .context("no member runs")?
+            .client_port;
+        let body = http_post(
+            port,
+            "POST",
+            "/v3/kv/range",
+            &format!("{{\"key\":\"{}\"}}", base64(key.as_bytes())),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let lease = v["kvs"][0]["lease"]
+            .as_str()
+            .with_context(|| format!("{key} has no lease: {body}"))?
+            .to_owned();
+        http_post(
+            port,
+            "POST",
+            "/v3/lease/revoke",
+            &format!("{{\"ID\":\"{lease}\"}}"),
+        )?;
+        Ok(lease)
+    }
+
     /// SIGKILL member `i` (its process group).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
@@ -252,4 +281,33 @@ fn http_post(port: u16, method: &str, path: &str, body: &str) -> Result<String> 
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
+}
+
+/// Standard base64 (the HTTP gateway's encoding of bytes).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_as_the_gateway_wants() {
+        assert_eq!(super::base64(b"/lab/e"), "L2xhYi9l");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b"a"), "YQ==");
+    }
 }

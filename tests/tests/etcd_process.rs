@@ -107,3 +107,83 @@ fn leases_go_on_when_the_etcd_leader_is_killed() {
         "{out}"
     );
 }
+
+/// Until `f` is true, polling (a deadline, no fixed sleep).
+fn until(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn one_leader_a_standby_that_takes_over_and_a_fenced_leader_that_stops() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = spawn_on_etcd(dir.path(), &cluster, "a");
+    until("a leads", std::time::Duration::from_secs(20), || {
+        lab(&a, "alice", &["hosts"]).0 == 0
+    });
+    let b = spawn_on_etcd(dir.path(), &cluster, "b");
+
+    // The standby answers UNAVAILABLE, naming the leader (message and
+    // metadata), and is NOT_SERVING to health checks.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let mut c = lab_tests::Clients::connect(b.addr, Some("alice"))
+            .await
+            .unwrap();
+        c.hosts
+            .list_hosts(lab_proto::v1::ListHostsRequest::default())
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let leader = format!("http://{}", a.addr);
+    assert!(status.message().contains(&leader), "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("lab-leader")
+            .and_then(|v| v.to_str().ok()),
+        Some(leader.as_str())
+    );
+
+    let (code, out, err) = lab(&a, "alice", &["--json", "lease", "acquire", "--ttl", "10m"]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_str().unwrap().to_owned();
+
+    // The leader dies: the standby takes over within the election TTL,
+    // with the state.
+    a.kill();
+    let took = until("b takes over", std::time::Duration::from_secs(20), || {
+        lab(&b, "alice", &["hosts"]).0 == 0
+    });
+    eprintln!("the standby answered {took:?} after the leader's SIGKILL");
+    let (code, out, err) = lab(&b, "alice", &["--json", "lease", "show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["state"], "active");
+
+    // Its election lease revoked under it (a leader cut off from etcd for
+    // a TTL): its writes are fenced and it stops.
+    let mut b = b;
+    cluster.revoke_lease_of("/lab/election/leader").unwrap();
+    let (code, _, err) = lab(&b, "alice", &["lease", "renew", &id, "--ttl", "20m"]);
+    let status = until("b stops", std::time::Duration::from_secs(20), || {
+        b.child.try_wait().unwrap().is_some()
+    });
+    eprintln!("renew on the fenced leader: exit {code} ({err}); it stopped within {status:?}");
+    assert!(!b.child.wait().unwrap().success());
+    assert!(
+        b.log_text().contains("lost the etcd leadership"),
+        "{}",
+        b.log_text()
+    );
+    assert_ne!(code, 0, "a fenced leader acknowledged a renewal");
+}

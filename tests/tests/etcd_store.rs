@@ -3,10 +3,12 @@
 //! tests every backend passes, each on a fresh key prefix, and what is
 //! particular to etcd — a batch far over etcd's default 128 operations
 //! still commits as one transaction, and one over lab-server's own limit is
-//! refused before it is sent.
+//! refused before it is sent; and the leader's fence: once its election
+//! lease is revoked, a running leader's next commit fails.
 
 use lab_server::events::{EventKind, EventRecord};
 use lab_server::lease::HostRecord;
+use lab_server::store::etcd::election::{Campaign, Election};
 use lab_server::store::etcd::{EtcdConfig, EtcdStore};
 use lab_server::store::{Batch, Store, StoreError, Write, contract};
 use lab_server::types::{HostName, Principal, Timestamp};
@@ -67,4 +69,57 @@ fn the_store_contract_holds_on_etcd() {
         .unwrap_or_default();
     assert!(chain.contains("max-txn-ops"), "{chain}");
     assert_eq!(small.load().unwrap().hosts.len(), 0, "nothing landed");
+}
+
+#[test]
+fn a_deposed_leader_cannot_commit() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = store(&cluster, "fence", 16_384);
+    let b = store(&cluster, "fence", 16_384);
+    let election_a = Election::new(a.client(), a.prefix(), "http://a:7621".into());
+    let election_b = Election::new(b.client(), b.prefix(), "http://b:7621".into());
+
+    let Campaign::Won(leadership) = rt.block_on(election_a.campaign()).unwrap() else {
+        panic!("the first campaign wins");
+    };
+    a.set_fence(Some(leadership.fence.clone()));
+    let Campaign::Lost { leader } = rt.block_on(election_b.campaign()).unwrap() else {
+        panic!("a second campaign loses while the leader lives");
+    };
+    assert_eq!(leader.as_deref(), Some("http://a:7621"));
+    a.commit(&hosts_batch(1)).unwrap();
+
+    // The lease goes (as when the leader is cut off for a TTL): the
+    // leader's next commit is refused, and nothing of it lands.
+    rt.block_on(a.client().lease_revoke(leadership.lease))
+        .unwrap();
+    let mut next = hosts_batch(2);
+    next.writes.remove(0);
+    next.events.remove(0);
+    let err = a.commit(&next).unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    assert_eq!(a.load().unwrap().hosts.len(), 1);
+
+    // A new leader's fence is not the old one's: the old leader stays
+    // fenced out, the new one commits.
+    let Campaign::Won(new) = rt.block_on(election_b.campaign()).unwrap() else {
+        panic!("the key is free again");
+    };
+    assert_ne!(new.fence, leadership.fence);
+    b.set_fence(Some(new.fence.clone()));
+    assert!(matches!(a.commit(&next), Err(StoreError::Fenced { .. })));
+    b.commit(&next).unwrap();
+    assert_eq!(b.load().unwrap().hosts.len(), 2);
+    // And the old leader knows it lost: its keep-alive finds the lease gone.
+    let mut old = leadership;
+    rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), old.lost())
+            .await
+            .expect("the keep-alive notices the revoked lease")
+    });
 }

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod convert;
+pub mod standby;
 pub mod status;
 
 use crate::auth::{AuthError, Authenticator};

@@ -50,6 +50,7 @@
 //! `--etcd-max-txn-ops`.
 
 pub mod client;
+pub mod election;
 
 use super::{
     Batch, EventQuery, OutboxRow, Pruned, Settle, Snapshot, Store, StoreError, Write, check_delete,
@@ -536,7 +537,7 @@ impl EtcdStore {
         // Keys written without a compare (event log, indexes, outbox_due):
         // Some = put, None = delete; the last word per key wins.
         let mut derived: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        fn slot<'a>(slots: &'a mut BTreeMap<Vec<u8>, Slot>, key: Vec<u8>) -> &'a mut Slot {
+        fn slot(slots: &mut BTreeMap<Vec<u8>, Slot>, key: Vec<u8>) -> &mut Slot {
             slots.entry(key).or_insert(Slot {
                 rev: 0,
                 value: None,
