@@ -1,7 +1,10 @@
 //! lab-server on a 3-member etcd (Debian's `etcd-server` on loopback), as
 //! real processes driven through the real `lab` CLI: a lease acquired, the
 //! etcd leader SIGKILLed, then the lease renewed and released and a new one
-//! granted — writes stall while etcd elects a new leader, then go on.
+//! granted — writes stall while etcd elects a new leader, then go on; and
+//! two servers on one etcd: one leads, the other answers UNAVAILABLE naming
+//! it and takes over when it dies; a leader whose election lease is revoked
+//! is fenced and stops.
 
 use lab_tests::etcd::EtcdCluster;
 use lab_tests::{ServerProcess, bin_path, inventory_toml};
@@ -93,9 +96,27 @@ fn leases_go_on_when_the_etcd_leader_is_killed() {
     assert_eq!(json(&out)["hosts"].as_array().unwrap().len(), 2);
 
     // Everything acknowledged is in etcd: a second server on the same
-    // cluster loads it (the first one stopped).
-    drop(server);
+    // cluster loads it. The first one stops gracefully (SIGTERM): it gives
+    // up the lead at once, without waiting for its election lease's TTL.
+    let mut server = server;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        server.child.wait().unwrap().success(),
+        "{}",
+        server.log_text()
+    );
+    assert!(server.log_text().contains("lab-server stopped"));
     let again = spawn_on_etcd(dir.path(), &cluster, "again");
+    let took = until(
+        "the new server leads",
+        std::time::Duration::from_secs(20),
+        || lab(&again, "alice", &["hosts"]).0 == 0,
+    );
+    eprintln!("a new server led {took:?} after the old one resigned");
     let (code, out, err) = lab(&again, "alice", &["--json", "lease", "show", &id]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["state"], "released");
