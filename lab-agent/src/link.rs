@@ -6,6 +6,10 @@
 //! reachability and provisioning. When the
 //! stream breaks it reconnects with backoff (0.2 s doubling to 10 s) and
 //! gets the full state again; reports are sent again after every attach.
+//! `server` may name several lab-server replicas (comma-separated; lab-server
+//! on etcd): after a failure the agent attaches to the leader a standby
+//! named in its `lab-leader` metadata, else to the next in the list
+//! ([`next_server`]).
 //! The endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
 //! come from `lab-client`, as for the CLI.
 //!
@@ -143,15 +147,59 @@ fn install(sessions: &Sessions, id: u64, session: Session) -> Result<(), Command
     }
 }
 
+/// The servers of `server` (comma-separated), in order.
+pub fn servers(server: &str) -> Vec<String> {
+    let list: Vec<String> = server
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if list.is_empty() {
+        vec![server.to_owned()]
+    } else {
+        list
+    }
+}
+
+/// Which of `servers` to attach to after `err` on `servers[now]`: the
+/// leader a standby named (`lab-leader`), else the next one.
+pub fn next_server(servers: &[String], now: usize, err: &LinkError) -> usize {
+    let named = match err {
+        LinkError::Refused(s) | LinkError::Broken(s) => s
+            .metadata()
+            .get("lab-leader")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| {
+                servers
+                    .iter()
+                    .position(|s| s.trim_end_matches('/') == l.trim_end_matches('/'))
+            }),
+        _ => None,
+    };
+    named
+        .filter(|&i| i != now)
+        .unwrap_or((now + 1) % servers.len().max(1))
+}
+
 /// Keeps the rack attached to the server, forever.
 pub async fn run(cfg: LinkConfig, rack: Rack) {
     let mut failures: u32 = 0;
     let log_reads = console::LogReads::new(cfg.log_reads);
+    let servers = servers(&cfg.server);
+    let mut now = 0;
     loop {
         let t0 = tokio::time::Instant::now();
-        match attach_once(&cfg, &rack, &log_reads).await {
-            Ok(()) => info!("the server closed the link"),
-            Err(e) => warn!(error = %crate::error_chain(&e), "link to lab-server lost"),
+        let mut one = cfg.clone();
+        one.server = servers[now].clone();
+        match attach_once(&one, &rack, &log_reads).await {
+            Ok(()) => info!(server = %one.server, "the server closed the link"),
+            Err(e) => {
+                warn!(server = %one.server, error = %crate::error_chain(&e), "link to lab-server lost");
+                if servers.len() > 1 {
+                    now = next_server(&servers, now, &e);
+                }
+            }
         }
         rack.set_outbound(None);
         if t0.elapsed() > Duration::from_secs(30) {
@@ -400,4 +448,31 @@ async fn open_forward(
     let (input, task) = forward::open(host, target, id, tx).await?;
     info!(host = %host, port, %target, session = id, "forward opened");
     Ok((input, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_servers_and_which_is_next() {
+        let list = servers("http://a:1, http://b:2,http://c:3");
+        assert_eq!(list, ["http://a:1", "http://b:2", "http://c:3"]);
+        assert_eq!(servers("http://a:1"), ["http://a:1"]);
+        let unavailable = |leader: Option<&str>| {
+            let mut s = tonic::Status::unavailable("standby");
+            if let Some(l) = leader {
+                s.metadata_mut().insert("lab-leader", l.parse().unwrap());
+            }
+            LinkError::Refused(s)
+        };
+        // No leader named: the next one, round the list.
+        assert_eq!(next_server(&list, 0, &unavailable(None)), 1);
+        assert_eq!(next_server(&list, 2, &unavailable(None)), 0);
+        // A standby named the leader: straight to it.
+        assert_eq!(next_server(&list, 0, &unavailable(Some("http://c:3"))), 2);
+        // Named a server not in the list, or itself: the next one.
+        assert_eq!(next_server(&list, 0, &unavailable(Some("http://z:9"))), 1);
+        assert_eq!(next_server(&list, 1, &unavailable(Some("http://b:2/"))), 2);
+    }
 }

@@ -2,9 +2,17 @@
 //! accept, and the four service clients over one lazy channel. The
 //! endpoint (TLS, timeouts, keepalive) and the bearer-token interceptor
 //! come from `lab-client`, shared with lab-agent.
+//!
+//! `--server` may name several replicas (comma-separated; lab-server on
+//! etcd, docs/multi-site.md): [`Lab::find_leader`] picks the one that
+//! leads before the first call, and [`Lab::failover`] moves to another
+//! after UNAVAILABLE or a broken stream — to the one a standby named in
+//! its `lab-leader` metadata, else the next in the list.
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lab_client::{BearerAuth, BearerToken, ChannelSettings, EndpointError, ServerEndpoint};
@@ -29,36 +37,62 @@ const SETTINGS: ChannelSettings = ChannelSettings {
     keep_alive_while_idle: false,
 };
 
-/// A checked `--server` URL; [`Server::endpoint`] adds `--ca`.
+/// A checked `--server` (one URL or several, comma-separated);
+/// [`Server::endpoints`] adds `--ca`.
 #[derive(Clone, Debug)]
 pub struct Server {
+    urls: Vec<String>,
+    /// The URLs joined again (what a child `lab` is given).
     url: String,
 }
 
 impl Server {
+    /// The URL, or the URLs comma-separated.
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// The endpoint. For an https:// server: trust the CA certificate (PEM)
-    /// in `ca`, or the system's roots when there is none. An http:// server
-    /// with a CA given is refused (the CA would silently not be used).
-    pub fn endpoint(&self, ca: Option<&Path>) -> Result<ServerEndpoint, String> {
-        ServerEndpoint::new(&self.url, ca, &SETTINGS).map_err(|e| match e {
-            EndpointError::CaWithoutTls { url } => {
-                format!("--ca/LAB_CA is set but the server {url} is not https://")
-            }
-            e => format!("{:#}", anyhow::Error::from(e)),
-        })
+    /// The endpoints. For an https:// server: trust the CA certificate
+    /// (PEM) in `ca`, or the system's roots when there is none. An http://
+    /// server with a CA given is refused (the CA would silently not be used).
+    pub fn endpoints(&self, ca: Option<&Path>) -> Result<Vec<ServerEndpoint>, String> {
+        self.urls
+            .iter()
+            .map(|url| {
+                ServerEndpoint::new(url, ca, &SETTINGS).map_err(|e| match e {
+                    EndpointError::CaWithoutTls { url } => {
+                        format!("--ca/LAB_CA is set but the server {url} is not https://")
+                    }
+                    e => format!("{:#}", anyhow::Error::from(e)),
+                })
+            })
+            .collect()
     }
 }
 
 /// clap value parser for `--server`: `http://host:port`, `https://host:port`
-/// or `host:port` (http assumed). For https, [`Server::endpoint`] sets the
-/// trusted roots.
+/// or `host:port` (http assumed), or several of them comma-separated (the
+/// replicas of one lab). For https, [`Server::endpoints`] sets the trusted
+/// roots.
 pub fn parse_server(s: &str) -> Result<Server, String> {
     // An empty LAB_SERVER (as CI systems like to set) means the default.
     let s = if s.is_empty() { DEFAULT_SERVER } else { s };
+    let urls = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(parse_one)
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err("no server URL".to_owned());
+    }
+    Ok(Server {
+        url: urls.join(","),
+        urls,
+    })
+}
+
+fn parse_one(s: &str) -> Result<String, String> {
     let url = if s.contains("://") {
         s.to_owned()
     } else {
@@ -71,7 +105,7 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err("the URL has no host".to_owned());
     }
-    Ok(Server { url })
+    Ok(url)
 }
 
 /// `--token` / `LAB_TOKEN`: the bearer token, or none when the value was
@@ -126,36 +160,129 @@ pub fn read_token_file(path: &std::path::Path) -> Result<Token, String> {
 
 pub type Svc = InterceptedService<Channel, BearerAuth>;
 
+/// The metadata key in which a standby lab-server names the leader.
+pub const LEADER_HEADER: &str = "lab-leader";
+
 /// The server's clients. Nothing touches the network until the first call.
 #[derive(Clone, Debug)]
 pub struct Lab {
-    channel: Channel,
+    /// Each server's URL and lazy channel.
+    servers: Arc<Vec<(String, Channel)>>,
+    /// The one calls go to.
+    current: Arc<AtomicUsize>,
     auth: BearerAuth,
 }
 
 impl Lab {
-    /// Must be called inside a tokio runtime (the channel spawns its worker).
-    pub fn connect_lazy(endpoint: &ServerEndpoint, token: Option<Token>) -> Self {
+    /// Must be called inside a tokio runtime (the channels spawn their
+    /// workers). `endpoints` is not empty.
+    pub fn connect_lazy(endpoints: &[ServerEndpoint], token: Option<Token>) -> Self {
         Lab {
-            channel: endpoint.connect_lazy(),
+            servers: Arc::new(
+                endpoints
+                    .iter()
+                    .map(|e| (e.url().to_owned(), e.connect_lazy()))
+                    .collect(),
+            ),
+            current: Arc::new(AtomicUsize::new(0)),
             auth: BearerAuth::new(token.and_then(|t| t.0)),
         }
     }
 
+    fn channel(&self) -> Channel {
+        let i = self.current.load(Ordering::Relaxed) % self.servers.len();
+        self.servers[i].1.clone()
+    }
+
+    /// The URL calls go to now.
+    pub fn current(&self) -> &str {
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()].0
+    }
+
+    /// With several servers: the index of the one `status` names as the
+    /// leader (`lab-leader`), if it is in the list.
+    fn named_leader(&self, status: &tonic::Status) -> Option<usize> {
+        let leader = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+        let leader = leader.trim_end_matches('/');
+        self.servers
+            .iter()
+            .position(|(url, _)| url.trim_end_matches('/') == leader)
+    }
+
+    /// After `err` (UNAVAILABLE, a broken stream): move to the server a
+    /// standby named, else to the next one. Returns whether it moved.
+    pub fn failover(&self, err: &anyhow::Error) -> bool {
+        let n = self.servers.len();
+        if n < 2 {
+            return false;
+        }
+        let now = self.current.load(Ordering::Relaxed) % n;
+        let next = err
+            .downcast_ref::<tonic::Status>()
+            .and_then(|s| self.named_leader(s))
+            .filter(|&i| i != now)
+            .unwrap_or((now + 1) % n);
+        self.current.store(next, Ordering::Relaxed);
+        true
+    }
+
+    /// With several servers: ask each (in order, `WhoAmI`) until one is
+    /// not a standby, and use it; a standby's `lab-leader` is followed at
+    /// once. Nothing is asked with a single server. If none answers, the
+    /// first stays in use (its error is the one reported).
+    pub async fn find_leader(&self) {
+        let n = self.servers.len();
+        if n < 2 {
+            return;
+        }
+        let mut i = 0;
+        for _ in 0..n + 1 {
+            let channel = self.servers[i].1.clone();
+            let mut admin = AdminServiceClient::with_interceptor(channel, self.auth.clone());
+            let answer = tokio::time::timeout(
+                CONNECT_TIMEOUT * 2,
+                admin.who_am_i(lab_proto::v1::WhoAmIRequest::default()),
+            )
+            .await;
+            match answer {
+                // Answered (even refused: a bad token is a leader's answer).
+                Ok(Ok(_)) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return;
+                }
+                Ok(Err(s))
+                    if s.code() != tonic::Code::Unavailable && s.code() != tonic::Code::Unknown =>
+                {
+                    self.current.store(i, Ordering::Relaxed);
+                    return;
+                }
+                Ok(Err(s)) => match self.named_leader(&s) {
+                    Some(l) if l != i => {
+                        i = l;
+                        continue;
+                    }
+                    _ => {}
+                },
+                Err(_) => {}
+            }
+            i = (i + 1) % n;
+        }
+    }
+
     pub fn hosts(&self) -> HostServiceClient<Svc> {
-        HostServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        HostServiceClient::with_interceptor(self.channel(), self.auth.clone())
     }
 
     pub fn leases(&self) -> LeaseServiceClient<Svc> {
-        LeaseServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        LeaseServiceClient::with_interceptor(self.channel(), self.auth.clone())
     }
 
     pub fn events(&self) -> EventServiceClient<Svc> {
-        EventServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        EventServiceClient::with_interceptor(self.channel(), self.auth.clone())
     }
 
     pub fn admin(&self) -> AdminServiceClient<Svc> {
-        AdminServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        AdminServiceClient::with_interceptor(self.channel(), self.auth.clone())
     }
 }
 
@@ -181,6 +308,11 @@ mod tests {
         assert_eq!(parse_server("").unwrap().url(), DEFAULT_SERVER);
         assert!(parse_server("http://").is_err());
         assert!(parse_server("http://a b").is_err());
+        let several = parse_server("a:1, https://b:2,").unwrap();
+        assert_eq!(several.url(), "http://a:1,https://b:2");
+        assert_eq!(several.endpoints(None).unwrap().len(), 2);
+        assert!(parse_server("a:1,ftp://b:2").is_err());
+        assert!(parse_server(",").is_err());
     }
 
     #[test]
@@ -230,15 +362,15 @@ mod tests {
         let ca = Path::new("/nonexistent/ca.pem");
         let http = parse_server("lab:7621").unwrap();
         assert_eq!(
-            http.endpoint(Some(ca)).unwrap_err(),
+            http.endpoints(Some(ca)).unwrap_err(),
             "--ca/LAB_CA is set but the server http://lab:7621 is not https://"
         );
         let https = parse_server("https://lab:7621").unwrap();
-        let err = https.endpoint(Some(ca)).unwrap_err();
+        let err = https.endpoints(Some(ca)).unwrap_err();
         assert!(
             err.starts_with("cannot read CA file /nonexistent/ca.pem: "),
             "{err}"
         );
-        assert!(http.endpoint(None).is_ok());
+        assert!(http.endpoints(None).is_ok());
     }
 }

@@ -87,7 +87,7 @@ use crate::commands::{
     ),
 )]
 struct Cli {
-    /// lab-server gRPC address (http://HOST:PORT, https://HOST:PORT or HOST:PORT)
+    /// lab-server gRPC address (http://HOST:PORT, https://HOST:PORT or HOST:PORT); several replicas comma-separated
     #[arg(
         long,
         global = true,
@@ -354,7 +354,7 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let endpoint = match cli.server.endpoint(cli.ca.as_deref()) {
+    let endpoints = match cli.server.endpoints(cli.ca.as_deref()) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("lab: {e}");
@@ -366,7 +366,7 @@ async fn main() -> ExitCode {
         have_token: cli.token.as_ref().is_some_and(client::Token::is_set),
     };
     let ctx = Ctx {
-        lab: client::Lab::connect_lazy(&endpoint, cli.token.clone()),
+        lab: client::Lab::connect_lazy(&endpoints, cli.token.clone()),
         json: cli.json,
         reach: Reach {
             server: cli.server.url().to_owned(),
@@ -378,6 +378,8 @@ async fn main() -> ExitCode {
             token: cli.token.clone(),
         },
     };
+    // Several replicas: find the one that leads (nothing is asked with one).
+    ctx.lab.find_leader().await;
     let is_forward = matches!(cli.command, Command::Forward(_));
     let result = match cli.command {
         Command::Hosts(args) => hosts::list(&ctx, args).await,

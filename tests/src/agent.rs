@@ -25,13 +25,19 @@ impl AgentProcess {
     /// Spawns the agent of rack `r1` against the server at `server`, token
     /// `agent-r1`, files under `dir`; `extra` is appended to agent.toml.
     pub fn spawn(dir: &Path, server: SocketAddr, extra: &str) -> Result<AgentProcess> {
+        Self::spawn_to(dir, &format!("http://{server}"), extra)
+    }
+
+    /// [`AgentProcess::spawn`] with `server` as agent.toml says it: a URL,
+    /// or several comma-separated (lab-server replicas).
+    pub fn spawn_to(dir: &Path, server: &str, extra: &str) -> Result<AgentProcess> {
         let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
         let data_dir = dir.join("agent-data");
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "rack = \"r1\"\nserver = \"http://{server}\"\ndata_dir = \"{}\"\n{extra}\n[tftp]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:0\"\n[assets]\nroot = \"{assets}\"\n",
+                "rack = \"r1\"\nserver = \"{server}\"\ndata_dir = \"{}\"\n{extra}\n[tftp]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:0\"\n[assets]\nroot = \"{assets}\"\n",
                 data_dir.display()
             ),
         )?;
@@ -67,6 +73,11 @@ impl AgentProcess {
             );
         }
         Ok(agent)
+    }
+
+    /// Whether the agent's log mentions `text`.
+    pub fn log_text_contains(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(text))
     }
 
     pub fn pid(&self) -> u32 {

@@ -4,7 +4,10 @@
 //! granted — writes stall while etcd elects a new leader, then go on; and
 //! two servers on one etcd: one leads, the other answers UNAVAILABLE naming
 //! it and takes over when it dies; a leader whose election lease is revoked
-//! is fenced and stops.
+//! is fenced and stops; and clients that fail over: with a rack agent and
+//! a waiting `lab lease acquire` (both given both servers), the leader
+//! SIGKILLed, the standby takes over, the agent attaches to it, and the
+//! waiter is granted in its place — no lease lost or doubled.
 
 use lab_tests::etcd::EtcdCluster;
 use lab_tests::{ServerProcess, bin_path, inventory_toml};
@@ -207,4 +210,162 @@ fn one_leader_a_standby_that_takes_over_and_a_fenced_leader_that_stops() {
         b.log_text()
     );
     assert_ne!(code, 0, "a fenced leader acknowledged a renewal");
+}
+
+#[test]
+fn the_agent_and_a_waiting_cli_follow_the_new_leader() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let cluster = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("inventory.toml"),
+        lab_tests::inventory_toml_with_agent(2),
+    )
+    .unwrap();
+    let mut a = spawn_on_etcd(dir.path(), &cluster, "a");
+    until("a leads", std::time::Duration::from_secs(20), || {
+        lab(&a, "alice", &["hosts"]).0 == 0
+    });
+    let b = spawn_on_etcd(dir.path(), &cluster, "b");
+    let both = format!("http://{},http://{}", a.addr, b.addr);
+    let lab_both = |token: &str, args: &[&str]| {
+        let out = Command::new(bin_path("lab"))
+            .args(args)
+            .env("LAB_SERVER", &both)
+            .env("LAB_TOKEN", token)
+            .output()
+            .expect("run lab");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let reachable = |lab_out: &str| {
+        json(lab_out)
+            .as_array()
+            .is_some_and(|hs| hs.iter().all(|h| h["reachable"] == true))
+    };
+
+    // The agent knows both servers (the standby first: it is sent on).
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent = lab_tests::agent::AgentProcess::spawn_to(
+        &agent_dir,
+        &format!("http://{},http://{}", b.addr, a.addr),
+        "",
+    )
+    .unwrap();
+    until(
+        "the agent attaches to a",
+        std::time::Duration::from_secs(30),
+        || {
+            let (code, out, _) = lab(&a, "alice", &["--json", "hosts"]);
+            code == 0 && reachable(&out)
+        },
+    );
+
+    let (code, out, err) = lab_both(
+        "holder",
+        &[
+            "--json", "lease", "acquire", "--host", "h00", "--ttl", "10m",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let held = json(&out)["id"].as_str().unwrap().to_owned();
+    // The waiter is given the standby first, too.
+    let mut waiter = Command::new(bin_path("lab"))
+        .args([
+            "--json", "lease", "acquire", "--host", "h00", "--ttl", "10m",
+        ])
+        .env("LAB_SERVER", format!("http://{},http://{}", b.addr, a.addr))
+        .env("LAB_TOKEN", "waiter")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = waiter.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str| {
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("lab printed no line: {what}"))
+    };
+    let first = next_line("waiting");
+    assert!(first.starts_with("waiting: position 1 of 1"), "{first}");
+
+    // The leader dies.
+    a.kill();
+    let killed = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let line = next_line("back in the queue");
+        seen.push(line.clone());
+        if line.starts_with("waiting: position 1 of 1") {
+            break;
+        }
+    }
+    eprintln!(
+        "the waiter was back in its place {:?} after the kill: {seen:#?}",
+        killed.elapsed()
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l == "lab: the request is back with the server"),
+        "{seen:?}"
+    );
+    until(
+        "the agent attaches to b",
+        std::time::Duration::from_secs(30),
+        || {
+            let (code, out, _) = lab(&b, "alice", &["--json", "hosts"]);
+            code == 0 && reachable(&out)
+        },
+    );
+    eprintln!(
+        "the agent was attached to b {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // The holder releases through the list; the waiter gets h00.
+    let (code, _, err) = lab_both("holder", &["lease", "release", &held]);
+    assert_eq!(code, 0, "{err}");
+    let out = waiter.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let granted = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(granted["hosts"][0], "h00");
+    assert_eq!(granted["holder"], "waiter");
+
+    // The whole log, across both servers: no double grant, one request and
+    // one grant for the waiter, the queue's order kept.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(async {
+        let mut c = lab_tests::Clients::connect(b.addr, Some("alice"))
+            .await
+            .unwrap();
+        lab_tests::crash_loop::all_events(&mut c.events)
+            .await
+            .unwrap()
+    });
+    let history =
+        lab_tests::history::check_history(&events, &lab_tests::history::inventory_hosts(2));
+    assert_eq!((history.requests, history.grants), (2, 2), "{history:?}");
+    let (code, out, _) = lab(&b, "alice", &["--json", "lease", "list", "--all"]);
+    assert_eq!(code, 0);
+    let leases = json(&out);
+    let leases = leases.as_array().unwrap();
+    assert_eq!(leases.len(), 2, "{leases:#?}");
+    assert!(agent.log_text_contains(&format!("http://{}", b.addr)));
 }

@@ -391,6 +391,8 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(5 * 60);
 /// The first pause before sending it again; doubled up to [`RECONNECT_MAX`].
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The longest pause before trying another replica (`--server A,B`).
+const FAILOVER_PAUSE: Duration = Duration::from_millis(500);
 
 /// Waits for the grant; when the connection breaks, sends the request again
 /// with the same request id (so it keeps its place, or gets its lease if
@@ -421,10 +423,21 @@ async fn wait_for_grant<W: std::io::Write>(
                 *broken_since.insert(tokio::time::Instant::now())
             }
         };
+        // Several replicas: the next one (or the leader a standby named),
+        // soon: another server may well answer.
+        let mut pause = delay;
+        if ctx.lab.failover(&err) {
+            line.notice(&sanitize::line(&format!(
+                "lab: trying {} ({})",
+                ctx.lab.current(),
+                one_line(&err)
+            )))?;
+            pause = pause.min(FAILOVER_PAUSE);
+        }
         if since.elapsed() >= RECONNECT_FOR {
             return Err(err);
         }
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(pause).await;
         delay = (delay * 2).min(RECONNECT_MAX);
     }
 }
