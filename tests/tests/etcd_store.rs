@@ -1,8 +1,9 @@
 //! The etcd store against a real etcd (Debian's `etcd-server`, one member
-//! on loopback, started once for the whole file): the store conformance
+//! on loopback per test, each part on its own key prefix): the store conformance
 //! tests every backend passes, each on a fresh key prefix, and what is
 //! particular to etcd — a batch far over etcd's default 128 operations
-//! still commits as one transaction, and one over lab-server's own limit is
+//! still commits as one transaction, a transaction sent again after a lost
+//! answer is recognized as landed, and one over lab-server's own limit is
 //! refused before it is sent; and the leader's fence: once its election
 //! lease is revoked, a running leader's next commit fails.
 
@@ -55,6 +56,14 @@ fn the_store_contract_holds_on_etcd() {
     big.commit(&hosts_batch(600)).unwrap();
     let snap = big.load().unwrap();
     assert_eq!((snap.hosts.len(), snap.last_event_seq), (600, 600));
+
+    // A timeout is not a failure: the same transaction sent again after
+    // its answer was lost is recognized as landed (its commit token), not
+    // taken for a conflict, and applies once.
+    let twice = store(&cluster, "twice", 16_384);
+    twice.commit_sent_twice(&hosts_batch(3)).unwrap();
+    let snap = twice.load().unwrap();
+    assert_eq!((snap.hosts.len(), snap.last_event_seq), (3, 3));
 
     // Over lab-server's limit: refused whole, before etcd sees it.
     let small = store(&cluster, "small", 100);

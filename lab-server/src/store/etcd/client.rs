@@ -260,8 +260,10 @@ impl EtcdClient {
             })
             .await?
             .into_inner();
-        let token: AsciiMetadataValue = MetadataValue::try_from(resp.token.as_str())
+        let mut token: AsciiMetadataValue = MetadataValue::try_from(resp.token.as_str())
             .map_err(|_| Status::internal("etcd returned an auth token that is not ASCII"))?;
+        // Never in a debug print of the request.
+        token.set_sensitive(true);
         *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
         Ok(())
     }

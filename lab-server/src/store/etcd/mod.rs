@@ -425,34 +425,51 @@ impl EtcdStore {
     async fn write(
         &self,
         op: &'static str,
+        compare: Vec<pb::Compare>,
+        ops: Vec<pb::RequestOp>,
+    ) -> Result<Outcome, StoreError> {
+        let (txn, token) = self.guarded(compare, ops);
+        self.send(op, txn, &token).await
+    }
+
+    /// The transaction of a guarded write, with its commit token.
+    fn guarded(
+        &self,
         mut compare: Vec<pb::Compare>,
         mut ops: Vec<pb::RequestOp>,
-    ) -> Result<Outcome, StoreError> {
+    ) -> (pb::TxnRequest, Vec<u8>) {
         let token = format!(
             "{:032x}-{}",
             self.instance,
             self.commits.fetch_add(1, Ordering::Relaxed)
         )
         .into_bytes();
-        let fence = self.fence();
         let mut failure = vec![get(self.keys.commit_token())];
-        if let Some(f) = &fence {
+        if let Some(f) = &self.fence() {
             compare.push(fence_compare(f));
             failure.push(get(f.key.clone()));
         }
         ops.push(put(self.keys.commit_token(), token.clone()));
-        let resp = self
-            .client
-            .txn(
-                op,
-                pb::TxnRequest {
-                    compare,
-                    success: ops,
-                    failure,
-                },
-            )
-            .await
-            .map_err(backend(op))?;
+        (
+            pb::TxnRequest {
+                compare,
+                success: ops,
+                failure,
+            },
+            token,
+        )
+    }
+
+    /// Send a guarded write (again, after a lost answer: its compares make
+    /// a second application fail, and its token tells it landed).
+    async fn send(
+        &self,
+        op: &'static str,
+        txn: pb::TxnRequest,
+        token: &[u8],
+    ) -> Result<Outcome, StoreError> {
+        let fence = self.fence();
+        let resp = self.client.txn(op, txn).await.map_err(backend(op))?;
         if resp.succeeded {
             return Ok(Outcome::Done);
         }
@@ -467,6 +484,32 @@ impl EtcdStore {
             return Ok(Outcome::Fenced);
         }
         Ok(Outcome::Moved)
+    }
+
+    /// For tests: commit `batch` by sending its transaction twice, as the
+    /// client does when the first answer is lost. `Ok` means the second
+    /// send was recognized as the first one having landed.
+    #[doc(hidden)]
+    pub fn commit_sent_twice(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.block_on(async {
+            let plan = self.plan(batch).await?;
+            let (txn, token) = self.guarded(plan.txn.compare, plan.txn.success);
+            let first = self.send("commit", txn.clone(), &token).await?;
+            if !matches!(first, Outcome::Done) {
+                return Err(StoreError::Backend {
+                    op: "commit",
+                    source: "the first send did not land".into(),
+                });
+            }
+            match self.send("commit", txn, &token).await? {
+                Outcome::Done => Ok(()),
+                Outcome::Fenced => Err(self.fenced()),
+                Outcome::Moved => Err(StoreError::Backend {
+                    op: "commit",
+                    source: "the resend was taken for a conflict".into(),
+                }),
+            }
+        })
     }
 
     fn fenced(&self) -> StoreError {
