@@ -52,6 +52,11 @@ pub struct Options {
     /// The server runs a random time in this range between kills.
     pub uptime: (Duration, Duration),
     pub seed: u64,
+    /// Run lab-server on this etcd (client URLs, comma-separated) instead
+    /// of redb. A restarted server is then a standby until the killed
+    /// one's election lease runs out; the loop waits until the clients
+    /// are acknowledged again before the next uptime.
+    pub etcd: Option<String>,
 }
 
 impl Default for Options {
@@ -62,6 +67,7 @@ impl Default for Options {
             hosts: 16,
             uptime: (Duration::from_millis(300), Duration::from_millis(2500)),
             seed: 1,
+            etcd: None,
         }
     }
 }
@@ -88,6 +94,9 @@ pub struct Report {
     pub history: History,
     /// Time from spawn to "listening" of each restart.
     pub restarts: Vec<Duration>,
+    /// With etcd: time from each kill to the next acknowledged grant or
+    /// release (writes resumed).
+    pub resumed: Vec<Duration>,
     pub elapsed: Duration,
 }
 
@@ -170,6 +179,8 @@ struct Counters {
     refused: AtomicUsize,
     releases: AtomicUsize,
     abandoned: AtomicUsize,
+    /// Grants and releases acknowledged.
+    acked: AtomicUsize,
 }
 
 type Leases = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
@@ -299,6 +310,7 @@ async fn client(
             counters.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        counters.acked.fetch_add(1, Ordering::Relaxed);
         if resumed {
             counters.resumed.fetch_add(1, Ordering::Relaxed);
         }
@@ -360,6 +372,7 @@ async fn client(
         let state = match released {
             Ok(l) => {
                 counters.releases.fetch_add(1, Ordering::Relaxed);
+                counters.acked.fetch_add(1, Ordering::Relaxed);
                 l.into_inner().state
             }
             // Released by the attempt whose answer was lost, or expired.
@@ -382,24 +395,25 @@ async fn client(
     }
 }
 
-fn spawn(dir: &Path, port: u16) -> Result<ServerProcess> {
+fn spawn(dir: &Path, port: u16, etcd: Option<&str>) -> Result<ServerProcess> {
     let inv = dir.join("inventory.toml");
     let data = dir.join("data");
     let listen = format!("127.0.0.1:{port}");
-    ServerProcess::spawn(
-        &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            &listen,
-            "--web-listen",
-            "127.0.0.1:0",
-            "--inventory",
-            &inv.to_string_lossy(),
-            "--data-dir",
-            &data.to_string_lossy(),
-        ],
-        &dir.join("server.log"),
-    )
+    let (inv, data) = (inv.to_string_lossy(), data.to_string_lossy());
+    let mut args = vec![
+        "--dev-insecure-no-auth",
+        "--listen",
+        &listen,
+        "--web-listen",
+        "127.0.0.1:0",
+        "--inventory",
+        &inv,
+    ];
+    match etcd {
+        None => args.extend(["--data-dir", &data]),
+        Some(endpoints) => args.extend(["--store", "etcd", "--etcd-endpoints", endpoints]),
+    }
+    ServerProcess::spawn(&args, &dir.join("server.log"))
 }
 
 /// Every event of the log, page by page.
@@ -454,7 +468,8 @@ pub async fn run(dir: &Path, o: &Options) -> Result<Report> {
     let mut rng = Rng::new(o.seed);
     std::fs::write(dir.join("inventory.toml"), inventory_toml(o.hosts))?;
     let port = free_port(o.seed)?;
-    let mut server = spawn(dir, port)?;
+    let etcd = o.etcd.as_deref();
+    let mut server = spawn(dir, port, etcd)?;
     let url = format!("http://127.0.0.1:{port}");
     let channel = |who: &str| -> Result<(Channel, Bearer)> {
         let channel = Endpoint::from_shared(url.clone())?
@@ -485,11 +500,24 @@ pub async fn run(dir: &Path, o: &Options) -> Result<Report> {
     let mut report = Report::default();
     for _ in 0..o.kills {
         tokio::time::sleep(rng.between(o.uptime.0, o.uptime.1)).await;
+        let acked = counters.acked.load(Ordering::Relaxed);
         server.kill();
         report.kills += 1;
         let t = Instant::now();
-        server = spawn(dir, port).context("restart after SIGKILL")?;
+        server = spawn(dir, port, etcd).context("restart after SIGKILL")?;
         report.restarts.push(t.elapsed());
+        if etcd.is_some() {
+            // The restarted server leads once the killed one's election
+            // lease has run out: wait for the clients to be answered.
+            while counters.acked.load(Ordering::Relaxed) == acked {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "no grant or release acknowledged within 60 s of a kill"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            report.resumed.push(t.elapsed());
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -647,7 +675,7 @@ impl Report {
              acknowledged leases checked: {}, lost: {}\n\
              event log: {} events, {} requests, {} grants, {} withdrawals, {} order checks; double grants: 0\n\
              restart (spawn to listening): median {}, max {}\n\
-             elapsed: {:.1} s",
+             {}elapsed: {:.1} s",
             self.kills,
             self.requests,
             self.grants,
@@ -668,6 +696,16 @@ impl Report {
                 .copied()
                 .map_or("-".into(), ms),
             restarts.last().copied().map_or("-".into(), ms),
+            if self.resumed.is_empty() {
+                String::new()
+            } else {
+                let mut r = self.resumed.clone();
+                r.sort();
+                format!(
+                    "writes resumed after each kill (kill to the next acknowledged grant or release): {}\n",
+                    r.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
+                )
+            },
             self.elapsed.as_secs_f64(),
         )
     }

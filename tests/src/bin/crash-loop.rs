@@ -21,7 +21,8 @@ usage: crash-loop [--kills N] [--clients N] [--hosts N] [--seed N] [--uptime-ms 
   --clients N        concurrent clients, one principal and connection each [64]
   --hosts N          hosts in the generated inventory [16]
   --seed N           seed of the clients' and the killer's choices [1]
-  --uptime-ms A,B    the server runs between A and B ms between kills [300,2500]";
+  --uptime-ms A,B    the server runs between A and B ms between kills [300,2500]
+  --etcd             lab-server on a 3-member etcd (started here) instead of redb";
 
 fn parse() -> Result<Options> {
     let mut o = Options {
@@ -44,6 +45,7 @@ fn parse() -> Result<Options> {
                     std::time::Duration::from_millis(b.parse()?),
                 );
             }
+            "--etcd" => o.etcd = Some(String::new()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -58,15 +60,33 @@ fn parse() -> Result<Options> {
 }
 
 fn main() -> Result<()> {
-    let o = parse()?;
+    let mut o = parse()?;
+    // Kept until the end: dropping it stops the members.
+    let cluster = match &o.etcd {
+        Some(_) => Some(lab_tests::etcd::EtcdCluster::start(3)?),
+        None => None,
+    };
+    if let Some(c) = &cluster {
+        o.etcd = Some(c.endpoints());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
     println!(
-        "crash-loop: {} kills, {} clients, {} hosts, seed {}, uptime {:?}..{:?}",
-        o.kills, o.clients, o.hosts, o.seed, o.uptime.0, o.uptime.1
+        "crash-loop: {} kills, {} clients, {} hosts, seed {}, uptime {:?}..{:?}, store {}",
+        o.kills,
+        o.clients,
+        o.hosts,
+        o.seed,
+        o.uptime.0,
+        o.uptime.1,
+        if cluster.is_some() {
+            "etcd (3 members)"
+        } else {
+            "redb"
+        }
     );
     match rt.block_on(run(dir.path(), &o)) {
         Ok(report) => {
