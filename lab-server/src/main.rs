@@ -431,6 +431,7 @@ async fn run(args: Args) -> Result<()> {
     // With etcd: a standby until elected (every call answered UNAVAILABLE
     // with the leader's address), then the leader, its writes fenced.
     let mut listener = listener;
+    let mut web_listener = web_listener;
     let mut leadership = None;
     if let Some(etcd) = &etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -443,28 +444,45 @@ async fn run(args: Args) -> Result<()> {
         let shared = listener.into_std()?;
         let standby_listener = tokio::net::TcpListener::from_std(shared.try_clone()?)?;
         listener = tokio::net::TcpListener::from_std(shared)?;
-        let (standby_stop, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+        let web_shared = web_listener.into_std()?;
+        let standby_web_listener = tokio::net::TcpListener::from_std(web_shared.try_clone()?)?;
+        web_listener = tokio::net::TcpListener::from_std(web_shared)?;
+        let (standby_stop, standby_stopped) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let standby_web = tokio::spawn(lab_client::web::serve(
+            standby_web_listener,
+            lab_server::web::standby::standby_router(leader_rx.clone()),
+            web_tls.clone(),
+            lab_client::web::WebLimits {
+                max_connections: args.web_max_connections as usize,
+                ..Default::default()
+            },
+            stopped(standby_stopped.clone()),
+            Duration::from_millis(200),
+        ));
         let standby = tokio::spawn(grpc::standby::serve_standby(
             standby_listener,
             tls.clone(),
             leader_rx,
-            async move {
-                let _ = standby_stopped.await;
-            },
+            stopped(standby_stopped),
         ));
         announce();
         info!(advertise = %me, "standby: campaigning for the lead (etcd election)");
         let won = tokio::select! {
             won = election.until_leader(&leader_tx) => won,
             () = shutdown_signal() => {
-                let _ = standby_stop.send(());
+                let _ = standby_stop.send(true);
                 let _ = standby.await;
+                let _ = standby_web.await;
                 info!("lab-server stopped (standby)");
                 return Ok(());
             }
         };
-        let _ = standby_stop.send(());
+        let _ = standby_stop.send(true);
         let _ = standby.await;
+        let _ = standby_web.await;
         info!(
             advertise = %me,
             fence = won.fence.create_revision,

@@ -2,8 +2,8 @@
 //! real processes driven through the real `lab` CLI: a lease acquired, the
 //! etcd leader SIGKILLed, then the lease renewed and released and a new one
 //! granted — writes stall while etcd elects a new leader, then go on; and
-//! two servers on one etcd: one leads, the other answers UNAVAILABLE naming
-//! it and takes over when it dies; a leader whose election lease is revoked
+//! two servers on one etcd: one leads, the other answers UNAVAILABLE (and
+//! 503 on its web port) naming it and takes over when it dies; a leader whose election lease is revoked
 //! is fenced and stops; and clients that fail over: with a rack agent and
 //! a waiting `lab lease acquire` (both given both servers), the leader
 //! SIGKILLed, the standby takes over, the agent attaches to it, and the
@@ -159,15 +159,24 @@ fn one_leader_a_standby_that_takes_over_and_a_fenced_leader_that_stops() {
     // The standby answers UNAVAILABLE, naming the leader (message and
     // metadata), and is NOT_SERVING to health checks.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let status = rt.block_on(async {
-        let mut c = lab_tests::Clients::connect(b.addr, Some("alice"))
-            .await
-            .unwrap();
-        c.hosts
-            .list_hosts(lab_proto::v1::ListHostsRequest::default())
-            .await
-            .unwrap_err()
-    });
+    let ask_b = || {
+        rt.block_on(async {
+            let mut c = lab_tests::Clients::connect(b.addr, Some("alice"))
+                .await
+                .unwrap();
+            c.hosts
+                .list_hosts(lab_proto::v1::ListHostsRequest::default())
+                .await
+                .unwrap_err()
+        })
+    };
+    // (Until its first campaign has seen the leader.)
+    until(
+        "b knows the leader",
+        std::time::Duration::from_secs(10),
+        || ask_b().metadata().get("lab-leader").is_some(),
+    );
+    let status = ask_b();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let leader = format!("http://{}", a.addr);
     assert!(status.message().contains(&leader), "{status:?}");
@@ -178,6 +187,19 @@ fn one_leader_a_standby_that_takes_over_and_a_fenced_leader_that_stops() {
             .and_then(|v| v.to_str().ok()),
         Some(leader.as_str())
     );
+
+    // Its web port answers 503 at once, naming the leader.
+    let web = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(b.web.expect("the web port")).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(web.starts_with("HTTP/1.1 503"), "{web}");
+    assert!(web.contains(&format!("lab-leader: {leader}")), "{web}");
 
     let (code, out, err) = lab(&a, "alice", &["--json", "lease", "acquire", "--ttl", "10m"]);
     assert_eq!(code, 0, "{err}");

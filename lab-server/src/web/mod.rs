@@ -11,6 +11,7 @@
 
 pub mod dashboard;
 pub mod session;
+pub mod standby;
 
 use crate::grpc::Api;
 use axum::Router;
