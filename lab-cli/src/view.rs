@@ -505,6 +505,9 @@ impl From<&Event> for EventView {
 pub struct WhoAmIView {
     pub principal: String,
     pub role: &'static str,
+    /// Empty from a server without projects.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub project: String,
 }
 
 impl From<&WhoAmIResponse> for WhoAmIView {
@@ -512,6 +515,7 @@ impl From<&WhoAmIResponse> for WhoAmIView {
         WhoAmIView {
             principal: w.principal.clone(),
             role: role_name(w.role),
+            project: w.project.clone(),
         }
     }
 }

@@ -486,6 +486,8 @@ async fn wait_once<W: std::io::Write>(
                     position: q.position,
                     queue_length: q.queue_length,
                     eta: q.eta.as_ref().map(convert::system_time),
+                    held_back: Some(sanitize::line(&q.held_back).into_owned())
+                        .filter(|h| !h.is_empty()),
                 };
                 line.update(q, SystemTime::now())?;
             }

@@ -8,6 +8,7 @@
 use super::clock::Clock;
 use super::policy;
 use super::reclaim::{ReclaimJob, Reclaimer};
+use super::share::ShareBook;
 use super::stats::CoreStats;
 use super::{
     AcquireRequest, Command, CoreConfig, CoreError, HostView, LEASE_SCAN_LIMIT, LeaseKey,
@@ -19,6 +20,7 @@ use crate::health::facts::{self, CheckVerdict, Facts};
 use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
 use crate::lease::machine::Health;
+use crate::lease::queue::Estimate;
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
@@ -233,6 +235,8 @@ pub(super) struct Actor {
     next_retention: tokio::time::Instant,
     /// Gauges and histograms for `/metrics` (relaxed atomics).
     stats: Arc<CoreStats>,
+    /// Projects: the policy, their usage, the hosts principals hold.
+    shares: ShareBook,
 }
 
 impl Actor {
@@ -252,6 +256,7 @@ impl Actor {
             outbox_wake,
         } = links;
         let snapshot = load(&store).await?;
+        let policy = config.policy.clone();
         let mut actor = Actor {
             webhooks: config.webhooks.clone(),
             warnings: BTreeSet::new(),
@@ -287,6 +292,7 @@ impl Actor {
             resync: false,
             next_retention: tokio::time::Instant::now(),
             stats,
+            shares: ShareBook::new(policy),
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -385,6 +391,7 @@ impl Actor {
                 },
             );
         }
+        self.shares.recount(self.leases.values(), now);
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -483,20 +490,29 @@ impl Actor {
                 p.reply(reply, r);
             }
             Command::ListQueue { reply } => {
+                let projects = self.shares.projects(now);
                 let entries = self
                     .queue
-                    .estimate(&self.candidates(now), now)
+                    .estimate_fair(&self.candidates(now), now, &projects, &|w| {
+                        self.shares.standing(w)
+                    })
                     .into_iter()
-                    .filter_map(|(id, position, eta)| {
-                        let w = self.queue.get(id)?;
+                    .filter_map(|e| {
+                        let w = self.queue.get(e.waiter)?;
                         Some(QueueEntry {
-                            waiter: id,
+                            waiter: e.waiter,
                             principal: w.principal.clone(),
                             spec: w.spec.clone(),
                             queued_at: w.queued_at,
-                            position,
-                            eta,
+                            position: e.position,
+                            eta: e.eta,
                             detached: w.detached,
+                            project: if w.check.is_some() {
+                                String::new()
+                            } else {
+                                self.shares.project_name(&w.principal).to_owned()
+                            },
+                            held_back: e.held_back,
                         })
                     })
                     .collect();
@@ -603,6 +619,16 @@ impl Actor {
                 let seq = e.seq;
                 p.reply(reply, Ok(seq));
             }
+            Command::SetPolicy { policy, reply } => {
+                info!(
+                    projects = policy.projects().len(),
+                    half_life = %humantime::format_duration(policy.half_life),
+                    "policy in force"
+                );
+                self.shares.set_policy(policy, self.leases.values(), now);
+                p.publish = true;
+                p.reply(reply, Ok(()));
+            }
             Command::SetWebhooks { webhooks, reply } => {
                 let kept = webhooks.names();
                 for gone in self.webhooks.names().difference(&kept) {
@@ -701,7 +727,9 @@ impl Actor {
     }
 
     fn put_lease(&mut self, p: &mut Pending, lease: Lease) {
-        if let Some(old) = self.leases.get(&lease.id).cloned() {
+        let old = self.leases.get(&lease.id).cloned();
+        self.shares.lease_changed(old.as_ref(), &lease);
+        if let Some(old) = old {
             self.unindex_lease(&old);
         }
         self.index_lease(&lease);
@@ -791,20 +819,20 @@ impl Actor {
                 return;
             }
         }
-        let checks =
-            policy::may_use_priority(&caller, spec.priority, self.config.max_user_priority)
-                .map_err(CoreError::from)
-                .and_then(|()| self.check_spec(&spec))
-                .and_then(|()| {
-                    let waiting = self.waiting.get(&caller.principal).copied().unwrap_or(0);
-                    if !no_wait && waiting >= self.config.max_waiting_per_principal {
-                        return Err(CoreError::TooManyWaiting {
-                            principal: caller.principal.clone(),
-                            max: self.config.max_waiting_per_principal,
-                        });
-                    }
-                    Ok(())
-                });
+        self.shares.saw_role(&caller.principal, caller.role);
+        let checks = self
+            .check_priority(&caller, spec.priority)
+            .and_then(|()| self.check_spec(&caller, &spec))
+            .and_then(|()| {
+                let waiting = self.waiting.get(&caller.principal).copied().unwrap_or(0);
+                if !no_wait && waiting >= self.config.max_waiting_per_principal {
+                    return Err(CoreError::TooManyWaiting {
+                        principal: caller.principal.clone(),
+                        max: self.config.max_waiting_per_principal,
+                    });
+                }
+                Ok(())
+            });
         if let Err(e) = checks {
             debug!(principal = %caller.principal, error = %e, "lease request refused");
             p.notify(state, WaitState::Failed(e));
@@ -966,7 +994,7 @@ impl Actor {
         let doomed: Vec<(WaiterId, CoreError)> = self
             .queue
             .iter()
-            .filter_map(|w| self.check_spec(&w.spec).err().map(|e| (w.id, e)))
+            .filter_map(|w| self.check_hosts(&w.spec).err().map(|e| (w.id, e)))
             .collect();
         for (waiter, err) in doomed {
             if let Some(state) = self.withdraw(
@@ -980,22 +1008,65 @@ impl Actor {
         }
     }
 
-    /// The one TTL rule, for requests and renewals alike.
-    fn check_ttl(&self, field: &'static str, ttl: Duration) -> Result<(), CoreError> {
-        if ttl.is_zero() || ttl > self.config.max_ttl {
+    /// The priority rule: the caller's project's (or role's) `max_priority`
+    /// under the policy, else the server's cap for `ci` and `developer`.
+    fn check_priority(&self, caller: &Caller, priority: i32) -> Result<(), CoreError> {
+        match self
+            .shares
+            .policy()
+            .max_priority(&caller.principal, caller.role)
+        {
+            Some(max) if priority > max => Err(CoreError::PermissionDenied(
+                policy::Denied::PriorityAboveProjectLimit {
+                    principal: caller.principal.clone(),
+                    project: self.shares.project_name(&caller.principal).to_owned(),
+                    priority,
+                    max,
+                },
+            )),
+            Some(_) => Ok(()),
+            None => policy::may_use_priority(caller, priority, self.config.max_user_priority)
+                .map_err(CoreError::from),
+        }
+    }
+
+    /// The one TTL rule, for requests and renewals alike: the server's
+    /// `--max-ttl`, or less when the caller's project (or role) says so.
+    fn check_ttl(
+        &self,
+        caller: &Caller,
+        field: &'static str,
+        ttl: Duration,
+    ) -> Result<(), CoreError> {
+        let (max, whose) = match self.shares.policy().max_ttl(&caller.principal, caller.role) {
+            Some(m) if m < self.config.max_ttl => (
+                m,
+                format!(
+                    " (the policy of project {})",
+                    self.shares.project_name(&caller.principal)
+                ),
+            ),
+            _ => (self.config.max_ttl, String::new()),
+        };
+        if ttl.is_zero() || ttl > max {
             return Err(CoreError::InvalidArgument {
                 field,
                 reason: format!(
-                    "must be more than 0 and at most {}",
-                    humantime::format_duration(self.config.max_ttl)
+                    "must be more than 0 and at most {}{whose}",
+                    humantime::format_duration(max)
                 ),
             });
         }
         Ok(())
     }
 
-    fn check_spec(&self, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
-        self.check_ttl("request.ttl", spec.ttl)?;
+    fn check_spec(&self, caller: &Caller, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
+        self.check_ttl(caller, "request.ttl", spec.ttl)?;
+        self.check_hosts(spec)
+    }
+
+    /// Whether the inventory can ever meet `spec`.
+    fn check_hosts(&self, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
         if let Some(h) = spec.hosts.iter().find(|h| self.inventory.host(h).is_none()) {
             return Err(CoreError::InvalidArgument {
                 field: "request.hosts",
@@ -1028,7 +1099,7 @@ impl Actor {
         let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
         policy::may_manage_lease(caller, lease, "renew")?;
         let ttl = ttl.unwrap_or(lease.ttl());
-        self.check_ttl("ttl", ttl)?;
+        self.check_ttl(caller, "ttl", ttl)?;
         let next = lease.apply(&LeaseEvent::Renew { now, ttl })?;
         let e = self.event(p, now, &caller.principal, EventKind::LeaseRenewed);
         e.lease = Some(id);
@@ -1288,7 +1359,12 @@ impl Actor {
         // they neither hold hosts back from the waiters behind them nor
         // appear to be waiting when those are granted.
         let grants = loop {
-            let grants = self.queue.schedule(&self.candidates(now));
+            let projects = self.shares.projects(now);
+            let grants = self
+                .queue
+                .schedule_fair(&self.candidates(now), &projects, &|w| {
+                    self.shares.standing(w)
+                });
             let refused: Vec<WaiterId> = p
                 .no_wait
                 .iter()
@@ -1382,8 +1458,19 @@ impl Actor {
             return;
         }
         let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
-        let estimates = self.queue.estimate(&self.candidates(now), now);
-        for (w, position, eta) in estimates {
+        let projects = self.shares.projects(now);
+        let estimates = self
+            .queue
+            .estimate_fair(&self.candidates(now), now, &projects, &|w| {
+                self.shares.standing(w)
+            });
+        for Estimate {
+            waiter: w,
+            position,
+            eta,
+            held_back,
+        } in estimates
+        {
             let Some((_, tx)) = self.waiters.get(&w).and_then(|s| s.client.as_ref()) else {
                 continue;
             };
@@ -1393,10 +1480,12 @@ impl Actor {
                         position: p0,
                         queue_length: l0,
                         eta: e0,
+                        held_back: h0,
                         ..
                     } => {
                         *p0 != position
                             || *l0 != len
+                            || *h0 != held_back
                             || match (*e0, eta) {
                                 (Some(a), Some(b)) => (a.0 - b.0).abs() >= 5_000,
                                 (a, b) => a.is_some() != b.is_some(),
@@ -1410,6 +1499,7 @@ impl Actor {
                         position,
                         queue_length: len,
                         eta,
+                        held_back: held_back.clone(),
                     };
                 }
                 changed

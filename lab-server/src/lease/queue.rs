@@ -171,36 +171,61 @@ impl Queue {
         self.waiters.values()
     }
 
-    /// One scheduling pass: which waiters get which hosts now (see the module
-    /// docs for the rule). Does not modify the queue.
+    /// One scheduling pass without projects: which waiters get which
+    /// hosts now (see the module docs for the rule). Does not modify the
+    /// queue.
     pub fn schedule(&self, candidates: &[Candidate<'_>]) -> Vec<(WaiterId, Vec<HostName>)> {
-        let mut taken = vec![false; candidates.len()];
-        let mut free = candidates
+        self.schedule_fair(candidates, &Projects::default(), &|_| Standing::default())
+    }
+
+    /// One scheduling pass (see the module docs for the rule), in the fair
+    /// order of [`Projects`], skipping waiters beyond a quota (they reserve
+    /// nothing). Does not modify the queue.
+    pub fn schedule_fair(
+        &self,
+        candidates: &[Candidate<'_>],
+        projects: &Projects,
+        standing: &dyn Fn(&Waiter) -> Standing,
+    ) -> Vec<(WaiterId, Vec<HostName>)> {
+        // Hosts still free in this pass, in inventory order.
+        let mut avail: BTreeSet<usize> = candidates
             .iter()
-            .filter(|c| c.grantable || c.checkable)
-            .count();
+            .enumerate()
+            .filter(|(_, c)| c.grantable || c.checkable)
+            .map(|(i, _)| i)
+            .collect();
         let mut grants = Vec::new();
-        for w in self.waiters.values() {
-            if free == 0 {
+        if avail.is_empty() {
+            return grants;
+        }
+        let mut held = Held::new(projects);
+        let mut order = FairOrder::new(self, projects, standing);
+        while let Some((w, st)) = order.next() {
+            if avail.is_empty() {
                 break;
             }
-            let usable: Vec<usize> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(i, c)| !taken[*i] && w.may_take(c) && w.spec.matches(c))
-                .map(|(i, _)| i)
-                .collect();
-            let grant = usable.len() >= w.spec.count as usize;
-            let take = if grant {
-                &usable[..w.spec.count as usize]
-            } else {
-                &usable[..]
-            };
-            for &i in take {
-                taken[i] = true;
+            let project = st.project;
+            if held.beyond(projects, w, project, &st).is_some() {
+                continue;
             }
-            free -= take.len();
+            // The first `count` usable hosts, or every usable one.
+            let mut take = Vec::with_capacity(w.spec.count as usize);
+            for &i in &avail {
+                let c = &candidates[i];
+                if w.may_take(c) && w.spec.matches(c) {
+                    take.push(i);
+                    if take.len() == w.spec.count as usize {
+                        break;
+                    }
+                }
+            }
+            let grant = take.len() >= w.spec.count as usize;
+            for i in &take {
+                avail.remove(i);
+            }
             if grant && !w.detached {
+                held.add(w, project, w.spec.count);
+                order.granted(project, w.spec.count, w.spec.ttl);
                 grants.push((
                     w.id,
                     take.iter().map(|&i| candidates[i].name.clone()).collect(),
@@ -210,14 +235,33 @@ impl Queue {
         grants
     }
 
-    /// Position (1-based) and estimated grant time of every waiter, assuming
-    /// each current lease runs to its expiry and each granted waiter keeps its
-    /// hosts for its whole TTL.
+    /// Position (1-based) and estimated grant time of every waiter, without
+    /// projects (see [`Queue::estimate_fair`]).
     pub fn estimate(
         &self,
         candidates: &[Candidate<'_>],
         now: Timestamp,
     ) -> Vec<(WaiterId, u32, Option<Timestamp>)> {
+        self.estimate_fair(candidates, now, &Projects::default(), &|_| {
+            Standing::default()
+        })
+        .into_iter()
+        .map(|e| (e.waiter, e.position, e.eta))
+        .collect()
+    }
+
+    /// Position (1-based) in the fair order, estimated grant time, and the
+    /// quota that holds a waiter back, of every waiter, assuming each
+    /// current lease runs to its expiry and each granted waiter keeps its
+    /// hosts for its whole TTL. A waiter held back by a quota gets no
+    /// estimate.
+    pub fn estimate_fair(
+        &self,
+        candidates: &[Candidate<'_>],
+        now: Timestamp,
+        projects: &Projects,
+        standing: &dyn Fn(&Waiter) -> Standing,
+    ) -> Vec<Estimate> {
         let mut free_at: Vec<Option<Timestamp>> = candidates
             .iter()
             .map(|c| {
@@ -228,28 +272,271 @@ impl Queue {
                 }
             })
             .collect();
+        let held = Held::new(projects);
+        let mut order = FairOrder::new(self, projects, standing);
         let mut out = Vec::with_capacity(self.waiters.len());
-        for (pos, w) in self.waiters.values().enumerate() {
-            let mut usable: Vec<(Timestamp, usize)> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| w.spec.matches(c))
-                .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
-                .collect();
-            let eta = if usable.len() >= w.spec.count as usize && w.spec.count > 0 {
-                usable.sort();
-                let chosen = &usable[..w.spec.count as usize];
-                let at = chosen.last().map(|(t, _)| *t).unwrap_or(now);
-                for &(_, i) in chosen {
-                    free_at[i] = Some(at.saturating_add(w.spec.ttl));
-                }
-                Some(at)
-            } else {
+        while let Some((w, st)) = order.next() {
+            let project = st.project;
+            let position = u32::try_from(out.len() + 1).unwrap_or(u32::MAX);
+            let held_back = held.beyond(projects, w, project, &st);
+            let eta = if held_back.is_some() || w.spec.count == 0 {
                 None
+            } else {
+                let mut usable: Vec<(Timestamp, usize)> = candidates
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| w.spec.matches(c))
+                    .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
+                    .collect();
+                if usable.len() >= w.spec.count as usize {
+                    let n = w.spec.count as usize;
+                    usable.select_nth_unstable(n - 1);
+                    let chosen = &usable[..n];
+                    let at = chosen.iter().map(|(t, _)| *t).max().unwrap_or(now);
+                    for &(_, i) in chosen {
+                        free_at[i] = Some(at.saturating_add(w.spec.ttl));
+                    }
+                    Some(at)
+                } else {
+                    None
+                }
             };
-            out.push((w.id, u32::try_from(pos + 1).unwrap_or(u32::MAX), eta));
+            // Later grants of its project come after this one's.
+            order.granted(project, w.spec.count, w.spec.ttl);
+            out.push(Estimate {
+                waiter: w.id,
+                position,
+                eta,
+                held_back,
+            });
         }
         out
+    }
+}
+
+/// One waiter's place in line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Estimate {
+    pub waiter: WaiterId,
+    /// 1 = next to be served.
+    pub position: u32,
+    pub eta: Option<Timestamp>,
+    /// Why it cannot be granted now whatever is free (a quota), if so.
+    pub held_back: Option<String>,
+}
+
+/// Projects as one scheduling pass sees them (the core builds this from the
+/// policy and each project's usage).
+#[derive(Debug, Clone, Default)]
+pub struct Projects {
+    pub loads: Vec<ProjectLoad>,
+}
+
+/// One project in a scheduling pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectLoad {
+    pub name: String,
+    /// Its weight (> 0).
+    pub share: f64,
+    /// Its decayed host-seconds now ([`super::fair::Usage`]).
+    pub usage: f64,
+    /// Hosts its members hold now.
+    pub held: u32,
+    /// Most hosts its members may hold at once.
+    pub max_hosts: Option<u32>,
+}
+
+/// Where one waiter stands with respect to projects and quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Index in [`Projects::loads`]; `None`: no project (health checks).
+    pub project: Option<usize>,
+    /// Most hosts its principal may hold at once (its role's limit).
+    pub principal_max: Option<u32>,
+    /// Hosts its principal holds now.
+    pub principal_held: u32,
+}
+
+/// Hosts held by projects and principals, with the grants of this pass.
+struct Held<'a> {
+    projects: Vec<u32>,
+    principals: std::collections::HashMap<&'a Principal, u32>,
+}
+
+impl<'a> Held<'a> {
+    fn new(projects: &Projects) -> Self {
+        Held {
+            projects: projects.loads.iter().map(|p| p.held).collect(),
+            principals: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The quota `w` would exceed if granted now, said for its queue line.
+    fn beyond(
+        &self,
+        projects: &Projects,
+        w: &Waiter,
+        project: Option<usize>,
+        st: &Standing,
+    ) -> Option<String> {
+        if w.check.is_some() {
+            return None;
+        }
+        if let Some(i) = project
+            && let Some(p) = projects.loads.get(i)
+            && let Some(max) = p.max_hosts
+            && self.projects[i] + w.spec.count > max
+        {
+            return Some(format!(
+                "project {} holds {} of its {max} hosts (max_hosts)",
+                p.name, self.projects[i]
+            ));
+        }
+        if let Some(max) = st.principal_max {
+            let held = st.principal_held + self.principals.get(&w.principal).copied().unwrap_or(0);
+            if held + w.spec.count > max {
+                return Some(format!(
+                    "{} holds {held} of the {max} hosts its role may hold (max_hosts)",
+                    w.principal
+                ));
+            }
+        }
+        None
+    }
+
+    fn add(&mut self, w: &'a Waiter, project: Option<usize>, count: u32) {
+        if let Some(i) = project
+            && let Some(h) = self.projects.get_mut(i)
+        {
+            *h += count;
+        }
+        *self.principals.entry(&w.principal).or_default() += count;
+    }
+}
+
+/// Orders f64 totally (fair-share ranks are finite and not negative).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rank(f64);
+
+impl Eq for Rank {}
+
+impl PartialOrd for Rank {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Rank {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The service order: health checks first (by arrival); then priority
+/// levels, highest first; within a level, the waiters of the project with
+/// the lowest `usage / share` first (a grant made earlier in the same pass
+/// counting as `hosts × TTL` host-seconds; ties: the lowest `held / share`,
+/// then the earliest head of line), each project's own waiters by arrival.
+/// Without projects (one project or none) this is the queue's own order.
+struct FairOrder<'q, 's> {
+    iter: std::collections::btree_map::Values<'q, QueueKey, Waiter>,
+    /// The first waiter of the next level, already taken from `iter`.
+    peeked: Option<&'q Waiter>,
+    fair: bool,
+    standing: &'s dyn Fn(&Waiter) -> Standing,
+    /// Per project: usage / share, share, hosts held (with this pass's).
+    projects: Vec<(f64, f64, u32)>,
+    /// Per-project queues of the current level; the last one holds the
+    /// waiters of no project.
+    level: Vec<std::collections::VecDeque<(&'q Waiter, Standing)>>,
+    /// Projects with waiters in the current level, by rank.
+    heap: std::collections::BinaryHeap<Reverse<(Rank, Rank, WaiterId, usize)>>,
+    /// The project served last, put back (ranked anew) on the next call.
+    last: Option<usize>,
+}
+
+impl<'q, 's> FairOrder<'q, 's> {
+    fn new(q: &'q Queue, projects: &Projects, standing: &'s dyn Fn(&Waiter) -> Standing) -> Self {
+        FairOrder {
+            iter: q.waiters.values(),
+            peeked: None,
+            fair: projects.loads.len() > 1,
+            standing,
+            projects: projects
+                .loads
+                .iter()
+                .map(|p| (p.usage / p.share, p.share, p.held))
+                .collect(),
+            level: Vec::new(),
+            heap: std::collections::BinaryHeap::new(),
+            last: None,
+        }
+    }
+
+    fn rank(&self, project: usize) -> (Rank, Rank) {
+        let (u, share, held) = self.projects[project];
+        (Rank(u), Rank(f64::from(held) / share))
+    }
+
+    /// The next waiter in service order, with where it stands.
+    fn next(&mut self) -> Option<(&'q Waiter, Standing)> {
+        if !self.fair {
+            let w = self.iter.next()?;
+            return Some((w, (self.standing)(w)));
+        }
+        if let Some(p) = self.last.take()
+            && let Some((head, _)) = self.level[p].front()
+        {
+            let (a, b) = self.rank(p);
+            self.heap.push(Reverse((a, b, head.id, p)));
+        }
+        if self.heap.is_empty() {
+            // The next level: the waiters of the same (check, priority).
+            let first = self.peeked.take().or_else(|| self.iter.next())?;
+            let lvl = key(first);
+            let none = self.projects.len();
+            self.level = vec![std::collections::VecDeque::new(); none + 1];
+            let mut w = Some(first);
+            while let Some(x) = w {
+                let k = key(x);
+                if (k.0, k.1) != (lvl.0, lvl.1) {
+                    self.peeked = Some(x);
+                    break;
+                }
+                let st = (self.standing)(x);
+                let p = st.project.filter(|p| *p < none).unwrap_or(none);
+                self.level[p].push_back((x, st));
+                w = self.iter.next();
+            }
+            for p in 0..=none {
+                if let Some((head, _)) = self.level[p].front() {
+                    // Waiters of no project (health checks) go first.
+                    let (a, b) = if p == none {
+                        (Rank(-1.0), Rank(-1.0))
+                    } else {
+                        self.rank(p)
+                    };
+                    self.heap.push(Reverse((a, b, head.id, p)));
+                }
+            }
+        }
+        let Reverse((_, _, _, p)) = self.heap.pop()?;
+        let next = self.level[p].pop_front()?;
+        self.last = Some(p);
+        Some(next)
+    }
+
+    /// The waiter just returned was granted `count` hosts for `ttl`: its
+    /// project's rank counts them ahead, as the host-seconds they will add
+    /// if held to expiry, so that one pass with many free hosts does not
+    /// give them all to the project that was lowest when it began.
+    fn granted(&mut self, project: Option<usize>, count: u32, ttl: Duration) {
+        if let Some(p) = project
+            && let Some(x) = self.projects.get_mut(p)
+        {
+            x.0 += f64::from(count) * ttl.as_secs_f64() / x.1;
+            x.2 += count;
+        }
     }
 }
 
@@ -319,6 +606,157 @@ mod tests {
         v.iter()
             .map(|(w, h)| (*w, h.iter().map(|h| h.to_string()).collect()))
             .collect()
+    }
+
+    fn by(id: u64, who: &str, s: LeaseSpec) -> Waiter {
+        Waiter {
+            principal: Principal::new(who).unwrap(),
+            ..waiter(id, s)
+        }
+    }
+
+    fn load(name: &str, share: f64, usage: f64, held: u32, max_hosts: Option<u32>) -> ProjectLoad {
+        ProjectLoad {
+            name: name.into(),
+            share,
+            usage,
+            held,
+            max_hosts,
+        }
+    }
+
+    /// Principals `a…` are in project 0, `b…` in project 1.
+    fn standing(w: &Waiter) -> Standing {
+        Standing {
+            project: Some(usize::from(w.principal.as_str().starts_with('b'))),
+            ..Standing::default()
+        }
+    }
+
+    #[test]
+    fn fair_share_orders_projects_within_a_priority() {
+        let lab = Lab::new(&[
+            ("h1", Arch::X86_64, &[]),
+            ("h2", Arch::X86_64, &[]),
+            ("h3", Arch::X86_64, &[]),
+            ("h4", Arch::X86_64, &[]),
+        ]);
+        // (usage of a, usage of b, share of a, free hosts, grants in order)
+        type Row = (f64, f64, f64, [bool; 4], &'static [u64]);
+        let table: &[Row] = &[
+            // Both unused: the pass alternates (held / share), arrival first.
+            (0.0, 0.0, 1.0, [true; 4], &[1, 11, 2, 12]),
+            // b used less: its waiters first, though they came later.
+            (100.0, 10.0, 1.0, [true, false, false, false], &[11]),
+            // a used 3x as much but has 3x the share: equal rank, then held
+            // hosts per share (both 0), then arrival.
+            (30.0, 10.0, 3.0, [true, false, false, false], &[1]),
+            // a's share cannot make up for 4x the use.
+            (40.0, 10.0, 3.0, [true, false, false, false], &[11]),
+            // a share of 3: three grants for a for each of b's in one pass.
+            (0.0, 0.0, 3.0, [true; 4], &[1, 11, 2, 3]),
+        ];
+        for (ua, ub, share_a, free, want) in table {
+            let mut q = Queue::default();
+            for i in 1..=4 {
+                q.push(by(i, "alice", spec(1, 0)));
+                q.push(by(10 + i, "bob", spec(1, 0)));
+            }
+            let projects = Projects {
+                loads: vec![
+                    load("a", *share_a, *ua, 0, None),
+                    load("b", 1.0, *ub, 0, None),
+                ],
+            };
+            let got: Vec<u64> = q
+                .schedule_fair(&lab.candidates(free), &projects, &standing)
+                .into_iter()
+                .map(|(w, _)| w)
+                .collect();
+            assert_eq!(&got, want, "usage {ua}/{ub}, share of a {share_a}");
+        }
+    }
+
+    #[test]
+    fn priority_comes_before_fair_share_and_checks_before_all() {
+        let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
+        let mut q = Queue::default();
+        q.push(by(1, "bob", spec(1, 0)));
+        q.push(by(2, "alice", spec(1, 5)));
+        q.push(Waiter {
+            check: Some("operator".into()),
+            ..by(3, "lab-check", spec(1, 0))
+        });
+        let projects = Projects {
+            loads: vec![load("a", 1.0, 1e9, 0, None), load("b", 1.0, 0.0, 0, None)],
+        };
+        let no_project = |w: &Waiter| {
+            if w.check.is_some() {
+                Standing::default()
+            } else {
+                standing(w)
+            }
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &projects, &no_project);
+        assert_eq!(
+            names(&got),
+            vec![(3, vec!["h1".into()]), (2, vec!["h2".into()])]
+        );
+        let est = q.estimate_fair(
+            &lab.candidates(&[true, true]),
+            Timestamp(0),
+            &projects,
+            &no_project,
+        );
+        let order: Vec<(u64, u32)> = est.iter().map(|e| (e.waiter, e.position)).collect();
+        assert_eq!(order, vec![(3, 1), (2, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn a_waiter_beyond_a_quota_waits_and_reserves_nothing() {
+        let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
+        let mut q = Queue::default();
+        q.push(by(1, "alice", spec(2, 0)));
+        q.push(by(2, "bob", spec(1, 0)));
+        // a holds 1 of its 2 hosts: its pair request must wait, and b's
+        // later request gets a host it would otherwise have reserved.
+        let projects = Projects {
+            loads: vec![
+                load("a", 1.0, 0.0, 1, Some(2)),
+                load("b", 1.0, 5.0, 0, None),
+            ],
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &projects, &standing);
+        assert_eq!(names(&got), vec![(2, vec!["h1".into()])]);
+        let est = q.estimate_fair(
+            &lab.candidates(&[true, true]),
+            Timestamp(0),
+            &projects,
+            &standing,
+        );
+        assert_eq!(
+            est[0].held_back.as_deref(),
+            Some("project a holds 1 of its 2 hosts (max_hosts)")
+        );
+        assert_eq!(est[0].eta, None);
+        assert_eq!(est[1].held_back, None);
+        // A role's limit per principal, grants of the same pass counted.
+        let mut q = Queue::default();
+        q.push(by(1, "alice", spec(1, 0)));
+        q.push(by(2, "alice", spec(1, 0)));
+        q.push(by(3, "alex", spec(1, 0)));
+        let limited = |w: &Waiter| Standing {
+            principal_max: Some(1),
+            ..standing(w)
+        };
+        let one = Projects {
+            loads: vec![load("a", 1.0, 0.0, 0, None)],
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &one, &limited);
+        assert_eq!(
+            names(&got),
+            vec![(1, vec!["h1".into()]), (3, vec!["h2".into()])]
+        );
     }
 
     #[test]
