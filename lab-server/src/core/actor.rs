@@ -6,6 +6,7 @@
 //! detached waiter's grace period, and the next retention step.
 
 use super::clock::Clock;
+use super::free::HostIndex;
 use super::policy;
 use super::reclaim::{ReclaimJob, Reclaimer};
 use super::share::ShareBook;
@@ -237,6 +238,8 @@ pub(super) struct Actor {
     stats: Arc<CoreStats>,
     /// Projects: the policy, their usage, the hosts principals hold.
     shares: ShareBook,
+    /// Free hosts and counts per state, kept with the host records.
+    index: HostIndex,
 }
 
 impl Actor {
@@ -293,6 +296,7 @@ impl Actor {
             next_retention: tokio::time::Instant::now(),
             stats,
             shares: ShareBook::new(policy),
+            index: HostIndex::stale(),
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -392,6 +396,7 @@ impl Actor {
             );
         }
         self.shares.recount(self.leases.values(), now);
+        self.index.invalidate();
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -597,6 +602,7 @@ impl Actor {
                     }
                 }
                 self.inventory = inventory;
+                self.index.invalidate();
                 let r = self.sync_inventory(p, now, &actor);
                 self.drop_unsatisfiable(p, now);
                 p.reply(reply, Ok(r));
@@ -671,7 +677,10 @@ impl Actor {
 
     fn put_host(&mut self, p: &mut Pending, rec: HostRecord) {
         p.batch.writes.push(Write::Host(rec.clone()));
-        self.hosts.insert(rec.name.clone(), rec);
+        let unreachable = self.unreachable.contains_key(&rec.name);
+        let old = self.hosts.insert(rec.name.clone(), rec.clone());
+        self.index
+            .changed(&self.inventory, old.as_ref(), &rec, unreachable);
     }
 
     fn host_apply(
@@ -1073,8 +1082,20 @@ impl Actor {
                 reason: format!("no host named {h} in the inventory"),
             });
         }
-        let cands = self.candidates(Timestamp(0));
-        let matching = cands.iter().filter(|c| spec.matches(c)).count();
+        // Counted until enough: a request that can be met costs what it
+        // asks for, not the inventory's size.
+        let matching = self
+            .inventory
+            .hosts
+            .iter()
+            .filter(|h| {
+                self.hosts.get(&h.name).is_some_and(|r| !r.retired)
+                    && spec.arch.is_none_or(|a| a == h.arch)
+                    && spec.flags.is_subset(&h.flags)
+                    && (spec.hosts.is_empty() || spec.hosts.contains(&h.name))
+            })
+            .take(spec.count as usize)
+            .count();
         if matching < spec.count as usize {
             return Err(CoreError::Unsatisfiable {
                 reason: format!(
@@ -1305,6 +1326,7 @@ impl Actor {
 
     fn remove_host(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal, host: &HostName) {
         self.retired_specs.remove(host);
+        self.index.invalidate();
         if let Some(rec) = self.hosts.remove(host) {
             p.batch.writes.push(Write::DeleteHost {
                 name: host.clone(),
@@ -1318,6 +1340,28 @@ impl Actor {
     // ------------------------------------------------------------ scheduling
 
     /// Hosts in inventory order, as the queue sees them.
+    /// The hosts that may be granted or checked now, as candidates (all a
+    /// scheduling pass needs; the index must be fresh).
+    fn free_candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
+        self.index
+            .free()
+            .filter_map(|name| {
+                let spec = self.inventory.host(name)?;
+                let rec = self.hosts.get(name)?;
+                Some(Candidate {
+                    name: &spec.name,
+                    arch: spec.arch,
+                    flags: &spec.flags,
+                    grantable: rec.is_grantable(),
+                    checkable: rec.is_checkable(),
+                    gone: rec.retired,
+                    free_at: Some(now),
+                })
+            })
+            .collect()
+    }
+
+    /// Every host of the inventory as a candidate (for estimates).
     fn candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
         self.inventory
             .hosts
@@ -1359,10 +1403,11 @@ impl Actor {
         // they neither hold hosts back from the waiters behind them nor
         // appear to be waiting when those are granted.
         let grants = loop {
+            self.refresh_index();
             let projects = self.shares.projects(now);
             let grants = self
                 .queue
-                .schedule_fair(&self.candidates(now), &projects, &|w| {
+                .schedule_fair(&self.free_candidates(now), &projects, &|w| {
                     self.shares.standing(w)
                 });
             let refused: Vec<WaiterId> = p
@@ -1646,6 +1691,7 @@ impl Actor {
             }
         }
         self.unreachable = hosts;
+        self.index.invalidate();
     }
 
     fn set_maintenance(
@@ -2119,13 +2165,19 @@ impl Actor {
 
     /// Commit the batch, then answer. Returns the error if it failed.
     /// The gauges of `/metrics`, from the state after a batch.
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
+        self.refresh_index();
         self.stats.set_state(
-            self.hosts.values(),
+            self.index.tally(),
             self.unreachable.len(),
             self.expiries.len(),
             self.queue.len(),
         );
+    }
+
+    fn refresh_index(&mut self) {
+        self.index
+            .refresh(&self.inventory, &self.hosts, &self.unreachable);
     }
 
     async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
@@ -2200,6 +2252,7 @@ impl Actor {
                 // An inventory reload answered UNAVAILABLE does not take effect.
                 if let Some((inventory, retired)) = p.rollback_inventory.take() {
                     self.inventory = inventory;
+                    self.index.invalidate();
                     self.retired_specs = retired;
                 }
                 match load(&self.store).await {

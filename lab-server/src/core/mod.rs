@@ -29,6 +29,7 @@
 mod actor;
 pub use actor::error_chain;
 pub mod clock;
+mod free;
 pub mod policy;
 pub mod reclaim;
 mod share;

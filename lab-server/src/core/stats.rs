@@ -3,7 +3,6 @@
 //! Everything is a relaxed atomic (no lock on the actor's path); the
 //! `crate::metrics` registry reads them at scrape time.
 
-use crate::lease::{HostRecord, HostState};
 use lab_client::web::AtomicHistogram;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -72,23 +71,20 @@ impl Default for CoreStats {
 
 impl CoreStats {
     /// Set the gauges from the actor's state after a batch.
-    pub(super) fn set_state<'a>(
+    pub(super) fn set_state(
         &self,
-        hosts: impl Iterator<Item = &'a HostRecord>,
+        tally: super::free::Tally,
         unreachable: usize,
         leases_active: usize,
         queue_depth: usize,
     ) {
-        let (mut avail, mut leased, mut reclaiming, mut maint, mut retired) = (0, 0, 0, 0, 0);
-        for h in hosts {
-            match h.state {
-                HostState::Available => avail += 1,
-                HostState::Leased(_) => leased += 1,
-                HostState::Reclaiming(_) => reclaiming += 1,
-            }
-            maint += i64::from(h.maintenance);
-            retired += i64::from(h.retired);
-        }
+        let super::free::Tally {
+            available: avail,
+            leased,
+            reclaiming,
+            maintenance: maint,
+            retired,
+        } = tally;
         let set = |g: &AtomicI64, v: i64| g.store(v, Ordering::Relaxed);
         set(&self.hosts_available, avail);
         set(&self.hosts_leased, leased);

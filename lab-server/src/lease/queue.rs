@@ -30,7 +30,7 @@ use crate::types::{
     Arch, Flag, HostName, Principal, ProfileName, RequestId, SshPublicKey, Timestamp, WaiterId,
 };
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 /// What a lease request asks for (validated).
@@ -262,16 +262,7 @@ impl Queue {
         projects: &Projects,
         standing: &dyn Fn(&Waiter) -> Standing,
     ) -> Vec<Estimate> {
-        let mut free_at: Vec<Option<Timestamp>> = candidates
-            .iter()
-            .map(|c| {
-                if c.gone {
-                    None
-                } else {
-                    c.free_at.map(|t| t.max(now))
-                }
-            })
-            .collect();
+        let mut times = FreeTimes::new(candidates, now);
         let held = Held::new(projects);
         let mut order = FairOrder::new(self, projects, standing);
         let mut out = Vec::with_capacity(self.waiters.len());
@@ -282,24 +273,7 @@ impl Queue {
             let eta = if held_back.is_some() || w.spec.count == 0 {
                 None
             } else {
-                let mut usable: Vec<(Timestamp, usize)> = candidates
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| w.spec.matches(c))
-                    .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
-                    .collect();
-                if usable.len() >= w.spec.count as usize {
-                    let n = w.spec.count as usize;
-                    usable.select_nth_unstable(n - 1);
-                    let chosen = &usable[..n];
-                    let at = chosen.iter().map(|(t, _)| *t).max().unwrap_or(now);
-                    for &(_, i) in chosen {
-                        free_at[i] = Some(at.saturating_add(w.spec.ttl));
-                    }
-                    Some(at)
-                } else {
-                    None
-                }
+                times.take(candidates, &w.spec)
             };
             // Later grants of its project come after this one's.
             order.granted(project, w.spec.count, w.spec.ttl);
@@ -311,6 +285,125 @@ impl Queue {
             });
         }
         out
+    }
+}
+
+/// Hosts alike for every request: their arch, their flags, and a min-heap
+/// of their (free time, position).
+type Class<'c> = (
+    Arch,
+    &'c BTreeSet<Flag>,
+    BinaryHeap<Reverse<(Timestamp, usize)>>,
+);
+
+/// When each host is expected to be free, as an estimate walks the queue:
+/// hosts are grouped by what a request can ask of them (arch and flags —
+/// a few classes in a real lab, however many hosts), each class a min-heap
+/// of (free time, position). A waiter without a host list takes the
+/// `count` earliest across the classes it matches, so estimating a queue
+/// costs O(waiters × classes), not O(waiters × hosts). Heap entries whose
+/// time has since changed are skipped when met (the time in `at` is the
+/// truth).
+struct FreeTimes<'c> {
+    at: Vec<Option<Timestamp>>,
+    classes: Vec<Class<'c>>,
+    class_of: Vec<usize>,
+    by_name: std::collections::HashMap<&'c HostName, usize>,
+}
+
+impl<'c> FreeTimes<'c> {
+    fn new(candidates: &'c [Candidate<'c>], now: Timestamp) -> Self {
+        let mut ft = FreeTimes {
+            at: Vec::with_capacity(candidates.len()),
+            classes: Vec::new(),
+            class_of: Vec::with_capacity(candidates.len()),
+            by_name: std::collections::HashMap::with_capacity(candidates.len()),
+        };
+        let mut index: std::collections::HashMap<(Arch, &BTreeSet<Flag>), usize> =
+            std::collections::HashMap::new();
+        for (i, c) in candidates.iter().enumerate() {
+            let k = *index.entry((c.arch, c.flags)).or_insert_with(|| {
+                ft.classes.push((c.arch, c.flags, BinaryHeap::new()));
+                ft.classes.len() - 1
+            });
+            let t = if c.gone {
+                None
+            } else {
+                c.free_at.map(|t| t.max(now))
+            };
+            if let Some(t) = t {
+                ft.classes[k].2.push(Reverse((t, i)));
+            }
+            ft.at.push(t);
+            ft.class_of.push(k);
+            ft.by_name.insert(c.name, i);
+        }
+        ft
+    }
+
+    /// The earliest time `spec`'s hosts are all free (`None`: never known),
+    /// and those hosts busy from then until then + its TTL.
+    fn take(&mut self, candidates: &[Candidate<'_>], spec: &LeaseSpec) -> Option<Timestamp> {
+        let n = spec.count as usize;
+        let chosen: Vec<(Timestamp, usize)> = if spec.hosts.is_empty() {
+            let matching: Vec<usize> = (0..self.classes.len())
+                .filter(|&k| {
+                    let (arch, flags, _) = &self.classes[k];
+                    spec.arch.is_none_or(|a| a == *arch) && spec.flags.is_subset(flags)
+                })
+                .collect();
+            let mut got = Vec::with_capacity(n);
+            while got.len() < n {
+                // The class whose earliest valid entry is earliest.
+                let mut best: Option<(Timestamp, usize, usize)> = None;
+                for &k in &matching {
+                    let heap = &mut self.classes[k].2;
+                    while let Some(&Reverse((t, i))) = heap.peek() {
+                        if self.at[i] == Some(t) {
+                            break;
+                        }
+                        heap.pop();
+                    }
+                    if let Some(&Reverse((t, i))) = heap.peek()
+                        && best.is_none_or(|(bt, bi, _)| (t, i) < (bt, bi))
+                    {
+                        best = Some((t, i, k));
+                    }
+                }
+                let Some((t, i, k)) = best else { break };
+                self.classes[k].2.pop();
+                got.push((t, i));
+            }
+            if got.len() < n {
+                // Not enough hosts with a known free time: put them back.
+                for (t, i) in got {
+                    self.classes[self.class_of[i]].2.push(Reverse((t, i)));
+                }
+                return None;
+            }
+            got
+        } else {
+            let mut usable: Vec<(Timestamp, usize)> = spec
+                .hosts
+                .iter()
+                .filter_map(|h| self.by_name.get(h).copied())
+                .filter(|&i| spec.matches(&candidates[i]))
+                .filter_map(|i| self.at[i].map(|t| (t, i)))
+                .collect();
+            if usable.len() < n || n == 0 {
+                return None;
+            }
+            usable.sort_unstable();
+            usable.truncate(n);
+            usable
+        };
+        let at = chosen.iter().map(|(t, _)| *t).max()?;
+        let until = at.saturating_add(spec.ttl);
+        for (_, i) in chosen {
+            self.at[i] = Some(until);
+            self.classes[self.class_of[i]].2.push(Reverse((until, i)));
+        }
+        Some(at)
     }
 }
 
@@ -757,6 +850,105 @@ mod tests {
             names(&got),
             vec![(1, vec!["h1".into()]), (3, vec!["h2".into()])]
         );
+    }
+
+    /// The estimate by classes gives what the plain walk gives: every
+    /// waiter takes the `count` usable hosts that free up first.
+    #[test]
+    fn estimates_by_class_match_the_plain_walk() {
+        fn reference(q: &Queue, cands: &[Candidate<'_>], now: Timestamp) -> Vec<Option<Timestamp>> {
+            let mut free_at: Vec<Option<Timestamp>> = cands
+                .iter()
+                .map(|c| {
+                    if c.gone {
+                        None
+                    } else {
+                        c.free_at.map(|t| t.max(now))
+                    }
+                })
+                .collect();
+            q.iter()
+                .map(|w| {
+                    let mut usable: Vec<(Timestamp, usize)> = cands
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| w.spec.matches(c))
+                        .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
+                        .collect();
+                    let n = w.spec.count as usize;
+                    if n == 0 || usable.len() < n {
+                        return None;
+                    }
+                    usable.sort();
+                    let at = usable[n - 1].0;
+                    for &(_, i) in &usable[..n] {
+                        free_at[i] = Some(at.saturating_add(w.spec.ttl));
+                    }
+                    Some(at)
+                })
+                .collect()
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let flag_sets: [&[&str]; 4] = [&[], &["a"], &["b"], &["a", "b"]];
+        for _round in 0..200 {
+            let hosts: Vec<(String, Arch, &[&str])> = (0..1 + rand(12))
+                .map(|i| {
+                    let arch = if rand(2) == 0 {
+                        Arch::X86_64
+                    } else {
+                        Arch::Aarch64
+                    };
+                    (format!("h{i}"), arch, flag_sets[rand(4) as usize])
+                })
+                .collect();
+            let refs: Vec<(&str, Arch, &[&str])> =
+                hosts.iter().map(|(n, a, f)| (n.as_str(), *a, *f)).collect();
+            let lab = Lab::new(&refs);
+            let free: Vec<bool> = (0..hosts.len()).map(|_| rand(3) == 0).collect();
+            let mut cands = lab.candidates(&free);
+            for c in &mut cands {
+                match rand(6) {
+                    0 => c.free_at = None,
+                    1 => c.gone = true,
+                    _ => c.free_at = c.free_at.map(|t| Timestamp(t.0 + 1000 * rand(5) as i64)),
+                }
+            }
+            let mut q = Queue::default();
+            for id in 0..rand(15) {
+                let mut s = spec(1 + rand(3) as u32, 0);
+                s.ttl = Duration::from_secs(1 + rand(100));
+                s.priority = rand(3) as i32;
+                match rand(4) {
+                    0 => s.arch = Some(Arch::X86_64),
+                    1 => {
+                        s.flags = flag_sets[rand(4) as usize]
+                            .iter()
+                            .map(|f| Flag::new(*f).unwrap())
+                            .collect()
+                    }
+                    2 => {
+                        s.hosts = (0..1 + rand(3))
+                            .map(|_| lab.names[rand(hosts.len() as u64) as usize].clone())
+                            .collect()
+                    }
+                    _ => {}
+                }
+                q.push(waiter(id, s));
+            }
+            let now = Timestamp(500);
+            let got: Vec<Option<Timestamp>> = q
+                .estimate(&cands, now)
+                .into_iter()
+                .map(|(_, _, eta)| eta)
+                .collect();
+            assert_eq!(got, reference(&q, &cands, now), "hosts {hosts:?}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! `max_priority`), and limits by role for everyone.
 //!
 //! Loaded from `policy.toml` (`lab-server --policy FILE`, re-read on
-//! SIGHUP like the inventory; [`file`] parses it with `path:line:column`
+//! SIGHUP like the inventory; [`mod@file`] parses it with `path:line:column`
 //! errors). Without a file every principal is in the project `default`
 //! with share 1 and no limits but the server's own (`--max-ttl`, the
 //! priority cap of `ci` and `developer`): the queue is then priority, then
