@@ -130,6 +130,10 @@ struct Args {
     /// in project `default`.
     #[arg(long, env = "LAB_POLICY")]
     policy: Option<PathBuf>,
+    /// A preemptible lease ends this long after the notice that a request
+    /// which is not needs its hosts (LEASE_PREEMPTED).
+    #[arg(long, env = "LAB_PREEMPT_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    preempt_grace: Duration,
     /// A LEASE_EXPIRING event this long before a lease expires (0: none).
     #[arg(long, env = "LAB_EXPIRY_WARNING", default_value = "10m", value_parser = humantime::parse_duration)]
     expiry_warning: Duration,
@@ -280,6 +284,7 @@ async fn run(args: Args) -> Result<()> {
     config.health_check_every = args.health_check_every;
     config.health_check_idle = args.health_check_idle.0;
     config.expiry_warning = args.expiry_warning;
+    config.preempt_grace = args.preempt_grace;
     let webhooks: SharedWebhooks = match &args.webhooks {
         Some(path) => {
             let w = Webhooks::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

@@ -88,6 +88,8 @@ const PROVISIONAL_IDS: WaiterId = 1 << 62;
 /// The pause between retention steps while old records remain (each step
 /// removes at most `retention_batch` of each).
 const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(100);
+/// Waiters at the head of the queue that preemption looks at in one pass.
+const PREEMPT_WALK: usize = 64;
 
 /// How many request ids of granted requests are remembered (so that a
 /// client that missed the grant gets the lease when it asks again).
@@ -193,6 +195,9 @@ pub(super) struct Actor {
     warnings: BTreeSet<(Timestamp, LeaseId)>,
     /// The expiry each lease was warned of (active leases only).
     warned: HashMap<LeaseId, Timestamp>,
+    /// Active preemptible leases not yet noticed, by grant time (the most
+    /// recent are preempted first: they lose the least work).
+    preemptible: BTreeSet<(Timestamp, LeaseId)>,
     /// The webhooks in force: events they want get outbox rows.
     webhooks: SharedWebhooks,
     outbox_wake: Arc<Notify>,
@@ -264,6 +269,7 @@ impl Actor {
             webhooks: config.webhooks.clone(),
             warnings: BTreeSet::new(),
             warned: HashMap::new(),
+            preemptible: BTreeSet::new(),
             outbox_wake,
             config,
             store,
@@ -343,6 +349,7 @@ impl Actor {
         self.warnings.clear();
         self.ended.clear();
         self.by_grant.clear();
+        self.preemptible.clear();
         self.leases.clear();
         self.recent_grants = RecentGrants::default();
         let mut leases = snapshot.leases;
@@ -709,6 +716,9 @@ impl Actor {
     /// Add a lease to the expiry, warning, end-time and grant-time indexes.
     fn index_lease(&mut self, l: &Lease) {
         self.by_grant.insert((l.granted_at, l.id));
+        if l.is_active() && l.preemptible && l.preempted_at.is_none() {
+            self.preemptible.insert((l.granted_at, l.id));
+        }
         if l.is_active() {
             self.expiries.insert((l.expires_at, l.id));
             if self.warned.get(&l.id) != Some(&l.expires_at)
@@ -726,6 +736,7 @@ impl Actor {
 
     fn unindex_lease(&mut self, l: &Lease) {
         self.by_grant.remove(&(l.granted_at, l.id));
+        self.preemptible.remove(&(l.granted_at, l.id));
         self.expiries.remove(&(l.expires_at, l.id));
         if let Some(t) = self.warning_time(l) {
             self.warnings.remove(&(t, l.id));
@@ -810,6 +821,7 @@ impl Actor {
             spec,
             no_wait,
             request_id,
+            preemptible,
         } = request;
         // A retry of a request this principal made before?
         if let Some(r) = &request_id {
@@ -858,6 +870,9 @@ impl Actor {
             // across restarts, and its place in line within a priority.
             e.waiter = Some(e.seq);
             e.request = Some(spec.clone());
+            if preemptible {
+                e.detail = "preemptible".into();
+            }
             e.seq
         };
         debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, no_wait, "lease requested");
@@ -869,6 +884,7 @@ impl Actor {
             queued_at: now,
             detached: false,
             check: None,
+            preemptible,
         };
         if !no_wait {
             p.batch.writes.push(Write::Waiter(w.clone()));
@@ -1389,6 +1405,14 @@ impl Actor {
     }
 
     fn schedule(&mut self, p: &mut Pending, now: Timestamp) {
+        let started = std::time::Instant::now();
+        self.schedule_pass(p, now);
+        self.stats
+            .schedule_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn schedule_pass(&mut self, p: &mut Pending, now: Timestamp) {
         // Requests whose client is gone do not take hosts.
         let gone: Vec<WaiterId> = self
             .waiters
@@ -1461,6 +1485,8 @@ impl Actor {
                 request_id: waiter.request_id.clone(),
                 generation: Generation(1),
                 ssh_public_key: waiter.spec.ssh_public_key.clone(),
+                preemptible: waiter.preemptible,
+                preempted_at: None,
             };
             for h in &hosts {
                 let grant = if waiter.check.is_some() {
@@ -1493,6 +1519,112 @@ impl Actor {
             if let Some(state) = state {
                 p.notify(state, WaitState::Granted(lease));
             }
+        }
+        self.preempt(p, now);
+    }
+
+    /// Preemptible leases give way: walking the waiters that are not
+    /// preemptible (attached, not held back by a quota) in queue order,
+    /// each counts the hosts it could use that are free or already coming
+    /// free from a noticed lease; when that is not enough and enough
+    /// preemptible leases (the most recent first) hold hosts it could use,
+    /// those leases get a notice and end after `--preempt-grace`. A waiter
+    /// that preemption could not satisfy preempts nothing.
+    fn preempt(&mut self, p: &mut Pending, now: Timestamp) {
+        if self.preemptible.is_empty() {
+            return;
+        }
+        // Hosts coming free from leases already noticed.
+        let mut coming: Vec<HostName> = Vec::new();
+        for id in self.expiries.iter().map(|(_, id)| *id) {
+            if let Some(l) = self.leases.get(&id)
+                && l.preempted_at.is_some()
+            {
+                coming.extend(l.hosts.iter().cloned());
+            }
+        }
+        let free: Vec<HostName> = self.index.free().cloned().collect();
+        let mut claimed: HashSet<HostName> = HashSet::new();
+        let projects = self.shares.projects(now);
+        let mut notices: Vec<(LeaseId, WaiterId, Principal, i32)> = Vec::new();
+        let mut noticed: HashSet<LeaseId> = HashSet::new();
+        let usable = |spec: &crate::lease::LeaseSpec, inv: &Inventory, h: &HostName| {
+            inv.host(h).is_some_and(|s| {
+                spec.arch.is_none_or(|a| a == s.arch)
+                    && spec.flags.is_subset(&s.flags)
+                    && (spec.hosts.is_empty() || spec.hosts.contains(h))
+            })
+        };
+        // A bounded walk: the head of the queue is what preemption serves.
+        for w in self.queue.iter().take(PREEMPT_WALK) {
+            if w.preemptible || w.detached || w.check.is_some() {
+                continue;
+            }
+            if crate::lease::queue::beyond_quota(&projects, w, &self.shares.standing(w)) {
+                continue;
+            }
+            let need = w.spec.count as usize;
+            let mut have: Vec<HostName> = free
+                .iter()
+                .chain(coming.iter())
+                .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                .take(need)
+                .cloned()
+                .collect();
+            let mut take: Vec<LeaseId> = Vec::new();
+            for &(_, id) in self.preemptible.iter().rev() {
+                if have.len() >= need {
+                    break;
+                }
+                if noticed.contains(&id) {
+                    continue;
+                }
+                let Some(l) = self.leases.get(&id) else {
+                    continue;
+                };
+                let hosts: Vec<&HostName> = l
+                    .hosts
+                    .iter()
+                    .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                    .collect();
+                if hosts.is_empty() {
+                    continue;
+                }
+                have.extend(hosts.into_iter().cloned());
+                take.push(id);
+            }
+            if have.len() < need {
+                // Preemption cannot serve it now: leave everything be.
+                continue;
+            }
+            claimed.extend(have);
+            for id in take {
+                noticed.insert(id);
+                notices.push((id, w.id, w.principal.clone(), w.spec.priority));
+            }
+        }
+        let grace = self.config.preempt_grace;
+        for (id, waiter, principal, priority) in notices {
+            let Some(l) = self.leases.get(&id) else {
+                continue;
+            };
+            let next = match l.apply(&LeaseEvent::Preempt { now, grace }) {
+                Ok(n) => n,
+                Err(e) => {
+                    error!(lease = %id, error = %e, "preemption refused");
+                    continue;
+                }
+            };
+            let e = self.event(p, now, &Principal::server(), EventKind::LeasePreempted);
+            e.lease = Some(id);
+            e.waiter = Some(waiter);
+            e.hosts = next.hosts.clone();
+            e.detail = format!(
+                "preempted for request {waiter} of {principal} (priority {priority}); ends at {}",
+                next.expires_at
+            );
+            info!(lease = %id, holder = %next.holder, waiter, ends = %next.expires_at, "preemptible lease noticed");
+            self.put_lease(p, next);
         }
     }
 
@@ -1930,6 +2062,7 @@ impl Actor {
             queued_at: now,
             detached: false,
             check: Some(trigger),
+            preemptible: false,
         };
         p.batch.writes.push(Write::Waiter(w.clone()));
         *self.waiting.entry(principal).or_default() += 1;

@@ -97,6 +97,8 @@ pub struct CoreConfig {
     /// Projects, shares and quotas in force at start (then
     /// [`Core::set_policy`]).
     pub policy: Arc<Policy>,
+    /// A preemptible lease ends this long after its preemption notice.
+    pub preempt_grace: Duration,
 }
 
 impl CoreConfig {
@@ -119,6 +121,7 @@ impl CoreConfig {
             expiry_warning: Duration::from_secs(600),
             webhooks: SharedWebhooks::default(),
             policy: Arc::default(),
+            preempt_grace: Duration::from_secs(300),
         }
     }
 
@@ -208,6 +211,9 @@ pub struct AcquireRequest {
     /// of the same principal that still waits takes it over (keeping its
     /// place); one whose request was granted gets that lease.
     pub request_id: Option<RequestId>,
+    /// Its lease may be preempted for a request that is not (and it is
+    /// served after every such request).
+    pub preemptible: bool,
 }
 
 /// A lease request in progress. Dropping it before the grant withdraws the
@@ -834,6 +840,8 @@ impl Core {
     }
 }
 
+#[cfg(test)]
+mod preempt_tests;
 #[cfg(test)]
 mod share_tests;
 #[cfg(test)]

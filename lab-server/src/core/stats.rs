@@ -30,6 +30,9 @@ pub struct CoreStats {
     pub commit_seconds: AtomicHistogram,
     /// Commands taken into one batch.
     pub batch_commands: AtomicHistogram,
+    /// Seconds one scheduling pass took in the actor (the grant decision
+    /// and the records of the leases it grants).
+    pub schedule_seconds: AtomicHistogram,
     /// The webhook delivery task's counters (it shares the core's stats).
     pub webhooks: std::sync::Arc<crate::webhooks::WebhookStats>,
 }
@@ -64,6 +67,8 @@ impl Default for CoreStats {
             commit_seconds: AtomicHistogram::exponential(0.000_25, 2.0, 15),
             // 1 .. 512 (the most one batch takes).
             batch_commands: AtomicHistogram::exponential(1.0, 2.0, 10),
+            // 10 µs .. ~2 s, in steps of 1.5×.
+            schedule_seconds: AtomicHistogram::exponential(0.000_01, 1.5, 30),
             webhooks: Default::default(),
         }
     }

@@ -57,6 +57,7 @@ pub(super) fn ask(spec: LeaseSpec, no_wait: bool) -> AcquireRequest {
         spec,
         no_wait,
         request_id: None,
+        preemptible: false,
     }
 }
 
@@ -393,6 +394,7 @@ fn with_id(spec: LeaseSpec, id: &str) -> AcquireRequest {
         spec,
         no_wait: false,
         request_id: Some(RequestId::new(id).unwrap()),
+        preemptible: false,
     }
 }
 

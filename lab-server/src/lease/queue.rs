@@ -2,7 +2,9 @@
 //!
 //! **Order.** The server's health checks first (each names one host, and
 //! may take it even when it is quarantined), then waiters by priority
-//! (higher first), then arrival (earlier first).
+//! (higher first), then arrival (earlier first); preemptible requests after
+//! every other (they use what nobody else waits for). With projects,
+//! arrival within a priority gives way to fair share (`FairOrder`).
 //!
 //! **Grant rule (reservation).** A scheduling pass walks the queue in order
 //! with the set of grantable hosts. A waiter that can get all `count` hosts it
@@ -103,6 +105,10 @@ pub struct Waiter {
     /// other request, and granted a quarantined host too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
+    /// Asked for with `preemptible`: served after every request that is
+    /// not, and its lease may be preempted for one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
 }
 
 impl Waiter {
@@ -115,11 +121,22 @@ impl Waiter {
     }
 }
 
-/// Health checks first, then by priority, then by arrival.
-type QueueKey = (bool, Reverse<i32>, WaiterId);
+/// Health checks first, preemptible requests last, then by priority, then
+/// by arrival.
+type QueueKey = (bool, bool, Reverse<i32>, WaiterId);
 
 fn key(w: &Waiter) -> QueueKey {
-    (w.check.is_none(), Reverse(w.spec.priority), w.id)
+    (
+        w.check.is_none(),
+        w.preemptible,
+        Reverse(w.spec.priority),
+        w.id,
+    )
+}
+
+/// The part of the key that makes a level of the fair order.
+fn level(k: &QueueKey) -> (bool, bool, Reverse<i32>) {
+    (k.0, k.1, k.2)
 }
 
 /// The queue: waiters in service order.
@@ -407,6 +424,13 @@ impl<'c> FreeTimes<'c> {
     }
 }
 
+/// Whether `w` waits because a quota holds it back (whatever is free).
+pub fn beyond_quota(projects: &Projects, w: &Waiter, st: &Standing) -> bool {
+    Held::new(projects)
+        .beyond(projects, w, st.project, st)
+        .is_some()
+}
+
 /// One waiter's place in line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Estimate {
@@ -586,13 +610,12 @@ impl<'q, 's> FairOrder<'q, 's> {
         if self.heap.is_empty() {
             // The next level: the waiters of the same (check, priority).
             let first = self.peeked.take().or_else(|| self.iter.next())?;
-            let lvl = key(first);
+            let lvl = level(&key(first));
             let none = self.projects.len();
             self.level = vec![std::collections::VecDeque::new(); none + 1];
             let mut w = Some(first);
             while let Some(x) = w {
-                let k = key(x);
-                if (k.0, k.1) != (lvl.0, lvl.1) {
+                if level(&key(x)) != lvl {
                     self.peeked = Some(x);
                     break;
                 }
@@ -692,6 +715,7 @@ mod tests {
             queued_at: Timestamp(0),
             detached: false,
             check: None,
+            preemptible: false,
         }
     }
 

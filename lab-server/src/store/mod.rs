@@ -403,6 +403,8 @@ pub(crate) mod contract {
             request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
         };
         store
             .commit(&Batch {
@@ -483,6 +485,7 @@ pub(crate) mod contract {
             queued_at: Timestamp(5),
             detached: false,
             check: None,
+            preemptible: false,
         }
     }
 
@@ -550,6 +553,8 @@ pub(crate) mod contract {
             max_expires_at: Timestamp(5000),
             ended_at: Some(Timestamp(2)),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
             waiter_id: 9,
             request_id: None,
             generation: Generation(1),

@@ -573,6 +573,7 @@ mod tests {
                     spec,
                     no_wait: false,
                     request_id: None,
+                    preemptible: false,
                 },
             )
             .await
