@@ -250,6 +250,8 @@ async fn atftp_with_windowsize_is_byte_identical() {
             "windowsize not acknowledged: {text}"
         );
     }
+    // Counted when each last ACK arrives, which may follow atftp's exit.
+    wait_stats(&fx, "three transfers completed", |s| s.completed >= 3).await;
     let s = fx.stats.snapshot();
     assert_eq!(s.completed, 3, "{s:?}");
 }
@@ -604,6 +606,9 @@ async fn per_client_cap_and_a_refused_timeout_option() {
     let out = fx.out("other");
     let (code, err) = curl(&["-o", out.to_str().unwrap(), &fx.url(SMALL.0)]).await;
     assert_eq!(code, 0, "{err}");
+    // curl exits once it has sent its last ACK: the server counts the
+    // transfer complete when that ACK arrives, a moment later.
+    wait_stats(&fx, "curl's transfer completed", |s| s.completed == 1).await;
     let s = fx.stats.snapshot();
     assert_eq!((s.client_busy, s.busy, s.completed), (1, 0, 1), "{s:?}");
     // The silent transfers end after (retries + 1) x 1 s, the default

@@ -130,6 +130,7 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::HealthCheckFailed) => "health-check-failed",
         Ok(EventKind::LeaseExpiring) => "lease-expiring",
         Ok(EventKind::WebhookUndelivered) => "webhook-undelivered",
+        Ok(EventKind::LeasePreempted) => "lease-preempted",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
@@ -272,6 +273,12 @@ pub struct LeaseView {
     /// The lease's SSH public key by type and fingerprint, e.g.
     /// `ssh-ed25519 SHA256:… (alice@ci)`; never the whole key.
     pub ssh_key: Option<String>,
+    /// It may be preempted for a request that is not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
+    /// When its preemption was noticed (it ends at `expires_at`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preempted_at: Option<Time>,
 }
 
 /// One host's boot progress within a lease.
@@ -392,6 +399,8 @@ impl From<&Lease> for LeaseView {
             provisioning: l.provisioning.iter().map(ProvisioningView::from).collect(),
             ssh_key: (!l.ssh_public_key.is_empty())
                 .then(|| crate::sshkey::describe(&l.ssh_public_key)),
+            preemptible: l.preemptible,
+            preempted_at: time(l.preempted_at.as_ref()),
         }
     }
 }
@@ -505,6 +514,9 @@ impl From<&Event> for EventView {
 pub struct WhoAmIView {
     pub principal: String,
     pub role: &'static str,
+    /// Empty from a server without projects.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub project: String,
 }
 
 impl From<&WhoAmIResponse> for WhoAmIView {
@@ -512,6 +524,7 @@ impl From<&WhoAmIResponse> for WhoAmIView {
         WhoAmIView {
             principal: w.principal.clone(),
             role: role_name(w.role),
+            project: w.project.clone(),
         }
     }
 }

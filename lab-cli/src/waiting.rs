@@ -1,5 +1,6 @@
 //! The "waiting: position 3 of 7, ETA 14:05:10 (in 4m)" report on stderr
-//! while a lease request waits in the queue.
+//! while a lease request waits in the queue (or "…, held back: project ci
+//! holds 8 of its 8 hosts (max_hosts)" while a quota keeps it waiting).
 //!
 //! On a terminal it is one live line, rewritten in place (`\r`, the text,
 //! then clear-to-end-of-line) on every queue update and once a second so the
@@ -16,16 +17,21 @@ use crate::clock;
 const CLEAR_EOL: &str = "\x1b[K";
 
 /// A queue update, decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Queued {
     pub position: u32,
     pub queue_length: u32,
     pub eta: Option<SystemTime>,
+    /// The quota that keeps it waiting (the server's words), if one does.
+    pub held_back: Option<String>,
 }
 
 /// The text of the report.
 pub fn text(q: &Queued, now: SystemTime) -> String {
     let eta = match q.eta {
+        _ if q.held_back.is_some() => {
+            format!("held back: {}", q.held_back.as_deref().unwrap_or_default())
+        }
         Some(eta) => format!(
             "ETA {} ({})",
             clock::local(eta, now),
@@ -64,12 +70,16 @@ impl<W: Write> WaitLine<W> {
 
     /// A queue update arrived.
     pub fn update(&mut self, q: Queued, now: SystemTime) -> io::Result<()> {
-        let moved = self.last.is_none_or(|last| last.position != q.position);
+        let moved = self
+            .last
+            .as_ref()
+            .is_none_or(|last| last.position != q.position || last.held_back != q.held_back);
+        let line = text(&q, now);
         self.last = Some(q);
         if self.live {
             self.redraw(now)
         } else if moved {
-            writeln!(self.out, "{}", text(&q, now))?;
+            writeln!(self.out, "{line}")?;
             self.out.flush()
         } else {
             Ok(())
@@ -78,10 +88,10 @@ impl<W: Write> WaitLine<W> {
 
     /// Re-renders the live line (the relative ETA moves with the clock).
     pub fn redraw(&mut self, now: SystemTime) -> io::Result<()> {
-        let Some(q) = self.last.filter(|_| self.live) else {
+        let Some(q) = self.last.as_ref().filter(|_| self.live) else {
             return Ok(());
         };
-        let line = text(&q, now);
+        let line = text(q, now);
         if self.shown.as_ref() == Some(&line) {
             return Ok(());
         }
@@ -125,7 +135,28 @@ mod tests {
             position,
             queue_length,
             eta: None,
+            held_back: None,
         }
+    }
+
+    #[test]
+    fn a_quota_is_said_instead_of_the_eta() {
+        let held = Queued {
+            held_back: Some("project ci holds 8 of its 8 hosts (max_hosts)".into()),
+            ..q(2, 5)
+        };
+        assert_eq!(
+            text(&held, now()),
+            "waiting: position 2 of 5, held back: project ci holds 8 of its 8 hosts (max_hosts)"
+        );
+        // Plain mode: a line when the reason comes or goes, even in place.
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, false);
+        w.update(q(2, 5), now()).unwrap();
+        w.update(held.clone(), now()).unwrap();
+        w.update(held, now()).unwrap();
+        w.update(q(2, 5), now()).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3);
     }
 
     #[test]

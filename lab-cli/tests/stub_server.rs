@@ -421,6 +421,7 @@ impl LeaseService for Stub {
                         position,
                         queue_length,
                         eta: Some(timestamp_from_millis(now_ms() + 4 * 60_000 + 5_000)),
+                        ..Default::default()
                     })),
                 })
             };
@@ -616,6 +617,7 @@ impl AdminService for Stub {
         Ok(Response::new(WhoAmIResponse {
             principal: principal.into(),
             role: Role::Developer as i32,
+            project: "xen-ci".into(),
         }))
     }
 }
@@ -682,17 +684,24 @@ fn whoami_sends_the_token() {
     let (addr, _) = start();
     assert_eq!(
         run(addr, GOOD, &["whoami"]),
-        (0, "alice (developer)\n".into(), String::new())
+        (
+            0,
+            "alice (developer, project xen-ci)\n".into(),
+            String::new()
+        )
     );
     let (code, out, _) = run(addr, GOOD, &["whoami", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         v,
-        serde_json::json!({"principal": "alice", "role": "developer"})
+        serde_json::json!({"principal": "alice", "role": "developer", "project": "xen-ci"})
     );
     let (code, out, _) = run(addr, None, &["--token", "good", "whoami"]);
-    assert_eq!((code, out.as_str()), (0, "alice (developer)\n"));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "alice (developer, project xen-ci)\n")
+    );
 }
 
 #[test]

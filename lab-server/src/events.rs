@@ -50,11 +50,14 @@ pub enum EventKind {
     /// outbox was full); detail: the hook, the events and why. Never itself
     /// delivered by webhooks.
     WebhookUndelivered,
+    /// A preemptible lease must give its hosts to a request that is not:
+    /// it now ends after `--preempt-grace` (detail: for whom, and when).
+    LeasePreempted,
 }
 
 impl EventKind {
     /// Every kind, in the order of the API's enum.
-    pub const ALL: [EventKind; 26] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::LeaseRequested,
         EventKind::LeaseGranted,
         EventKind::LeaseRenewed,
@@ -81,6 +84,7 @@ impl EventKind {
         EventKind::HealthCheckFailed,
         EventKind::LeaseExpiring,
         EventKind::WebhookUndelivered,
+        EventKind::LeasePreempted,
     ];
 
     /// The name of the kind in the API's `EventKind` without its
@@ -114,6 +118,7 @@ impl EventKind {
             EventKind::HealthCheckFailed => "HEALTH_CHECK_FAILED",
             EventKind::LeaseExpiring => "LEASE_EXPIRING",
             EventKind::WebhookUndelivered => "WEBHOOK_UNDELIVERED",
+            EventKind::LeasePreempted => "LEASE_PREEMPTED",
         }
     }
 

@@ -38,6 +38,7 @@ pub mod health;
 pub mod inventory;
 pub mod lease;
 pub mod metrics;
+pub mod projects;
 pub mod racks;
 pub mod store;
 pub mod types;

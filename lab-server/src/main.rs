@@ -14,6 +14,7 @@ use lab_server::core::{Core, CoreConfig, error_chain};
 use lab_server::grpc::{self, Api};
 use lab_server::health::Rules;
 use lab_server::inventory::Inventory;
+use lab_server::projects::Policy;
 use lab_server::racks::{ForwardLimits, RackRegistry};
 use lab_server::store::Store;
 use lab_server::store::etcd::election::Election;
@@ -167,6 +168,15 @@ struct Args {
     /// Most webhook deliveries the outbox keeps (the oldest dropped beyond).
     #[arg(long, env = "LAB_WEBHOOK_OUTBOX_MAX", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     webhook_outbox_max: u64,
+    /// Projects, fair shares and quotas (re-read on SIGHUP; see
+    /// docs/leases.md, "Projects and fair share"). Without it everyone is
+    /// in project `default`.
+    #[arg(long, env = "LAB_POLICY")]
+    policy: Option<PathBuf>,
+    /// A preemptible lease ends this long after the notice that a request
+    /// which is not needs its hosts (LEASE_PREEMPTED).
+    #[arg(long, env = "LAB_PREEMPT_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    preempt_grace: Duration,
     /// A LEASE_EXPIRING event this long before a lease expires (0: none).
     #[arg(long, env = "LAB_EXPIRY_WARNING", default_value = "10m", value_parser = humantime::parse_duration)]
     expiry_warning: Duration,
@@ -504,6 +514,7 @@ async fn run(args: Args) -> Result<()> {
     config.health_check_every = args.health_check_every;
     config.health_check_idle = args.health_check_idle.0;
     config.expiry_warning = args.expiry_warning;
+    config.preempt_grace = args.preempt_grace;
     let webhooks: SharedWebhooks = match &args.webhooks {
         Some(path) => {
             let w = Webhooks::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -513,6 +524,11 @@ async fn run(args: Args) -> Result<()> {
         None => SharedWebhooks::default(),
     };
     config.webhooks = webhooks.clone();
+    if let Some(path) = &args.policy {
+        let p = Policy::load(path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        info!(path = %path.display(), projects = p.projects().len(), "policy loaded");
+        config.policy = Arc::new(p);
+    }
     // The reclaim step goes through the rack agents (hosts of racks without
     // an agent are reclaimed at once).
     let clock = Arc::new(TokioClock::new());
@@ -552,6 +568,7 @@ async fn run(args: Args) -> Result<()> {
     let hup_core = core.clone();
     let hup_auth = auth.clone();
     let webhooks_path = args.webhooks.clone();
+    let policy_path = args.policy.clone();
     let tokens_path = args.tokens.clone().filter(|_| !args.dev_insecure_no_auth);
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -591,6 +608,20 @@ async fn run(args: Args) -> Result<()> {
                     }
                     Err(e) => {
                         error!(error = %error_chain(&e), "webhooks reload failed; keeping the last good webhooks")
+                    }
+                }
+            }
+            if let Some(path) = &policy_path {
+                let loaded = Policy::load(path).map_err(|e| error_chain(&e));
+                match loaded {
+                    Ok(p) => match hup_core.set_policy(Arc::new(p)).await {
+                        Ok(()) => info!(policy = %path.display(), "policy reloaded on SIGHUP"),
+                        Err(e) => {
+                            error!(error = %error_chain(&e), "policy reload failed; keeping the last good policy")
+                        }
+                    },
+                    Err(e) => {
+                        error!(error = %e, "policy reload failed; keeping the last good policy")
                     }
                 }
             }

@@ -56,6 +56,11 @@ pub fn registry(core: Arc<CoreStats>, api: &ApiStats, racks: RackRegistry) -> Re
         core.batch_commands.clone(),
     );
     r.register(
+        "lab_core_schedule_seconds",
+        "Time of one scheduling pass in the core actor: which waiters get which hosts, and the leases it grants",
+        core.schedule_seconds.clone(),
+    );
+    r.register(
         "lab_grant_latency_seconds",
         "Time from an Acquire call's arrival to its grant being sent, waiting included",
         api.grant_latency.clone(),

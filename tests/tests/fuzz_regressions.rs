@@ -568,6 +568,7 @@ fn agent_message_seeds() -> Seeds {
             priority: 5,
             comment: "osstest flight 1234".into(),
             ssh_public_key: String::new(),
+            preemptible: false,
         }
         .encode_to_vec(),
     );

@@ -508,6 +508,7 @@ fn check_installed(root: &Root) {
         ("/etc/lab/inventory.toml", "root:root", 0o644),
         ("/etc/lab/agent.toml", "root:root", 0o644),
         ("/etc/lab/webhooks.toml", "root:root", 0o644),
+        ("/etc/lab/policy.toml", "root:root", 0o644),
         ("/var/lib/lab", "lab:lab", 0o750),
     ] {
         assert_eq!(root.owner_mode(f), (owner.into(), mode), "{f}");
@@ -519,6 +520,7 @@ fn check_installed(root: &Root) {
         "/etc/lab/server.env",
         "/etc/lab/agent.toml",
         "/etc/lab/webhooks.toml",
+        "/etc/lab/policy.toml",
     ] {
         assert!(conffiles.contains(f), "{f} is not a conffile:\n{conffiles}");
     }

@@ -42,8 +42,13 @@ pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
     if ctx.json {
         return Ok(output::emit(&output::json(&v))?);
     }
+    let project = if v.project.is_empty() {
+        String::new()
+    } else {
+        format!(", project {}", v.project)
+    };
     Ok(output::emit(&output::line(&format!(
-        "{} ({})",
+        "{} ({}{project})",
         v.principal, v.role
     )))?)
 }

@@ -126,6 +126,10 @@ pub struct AcquireArgs {
     /// Fail at once with exit code 5 when no hosts are free, instead of waiting
     #[arg(long)]
     no_wait: bool,
+    /// Use hosts nobody else waits for; the lease may be preempted (ends
+    /// after the server's grace period) for a request that is not
+    #[arg(long)]
+    preemptible: bool,
     /// OpenSSH public key for root on the hosts, or none [default:
     /// ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub, if one exists]
     #[arg(long, value_name = "FILE|none", value_parser = sshkey::parse_arg)]
@@ -175,6 +179,7 @@ impl AcquireArgs {
                 priority: self.priority,
                 comment: self.comment.unwrap_or_default(),
                 ssh_public_key: ssh_public_key.unwrap_or_default(),
+                preemptible: self.preemptible,
             }),
             no_wait: self.no_wait,
         }
@@ -499,6 +504,8 @@ async fn wait_once<W: std::io::Write>(
                     position: q.position,
                     queue_length: q.queue_length,
                     eta: q.eta.as_ref().map(convert::system_time),
+                    held_back: Some(sanitize::line(&q.held_back).into_owned())
+                        .filter(|h| !h.is_empty()),
                 };
                 line.update(q, SystemTime::now())?;
             }
@@ -536,7 +543,7 @@ fn granted(l: &LeaseView, now: SystemTime) -> String {
 
 fn details(l: &LeaseView, now: SystemTime) -> String {
     let at = |t: Option<crate::view::Time>| t.map(|t| clock::when(t.0, now)).unwrap_or_default();
-    output::key_values(&[
+    let mut rows = vec![
         ("lease", l.id.clone()),
         ("holder", l.holder.clone()),
         ("hosts", l.hosts.join(" ")),
@@ -556,7 +563,18 @@ fn details(l: &LeaseView, now: SystemTime) -> String {
         ("max expires", at(l.max_expires_at)),
         ("ended", at(l.ended_at)),
         ("generation", l.generation.to_string()),
-    ]) + &provisioning(l, now)
+    ];
+    if l.preemptible {
+        let said = match l.preempted_at {
+            None => "yes".to_owned(),
+            Some(t) => format!(
+                "yes; preempted {}: it ends when it expires and cannot be renewed",
+                clock::when(t.0, now)
+            ),
+        };
+        rows.insert(8, ("preemptible", said));
+    }
+    output::key_values(&rows) + &provisioning(l, now)
 }
 
 /// The boot progress block of `lease show`: a table of the hosts' phases,

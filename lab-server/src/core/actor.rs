@@ -6,8 +6,10 @@
 //! detached waiter's grace period, and the next retention step.
 
 use super::clock::Clock;
+use super::free::HostIndex;
 use super::policy;
 use super::reclaim::{ReclaimJob, Reclaimer};
+use super::share::ShareBook;
 use super::stats::CoreStats;
 use super::{
     AcquireRequest, Command, CoreConfig, CoreError, HostView, LEASE_SCAN_LIMIT, LeaseKey,
@@ -19,6 +21,7 @@ use crate::health::facts::{self, CheckVerdict, Facts};
 use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
 use crate::lease::machine::Health;
+use crate::lease::queue::Estimate;
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
@@ -85,6 +88,8 @@ const PROVISIONAL_IDS: WaiterId = 1 << 62;
 /// The pause between retention steps while old records remain (each step
 /// removes at most `retention_batch` of each).
 const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(100);
+/// Waiters at the head of the queue that preemption looks at in one pass.
+const PREEMPT_WALK: usize = 64;
 
 /// How many request ids of granted requests are remembered (so that a
 /// client that missed the grant gets the lease when it asks again).
@@ -190,6 +195,9 @@ pub(super) struct Actor {
     warnings: BTreeSet<(Timestamp, LeaseId)>,
     /// The expiry each lease was warned of (active leases only).
     warned: HashMap<LeaseId, Timestamp>,
+    /// Active preemptible leases not yet noticed, by grant time (the most
+    /// recent are preempted first: they lose the least work).
+    preemptible: BTreeSet<(Timestamp, LeaseId)>,
     /// The webhooks in force: events they want get outbox rows.
     webhooks: SharedWebhooks,
     outbox_wake: Arc<Notify>,
@@ -233,6 +241,10 @@ pub(super) struct Actor {
     next_retention: tokio::time::Instant,
     /// Gauges and histograms for `/metrics` (relaxed atomics).
     stats: Arc<CoreStats>,
+    /// Projects: the policy, their usage, the hosts principals hold.
+    shares: ShareBook,
+    /// Free hosts and counts per state, kept with the host records.
+    index: HostIndex,
 }
 
 impl Actor {
@@ -252,10 +264,12 @@ impl Actor {
             outbox_wake,
         } = links;
         let snapshot = load(&store).await?;
+        let policy = config.policy.clone();
         let mut actor = Actor {
             webhooks: config.webhooks.clone(),
             warnings: BTreeSet::new(),
             warned: HashMap::new(),
+            preemptible: BTreeSet::new(),
             outbox_wake,
             config,
             store,
@@ -287,6 +301,8 @@ impl Actor {
             resync: false,
             next_retention: tokio::time::Instant::now(),
             stats,
+            shares: ShareBook::new(policy),
+            index: HostIndex::stale(),
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -333,6 +349,7 @@ impl Actor {
         self.warnings.clear();
         self.ended.clear();
         self.by_grant.clear();
+        self.preemptible.clear();
         self.leases.clear();
         self.recent_grants = RecentGrants::default();
         let mut leases = snapshot.leases;
@@ -385,6 +402,8 @@ impl Actor {
                 },
             );
         }
+        self.shares.recount(self.leases.values(), now);
+        self.index.invalidate();
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -483,20 +502,29 @@ impl Actor {
                 p.reply(reply, r);
             }
             Command::ListQueue { reply } => {
+                let projects = self.shares.projects(now);
                 let entries = self
                     .queue
-                    .estimate(&self.candidates(now), now)
+                    .estimate_fair(&self.candidates(now), now, &projects, &|w| {
+                        self.shares.standing(w)
+                    })
                     .into_iter()
-                    .filter_map(|(id, position, eta)| {
-                        let w = self.queue.get(id)?;
+                    .filter_map(|e| {
+                        let w = self.queue.get(e.waiter)?;
                         Some(QueueEntry {
-                            waiter: id,
+                            waiter: e.waiter,
                             principal: w.principal.clone(),
                             spec: w.spec.clone(),
                             queued_at: w.queued_at,
-                            position,
-                            eta,
+                            position: e.position,
+                            eta: e.eta,
                             detached: w.detached,
+                            project: if w.check.is_some() {
+                                String::new()
+                            } else {
+                                self.shares.project_name(&w.principal).to_owned()
+                            },
+                            held_back: e.held_back,
                         })
                     })
                     .collect();
@@ -581,6 +609,7 @@ impl Actor {
                     }
                 }
                 self.inventory = inventory;
+                self.index.invalidate();
                 let r = self.sync_inventory(p, now, &actor);
                 self.drop_unsatisfiable(p, now);
                 p.reply(reply, Ok(r));
@@ -602,6 +631,16 @@ impl Actor {
                 e.detail = note.detail;
                 let seq = e.seq;
                 p.reply(reply, Ok(seq));
+            }
+            Command::SetPolicy { policy, reply } => {
+                info!(
+                    projects = policy.projects().len(),
+                    half_life = %humantime::format_duration(policy.half_life),
+                    "policy in force"
+                );
+                self.shares.set_policy(policy, self.leases.values(), now);
+                p.publish = true;
+                p.reply(reply, Ok(()));
             }
             Command::SetWebhooks { webhooks, reply } => {
                 let kept = webhooks.names();
@@ -645,7 +684,10 @@ impl Actor {
 
     fn put_host(&mut self, p: &mut Pending, rec: HostRecord) {
         p.batch.writes.push(Write::Host(rec.clone()));
-        self.hosts.insert(rec.name.clone(), rec);
+        let unreachable = self.unreachable.contains_key(&rec.name);
+        let old = self.hosts.insert(rec.name.clone(), rec.clone());
+        self.index
+            .changed(&self.inventory, old.as_ref(), &rec, unreachable);
     }
 
     fn host_apply(
@@ -674,6 +716,9 @@ impl Actor {
     /// Add a lease to the expiry, warning, end-time and grant-time indexes.
     fn index_lease(&mut self, l: &Lease) {
         self.by_grant.insert((l.granted_at, l.id));
+        if l.is_active() && l.preemptible && l.preempted_at.is_none() {
+            self.preemptible.insert((l.granted_at, l.id));
+        }
         if l.is_active() {
             self.expiries.insert((l.expires_at, l.id));
             if self.warned.get(&l.id) != Some(&l.expires_at)
@@ -691,6 +736,7 @@ impl Actor {
 
     fn unindex_lease(&mut self, l: &Lease) {
         self.by_grant.remove(&(l.granted_at, l.id));
+        self.preemptible.remove(&(l.granted_at, l.id));
         self.expiries.remove(&(l.expires_at, l.id));
         if let Some(t) = self.warning_time(l) {
             self.warnings.remove(&(t, l.id));
@@ -701,7 +747,9 @@ impl Actor {
     }
 
     fn put_lease(&mut self, p: &mut Pending, lease: Lease) {
-        if let Some(old) = self.leases.get(&lease.id).cloned() {
+        let old = self.leases.get(&lease.id).cloned();
+        self.shares.lease_changed(old.as_ref(), &lease);
+        if let Some(old) = old {
             self.unindex_lease(&old);
         }
         self.index_lease(&lease);
@@ -773,6 +821,7 @@ impl Actor {
             spec,
             no_wait,
             request_id,
+            preemptible,
         } = request;
         // A retry of a request this principal made before?
         if let Some(r) = &request_id {
@@ -791,20 +840,20 @@ impl Actor {
                 return;
             }
         }
-        let checks =
-            policy::may_use_priority(&caller, spec.priority, self.config.max_user_priority)
-                .map_err(CoreError::from)
-                .and_then(|()| self.check_spec(&spec))
-                .and_then(|()| {
-                    let waiting = self.waiting.get(&caller.principal).copied().unwrap_or(0);
-                    if !no_wait && waiting >= self.config.max_waiting_per_principal {
-                        return Err(CoreError::TooManyWaiting {
-                            principal: caller.principal.clone(),
-                            max: self.config.max_waiting_per_principal,
-                        });
-                    }
-                    Ok(())
-                });
+        self.shares.saw_role(&caller.principal, caller.role);
+        let checks = self
+            .check_priority(&caller, spec.priority)
+            .and_then(|()| self.check_spec(&caller, &spec))
+            .and_then(|()| {
+                let waiting = self.waiting.get(&caller.principal).copied().unwrap_or(0);
+                if !no_wait && waiting >= self.config.max_waiting_per_principal {
+                    return Err(CoreError::TooManyWaiting {
+                        principal: caller.principal.clone(),
+                        max: self.config.max_waiting_per_principal,
+                    });
+                }
+                Ok(())
+            });
         if let Err(e) = checks {
             debug!(principal = %caller.principal, error = %e, "lease request refused");
             p.notify(state, WaitState::Failed(e));
@@ -821,6 +870,9 @@ impl Actor {
             // across restarts, and its place in line within a priority.
             e.waiter = Some(e.seq);
             e.request = Some(spec.clone());
+            if preemptible {
+                e.detail = "preemptible".into();
+            }
             e.seq
         };
         debug!(waiter, principal = %caller.principal, count = spec.count, priority = spec.priority, no_wait, "lease requested");
@@ -832,6 +884,7 @@ impl Actor {
             queued_at: now,
             detached: false,
             check: None,
+            preemptible,
         };
         if !no_wait {
             p.batch.writes.push(Write::Waiter(w.clone()));
@@ -966,7 +1019,7 @@ impl Actor {
         let doomed: Vec<(WaiterId, CoreError)> = self
             .queue
             .iter()
-            .filter_map(|w| self.check_spec(&w.spec).err().map(|e| (w.id, e)))
+            .filter_map(|w| self.check_hosts(&w.spec).err().map(|e| (w.id, e)))
             .collect();
         for (waiter, err) in doomed {
             if let Some(state) = self.withdraw(
@@ -980,30 +1033,85 @@ impl Actor {
         }
     }
 
-    /// The one TTL rule, for requests and renewals alike.
-    fn check_ttl(&self, field: &'static str, ttl: Duration) -> Result<(), CoreError> {
-        if ttl.is_zero() || ttl > self.config.max_ttl {
+    /// The priority rule: the caller's project's (or role's) `max_priority`
+    /// under the policy, else the server's cap for `ci` and `developer`.
+    fn check_priority(&self, caller: &Caller, priority: i32) -> Result<(), CoreError> {
+        match self
+            .shares
+            .policy()
+            .max_priority(&caller.principal, caller.role)
+        {
+            Some(max) if priority > max => Err(CoreError::PermissionDenied(
+                policy::Denied::PriorityAboveProjectLimit {
+                    principal: caller.principal.clone(),
+                    project: self.shares.project_name(&caller.principal).to_owned(),
+                    priority,
+                    max,
+                },
+            )),
+            Some(_) => Ok(()),
+            None => policy::may_use_priority(caller, priority, self.config.max_user_priority)
+                .map_err(CoreError::from),
+        }
+    }
+
+    /// The one TTL rule, for requests and renewals alike: the server's
+    /// `--max-ttl`, or less when the caller's project (or role) says so.
+    fn check_ttl(
+        &self,
+        caller: &Caller,
+        field: &'static str,
+        ttl: Duration,
+    ) -> Result<(), CoreError> {
+        let (max, whose) = match self.shares.policy().max_ttl(&caller.principal, caller.role) {
+            Some(m) if m < self.config.max_ttl => (
+                m,
+                format!(
+                    " (the policy of project {})",
+                    self.shares.project_name(&caller.principal)
+                ),
+            ),
+            _ => (self.config.max_ttl, String::new()),
+        };
+        if ttl.is_zero() || ttl > max {
             return Err(CoreError::InvalidArgument {
                 field,
                 reason: format!(
-                    "must be more than 0 and at most {}",
-                    humantime::format_duration(self.config.max_ttl)
+                    "must be more than 0 and at most {}{whose}",
+                    humantime::format_duration(max)
                 ),
             });
         }
         Ok(())
     }
 
-    fn check_spec(&self, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
-        self.check_ttl("request.ttl", spec.ttl)?;
+    fn check_spec(&self, caller: &Caller, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
+        self.check_ttl(caller, "request.ttl", spec.ttl)?;
+        self.check_hosts(spec)
+    }
+
+    /// Whether the inventory can ever meet `spec`.
+    fn check_hosts(&self, spec: &crate::lease::LeaseSpec) -> Result<(), CoreError> {
         if let Some(h) = spec.hosts.iter().find(|h| self.inventory.host(h).is_none()) {
             return Err(CoreError::InvalidArgument {
                 field: "request.hosts",
                 reason: format!("no host named {h} in the inventory"),
             });
         }
-        let cands = self.candidates(Timestamp(0));
-        let matching = cands.iter().filter(|c| spec.matches(c)).count();
+        // Counted until enough: a request that can be met costs what it
+        // asks for, not the inventory's size.
+        let matching = self
+            .inventory
+            .hosts
+            .iter()
+            .filter(|h| {
+                self.hosts.get(&h.name).is_some_and(|r| !r.retired)
+                    && spec.arch.is_none_or(|a| a == h.arch)
+                    && spec.flags.is_subset(&h.flags)
+                    && (spec.hosts.is_empty() || spec.hosts.contains(&h.name))
+            })
+            .take(spec.count as usize)
+            .count();
         if matching < spec.count as usize {
             return Err(CoreError::Unsatisfiable {
                 reason: format!(
@@ -1028,7 +1136,7 @@ impl Actor {
         let lease = self.leases.get(&id).ok_or_else(|| not_found("lease", id))?;
         policy::may_manage_lease(caller, lease, "renew")?;
         let ttl = ttl.unwrap_or(lease.ttl());
-        self.check_ttl("ttl", ttl)?;
+        self.check_ttl(caller, "ttl", ttl)?;
         let next = lease.apply(&LeaseEvent::Renew { now, ttl })?;
         let e = self.event(p, now, &caller.principal, EventKind::LeaseRenewed);
         e.lease = Some(id);
@@ -1234,6 +1342,7 @@ impl Actor {
 
     fn remove_host(&mut self, p: &mut Pending, now: Timestamp, actor: &Principal, host: &HostName) {
         self.retired_specs.remove(host);
+        self.index.invalidate();
         if let Some(rec) = self.hosts.remove(host) {
             p.batch.writes.push(Write::DeleteHost {
                 name: host.clone(),
@@ -1247,6 +1356,28 @@ impl Actor {
     // ------------------------------------------------------------ scheduling
 
     /// Hosts in inventory order, as the queue sees them.
+    /// The hosts that may be granted or checked now, as candidates (all a
+    /// scheduling pass needs; the index must be fresh).
+    fn free_candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
+        self.index
+            .free()
+            .filter_map(|name| {
+                let spec = self.inventory.host(name)?;
+                let rec = self.hosts.get(name)?;
+                Some(Candidate {
+                    name: &spec.name,
+                    arch: spec.arch,
+                    flags: &spec.flags,
+                    grantable: rec.is_grantable(),
+                    checkable: rec.is_checkable(),
+                    gone: rec.retired,
+                    free_at: Some(now),
+                })
+            })
+            .collect()
+    }
+
+    /// Every host of the inventory as a candidate (for estimates).
     fn candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
         self.inventory
             .hosts
@@ -1274,6 +1405,14 @@ impl Actor {
     }
 
     fn schedule(&mut self, p: &mut Pending, now: Timestamp) {
+        let started = std::time::Instant::now();
+        self.schedule_pass(p, now);
+        self.stats
+            .schedule_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn schedule_pass(&mut self, p: &mut Pending, now: Timestamp) {
         // Requests whose client is gone do not take hosts.
         let gone: Vec<WaiterId> = self
             .waiters
@@ -1288,7 +1427,13 @@ impl Actor {
         // they neither hold hosts back from the waiters behind them nor
         // appear to be waiting when those are granted.
         let grants = loop {
-            let grants = self.queue.schedule(&self.candidates(now));
+            self.refresh_index();
+            let projects = self.shares.projects(now);
+            let grants = self
+                .queue
+                .schedule_fair(&self.free_candidates(now), &projects, &|w| {
+                    self.shares.standing(w)
+                });
             let refused: Vec<WaiterId> = p
                 .no_wait
                 .iter()
@@ -1340,6 +1485,8 @@ impl Actor {
                 request_id: waiter.request_id.clone(),
                 generation: Generation(1),
                 ssh_public_key: waiter.spec.ssh_public_key.clone(),
+                preemptible: waiter.preemptible,
+                preempted_at: None,
             };
             for h in &hosts {
                 let grant = if waiter.check.is_some() {
@@ -1373,6 +1520,112 @@ impl Actor {
                 p.notify(state, WaitState::Granted(lease));
             }
         }
+        self.preempt(p, now);
+    }
+
+    /// Preemptible leases give way: walking the waiters that are not
+    /// preemptible (attached, not held back by a quota) in queue order,
+    /// each counts the hosts it could use that are free or already coming
+    /// free from a noticed lease; when that is not enough and enough
+    /// preemptible leases (the most recent first) hold hosts it could use,
+    /// those leases get a notice and end after `--preempt-grace`. A waiter
+    /// that preemption could not satisfy preempts nothing.
+    fn preempt(&mut self, p: &mut Pending, now: Timestamp) {
+        if self.preemptible.is_empty() {
+            return;
+        }
+        // Hosts coming free from leases already noticed.
+        let mut coming: Vec<HostName> = Vec::new();
+        for id in self.expiries.iter().map(|(_, id)| *id) {
+            if let Some(l) = self.leases.get(&id)
+                && l.preempted_at.is_some()
+            {
+                coming.extend(l.hosts.iter().cloned());
+            }
+        }
+        let free: Vec<HostName> = self.index.free().cloned().collect();
+        let mut claimed: HashSet<HostName> = HashSet::new();
+        let projects = self.shares.projects(now);
+        let mut notices: Vec<(LeaseId, WaiterId, Principal, i32)> = Vec::new();
+        let mut noticed: HashSet<LeaseId> = HashSet::new();
+        let usable = |spec: &crate::lease::LeaseSpec, inv: &Inventory, h: &HostName| {
+            inv.host(h).is_some_and(|s| {
+                spec.arch.is_none_or(|a| a == s.arch)
+                    && spec.flags.is_subset(&s.flags)
+                    && (spec.hosts.is_empty() || spec.hosts.contains(h))
+            })
+        };
+        // A bounded walk: the head of the queue is what preemption serves.
+        for w in self.queue.iter().take(PREEMPT_WALK) {
+            if w.preemptible || w.detached || w.check.is_some() {
+                continue;
+            }
+            if crate::lease::queue::beyond_quota(&projects, w, &self.shares.standing(w)) {
+                continue;
+            }
+            let need = w.spec.count as usize;
+            let mut have: Vec<HostName> = free
+                .iter()
+                .chain(coming.iter())
+                .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                .take(need)
+                .cloned()
+                .collect();
+            let mut take: Vec<LeaseId> = Vec::new();
+            for &(_, id) in self.preemptible.iter().rev() {
+                if have.len() >= need {
+                    break;
+                }
+                if noticed.contains(&id) {
+                    continue;
+                }
+                let Some(l) = self.leases.get(&id) else {
+                    continue;
+                };
+                let hosts: Vec<&HostName> = l
+                    .hosts
+                    .iter()
+                    .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                    .collect();
+                if hosts.is_empty() {
+                    continue;
+                }
+                have.extend(hosts.into_iter().cloned());
+                take.push(id);
+            }
+            if have.len() < need {
+                // Preemption cannot serve it now: leave everything be.
+                continue;
+            }
+            claimed.extend(have);
+            for id in take {
+                noticed.insert(id);
+                notices.push((id, w.id, w.principal.clone(), w.spec.priority));
+            }
+        }
+        let grace = self.config.preempt_grace;
+        for (id, waiter, principal, priority) in notices {
+            let Some(l) = self.leases.get(&id) else {
+                continue;
+            };
+            let next = match l.apply(&LeaseEvent::Preempt { now, grace }) {
+                Ok(n) => n,
+                Err(e) => {
+                    error!(lease = %id, error = %e, "preemption refused");
+                    continue;
+                }
+            };
+            let e = self.event(p, now, &Principal::server(), EventKind::LeasePreempted);
+            e.lease = Some(id);
+            e.waiter = Some(waiter);
+            e.hosts = next.hosts.clone();
+            e.detail = format!(
+                "preempted for request {waiter} of {principal} (priority {priority}); ends at {}",
+                next.expires_at
+            );
+            info!(lease = %id, holder = %next.holder, waiter, ends = %next.expires_at, "preemptible lease noticed");
+            self.put_lease(p, next);
+        }
     }
 
     /// Tell every attached waiter its position and ETA (only when they
@@ -1382,8 +1635,19 @@ impl Actor {
             return;
         }
         let len = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
-        let estimates = self.queue.estimate(&self.candidates(now), now);
-        for (w, position, eta) in estimates {
+        let projects = self.shares.projects(now);
+        let estimates = self
+            .queue
+            .estimate_fair(&self.candidates(now), now, &projects, &|w| {
+                self.shares.standing(w)
+            });
+        for Estimate {
+            waiter: w,
+            position,
+            eta,
+            held_back,
+        } in estimates
+        {
             let Some((_, tx)) = self.waiters.get(&w).and_then(|s| s.client.as_ref()) else {
                 continue;
             };
@@ -1393,10 +1657,12 @@ impl Actor {
                         position: p0,
                         queue_length: l0,
                         eta: e0,
+                        held_back: h0,
                         ..
                     } => {
                         *p0 != position
                             || *l0 != len
+                            || *h0 != held_back
                             || match (*e0, eta) {
                                 (Some(a), Some(b)) => (a.0 - b.0).abs() >= 5_000,
                                 (a, b) => a.is_some() != b.is_some(),
@@ -1410,6 +1676,7 @@ impl Actor {
                         position,
                         queue_length: len,
                         eta,
+                        held_back: held_back.clone(),
                     };
                 }
                 changed
@@ -1556,6 +1823,7 @@ impl Actor {
             }
         }
         self.unreachable = hosts;
+        self.index.invalidate();
     }
 
     fn set_maintenance(
@@ -1794,6 +2062,7 @@ impl Actor {
             queued_at: now,
             detached: false,
             check: Some(trigger),
+            preemptible: false,
         };
         p.batch.writes.push(Write::Waiter(w.clone()));
         *self.waiting.entry(principal).or_default() += 1;
@@ -2029,13 +2298,19 @@ impl Actor {
 
     /// Commit the batch, then answer. Returns the error if it failed.
     /// The gauges of `/metrics`, from the state after a batch.
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
+        self.refresh_index();
         self.stats.set_state(
-            self.hosts.values(),
+            self.index.tally(),
             self.unreachable.len(),
             self.expiries.len(),
             self.queue.len(),
         );
+    }
+
+    fn refresh_index(&mut self) {
+        self.index
+            .refresh(&self.inventory, &self.hosts, &self.unreachable);
     }
 
     async fn commit(&mut self, mut p: Pending) -> Option<CoreError> {
@@ -2110,6 +2385,7 @@ impl Actor {
                 // An inventory reload answered UNAVAILABLE does not take effect.
                 if let Some((inventory, retired)) = p.rollback_inventory.take() {
                     self.inventory = inventory;
+                    self.index.invalidate();
                     self.retired_specs = retired;
                 }
                 match load(&self.store).await {

@@ -29,14 +29,17 @@
 mod actor;
 pub use actor::error_chain;
 pub mod clock;
+mod free;
 pub mod policy;
 pub mod reclaim;
+mod share;
 pub mod stats;
 
 use crate::events::{EventKind, EventRecord};
 use crate::health::HostVerdict;
 use crate::inventory::{HostSpec, Inventory, InventoryError};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
+use crate::projects::Policy;
 use crate::store::{EventQuery, Store, StoreError};
 use crate::types::{Caller, HostName, LeaseId, Principal, RequestId, Timestamp, WaiterId};
 use crate::webhooks::SharedWebhooks;
@@ -91,6 +94,11 @@ pub struct CoreConfig {
     pub expiry_warning: Duration,
     /// The webhooks in force at start (then [`Core::set_webhooks`]).
     pub webhooks: SharedWebhooks,
+    /// Projects, shares and quotas in force at start (then
+    /// [`Core::set_policy`]).
+    pub policy: Arc<Policy>,
+    /// A preemptible lease ends this long after its preemption notice.
+    pub preempt_grace: Duration,
 }
 
 impl CoreConfig {
@@ -112,6 +120,8 @@ impl CoreConfig {
             health_check_idle: None,
             expiry_warning: Duration::from_secs(600),
             webhooks: SharedWebhooks::default(),
+            policy: Arc::default(),
+            preempt_grace: Duration::from_secs(300),
         }
     }
 
@@ -175,6 +185,9 @@ pub enum WaitState {
         position: u32,
         queue_length: u32,
         eta: Option<Timestamp>,
+        /// The quota that keeps it waiting whatever is free, said for its
+        /// queue line (`None`: only free hosts are missing).
+        held_back: Option<String>,
     },
     /// Done: the lease.
     Granted(Lease),
@@ -198,6 +211,9 @@ pub struct AcquireRequest {
     /// of the same principal that still waits takes it over (keeping its
     /// place); one whose request was granted gets that lease.
     pub request_id: Option<RequestId>,
+    /// Its lease may be preempted for a request that is not (and it is
+    /// served after every such request).
+    pub preemptible: bool,
 }
 
 /// A lease request in progress. Dropping it before the grant withdraws the
@@ -391,6 +407,11 @@ enum Command {
         webhooks: SharedWebhooks,
         reply: Reply<()>,
     },
+    SetPolicy {
+        policy: Arc<Policy>,
+        reply: Reply<()>,
+    },
+
     /// Finish the batch, then stop (waiting requests stay in the store).
     Stop {
         reply: Reply<()>,
@@ -435,6 +456,10 @@ pub struct QueueEntry {
     pub eta: Option<Timestamp>,
     /// Its client is away (after a restart), within its grace period.
     pub detached: bool,
+    /// Its principal's project.
+    pub project: String,
+    /// The quota that keeps it waiting, if one does.
+    pub held_back: Option<String>,
 }
 
 /// Most leases one `ListLeases` call looks at.
@@ -466,6 +491,9 @@ pub struct Core {
     event_reads: Arc<Semaphore>,
     stats: Arc<CoreStats>,
     outbox_wake: Arc<Notify>,
+    /// The policy in force, for answers that need no actor (a principal's
+    /// project); the actor has its own copy.
+    policy: Arc<std::sync::RwLock<Arc<Policy>>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -491,6 +519,7 @@ impl Core {
         let inventory_path = config.inventory_path.clone();
         let stats = Arc::new(CoreStats::default());
         let outbox_wake = Arc::new(Notify::new());
+        let policy = Arc::new(std::sync::RwLock::new(config.policy.clone()));
         let actor = actor::Actor::start(
             config,
             store.clone(),
@@ -518,6 +547,7 @@ impl Core {
                 event_reads: Arc::new(Semaphore::new(CONCURRENT_EVENT_READS)),
                 stats,
                 outbox_wake,
+                policy,
             },
             handle,
         ))
@@ -545,6 +575,7 @@ impl Core {
             position: 0,
             queue_length: 0,
             eta: None,
+            held_back: None,
         });
         rx.mark_unchanged();
         self.tx
@@ -763,6 +794,22 @@ impl Core {
             .await
     }
 
+    /// Puts a new policy (projects, shares, quotas) in force: usage is
+    /// recounted for its projects and the queue is scheduled again.
+    pub async fn set_policy(&self, policy: Arc<Policy>) -> Result<(), CoreError> {
+        let p = policy.clone();
+        self.call(|reply| Command::SetPolicy { policy, reply })
+            .await?;
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+        Ok(())
+    }
+
+    /// The project `principal` belongs to under the policy in force.
+    pub fn project_of(&self, principal: &Principal) -> String {
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        policy.project(policy.project_of(principal)).name.clone()
+    }
+
     /// Notified after every commit that wrote outbox rows (the delivery
     /// task waits on it).
     pub fn outbox_wake(&self) -> Arc<Notify> {
@@ -793,5 +840,9 @@ impl Core {
     }
 }
 
+#[cfg(test)]
+mod preempt_tests;
+#[cfg(test)]
+mod share_tests;
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,17 @@ pub enum Denied {
         priority: i32,
         max: i32,
     },
+    /// A priority above the caller's project's (or role's) limit in the
+    /// policy file.
+    #[error(
+        "{principal} may not ask for priority {priority}: at most {max} in project {project} (policy)"
+    )]
+    PriorityAboveProjectLimit {
+        principal: Principal,
+        project: String,
+        priority: i32,
+        max: i32,
+    },
     /// Attaching for a rack whose agent is someone else.
     #[error("{principal} may not attach for rack {rack} (its agent is {agent})")]
     NotTheRacksAgent {
@@ -245,6 +256,8 @@ mod tests {
             request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
         }
     }
 

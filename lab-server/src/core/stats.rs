@@ -3,7 +3,6 @@
 //! Everything is a relaxed atomic (no lock on the actor's path); the
 //! `crate::metrics` registry reads them at scrape time.
 
-use crate::lease::{HostRecord, HostState};
 use lab_client::web::AtomicHistogram;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -31,6 +30,9 @@ pub struct CoreStats {
     pub commit_seconds: AtomicHistogram,
     /// Commands taken into one batch.
     pub batch_commands: AtomicHistogram,
+    /// Seconds one scheduling pass took in the actor (the grant decision
+    /// and the records of the leases it grants).
+    pub schedule_seconds: AtomicHistogram,
     /// The webhook delivery task's counters (it shares the core's stats).
     pub webhooks: std::sync::Arc<crate::webhooks::WebhookStats>,
 }
@@ -65,6 +67,8 @@ impl Default for CoreStats {
             commit_seconds: AtomicHistogram::exponential(0.000_25, 2.0, 15),
             // 1 .. 512 (the most one batch takes).
             batch_commands: AtomicHistogram::exponential(1.0, 2.0, 10),
+            // 10 µs .. ~2 s, in steps of 1.5×.
+            schedule_seconds: AtomicHistogram::exponential(0.000_01, 1.5, 30),
             webhooks: Default::default(),
         }
     }
@@ -72,23 +76,20 @@ impl Default for CoreStats {
 
 impl CoreStats {
     /// Set the gauges from the actor's state after a batch.
-    pub(super) fn set_state<'a>(
+    pub(super) fn set_state(
         &self,
-        hosts: impl Iterator<Item = &'a HostRecord>,
+        tally: super::free::Tally,
         unreachable: usize,
         leases_active: usize,
         queue_depth: usize,
     ) {
-        let (mut avail, mut leased, mut reclaiming, mut maint, mut retired) = (0, 0, 0, 0, 0);
-        for h in hosts {
-            match h.state {
-                HostState::Available => avail += 1,
-                HostState::Leased(_) => leased += 1,
-                HostState::Reclaiming(_) => reclaiming += 1,
-            }
-            maint += i64::from(h.maintenance);
-            retired += i64::from(h.retired);
-        }
+        let super::free::Tally {
+            available: avail,
+            leased,
+            reclaiming,
+            maintenance: maint,
+            retired,
+        } = tally;
         let set = |g: &AtomicI64, v: i64| g.store(v, Ordering::Relaxed);
         set(&self.hosts_available, avail);
         set(&self.hosts_leased, leased);

@@ -30,14 +30,14 @@ rack = "r1"
 mac = "52:54:00:00:00:02"
 "#;
 
-fn caller(name: &str) -> Caller {
+pub(super) fn caller(name: &str) -> Caller {
     Caller {
         principal: Principal::new(name).unwrap(),
         role: Role::Ci,
     }
 }
 
-fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
+pub(super) fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
     LeaseSpec {
         arch: None,
         flags: BTreeSet::new(),
@@ -52,11 +52,12 @@ fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
 }
 
 /// A request without a request id.
-fn ask(spec: LeaseSpec, no_wait: bool) -> AcquireRequest {
+pub(super) fn ask(spec: LeaseSpec, no_wait: bool) -> AcquireRequest {
     AcquireRequest {
         spec,
         no_wait,
         request_id: None,
+        preemptible: false,
     }
 }
 
@@ -71,7 +72,7 @@ async fn start(store: Arc<MemStore>) -> Core {
         .0
 }
 
-async fn granted(core: &Core, who: &str, s: LeaseSpec) -> Lease {
+pub(super) async fn granted(core: &Core, who: &str, s: LeaseSpec) -> Lease {
     let mut acq = core.acquire(caller(who), ask(s, false)).await.unwrap();
     loop {
         match acq.next().await.expect("a final state") {
@@ -92,7 +93,7 @@ async fn host_state(core: &Core, h: &str) -> crate::lease::HostState {
 
 /// Let the actor and the reclaim tasks run (time is paused, so this takes
 /// no real time beyond the work itself).
-async fn settle() {
+pub(super) async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
@@ -393,6 +394,7 @@ fn with_id(spec: LeaseSpec, id: &str) -> AcquireRequest {
         spec,
         no_wait: false,
         request_id: Some(RequestId::new(id).unwrap()),
+        preemptible: false,
     }
 }
 

@@ -90,10 +90,12 @@ pub fn acquire_request(
     r: pb::AcquireRequest,
     default_ttl: Duration,
 ) -> Result<AcquireRequest, Status> {
+    let preemptible = r.request.as_ref().is_some_and(|q| q.preemptible);
     Ok(AcquireRequest {
         spec: lease_spec(r.request, default_ttl)?,
         no_wait: r.no_wait,
         request_id: request_id("request_id", r.request_id)?,
+        preemptible,
     })
 }
 
@@ -208,6 +210,9 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
         ttl: Some(duration_to_proto(s.ttl)),
         priority: s.priority,
         comment: s.comment.clone(),
+        // Not part of the spec: a LEASE_REQUESTED event says it in its
+        // detail.
+        preemptible: false,
         ssh_public_key: s
             .ssh_public_key
             .as_ref()
@@ -327,6 +332,8 @@ pub fn lease_to_proto(l: &Lease, provisioning: &[Provisioning]) -> pb::Lease {
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default(),
+        preemptible: l.preemptible,
+        preempted_at: l.preempted_at.map(ts),
     }
 }
 
@@ -425,6 +432,7 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::HealthCheckFailed => P::HealthCheckFailed,
         EventKind::LeaseExpiring => P::LeaseExpiring,
         EventKind::WebhookUndelivered => P::WebhookUndelivered,
+        EventKind::LeasePreempted => P::LeasePreempted,
     }
 }
 

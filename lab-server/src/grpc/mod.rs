@@ -449,12 +449,14 @@ impl LeaseService for Api {
         let arrived = std::time::Instant::now();
         let caller = self.caller(&req)?;
         let request = cv::acquire_request(req.into_inner(), self.default_ttl)?;
+        let project = self.core.project_of(&caller.principal);
         let acq = self.core.acquire(caller, request).await?;
         let racks = self.racks.clone();
         let latency = self.stats.grant_latency.clone();
         let stream = futures::stream::unfold(Some(acq), move |state| {
             let racks = racks.clone();
             let latency = latency.clone();
+            let project = project.clone();
             async move {
                 let mut acq = state?;
                 let update = |u| pb::AcquireUpdate { update: Some(u) };
@@ -464,6 +466,7 @@ impl LeaseService for Api {
                         position,
                         queue_length,
                         eta,
+                        held_back,
                     } => Some((
                         Ok(update(pb::acquire_update::Update::Queued(
                             pb::QueueStatus {
@@ -471,6 +474,8 @@ impl LeaseService for Api {
                                 position,
                                 queue_length,
                                 eta: eta.map(|t| timestamp_from_millis(t.millis())),
+                                held_back: held_back.unwrap_or_default(),
+                                project: project.clone(),
                             },
                         ))),
                         Some(acq),
@@ -758,6 +763,7 @@ impl AdminService for Api {
         Ok(Response::new(pb::WhoAmIResponse {
             principal: caller.principal.to_string(),
             role: cv::role_to_proto(caller.role) as i32,
+            project: self.core.project_of(&caller.principal),
         }))
     }
 }

@@ -40,6 +40,16 @@ pub enum TransitionError {
         lease: LeaseId,
         expires_at: Timestamp,
     },
+    #[error(
+        "lease {lease} is being preempted (notice at {at}): it ends at {expires_at} and cannot be renewed"
+    )]
+    Preempted {
+        lease: LeaseId,
+        at: Timestamp,
+        expires_at: Timestamp,
+    },
+    #[error("lease {lease} cannot be preempted (not preemptible, already noticed, or expired)")]
+    NotPreemptible { lease: LeaseId },
     #[error("host {host} is {state}, cannot {action}")]
     Host {
         host: HostName,
@@ -94,6 +104,14 @@ pub struct Lease {
     /// request. Leases stored before keys existed load with none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_public_key: Option<SshPublicKey>,
+    /// Asked for with `preemptible`: it may be reclaimed, after a notice and
+    /// a grace period, for a request that is not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
+    /// When the notice of its preemption was given (its `expires_at` was
+    /// then brought forward to the end of the grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted_at: Option<Timestamp>,
 }
 
 /// What can happen to a lease.
@@ -105,6 +123,10 @@ pub enum LeaseEvent {
     Release { now: Timestamp },
     /// The server reclaims a lease whose TTL ran out.
     Expire { now: Timestamp },
+    /// Notice to a preemptible lease that a request which is not needs its
+    /// hosts: it now expires `grace` from `now` (or earlier, as it would
+    /// have), and can no longer be renewed.
+    Preempt { now: Timestamp, grace: Duration },
 }
 
 impl Lease {
@@ -128,6 +150,13 @@ impl Lease {
         next.generation = self.generation.next();
         match *event {
             LeaseEvent::Renew { now, ttl } => {
+                if let Some(at) = self.preempted_at {
+                    return Err(TransitionError::Preempted {
+                        lease: self.id,
+                        at,
+                        expires_at: self.expires_at,
+                    });
+                }
                 if now >= self.expires_at {
                     return Err(TransitionError::LeaseExpired {
                         lease: self.id,
@@ -149,6 +178,13 @@ impl Lease {
                     next.state = LeaseState::Released;
                     next.ended_at = Some(now);
                 }
+            }
+            LeaseEvent::Preempt { now, grace } => {
+                if !self.preemptible || self.preempted_at.is_some() || now >= self.expires_at {
+                    return Err(TransitionError::NotPreemptible { lease: self.id });
+                }
+                next.preempted_at = Some(now);
+                next.expires_at = self.expires_at.min(now.saturating_add(grace));
             }
             LeaseEvent::Expire { now } => {
                 if now < self.expires_at {
@@ -368,7 +404,103 @@ mod tests {
             request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
         }
+    }
+
+    /// A preemptible lease: noticed, it ends within the grace period and
+    /// is not renewed; others are not preempted.
+    #[test]
+    fn preemption_table() {
+        let grace = Duration::from_secs(10);
+        let p = Lease {
+            preemptible: true,
+            ..lease(LeaseState::Active)
+        };
+        // (lease, event, expected expires_at or None for refused)
+        let noticed = p
+            .apply(&LeaseEvent::Preempt {
+                now: Timestamp(20_000),
+                grace,
+            })
+            .unwrap();
+        assert_eq!(noticed.preempted_at, Some(Timestamp(20_000)));
+        let table: Vec<(&Lease, LeaseEvent, Option<i64>)> = vec![
+            (
+                &p,
+                LeaseEvent::Preempt {
+                    now: Timestamp(20_000),
+                    grace,
+                },
+                Some(30_000),
+            ),
+            // Never later than it would have ended anyway.
+            (
+                &p,
+                LeaseEvent::Preempt {
+                    now: Timestamp(58_000),
+                    grace,
+                },
+                Some(61_000),
+            ),
+            (
+                &p,
+                LeaseEvent::Preempt {
+                    now: Timestamp(61_000),
+                    grace,
+                },
+                None,
+            ),
+            (
+                &noticed,
+                LeaseEvent::Preempt {
+                    now: Timestamp(21_000),
+                    grace,
+                },
+                None,
+            ),
+            (
+                &noticed,
+                LeaseEvent::Renew {
+                    now: Timestamp(21_000),
+                    ttl: Duration::from_secs(60),
+                },
+                None,
+            ),
+            (
+                &noticed,
+                LeaseEvent::Expire {
+                    now: Timestamp(30_000),
+                },
+                Some(30_000),
+            ),
+        ];
+        for (l, event, expected) in table {
+            let got = l.apply(&event).map(|n| n.expires_at.0);
+            assert_eq!(
+                got.ok(),
+                expected,
+                "{event:?} on preempted_at {:?}",
+                l.preempted_at
+            );
+        }
+        let plain = lease(LeaseState::Active);
+        let e = plain
+            .apply(&LeaseEvent::Preempt {
+                now: Timestamp(20_000),
+                grace,
+            })
+            .unwrap_err();
+        assert!(matches!(e, TransitionError::NotPreemptible { .. }));
+        // A noticed lease's renewal says when it ends.
+        let e = noticed
+            .apply(&LeaseEvent::Renew {
+                now: Timestamp(21_000),
+                ttl: Duration::from_secs(60),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("is being preempted"), "{e}");
     }
 
     #[test]

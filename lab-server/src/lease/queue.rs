@@ -2,7 +2,9 @@
 //!
 //! **Order.** The server's health checks first (each names one host, and
 //! may take it even when it is quarantined), then waiters by priority
-//! (higher first), then arrival (earlier first).
+//! (higher first), then arrival (earlier first); preemptible requests after
+//! every other (they use what nobody else waits for). With projects,
+//! arrival within a priority gives way to fair share (`FairOrder`).
 //!
 //! **Grant rule (reservation).** A scheduling pass walks the queue in order
 //! with the set of grantable hosts. A waiter that can get all `count` hosts it
@@ -30,7 +32,7 @@ use crate::types::{
     Arch, Flag, HostName, Principal, ProfileName, RequestId, SshPublicKey, Timestamp, WaiterId,
 };
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 /// What a lease request asks for (validated).
@@ -103,6 +105,10 @@ pub struct Waiter {
     /// other request, and granted a quarantined host too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
+    /// Asked for with `preemptible`: served after every request that is
+    /// not, and its lease may be preempted for one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
 }
 
 impl Waiter {
@@ -115,11 +121,22 @@ impl Waiter {
     }
 }
 
-/// Health checks first, then by priority, then by arrival.
-type QueueKey = (bool, Reverse<i32>, WaiterId);
+/// Health checks first, preemptible requests last, then by priority, then
+/// by arrival.
+type QueueKey = (bool, bool, Reverse<i32>, WaiterId);
 
 fn key(w: &Waiter) -> QueueKey {
-    (w.check.is_none(), Reverse(w.spec.priority), w.id)
+    (
+        w.check.is_none(),
+        w.preemptible,
+        Reverse(w.spec.priority),
+        w.id,
+    )
+}
+
+/// The part of the key that makes a level of the fair order.
+fn level(k: &QueueKey) -> (bool, bool, Reverse<i32>) {
+    (k.0, k.1, k.2)
 }
 
 /// The queue: waiters in service order.
@@ -171,36 +188,61 @@ impl Queue {
         self.waiters.values()
     }
 
-    /// One scheduling pass: which waiters get which hosts now (see the module
-    /// docs for the rule). Does not modify the queue.
+    /// One scheduling pass without projects: which waiters get which
+    /// hosts now (see the module docs for the rule). Does not modify the
+    /// queue.
     pub fn schedule(&self, candidates: &[Candidate<'_>]) -> Vec<(WaiterId, Vec<HostName>)> {
-        let mut taken = vec![false; candidates.len()];
-        let mut free = candidates
+        self.schedule_fair(candidates, &Projects::default(), &|_| Standing::default())
+    }
+
+    /// One scheduling pass (see the module docs for the rule), in the fair
+    /// order of [`Projects`], skipping waiters beyond a quota (they reserve
+    /// nothing). Does not modify the queue.
+    pub fn schedule_fair(
+        &self,
+        candidates: &[Candidate<'_>],
+        projects: &Projects,
+        standing: &dyn Fn(&Waiter) -> Standing,
+    ) -> Vec<(WaiterId, Vec<HostName>)> {
+        // Hosts still free in this pass, in inventory order.
+        let mut avail: BTreeSet<usize> = candidates
             .iter()
-            .filter(|c| c.grantable || c.checkable)
-            .count();
+            .enumerate()
+            .filter(|(_, c)| c.grantable || c.checkable)
+            .map(|(i, _)| i)
+            .collect();
         let mut grants = Vec::new();
-        for w in self.waiters.values() {
-            if free == 0 {
+        if avail.is_empty() {
+            return grants;
+        }
+        let mut held = Held::new(projects);
+        let mut order = FairOrder::new(self, projects, standing);
+        while let Some((w, st)) = order.next() {
+            if avail.is_empty() {
                 break;
             }
-            let usable: Vec<usize> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(i, c)| !taken[*i] && w.may_take(c) && w.spec.matches(c))
-                .map(|(i, _)| i)
-                .collect();
-            let grant = usable.len() >= w.spec.count as usize;
-            let take = if grant {
-                &usable[..w.spec.count as usize]
-            } else {
-                &usable[..]
-            };
-            for &i in take {
-                taken[i] = true;
+            let project = st.project;
+            if held.beyond(projects, w, project, &st).is_some() {
+                continue;
             }
-            free -= take.len();
+            // The first `count` usable hosts, or every usable one.
+            let mut take = Vec::with_capacity(w.spec.count as usize);
+            for &i in &avail {
+                let c = &candidates[i];
+                if w.may_take(c) && w.spec.matches(c) {
+                    take.push(i);
+                    if take.len() == w.spec.count as usize {
+                        break;
+                    }
+                }
+            }
+            let grant = take.len() >= w.spec.count as usize;
+            for i in &take {
+                avail.remove(i);
+            }
             if grant && !w.detached {
+                held.add(w, project, w.spec.count);
+                order.granted(project, w.spec.count, w.spec.ttl);
                 grants.push((
                     w.id,
                     take.iter().map(|&i| candidates[i].name.clone()).collect(),
@@ -210,46 +252,407 @@ impl Queue {
         grants
     }
 
-    /// Position (1-based) and estimated grant time of every waiter, assuming
-    /// each current lease runs to its expiry and each granted waiter keeps its
-    /// hosts for its whole TTL.
+    /// Position (1-based) and estimated grant time of every waiter, without
+    /// projects (see [`Queue::estimate_fair`]).
     pub fn estimate(
         &self,
         candidates: &[Candidate<'_>],
         now: Timestamp,
     ) -> Vec<(WaiterId, u32, Option<Timestamp>)> {
-        let mut free_at: Vec<Option<Timestamp>> = candidates
-            .iter()
-            .map(|c| {
-                if c.gone {
-                    None
-                } else {
-                    c.free_at.map(|t| t.max(now))
-                }
-            })
-            .collect();
+        self.estimate_fair(candidates, now, &Projects::default(), &|_| {
+            Standing::default()
+        })
+        .into_iter()
+        .map(|e| (e.waiter, e.position, e.eta))
+        .collect()
+    }
+
+    /// Position (1-based) in the fair order, estimated grant time, and the
+    /// quota that holds a waiter back, of every waiter, assuming each
+    /// current lease runs to its expiry and each granted waiter keeps its
+    /// hosts for its whole TTL. A waiter held back by a quota gets no
+    /// estimate.
+    pub fn estimate_fair(
+        &self,
+        candidates: &[Candidate<'_>],
+        now: Timestamp,
+        projects: &Projects,
+        standing: &dyn Fn(&Waiter) -> Standing,
+    ) -> Vec<Estimate> {
+        let mut times = FreeTimes::new(candidates, now);
+        let held = Held::new(projects);
+        let mut order = FairOrder::new(self, projects, standing);
         let mut out = Vec::with_capacity(self.waiters.len());
-        for (pos, w) in self.waiters.values().enumerate() {
-            let mut usable: Vec<(Timestamp, usize)> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| w.spec.matches(c))
-                .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
-                .collect();
-            let eta = if usable.len() >= w.spec.count as usize && w.spec.count > 0 {
-                usable.sort();
-                let chosen = &usable[..w.spec.count as usize];
-                let at = chosen.last().map(|(t, _)| *t).unwrap_or(now);
-                for &(_, i) in chosen {
-                    free_at[i] = Some(at.saturating_add(w.spec.ttl));
-                }
-                Some(at)
-            } else {
+        while let Some((w, st)) = order.next() {
+            let project = st.project;
+            let position = u32::try_from(out.len() + 1).unwrap_or(u32::MAX);
+            let held_back = held.beyond(projects, w, project, &st);
+            let eta = if held_back.is_some() || w.spec.count == 0 {
                 None
+            } else {
+                times.take(candidates, &w.spec)
             };
-            out.push((w.id, u32::try_from(pos + 1).unwrap_or(u32::MAX), eta));
+            // Later grants of its project come after this one's.
+            order.granted(project, w.spec.count, w.spec.ttl);
+            out.push(Estimate {
+                waiter: w.id,
+                position,
+                eta,
+                held_back,
+            });
         }
         out
+    }
+}
+
+/// Hosts alike for every request: their arch, their flags, and a min-heap
+/// of their (free time, position).
+type Class<'c> = (
+    Arch,
+    &'c BTreeSet<Flag>,
+    BinaryHeap<Reverse<(Timestamp, usize)>>,
+);
+
+/// When each host is expected to be free, as an estimate walks the queue:
+/// hosts are grouped by what a request can ask of them (arch and flags —
+/// a few classes in a real lab, however many hosts), each class a min-heap
+/// of (free time, position). A waiter without a host list takes the
+/// `count` earliest across the classes it matches, so estimating a queue
+/// costs O(waiters × classes), not O(waiters × hosts). Heap entries whose
+/// time has since changed are skipped when met (the time in `at` is the
+/// truth).
+struct FreeTimes<'c> {
+    at: Vec<Option<Timestamp>>,
+    classes: Vec<Class<'c>>,
+    class_of: Vec<usize>,
+    by_name: std::collections::HashMap<&'c HostName, usize>,
+}
+
+impl<'c> FreeTimes<'c> {
+    fn new(candidates: &'c [Candidate<'c>], now: Timestamp) -> Self {
+        let mut ft = FreeTimes {
+            at: Vec::with_capacity(candidates.len()),
+            classes: Vec::new(),
+            class_of: Vec::with_capacity(candidates.len()),
+            by_name: std::collections::HashMap::with_capacity(candidates.len()),
+        };
+        let mut index: std::collections::HashMap<(Arch, &BTreeSet<Flag>), usize> =
+            std::collections::HashMap::new();
+        for (i, c) in candidates.iter().enumerate() {
+            let k = *index.entry((c.arch, c.flags)).or_insert_with(|| {
+                ft.classes.push((c.arch, c.flags, BinaryHeap::new()));
+                ft.classes.len() - 1
+            });
+            let t = if c.gone {
+                None
+            } else {
+                c.free_at.map(|t| t.max(now))
+            };
+            if let Some(t) = t {
+                ft.classes[k].2.push(Reverse((t, i)));
+            }
+            ft.at.push(t);
+            ft.class_of.push(k);
+            ft.by_name.insert(c.name, i);
+        }
+        ft
+    }
+
+    /// The earliest time `spec`'s hosts are all free (`None`: never known),
+    /// and those hosts busy from then until then + its TTL.
+    fn take(&mut self, candidates: &[Candidate<'_>], spec: &LeaseSpec) -> Option<Timestamp> {
+        let n = spec.count as usize;
+        let chosen: Vec<(Timestamp, usize)> = if spec.hosts.is_empty() {
+            let matching: Vec<usize> = (0..self.classes.len())
+                .filter(|&k| {
+                    let (arch, flags, _) = &self.classes[k];
+                    spec.arch.is_none_or(|a| a == *arch) && spec.flags.is_subset(flags)
+                })
+                .collect();
+            let mut got = Vec::with_capacity(n);
+            while got.len() < n {
+                // The class whose earliest valid entry is earliest.
+                let mut best: Option<(Timestamp, usize, usize)> = None;
+                for &k in &matching {
+                    let heap = &mut self.classes[k].2;
+                    while let Some(&Reverse((t, i))) = heap.peek() {
+                        if self.at[i] == Some(t) {
+                            break;
+                        }
+                        heap.pop();
+                    }
+                    if let Some(&Reverse((t, i))) = heap.peek()
+                        && best.is_none_or(|(bt, bi, _)| (t, i) < (bt, bi))
+                    {
+                        best = Some((t, i, k));
+                    }
+                }
+                let Some((t, i, k)) = best else { break };
+                self.classes[k].2.pop();
+                got.push((t, i));
+            }
+            if got.len() < n {
+                // Not enough hosts with a known free time: put them back.
+                for (t, i) in got {
+                    self.classes[self.class_of[i]].2.push(Reverse((t, i)));
+                }
+                return None;
+            }
+            got
+        } else {
+            let mut usable: Vec<(Timestamp, usize)> = spec
+                .hosts
+                .iter()
+                .filter_map(|h| self.by_name.get(h).copied())
+                .filter(|&i| spec.matches(&candidates[i]))
+                .filter_map(|i| self.at[i].map(|t| (t, i)))
+                .collect();
+            if usable.len() < n || n == 0 {
+                return None;
+            }
+            usable.sort_unstable();
+            usable.truncate(n);
+            usable
+        };
+        let at = chosen.iter().map(|(t, _)| *t).max()?;
+        let until = at.saturating_add(spec.ttl);
+        for (_, i) in chosen {
+            self.at[i] = Some(until);
+            self.classes[self.class_of[i]].2.push(Reverse((until, i)));
+        }
+        Some(at)
+    }
+}
+
+/// Whether `w` waits because a quota holds it back (whatever is free).
+pub fn beyond_quota(projects: &Projects, w: &Waiter, st: &Standing) -> bool {
+    Held::new(projects)
+        .beyond(projects, w, st.project, st)
+        .is_some()
+}
+
+/// One waiter's place in line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Estimate {
+    pub waiter: WaiterId,
+    /// 1 = next to be served.
+    pub position: u32,
+    pub eta: Option<Timestamp>,
+    /// Why it cannot be granted now whatever is free (a quota), if so.
+    pub held_back: Option<String>,
+}
+
+/// Projects as one scheduling pass sees them (the core builds this from the
+/// policy and each project's usage).
+#[derive(Debug, Clone, Default)]
+pub struct Projects {
+    pub loads: Vec<ProjectLoad>,
+}
+
+/// One project in a scheduling pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectLoad {
+    pub name: String,
+    /// Its weight (> 0).
+    pub share: f64,
+    /// Its decayed host-seconds now ([`super::fair::Usage`]).
+    pub usage: f64,
+    /// Hosts its members hold now.
+    pub held: u32,
+    /// Most hosts its members may hold at once.
+    pub max_hosts: Option<u32>,
+}
+
+/// Where one waiter stands with respect to projects and quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Index in [`Projects::loads`]; `None`: no project (health checks).
+    pub project: Option<usize>,
+    /// Most hosts its principal may hold at once (its role's limit).
+    pub principal_max: Option<u32>,
+    /// Hosts its principal holds now.
+    pub principal_held: u32,
+}
+
+/// Hosts held by projects and principals, with the grants of this pass.
+struct Held<'a> {
+    projects: Vec<u32>,
+    principals: std::collections::HashMap<&'a Principal, u32>,
+}
+
+impl<'a> Held<'a> {
+    fn new(projects: &Projects) -> Self {
+        Held {
+            projects: projects.loads.iter().map(|p| p.held).collect(),
+            principals: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The quota `w` would exceed if granted now, said for its queue line.
+    fn beyond(
+        &self,
+        projects: &Projects,
+        w: &Waiter,
+        project: Option<usize>,
+        st: &Standing,
+    ) -> Option<String> {
+        if w.check.is_some() {
+            return None;
+        }
+        if let Some(i) = project
+            && let Some(p) = projects.loads.get(i)
+            && let Some(max) = p.max_hosts
+            && self.projects[i] + w.spec.count > max
+        {
+            return Some(format!(
+                "project {} holds {} of its {max} hosts (max_hosts)",
+                p.name, self.projects[i]
+            ));
+        }
+        if let Some(max) = st.principal_max {
+            let held = st.principal_held + self.principals.get(&w.principal).copied().unwrap_or(0);
+            if held + w.spec.count > max {
+                return Some(format!(
+                    "{} holds {held} of the {max} hosts its role may hold (max_hosts)",
+                    w.principal
+                ));
+            }
+        }
+        None
+    }
+
+    fn add(&mut self, w: &'a Waiter, project: Option<usize>, count: u32) {
+        if let Some(i) = project
+            && let Some(h) = self.projects.get_mut(i)
+        {
+            *h += count;
+        }
+        *self.principals.entry(&w.principal).or_default() += count;
+    }
+}
+
+/// Orders f64 totally (fair-share ranks are finite and not negative).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rank(f64);
+
+impl Eq for Rank {}
+
+impl PartialOrd for Rank {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Rank {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The service order: health checks first (by arrival); then priority
+/// levels, highest first; within a level, the waiters of the project with
+/// the lowest `usage / share` first (a grant made earlier in the same pass
+/// counting as `hosts × TTL` host-seconds; ties: the lowest `held / share`,
+/// then the earliest head of line), each project's own waiters by arrival.
+/// Without projects (one project or none) this is the queue's own order.
+struct FairOrder<'q, 's> {
+    iter: std::collections::btree_map::Values<'q, QueueKey, Waiter>,
+    /// The first waiter of the next level, already taken from `iter`.
+    peeked: Option<&'q Waiter>,
+    fair: bool,
+    standing: &'s dyn Fn(&Waiter) -> Standing,
+    /// Per project: usage / share, share, hosts held (with this pass's).
+    projects: Vec<(f64, f64, u32)>,
+    /// Per-project queues of the current level; the last one holds the
+    /// waiters of no project.
+    level: Vec<std::collections::VecDeque<(&'q Waiter, Standing)>>,
+    /// Projects with waiters in the current level, by rank.
+    heap: std::collections::BinaryHeap<Reverse<(Rank, Rank, WaiterId, usize)>>,
+    /// The project served last, put back (ranked anew) on the next call.
+    last: Option<usize>,
+}
+
+impl<'q, 's> FairOrder<'q, 's> {
+    fn new(q: &'q Queue, projects: &Projects, standing: &'s dyn Fn(&Waiter) -> Standing) -> Self {
+        FairOrder {
+            iter: q.waiters.values(),
+            peeked: None,
+            fair: projects.loads.len() > 1,
+            standing,
+            projects: projects
+                .loads
+                .iter()
+                .map(|p| (p.usage / p.share, p.share, p.held))
+                .collect(),
+            level: Vec::new(),
+            heap: std::collections::BinaryHeap::new(),
+            last: None,
+        }
+    }
+
+    fn rank(&self, project: usize) -> (Rank, Rank) {
+        let (u, share, held) = self.projects[project];
+        (Rank(u), Rank(f64::from(held) / share))
+    }
+
+    /// The next waiter in service order, with where it stands.
+    fn next(&mut self) -> Option<(&'q Waiter, Standing)> {
+        if !self.fair {
+            let w = self.iter.next()?;
+            return Some((w, (self.standing)(w)));
+        }
+        if let Some(p) = self.last.take()
+            && let Some((head, _)) = self.level[p].front()
+        {
+            let (a, b) = self.rank(p);
+            self.heap.push(Reverse((a, b, head.id, p)));
+        }
+        if self.heap.is_empty() {
+            // The next level: the waiters of the same (check, priority).
+            let first = self.peeked.take().or_else(|| self.iter.next())?;
+            let lvl = level(&key(first));
+            let none = self.projects.len();
+            self.level = vec![std::collections::VecDeque::new(); none + 1];
+            let mut w = Some(first);
+            while let Some(x) = w {
+                if level(&key(x)) != lvl {
+                    self.peeked = Some(x);
+                    break;
+                }
+                let st = (self.standing)(x);
+                let p = st.project.filter(|p| *p < none).unwrap_or(none);
+                self.level[p].push_back((x, st));
+                w = self.iter.next();
+            }
+            for p in 0..=none {
+                if let Some((head, _)) = self.level[p].front() {
+                    // Waiters of no project (health checks) go first.
+                    let (a, b) = if p == none {
+                        (Rank(-1.0), Rank(-1.0))
+                    } else {
+                        self.rank(p)
+                    };
+                    self.heap.push(Reverse((a, b, head.id, p)));
+                }
+            }
+        }
+        let Reverse((_, _, _, p)) = self.heap.pop()?;
+        let next = self.level[p].pop_front()?;
+        self.last = Some(p);
+        Some(next)
+    }
+
+    /// The waiter just returned was granted `count` hosts for `ttl`: its
+    /// project's rank counts them ahead, as the host-seconds they will add
+    /// if held to expiry, so that one pass with many free hosts does not
+    /// give them all to the project that was lowest when it began.
+    fn granted(&mut self, project: Option<usize>, count: u32, ttl: Duration) {
+        if let Some(p) = project
+            && let Some(x) = self.projects.get_mut(p)
+        {
+            x.0 += f64::from(count) * ttl.as_secs_f64() / x.1;
+            x.2 += count;
+        }
     }
 }
 
@@ -312,6 +715,7 @@ mod tests {
             queued_at: Timestamp(0),
             detached: false,
             check: None,
+            preemptible: false,
         }
     }
 
@@ -319,6 +723,256 @@ mod tests {
         v.iter()
             .map(|(w, h)| (*w, h.iter().map(|h| h.to_string()).collect()))
             .collect()
+    }
+
+    fn by(id: u64, who: &str, s: LeaseSpec) -> Waiter {
+        Waiter {
+            principal: Principal::new(who).unwrap(),
+            ..waiter(id, s)
+        }
+    }
+
+    fn load(name: &str, share: f64, usage: f64, held: u32, max_hosts: Option<u32>) -> ProjectLoad {
+        ProjectLoad {
+            name: name.into(),
+            share,
+            usage,
+            held,
+            max_hosts,
+        }
+    }
+
+    /// Principals `a…` are in project 0, `b…` in project 1.
+    fn standing(w: &Waiter) -> Standing {
+        Standing {
+            project: Some(usize::from(w.principal.as_str().starts_with('b'))),
+            ..Standing::default()
+        }
+    }
+
+    #[test]
+    fn fair_share_orders_projects_within_a_priority() {
+        let lab = Lab::new(&[
+            ("h1", Arch::X86_64, &[]),
+            ("h2", Arch::X86_64, &[]),
+            ("h3", Arch::X86_64, &[]),
+            ("h4", Arch::X86_64, &[]),
+        ]);
+        // (usage of a, usage of b, share of a, free hosts, grants in order)
+        type Row = (f64, f64, f64, [bool; 4], &'static [u64]);
+        let table: &[Row] = &[
+            // Both unused: the pass alternates (held / share), arrival first.
+            (0.0, 0.0, 1.0, [true; 4], &[1, 11, 2, 12]),
+            // b used less: its waiters first, though they came later.
+            (100.0, 10.0, 1.0, [true, false, false, false], &[11]),
+            // a used 3x as much but has 3x the share: equal rank, then held
+            // hosts per share (both 0), then arrival.
+            (30.0, 10.0, 3.0, [true, false, false, false], &[1]),
+            // a's share cannot make up for 4x the use.
+            (40.0, 10.0, 3.0, [true, false, false, false], &[11]),
+            // a share of 3: three grants for a for each of b's in one pass.
+            (0.0, 0.0, 3.0, [true; 4], &[1, 11, 2, 3]),
+        ];
+        for (ua, ub, share_a, free, want) in table {
+            let mut q = Queue::default();
+            for i in 1..=4 {
+                q.push(by(i, "alice", spec(1, 0)));
+                q.push(by(10 + i, "bob", spec(1, 0)));
+            }
+            let projects = Projects {
+                loads: vec![
+                    load("a", *share_a, *ua, 0, None),
+                    load("b", 1.0, *ub, 0, None),
+                ],
+            };
+            let got: Vec<u64> = q
+                .schedule_fair(&lab.candidates(free), &projects, &standing)
+                .into_iter()
+                .map(|(w, _)| w)
+                .collect();
+            assert_eq!(&got, want, "usage {ua}/{ub}, share of a {share_a}");
+        }
+    }
+
+    #[test]
+    fn priority_comes_before_fair_share_and_checks_before_all() {
+        let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
+        let mut q = Queue::default();
+        q.push(by(1, "bob", spec(1, 0)));
+        q.push(by(2, "alice", spec(1, 5)));
+        q.push(Waiter {
+            check: Some("operator".into()),
+            ..by(3, "lab-check", spec(1, 0))
+        });
+        let projects = Projects {
+            loads: vec![load("a", 1.0, 1e9, 0, None), load("b", 1.0, 0.0, 0, None)],
+        };
+        let no_project = |w: &Waiter| {
+            if w.check.is_some() {
+                Standing::default()
+            } else {
+                standing(w)
+            }
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &projects, &no_project);
+        assert_eq!(
+            names(&got),
+            vec![(3, vec!["h1".into()]), (2, vec!["h2".into()])]
+        );
+        let est = q.estimate_fair(
+            &lab.candidates(&[true, true]),
+            Timestamp(0),
+            &projects,
+            &no_project,
+        );
+        let order: Vec<(u64, u32)> = est.iter().map(|e| (e.waiter, e.position)).collect();
+        assert_eq!(order, vec![(3, 1), (2, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn a_waiter_beyond_a_quota_waits_and_reserves_nothing() {
+        let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
+        let mut q = Queue::default();
+        q.push(by(1, "alice", spec(2, 0)));
+        q.push(by(2, "bob", spec(1, 0)));
+        // a holds 1 of its 2 hosts: its pair request must wait, and b's
+        // later request gets a host it would otherwise have reserved.
+        let projects = Projects {
+            loads: vec![
+                load("a", 1.0, 0.0, 1, Some(2)),
+                load("b", 1.0, 5.0, 0, None),
+            ],
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &projects, &standing);
+        assert_eq!(names(&got), vec![(2, vec!["h1".into()])]);
+        let est = q.estimate_fair(
+            &lab.candidates(&[true, true]),
+            Timestamp(0),
+            &projects,
+            &standing,
+        );
+        assert_eq!(
+            est[0].held_back.as_deref(),
+            Some("project a holds 1 of its 2 hosts (max_hosts)")
+        );
+        assert_eq!(est[0].eta, None);
+        assert_eq!(est[1].held_back, None);
+        // A role's limit per principal, grants of the same pass counted.
+        let mut q = Queue::default();
+        q.push(by(1, "alice", spec(1, 0)));
+        q.push(by(2, "alice", spec(1, 0)));
+        q.push(by(3, "alex", spec(1, 0)));
+        let limited = |w: &Waiter| Standing {
+            principal_max: Some(1),
+            ..standing(w)
+        };
+        let one = Projects {
+            loads: vec![load("a", 1.0, 0.0, 0, None)],
+        };
+        let got = q.schedule_fair(&lab.candidates(&[true, true]), &one, &limited);
+        assert_eq!(
+            names(&got),
+            vec![(1, vec!["h1".into()]), (3, vec!["h2".into()])]
+        );
+    }
+
+    /// The estimate by classes gives what the plain walk gives: every
+    /// waiter takes the `count` usable hosts that free up first.
+    #[test]
+    fn estimates_by_class_match_the_plain_walk() {
+        fn reference(q: &Queue, cands: &[Candidate<'_>], now: Timestamp) -> Vec<Option<Timestamp>> {
+            let mut free_at: Vec<Option<Timestamp>> = cands
+                .iter()
+                .map(|c| {
+                    if c.gone {
+                        None
+                    } else {
+                        c.free_at.map(|t| t.max(now))
+                    }
+                })
+                .collect();
+            q.iter()
+                .map(|w| {
+                    let mut usable: Vec<(Timestamp, usize)> = cands
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| w.spec.matches(c))
+                        .filter_map(|(i, _)| free_at[i].map(|t| (t, i)))
+                        .collect();
+                    let n = w.spec.count as usize;
+                    if n == 0 || usable.len() < n {
+                        return None;
+                    }
+                    usable.sort();
+                    let at = usable[n - 1].0;
+                    for &(_, i) in &usable[..n] {
+                        free_at[i] = Some(at.saturating_add(w.spec.ttl));
+                    }
+                    Some(at)
+                })
+                .collect()
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let flag_sets: [&[&str]; 4] = [&[], &["a"], &["b"], &["a", "b"]];
+        for _round in 0..200 {
+            let hosts: Vec<(String, Arch, &[&str])> = (0..1 + rand(12))
+                .map(|i| {
+                    let arch = if rand(2) == 0 {
+                        Arch::X86_64
+                    } else {
+                        Arch::Aarch64
+                    };
+                    (format!("h{i}"), arch, flag_sets[rand(4) as usize])
+                })
+                .collect();
+            let refs: Vec<(&str, Arch, &[&str])> =
+                hosts.iter().map(|(n, a, f)| (n.as_str(), *a, *f)).collect();
+            let lab = Lab::new(&refs);
+            let free: Vec<bool> = (0..hosts.len()).map(|_| rand(3) == 0).collect();
+            let mut cands = lab.candidates(&free);
+            for c in &mut cands {
+                match rand(6) {
+                    0 => c.free_at = None,
+                    1 => c.gone = true,
+                    _ => c.free_at = c.free_at.map(|t| Timestamp(t.0 + 1000 * rand(5) as i64)),
+                }
+            }
+            let mut q = Queue::default();
+            for id in 0..rand(15) {
+                let mut s = spec(1 + rand(3) as u32, 0);
+                s.ttl = Duration::from_secs(1 + rand(100));
+                s.priority = rand(3) as i32;
+                match rand(4) {
+                    0 => s.arch = Some(Arch::X86_64),
+                    1 => {
+                        s.flags = flag_sets[rand(4) as usize]
+                            .iter()
+                            .map(|f| Flag::new(*f).unwrap())
+                            .collect()
+                    }
+                    2 => {
+                        s.hosts = (0..1 + rand(3))
+                            .map(|_| lab.names[rand(hosts.len() as u64) as usize].clone())
+                            .collect()
+                    }
+                    _ => {}
+                }
+                q.push(waiter(id, s));
+            }
+            let now = Timestamp(500);
+            let got: Vec<Option<Timestamp>> = q
+                .estimate(&cands, now)
+                .into_iter()
+                .map(|(_, _, eta)| eta)
+                .collect();
+            assert_eq!(got, reference(&q, &cands, now), "hosts {hosts:?}");
+        }
     }
 
     #[test]

@@ -202,6 +202,8 @@ mod tests {
             request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
         }
     }
 

@@ -260,6 +260,7 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
                 spec,
                 no_wait: true,
                 request_id: None,
+                preemptible: false,
             },
         )
         .await

@@ -411,6 +411,8 @@ pub mod contract {
             request_id: None,
             generation: Generation(1),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
         };
         store
             .commit(&Batch {
@@ -491,6 +493,7 @@ pub mod contract {
             queued_at: Timestamp(5),
             detached: false,
             check: None,
+            preemptible: false,
         }
     }
 
@@ -558,6 +561,8 @@ pub mod contract {
             max_expires_at: Timestamp(5000),
             ended_at: Some(Timestamp(2)),
             ssh_public_key: None,
+            preemptible: false,
+            preempted_at: None,
             waiter_id: 9,
             request_id: None,
             generation: Generation(1),

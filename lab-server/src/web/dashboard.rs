@@ -461,6 +461,8 @@ pub(super) async fn queue(State(st): State<WebState>, h: HeaderMap) -> Response 
                             "flags": e.spec.flags.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
                             "priority": e.spec.priority,
                             "detached": e.detached,
+                            "project": e.project,
+                            "held_back": e.held_back,
                         })
                     })
                     .collect::<Vec<_>>(),

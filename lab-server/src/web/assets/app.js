@@ -103,11 +103,11 @@ const render = {
     const rows = q.map((w) => el("tr", {},
       el("td", {}, w.position),
       el("td", {}, w.waiter),
-      el("td", {}, w.principal),
+      el("td", {}, w.project ? `${w.principal} (${w.project})` : w.principal),
       el("td", {}, w.hosts.length ? w.hosts.join(", ") : `${w.count} × ${w.arch || "any"}${w.flags.length ? " [" + w.flags.join(", ") + "]" : ""}`),
       el("td", {}, w.priority),
       el("td", {}, inTime(w.queued_at)),
-      el("td", {}, w.eta ? inTime(w.eta) : "unknown"),
+      el("td", {}, w.held_back ? `held back: ${w.held_back}` : w.eta ? inTime(w.eta) : "unknown"),
       el("td", {}, w.detached ? "away (restart)" : "waiting")));
     app.replaceChildren(el("h1", {}, "Queue"),
       q.length ? table(["#", "Request", "Who", "Asks for", "Priority", "Queued", "ETA", "Client"], rows, "queue")
