@@ -88,6 +88,13 @@ const PROVISIONAL_IDS: WaiterId = 1 << 62;
 /// The pause between retention steps while old records remain (each step
 /// removes at most `retention_batch` of each).
 const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(100);
+/// Above this many waiters, queue positions are published at most every
+/// [`PUBLISH_EVERY`].
+const PUBLISH_THROTTLE_ABOVE: usize = 256;
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// Free hosts a scheduling pass looks at first beyond what the waiters ask
+/// for (see `schedule_pass`).
+const SCHEDULE_PREFIX: usize = 64;
 /// Waiters at the head of the queue that preemption looks at in one pass.
 const PREEMPT_WALK: usize = 64;
 
@@ -245,6 +252,9 @@ pub(super) struct Actor {
     shares: ShareBook,
     /// Free hosts and counts per state, kept with the host records.
     index: HostIndex,
+    /// Queue positions to publish when `next_publish` comes (a long queue).
+    publish_due: bool,
+    next_publish: tokio::time::Instant,
 }
 
 impl Actor {
@@ -303,6 +313,8 @@ impl Actor {
             stats,
             shares: ShareBook::new(policy),
             index: HostIndex::stale(),
+            publish_due: false,
+            next_publish: tokio::time::Instant::now(),
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -422,10 +434,18 @@ impl Actor {
                 .warnings
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
-            let deadline = [expiry, warning, grace, idle, Some(self.next_retention)]
-                .into_iter()
-                .flatten()
-                .min();
+            let publish = self.publish_due.then_some(self.next_publish);
+            let deadline = [
+                expiry,
+                warning,
+                grace,
+                idle,
+                publish,
+                Some(self.next_retention),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 n = rx.recv_many(&mut cmds, self.config.max_batch) => {
                     if n == 0 {
@@ -461,8 +481,18 @@ impl Actor {
                 );
                 return;
             }
-            if changed {
-                self.publish_queue(self.clock.now());
+            if changed || self.publish_due {
+                // A long queue is told its positions at most every
+                // PUBLISH_EVERY (estimating 10,000 waiters is not free);
+                // streams send at most one update a second anyway.
+                let at = tokio::time::Instant::now();
+                if self.queue.len() <= PUBLISH_THROTTLE_ABOVE || at >= self.next_publish {
+                    self.publish_queue(self.clock.now());
+                    self.publish_due = false;
+                    self.next_publish = at + PUBLISH_EVERY;
+                } else {
+                    self.publish_due = true;
+                }
             }
             if tokio::time::Instant::now() >= self.next_retention {
                 self.retention().await;
@@ -552,10 +582,19 @@ impl Actor {
                 let page = self.list_leases(&query);
                 p.reply(reply, Ok(page));
             }
-            Command::ListHosts { reply } => {
+            Command::ListHosts { rack, reply } => {
+                let in_rack = |h: &HostName| {
+                    rack.as_ref().is_none_or(|r| {
+                        self.inventory
+                            .host(h)
+                            .or_else(|| self.retired_specs.get(h))
+                            .is_some_and(|s| &s.rack == r)
+                    })
+                };
                 let v = self
                     .host_order()
                     .into_iter()
+                    .filter(|h| in_rack(h))
                     .filter_map(|h| self.view(&h))
                     .collect();
                 p.reply(reply, Ok(v));
@@ -1358,9 +1397,10 @@ impl Actor {
     /// Hosts in inventory order, as the queue sees them.
     /// The hosts that may be granted or checked now, as candidates (all a
     /// scheduling pass needs; the index must be fresh).
-    fn free_candidates(&self, now: Timestamp) -> Vec<Candidate<'_>> {
+    fn free_candidates(&self, now: Timestamp, limit: usize) -> Vec<Candidate<'_>> {
         self.index
             .free()
+            .take(limit)
             .filter_map(|name| {
                 let spec = self.inventory.host(name)?;
                 let rec = self.hosts.get(name)?;
@@ -1405,6 +1445,10 @@ impl Actor {
     }
 
     fn schedule(&mut self, p: &mut Pending, now: Timestamp) {
+        if self.queue.is_empty() {
+            // Nothing waits: nothing to grant, preempt or withdraw.
+            return;
+        }
         let started = std::time::Instant::now();
         self.schedule_pass(p, now);
         self.stats
@@ -1429,11 +1473,34 @@ impl Actor {
         let grants = loop {
             self.refresh_index();
             let projects = self.shares.projects(now);
-            let grants = self
+            let standing = |w: &Waiter| self.shares.standing(w);
+            // First with the first free hosts only (as many as the waiters
+            // could take, and some): in an idle lab of 10,000 hosts a pass
+            // then costs what the queue asks for. Only when a waiter is left
+            // waiting is the pass run again over every free host, so that
+            // one that could be served by a host further down is.
+            let asked: usize = self
                 .queue
-                .schedule_fair(&self.free_candidates(now), &projects, &|w| {
-                    self.shares.standing(w)
-                });
+                .iter()
+                .map(|w| w.spec.count as usize)
+                .sum::<usize>()
+                .saturating_add(SCHEDULE_PREFIX);
+            let free = self.index.free_len();
+            let mut grants = Vec::new();
+            if asked < free {
+                grants = self.queue.schedule_fair(
+                    &self.free_candidates(now, asked),
+                    &projects,
+                    &standing,
+                );
+            }
+            if asked >= free || grants.len() < self.queue.len() {
+                grants = self.queue.schedule_fair(
+                    &self.free_candidates(now, usize::MAX),
+                    &projects,
+                    &standing,
+                );
+            }
             let refused: Vec<WaiterId> = p
                 .no_wait
                 .iter()

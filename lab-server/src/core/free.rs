@@ -118,6 +118,11 @@ impl HostIndex {
         self.free.iter().map(|(_, n)| n)
     }
 
+    /// How many hosts are free.
+    pub(super) fn free_len(&self) -> usize {
+        self.free.len()
+    }
+
     pub(super) fn tally(&self) -> Tally {
         self.tally
     }

@@ -344,6 +344,8 @@ enum Command {
         reply: Reply<LeasePage>,
     },
     ListHosts {
+        /// Only the hosts of this rack (retired ones included).
+        rack: Option<crate::types::RackName>,
         reply: Reply<Vec<HostView>>,
     },
     GetHost {
@@ -630,7 +632,21 @@ impl Core {
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, CoreError> {
-        self.call(|reply| Command::ListHosts { reply }).await
+        self.call(|reply| Command::ListHosts { rack: None, reply })
+            .await
+    }
+
+    /// The hosts of one rack (what its agent is told), without building a
+    /// view of every other host.
+    pub async fn rack_hosts(
+        &self,
+        rack: crate::types::RackName,
+    ) -> Result<Vec<HostView>, CoreError> {
+        self.call(|reply| Command::ListHosts {
+            rack: Some(rack),
+            reply,
+        })
+        .await
     }
 
     pub async fn get_host(&self, host: HostName) -> Result<HostView, CoreError> {

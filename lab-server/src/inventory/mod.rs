@@ -43,6 +43,8 @@ pub struct Inventory {
     /// Position of each host in `hosts` (lookups by name stay O(1) with
     /// 10,000 hosts).
     by_name: std::collections::HashMap<HostName, usize>,
+    /// Position of each rack in `racks`.
+    rack_by_name: std::collections::HashMap<RackName, usize>,
 }
 
 /// A rack and the agent that serves it.
@@ -155,7 +157,13 @@ impl Inventory {
 
     /// Validates an inventory's text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Inventory, InventoryError> {
-        let cx = Cx { text, path };
+        let cx = Cx {
+            text,
+            path,
+            line_starts: std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+        };
         let raw: RawInventory = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
         cx.inventory(raw)
     }
@@ -174,7 +182,7 @@ impl Inventory {
     }
 
     pub fn rack(&self, name: &RackName) -> Option<&Rack> {
-        self.racks.iter().find(|r| &r.name == name)
+        self.rack_by_name.get(name).map(|&i| &self.racks[i])
     }
 }
 
@@ -184,6 +192,9 @@ pub use lab_types::line_column;
 struct Cx<'a> {
     text: &'a str,
     path: &'a Path,
+    /// Byte offset of each line's start: a value's line is a binary search
+    /// (an inventory of 10,000 hosts notes a line per host).
+    line_starts: Vec<usize>,
 }
 
 /// Where a unique value was first seen.
@@ -208,7 +219,8 @@ impl Cx<'_> {
     }
 
     fn line_of<T>(&self, value: &Spanned<T>) -> usize {
-        line_column(self.text, value.span().start).0
+        self.line_starts
+            .partition_point(|&start| start <= value.span().start)
     }
 
     fn toml_error(&self, e: &toml::de::Error) -> InventoryError {
@@ -294,10 +306,16 @@ impl Cx<'_> {
             .enumerate()
             .map(|(i, h)| (h.name.clone(), i))
             .collect();
+        let rack_by_name = racks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
         Ok(Inventory {
             racks,
             hosts,
             by_name,
+            rack_by_name,
         })
     }
 

@@ -150,7 +150,10 @@ impl Racks {
     }
 
     async fn rack_state(&self, rack: &RackName) -> Result<RackState, RackError> {
-        Ok(RackState::of(rack, &self.core.list_hosts().await?))
+        Ok(RackState::of(
+            rack,
+            &self.core.rack_hosts(rack.clone()).await?,
+        ))
     }
 
     /// Sends the desired state of hosts as events change them.
@@ -187,6 +190,13 @@ impl Racks {
                         self.registry.end_holder_sessions(rack, &e.hosts).await;
                     }
                     for h in &e.hosts {
+                        // Only this rack's hosts: with a hundred agents, each
+                        // event must not cost a hundred lookups in the core.
+                        // (Hosts of a rack without an agent, or one the
+                        // registry does not know yet, are looked up.)
+                        if self.registry.rack_of(h).is_some_and(|r| &r != rack) {
+                            continue;
+                        }
                         let Ok(view) = self.core.get_host(h.clone()).await else {
                             continue;
                         };

@@ -408,6 +408,12 @@ impl RackRegistry {
         reachability.refresh(inventory, |rack| conns.contains_key(rack))
     }
 
+    /// The rack of `host` when that rack has an agent (as of the last
+    /// inventory seen).
+    pub(super) fn rack_of(&self, host: &HostName) -> Option<RackName> {
+        self.lock().reachability.rack_of(host).cloned()
+    }
+
     /// Does `host`'s rack have an agent (as of the last inventory seen)?
     pub(super) fn has_agent(&self, host: &HostName) -> bool {
         self.lock().reachability.is_managed(host)
