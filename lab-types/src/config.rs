@@ -114,3 +114,33 @@ mod tests {
         assert_eq!(e.to_string(), "cannot read inventory x.toml");
     }
 }
+
+/// The names of a configuration file's entries (webhooks, projects): each
+/// 1 to 64 letters, digits, '-', '_' or '.', and defined once. Remembers
+/// the line of each for the error about a second definition.
+#[derive(Debug, Default)]
+pub struct EntryNames(std::collections::BTreeMap<String, usize>);
+
+impl EntryNames {
+    /// Accepts `name`, a `what` ("webhook", "project") found at byte
+    /// `offset` of `text`, or says why not.
+    pub fn add(&mut self, what: &str, name: &str, text: &str, offset: usize) -> Result<(), String> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "invalid {what} name {name:?}: 1 to 64 letters, digits, '-', '_', '.'"
+            ));
+        }
+        let line = line_column(text, offset).0;
+        match self.0.insert(name.to_owned(), line) {
+            Some(first) => Err(format!(
+                "duplicate {what} name {name} (first defined at line {first})"
+            )),
+            None => Ok(()),
+        }
+    }
+}

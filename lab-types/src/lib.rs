@@ -16,7 +16,7 @@ pub mod secret;
 pub mod ssh;
 
 pub use arch::{Arch, Firmware};
-pub use config::{FileError, line_column};
+pub use config::{EntryNames, FileError, line_column};
 pub use mac::{InvalidMac, MacAddr};
 pub use names::{Flag, HostName, InvalidName, LeaseId, Principal, ProfileName, RackName};
 pub use secret::Secret;

@@ -160,30 +160,13 @@ impl Policy {
             roles.insert(role, limits(&r.max_hosts, &r.max_ttl, &r.max_priority)?);
         }
         let mut projects = Vec::with_capacity(raw.project.len());
-        let mut lines: BTreeMap<String, usize> = BTreeMap::new();
+        let mut names = lab_types::EntryNames::default();
         let mut member_lines: HashMap<Principal, (String, usize)> = HashMap::new();
         for p in &raw.project {
             let name = p.name.get_ref();
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
-                return Err(at(
-                    p.name.span(),
-                    format!(
-                        "invalid project name {name:?}: 1 to 64 letters, digits, '-', '_', '.'"
-                    ),
-                ));
-            }
-            let line = lab_types::line_column(text, p.name.span().start).0;
-            if let Some(first) = lines.insert(name.clone(), line) {
-                return Err(at(
-                    p.name.span(),
-                    format!("duplicate project {name} (first defined at line {first})"),
-                ));
-            }
+            names
+                .add("project", name, text, p.name.span().start)
+                .map_err(|reason| at(p.name.span(), reason))?;
             let share = match &p.share {
                 None => 1.0,
                 Some(s) => {
@@ -299,7 +282,7 @@ share = 0.5
             ),
             (
                 "[[project]]\nname = \"a\"\n[[project]]\nname = \"a\"\n",
-                "policy.toml:4:8: duplicate project a (first defined at line 2)",
+                "policy.toml:4:8: duplicate project name a (first defined at line 2)",
             ),
             (
                 "[role.agent]\nmax_hosts = 1\n",

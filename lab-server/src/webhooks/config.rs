@@ -10,7 +10,7 @@ use crate::events::EventKind;
 use crate::types::Principal;
 use lab_types::{FileError, Secret};
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
@@ -60,29 +60,12 @@ impl Webhooks {
         let raw: RawFile = toml::from_str(text)
             .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_owned()))?;
         let mut hooks = Vec::with_capacity(raw.webhook.len());
-        let mut lines: BTreeMap<String, usize> = BTreeMap::new();
+        let mut names = lab_types::EntryNames::default();
         for h in raw.webhook {
             let name = h.name.get_ref();
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
-                return Err(at(
-                    h.name.span(),
-                    format!(
-                        "invalid webhook name {name:?}: 1 to 64 letters, digits, '-', '_', '.'"
-                    ),
-                ));
-            }
-            let line = lab_types::line_column(text, h.name.span().start).0;
-            if let Some(first) = lines.insert(name.clone(), line) {
-                return Err(at(
-                    h.name.span(),
-                    format!("duplicate webhook name {name} (first defined at line {first})"),
-                ));
-            }
+            names
+                .add("webhook", name, text, h.name.span().start)
+                .map_err(|reason| at(h.name.span(), reason))?;
             let url = super::client::Target::parse(h.url.get_ref())
                 .map_err(|reason| at(h.url.span(), reason))?;
             let mut events = BTreeSet::new();
