@@ -768,6 +768,29 @@ impl AdminService for Api {
     }
 }
 
+/// The transport of every gRPC port of lab-server (the leader's and a
+/// standby's): TCP no-delay and keep-alive, HTTP/2 keep-alive (to notice a
+/// peer, an agent's machine, that died silently), the per-connection stream
+/// cap and header size limit, and TLS when given.
+pub(crate) fn transport(
+    listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(tonic::transport::Server, TcpIncoming), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let builder = builder
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES));
+    Ok((builder, incoming))
+}
+
 /// Serve every service, health and reflection on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -805,19 +828,8 @@ pub async fn serve_tls(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
+    let (mut builder, incoming) = transport(listener, tls)?;
     builder
-        // Notice a peer (an agent's machine) that died silently.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -4,15 +4,12 @@
 //! client moves to it. gRPC health answers (NOT_SERVING for the lab
 //! services), so a load balancer sees which replica leads.
 
-use super::{MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, TCP_KEEPALIVE};
 use std::future::Future;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::codegen::http;
-use tonic::transport::server::TcpIncoming;
 
 /// The response metadata key that names the leader's address.
 pub const LEADER_HEADER: &str = "lab-leader";
@@ -93,18 +90,8 @@ pub async fn serve_standby(
             .set_service_status(service, tonic_health::ServingStatus::NotServing)
             .await;
     }
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
+    let (builder, incoming) = super::transport(listener, tls)?;
     builder
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .layer(StandbyLayer { leader })
         .add_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown)
