@@ -388,7 +388,7 @@ impl Actor {
             *self.waiting.entry(w.principal.clone()).or_default() += 1;
             if w.check.is_some() {
                 // The server's own health check: nobody to wait for.
-                self.queue.push(w);
+                self.enqueue(w);
                 self.waiters.insert(id, Slot::for_check());
                 continue;
             }
@@ -404,7 +404,7 @@ impl Actor {
                     None
                 }
             };
-            self.queue.push(w);
+            self.enqueue(w);
             self.waiters.insert(
                 id,
                 Slot {
@@ -678,6 +678,7 @@ impl Actor {
                     "policy in force"
                 );
                 self.shares.set_policy(policy, self.leases.values(), now);
+                self.queue.retag(|w| self.shares.standing(w).project);
                 p.publish = true;
                 p.reply(reply, Ok(()));
             }
@@ -719,6 +720,12 @@ impl Actor {
             detail: String::new(),
         });
         p.batch.events.last_mut().expect("just pushed")
+    }
+
+    /// Puts a waiter into the queue, tagged with its project.
+    fn enqueue(&mut self, w: Waiter) {
+        let project = self.shares.standing(&w).project;
+        self.queue.push_in(w, project);
     }
 
     fn put_host(&mut self, p: &mut Pending, rec: HostRecord) {
@@ -932,7 +939,7 @@ impl Actor {
         if let Some(r) = request_id {
             self.by_request.insert((caller.principal, r), waiter);
         }
-        self.queue.push(w);
+        self.enqueue(w);
         self.waiters.insert(
             waiter,
             Slot {
@@ -2133,7 +2140,7 @@ impl Actor {
         };
         p.batch.writes.push(Write::Waiter(w.clone()));
         *self.waiting.entry(principal).or_default() += 1;
-        self.queue.push(w);
+        self.enqueue(w);
         self.waiters.insert(id, Slot::for_check());
     }
 

@@ -134,8 +134,7 @@ fn key(w: &Waiter) -> QueueKey {
     )
 }
 
-/// The part of the key that makes a level of the fair order.
-fn level(k: &QueueKey) -> (bool, bool, Reverse<i32>) {
+fn level(k: &QueueKey) -> Level {
     (k.0, k.1, k.2)
 }
 
@@ -144,18 +143,67 @@ fn level(k: &QueueKey) -> (bool, bool, Reverse<i32>) {
 pub struct Queue {
     waiters: BTreeMap<QueueKey, Waiter>,
     keys: BTreeMap<WaiterId, QueueKey>,
+    /// Waiter ids by level and project (its index in [`Projects::loads`],
+    /// [`NO_PROJECT`] for none), in arrival order: the fair order visits
+    /// each project's head instead of the whole level.
+    groups: BTreeMap<(Level, usize), BTreeSet<WaiterId>>,
+    tags: std::collections::HashMap<WaiterId, usize>,
 }
 
+/// The project tag of waiters in no project (health checks, or a queue
+/// used without projects).
+pub const NO_PROJECT: usize = usize::MAX;
+
+/// The part of the key that makes a level of the fair order: check or
+/// not, preemptible or not, priority.
+type Level = (bool, bool, Reverse<i32>);
+
 impl Queue {
+    /// Adds a waiter of no project.
     pub fn push(&mut self, w: Waiter) {
+        self.push_in(w, None);
+    }
+
+    /// Adds a waiter of `project` (its index in the [`Projects`] the
+    /// scheduling passes will get; the same as its [`Standing::project`]).
+    pub fn push_in(&mut self, w: Waiter, project: Option<usize>) {
         let key = key(&w);
+        let tag = project.unwrap_or(NO_PROJECT);
         self.keys.insert(w.id, key);
+        self.tags.insert(w.id, tag);
+        self.groups
+            .entry((level(&key), tag))
+            .or_default()
+            .insert(w.id);
         self.waiters.insert(key, w);
     }
 
     pub fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
         let key = self.keys.remove(&id)?;
+        if let Some(tag) = self.tags.remove(&id)
+            && let std::collections::btree_map::Entry::Occupied(mut g) =
+                self.groups.entry((level(&key), tag))
+        {
+            g.get_mut().remove(&id);
+            if g.get().is_empty() {
+                g.remove();
+            }
+        }
         self.waiters.remove(&key)
+    }
+
+    /// Tags every waiter with its project again (a new policy).
+    pub fn retag(&mut self, project: impl Fn(&Waiter) -> Option<usize>) {
+        self.groups.clear();
+        self.tags.clear();
+        for (key, w) in &self.waiters {
+            let tag = project(w).unwrap_or(NO_PROJECT);
+            self.tags.insert(w.id, tag);
+            self.groups
+                .entry((level(key), tag))
+                .or_default()
+                .insert(w.id);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -556,27 +604,32 @@ impl Ord for Rank {
 /// then the earliest head of line), each project's own waiters by arrival.
 /// Without projects (one project or none) this is the queue's own order.
 struct FairOrder<'q, 's> {
+    queue: &'q Queue,
+    /// Without projects: the queue's own order.
     iter: std::collections::btree_map::Values<'q, QueueKey, Waiter>,
-    /// The first waiter of the next level, already taken from `iter`.
-    peeked: Option<&'q Waiter>,
+    /// With projects: the groups, level by level.
+    groups: std::iter::Peekable<
+        std::collections::btree_map::Iter<'q, (Level, usize), BTreeSet<WaiterId>>,
+    >,
     fair: bool,
     standing: &'s dyn Fn(&Waiter) -> Standing,
     /// Per project: usage / share, share, hosts held (with this pass's).
     projects: Vec<(f64, f64, u32)>,
-    /// Per-project queues of the current level; the last one holds the
-    /// waiters of no project.
-    level: Vec<std::collections::VecDeque<(&'q Waiter, Standing)>>,
-    /// Projects with waiters in the current level, by rank.
+    /// The current level's groups: project tag and the rest of its ids.
+    level: Vec<(usize, std::collections::btree_set::Iter<'q, WaiterId>)>,
+    /// Heads of the current level's groups by rank: (rank, tie-break,
+    /// head id, slot in `level`).
     heap: std::collections::BinaryHeap<Reverse<(Rank, Rank, WaiterId, usize)>>,
-    /// The project served last, put back (ranked anew) on the next call.
+    /// The slot served last, whose next head goes back on the next call.
     last: Option<usize>,
 }
 
 impl<'q, 's> FairOrder<'q, 's> {
     fn new(q: &'q Queue, projects: &Projects, standing: &'s dyn Fn(&Waiter) -> Standing) -> Self {
         FairOrder {
+            queue: q,
             iter: q.waiters.values(),
-            peeked: None,
+            groups: q.groups.iter().peekable(),
             fair: projects.loads.len() > 1,
             standing,
             projects: projects
@@ -590,6 +643,18 @@ impl<'q, 's> FairOrder<'q, 's> {
         }
     }
 
+    /// Where a group's head goes in the heap.
+    fn push_head(&mut self, slot: usize, head: WaiterId) {
+        let tag = self.level[slot].0;
+        // Waiters of no project (health checks) go first.
+        let (a, b) = if tag < self.projects.len() {
+            self.rank(tag)
+        } else {
+            (Rank(-1.0), Rank(-1.0))
+        };
+        self.heap.push(Reverse((a, b, head, slot)));
+    }
+
     fn rank(&self, project: usize) -> (Rank, Rank) {
         let (u, share, held) = self.projects[project];
         (Rank(u), Rank(f64::from(held) / share))
@@ -601,45 +666,29 @@ impl<'q, 's> FairOrder<'q, 's> {
             let w = self.iter.next()?;
             return Some((w, (self.standing)(w)));
         }
-        if let Some(p) = self.last.take()
-            && let Some((head, _)) = self.level[p].front()
+        if let Some(slot) = self.last.take()
+            && let Some(&head) = self.level[slot].1.next()
         {
-            let (a, b) = self.rank(p);
-            self.heap.push(Reverse((a, b, head.id, p)));
+            self.push_head(slot, head);
         }
         if self.heap.is_empty() {
-            // The next level: the waiters of the same (check, priority).
-            let first = self.peeked.take().or_else(|| self.iter.next())?;
-            let lvl = level(&key(first));
-            let none = self.projects.len();
-            self.level = vec![std::collections::VecDeque::new(); none + 1];
-            let mut w = Some(first);
-            while let Some(x) = w {
-                if level(&key(x)) != lvl {
-                    self.peeked = Some(x);
-                    break;
-                }
-                let st = (self.standing)(x);
-                let p = st.project.filter(|p| *p < none).unwrap_or(none);
-                self.level[p].push_back((x, st));
-                w = self.iter.next();
+            // The next level: its groups, one per project.
+            let lvl = self.groups.peek()?.0.0;
+            self.level.clear();
+            while let Some(((l, tag), ids)) = self.groups.next_if(|((l, _), _)| *l == lvl) {
+                debug_assert_eq!(*l, lvl);
+                self.level.push((*tag, ids.iter()));
             }
-            for p in 0..=none {
-                if let Some((head, _)) = self.level[p].front() {
-                    // Waiters of no project (health checks) go first.
-                    let (a, b) = if p == none {
-                        (Rank(-1.0), Rank(-1.0))
-                    } else {
-                        self.rank(p)
-                    };
-                    self.heap.push(Reverse((a, b, head.id, p)));
+            for slot in 0..self.level.len() {
+                if let Some(&head) = self.level[slot].1.next() {
+                    self.push_head(slot, head);
                 }
             }
         }
-        let Reverse((_, _, _, p)) = self.heap.pop()?;
-        let next = self.level[p].pop_front()?;
-        self.last = Some(p);
-        Some(next)
+        let Reverse((_, _, id, slot)) = self.heap.pop()?;
+        self.last = Some(slot);
+        let w = self.queue.get(id)?;
+        Some((w, (self.standing)(w)))
     }
 
     /// The waiter just returned was granted `count` hosts for `ttl`: its
@@ -750,6 +799,17 @@ mod tests {
         }
     }
 
+    /// Adds `w` tagged with its project as [`standing`] says (none for a
+    /// health check), as the core does.
+    fn tagged(q: &mut Queue, w: Waiter) {
+        let project = if w.check.is_some() {
+            None
+        } else {
+            standing(&w).project
+        };
+        q.push_in(w, project);
+    }
+
     #[test]
     fn fair_share_orders_projects_within_a_priority() {
         let lab = Lab::new(&[
@@ -776,8 +836,8 @@ mod tests {
         for (ua, ub, share_a, free, want) in table {
             let mut q = Queue::default();
             for i in 1..=4 {
-                q.push(by(i, "alice", spec(1, 0)));
-                q.push(by(10 + i, "bob", spec(1, 0)));
+                tagged(&mut q, by(i, "alice", spec(1, 0)));
+                tagged(&mut q, by(10 + i, "bob", spec(1, 0)));
             }
             let projects = Projects {
                 loads: vec![
@@ -798,12 +858,15 @@ mod tests {
     fn priority_comes_before_fair_share_and_checks_before_all() {
         let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
         let mut q = Queue::default();
-        q.push(by(1, "bob", spec(1, 0)));
-        q.push(by(2, "alice", spec(1, 5)));
-        q.push(Waiter {
-            check: Some("operator".into()),
-            ..by(3, "lab-check", spec(1, 0))
-        });
+        tagged(&mut q, by(1, "bob", spec(1, 0)));
+        tagged(&mut q, by(2, "alice", spec(1, 5)));
+        tagged(
+            &mut q,
+            Waiter {
+                check: Some("operator".into()),
+                ..by(3, "lab-check", spec(1, 0))
+            },
+        );
         let projects = Projects {
             loads: vec![load("a", 1.0, 1e9, 0, None), load("b", 1.0, 0.0, 0, None)],
         };
@@ -833,8 +896,8 @@ mod tests {
     fn a_waiter_beyond_a_quota_waits_and_reserves_nothing() {
         let lab = Lab::new(&[("h1", Arch::X86_64, &[]), ("h2", Arch::X86_64, &[])]);
         let mut q = Queue::default();
-        q.push(by(1, "alice", spec(2, 0)));
-        q.push(by(2, "bob", spec(1, 0)));
+        tagged(&mut q, by(1, "alice", spec(2, 0)));
+        tagged(&mut q, by(2, "bob", spec(1, 0)));
         // a holds 1 of its 2 hosts: its pair request must wait, and b's
         // later request gets a host it would otherwise have reserved.
         let projects = Projects {
@@ -859,9 +922,9 @@ mod tests {
         assert_eq!(est[1].held_back, None);
         // A role's limit per principal, grants of the same pass counted.
         let mut q = Queue::default();
-        q.push(by(1, "alice", spec(1, 0)));
-        q.push(by(2, "alice", spec(1, 0)));
-        q.push(by(3, "alex", spec(1, 0)));
+        tagged(&mut q, by(1, "alice", spec(1, 0)));
+        tagged(&mut q, by(2, "alice", spec(1, 0)));
+        tagged(&mut q, by(3, "alex", spec(1, 0)));
         let limited = |w: &Waiter| Standing {
             principal_max: Some(1),
             ..standing(w)
