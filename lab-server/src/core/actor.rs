@@ -1896,8 +1896,10 @@ impl Actor {
                 e.detail = why.clone();
             }
         }
-        self.unreachable = hosts;
-        self.index.invalidate();
+        if self.unreachable != hosts {
+            self.unreachable = hosts;
+            self.index.invalidate();
+        }
     }
 
     fn set_maintenance(
