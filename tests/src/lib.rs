@@ -374,26 +374,59 @@ impl ServerProcess {
     /// (written from `inventory` unless it exists, so a restart keeps it),
     /// its store in `dir/data` and its log in `dir/server.log`.
     pub fn spawn_dev(dir: &Path, inventory: &str) -> Result<ServerProcess> {
+        ServerProcess::spawn_dev_with(dir, inventory, &[], "server.log")
+    }
+
+    /// [`ServerProcess::spawn_dev`] with `extra` arguments after the
+    /// common ones (`--store etcd …`, `--webhooks …`) and its log in
+    /// `dir/log`.
+    pub fn spawn_dev_with(
+        dir: &Path,
+        inventory: &str,
+        extra: &[&str],
+        log: &str,
+    ) -> Result<ServerProcess> {
         let inv = dir.join("inventory.toml");
         if !inv.exists() {
             std::fs::write(&inv, inventory)?;
         }
-        let data = dir.join("data");
-        ServerProcess::spawn(
-            &[
-                "--dev-insecure-no-auth",
-                "--listen",
-                "127.0.0.1:0",
-                "--web-listen",
-                "127.0.0.1:0",
-                "--inventory",
-                &inv.to_string_lossy(),
-                "--data-dir",
-                &data.to_string_lossy(),
-            ],
-            &dir.join("server.log"),
-        )
+        let (inv, data) = (inv.to_string_lossy(), dir.join("data"));
+        let data = data.to_string_lossy();
+        let mut args = vec![
+            "--dev-insecure-no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--inventory",
+            &inv,
+            "--data-dir",
+            &data,
+        ];
+        args.extend_from_slice(extra);
+        ServerProcess::spawn(&args, &dir.join(log))
     }
+}
+
+/// Runs the `lab` CLI against `server` with `token`: (exit code, stdout,
+/// stderr).
+pub fn lab_cli(server: &ServerProcess, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin_path("lab"))
+        .args(args)
+        .env("LAB_SERVER", format!("http://{}", server.addr))
+        .env("LAB_TOKEN", token)
+        .output()
+        .expect("run lab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `s` as JSON, or a panic quoting it.
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
 /// Poll `f` every 10 ms until it holds; panic naming `what` after `timeout`.

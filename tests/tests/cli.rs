@@ -1,26 +1,8 @@
 //! The real `lab` CLI against the real `lab-server`: acquire, list, renew,
 //! release, events, with `--json`, and the documented exit codes.
 
-use lab_tests::{ServerProcess, bin_path, inventory_toml};
-use std::process::Command;
-
-fn lab(server: &ServerProcess, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("lab"))
-        .args(args)
-        .env("LAB_SERVER", format!("http://{}", server.addr))
-        .env("LAB_TOKEN", token)
-        .output()
-        .expect("run lab");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use lab_tests::lab_cli as lab;
+use lab_tests::{ServerProcess, inventory_toml, json};
 
 #[test]
 fn a_lease_cycle_through_the_cli() {

@@ -10,48 +10,17 @@
 //! waiter is granted in its place — no lease lost or doubled.
 
 use lab_tests::etcd::EtcdCluster;
-use lab_tests::{ServerProcess, bin_path, inventory_toml};
+use lab_tests::lab_cli as lab;
+use lab_tests::{ServerProcess, bin_path, inventory_toml, json};
 use std::process::Command;
 use std::time::Instant;
 
-fn lab(server: &ServerProcess, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("lab"))
-        .args(args)
-        .env("LAB_SERVER", format!("http://{}", server.addr))
-        .env("LAB_TOKEN", token)
-        .output()
-        .expect("run lab");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 fn spawn_on_etcd(dir: &std::path::Path, cluster: &EtcdCluster, name: &str) -> ServerProcess {
-    let inventory = dir.join("inventory.toml");
-    if !inventory.exists() {
-        std::fs::write(&inventory, inventory_toml(2)).unwrap();
-    }
-    ServerProcess::spawn(
-        &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--web-listen",
-            "127.0.0.1:0",
-            "--inventory",
-            &inventory.to_string_lossy(),
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &cluster.endpoints(),
-        ],
-        &dir.join(format!("{name}.log")),
+    ServerProcess::spawn_dev_with(
+        dir,
+        &inventory_toml(2),
+        &["--store", "etcd", "--etcd-endpoints", &cluster.endpoints()],
+        &format!("{name}.log"),
     )
     .unwrap()
 }

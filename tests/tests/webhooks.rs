@@ -115,27 +115,17 @@ async fn receive(listener: TcpListener, rx: Arc<Receiver>) {
 }
 
 fn spawn(dir: &Path) -> ServerProcess {
-    let inv = dir.join("inventory.toml");
-    if !inv.exists() {
-        std::fs::write(&inv, inventory_toml(2)).unwrap();
-    }
-    ServerProcess::spawn(
+    let hooks = dir.join("webhooks.toml");
+    ServerProcess::spawn_dev_with(
+        dir,
+        &inventory_toml(2),
         &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--web-listen",
-            "127.0.0.1:0",
-            "--inventory",
-            &inv.to_string_lossy(),
-            "--data-dir",
-            &dir.join("data").to_string_lossy(),
             "--webhooks",
-            &dir.join("webhooks.toml").to_string_lossy(),
+            &hooks.to_string_lossy(),
             "--expiry-warning",
             "2s",
         ],
-        &dir.join("server.log"),
+        "server.log",
     )
     .unwrap()
 }

@@ -205,6 +205,9 @@ pub(super) struct Actor {
     /// Active preemptible leases not yet noticed, by grant time (the most
     /// recent are preempted first: they lose the least work).
     preemptible: BTreeSet<(Timestamp, LeaseId)>,
+    /// Active preemptible leases that got their notice (their hosts are
+    /// coming free).
+    preempting: BTreeSet<LeaseId>,
     /// The webhooks in force: events they want get outbox rows.
     webhooks: SharedWebhooks,
     outbox_wake: Arc<Notify>,
@@ -280,6 +283,7 @@ impl Actor {
             warnings: BTreeSet::new(),
             warned: HashMap::new(),
             preemptible: BTreeSet::new(),
+            preempting: BTreeSet::new(),
             outbox_wake,
             config,
             store,
@@ -362,6 +366,7 @@ impl Actor {
         self.ended.clear();
         self.by_grant.clear();
         self.preemptible.clear();
+        self.preempting.clear();
         self.leases.clear();
         self.recent_grants = RecentGrants::default();
         let mut leases = snapshot.leases;
@@ -762,8 +767,12 @@ impl Actor {
     /// Add a lease to the expiry, warning, end-time and grant-time indexes.
     fn index_lease(&mut self, l: &Lease) {
         self.by_grant.insert((l.granted_at, l.id));
-        if l.is_active() && l.preemptible && l.preempted_at.is_none() {
-            self.preemptible.insert((l.granted_at, l.id));
+        if l.is_active() && l.preemptible {
+            if l.preempted_at.is_none() {
+                self.preemptible.insert((l.granted_at, l.id));
+            } else {
+                self.preempting.insert(l.id);
+            }
         }
         if l.is_active() {
             self.expiries.insert((l.expires_at, l.id));
@@ -783,6 +792,7 @@ impl Actor {
     fn unindex_lease(&mut self, l: &Lease) {
         self.by_grant.remove(&(l.granted_at, l.id));
         self.preemptible.remove(&(l.granted_at, l.id));
+        self.preempting.remove(&l.id);
         self.expiries.remove(&(l.expires_at, l.id));
         if let Some(t) = self.warning_time(l) {
             self.warnings.remove(&(t, l.id));
@@ -1609,15 +1619,12 @@ impl Actor {
             return;
         }
         // Hosts coming free from leases already noticed.
-        let mut coming: Vec<HostName> = Vec::new();
-        for id in self.expiries.iter().map(|(_, id)| *id) {
-            if let Some(l) = self.leases.get(&id)
-                && l.preempted_at.is_some()
-            {
-                coming.extend(l.hosts.iter().cloned());
-            }
-        }
-        let free: Vec<HostName> = self.index.free().cloned().collect();
+        let coming: Vec<HostName> = self
+            .preempting
+            .iter()
+            .filter_map(|id| self.leases.get(id))
+            .flat_map(|l| l.hosts.iter().cloned())
+            .collect();
         let mut claimed: HashSet<HostName> = HashSet::new();
         let projects = self.shares.projects(now);
         let mut notices: Vec<(LeaseId, WaiterId, Principal, i32)> = Vec::new();
@@ -1638,8 +1645,9 @@ impl Actor {
                 continue;
             }
             let need = w.spec.count as usize;
-            let mut have: Vec<HostName> = free
-                .iter()
+            let mut have: Vec<HostName> = self
+                .index
+                .free()
                 .chain(coming.iter())
                 .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
                 .take(need)

@@ -39,9 +39,10 @@ fn hosts(l: &Lease) -> u32 {
 
 impl ShareBook {
     pub(super) fn new(policy: Arc<Policy>) -> Self {
+        let usage = vec![Usage::new(policy.half_life, Timestamp(0)); policy.projects().len()];
         ShareBook {
             policy,
-            usage: Vec::new(),
+            usage,
             held: HashMap::new(),
             roles: HashMap::new(),
         }

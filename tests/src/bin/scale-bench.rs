@@ -139,30 +139,18 @@ fn policy(o: &Opts) -> String {
 }
 
 fn spawn(dir: &Path, o: &Opts) -> Result<ServerProcess> {
-    let inv = dir.join("inventory.toml");
-    if !inv.exists() {
-        std::fs::write(&inv, inventory(o))?;
-    }
     let pol = dir.join("policy.toml");
     std::fs::write(&pol, policy(o))?;
-    let data = dir.join("data");
-    ServerProcess::spawn(
+    ServerProcess::spawn_dev_with(
+        dir,
+        &inventory(o),
         &[
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--web-listen",
-            "127.0.0.1:0",
-            "--inventory",
-            &inv.to_string_lossy(),
             "--policy",
             &pol.to_string_lossy(),
-            "--data-dir",
-            &data.to_string_lossy(),
             "--max-waiting-per-principal",
             "100000",
         ],
-        &dir.join("server.log"),
+        "server.log",
     )
 }
 

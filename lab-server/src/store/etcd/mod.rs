@@ -393,12 +393,13 @@ impl EtcdStore {
         self.client.txn(op, txn).await.map_err(backend(op))
     }
 
-    /// Values of single keys, `chunk` keys per read transaction.
-    async fn get_many(
+    /// The record at each of `keys` (`None`: absent), `chunk` keys per
+    /// read transaction.
+    async fn get_kvs(
         &self,
         op: &'static str,
         keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    ) -> Result<Vec<Option<lab_proto::etcd::mvccpb::KeyValue>>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.client.config().max_txn_ops.clamp(1, 128)) {
             let resp = self
@@ -414,10 +415,24 @@ impl EtcdStore {
                 )
                 .await?;
             for i in 0..chunk.len() {
-                out.push(kvs(&resp, i).first().map(|kv| kv.value.clone()));
+                out.push(kvs(&resp, i).first().cloned());
             }
         }
         Ok(out)
+    }
+
+    /// Values of single keys (`None`: absent).
+    async fn get_many(
+        &self,
+        op: &'static str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        Ok(self
+            .get_kvs(op, keys)
+            .await?
+            .into_iter()
+            .map(|kv| kv.map(|kv| kv.value))
+            .collect())
     }
 
     /// Send a guarded write: `ops` if every compare holds (and the fence,
@@ -923,24 +938,9 @@ impl EtcdStore {
         keys: &[Vec<u8>],
     ) -> Result<Vec<(Vec<u8>, i64, OutboxRow)>, StoreError> {
         let mut out = Vec::new();
-        for chunk in keys.chunks(self.client.config().max_txn_ops.clamp(1, 128)) {
-            let resp = self
-                .read(
-                    op,
-                    chunk
-                        .iter()
-                        .map(|k| pb::RangeRequest {
-                            key: k.clone(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                )
-                .await?;
-            for i in 0..chunk.len() {
-                if let Some(kv) = kvs(&resp, i).first() {
-                    out.push((kv.key.clone(), kv.mod_revision, decode(&kv.key, &kv.value)?));
-                }
-            }
+        for kv in self.get_kvs(op, keys).await?.into_iter().flatten() {
+            let row = decode(&kv.key, &kv.value)?;
+            out.push((kv.key, kv.mod_revision, row));
         }
         Ok(out)
     }
