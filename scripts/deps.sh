@@ -35,9 +35,12 @@
 # etcd-server (3.4): the etcd store's tests (tests/src/etcd.rs starts
 # throwaway members on loopback; the package's own service is never
 # started, the policy-rc.d below).
+#
+# tmux: a real terminal for `lab grab`'s keep-or-release question
+# (tests/tests/grab.rs).
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium g++ etcd-server"
+DEBS="iproute2 busybox-static curl atftp qemu-system-x86 ipxe-qemu qemu-system-arm qemu-efi-aarch64 openipmi ipmitool python3 dnsmasq-base openssh-client openssh-server mmdebstrap systemd systemd-container man-db groff-base strace openssl zstd fdisk e2fsprogs prometheus chromium chromium-driver python3-selenium g++ etcd-server tmux"
 # One line, space-separated (the pattern below matches " name ").
 missing=$(for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf '%s ' "$p"; done)
 # bookworm's qemu-system-x86 needs bookworm's qemu-utils, older than the

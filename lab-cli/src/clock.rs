@@ -16,6 +16,56 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// When something starts, as given on the command line: `now`, a delay
+/// (`+2h`, `in 2h`), or a time (RFC 3339 such as `2026-12-05T02:00:00Z`,
+/// or local `2026-12-05 02:00[:00]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    In(Duration),
+    At(SystemTime),
+}
+
+impl Start {
+    pub fn resolve(self, now: SystemTime) -> SystemTime {
+        match self {
+            Start::In(d) => now + d,
+            Start::At(t) => t,
+        }
+    }
+}
+
+/// Parses a [`Start`].
+pub fn parse_start(s: &str) -> Result<Start, String> {
+    let s = s.trim();
+    if s == "now" {
+        return Ok(Start::In(Duration::ZERO));
+    }
+    if let Some(d) = s.strip_prefix('+').or_else(|| s.strip_prefix("in ")) {
+        return humantime::parse_duration(d.trim())
+            .map(Start::In)
+            .map_err(|e| format!("{e} (try +2h, in 30m)"));
+    }
+    let at = |ts: jiff::Timestamp| {
+        let ms = ts.as_millisecond();
+        if ms <= 0 {
+            return Err(format!("{s:?} is before 1970"));
+        }
+        Ok(Start::At(
+            std::time::UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs()),
+        ))
+    };
+    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
+        return at(ts);
+    }
+    let civil = s.parse::<jiff::civil::DateTime>().map_err(|_| {
+        format!("{s:?} is not a time (try now, +2h, 2026-12-05T02:00:00Z or \"2026-12-05 02:00\")")
+    })?;
+    let ts = jiff::tz::TimeZone::system()
+        .to_timestamp(civil)
+        .map_err(|e| e.to_string())?;
+    at(ts)
+}
+
 /// A duration in at most two units, rounded down: `42s`, `29m`, `2h 5m`, `3d 4h`.
 pub fn compact(d: Duration) -> String {
     let s = d.as_secs();
@@ -84,6 +134,36 @@ pub fn when(at: SystemTime, now: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn start_forms() {
+        assert_eq!(parse_start("now"), Ok(Start::In(Duration::ZERO)));
+        assert_eq!(parse_start("+2h"), Ok(Start::In(Duration::from_secs(7200))));
+        assert_eq!(
+            parse_start("in 30m"),
+            Ok(Start::In(Duration::from_secs(1800)))
+        );
+        assert_eq!(
+            parse_start("2026-12-05T02:00:00Z"),
+            Ok(Start::At(UNIX_EPOCH + Duration::from_secs(1_796_436_000)))
+        );
+        assert_eq!(
+            parse_start("2026-12-05T03:00:00+01:00"),
+            Ok(Start::At(UNIX_EPOCH + Duration::from_secs(1_796_436_000)))
+        );
+        assert!(matches!(parse_start("2026-12-05 02:00"), Ok(Start::At(_))));
+        assert!(
+            parse_start("tomorrow")
+                .unwrap_err()
+                .contains("is not a time")
+        );
+        assert!(parse_start("+soon").is_err());
+        let now = UNIX_EPOCH + Duration::from_secs(100);
+        assert_eq!(
+            Start::In(Duration::from_secs(5)).resolve(now),
+            UNIX_EPOCH + Duration::from_secs(105)
+        );
+    }
 
     #[test]
     fn ttl_accepts_humantime_forms() {

@@ -62,6 +62,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::admin::InventoryCommand;
+use crate::commands::booking::BookingCommand;
 use crate::commands::console::ConsoleArgs;
 use crate::commands::events::EventsArgs;
 use crate::commands::forward::ForwardArgs;
@@ -72,7 +73,7 @@ use crate::commands::power::PowerArgs;
 use crate::commands::run::RunArgs;
 use crate::commands::ssh::SshArgs;
 use crate::commands::{
-    Ctx, Reach, admin, console, events, forward, grab, hosts, lease, power, run, ssh,
+    Ctx, Reach, admin, booking, console, events, forward, grab, hosts, lease, power, run, ssh,
 };
 
 /// Lease lab hardware: list hosts, acquire and release leases, follow events
@@ -155,6 +156,9 @@ enum Command {
     /// Acquire, renew, release, show and list leases; wait for boot
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Book hosts for a window ahead; list and cancel bookings
+    #[command(subcommand)]
+    Booking(BookingCommand),
     /// Power a host on, off, cycle or reset it, or read its power state
     ///
     /// Prints the power state read back after the action ("x1: on"). Changing
@@ -385,6 +389,7 @@ async fn main() -> ExitCode {
         Command::Hosts(args) => hosts::list(&ctx, args).await,
         Command::Host(cmd) => hosts::run(&ctx, cmd).await,
         Command::Lease(cmd) => lease::run(&ctx, cmd).await,
+        Command::Booking(cmd) => booking::run(&ctx, cmd).await,
         Command::Power(args) => power::run(&ctx, args).await,
         Command::Console(args) => console::run(&ctx, args).await,
         Command::Events(args) => events::run(&ctx, args).await,

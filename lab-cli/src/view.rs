@@ -131,6 +131,10 @@ pub fn event_kind_name(v: i32) -> &'static str {
         Ok(EventKind::LeaseExpiring) => "lease-expiring",
         Ok(EventKind::WebhookUndelivered) => "webhook-undelivered",
         Ok(EventKind::LeasePreempted) => "lease-preempted",
+        Ok(EventKind::BookingCreated) => "booking-created",
+        Ok(EventKind::BookingStarted) => "booking-started",
+        Ok(EventKind::BookingEnded) => "booking-ended",
+        Ok(EventKind::BookingCancelled) => "booking-cancelled",
         Ok(EventKind::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
@@ -279,6 +283,54 @@ pub struct LeaseView {
     /// When its preemption was noticed (it ends at `expires_at`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preempted_at: Option<Time>,
+    /// The booking it was granted for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub booking: Option<u64>,
+}
+
+/// A booking or maintenance window (`lab booking list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BookingView {
+    pub id: u64,
+    /// `lease` or `maintenance`.
+    pub kind: &'static str,
+    pub holder: String,
+    pub hosts: Vec<String>,
+    pub start: Option<Time>,
+    pub end: Option<Time>,
+    /// `scheduled` or `started`.
+    pub state: &'static str,
+    pub comment: Option<String>,
+    pub profile: Option<String>,
+    pub lease_id: Option<String>,
+    pub created_at: Option<Time>,
+}
+
+impl From<&lab_proto::v1::Booking> for BookingView {
+    fn from(b: &lab_proto::v1::Booking) -> Self {
+        use lab_proto::v1::{BookingKind, BookingState};
+        BookingView {
+            id: b.id,
+            kind: match BookingKind::try_from(b.kind) {
+                Ok(BookingKind::Lease) => "lease",
+                Ok(BookingKind::Maintenance) => "maintenance",
+                _ => "unknown",
+            },
+            holder: b.holder.clone(),
+            hosts: b.hosts.clone(),
+            start: time(b.start.as_ref()),
+            end: time(b.end.as_ref()),
+            state: match BookingState::try_from(b.state) {
+                Ok(BookingState::Scheduled) => "scheduled",
+                Ok(BookingState::Started) => "started",
+                _ => "unknown",
+            },
+            comment: non_empty(&b.comment),
+            profile: non_empty(&b.profile),
+            lease_id: non_empty(&b.lease_id),
+            created_at: time(b.created_at.as_ref()),
+        }
+    }
 }
 
 /// One host's boot progress within a lease.
@@ -401,6 +453,7 @@ impl From<&Lease> for LeaseView {
                 .then(|| crate::sshkey::describe(&l.ssh_public_key)),
             preemptible: l.preemptible,
             preempted_at: time(l.preempted_at.as_ref()),
+            booking: (l.booking_id != 0).then_some(l.booking_id),
         }
     }
 }

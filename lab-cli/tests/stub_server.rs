@@ -377,6 +377,27 @@ impl HostService for Stub {
 impl LeaseService for Stub {
     type AcquireStream = Stream<AcquireUpdate>;
 
+    async fn create_booking(
+        &self,
+        _: Request<lab_proto::v1::CreateBookingRequest>,
+    ) -> Result<Response<lab_proto::v1::Booking>, Status> {
+        Err(Status::unimplemented("the stub has no bookings"))
+    }
+
+    async fn list_bookings(
+        &self,
+        _: Request<lab_proto::v1::ListBookingsRequest>,
+    ) -> Result<Response<lab_proto::v1::ListBookingsResponse>, Status> {
+        Err(Status::unimplemented("the stub has no bookings"))
+    }
+
+    async fn cancel_booking(
+        &self,
+        _: Request<lab_proto::v1::CancelBookingRequest>,
+    ) -> Result<Response<lab_proto::v1::Booking>, Status> {
+        Err(Status::unimplemented("the stub has no bookings"))
+    }
+
     async fn acquire(
         &self,
         req: Request<AcquireRequest>,

@@ -53,11 +53,18 @@ pub enum EventKind {
     /// A preemptible lease must give its hosts to a request that is not:
     /// it now ends after `--preempt-grace` (detail: for whom, and when).
     LeasePreempted,
+    /// A booking or maintenance window was made (detail: kind, window).
+    BookingCreated,
+    /// A booking's window began.
+    BookingStarted,
+    /// A booking's window is over.
+    BookingEnded,
+    BookingCancelled,
 }
 
 impl EventKind {
     /// Every kind, in the order of the API's enum.
-    pub const ALL: [EventKind; 27] = [
+    pub const ALL: [EventKind; 31] = [
         EventKind::LeaseRequested,
         EventKind::LeaseGranted,
         EventKind::LeaseRenewed,
@@ -85,6 +92,10 @@ impl EventKind {
         EventKind::LeaseExpiring,
         EventKind::WebhookUndelivered,
         EventKind::LeasePreempted,
+        EventKind::BookingCreated,
+        EventKind::BookingStarted,
+        EventKind::BookingEnded,
+        EventKind::BookingCancelled,
     ];
 
     /// The name of the kind in the API's `EventKind` without its
@@ -119,6 +130,10 @@ impl EventKind {
             EventKind::LeaseExpiring => "LEASE_EXPIRING",
             EventKind::WebhookUndelivered => "WEBHOOK_UNDELIVERED",
             EventKind::LeasePreempted => "LEASE_PREEMPTED",
+            EventKind::BookingCreated => "BOOKING_CREATED",
+            EventKind::BookingStarted => "BOOKING_STARTED",
+            EventKind::BookingEnded => "BOOKING_ENDED",
+            EventKind::BookingCancelled => "BOOKING_CANCELLED",
         }
     }
 
@@ -142,4 +157,7 @@ pub struct EventRecord {
     /// For `LeaseRequested`: what was asked.
     pub request: Option<LeaseSpec>,
     pub detail: String,
+    /// The booking it concerns (`lease::booking`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booking: Option<u64>,
 }

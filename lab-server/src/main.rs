@@ -253,10 +253,17 @@ fn main() -> Result<()> {
         None => {}
     }
     lab_client::log::init();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(args))
+        .build()?;
+    let result = runtime.block_on(run(args));
+    if result.is_err() {
+        // Failing, do not wait for blocking tasks: a leader that lost etcd
+        // may have a commit that retries for 30 s and can never land (its
+        // fence is gone); what was acknowledged is already durable.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+    result
 }
 
 /// The store `--store` names: redb in --data-dir, or etcd.

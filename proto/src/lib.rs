@@ -104,6 +104,14 @@ pub mod convert {
         }
     }
 
+    /// A protobuf timestamp from a `SystemTime` (clamped at the epoch).
+    pub fn system_time_to_proto(t: SystemTime) -> prost_types::Timestamp {
+        let ms = t
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        timestamp_from_millis(ms)
+    }
+
     /// A protobuf duration from a std duration.
     pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
         prost_types::Duration {

@@ -15,7 +15,8 @@ appears on the open page within 2 s without a reload; the holder sees h00's
 live console and a type box, and what it types reaches the console; a
 non-holder sees no type box; every host shows its health, and an operator
 who quarantines a host from its page (with a reason) sees it quarantined
-there and on the hosts page, as `lab hosts` does. Screenshots of every page are saved in OUT.
+there and on the hosts page, as `lab hosts` does; a booking made with the CLI
+is listed on the queue page. Screenshots of every page are saved in OUT.
 Exits non-zero with a message on the first failed check.
 """
 
@@ -114,12 +115,17 @@ def main():
         lease_id = __import__("json").loads(out)["id"]
         shot(d, "hosts")
 
-        # Someone waits for h00: the queue shows them with their position.
+        # Someone waits for h00: the queue shows them with their position;
+        # a booking of h02 is listed below it.
         waiting = lab(OTHER, "lease", "acquire", "--host", "h00", wait_for_exit=False)
+        booked = __import__("json").loads(lab(OTHER, "--json", "booking", "create", "--host", "h02",
+                                              "--start", "+2h", "--duration", "1h", "--comment", "release test"))
         d.get(f"{WEB}/queue")
         wait("a waiting request in the queue", 10, lambda: d.find_elements(By.CSS_SELECTOR, "#queue tbody tr"))
         row = d.find_element(By.CSS_SELECTOR, "#queue tbody tr").text
         assert "dev2" in row and row.startswith("1"), row
+        brow = d.find_element(By.CSS_SELECTOR, f'#bookings tr[data-booking="{booked["id"]}"]').text
+        assert "h02" in brow and "scheduled" in brow and "release test" in brow, brow
         shot(d, "queue")
 
         d.get(f"{WEB}/leases")

@@ -9,6 +9,41 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// How to start an agent: [`AgentOptions::new`] is rack `r1`, token
+/// `agent-r1`, TFTP and HTTP on 127.0.0.1 port 0, in this namespace.
+pub struct AgentOptions<'a> {
+    /// Its files (agent.toml, agent.log, agent-data/).
+    pub dir: &'a Path,
+    /// agent.toml's `server`: one URL or several comma-separated.
+    pub server: &'a str,
+    pub rack: &'a str,
+    pub token: &'a str,
+    /// The address TFTP and HTTP listen on.
+    pub ip: &'a str,
+    pub tftp_port: u16,
+    pub http_port: u16,
+    /// The network namespace it runs in (`ip netns exec`); None: this one.
+    pub netns: Option<&'a str>,
+    /// Appended to agent.toml's top level.
+    pub extra: &'a str,
+}
+
+impl<'a> AgentOptions<'a> {
+    pub fn new(dir: &'a Path, server: &'a str) -> Self {
+        AgentOptions {
+            dir,
+            server,
+            rack: "r1",
+            token: "agent-r1",
+            ip: "127.0.0.1",
+            tftp_port: 0,
+            http_port: 0,
+            netns: None,
+            extra: "",
+        }
+    }
+}
+
 /// A running `lab-agent` process.
 pub struct AgentProcess {
     pub child: Child,
@@ -31,19 +66,40 @@ impl AgentProcess {
     /// [`AgentProcess::spawn`] with `server` as agent.toml says it: a URL,
     /// or several comma-separated (lab-server replicas).
     pub fn spawn_to(dir: &Path, server: &str, extra: &str) -> Result<AgentProcess> {
+        Self::spawn_with(&AgentOptions {
+            extra,
+            ..AgentOptions::new(dir, server)
+        })
+    }
+
+    /// The agent as `o` says: its rack, token, addresses, namespace.
+    pub fn spawn_with(o: &AgentOptions) -> Result<AgentProcess> {
         let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-assets");
+        let dir = o.dir;
         let data_dir = dir.join("agent-data");
         let config = dir.join("agent.toml");
+        let (ip, tftp, http) = (o.ip, o.tftp_port, o.http_port);
         std::fs::write(
             &config,
             format!(
-                "rack = \"r1\"\nserver = \"{server}\"\ndata_dir = \"{}\"\n{extra}\n[tftp]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:0\"\n[assets]\nroot = \"{assets}\"\n",
-                data_dir.display()
+                "rack = \"{}\"\nserver = \"{}\"\ndata_dir = \"{}\"\n{}\n[tftp]\nlisten = \"{ip}:{tftp}\"\n[http]\nlisten = \"{ip}:{http}\"\nurl = \"http://{ip}:{http}\"\n[assets]\nroot = \"{assets}\"\n",
+                o.rack,
+                o.server,
+                data_dir.display(),
+                o.extra,
             ),
         )?;
         let log = dir.join("agent.log");
-        let mut child = Command::new(bin_path("lab-agent"))
-            .args(["--config", config.to_str().unwrap(), "--token", "agent-r1"])
+        let mut command = match o.netns {
+            None => Command::new(bin_path("lab-agent")),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_path("lab-agent"));
+                c
+            }
+        };
+        let mut child = command
+            .args(["--config", config.to_str().unwrap(), "--token", o.token])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log)?))
             .spawn()

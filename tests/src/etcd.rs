@@ -1,6 +1,8 @@
 //! A throwaway etcd cluster for the tests: 1 or 3 members of Debian's
 //! `etcd-server` (3.4) on loopback, random free ports, data in a tempdir,
-//! each member in its own process group, SIGKILLed on drop. Readiness and
+//! each member in its own process group, SIGKILLed on drop. Members can
+//! also be placed in network namespaces, one per site ([`EtcdCluster::start_placed`],
+//! used by [`crate::sites`]). Readiness and
 //! the leader are read from etcd's HTTP gateway (`/health`,
 //! `/v3/maintenance/status`) by polling, never a fixed sleep.
 //!
@@ -31,10 +33,30 @@ pub fn require_etcd() -> PathBuf {
     }
 }
 
+/// Where a member runs: its name, the namespace it runs in (None: this
+/// one), the address it listens on and its ports.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub name: String,
+    pub netns: Option<String>,
+    pub ip: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Place {
+    /// `http://ip:client_port`.
+    pub fn client_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.peer_port)
+    }
+}
+
 struct Member {
-    name: String,
-    client_port: u16,
-    peer_port: u16,
+    place: Place,
     child: Option<Child>,
 }
 
@@ -47,13 +69,11 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Start `n` members and wait until they have a leader.
+    /// Start `n` members on loopback and wait until they have a leader.
     pub fn start(n: usize) -> Result<EtcdCluster> {
-        let bin = require_etcd();
-        let dir = tempfile::Builder::new().prefix("lab-etcd-").tempdir()?;
-        let mut members = Vec::new();
         let seed = u64::from(std::process::id()) << 8;
         let mut used = Vec::new();
+        let mut places = Vec::new();
         for i in 0..n {
             let mut port = |k: u64| -> Result<u16> {
                 for attempt in 0..50 {
@@ -65,18 +85,31 @@ impl EtcdCluster {
                 }
                 bail!("no free port")
             };
-            members.push(Member {
+            places.push(Place {
                 name: format!("m{i}"),
+                netns: None,
+                ip: "127.0.0.1".to_owned(),
                 client_port: port(2 * i as u64)?,
                 peer_port: port(2 * i as u64 + 1)?,
-                child: None,
             });
         }
+        Self::start_placed(places)
+    }
+
+    /// Start one member at each of `places` and wait until they have a
+    /// leader.
+    pub fn start_placed(places: Vec<Place>) -> Result<EtcdCluster> {
+        let bin = require_etcd();
+        let dir = tempfile::Builder::new().prefix("lab-etcd-").tempdir()?;
+        let n = places.len();
         let mut cluster = EtcdCluster {
             bin,
             token: format!("lab-test-{}-{}", std::process::id(), nanos()),
             dir,
-            members,
+            members: places
+                .into_iter()
+                .map(|place| Member { place, child: None })
+                .collect(),
         };
         for i in 0..n {
             cluster.spawn(i, true)?;
@@ -89,17 +122,24 @@ impl EtcdCluster {
         let initial: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}", m.place.name, m.place.peer_url()))
             .collect();
-        let m = &self.members[i];
+        let m = &self.members[i].place;
         let data = self.dir.path().join(&m.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(&self.bin)
+        let (client, peer) = (m.client_url(), m.peer_url());
+        let mut command = match &m.netns {
+            None => Command::new(&self.bin),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+        };
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
@@ -132,7 +172,7 @@ impl EtcdCluster {
         let deadline = Instant::now() + within;
         loop {
             let healthy = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
-                http_post(m.client_port, "GET", "/health", "")
+                http_post(&m.place, "GET", "/health", "")
                     .is_ok_and(|b| b.contains("\"health\":\"true\""))
             });
             if healthy {
@@ -151,16 +191,18 @@ impl EtcdCluster {
     }
 
     pub fn urls(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
+        self.members.iter().map(|m| m.place.client_url()).collect()
+    }
+
+    /// Whether member `i` runs (not killed).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
     }
 
     /// Index of the member that leads now (asked of the running members).
     pub fn leader(&self) -> Option<usize> {
         for m in self.members.iter().filter(|m| m.child.is_some()) {
-            let Ok(body) = http_post(m.client_port, "POST", "/v3/maintenance/status", "{}") else {
+            let Ok(body) = http_post(&m.place, "POST", "/v3/maintenance/status", "{}") else {
                 continue;
             };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
@@ -175,7 +217,7 @@ impl EtcdCluster {
                 if other.child.is_none() {
                     continue;
                 }
-                if let Ok(b) = http_post(other.client_port, "POST", "/v3/maintenance/status", "{}")
+                if let Ok(b) = http_post(&other.place, "POST", "/v3/maintenance/status", "{}")
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(&b)
                     && v["header"]["member_id"].as_str() == Some(leader.as_str())
                 {
@@ -189,14 +231,14 @@ impl EtcdCluster {
     /// Revoke the etcd lease the key `key` is attached to (what happens to
     /// a leader cut off from etcd for a TTL, at once). Returns the lease id.
     pub fn revoke_lease_of(&self, key: &str) -> Result<String> {
-        let port = self
+        let place = &self
             .members
             .iter()
             .find(|m| m.child.is_some())
             .context("no member runs")?
-            .client_port;
+            .place;
         let body = http_post(
-            port,
+            place,
             "POST",
             "/v3/kv/range",
             &format!("{{\"key\":\"{}\"}}", base64(key.as_bytes())),
@@ -207,7 +249,7 @@ impl EtcdCluster {
             .with_context(|| format!("{key} has no lease: {body}"))?
             .to_owned();
         http_post(
-            port,
+            place,
             "POST",
             "/v3/lease/revoke",
             &format!("{{\"ID\":\"{lease}\"}}"),
@@ -235,10 +277,10 @@ impl EtcdCluster {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for m in &self.members {
-            let p = self.dir.path().join(format!("{}.log", m.name));
+            let p = self.dir.path().join(format!("{}.log", m.place.name));
             s.push_str(&format!(
                 "--- {} ---\n{}\n",
-                m.name,
+                m.place.name,
                 std::fs::read_to_string(p).unwrap_or_default()
             ));
         }
@@ -263,24 +305,30 @@ fn nanos() -> u64 {
         .map_or(0, |d| u64::from(d.subsec_nanos()))
 }
 
-/// A one-shot HTTP/1.0 request (no chunked answer) to 127.0.0.1:`port`; the body.
-fn http_post(port: u16, method: &str, path: &str, body: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
+/// A one-shot HTTP/1.0 request (no chunked answer) to the member's client
+/// URL, from inside its namespace; the body.
+fn http_post(place: &Place, method: &str, path: &str, body: &str) -> Result<String> {
+    let request = || -> Result<String> {
+        let addr: std::net::SocketAddr = format!("{}:{}", place.ip, place.client_port).parse()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            place.ip,
+            body.len()
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    };
+    match &place.netns {
+        None => request(),
+        Some(ns) => crate::netns::in_netns(ns, request)?,
+    }
 }
 
 /// Standard base64 (the HTTP gateway's encoding of bytes).

@@ -4,15 +4,18 @@
 //! and authenticated gRPC clients; [`history`], the checker that replays an
 //! event log; [`crash_loop`], SIGKILLs under load with everything
 //! acknowledged checked afterwards; [`etcd`], a throwaway etcd cluster; [`netns`]: network namespaces and the
-//! clients run in them.
+//! clients run in them; [`sites`], sites in namespaces (etcd member,
+//! lab-server replica, rack agent each) joined by links a test cuts.
 
 pub mod agent;
+pub mod bench;
 pub mod browser;
 pub mod console_lab;
 pub mod crash_loop;
 pub mod etcd;
 pub mod history;
 pub mod netns;
+pub mod sites;
 
 use anyhow::{Context, Result, bail};
 use lab_proto::v1::admin_service_client::AdminServiceClient;
@@ -161,6 +164,9 @@ pub struct ServerOptions {
     pub forward_limits: ForwardLimits,
     /// Changes to the core's limits (the defaults of `CoreConfig::new`).
     pub configure: fn(&mut CoreConfig),
+    /// The text of a `policy.toml` (projects, shares, quotas) in force from
+    /// the start, as `lab-server --policy` loads it.
+    pub policy: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -173,6 +179,7 @@ impl Default for ServerOptions {
             agents: false,
             forward_limits: ForwardLimits::default(),
             configure: |_| {},
+            policy: None,
         }
     }
 }
@@ -201,6 +208,13 @@ impl InProcessServer {
         let inventory = Inventory::load(&inv_path)?;
         let store = Arc::new(RedbStore::open(&dir.path().join("lab.redb"))?);
         let mut config = CoreConfig::new(inv_path);
+        if let Some(text) = &opts.policy {
+            let path = dir.path().join("policy.toml");
+            std::fs::write(&path, text)?;
+            config.policy = Arc::new(
+                lab_server::projects::Policy::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
         (opts.configure)(&mut config);
         let clock = Arc::new(TokioClock::new());
         let racks = RackRegistry::new(clock.clone());
@@ -289,6 +303,12 @@ impl ServerProcess {
     /// `--web-listen 127.0.0.1:0`) and wait
     /// until it says where it listens.
     pub fn spawn(args: &[&str], log: &Path) -> Result<ServerProcess> {
+        Self::spawn_in(None, args, log)
+    }
+
+    /// [`ServerProcess::spawn`] inside the network namespace `netns`
+    /// (`ip netns exec`, which becomes lab-server: its pid is the server's).
+    pub fn spawn_in(netns: Option<&str>, args: &[&str], log: &Path) -> Result<ServerProcess> {
         let bin = bin_path("lab-server");
         if !bin.exists() {
             bail!(
@@ -300,7 +320,15 @@ impl ServerProcess {
             .create(true)
             .append(true)
             .open(log)?;
-        let mut child = Command::new(&bin)
+        let mut command = match netns {
+            None => Command::new(&bin),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+        };
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(logf))

@@ -150,3 +150,19 @@ pub fn run(program: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Run `f` on a thread of its own inside the network namespace `ns` (its
+/// sockets are that namespace's): the way a test talks to an address that
+/// exists only there without a process per request.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

@@ -38,6 +38,7 @@ fn hosts_batch(n: usize) -> Batch {
                 waiter: None,
                 request: None,
                 detail: String::new(),
+                booking: None,
             })
             .collect(),
     }

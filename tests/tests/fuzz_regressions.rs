@@ -569,6 +569,7 @@ fn agent_message_seeds() -> Seeds {
             comment: "osstest flight 1234".into(),
             ssh_public_key: String::new(),
             preemptible: false,
+            min_ttl: None,
         }
         .encode_to_vec(),
     );

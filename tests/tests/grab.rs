@@ -3,7 +3,8 @@
 //! that echoes each line): the lease is granted, its host attached, what is
 //! typed reaches the console and its answer comes back, the lease is
 //! renewed past its TTL while attached, and on detach it is released (no
-//! terminal to ask on) or kept (`--keep`). Loopback only; no VM.
+//! terminal to ask on) or kept (`--keep`); and in a real terminal (tmux) the
+//! question on detach, answered both ways. Loopback only; no VM.
 
 use lab_tests::bin_path;
 use lab_tests::console_lab::ConsoleLab;
@@ -119,4 +120,93 @@ fn grab_attaches_renews_and_gives_the_host_back() {
     assert_eq!(lease(&l, &id)["state"], "active");
     let out = lab(&l, &["lease", "release", &id]).output().unwrap();
     assert!(out.status.success());
+}
+
+/// `lab grab` in a real terminal (tmux): the console attached, a typed line
+/// answered, and on detach (`Ctrl-E c .`) the question keep or release,
+/// answered `k` once (the lease stays active) and with Enter once (the
+/// default: released).
+#[test]
+fn grab_in_a_terminal_asks_on_detach() {
+    let l = ConsoleLab::start(&[("tok-dev", "dev1", "developer")]);
+    let sock = l.dir.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&sock)
+            .args(["-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A server that outlives the grabs, and panes that stay after their
+    // command exits (to read its last words).
+    tmux(&["new-session", "-d", "-s", "keep", "sleep", "600"]);
+    tmux(&["set-option", "-g", "remain-on-exit", "on"]);
+    let server = format!("LAB_SERVER=http://{}", l.server.addr);
+    let home = format!("HOME={}", l.dir.path().display());
+    let lab_bin = bin_path("lab");
+    let lab_bin = lab_bin.to_str().unwrap();
+    let until = |pane: &str, what: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = tmux(&["capture-pane", "-p", "-J", "-t", pane]);
+            if text.contains(what) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in the terminal:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for (pane, answer, state) in [("g1", "k", "active"), ("g2", "", "released")] {
+        tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            "-s",
+            pane,
+            "env",
+            &server,
+            "LAB_TOKEN=tok-dev",
+            &home,
+            lab_bin,
+            "grab",
+            "--host",
+            "h00",
+            "--ttl",
+            "10m",
+            "--no-wait-ready",
+        ]);
+        let text = until(pane, " granted");
+        let id = granted_id(&text);
+        std::thread::sleep(Duration::from_millis(500));
+        tmux(&["send-keys", "-t", pane, "uname -a", "Enter"]);
+        until(pane, "echo: uname -a");
+        tmux(&["send-keys", "-t", pane, "C-e", "c", "."]);
+        until(pane, "or release it? [k/R]");
+        if answer.is_empty() {
+            tmux(&["send-keys", "-t", pane, "Enter"]);
+        } else {
+            tmux(&["send-keys", "-t", pane, answer, "Enter"]);
+        }
+        let said = if state == "active" {
+            "kept until"
+        } else {
+            "released"
+        };
+        until(pane, &format!("lease {id} {said}"));
+        assert_eq!(lease(&l, &id)["state"], state, "answer {answer:?}");
+        if state == "active" {
+            let out = lab(&l, &["lease", "release", &id]).output().unwrap();
+            assert!(out.status.success());
+        }
+    }
+    tmux(&["kill-server"]);
 }

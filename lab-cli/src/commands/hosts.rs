@@ -41,6 +41,14 @@ pub enum HostCommand {
     ///
     /// A host in maintenance gets no new leases; a lease it holds runs out
     /// first.
+    ///
+    /// With --at and --for, plan a maintenance window instead: from --at
+    /// (now, +2h, 2026-12-05T02:00:00Z, "2026-12-05 02:00") for --for the
+    /// host is in maintenance, and no lease is granted across the window
+    /// (leases that end before it cannot be renewed past its start). Refused
+    /// when a lease runs past --at or a booking overlaps. Windows are listed
+    /// and cancelled with `lab booking list|cancel`.
+    #[command(verbatim_doc_comment)]
     Maintenance {
         /// on: take the host out of service; off: give it back
         #[arg(value_enum, value_name = "on|off")]
@@ -50,6 +58,12 @@ pub enum HostCommand {
         /// Why (recorded in the event log)
         #[arg(long)]
         reason: Option<String>,
+        /// Plan a window starting then (with --for)
+        #[arg(long, value_parser = clock::parse_start, requires = "for_")]
+        at: Option<clock::Start>,
+        /// How long the planned window lasts, e.g. 4h
+        #[arg(long = "for", id = "for_", value_name = "DURATION", value_parser = clock::parse_ttl)]
+        for_: Option<std::time::Duration>,
     },
     /// Quarantine a host: never granted until released (operators only)
     ///
@@ -164,7 +178,28 @@ pub async fn run(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             switch,
             name,
             reason,
+            at,
+            for_,
         } => {
+            if let Some(duration) = for_ {
+                if switch == Switch::Off {
+                    anyhow::bail!(
+                        "--at/--for plan a window: use `on` (cancel a planned window with lab booking cancel)"
+                    );
+                }
+                let start = at.unwrap_or(clock::Start::In(std::time::Duration::ZERO));
+                let req = lab_proto::v1::CreateBookingRequest {
+                    kind: lab_proto::v1::BookingKind::Maintenance as i32,
+                    hosts: vec![name],
+                    start: Some(lab_proto::convert::system_time_to_proto(
+                        start.resolve(SystemTime::now()),
+                    )),
+                    duration: Some(lab_proto::convert::duration_to_proto(duration)),
+                    comment: reason.unwrap_or_default(),
+                    ..Default::default()
+                };
+                return super::booking::create(ctx, req).await;
+            }
             let req = SetMaintenanceRequest {
                 host: name,
                 maintenance: switch == Switch::On,

@@ -117,6 +117,10 @@ pub struct AcquireArgs {
     /// Lease time to live, e.g. 30m, 2h, 1h30m [default: the server's]
     #[arg(long, value_parser = clock::parse_ttl)]
     ttl: Option<Duration>,
+    /// Accept a lease as short as this when a booking ahead of the hosts
+    /// leaves less than --ttl [default: only --ttl; wait]
+    #[arg(long, value_parser = clock::parse_ttl)]
+    min_ttl: Option<Duration>,
     /// Boot profile the agents apply to the hosts (e.g. xen)
     #[arg(long)]
     profile: Option<String>,
@@ -180,6 +184,7 @@ impl AcquireArgs {
                 comment: self.comment.unwrap_or_default(),
                 ssh_public_key: ssh_public_key.unwrap_or_default(),
                 preemptible: self.preemptible,
+                min_ttl: self.min_ttl.map(convert::duration_to_proto),
             }),
             no_wait: self.no_wait,
         }
@@ -564,6 +569,9 @@ fn details(l: &LeaseView, now: SystemTime) -> String {
         ("ended", at(l.ended_at)),
         ("generation", l.generation.to_string()),
     ];
+    if let Some(b) = l.booking {
+        rows.push(("booking", b.to_string()));
+    }
     if l.preemptible {
         let said = match l.preempted_at {
             None => "yes".to_owned(),

@@ -3,6 +3,7 @@
 //! JSON through `output`.
 
 pub mod admin;
+pub mod booking;
 pub mod console;
 pub mod events;
 pub mod forward;

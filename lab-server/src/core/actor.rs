@@ -5,6 +5,8 @@
 //! lease expiry, the earliest expiry warning, the earliest end of a
 //! detached waiter's grace period, and the next retention step.
 
+pub(super) mod bookings;
+
 use super::clock::Clock;
 use super::free::HostIndex;
 use super::policy;
@@ -21,7 +23,7 @@ use crate::health::facts::{self, CheckVerdict, Facts};
 use crate::health::{FailureClass, HostVerdict};
 use crate::inventory::{HostSpec, Inventory};
 use crate::lease::machine::Health;
-use crate::lease::queue::Estimate;
+use crate::lease::queue::{Estimate, Window};
 use crate::lease::{
     Candidate, HostEvent, HostRecord, HostState, Lease, LeaseEvent, LeaseState, Queue, Waiter,
 };
@@ -97,6 +99,8 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 const SCHEDULE_PREFIX: usize = 64;
 /// Waiters at the head of the queue that preemption looks at in one pass.
 const PREEMPT_WALK: usize = 64;
+/// How often a scheduling pass looks at every waiter for a client gone away.
+const GONE_SCAN_EVERY: Duration = Duration::from_millis(100);
 
 /// How many request ids of granted requests are remembered (so that a
 /// client that missed the grant gets the lease when it asks again).
@@ -255,9 +259,14 @@ pub(super) struct Actor {
     shares: ShareBook,
     /// Free hosts and counts per state, kept with the host records.
     index: HostIndex,
+    /// Bookings and maintenance windows not yet ended.
+    book: crate::lease::booking::Book,
     /// Queue positions to publish when `next_publish` comes (a long queue).
     publish_due: bool,
     next_publish: tokio::time::Instant,
+    /// When a scheduling pass next looks at every waiter for a client gone
+    /// away (see `schedule_pass`).
+    next_gone_scan: tokio::time::Instant,
 }
 
 impl Actor {
@@ -317,8 +326,10 @@ impl Actor {
             stats,
             shares: ShareBook::new(policy),
             index: HostIndex::stale(),
+            book: Default::default(),
             publish_due: false,
             next_publish: tokio::time::Instant::now(),
+            next_gone_scan: tokio::time::Instant::now(),
         };
         let now = actor.clock.now();
         actor.restore(snapshot, now, Detached::Restart);
@@ -333,6 +344,7 @@ impl Actor {
         actor.withdraw_orphans(&mut p, now);
         actor.drop_unsatisfiable(&mut p, now);
         actor.expire_due(&mut p, now);
+        actor.bookings_due(&mut p, now);
         actor.recall_warnings(now).await;
         actor.warn_due(&mut p, now);
         p.reclaims.extend(actor.reclaiming_hosts());
@@ -380,6 +392,10 @@ impl Actor {
             self.leases.insert(l.id, l);
         }
         self.last_seq = snapshot.last_event_seq;
+        self.book = Default::default();
+        for b in snapshot.bookings {
+            self.book.put(b);
+        }
         self.queue = Queue::default();
         self.waiters.clear();
         self.handles.clear();
@@ -391,8 +407,9 @@ impl Actor {
         for mut w in snapshot.waiters {
             let id = w.id;
             *self.waiting.entry(w.principal.clone()).or_default() += 1;
-            if w.check.is_some() {
-                // The server's own health check: nobody to wait for.
+            if w.check.is_some() || w.booking.is_some() {
+                // The server's own health check, or a booking's request:
+                // nobody to wait for.
                 self.enqueue(w);
                 self.waiters.insert(id, Slot::for_check());
                 continue;
@@ -440,7 +457,9 @@ impl Actor {
                 .first()
                 .map(|(t, _)| self.clock.instant_at(*t));
             let publish = self.publish_due.then_some(self.next_publish);
+            let booking = self.book.next_due().map(|t| self.clock.instant_at(t));
             let deadline = [
+                booking,
                 expiry,
                 warning,
                 grace,
@@ -468,6 +487,7 @@ impl Actor {
             self.withdraw_orphans(&mut p, now);
             self.withdraw_ghosts(&mut p, now);
             self.expire_due(&mut p, now);
+            self.bookings_due(&mut p, now);
             self.idle_checks(&mut p, now);
             self.warn_due(&mut p, now);
             for cmd in cmds.drain(..) {
@@ -588,24 +608,50 @@ impl Actor {
                 p.reply(reply, Ok(page));
             }
             Command::ListHosts { rack, reply } => {
-                let in_rack = |h: &HostName| {
-                    rack.as_ref().is_none_or(|r| {
+                let v = match rack {
+                    None => self
+                        .host_order()
+                        .into_iter()
+                        .filter_map(|h| self.view(&h))
+                        .collect(),
+                    // One rack (an agent's state): its hosts, then those
+                    // retired from it, without a walk of every host.
+                    Some(r) => {
+                        let mut retired: Vec<&HostName> = self
+                            .retired_specs
+                            .values()
+                            .filter(|s| s.rack == r && self.inventory.host(&s.name).is_none())
+                            .map(|s| &s.name)
+                            .collect();
+                        retired.sort();
                         self.inventory
-                            .host(h)
-                            .or_else(|| self.retired_specs.get(h))
-                            .is_some_and(|s| &s.rack == r)
-                    })
+                            .hosts_in_rack(&r)
+                            .map(|s| &s.name)
+                            .chain(retired)
+                            .filter_map(|h| self.view(h))
+                            .collect()
+                    }
                 };
-                let v = self
-                    .host_order()
-                    .into_iter()
-                    .filter(|h| in_rack(h))
-                    .filter_map(|h| self.view(&h))
-                    .collect();
                 p.reply(reply, Ok(v));
             }
             Command::GetHost { host, reply } => {
                 let r = self.view(&host).ok_or_else(|| not_found("host", &host));
+                p.reply(reply, r);
+            }
+            Command::CreateBooking {
+                caller,
+                request,
+                reply,
+            } => {
+                let r = self.create_booking(p, now, &caller, request);
+                p.reply(reply, r);
+            }
+            Command::CancelBooking { caller, id, reply } => {
+                let r = self.cancel_booking(p, now, &caller, id);
+                p.reply(reply, r);
+            }
+            Command::ListBookings { host, reply } => {
+                let r = Ok(self.list_bookings(host.as_ref()));
                 p.reply(reply, r);
             }
             Command::SetMaintenance {
@@ -723,6 +769,7 @@ impl Actor {
             waiter: None,
             request: None,
             detail: String::new(),
+            booking: None,
         });
         p.batch.events.last_mut().expect("just pushed")
     }
@@ -941,6 +988,7 @@ impl Actor {
             detached: false,
             check: None,
             preemptible,
+            booking: None,
         };
         if !no_wait {
             p.batch.writes.push(Write::Waiter(w.clone()));
@@ -1429,6 +1477,7 @@ impl Actor {
                     checkable: rec.is_checkable(),
                     gone: rec.retired,
                     free_at: Some(now),
+                    window: self.window(name, now),
                 })
             })
             .collect()
@@ -1448,6 +1497,16 @@ impl Actor {
                     HostState::Leased(l) => self.leases.get(&l).map(|l| l.expires_at),
                     HostState::Reclaiming(_) => Some(now),
                 };
+                // For estimates, a booking's window keeps the host until
+                // the booking ends.
+                let window = self.window(&spec.name, now);
+                let free_at = match window {
+                    Window::Booked(b) => {
+                        let end = self.book.get(b).map(|b| b.end);
+                        free_at.zip(end).map(|(f, e)| f.max(e))
+                    }
+                    Window::Open | Window::Left(_) => free_at,
+                };
                 Some(Candidate {
                     name: &spec.name,
                     arch: spec.arch,
@@ -1456,6 +1515,7 @@ impl Actor {
                     checkable: rec.is_checkable() && !unreachable,
                     gone: rec.retired,
                     free_at,
+                    window,
                 })
             })
             .collect()
@@ -1474,15 +1534,24 @@ impl Actor {
     }
 
     fn schedule_pass(&mut self, p: &mut Pending, now: Timestamp) {
-        // Requests whose client is gone do not take hosts.
-        let gone: Vec<WaiterId> = self
-            .waiters
-            .iter()
-            .filter(|(_, s)| s.client.as_ref().is_some_and(|(_, tx)| tx.is_closed()))
-            .map(|(w, _)| *w)
-            .collect();
-        for w in gone {
-            self.withdraw(p, now, w, "the client went away");
+        // Requests whose client is gone do not take hosts. A client that
+        // goes away sends a withdrawal (a command) as it does; when that
+        // could not be sent (the channel was full), a grant to it is caught
+        // below, and what it reserves at most until the next look at every
+        // waiter (every GONE_SCAN_EVERY: with 10,000 waiters a walk of them
+        // all would be most of a pass).
+        let at = tokio::time::Instant::now();
+        if at >= self.next_gone_scan {
+            self.next_gone_scan = at + GONE_SCAN_EVERY;
+            let gone: Vec<WaiterId> = self
+                .waiters
+                .iter()
+                .filter(|(_, s)| s.client.as_ref().is_some_and(|(_, tx)| tx.is_closed()))
+                .map(|(w, _)| *w)
+                .collect();
+            for w in gone {
+                self.withdraw(p, now, w, "the client went away");
+            }
         }
         // No-wait requests that cannot be granted now are refused first, so
         // they neither hold hosts back from the waiters behind them nor
@@ -1496,12 +1565,7 @@ impl Actor {
             // then costs what the queue asks for. Only when a waiter is left
             // waiting is the pass run again over every free host, so that
             // one that could be served by a host further down is.
-            let asked: usize = self
-                .queue
-                .iter()
-                .map(|w| w.spec.count as usize)
-                .sum::<usize>()
-                .saturating_add(SCHEDULE_PREFIX);
+            let asked = self.queue.asked().saturating_add(SCHEDULE_PREFIX);
             let free = self.index.free_len();
             let mut grants = Vec::new();
             if asked < free {
@@ -1524,12 +1588,30 @@ impl Actor {
                 .copied()
                 .filter(|w| self.queue.contains(*w) && !grants.iter().any(|(g, _)| g == w))
                 .collect();
-            if refused.is_empty() {
+            let gone: Vec<WaiterId> = grants
+                .iter()
+                .map(|(w, _)| *w)
+                .filter(|w| {
+                    self.waiters
+                        .get(w)
+                        .and_then(|s| s.client.as_ref())
+                        .is_some_and(|(_, tx)| tx.is_closed())
+                })
+                .collect();
+            if refused.is_empty() && gone.is_empty() {
                 break grants;
             }
+            for w in gone {
+                self.withdraw(p, now, w, "the client went away");
+            }
             for w in refused {
+                let booked = self.queue.get(w).and_then(|w| self.booked_reason(w, now));
                 if let Some(state) = self.withdraw(p, now, w, "no hosts free and no_wait was set") {
-                    p.notify(state, WaitState::Failed(CoreError::Busy));
+                    let e = match booked {
+                        Some(reason) => CoreError::BusyBooked { reason },
+                        None => CoreError::Busy,
+                    };
+                    p.notify(state, WaitState::Failed(e));
                 }
             }
         };
@@ -1544,6 +1626,9 @@ impl Actor {
                 let e = self.event(p, now, &waiter.principal, EventKind::LeaseRequested);
                 e.waiter = Some(e.seq);
                 e.request = Some(waiter.spec.clone());
+                if waiter.preemptible {
+                    e.detail = "preemptible".into();
+                }
                 e.seq
             } else {
                 granted
@@ -1551,7 +1636,17 @@ impl Actor {
             self.stats
                 .queue_wait
                 .observe(now.0.saturating_sub(waiter.queued_at.0).max(0) as f64 / 1000.0);
-            let max_expires_at = now.saturating_add(self.config.max_lifetime);
+            // No lease runs into a booking of its hosts (`lease::booking`):
+            // the next one's start is the hard cap; a booking's own lease
+            // lasts until the booking ends.
+            let mut max_expires_at = now.saturating_add(self.config.max_lifetime);
+            if let Some(cap) = self.booking_cap(&hosts, now, waiter.booking) {
+                max_expires_at = max_expires_at.min(cap);
+            }
+            let until = match waiter.booking.and_then(|b| self.book.get(b)) {
+                Some(b) => b.end,
+                None => now.saturating_add(waiter.spec.ttl),
+            };
             let lease = Lease {
                 id: LeaseId::random(),
                 holder: waiter.principal.clone(),
@@ -1562,7 +1657,7 @@ impl Actor {
                 comment: waiter.spec.comment.clone(),
                 ttl_ms: u64::try_from(waiter.spec.ttl.as_millis()).unwrap_or(u64::MAX),
                 granted_at: now,
-                expires_at: now.saturating_add(waiter.spec.ttl).min(max_expires_at),
+                expires_at: until.min(max_expires_at),
                 max_expires_at,
                 ended_at: None,
                 waiter_id,
@@ -1571,7 +1666,11 @@ impl Actor {
                 ssh_public_key: waiter.spec.ssh_public_key.clone(),
                 preemptible: waiter.preemptible,
                 preempted_at: None,
+                booking: waiter.booking,
             };
+            if let Some(b) = waiter.booking {
+                self.booking_granted(p, b, lease.id);
+            }
             for h in &hosts {
                 let grant = if waiter.check.is_some() {
                     HostEvent::GrantCheck(lease.id)
@@ -1630,11 +1729,7 @@ impl Actor {
         let mut notices: Vec<(LeaseId, WaiterId, Principal, i32)> = Vec::new();
         let mut noticed: HashSet<LeaseId> = HashSet::new();
         let usable = |spec: &crate::lease::LeaseSpec, inv: &Inventory, h: &HostName| {
-            inv.host(h).is_some_and(|s| {
-                spec.arch.is_none_or(|a| a == s.arch)
-                    && spec.flags.is_subset(&s.flags)
-                    && (spec.hosts.is_empty() || spec.hosts.contains(h))
-            })
+            inv.host(h).is_some_and(|s| spec.fits(h, s.arch, &s.flags))
         };
         // A bounded walk: the head of the queue is what preemption serves.
         for w in self.queue.iter().take(PREEMPT_WALK) {
@@ -1649,7 +1744,11 @@ impl Actor {
                 .index
                 .free()
                 .chain(coming.iter())
-                .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                .filter(|h| {
+                    !claimed.contains(*h)
+                        && usable(&w.spec, &self.inventory, h)
+                        && w.allows(self.window(h, now))
+                })
                 .take(need)
                 .cloned()
                 .collect();
@@ -1667,7 +1766,11 @@ impl Actor {
                 let hosts: Vec<&HostName> = l
                     .hosts
                     .iter()
-                    .filter(|h| !claimed.contains(*h) && usable(&w.spec, &self.inventory, h))
+                    .filter(|h| {
+                        !claimed.contains(*h)
+                            && usable(&w.spec, &self.inventory, h)
+                            && w.allows(self.window(h, now))
+                    })
                     .collect();
                 if hosts.is_empty() {
                     continue;
@@ -1920,6 +2023,22 @@ impl Actor {
         reason: String,
     ) -> Result<HostView, CoreError> {
         policy::operators_only(caller, "change maintenance")?;
+        self.switch_maintenance(p, now, &caller.principal, host, on, reason)?;
+        self.view(host).ok_or_else(|| not_found("host", host))
+    }
+
+    /// Maintenance on or off for `host`, logged with `reason` when it
+    /// changes (an operator's call, or a maintenance window's start and
+    /// end; permissions are the caller's business).
+    fn switch_maintenance(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        actor: &Principal,
+        host: &HostName,
+        on: bool,
+        reason: String,
+    ) -> Result<(), CoreError> {
         let rec = self
             .hosts
             .get(host)
@@ -1931,12 +2050,12 @@ impl Actor {
             } else {
                 EventKind::HostMaintenanceOff
             };
-            let e = self.event(p, now, &caller.principal, kind);
+            let e = self.event(p, now, actor, kind);
             e.hosts = vec![host.clone()];
             e.detail = reason;
-            info!(host = %host, maintenance = on, by = %caller.principal, "maintenance changed");
+            info!(host = %host, maintenance = on, by = %actor, "maintenance changed");
         }
-        self.view(host).ok_or_else(|| not_found("host", host))
+        Ok(())
     }
 
     fn set_quarantine(
@@ -2130,14 +2249,33 @@ impl Actor {
             priority: 0,
             comment: format!("health check: {trigger}"),
             ssh_public_key: None,
+            min_ttl: None,
         };
+        let id = self.queue_own_request(p, now, principal, spec, Some(trigger.clone()), None);
+        info!(host = %host, trigger = %trigger, waiter = id, "health check requested");
+    }
+
+    /// A request the server makes itself (a health check for `check`, or
+    /// booking `booking`'s at its start): logged as `LEASE_REQUESTED`,
+    /// stored and queued like any, with no client to wait for. Its id.
+    fn queue_own_request(
+        &mut self,
+        p: &mut Pending,
+        now: Timestamp,
+        principal: Principal,
+        spec: crate::lease::LeaseSpec,
+        check: Option<String>,
+        booking: Option<crate::lease::booking::BookingId>,
+    ) -> WaiterId {
         let e = self.event(p, now, &principal, EventKind::LeaseRequested);
         e.waiter = Some(e.seq);
         e.request = Some(spec.clone());
-        e.hosts = vec![host.clone()];
-        e.detail = trigger.clone();
+        e.booking = booking;
+        if let Some(trigger) = &check {
+            e.hosts = spec.hosts.iter().cloned().collect();
+            e.detail = trigger.clone();
+        }
         let id = e.seq;
-        info!(host = %host, trigger = %trigger, waiter = id, "health check requested");
         let w = Waiter {
             id,
             principal: principal.clone(),
@@ -2145,13 +2283,15 @@ impl Actor {
             request_id: None,
             queued_at: now,
             detached: false,
-            check: Some(trigger),
+            check,
             preemptible: false,
+            booking,
         };
         p.batch.writes.push(Write::Waiter(w.clone()));
         *self.waiting.entry(principal).or_default() += 1;
         self.enqueue(w);
         self.waiters.insert(id, Slot::for_check());
+        id
     }
 
     /// What a check lease's provisioning says: READY with the facts line

@@ -38,6 +38,7 @@ pub mod stats;
 use crate::events::{EventKind, EventRecord};
 use crate::health::HostVerdict;
 use crate::inventory::{HostSpec, Inventory, InventoryError};
+use crate::lease::booking::{Booking, BookingId, BookingKind};
 use crate::lease::{HostRecord, Lease, LeaseSpec, TransitionError};
 use crate::projects::Policy;
 use crate::store::{EventQuery, Store, StoreError};
@@ -148,6 +149,13 @@ pub enum CoreError {
         "no matching host can be granted now (busy, in maintenance, or held for earlier requests)"
     )]
     Busy,
+    /// Nothing can be granted now, and bookings ahead are why (or part of
+    /// why): `reason` names one.
+    #[error("no matching host can be granted now: {reason}")]
+    BusyBooked { reason: String },
+    /// A booking or a running lease is in the way of a new booking.
+    #[error("{reason}")]
+    BookingConflict { reason: String },
     #[error(
         "{principal} already has {max} waiting requests (the most one principal may have); wait for one to be granted or withdraw one"
     )]
@@ -312,6 +320,23 @@ pub struct ReloadSummary {
 
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
+/// A booking to make (`lease::booking`), its names already parsed; the
+/// core checks the rest (window, hosts, quotas, conflicts).
+#[derive(Debug, Clone)]
+pub struct BookingRequest {
+    pub kind: BookingKind,
+    /// These hosts; or, when empty, `count` hosts with `flags` and `arch`
+    /// chosen by the core.
+    pub hosts: Vec<HostName>,
+    pub flags: std::collections::BTreeSet<crate::types::Flag>,
+    pub arch: Option<crate::types::Arch>,
+    pub count: u32,
+    pub start: Timestamp,
+    pub duration: Duration,
+    pub comment: String,
+    pub profile: Option<crate::types::ProfileName>,
+}
+
 #[derive(Debug)]
 enum Command {
     Acquire {
@@ -351,6 +376,20 @@ enum Command {
     GetHost {
         host: HostName,
         reply: Reply<HostView>,
+    },
+    CreateBooking {
+        caller: Caller,
+        request: BookingRequest,
+        reply: Reply<Booking>,
+    },
+    CancelBooking {
+        caller: Caller,
+        id: BookingId,
+        reply: Reply<Booking>,
+    },
+    ListBookings {
+        host: Option<HostName>,
+        reply: Reply<Vec<Booking>>,
     },
     SetMaintenance {
         caller: Caller,
@@ -671,6 +710,36 @@ impl Core {
         .await
     }
 
+    /// Make a booking or (operators) a maintenance window.
+    pub async fn create_booking(
+        &self,
+        caller: Caller,
+        request: BookingRequest,
+    ) -> Result<Booking, CoreError> {
+        self.call(|reply| Command::CreateBooking {
+            caller,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Cancel a booking (its holder or an operator).
+    pub async fn cancel_booking(
+        &self,
+        caller: Caller,
+        id: BookingId,
+    ) -> Result<Booking, CoreError> {
+        self.call(|reply| Command::CancelBooking { caller, id, reply })
+            .await
+    }
+
+    /// Bookings not yet ended (of `host`, when given), in start order.
+    pub async fn list_bookings(&self, host: Option<HostName>) -> Result<Vec<Booking>, CoreError> {
+        self.call(|reply| Command::ListBookings { host, reply })
+            .await
+    }
+
     /// Quarantine a host (never granted until released) or release it back
     /// to healthy. Operators only; a quarantine needs a reason.
     pub async fn set_quarantine(
@@ -856,6 +925,8 @@ impl Core {
     }
 }
 
+#[cfg(test)]
+mod booking_tests;
 #[cfg(test)]
 mod preempt_tests;
 #[cfg(test)]

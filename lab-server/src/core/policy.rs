@@ -6,7 +6,9 @@
 //! | a lease's holder, an operator | renew or release the lease, read its console log |
 //! | the holder of a host's active lease, an operator | switch the host's power, open its console, forward to its TCP ports |
 //! | any user | read a host's power state |
-//! | an operator | maintenance, inventory reloads |
+//! | an operator | maintenance (and maintenance windows), inventory reloads |
+//! | any user | book hosts ahead (within the booking limits) |
+//! | a booking's holder, an operator | cancel the booking |
 //! | `ci`, `developer`: up to the maximum user priority; an operator: any | a lease request's priority |
 //! | an agent | attach, for the rack whose `agent` it is (in the development mode, `--dev-insecure-no-auth`: anyone, for any rack) |
 //!
@@ -45,6 +47,13 @@ pub enum Denied {
         principal: Principal,
         host: HostName,
         action: &'static str,
+    },
+    /// Cancelling someone else's booking.
+    #[error("{principal} may not cancel booking {booking} made by {holder}")]
+    NotBookingHolder {
+        principal: Principal,
+        booking: u64,
+        holder: Principal,
     },
     /// Reading the console log of someone else's lease.
     #[error("{principal} may not read the console log of lease {lease} (held by {holder})")]
@@ -121,6 +130,21 @@ pub fn operators_only(caller: &Caller, action: &'static str) -> Result<(), Denie
     Err(Denied::OperatorsOnly {
         principal: caller.principal.clone(),
         action,
+    })
+}
+
+/// Cancelling a booking: its holder, or an operator.
+pub fn may_cancel_booking(
+    caller: &Caller,
+    booking: &crate::lease::booking::Booking,
+) -> Result<(), Denied> {
+    if caller.role.is_operator() || caller.principal == booking.holder {
+        return Ok(());
+    }
+    Err(Denied::NotBookingHolder {
+        principal: caller.principal.clone(),
+        booking: booking.id,
+        holder: booking.holder.clone(),
     })
 }
 
@@ -258,6 +282,7 @@ mod tests {
             ssh_public_key: None,
             preemptible: false,
             preempted_at: None,
+            booking: None,
         }
     }
 

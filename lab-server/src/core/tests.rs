@@ -48,6 +48,7 @@ pub(super) fn spec(count: u32, ttl_s: u64) -> LeaseSpec {
         priority: 0,
         comment: String::new(),
         ssh_public_key: None,
+        min_ttl: None,
     }
 }
 

@@ -3,9 +3,10 @@
 
 use super::agent::phase_to_proto;
 use super::status::invalid;
-use crate::core::{AcquireRequest, HostView, LeaseKey};
+use crate::core::{AcquireRequest, BookingRequest, HostView, LeaseKey};
 use crate::events::{EventKind, EventRecord};
 use crate::inventory::ConsoleSource;
+use crate::lease::booking::{Booking, BookingKind, BookingState};
 use crate::lease::machine::Health;
 use crate::lease::{HostState, Lease, LeaseSpec, LeaseState};
 use crate::racks::{ConsoleOpen, ForwardOpen, PowerAction, Provisioning};
@@ -193,7 +194,81 @@ pub fn lease_spec(r: Option<pb::LeaseRequest>, default_ttl: Duration) -> Result<
         priority: r.priority,
         comment,
         ssh_public_key,
+        min_ttl: duration("request.min_ttl", r.min_ttl)?,
     })
+}
+
+/// A booking request, its names parsed (the core checks the rest).
+pub fn booking_request(r: pb::CreateBookingRequest) -> Result<BookingRequest, Status> {
+    let kind = match pb::BookingKind::try_from(r.kind) {
+        Ok(pb::BookingKind::Lease | pb::BookingKind::Unspecified) => BookingKind::Lease,
+        Ok(pb::BookingKind::Maintenance) => BookingKind::Maintenance,
+        Err(_) => return Err(invalid("kind", "must be LEASE or MAINTENANCE")),
+    };
+    let hosts: Vec<HostName> = r
+        .hosts
+        .into_iter()
+        .map(|h| host_name("hosts", h))
+        .collect::<Result<_, _>>()?;
+    if hosts.len() > 1024 || r.count > 1024 {
+        return Err(invalid("hosts", "at most 1024 hosts in one booking"));
+    }
+    if !hosts.is_empty() && (!r.flags.is_empty() || r.count > 0) {
+        return Err(invalid(
+            "hosts",
+            "name hosts, or ask for a count with flags, not both",
+        ));
+    }
+    let start = r
+        .start
+        .as_ref()
+        .map(lab_proto::convert::millis_from_timestamp)
+        .map(Timestamp)
+        .ok_or_else(|| invalid("start", "is required"))?;
+    let duration =
+        duration("duration", r.duration)?.ok_or_else(|| invalid("duration", "is required"))?;
+    let profile = if r.profile.is_empty() {
+        None
+    } else {
+        Some(ProfileName::new(r.profile).map_err(|e| invalid("profile", e))?)
+    };
+    Ok(BookingRequest {
+        kind,
+        hosts,
+        flags: flags_from_proto("flags", r.flags)?,
+        arch: arch_from_proto("arch", r.arch)?,
+        count: r.count.max(1),
+        start,
+        duration,
+        comment: text("comment", r.comment)?,
+        profile,
+    })
+}
+
+pub fn booking_to_proto(b: &Booking) -> pb::Booking {
+    pb::Booking {
+        id: b.id,
+        kind: match b.kind {
+            BookingKind::Lease => pb::BookingKind::Lease,
+            BookingKind::Maintenance => pb::BookingKind::Maintenance,
+        } as i32,
+        holder: b.holder.to_string(),
+        hosts: b.hosts.iter().map(ToString::to_string).collect(),
+        start: Some(ts(b.start)),
+        end: Some(ts(b.end)),
+        comment: b.comment.clone(),
+        profile: b
+            .profile
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        state: match b.state {
+            BookingState::Scheduled => pb::BookingState::Scheduled,
+            BookingState::Started => pb::BookingState::Started,
+        } as i32,
+        lease_id: b.lease.map(|l| l.to_string()).unwrap_or_default(),
+        created_at: Some(ts(b.created_at)),
+    }
 }
 
 pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
@@ -208,6 +283,7 @@ pub fn spec_to_proto(s: &LeaseSpec) -> pb::LeaseRequest {
             .map(|p| p.to_string())
             .unwrap_or_default(),
         ttl: Some(duration_to_proto(s.ttl)),
+        min_ttl: s.min_ttl.map(duration_to_proto),
         priority: s.priority,
         comment: s.comment.clone(),
         // Not part of the spec: a LEASE_REQUESTED event says it in its
@@ -326,6 +402,7 @@ pub fn lease_to_proto(l: &Lease, provisioning: &[Provisioning]) -> pb::Lease {
         ended_at: l.ended_at.map(ts),
         generation: l.generation.0,
         waiter_id: l.waiter_id,
+        booking_id: l.booking.unwrap_or(0),
         provisioning: provisioning.iter().map(provisioning_to_proto).collect(),
         ssh_public_key: l
             .ssh_public_key
@@ -433,6 +510,10 @@ pub fn event_kind_to_proto(k: EventKind) -> pb::EventKind {
         EventKind::LeaseExpiring => P::LeaseExpiring,
         EventKind::WebhookUndelivered => P::WebhookUndelivered,
         EventKind::LeasePreempted => P::LeasePreempted,
+        EventKind::BookingCreated => P::BookingCreated,
+        EventKind::BookingStarted => P::BookingStarted,
+        EventKind::BookingEnded => P::BookingEnded,
+        EventKind::BookingCancelled => P::BookingCancelled,
     }
 }
 
@@ -447,6 +528,7 @@ pub fn event_to_proto(e: &EventRecord) -> pb::Event {
         waiter_id: e.waiter.unwrap_or(0),
         request: e.request.as_ref().map(spec_to_proto),
         detail: e.detail.clone(),
+        booking_id: e.booking.unwrap_or(0),
     }
 }
 

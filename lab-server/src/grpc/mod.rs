@@ -492,6 +492,40 @@ impl LeaseService for Api {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn create_booking(
+        &self,
+        req: Request<pb::CreateBookingRequest>,
+    ) -> Result<Response<pb::Booking>, Status> {
+        let caller = self.caller(&req)?;
+        let request = cv::booking_request(req.into_inner())?;
+        let b = self.core.create_booking(caller, request).await?;
+        Ok(Response::new(cv::booking_to_proto(&b)))
+    }
+
+    async fn list_bookings(
+        &self,
+        req: Request<pb::ListBookingsRequest>,
+    ) -> Result<Response<pb::ListBookingsResponse>, Status> {
+        self.caller(&req)?;
+        let host = match req.into_inner().host {
+            h if h.is_empty() => None,
+            h => Some(crate::types::HostName::new(h).map_err(|e| status::invalid("host", e))?),
+        };
+        let bookings = self.core.list_bookings(host).await?;
+        Ok(Response::new(pb::ListBookingsResponse {
+            bookings: bookings.iter().map(cv::booking_to_proto).collect(),
+        }))
+    }
+
+    async fn cancel_booking(
+        &self,
+        req: Request<pb::CancelBookingRequest>,
+    ) -> Result<Response<pb::Booking>, Status> {
+        let caller = self.caller(&req)?;
+        let b = self.core.cancel_booking(caller, req.get_ref().id).await?;
+        Ok(Response::new(cv::booking_to_proto(&b)))
+    }
+
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::Lease>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();

@@ -18,7 +18,10 @@ impl From<CoreError> for Status {
             CoreError::NotFound { .. } => Code::NotFound,
             CoreError::PermissionDenied { .. } => Code::PermissionDenied,
             CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
-            CoreError::Busy | CoreError::TooManyWaiting { .. } => Code::ResourceExhausted,
+            CoreError::Busy | CoreError::BusyBooked { .. } | CoreError::TooManyWaiting { .. } => {
+                Code::ResourceExhausted
+            }
+            CoreError::BookingConflict { .. } => Code::FailedPrecondition,
             CoreError::Superseded { .. } => Code::Aborted,
             CoreError::Transition(
                 TransitionError::LeaseNotActive { .. } | TransitionError::LeaseExpired { .. },

@@ -45,6 +45,9 @@ pub struct Inventory {
     by_name: std::collections::HashMap<HostName, usize>,
     /// Position of each rack in `racks`.
     rack_by_name: std::collections::HashMap<RackName, usize>,
+    /// Positions in `hosts` of each rack's hosts, in file order (a rack's
+    /// hosts without a walk of all of them).
+    by_rack: std::collections::HashMap<RackName, Vec<usize>>,
 }
 
 /// A rack and the agent that serves it.
@@ -184,6 +187,15 @@ impl Inventory {
     pub fn rack(&self, name: &RackName) -> Option<&Rack> {
         self.rack_by_name.get(name).map(|&i| &self.racks[i])
     }
+
+    /// The hosts of rack `name`, in file order.
+    pub fn hosts_in_rack<'a>(&'a self, name: &RackName) -> impl Iterator<Item = &'a HostSpec> {
+        self.by_rack
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.hosts[i])
+    }
 }
 
 pub use lab_types::line_column;
@@ -311,11 +323,16 @@ impl Cx<'_> {
             .enumerate()
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
+        let mut by_rack: std::collections::HashMap<RackName, Vec<usize>> = Default::default();
+        for (i, h) in hosts.iter().enumerate() {
+            by_rack.entry(h.rack.clone()).or_default().push(i);
+        }
         Ok(Inventory {
             racks,
             hosts,
             by_name,
             rack_by_name,
+            by_rack,
         })
     }
 

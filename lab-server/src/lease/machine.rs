@@ -50,6 +50,12 @@ pub enum TransitionError {
     },
     #[error("lease {lease} cannot be preempted (not preemptible, already noticed, or expired)")]
     NotPreemptible { lease: LeaseId },
+    #[error("lease {lease} runs until {expires_at}, past {at}")]
+    RunsPast {
+        lease: LeaseId,
+        expires_at: Timestamp,
+        at: Timestamp,
+    },
     #[error("host {host} is {state}, cannot {action}")]
     Host {
         host: HostName,
@@ -112,6 +118,9 @@ pub struct Lease {
     /// then brought forward to the end of the grace period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempted_at: Option<Timestamp>,
+    /// The booking it was granted for (`lease::booking`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booking: Option<u64>,
 }
 
 /// What can happen to a lease.
@@ -127,6 +136,10 @@ pub enum LeaseEvent {
     /// hosts: it now expires `grace` from `now` (or earlier, as it would
     /// have), and can no longer be renewed.
     Preempt { now: Timestamp, grace: Duration },
+    /// A booking of one of its hosts starts at `at`: the hard cap comes
+    /// down to `at` (renewals stop there). Refused when the lease already
+    /// runs past `at`.
+    Cap { at: Timestamp },
 }
 
 impl Lease {
@@ -185,6 +198,16 @@ impl Lease {
                 }
                 next.preempted_at = Some(now);
                 next.expires_at = self.expires_at.min(now.saturating_add(grace));
+            }
+            LeaseEvent::Cap { at } => {
+                if self.expires_at > at {
+                    return Err(TransitionError::RunsPast {
+                        lease: self.id,
+                        expires_at: self.expires_at,
+                        at,
+                    });
+                }
+                next.max_expires_at = self.max_expires_at.min(at);
             }
             LeaseEvent::Expire { now } => {
                 if now < self.expires_at {
@@ -406,7 +429,45 @@ mod tests {
             ssh_public_key: None,
             preemptible: false,
             preempted_at: None,
+            booking: None,
         }
+    }
+
+    /// A booking ahead caps a lease's renewals; one that would cut the
+    /// running TTL short is refused.
+    #[test]
+    fn cap_table() {
+        let l = lease(LeaseState::Active);
+        // (cap at, expected max_expires_at or None for refused)
+        let table: &[(i64, Option<i64>)] = &[
+            (l.expires_at.0, Some(l.expires_at.0)),
+            (l.expires_at.0 + 1, Some(l.expires_at.0 + 1)),
+            (l.max_expires_at.0 + 5, Some(l.max_expires_at.0)),
+            (l.expires_at.0 - 1, None),
+        ];
+        for &(at, want) in table {
+            let got = l.apply(&LeaseEvent::Cap { at: Timestamp(at) });
+            assert_eq!(
+                got.as_ref().ok().map(|n| n.max_expires_at.0),
+                want,
+                "cap at {at}"
+            );
+            if let Ok(n) = got {
+                assert_eq!(n.expires_at, l.expires_at, "a cap never moves the expiry");
+                let renewed = n
+                    .apply(&LeaseEvent::Renew {
+                        now: l.granted_at,
+                        ttl: Duration::from_secs(1_000_000),
+                    })
+                    .unwrap();
+                assert_eq!(
+                    renewed.expires_at, n.max_expires_at,
+                    "renewals stop at the cap"
+                );
+            }
+        }
+        let ended = lease(LeaseState::Released);
+        assert!(ended.apply(&LeaseEvent::Cap { at: Timestamp(0) }).is_err());
     }
 
     /// A preemptible lease: noticed, it ends within the grace period and

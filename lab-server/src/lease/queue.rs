@@ -51,6 +51,10 @@ pub struct LeaseSpec {
     /// `authorized_keys`). Requests logged before keys existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_public_key: Option<SshPublicKey>,
+    /// The shortest TTL the requester accepts when a booking ahead leaves
+    /// less than `ttl` (`None`: only `ttl`; see `lease::booking`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ttl: Option<Duration>,
 }
 
 /// What the scheduler needs to know of a host.
@@ -69,20 +73,43 @@ pub struct Candidate<'a> {
     /// When it is expected to be free (its lease's expiry), for ETAs; `None`
     /// when unknown (maintenance, reclaiming is treated as "now").
     pub free_at: Option<Timestamp>,
+    /// What bookings leave of it now.
+    pub window: Window,
+}
+
+/// What bookings (`lease::booking`) leave of a host at a scheduling pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Window {
+    /// No booking ahead.
+    #[default]
+    Open,
+    /// Free for this long, until a booking starts.
+    Left(Duration),
+    /// A booking's window runs: only its own request may have it.
+    Booked(super::booking::BookingId),
 }
 
 impl LeaseSpec {
     /// Could this request ever use that host?
     pub fn matches(&self, c: &Candidate<'_>) -> bool {
-        !c.gone
-            && self.arch.is_none_or(|a| a == c.arch)
-            && self.flags.is_subset(c.flags)
-            && (self.hosts.is_empty() || self.hosts.contains(c.name))
+        !c.gone && self.fits(c.name, c.arch, c.flags)
+    }
+
+    /// Could it use the host `name` of `arch` with `flags`?
+    pub fn fits(&self, name: &HostName, arch: Arch, flags: &BTreeSet<Flag>) -> bool {
+        self.arch.is_none_or(|a| a == arch)
+            && self.flags.is_subset(flags)
+            && (self.hosts.is_empty() || self.hosts.contains(name))
     }
 
     /// Can the inventory ever satisfy this request (ignoring who holds what)?
     pub fn satisfiable(&self, candidates: &[Candidate<'_>]) -> bool {
         candidates.iter().filter(|c| self.matches(c)).count() >= self.count as usize
+    }
+
+    /// The shortest lease the requester accepts.
+    pub fn shortest(&self) -> Duration {
+        self.min_ttl.map_or(self.ttl, |m| m.min(self.ttl))
     }
 }
 
@@ -109,25 +136,47 @@ pub struct Waiter {
     /// not, and its lease may be preempted for one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preemptible: bool,
+    /// The request of a booking whose window began: served first, and the
+    /// only one granted the booked hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booking: Option<super::booking::BookingId>,
 }
 
 impl Waiter {
     fn may_take(&self, c: &Candidate<'_>) -> bool {
-        if self.check.is_some() {
+        let free = if self.check.is_some() {
             c.checkable
         } else {
             c.grantable
+        };
+        free && self.allows(c.window)
+    }
+
+    /// Whether bookings let it have a host with this window now.
+    pub fn allows(&self, window: Window) -> bool {
+        match window {
+            Window::Open => self.booking.is_none(),
+            Window::Left(left) => self.booking.is_none() && left >= self.spec.shortest(),
+            Window::Booked(b) => self.booking == Some(b),
+        }
+    }
+
+    /// Its whole TTL fits on the host before a booking.
+    fn fits_fully(&self, c: &Candidate<'_>) -> bool {
+        match c.window {
+            Window::Left(left) => left >= self.spec.ttl,
+            Window::Open | Window::Booked(_) => true,
         }
     }
 }
 
-/// Health checks first, preemptible requests last, then by priority, then
-/// by arrival.
+/// Health checks and bookings first, preemptible requests last, then by
+/// priority, then by arrival.
 type QueueKey = (bool, bool, Reverse<i32>, WaiterId);
 
 fn key(w: &Waiter) -> QueueKey {
     (
-        w.check.is_none(),
+        w.check.is_none() && w.booking.is_none(),
         w.preemptible,
         Reverse(w.spec.priority),
         w.id,
@@ -148,6 +197,8 @@ pub struct Queue {
     /// each project's head instead of the whole level.
     groups: BTreeMap<(Level, usize), BTreeSet<WaiterId>>,
     tags: std::collections::HashMap<WaiterId, usize>,
+    /// Hosts asked for by every waiter together.
+    asked: usize,
 }
 
 /// The project tag of waiters in no project (health checks, or a queue
@@ -175,6 +226,7 @@ impl Queue {
             .entry((level(&key), tag))
             .or_default()
             .insert(w.id);
+        self.asked += w.spec.count as usize;
         self.waiters.insert(key, w);
     }
 
@@ -189,7 +241,14 @@ impl Queue {
                 g.remove();
             }
         }
-        self.waiters.remove(&key)
+        let w = self.waiters.remove(&key)?;
+        self.asked -= w.spec.count as usize;
+        Some(w)
+    }
+
+    /// Hosts asked for by every waiter together.
+    pub fn asked(&self) -> usize {
+        self.asked
     }
 
     /// Tags every waiter with its project again (a new policy).
@@ -273,16 +332,27 @@ impl Queue {
             if held.beyond(projects, w, project, &st).is_some() {
                 continue;
             }
-            // The first `count` usable hosts, or every usable one.
-            let mut take = Vec::with_capacity(w.spec.count as usize);
+            // The first `count` usable hosts, or every usable one; hosts
+            // where a booking ahead would shorten the lease only when too
+            // few others are free.
+            let n = w.spec.count as usize;
+            let mut take = Vec::with_capacity(n);
+            let mut short = Vec::new();
             for &i in &avail {
                 let c = &candidates[i];
                 if w.may_take(c) && w.spec.matches(c) {
-                    take.push(i);
-                    if take.len() == w.spec.count as usize {
-                        break;
+                    if w.fits_fully(c) {
+                        take.push(i);
+                        if take.len() == n {
+                            break;
+                        }
+                    } else if short.len() < n {
+                        short.push(i);
                     }
                 }
+            }
+            if take.len() < n {
+                take.extend(short.into_iter().take(n - take.len()));
             }
             let grant = take.len() >= w.spec.count as usize;
             for i in &take {
@@ -544,7 +614,8 @@ impl<'a> Held<'a> {
         project: Option<usize>,
         st: &Standing,
     ) -> Option<String> {
-        if w.check.is_some() {
+        if w.check.is_some() || w.booking.is_some() {
+            // Bookings are held to the quotas when they are made.
             return None;
         }
         if let Some(i) = project
@@ -736,6 +807,7 @@ mod tests {
                     checkable: free[i],
                     gone: false,
                     free_at: Some(Timestamp(if free[i] { 0 } else { 10_000 * (i as i64 + 1) })),
+                    window: Window::Open,
                 })
                 .collect()
         }
@@ -752,6 +824,7 @@ mod tests {
             priority,
             comment: String::new(),
             ssh_public_key: None,
+            min_ttl: None,
         }
     }
 
@@ -765,6 +838,7 @@ mod tests {
             detached: false,
             check: None,
             preemptible: false,
+            booking: None,
         }
     }
 

@@ -148,6 +148,17 @@ impl Policy {
             .or_else(|| self.role_limits(role).and_then(|l| l.max_ttl))
     }
 
+    /// Most hosts `caller` may hold at once (`None`: no limit): the
+    /// smaller of its project's and its role's.
+    pub fn max_hosts(&self, principal: &Principal, role: Role) -> Option<u32> {
+        let p = self.project(self.project_of(principal));
+        let role = self.role_limits(role).and_then(|l| l.max_hosts);
+        match (p.limits.max_hosts, role) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Highest priority `caller` may ask for (`None`: the server's rule):
     /// the project's limit, else the role's.
     pub fn max_priority(&self, principal: &Principal, role: Role) -> Option<i32> {

@@ -204,6 +204,7 @@ mod tests {
             ssh_public_key: None,
             preemptible: false,
             preempted_at: None,
+            booking: None,
         }
     }
 

@@ -12,6 +12,7 @@
 use crate::inventory::Inventory;
 use crate::types::{HostName, RackName};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// What an agent last said about driving a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +26,15 @@ pub enum HostReachability {
 pub(super) struct Reachability {
     /// The last report on each host, with the rack whose agent sent it.
     reports: HashMap<HostName, (RackName, HostReachability)>,
+    /// The reports that say unreachable (what a refresh reads).
+    silent: HashMap<HostName, (RackName, String)>,
     /// Hosts whose rack has an agent, with that rack, as of the last
     /// [`Self::refresh`].
     managed: HashMap<HostName, RackName>,
+    /// The inventory `managed` was built from: it is built again only for
+    /// a new one (a refresh then costs the racks and the unreachable hosts,
+    /// not a walk of every host).
+    seen: Option<Arc<Inventory>>,
 }
 
 impl Reachability {
@@ -39,6 +46,15 @@ impl Reachability {
         host: HostName,
         now: HostReachability,
     ) -> bool {
+        match &now {
+            HostReachability::Unreachable { reason } => {
+                self.silent
+                    .insert(host.clone(), (rack.clone(), reason.clone()));
+            }
+            HostReachability::Reachable => {
+                self.silent.remove(&host);
+            }
+        }
         let now = (rack.clone(), now);
         self.reports.insert(host, now.clone()) != Some(now)
     }
@@ -57,27 +73,40 @@ impl Reachability {
     /// have their agent attached.
     pub(super) fn refresh(
         &mut self,
-        inventory: &Inventory,
+        inventory: &Arc<Inventory>,
         attached: impl Fn(&RackName) -> bool,
     ) -> BTreeMap<HostName, String> {
-        self.managed.clear();
+        if !self
+            .seen
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, inventory))
+        {
+            self.managed.clear();
+            for h in &inventory.hosts {
+                if inventory.rack(&h.rack).is_some_and(|r| r.agent.is_some()) {
+                    self.managed.insert(h.name.clone(), h.rack.clone());
+                }
+            }
+            self.seen = Some(inventory.clone());
+        }
         let mut unreachable = BTreeMap::new();
-        for h in &inventory.hosts {
-            let Some(agent) = inventory.rack(&h.rack).and_then(|r| r.agent.as_ref()) else {
+        for rack in &inventory.racks {
+            let Some(agent) = &rack.agent else {
                 continue;
             };
-            self.managed.insert(h.name.clone(), h.rack.clone());
-            if !attached(&h.rack) {
-                unreachable.insert(
-                    h.name.clone(),
-                    format!("agent {agent} of rack {} is not attached", h.rack),
-                );
-            } else if let Some((from, HostReachability::Unreachable { reason })) =
-                self.reports.get(&h.name)
-                // A report from the host's former rack no longer counts.
-                && from == &h.rack
-            {
-                unreachable.insert(h.name.clone(), reason.clone());
+            if !attached(&rack.name) {
+                for h in inventory.hosts_in_rack(&rack.name) {
+                    unreachable.insert(
+                        h.name.clone(),
+                        format!("agent {agent} of rack {} is not attached", rack.name),
+                    );
+                }
+            }
+        }
+        for (host, (from, reason)) in &self.silent {
+            // A report from the host's former rack no longer counts.
+            if self.managed.get(host) == Some(from) && attached(from) {
+                unreachable.insert(host.clone(), reason.clone());
             }
         }
         unreachable
@@ -135,7 +164,7 @@ mac = "52:54:00:00:00:03"
 
     #[test]
     fn agent_presence_and_reports_decide() {
-        let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+        let inv = Arc::new(Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap());
         let away = "agent a1 of rack r1 is not attached";
         // (r1 attached, reports, unreachable hosts)
         type Case<'a> = (
@@ -183,7 +212,7 @@ mac = "52:54:00:00:00:03"
 
     #[test]
     fn a_report_from_a_former_rack_does_not_count() {
-        let inv = Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap();
+        let inv = Arc::new(Inventory::parse(INVENTORY, Path::new("inv.toml")).unwrap());
         let mut r = Reachability::default();
         r.report(&rack("r9"), h("h1"), silent("said r9"));
         assert_eq!(r.refresh(&inv, |_| true), BTreeMap::new());

@@ -398,7 +398,10 @@ impl RackRegistry {
 
     /// The hosts of `inventory` that cannot be driven now, with why; also
     /// notes which hosts have an agent.
-    pub(super) fn unreachable(&self, inventory: &Inventory) -> BTreeMap<HostName, String> {
+    pub(super) fn unreachable(
+        &self,
+        inventory: &std::sync::Arc<Inventory>,
+    ) -> BTreeMap<HostName, String> {
         let mut st = self.lock();
         let State {
             conns,

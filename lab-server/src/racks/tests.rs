@@ -252,6 +252,7 @@ async fn grant(core: &Core, who: &str, host: &str, profile: Option<&str>) -> Lea
         priority: 0,
         comment: String::new(),
         ssh_public_key: None,
+        min_ttl: None,
     };
     let mut acq = core
         .acquire(

@@ -7,6 +7,7 @@ use super::{
     check_delete, check_event_seqs, check_generation, check_waiter,
 };
 use crate::events::EventRecord;
+use crate::lease::booking::{Booking, BookingId};
 use crate::lease::{HostRecord, Lease, Waiter};
 use crate::types::{HostName, LeaseId, Timestamp, WaiterId};
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ struct Data {
     hosts: BTreeMap<HostName, HostRecord>,
     leases: BTreeMap<LeaseId, Lease>,
     waiters: BTreeMap<WaiterId, Waiter>,
+    bookings: BTreeMap<BookingId, Booking>,
     events: Vec<EventRecord>,
     outbox: BTreeMap<OutboxKey, OutboxRow>,
     /// Sequence number of the last event ever stored.
@@ -80,6 +82,7 @@ impl Store for MemStore {
             hosts: d.hosts.values().cloned().collect(),
             leases: d.leases.values().cloned().collect(),
             waiters: d.waiters.values().cloned().collect(),
+            bookings: d.bookings.values().cloned().collect(),
             last_event_seq: d.last_seq,
         })
     }
@@ -130,6 +133,22 @@ impl Store for MemStore {
                         l.generation,
                     )?;
                     d.leases.insert(l.id, l.clone());
+                }
+                Write::Booking(b) => {
+                    check_generation(
+                        w.key(),
+                        d.bookings.get(&b.id).map(|x| x.generation),
+                        b.generation,
+                    )?;
+                    d.bookings.insert(b.id, b.clone());
+                }
+                Write::DeleteBooking { id, generation } => {
+                    check_delete(
+                        w.key(),
+                        d.bookings.get(id).map(|x| x.generation),
+                        *generation,
+                    )?;
+                    d.bookings.remove(id);
                 }
                 Write::Outbox(row) => {
                     d.outbox.insert(row.key(), row.clone());

@@ -29,6 +29,7 @@ pub mod memory;
 pub mod redb;
 
 use crate::events::EventRecord;
+use crate::lease::booking::{Booking, BookingId};
 use crate::lease::{HostRecord, Lease, Waiter};
 use crate::types::{Generation, HostName, LeaseId, Timestamp, WaiterId};
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,14 @@ pub enum Write {
     Waiter(Waiter),
     /// A waiting request left the queue (granted or withdrawn).
     DeleteWaiter(WaiterId),
+    /// A booking (`lease::booking`), compare-and-set like a lease.
+    Booking(Booking),
+    /// A booking ended or was cancelled: delete it (its stored generation
+    /// is the one given).
+    DeleteBooking {
+        id: BookingId,
+        generation: Generation,
+    },
     /// A webhook delivery to make (its event is in the same batch).
     Outbox(OutboxRow),
     /// Every outbox row of a hook that was removed from the configuration.
@@ -148,6 +157,8 @@ impl Write {
             Write::DeleteLease { id, .. } => format!("lease/{id}"),
             Write::Waiter(w) => format!("waiter/{}", w.id),
             Write::DeleteWaiter(id) => format!("waiter/{id}"),
+            Write::Booking(b) => format!("booking/{}", b.id),
+            Write::DeleteBooking { id, .. } => format!("booking/{id}"),
             Write::Outbox(r) => format!("outbox/{}/{}", r.seq, r.hook),
             Write::DropOutbox { hook } => format!("outbox/*/{hook}"),
         }
@@ -175,6 +186,8 @@ pub struct Snapshot {
     pub leases: Vec<Lease>,
     /// Requests that were waiting (in id order).
     pub waiters: Vec<Waiter>,
+    /// Bookings not yet ended.
+    pub bookings: Vec<Booking>,
     pub last_event_seq: u64,
 }
 
@@ -207,8 +220,8 @@ pub struct Pruned {
 /// The narrow storage interface. Implementations are synchronous; the core
 /// calls them off the async workers.
 pub trait Store: Send + Sync + 'static {
-    /// All host records, all leases, all waiting requests, and the last
-    /// event's sequence number.
+    /// All host records, all leases, all waiting requests, all bookings,
+    /// and the last event's sequence number.
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Apply a batch atomically and durably, or not at all.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
@@ -320,6 +333,7 @@ pub mod contract {
             waiter: None,
             request: None,
             detail: String::new(),
+            booking: None,
         }
     }
 
@@ -413,6 +427,7 @@ pub mod contract {
             ssh_public_key: None,
             preemptible: false,
             preempted_at: None,
+            booking: None,
         };
         store
             .commit(&Batch {
@@ -488,12 +503,14 @@ pub mod contract {
                 priority: 0,
                 ssh_public_key: None,
                 comment: "c".into(),
+                min_ttl: None,
             },
             request_id: Some(crate::types::RequestId::new("r-1").unwrap()),
             queued_at: Timestamp(5),
             detached: false,
             check: None,
             preemptible: false,
+            booking: None,
         }
     }
 
@@ -563,6 +580,7 @@ pub mod contract {
             ssh_public_key: None,
             preemptible: false,
             preempted_at: None,
+            booking: None,
             waiter_id: 9,
             request_id: None,
             generation: Generation(1),
@@ -594,6 +612,63 @@ pub mod contract {
             })
             .unwrap();
         assert!(store.load().unwrap().leases.is_empty());
+
+        // Bookings: compare-and-set on the generation, deleted with theirs.
+        use crate::lease::booking::{BookingKind, BookingState};
+        let booking = |id: u64, generation: u64| Booking {
+            id,
+            kind: BookingKind::Lease,
+            holder: Principal::new("ci").unwrap(),
+            hosts: vec![HostName::new("h1").unwrap()],
+            start: Timestamp(10_000),
+            end: Timestamp(20_000),
+            comment: "nightly".into(),
+            profile: None,
+            state: BookingState::Scheduled,
+            lease: None,
+            created_at: Timestamp(1),
+            generation: Generation(generation),
+        };
+        let commit = |w: Write| {
+            store.commit(&Batch {
+                writes: vec![w],
+                events: vec![],
+            })
+        };
+        commit(Write::Booking(booking(12, 1))).unwrap();
+        commit(Write::Booking(booking(40, 1))).unwrap();
+        let again = commit(Write::Booking(booking(12, 1)));
+        assert!(
+            matches!(again, Err(StoreError::Conflict { .. })),
+            "{again:?}"
+        );
+        let mut started = booking(12, 2);
+        started.state = BookingState::Started;
+        commit(Write::Booking(started.clone())).unwrap();
+        assert_eq!(
+            store.load().unwrap().bookings,
+            vec![started, booking(40, 1)],
+            "round trip, in id order"
+        );
+        let stale = commit(Write::DeleteBooking {
+            id: 12,
+            generation: Generation(1),
+        });
+        assert!(
+            matches!(stale, Err(StoreError::Conflict { .. })),
+            "{stale:?}"
+        );
+        commit(Write::DeleteBooking {
+            id: 12,
+            generation: Generation(2),
+        })
+        .unwrap();
+        assert_eq!(store.load().unwrap().bookings, vec![booking(40, 1)]);
+        commit(Write::DeleteBooking {
+            id: 40,
+            generation: Generation(1),
+        })
+        .unwrap();
     }
 
     /// Pruning removes the oldest events before the cutoff, at most `max` a

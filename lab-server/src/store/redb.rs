@@ -6,6 +6,7 @@
 //! | `hosts` | host name | JSON host record |
 //! | `leases` | lease id (text) | JSON lease |
 //! | `waiters` | waiter id | JSON waiting request |
+//! | `bookings` | booking id | JSON booking |
 //! | `events` | seq | JSON event |
 //! | `events_by_host` | (host name, seq) | — |
 //! | `events_by_lease` | (lease id as u128, seq) | — |
@@ -30,6 +31,7 @@ use super::{
     check_event_seqs, check_generation, check_waiter,
 };
 use crate::events::EventRecord;
+use crate::lease::booking::Booking;
 use crate::lease::{HostRecord, Lease, Waiter};
 use crate::types::{Generation, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
@@ -40,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const WAITERS: TableDefinition<u64, &[u8]> = TableDefinition::new("waiters");
+const BOOKINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("bookings");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EVENTS_BY_HOST: TableDefinition<(&str, u64), ()> = TableDefinition::new("events_by_host");
 const EVENTS_BY_LEASE: TableDefinition<(u128, u64), ()> = TableDefinition::new("events_by_lease");
@@ -256,6 +259,7 @@ impl RedbStore {
             txn.open_table(HOSTS).map_err(backend("open"))?;
             txn.open_table(LEASES).map_err(backend("open"))?;
             txn.open_table(WAITERS).map_err(backend("open"))?;
+            txn.open_table(BOOKINGS).map_err(backend("open"))?;
             txn.open_table(EVENTS).map_err(backend("open"))?;
             txn.open_table(EVENTS_BY_HOST).map_err(backend("open"))?;
             txn.open_table(EVENTS_BY_LEASE).map_err(backend("open"))?;
@@ -331,6 +335,7 @@ impl RedbStore {
             let mut hosts = txn.open_table(HOSTS).map_err(backend("commit"))?;
             let mut leases = txn.open_table(LEASES).map_err(backend("commit"))?;
             let mut waiters = txn.open_table(WAITERS).map_err(backend("commit"))?;
+            let mut bookings = txn.open_table(BOOKINGS).map_err(backend("commit"))?;
             let mut events = txn.open_table(EVENTS).map_err(backend("commit"))?;
             let mut by_host = txn.open_table(EVENTS_BY_HOST).map_err(backend("commit"))?;
             let mut by_lease = txn.open_table(EVENTS_BY_LEASE).map_err(backend("commit"))?;
@@ -350,8 +355,29 @@ impl RedbStore {
                 Some(v) => Ok(Some(decode::<Lease>(key, v.value())?.generation)),
                 None => Ok::<_, StoreError>(None),
             };
+            let booking_generation = |bookings: &Table<u64, &[u8]>, id: u64| match bookings
+                .get(id)
+                .map_err(backend("read"))?
+            {
+                Some(v) => Ok(Some(
+                    decode::<Booking>(&format!("booking/{id}"), v.value())?.generation,
+                )),
+                None => Ok::<_, StoreError>(None),
+            };
             for w in &batch.writes {
                 match w {
+                    Write::Booking(b) => {
+                        let found = booking_generation(&bookings, b.id)?;
+                        check_generation(w.key(), found, b.generation)?;
+                        bookings
+                            .insert(b.id, encode(b).as_slice())
+                            .map_err(backend("write"))?;
+                    }
+                    Write::DeleteBooking { id, generation } => {
+                        let found = booking_generation(&bookings, *id)?;
+                        check_delete(w.key(), found, *generation)?;
+                        bookings.remove(*id).map_err(backend("write"))?;
+                    }
                     Write::Host(h) => {
                         let key = h.name.as_str();
                         check_generation(w.key(), host_generation(&hosts, key)?, h.generation)?;
@@ -437,6 +463,12 @@ impl Store for RedbStore {
             let (k, v) = entry.map_err(backend("load"))?;
             let w: Waiter = decode(&format!("waiter/{}", k.value()), v.value())?;
             snap.waiters.push(w);
+        }
+        let bookings = txn.open_table(BOOKINGS).map_err(backend("load"))?;
+        for entry in bookings.iter().map_err(backend("load"))? {
+            let (k, v) = entry.map_err(backend("load"))?;
+            snap.bookings
+                .push(decode(&format!("booking/{}", k.value()), v.value())?);
         }
         let events = txn.open_table(EVENTS).map_err(backend("load"))?;
         snap.last_event_seq = events
@@ -724,6 +756,7 @@ mod tests {
                     waiter: None,
                     request: None,
                     detail: "x".repeat(200),
+                    booking: None,
                 }
             })
             .collect()

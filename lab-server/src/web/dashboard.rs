@@ -439,6 +439,34 @@ pub(super) async fn host(
     Json(j).into_response()
 }
 
+/// Bookings and maintenance windows not yet ended, by start.
+pub(super) async fn bookings(State(st): State<WebState>, h: HeaderMap) -> Response {
+    if let Err(r) = st.api_signed(&h) {
+        return r.into_response();
+    }
+    match st.api.core().list_bookings(None).await {
+        Ok(v) => Json(
+            v.iter()
+                .map(|b| {
+                    json!({
+                        "id": b.id,
+                        "kind": b.kind.to_string(),
+                        "holder": b.holder.to_string(),
+                        "hosts": b.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                        "start": b.start.0,
+                        "end": b.end.0,
+                        "started": b.state == crate::lease::booking::BookingState::Started,
+                        "lease": b.lease.map(|l| l.to_string()),
+                        "comment": b.comment,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => core_err(e),
+    }
+}
+
 pub(super) async fn queue(State(st): State<WebState>, h: HeaderMap) -> Response {
     if let Err(r) = st.api_signed(&h) {
         return r.into_response();

@@ -82,6 +82,7 @@ pub fn router(state: WebState) -> Router {
         .route("/api/hosts/{name}/maintenance", post(d::maintenance))
         .route("/api/hosts/{name}/quarantine", post(d::quarantine))
         .route("/api/queue", get(d::queue))
+        .route("/api/bookings", get(d::bookings))
         .route("/api/leases", get(d::leases))
         .route("/api/leases/{id}", get(d::lease))
         .route("/api/leases/{id}/renew", post(d::renew))

@@ -565,6 +565,7 @@ mod tests {
             priority: 0,
             ssh_public_key: None,
             comment: String::new(),
+            min_ttl: None,
         };
         let mut acq = core
             .acquire(

@@ -257,6 +257,7 @@ mod tests {
             waiter: None,
             request: None,
             detail: "why".into(),
+            booking: None,
         }
     }
 

@@ -1,13 +1,17 @@
 //! `lease-bench`: measured lease figures of a real lab-server with its
-//! durable redb store (fsync on every commit, concurrent changes grouped
-//! into one commit).
+//! durable store: redb (fsync on every commit, concurrent changes grouped
+//! into one commit) and, with `--stores redb,etcd`, etcd beside it (a
+//! 3-member cluster of Debian's `etcd-server` on loopback that this program
+//! starts, fsync on; every batch one transaction).
 //!
 //! ```text
 //! cargo build --release --workspace
-//! cargo run --release -p lab-tests --bin lease-bench -- [--duration 10s] [--hosts 8]
+//! cargo run --release -p lab-tests --bin lease-bench -- [--duration 10s] [--hosts 8] [--stores redb,etcd]
 //! ```
 //!
-//! Scenarios, each against a fresh server and store:
+//! Scenarios, each against a fresh server and store (on etcd: a fresh key
+//! prefix), for each store in turn (scenario 1: each client count on each
+//! store, side by side):
 //! 1. acquire+release loop with 1, 8 and 64 concurrent clients (each on its
 //!    own connection): `Acquire{count:1, ttl:60s}` stream → granted →
 //!    `Release`, repeated for `--duration`.
@@ -28,14 +32,11 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
-use lab_proto::convert::duration_to_proto;
 use lab_proto::v1::acquire_update::Update;
-use lab_proto::v1::{
-    AcquireRequest, Lease, LeaseRequest, LeaseState, ListLeasesRequest, ReleaseRequest,
-};
-use lab_tests::{
-    Clients, InProcessServer, ServerOptions, ServerProcess, bin_path, inventory_toml, percentile,
-};
+use lab_proto::v1::{LeaseState, ReleaseRequest};
+use lab_tests::bench::{BenchStore, acquire_request, round_trip, spawn_server};
+use lab_tests::etcd::EtcdCluster;
+use lab_tests::{Clients, InProcessServer, ServerOptions, ServerProcess, bin_path, percentile};
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -51,6 +52,7 @@ usage: lease-bench [options]
   --duration D        time per acquire+release row (e.g. 10s, 500ms, 1m) [10s]
   --hosts N           hosts in the generated inventory [8]
   --clients LIST      concurrent clients of the loop rows [1,8,64]
+  --stores LIST       stores to measure, side by side: redb, etcd (a 3-member etcd on loopback) [redb]
   --waiters N         queued waiters of the drain scenario [1000]
   --cli-n N           runs of each timed CLI command [50]
   --scrape-metrics    run each loop row again with /metrics scraped every 1 s; print the difference
@@ -65,6 +67,7 @@ struct Opts {
     duration: Duration,
     hosts: usize,
     clients: Vec<usize>,
+    stores: Vec<String>,
     waiters: usize,
     cli_n: usize,
     in_process: bool,
@@ -111,6 +114,7 @@ fn parse_args() -> Result<Opts> {
         duration: Duration::from_secs(10),
         hosts: 8,
         clients: vec![1, 8, 64],
+        stores: vec!["redb".to_owned()],
         waiters: 1000,
         cli_n: 50,
         in_process: false,
@@ -135,6 +139,9 @@ fn parse_args() -> Result<Opts> {
             "--duration" => o.duration = parse_duration(&value()?)?,
             "--hosts" => o.hosts = value()?.parse().context("--hosts")?,
             "--clients" => o.clients = parse_list(&value()?)?,
+            "--stores" => {
+                o.stores = value()?.split(',').map(|s| s.trim().to_owned()).collect();
+            }
             "--waiters" => o.waiters = value()?.parse().context("--waiters")?,
             "--cli-n" => o.cli_n = value()?.parse().context("--cli-n")?,
             "--in-process" => o.in_process = true,
@@ -150,6 +157,14 @@ fn parse_args() -> Result<Opts> {
         }
     }
     ensure!(o.hosts > 0, "--hosts must be positive");
+    ensure!(
+        !o.stores.is_empty() && o.stores.iter().all(|s| s == "redb" || s == "etcd"),
+        "--stores: a list of redb and etcd"
+    );
+    ensure!(
+        !(o.in_process && o.stores.iter().any(|s| s == "etcd")),
+        "--in-process runs redb only"
+    );
     ensure!(
         !(o.scrape_metrics && o.in_process),
         "--scrape-metrics needs the server as a child process (its web port)"
@@ -178,8 +193,15 @@ enum Running {
     InProcess(InProcessServer),
 }
 
+/// The stores rows run on: the etcd cluster when a row asks for etcd,
+/// and a counter for fresh key prefixes.
+struct Stores {
+    etcd: Option<EtcdCluster>,
+    rows: std::sync::atomic::AtomicUsize,
+}
+
 impl Server {
-    async fn start(o: &Opts) -> Result<Server> {
+    async fn start(o: &Opts, stores: &Stores, store: &str) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         if o.in_process {
             let s = InProcessServer::start(ServerOptions {
@@ -194,22 +216,19 @@ impl Server {
                 _dir: dir,
             });
         }
-        let inv = dir.path().join("inventory.toml");
-        std::fs::write(&inv, inventory_toml(o.hosts))?;
-        let data = dir.path().join("data");
-        let log = dir.path().join("lab-server.log");
-        let args = [
-            "--dev-insecure-no-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--web-listen",
-            "127.0.0.1:0",
-            "--inventory",
-            path_str(&inv)?,
-            "--data-dir",
-            path_str(&data)?,
-        ];
-        let p = tokio::task::block_in_place(|| ServerProcess::spawn(&args, &log))?;
+        let row = stores
+            .rows
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("/bench-{}-{row}/", std::process::id());
+        let on = match (store, &stores.etcd) {
+            ("etcd", Some(cluster)) => BenchStore::Etcd {
+                cluster,
+                prefix: &prefix,
+            },
+            ("etcd", None) => bail!("no etcd cluster was started"),
+            _ => BenchStore::Redb,
+        };
+        let p = spawn_server(dir.path(), o.hosts, on).await?;
         Ok(Server {
             addr: p.addr,
             web: p.web,
@@ -233,11 +252,6 @@ impl Server {
             Running::InProcess(s) => s.stop().await,
         }
     }
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("non-UTF-8 path {}", p.display()))
 }
 
 fn clock_ticks() -> f64 {
@@ -278,73 +292,6 @@ fn cpu_pct(a: Option<Duration>, b: Option<Duration>, wall: Duration) -> String {
 
 // ------------------------------------------------------------------ calls
 
-fn acquire_request() -> AcquireRequest {
-    AcquireRequest {
-        request: Some(LeaseRequest {
-            count: 1,
-            ttl: Some(duration_to_proto(TTL)),
-            ..LeaseRequest::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// An Acquire stream read until the grant: the lease and how many queue
-/// status updates came before it.
-async fn acquire(c: &mut Clients) -> Result<(Lease, usize)> {
-    let mut stream = c
-        .leases
-        .acquire(acquire_request())
-        .await
-        .context("Acquire")?
-        .into_inner();
-    let mut queued = 0;
-    while let Some(u) = stream.message().await.context("Acquire stream")? {
-        match u.update {
-            Some(Update::Granted(lease)) => {
-                ensure!(
-                    lease.hosts.len() == 1,
-                    "granted {} hosts, asked for 1",
-                    lease.hosts.len()
-                );
-                ensure!(
-                    lease.state == LeaseState::Active as i32,
-                    "granted lease is not active"
-                );
-                return Ok((lease, queued));
-            }
-            Some(Update::Queued(_)) => queued += 1,
-            None => bail!("an empty AcquireUpdate"),
-        }
-    }
-    bail!("the Acquire stream ended without a grant")
-}
-
-/// One round trip: its latencies and the queue status updates received.
-struct Trip {
-    grant: Duration,
-    release: Duration,
-    whole: Duration,
-    queued: usize,
-}
-
-async fn round_trip(c: &mut Clients) -> Result<Trip> {
-    let t0 = Instant::now();
-    let (lease, queued) = acquire(c).await?;
-    let grant = t0.elapsed();
-    let t1 = Instant::now();
-    c.leases
-        .release(ReleaseRequest { lease_id: lease.id })
-        .await
-        .context("Release")?;
-    Ok(Trip {
-        grant,
-        release: t1.elapsed(),
-        whole: t0.elapsed(),
-        queued,
-    })
-}
-
 /// One connection (tonic Channel) per client, opened 32 at a time.
 async fn connect_many(addr: SocketAddr, names: Vec<String>) -> Result<Vec<Clients>> {
     let conns: Vec<Result<Clients>> = futures::stream::iter(names)
@@ -358,6 +305,7 @@ async fn connect_many(addr: SocketAddr, names: Vec<String>) -> Result<Vec<Client
 // ------------------------------------------------------------------ scenario 1
 
 struct LoopRow {
+    store: String,
     clients: usize,
     count: usize,
     errors: usize,
@@ -400,8 +348,14 @@ async fn scraper(web: SocketAddr, mut stop: tokio::sync::watch::Receiver<bool>) 
     }
 }
 
-async fn loop_row(o: &Opts, n: usize, scrape: bool) -> Result<LoopRow> {
-    let server = Server::start(o).await?;
+async fn loop_row(
+    o: &Opts,
+    stores: &Stores,
+    store: &str,
+    n: usize,
+    scrape: bool,
+) -> Result<LoopRow> {
+    let server = Server::start(o, stores, store).await?;
     let conns = connect_many(
         server.addr,
         (0..n).map(|i| format!("bench-c{i:03}")).collect(),
@@ -414,14 +368,14 @@ async fn loop_row(o: &Opts, n: usize, scrape: bool) -> Result<LoopRow> {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             // Warm-up: one round trip on this connection, not counted.
-            let warm = round_trip(&mut c).await;
+            let warm = round_trip(&mut c, TTL).await;
             barrier.wait().await;
             warm?;
             let deadline = Instant::now() + duration;
             let mut samples = Vec::new();
             let mut errors = Vec::new();
             while Instant::now() < deadline {
-                match round_trip(&mut c).await {
+                match round_trip(&mut c, TTL).await {
                     Ok(s) => samples.push(s),
                     Err(e) => {
                         errors.push(format!("{e:#}"));
@@ -444,6 +398,7 @@ async fn loop_row(o: &Opts, n: usize, scrape: bool) -> Result<LoopRow> {
     let start = Instant::now();
     let (s0, c0) = (server.cpu(), own_cpu());
     let mut row = LoopRow {
+        store: store.to_owned(),
         clients: n,
         count: 0,
         errors: 0,
@@ -502,8 +457,8 @@ struct DrainResult {
     client_cpu: String,
 }
 
-async fn drain(o: &Opts) -> Result<DrainResult> {
-    let server = Server::start(o).await?;
+async fn drain(o: &Opts, stores: &Stores, store: &str) -> Result<DrainResult> {
+    let server = Server::start(o, stores, store).await?;
     let n = o.waiters;
     let t = Instant::now();
     let conns = connect_many(
@@ -521,7 +476,7 @@ async fn drain(o: &Opts) -> Result<DrainResult> {
             let t0 = Instant::now();
             let mut stream = c
                 .leases
-                .acquire(acquire_request())
+                .acquire(acquire_request(TTL))
                 .await
                 .context("Acquire")?
                 .into_inner();
@@ -583,16 +538,8 @@ async fn drain(o: &Opts) -> Result<DrainResult> {
     // The server's own record: exactly one lease per waiter principal.
     let mut check = Clients::connect(server.addr, Some("bench-check")).await?;
     check.leases = check.leases.max_decoding_message_size(64 << 20);
-    let leases = check
-        .leases
-        .list_leases(ListLeasesRequest {
-            include_ended: true,
-            holder: String::new(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .leases;
+    // Every page (the server pages its answer).
+    let leases = lab_tests::crash_loop::all_leases(&mut check.leases, "").await?;
     let mut per_holder: HashMap<&str, usize> = HashMap::new();
     for l in &leases {
         *per_holder.entry(l.holder.as_str()).or_default() += 1;
@@ -654,14 +601,14 @@ fn lease_id_of(stdout: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn cli(o: &Opts) -> Result<Vec<CliRow>> {
+async fn cli(o: &Opts, stores: &Stores, store: &str) -> Result<Vec<CliRow>> {
     let lab = bin_path("lab");
     ensure!(
         lab.exists(),
         "{} is not built: run `cargo build --release --workspace` first",
         lab.display()
     );
-    let server = Server::start(o).await?;
+    let server = Server::start(o, stores, store).await?;
     let url = format!("http://{}", server.addr);
     let n = o.cli_n;
     let lab2 = lab.clone();
@@ -818,9 +765,35 @@ fn main() -> Result<()> {
         )
     };
     let (f50, f99) = fsync_baseline()?;
+    let stores = Stores {
+        etcd: if o.stores.iter().any(|s| s == "etcd") {
+            Some(EtcdCluster::start(3)?)
+        } else {
+            None
+        },
+        rows: std::sync::atomic::AtomicUsize::new(0),
+    };
     println!("lease-bench: {mode}");
+    let mut store_text = Vec::new();
+    for s in &o.stores {
+        store_text.push(if s == "redb" {
+            "redb (fsync on each commit, concurrent changes grouped into one commit)".to_owned()
+        } else {
+            format!(
+                "etcd: 3 members on loopback ({}), fsync on, a batch one transaction, a fresh key prefix per server",
+                Command::new(lab_tests::etcd::require_etcd())
+                    .arg("--version")
+                    .output()
+                    .ok()
+                    .and_then(|o| String::from_utf8(o.stdout).ok())
+                    .and_then(|s| s.lines().next().map(str::to_owned))
+                    .unwrap_or_default()
+            )
+        });
+    }
     println!(
-        "machine: {cores} cores (available_parallelism) | store: redb, fsync on each commit, concurrent changes grouped into one commit | {} s per loop row | {} hosts | fresh server and store per scenario",
+        "machine: {cores} cores (available_parallelism) | stores: {} | {} s per loop row | {} hosts | fresh server and store per scenario",
+        store_text.join("; "),
         o.duration.as_secs_f64(),
         o.hosts
     );
@@ -842,7 +815,8 @@ fn main() -> Result<()> {
         "   grant = Acquire sent -> Lease received (includes the wait in the queue); release = Release RPC; rt = whole round trip"
     );
     println!(
-        "{:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>7} {:>7}  goal",
+        "{:>5} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>7} {:>7}  goal",
+        "store",
         "clients",
         "trips",
         "trips/s",
@@ -859,53 +833,56 @@ fn main() -> Result<()> {
     );
     let mut errors = Vec::new();
     for &n in &o.clients {
-        let runs: &[bool] = if o.scrape_metrics {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        let mut pair: Vec<(f64, Duration)> = Vec::new();
-        for &scrape in runs {
-            let r = rt.block_on(loop_row(&o, n, scrape))?;
-            let goal = if scrape {
-                format!("/metrics scraped {}×", r.scrapes)
-            } else if n == 64 {
-                "≥ 2600/s, p99 ≤ 10 ms".to_owned()
+        for store in &o.stores {
+            let runs: &[bool] = if o.scrape_metrics {
+                &[false, true]
             } else {
-                String::new()
+                &[false]
             };
-            pair.push((
-                r.count as f64 / r.wall.as_secs_f64(),
-                percentile(&r.rt, 0.99),
-            ));
-            println!(
-                "{:>7} {:>8} {:>9.1} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8.1} {:>6} {:>7} {:>7}  {goal}",
-                r.clients,
-                r.count,
-                r.count as f64 / r.wall.as_secs_f64(),
-                ms(percentile(&r.grant, 0.5)),
-                ms(percentile(&r.grant, 0.99)),
-                ms(percentile(&r.release, 0.5)),
-                ms(percentile(&r.release, 0.99)),
-                ms(percentile(&r.rt, 0.5)),
-                ms(percentile(&r.rt, 0.99)),
-                r.queued as f64 / r.count.max(1) as f64,
-                r.errors,
-                r.server_cpu,
-                r.client_cpu,
-            );
-            if let Some(e) = r.first_error {
-                errors.push(format!("{n} clients: {e}"));
+            let mut pair: Vec<(f64, Duration)> = Vec::new();
+            for &scrape in runs {
+                let r = rt.block_on(loop_row(&o, &stores, store, n, scrape))?;
+                let goal = if scrape {
+                    format!("/metrics scraped {}×", r.scrapes)
+                } else if n == 64 && store == "redb" {
+                    "≥ 2600/s, p99 ≤ 10 ms".to_owned()
+                } else {
+                    String::new()
+                };
+                pair.push((
+                    r.count as f64 / r.wall.as_secs_f64(),
+                    percentile(&r.rt, 0.99),
+                ));
+                println!(
+                    "{:>5} {:>7} {:>8} {:>9.1} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8.1} {:>6} {:>7} {:>7}  {goal}",
+                    r.store,
+                    r.clients,
+                    r.count,
+                    r.count as f64 / r.wall.as_secs_f64(),
+                    ms(percentile(&r.grant, 0.5)),
+                    ms(percentile(&r.grant, 0.99)),
+                    ms(percentile(&r.release, 0.5)),
+                    ms(percentile(&r.release, 0.99)),
+                    ms(percentile(&r.rt, 0.5)),
+                    ms(percentile(&r.rt, 0.99)),
+                    r.queued as f64 / r.count.max(1) as f64,
+                    r.errors,
+                    r.server_cpu,
+                    r.client_cpu,
+                );
+                if let Some(e) = r.first_error {
+                    errors.push(format!("{store}, {n} clients: {e}"));
+                }
+                std::io::stdout().flush()?;
             }
-            std::io::stdout().flush()?;
-        }
-        if let [(without, p99_without), (with, p99_with)] = pair[..] {
-            println!(
-                "        /metrics every 1 s vs none, {n} clients: trips/s {:+.1} %, rt p99 {} -> {} ms",
-                100.0 * (with - without) / without,
-                ms(p99_without),
-                ms(p99_with)
-            );
+            if let [(without, p99_without), (with, p99_with)] = pair[..] {
+                println!(
+                    "        /metrics every 1 s vs none, {store}, {n} clients: trips/s {:+.1} %, rt p99 {} -> {} ms",
+                    100.0 * (with - without) / without,
+                    ms(p99_without),
+                    ms(p99_with)
+                );
+            }
         }
     }
     for e in &errors {
@@ -919,82 +896,88 @@ fn main() -> Result<()> {
     );
     println!();
 
-    // 2. queued waiters.
-    let d = rt.block_on(drain(&o))?;
-    println!(
-        "2. {} queued waiters: {} concurrent Acquire{{count:1}} streams over {} hosts, each releasing as soon as granted",
-        d.waiters, d.waiters, o.hosts
-    );
-    println!(
-        "   connections opened in {} ms (not counted) | drained in {} ms | {:.1} grants/s | grant (wait in queue) p50 {} ms, p99 {} ms, max {} ms",
-        ms(d.connect),
-        ms(d.drain),
-        d.grant.len() as f64 / d.drain.as_secs_f64(),
-        ms(percentile(&d.grant, 0.5)),
-        ms(percentile(&d.grant, 0.99)),
-        ms(d.grant.last().copied().unwrap_or_default()),
-    );
-    println!(
-        "   queue-status updates received: {} ({:.1} per waiter) | server CPU {} | client CPU {}",
-        d.queued_updates,
-        d.queued_updates as f64 / d.waiters as f64,
-        d.server_cpu,
-        d.client_cpu
-    );
-    let ok = d.problems.is_empty() && d.grant.len() == d.waiters && d.distinct_leases == d.waiters;
-    println!(
-        "   check: {} of {} waiters granted exactly once, {} distinct lease ids; server lists {} leases, exactly one for {} of {} waiter principals -> {}",
-        d.grant.len(),
-        d.waiters,
-        d.distinct_leases,
-        d.server_leases,
-        d.holders_once,
-        d.waiters,
-        if ok { "OK" } else { "FAILED" }
-    );
-    for p in d.problems.iter().take(10) {
-        println!("   problem: {p}");
-    }
-    println!();
-
-    // 3. the CLI.
-    let rows = rt.block_on(cli(&o))?;
-    println!(
-        "3. lab CLI ({}) as separate processes, N={} each, spawn to exit, against a server with {} hosts",
-        bin_path("lab").display(),
-        o.cli_n,
-        o.hosts
-    );
-    println!(
-        "{:<36} {:>4} {:>8} {:>8} {:>8} {:>8}  goal",
-        "command", "n", "p50 ms", "p99 ms", "mean ms", "failed"
-    );
-    for r in &rows {
-        let goal = if r.what.starts_with("lab lease") {
-            "≤ 20 ms"
-        } else {
-            ""
-        };
+    let mut all_ok = true;
+    for store in &o.stores {
+        // 2. queued waiters.
+        let d = rt.block_on(drain(&o, &stores, store))?;
         println!(
-            "{:<36} {:>4} {:>8} {:>8} {:>8} {:>8}  {goal}",
-            r.what,
-            r.times.len(),
-            ms(percentile(&r.times, 0.5)),
-            ms(percentile(&r.times, 0.99)),
-            ms(mean(&r.times)),
-            r.failures
+            "2. [{store}] {} queued waiters: {} concurrent Acquire{{count:1}} streams over {} hosts, each releasing as soon as granted",
+            d.waiters, d.waiters, o.hosts
         );
-        if let Some(f) = &r.first_failure {
-            println!("   failure: {f}");
+        println!(
+            "   connections opened in {} ms (not counted) | drained in {} ms | {:.1} grants/s | grant (wait in queue) p50 {} ms, p99 {} ms, max {} ms",
+            ms(d.connect),
+            ms(d.drain),
+            d.grant.len() as f64 / d.drain.as_secs_f64(),
+            ms(percentile(&d.grant, 0.5)),
+            ms(percentile(&d.grant, 0.99)),
+            ms(d.grant.last().copied().unwrap_or_default()),
+        );
+        println!(
+            "   queue-status updates received: {} ({:.1} per waiter) | server CPU {} | client CPU {}",
+            d.queued_updates,
+            d.queued_updates as f64 / d.waiters as f64,
+            d.server_cpu,
+            d.client_cpu
+        );
+        let ok =
+            d.problems.is_empty() && d.grant.len() == d.waiters && d.distinct_leases == d.waiters;
+        println!(
+            "   check: {} of {} waiters granted exactly once, {} distinct lease ids; server lists {} leases, exactly one for {} of {} waiter principals -> {}",
+            d.grant.len(),
+            d.waiters,
+            d.distinct_leases,
+            d.server_leases,
+            d.holders_once,
+            d.waiters,
+            if ok { "OK" } else { "FAILED" }
+        );
+        for p in d.problems.iter().take(10) {
+            println!("   problem: {p}");
         }
+        println!();
+
+        // 3. the CLI.
+        let rows = rt.block_on(cli(&o, &stores, store))?;
+        println!(
+            "3. [{store}] lab CLI ({}) as separate processes, N={} each, spawn to exit, against a server with {} hosts",
+            bin_path("lab").display(),
+            o.cli_n,
+            o.hosts
+        );
+        println!(
+            "{:<36} {:>4} {:>8} {:>8} {:>8} {:>8}  goal",
+            "command", "n", "p50 ms", "p99 ms", "mean ms", "failed"
+        );
+        for r in &rows {
+            let goal = if r.what.starts_with("lab lease") {
+                "≤ 20 ms"
+            } else {
+                ""
+            };
+            println!(
+                "{:<36} {:>4} {:>8} {:>8} {:>8} {:>8}  {goal}",
+                r.what,
+                r.times.len(),
+                ms(percentile(&r.times, 0.5)),
+                ms(percentile(&r.times, 0.99)),
+                ms(mean(&r.times)),
+                r.failures
+            );
+            if let Some(f) = &r.first_failure {
+                println!("   failure: {f}");
+            }
+        }
+        std::io::stdout().flush()?;
+        all_ok &= ok && rows.iter().all(|r| r.failures == 0);
+        println!();
     }
-    std::io::stdout().flush()?;
 
     if o.with_labgrid {
         println!();
         run_labgrid(&o)?;
     }
-    if !ok || !errors.is_empty() || rows.iter().any(|r| r.failures > 0) {
+    if !all_ok || !errors.is_empty() {
         std::process::exit(1);
     }
     Ok(())

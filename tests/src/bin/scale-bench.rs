@@ -84,7 +84,9 @@ fn opts() -> Result<Opts> {
             "--racks" => o.racks = value()?.parse()?,
             "--projects" => o.projects = value()?.parse()?,
             "--waiters" => o.waiters = value()?.parse()?,
-            "--duration" => o.duration = Duration::from_secs(value()?.parse()?),
+            "--duration" => {
+                o.duration = Duration::from_secs(value()?.trim_end_matches('s').parse()?)
+            }
             "--events" => o.events = value()?.parse()?,
             "--ended" => o.ended = value()?.parse()?,
             "-h" | "--help" => {
@@ -591,6 +593,7 @@ fn fill_store(path: &Path, o: &Opts) -> Result<()> {
                 waiter: Some(seq),
                 request: None,
                 detail: String::new(),
+                booking: None,
             });
         }
         for _ in 0..2_000 {
@@ -617,6 +620,7 @@ fn fill_store(path: &Path, o: &Opts) -> Result<()> {
                 ssh_public_key: None,
                 preemptible: false,
                 preempted_at: None,
+                booking: None,
             }));
             leases += 1;
         }

@@ -11,6 +11,7 @@
 //! | `host/<name>` | host record |
 //! | `lease/<id>` | lease |
 //! | `waiter/<id>` | waiting request |
+//! | `booking/<id>` | booking |
 //! | `event/<seq>` | event |
 //! | `ebh/<host>/<seq>` | — (events by host) |
 //! | `ebl/<lease>/<seq>` | — (events by lease) |
@@ -57,6 +58,7 @@ use super::{
     check_event_seqs, check_generation, check_waiter,
 };
 use crate::events::EventRecord;
+use crate::lease::booking::Booking;
 use crate::lease::{HostRecord, Lease};
 use crate::types::{Generation, Timestamp};
 pub use client::{EtcdClient, EtcdConfig, EtcdError};
@@ -152,6 +154,9 @@ impl Keys {
     }
     fn waiter(&self, id: u64) -> Vec<u8> {
         self.k(format_args!("waiter/{id:020}"))
+    }
+    fn booking(&self, id: u64) -> Vec<u8> {
+        self.k(format_args!("booking/{id:020}"))
     }
     fn event(&self, seq: u64) -> Vec<u8> {
         self.k(format_args!("event/{seq:020}"))
@@ -549,6 +554,8 @@ impl EtcdStore {
                 Write::DeleteLease { id, .. } => wanted.push(k.lease(id)),
                 Write::Waiter(w) => wanted.push(k.waiter(w.id)),
                 Write::DeleteWaiter(id) => wanted.push(k.waiter(*id)),
+                Write::Booking(b) => wanted.push(k.booking(b.id)),
+                Write::DeleteBooking { id, .. } => wanted.push(k.booking(*id)),
                 Write::Outbox(r) => wanted.push(k.outbox(r.seq, &r.hook)),
                 Write::DropOutbox { .. } => drop_hooks = true,
             }
@@ -618,6 +625,12 @@ impl EtcdStore {
                 .map(|v| decode::<Lease>(key, v).map(|l| l.generation))
                 .transpose()
         };
+        let booking_gen = |key: &[u8], s: &Slot| -> Result<Option<Generation>, StoreError> {
+            s.value
+                .as_deref()
+                .map(|v| decode::<Booking>(key, v).map(|b| b.generation))
+                .transpose()
+        };
         for w in &batch.writes {
             match w {
                 Write::Host(h) => {
@@ -652,6 +665,18 @@ impl EtcdStore {
                 Write::DeleteWaiter(id) => {
                     let s = slot(&mut slots, k.waiter(*id));
                     check_waiter(*id, false, s.value.is_some())?;
+                    set(s, None);
+                }
+                Write::Booking(b) => {
+                    let key = k.booking(b.id);
+                    let s = slot(&mut slots, key.clone());
+                    check_generation(w.key(), booking_gen(&key, s)?, b.generation)?;
+                    set(s, Some(encode(b)));
+                }
+                Write::DeleteBooking { id, generation } => {
+                    let key = k.booking(*id);
+                    let s = slot(&mut slots, key.clone());
+                    check_delete(w.key(), booking_gen(&key, s)?, *generation)?;
                     set(s, None);
                 }
                 Write::Outbox(row) => {
@@ -787,6 +812,7 @@ impl EtcdStore {
                         key: k.last_event(),
                         ..Default::default()
                     },
+                    dir("booking"),
                 ],
             )
             .await?;
@@ -799,6 +825,9 @@ impl EtcdStore {
         }
         for kv in kvs(&resp, 2) {
             snap.waiters.push(decode(&kv.key, &kv.value)?);
+        }
+        for kv in kvs(&resp, 4) {
+            snap.bookings.push(decode(&kv.key, &kv.value)?);
         }
         if let Some(kv) = kvs(&resp, 3).first() {
             snap.last_event_seq = std::str::from_utf8(&kv.value)

@@ -109,9 +109,22 @@ const render = {
       el("td", {}, inTime(w.queued_at)),
       el("td", {}, w.held_back ? `held back: ${w.held_back}` : w.eta ? inTime(w.eta) : "unknown"),
       el("td", {}, w.detached ? "away (restart)" : "waiting")));
+    const b = await api("/api/bookings");
+    const brow = (x) => el("tr", { "data-booking": x.id },
+      el("td", {}, x.id),
+      el("td", {}, x.kind),
+      el("td", {}, x.holder),
+      el("td", {}, x.hosts.join(", ")),
+      el("td", {}, inTime(x.start)),
+      el("td", {}, inTime(x.end)),
+      el("td", {}, x.lease ? link(`/leases/${x.lease}`, "started") : x.started ? "started" : "scheduled"),
+      el("td", {}, x.comment || "—"));
     app.replaceChildren(el("h1", {}, "Queue"),
       q.length ? table(["#", "Request", "Who", "Asks for", "Priority", "Queued", "ETA", "Client"], rows, "queue")
-        : el("p", { class: "empty" }, "Nobody is waiting."));
+        : el("p", { class: "empty" }, "Nobody is waiting."),
+      el("h2", {}, "Bookings and maintenance windows"),
+      b.length ? table(["Booking", "Kind", "Holder", "Hosts", "Starts", "Ends", "State", "Comment"], b.map(brow), "bookings")
+        : el("p", { class: "empty" }, "Nothing is booked."));
   },
 
   async leases() {
