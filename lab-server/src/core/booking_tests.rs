@@ -503,3 +503,100 @@ async fn booking_floods_stop_at_the_limits() {
         MAX_BOOKINGS_PER_PRINCIPAL + 1
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn bookings_count_against_max_hosts_at_every_moment() {
+    let mut config = CoreConfig::new("inv.toml".into());
+    config.max_ttl = Duration::from_secs(48 * 3600);
+    config.policy = Arc::new(
+        crate::projects::Policy::parse(
+            r#"
+[[project]]
+name = "alpha"
+members = ["alice", "amy"]
+max_hosts = 2
+
+[role.developer]
+max_hosts = 1
+"#,
+            Path::new("policy.toml"),
+        )
+        .unwrap(),
+    );
+    let clock = Arc::new(TokioClock::starting_at(T0));
+    let core = Core::start(
+        config,
+        Arc::new(MemStore::new()),
+        inventory(6),
+        Arc::new(Immediate),
+        clock,
+    )
+    .await
+    .unwrap()
+    .0;
+    let conflict = |e: CoreError, want: &str| {
+        assert!(
+            matches!(e, CoreError::BookingConflict { .. }) && e.to_string().contains(want),
+            "{e}"
+        )
+    };
+    // alice books her project's 2 hosts for [1h, 2h).
+    core.create_booking(caller("alice"), book(&["h1", "h2"], 3600, 3600))
+        .await
+        .unwrap();
+    // Her project mate may not book a third over any part of it, one host
+    // at a time or by count; before or after it she may.
+    for (start, dur) in [(3600, 60), (0, 3601), (7199, 60), (0, 9000)] {
+        let e = core
+            .create_booking(caller("amy"), book(&["h3"], start, dur))
+            .await
+            .unwrap_err();
+        conflict(
+            e,
+            "project alpha may hold 2 hosts (max_hosts) and has 2 booked",
+        );
+    }
+    let mut by_count = book(&[], 5400, 60);
+    by_count.count = 1;
+    conflict(
+        core.create_booking(caller("amy"), by_count)
+            .await
+            .unwrap_err(),
+        "project alpha",
+    );
+    core.create_booking(caller("amy"), book(&["h3", "h4"], 7200, 3600))
+        .await
+        .unwrap();
+    core.create_booking(caller("amy"), book(&["h3"], 0, 3600))
+        .await
+        .unwrap();
+    // Another project is not held back by alpha's bookings.
+    core.create_booking(caller("bob"), book(&["h5", "h6"], 3600, 3600))
+        .await
+        .unwrap();
+    // A developer's role may book 1 host at a moment, whatever its project.
+    let dev = |n: &str| Caller {
+        principal: Principal::new(n).unwrap(),
+        role: Role::Developer,
+    };
+    core.create_booking(dev("dan"), book(&["h5"], 0, 3600))
+        .await
+        .unwrap();
+    conflict(
+        core.create_booking(dev("dan"), book(&["h4"], 1800, 3600))
+            .await
+            .unwrap_err(),
+        "dan may hold 1 hosts (its role's max_hosts) and has 1 booked",
+    );
+    // A maintenance window is no one's quota.
+    core.create_booking(
+        operator("olga"),
+        BookingRequest {
+            kind: BookingKind::Maintenance,
+            ..book(&["h1", "h2", "h3", "h4", "h5", "h6"], 20_000, 3600)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(core.list_bookings(None).await.unwrap().len(), 6);
+}

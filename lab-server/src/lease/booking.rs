@@ -241,6 +241,33 @@ impl Book {
             .min_by_key(|b| (b.start, b.id))
     }
 
+    /// The most hosts that lease bookings accepted by `whose` hold at one
+    /// moment of `[start, end)` (maintenance windows hold none for anyone).
+    pub fn peak_hosts(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+        whose: impl Fn(&Principal) -> bool,
+    ) -> usize {
+        let mine: Vec<&Booking> = self
+            .bookings
+            .values()
+            .filter(|b| b.kind == BookingKind::Lease && b.overlaps(start, end) && whose(&b.holder))
+            .collect();
+        // The count only rises at a booking's start (or at `start` itself),
+        // so those are the moments to look at.
+        std::iter::once(start)
+            .chain(mine.iter().map(|b| b.start).filter(|&t| t > start))
+            .map(|t| {
+                mine.iter()
+                    .filter(|b| b.start <= t && t < b.end)
+                    .map(|b| b.hosts.len())
+                    .sum::<usize>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Scheduled or started bookings of `principal`.
     pub fn count_of(&self, principal: &Principal) -> usize {
         self.bookings
@@ -336,5 +363,45 @@ mod tests {
         assert_eq!(book.room(&h("a"), Timestamp(1500), None), Room::Free);
         assert_eq!(book.next_due(), Some(Timestamp(1500)));
         assert_eq!(book.count_of(&Principal::new("alice").unwrap()), 1);
+    }
+
+    #[test]
+    fn peak_hosts_as_a_table() {
+        let mut book = Book::default();
+        book.put(booking(1, &["a", "b"], 1000, 2000));
+        book.put(booking(2, &["c"], 1500, 3000));
+        book.put(booking(3, &["d", "e", "f"], 2000, 2500));
+        let mut other = booking(4, &["g", "h", "i", "j"], 0, 9000);
+        other.holder = Principal::new("bob").unwrap();
+        book.put(other);
+        let mut window = booking(5, &["k", "l", "m", "n", "o"], 0, 9000);
+        window.kind = BookingKind::Maintenance;
+        book.put(window);
+        let alice = |p: &Principal| p.as_str() == "alice";
+        // (start, end) -> alice's peak
+        let table: &[(i64, i64, usize)] = &[
+            (0, 1000, 0),
+            (0, 1001, 2),
+            (1000, 1500, 2),
+            (1000, 1501, 3),
+            (1999, 2000, 3),
+            (2000, 2001, 4),
+            (2000, 2500, 4),
+            (2500, 3000, 1),
+            (3000, 9000, 0),
+            (0, 9000, 4),
+        ];
+        for &(start, end, want) in table {
+            assert_eq!(
+                book.peak_hosts(Timestamp(start), Timestamp(end), alice),
+                want,
+                "[{start}, {end})"
+            );
+        }
+        assert_eq!(
+            book.peak_hosts(Timestamp(0), Timestamp(9000), |_| true),
+            8,
+            "bob's 4 hosts with alice's peak of 4; the maintenance window counts for no one"
+        );
     }
 }

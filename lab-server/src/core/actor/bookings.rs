@@ -168,20 +168,8 @@ impl Actor {
             hosts.dedup();
             hosts
         };
-        if r.kind == BookingKind::Lease
-            && let Some(max) = self
-                .shares
-                .policy()
-                .max_hosts(&caller.principal, caller.role)
-            && hosts.len() > max as usize
-        {
-            return Err(CoreError::BookingConflict {
-                reason: format!(
-                    "{} hosts is more than the {max} project {} may hold (max_hosts)",
-                    hosts.len(),
-                    self.shares.project_name(&caller.principal)
-                ),
-            });
+        if r.kind == BookingKind::Lease {
+            self.check_booked_quota(caller, hosts.len(), start, end)?;
         }
         // Leases that end before the start may not be renewed past it.
         let capped: Vec<_> = hosts
@@ -221,6 +209,45 @@ impl Actor {
         p.batch.writes.push(Write::Booking(b.clone()));
         self.book.put(b.clone());
         Ok(b)
+    }
+
+    /// A project may not book more hosts at one moment than it may hold
+    /// (`max_hosts`), nor a principal more than its role may: `count` more
+    /// hosts over `[start, end)` on top of the bookings it has there.
+    fn check_booked_quota(
+        &self,
+        caller: &Caller,
+        count: usize,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<(), CoreError> {
+        let policy = self.shares.policy();
+        let project = policy.project_of(&caller.principal);
+        if let Some(max) = policy.project(project).limits.max_hosts {
+            let booked = self
+                .book
+                .peak_hosts(start, end, |h| policy.project_of(h) == project);
+            if booked + count > max as usize {
+                return Err(CoreError::BookingConflict {
+                    reason: format!(
+                        "project {} may hold {max} hosts (max_hosts) and has {booked} booked then; {count} more would exceed it",
+                        policy.project(project).name
+                    ),
+                });
+            }
+        }
+        if let Some(max) = policy.role_limits(caller.role).and_then(|l| l.max_hosts) {
+            let booked = self.book.peak_hosts(start, end, |h| h == &caller.principal);
+            if booked + count > max as usize {
+                return Err(CoreError::BookingConflict {
+                    reason: format!(
+                        "{} may hold {max} hosts (its role's max_hosts) and has {booked} booked then; {count} more would exceed it",
+                        caller.principal
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Why `host` cannot be booked for `[start, end)`: another booking, or
