@@ -14,16 +14,17 @@
 //!   any other host is ignored, counted, and logged once per
 //!   [`FOREIGN_LOG_INTERVAL`] with the count.
 
+use super::feed::{Change, FeedRx};
 use super::link::{FromAgent, Inbound, LinkError, Outbound, ToAgent};
 use super::registry::ConnId;
 use super::{DesiredHost, RackError, RackState, Racks};
 use crate::core::Note;
 use crate::core::policy::{self, AuthMode};
-use crate::events::{EventKind, EventRecord};
+use crate::events::EventKind;
 use crate::types::{Caller, HostName, Principal, RackName};
 use futures::StreamExt;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -83,8 +84,10 @@ impl Racks {
             ),
         )
         .await;
-        // Subscribe before the full state, so that no change falls between.
-        let events = self.core.subscribe();
+        // The feed opens before the full state is read, so that no change
+        // falls between.
+        let feed = self.feeds.open(&rack);
+        let feed_id = feed.id;
         let state = match self.rack_state(&rack).await {
             Ok(s) => s,
             Err(e) => {
@@ -99,13 +102,14 @@ impl Racks {
         let span = info_span!("agent", rack = %rack, conn = ?conn.id);
         tokio::spawn(
             async move {
-                let push = me.push_changes(&rack, events, tx.clone());
+                let push = me.push_changes(&rack, feed, tx.clone());
                 let why = tokio::select! {
                     why = me.read_agent(&rack, conn.id, inbound) => why,
                     () = push => "the server stopped following the rack".to_owned(),
                     // The agent's call is gone.
                     () = tx.closed() => "the agent closed the link".to_owned(),
                 };
+                me.feeds.close(&rack, feed_id);
                 let why = if me.detach(&rack, conn.id).await {
                     why
                 } else {
@@ -156,48 +160,17 @@ impl Racks {
         ))
     }
 
-    /// Sends the desired state of hosts as events change them.
-    async fn push_changes(
-        &self,
-        rack: &RackName,
-        mut events: broadcast::Receiver<EventRecord>,
-        tx: mpsc::Sender<Outbound>,
-    ) {
-        loop {
-            match events.recv().await {
-                Ok(e)
-                    if matches!(
-                        e.kind,
-                        EventKind::InventoryLoaded
-                            | EventKind::HostAdded
-                            | EventKind::HostRetired
-                            | EventKind::HostRemoved
-                    ) => {}
-                // Forwards and agent links change nothing the agent is told.
-                Ok(e)
-                    if matches!(
-                        e.kind,
-                        EventKind::ForwardOpened
-                            | EventKind::ForwardClosed
-                            | EventKind::AgentAttached
-                            | EventKind::AgentDetached
-                    ) =>
-                {
-                    continue;
-                }
-                Ok(e) => {
-                    if e.kind == EventKind::HostReclaiming {
-                        self.registry.end_holder_sessions(rack, &e.hosts).await;
+    /// Sends the desired state of hosts as the rack's feed says they
+    /// changed, or the whole rack.
+    async fn push_changes(&self, rack: &RackName, mut feed: FeedRx, tx: mpsc::Sender<Outbound>) {
+        while let Some(change) = feed.next().await {
+            match change {
+                Change::Hosts { hosts, reclaiming } => {
+                    if reclaiming {
+                        self.registry.end_holder_sessions(rack, &hosts).await;
                     }
-                    for h in &e.hosts {
-                        // Only this rack's hosts: with a hundred agents, each
-                        // event must not cost a hundred lookups in the core.
-                        // (Hosts of a rack without an agent, or one the
-                        // registry does not know yet, are looked up.)
-                        if self.registry.rack_of(h).is_some_and(|r| &r != rack) {
-                            continue;
-                        }
-                        let Ok(view) = self.core.get_host(h.clone()).await else {
+                    for h in hosts {
+                        let Ok(view) = self.core.get_host(h).await else {
                             continue;
                         };
                         if view.spec.as_ref().is_some_and(|s| &s.rack == rack)
@@ -209,20 +182,15 @@ impl Racks {
                             return;
                         }
                     }
-                    continue;
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-            // The whole rack again (inventory change, or events missed),
-            // after the registry learnt which hosts are in the rack now:
-            // the agent's reports about new hosts must count.
-            self.refresh_reachability().await;
-            let Ok(state) = self.rack_state(rack).await else {
-                return;
-            };
-            if tx.send(Ok(ToAgent::Rack(state))).await.is_err() {
-                return;
+                Change::Rack => {
+                    let Ok(state) = self.rack_state(rack).await else {
+                        return;
+                    };
+                    if tx.send(Ok(ToAgent::Rack(state))).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }

@@ -10,6 +10,7 @@
 //! |------|------------------|
 //! | `registry.rs` | [`RackRegistry`]: connections per rack, commands under way, reports, records |
 //! | `attach.rs` | [`Racks::attach`]: the hello, the full state, changes as events commit, the agent's messages |
+//! | `feed.rs` | committed events routed once to the racks they touch ([`feed::Feeds`]) |
 //! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] ([`ConsoleLogReader`], [`LogStream`]) |
 //! | `forward.rs` | [`Racks::forward`], [`Racks::run_forward`]: TCP to a host's port, with credit windows |
 //! | `link.rs` | the link's messages as typed values ([`FromAgent`], [`ToAgent`]) |
@@ -74,6 +75,7 @@ mod commands;
 mod desired;
 mod drive;
 mod error;
+mod feed;
 mod forward;
 mod link;
 mod provisioning;
@@ -102,8 +104,12 @@ pub use reclaim::AgentReclaimer;
 pub use registry::RackRegistry;
 
 use crate::core::Core;
-use crate::events::EventKind;
+use crate::events::{EventKind, EventRecord};
+use crate::inventory::Inventory;
 use crate::lease::Lease;
+use crate::types::{HostName, RackName};
+use feed::{Change, Feeds};
+use std::sync::Arc;
 use tokio::sync::broadcast;
 use tracing::debug;
 
@@ -113,32 +119,102 @@ use tracing::debug;
 pub struct Racks {
     core: Core,
     registry: RackRegistry,
+    feeds: Arc<Feeds>,
 }
 
 impl Racks {
     /// Connects `registry` to the started `core`: marks the hosts of every
-    /// rack with an agent unreachable until it attaches, and follows
-    /// inventory reloads.
+    /// rack with an agent unreachable until it attaches, follows inventory
+    /// reloads, and routes committed events to the attached racks they
+    /// touch (`feed.rs`).
     pub fn start(core: Core, registry: RackRegistry) -> Racks {
-        let racks = Racks { core, registry };
+        let racks = Racks {
+            core,
+            registry,
+            feeds: Arc::default(),
+        };
         let me = racks.clone();
         let mut events = racks.core.subscribe();
         tokio::spawn(async move {
             me.refresh_reachability().await;
+            let mut inventory = me.core.inventory().await.ok();
             loop {
                 match events.recv().await {
-                    Ok(e) if e.kind == EventKind::InventoryLoaded => {
-                        me.refresh_reachability().await;
-                    }
-                    Ok(_) => {}
+                    Ok(e) => me.route(&e, &mut inventory).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
+                        inventory = me.core.inventory().await.ok();
                         me.refresh_reachability().await;
+                        me.feeds.send_all_racks();
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
             }
+            me.feeds.close_all();
         });
         racks
+    }
+
+    /// Hands `e` to the feeds of the racks it touches; after an inventory
+    /// change, the whole rack to every feed once the registry knows the
+    /// new racks (an agent's reports about new hosts must count).
+    async fn route(&self, e: &EventRecord, inventory: &mut Option<Arc<Inventory>>) {
+        match e.kind {
+            EventKind::InventoryLoaded
+            | EventKind::HostAdded
+            | EventKind::HostRetired
+            | EventKind::HostRemoved => {
+                *inventory = self.core.inventory().await.ok();
+                self.refresh_reachability().await;
+                self.feeds.send_all_racks();
+            }
+            // Forwards and agent links change nothing an agent is told.
+            EventKind::ForwardOpened
+            | EventKind::ForwardClosed
+            | EventKind::AgentAttached
+            | EventKind::AgentDetached => {}
+            _ => {
+                if e.hosts.is_empty() || self.feeds.is_empty() {
+                    return;
+                }
+                let mut by_rack: Vec<(RackName, Vec<HostName>)> = Vec::new();
+                for h in &e.hosts {
+                    let known = self.registry.rack_of(h).or_else(|| {
+                        inventory
+                            .as_ref()
+                            .and_then(|i| i.host(h))
+                            .map(|s| s.rack.clone())
+                    });
+                    let rack = match known {
+                        Some(r) => r,
+                        // Retired and gone from the inventory: the core
+                        // still knows its rack.
+                        None => match self.core.get_host(h.clone()).await {
+                            Ok(v) => match v.spec {
+                                Some(s) => s.rack,
+                                None => continue,
+                            },
+                            Err(_) => continue,
+                        },
+                    };
+                    if !self.feeds.has(&rack) {
+                        continue;
+                    }
+                    match by_rack.iter_mut().find(|(r, _)| *r == rack) {
+                        Some((_, hosts)) => hosts.push(h.clone()),
+                        None => by_rack.push((rack, vec![h.clone()])),
+                    }
+                }
+                for (rack, hosts) in by_rack {
+                    self.feeds.send(
+                        &rack,
+                        Change::Hosts {
+                            hosts,
+                            reclaiming: e.kind == EventKind::HostReclaiming,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// The registry (connections and records).

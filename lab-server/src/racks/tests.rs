@@ -1443,3 +1443,55 @@ async fn log_reads_are_credited_as_they_are_read() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_is_told_only_of_its_racks_hosts_and_the_whole_rack_after_a_reload() {
+    let lab = lab().await;
+    let mut agent = attach(&lab.racks).await;
+    assert!(matches!(agent.recv().await, ToAgent::Rack(_)));
+    // (Its hosts' reachability, changed by the attach, comes down too.)
+    settle().await;
+    while agent.down.try_recv().is_ok() {}
+    // h3 (rack r2, no agent) then h2 (r1): only h2 comes down r1's link.
+    grant(&lab.core, "alice", "h3", None).await;
+    grant(&lab.core, "bob", "h2", None).await;
+    settle().await;
+    let mut told = Vec::new();
+    while let Ok(m) = agent.down.try_recv() {
+        match m.unwrap() {
+            ToAgent::Host(d) => told.push(d.name.to_string()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        !told.is_empty() && told.iter().all(|n| n == "h2"),
+        "{told:?}"
+    );
+    // A reload: the whole rack again, with the host the new file adds.
+    let path = lab.dir.path().join("inventory.toml");
+    let mut text = inventory_text(lab.dir.path(), true);
+    text.push_str(
+        "\n[[host]]\nname = \"h4\"\narch = \"x86_64\"\nfirmware = \"bios\"\nrack = \"r1\"\nmac = \"52:54:00:00:00:04\"\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    lab.core
+        .reload_inventory(&caller("root", Role::Operator))
+        .await
+        .unwrap();
+    let rack = loop {
+        if let ToAgent::Rack(r) = agent.recv().await {
+            break r;
+        }
+    };
+    let names: Vec<&str> = rack.hosts.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["h1", "h2", "h4"]);
+    // The link ended, its feed is closed; the rack can attach again.
+    drop(agent);
+    let r1 = RackName::new("r1").unwrap();
+    until("the feed closed", || async {
+        (!lab.racks.feeds.has(&r1)).then_some(())
+    })
+    .await;
+    let mut again = attach(&lab.racks).await;
+    assert!(matches!(again.recv().await, ToAgent::Rack(_)));
+}
