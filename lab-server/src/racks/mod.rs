@@ -10,7 +10,7 @@
 //! |------|------------------|
 //! | `registry.rs` | [`RackRegistry`]: connections per rack, commands under way, reports, records |
 //! | `attach.rs` | [`Racks::attach`]: the hello, the full state, changes as events commit, the agent's messages |
-//! | `feed.rs` | committed events routed once to the racks they touch ([`feed::Feeds`]) |
+//! | `feed.rs` | committed events routed once to the racks they touch (`Feeds`) |
 //! | `drive.rs` | [`Racks::power`], [`Racks::console`], [`Racks::console_log`] ([`ConsoleLogReader`], [`LogStream`]) |
 //! | `forward.rs` | [`Racks::forward`], [`Racks::run_forward`]: TCP to a host's port, with credit windows |
 //! | `link.rs` | the link's messages as typed values ([`FromAgent`], [`ToAgent`]) |
