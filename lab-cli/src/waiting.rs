@@ -1,6 +1,9 @@
 //! The "waiting: position 3 of 7, ETA 14:05:10 (in 4m)" report on stderr
 //! while a lease request waits in the queue (or "…, held back: project ci
-//! holds 8 of its 8 hosts (max_hosts)" while a quota keeps it waiting).
+//! holds 8 of its 8 hosts (max_hosts)" while a quota keeps it waiting; the
+//! booking in its way appended when one of the hosts it named is booked:
+//! "…, ETA 14:30:00 (in 26m), h1 is booked until 2026-12-05T14:30:00Z
+//! (booking 12)").
 //!
 //! On a terminal it is one live line, rewritten in place (`\r`, the text,
 //! then clear-to-end-of-line) on every queue update and once a second so the
@@ -24,6 +27,8 @@ pub struct Queued {
     pub eta: Option<SystemTime>,
     /// The quota that keeps it waiting (the server's words), if one does.
     pub held_back: Option<String>,
+    /// The booking in its way (the server's words), if one is.
+    pub waiting_for: Option<String>,
 }
 
 /// The text of the report.
@@ -39,8 +44,12 @@ pub fn text(q: &Queued, now: SystemTime) -> String {
         ),
         None => "no ETA yet".to_owned(),
     };
+    let why = match &q.waiting_for {
+        Some(w) if q.held_back.is_none() => format!(", {w}"),
+        _ => String::new(),
+    };
     format!(
-        "waiting: position {} of {}, {eta}",
+        "waiting: position {} of {}, {eta}{why}",
         q.position, q.queue_length
     )
 }
@@ -70,10 +79,11 @@ impl<W: Write> WaitLine<W> {
 
     /// A queue update arrived.
     pub fn update(&mut self, q: Queued, now: SystemTime) -> io::Result<()> {
-        let moved = self
-            .last
-            .as_ref()
-            .is_none_or(|last| last.position != q.position || last.held_back != q.held_back);
+        let moved = self.last.as_ref().is_none_or(|last| {
+            last.position != q.position
+                || last.held_back != q.held_back
+                || last.waiting_for != q.waiting_for
+        });
         let line = text(&q, now);
         self.last = Some(q);
         if self.live {
@@ -136,6 +146,7 @@ mod tests {
             queue_length,
             eta: None,
             held_back: None,
+            waiting_for: None,
         }
     }
 
@@ -157,6 +168,34 @@ mod tests {
         w.update(held, now()).unwrap();
         w.update(q(2, 5), now()).unwrap();
         assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3);
+    }
+
+    #[test]
+    fn a_booking_in_the_way_is_said_after_the_eta() {
+        let booked = Queued {
+            eta: Some(now() + Duration::from_secs(30 * 60)),
+            waiting_for: Some("h1 is booked until 2023-11-14T23:03:20Z (booking 12)".into()),
+            ..q(1, 2)
+        };
+        let t = text(&booked, now());
+        assert!(t.starts_with("waiting: position 1 of 2, ETA "), "{t}");
+        assert!(
+            t.ends_with(" (in 30m), h1 is booked until 2023-11-14T23:03:20Z (booking 12)"),
+            "{t}"
+        );
+        // A quota said instead of the ETA wins.
+        let held = Queued {
+            held_back: Some("project ci holds 8 of its 8 hosts (max_hosts)".into()),
+            ..booked.clone()
+        };
+        assert!(text(&held, now()).ends_with("(max_hosts)"));
+        // Plain mode: a line when the booking comes or goes.
+        let mut out = Vec::new();
+        let mut w = WaitLine::new(&mut out, false);
+        w.update(q(1, 2), now()).unwrap();
+        w.update(booked.clone(), now()).unwrap();
+        w.update(booked, now()).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 2);
     }
 
     #[test]

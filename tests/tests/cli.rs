@@ -233,8 +233,46 @@ fn bookings_through_the_cli() {
     let (code, out, _) = lab(&server, "alice", &["booking", "list", "--host", "h00"]);
     assert_eq!(code, 0);
     assert!(out.contains("started"), "{out}");
-    // Cancelled by its holder: gone from the list, the lease runs on.
     let soon_id = soon["id"].as_u64().unwrap().to_string();
+    // Erin, waiting for h00, is told which booking is in her way.
+    let mut erin = std::process::Command::new(lab_tests::bin_path("lab"))
+        .args(["lease", "acquire", "--host", "h00", "--ttl", "10m"])
+        .env("LAB_SERVER", format!("http://{}", server.addr))
+        .env("LAB_TOKEN", "erin")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = erin.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("erin's queue line");
+        if line.starts_with("waiting:") {
+            break line;
+        }
+    };
+    let _ = erin.kill();
+    let _ = erin.wait();
+    assert!(
+        line.starts_with("waiting: position 1 of 1, ETA ")
+            && line.contains(", h00 is booked until ")
+            && line.ends_with(&format!("(booking {soon_id})")),
+        "{line}"
+    );
+    // Cancelled by its holder: gone from the list, the lease runs on.
     let (code, _, err) = lab(&server, "bob", &["booking", "cancel", &soon_id]);
     assert_eq!(
         code, 0,

@@ -511,6 +511,8 @@ async fn wait_once<W: std::io::Write>(
                     eta: q.eta.as_ref().map(convert::system_time),
                     held_back: Some(sanitize::line(&q.held_back).into_owned())
                         .filter(|h| !h.is_empty()),
+                    waiting_for: Some(sanitize::line(&q.waiting_for).into_owned())
+                        .filter(|h| !h.is_empty()),
                 };
                 line.update(q, SystemTime::now())?;
             }

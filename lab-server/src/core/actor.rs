@@ -580,6 +580,7 @@ impl Actor {
                                 self.shares.project_name(&w.principal).to_owned()
                             },
                             held_back: e.held_back,
+                            waiting_for: self.booking_in_the_way(w, now),
                         })
                     })
                     .collect();
@@ -1836,6 +1837,10 @@ impl Actor {
             let Some((_, tx)) = self.waiters.get(&w).and_then(|s| s.client.as_ref()) else {
                 continue;
             };
+            let waiting_for = self
+                .queue
+                .get(w)
+                .and_then(|w| self.booking_in_the_way(w, now));
             tx.send_if_modified(|s| {
                 let changed = match s {
                     WaitState::Queued {
@@ -1843,11 +1848,13 @@ impl Actor {
                         queue_length: l0,
                         eta: e0,
                         held_back: h0,
+                        waiting_for: f0,
                         ..
                     } => {
                         *p0 != position
                             || *l0 != len
                             || *h0 != held_back
+                            || *f0 != waiting_for
                             || match (*e0, eta) {
                                 (Some(a), Some(b)) => (a.0 - b.0).abs() >= 5_000,
                                 (a, b) => a.is_some() != b.is_some(),
@@ -1862,6 +1869,7 @@ impl Actor {
                         queue_length: len,
                         eta,
                         held_back: held_back.clone(),
+                        waiting_for: waiting_for.clone(),
                     };
                 }
                 changed

@@ -172,6 +172,15 @@ async fn requests_are_refused_shortened_or_wait_around_a_booking_and_its_holder_
     let q = core.list_queue().await.unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].eta, Some(at(3600 + 30 * MIN)), "{q:?}");
+    // Her queue line names the booking in her way.
+    assert_eq!(
+        q[0].waiting_for,
+        Some(format!(
+            "h1 is booked until {} (booking {})",
+            at(3600 + 30 * MIN),
+            b.id
+        ))
+    );
     // Carol is granted once the booking's lease is over.
     until(at(3600 + 30 * MIN), now).await;
     let got = loop {

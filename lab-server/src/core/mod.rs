@@ -196,6 +196,8 @@ pub enum WaitState {
         /// The quota that keeps it waiting whatever is free, said for its
         /// queue line (`None`: only free hosts are missing).
         held_back: Option<String>,
+        /// A booking of a host it named that is in its way, if one is.
+        waiting_for: Option<String>,
     },
     /// Done: the lease.
     Granted(Lease),
@@ -501,6 +503,8 @@ pub struct QueueEntry {
     pub project: String,
     /// The quota that keeps it waiting, if one does.
     pub held_back: Option<String>,
+    /// A booking of a host it named that is in its way, if one is.
+    pub waiting_for: Option<String>,
 }
 
 /// Most leases one `ListLeases` call looks at.
@@ -617,6 +621,7 @@ impl Core {
             queue_length: 0,
             eta: None,
             held_back: None,
+            waiting_for: None,
         });
         rx.mark_unchanged();
         self.tx

@@ -467,6 +467,7 @@ impl LeaseService for Api {
                         queue_length,
                         eta,
                         held_back,
+                        waiting_for,
                     } => Some((
                         Ok(update(pb::acquire_update::Update::Queued(
                             pb::QueueStatus {
@@ -476,6 +477,7 @@ impl LeaseService for Api {
                                 eta: eta.map(|t| timestamp_from_millis(t.millis())),
                                 held_back: held_back.unwrap_or_default(),
                                 project: project.clone(),
+                                waiting_for: waiting_for.unwrap_or_default(),
                             },
                         ))),
                         Some(acq),

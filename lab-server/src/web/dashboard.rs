@@ -491,6 +491,7 @@ pub(super) async fn queue(State(st): State<WebState>, h: HeaderMap) -> Response 
                             "detached": e.detached,
                             "project": e.project,
                             "held_back": e.held_back,
+                            "waiting_for": e.waiting_for,
                         })
                     })
                     .collect::<Vec<_>>(),

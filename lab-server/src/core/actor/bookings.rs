@@ -83,6 +83,33 @@ impl Actor {
         })
     }
 
+    /// What a waiter for hosts it named waits for when a booking of one
+    /// of them is in its way: running now, or starting before the shortest
+    /// lease it accepts would end. Said on its queue line.
+    pub(super) fn booking_in_the_way(&self, w: &Waiter, now: Timestamp) -> Option<String> {
+        if self.book.is_empty() || w.spec.hosts.is_empty() || w.booking.is_some() {
+            return None;
+        }
+        w.spec
+            .hosts
+            .iter()
+            .find_map(|h| match self.book.room(h, now, None) {
+                Room::Free => None,
+                Room::Booked(id) => {
+                    let b = self.book.get(id)?;
+                    Some(format!("{h} is booked until {} (booking {})", b.end, b.id))
+                }
+                Room::Until(start, id) if start.since(now) < w.spec.shortest() => {
+                    let b = self.book.get(id)?;
+                    Some(format!(
+                        "{h} is booked from {} to {} (booking {})",
+                        b.start, b.end, b.id
+                    ))
+                }
+                Room::Until(..) => None,
+            })
+    }
+
     pub(super) fn list_bookings(&self, host: Option<&HostName>) -> Vec<Booking> {
         let mut v: Vec<Booking> = self
             .book

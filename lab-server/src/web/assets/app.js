@@ -107,7 +107,7 @@ const render = {
       el("td", {}, w.hosts.length ? w.hosts.join(", ") : `${w.count} × ${w.arch || "any"}${w.flags.length ? " [" + w.flags.join(", ") + "]" : ""}`),
       el("td", {}, w.priority),
       el("td", {}, inTime(w.queued_at)),
-      el("td", {}, w.held_back ? `held back: ${w.held_back}` : w.eta ? inTime(w.eta) : "unknown"),
+      el("td", {}, w.held_back ? `held back: ${w.held_back}` : (w.eta ? inTime(w.eta) : "unknown") + (w.waiting_for ? ` (${w.waiting_for})` : "")),
       el("td", {}, w.detached ? "away (restart)" : "waiting")));
     const b = await api("/api/bookings");
     const brow = (x) => el("tr", { "data-booking": x.id },
