@@ -226,16 +226,18 @@ impl Lab {
         true
     }
 
-    /// With several servers: ask each (in order, `WhoAmI`) until one is
-    /// not a standby, and use it; a standby's `lab-leader` is followed at
-    /// once. Nothing is asked with a single server. If none answers, the
-    /// first stays in use (its error is the one reported).
+    /// With several servers: ask each (in order, from the one in use,
+    /// `WhoAmI`) until one is not a standby, and use it; a standby's
+    /// `lab-leader` is followed at once. Nothing is asked with a single
+    /// server. If none answers, the one in use stays (its error is the one
+    /// reported).
     pub async fn find_leader(&self) {
         let n = self.servers.len();
         if n < 2 {
             return;
         }
-        let mut i = 0;
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut i = first;
         for _ in 0..n + 1 {
             let channel = self.servers[i].1.clone();
             let mut admin = AdminServiceClient::with_interceptor(channel, self.auth.clone());

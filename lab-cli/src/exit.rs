@@ -206,7 +206,7 @@ fn classify_status(status: &Status, ctx: &Context<'_>) -> (Exit, Option<String>)
 
 /// When the status stands for a failed connection attempt, the cause as
 /// `tcp connect error: Connection refused (os error 111)`.
-fn connect_failure(status: &Status) -> Option<String> {
+pub fn connect_failure(status: &Status) -> Option<String> {
     let mut source = status.source();
     while let Some(err) = source {
         if err.is::<tonic::ConnectError>() {

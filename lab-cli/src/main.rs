@@ -43,6 +43,7 @@
 
 #![forbid(unsafe_code)]
 
+mod again;
 mod client;
 mod clock;
 mod commands;
@@ -61,6 +62,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::again::Again;
+
 use crate::commands::admin::InventoryCommand;
 use crate::commands::booking::BookingCommand;
 use crate::commands::console::ConsoleArgs;
@@ -77,7 +80,7 @@ use crate::commands::{
 };
 
 /// Lease lab hardware: list hosts, acquire and release leases, follow events
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "lab",
     version,
@@ -146,7 +149,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// List hosts with their state, holder and lease expiry
     Hosts(HostsArgs),
@@ -385,22 +388,22 @@ async fn main() -> ExitCode {
     // Several replicas: find the one that leads (nothing is asked with one).
     ctx.lab.find_leader().await;
     let is_forward = matches!(cli.command, Command::Forward(_));
-    let result = match cli.command {
-        Command::Hosts(args) => hosts::list(&ctx, args).await,
-        Command::Host(cmd) => hosts::run(&ctx, cmd).await,
-        Command::Lease(cmd) => lease::run(&ctx, cmd).await,
-        Command::Booking(cmd) => booking::run(&ctx, cmd).await,
-        Command::Power(args) => power::run(&ctx, args).await,
-        Command::Console(args) => console::run(&ctx, args).await,
-        Command::Events(args) => events::run(&ctx, args).await,
-        Command::Forward(args) => forward::run(&ctx, args).await,
-        Command::Ssh(args) => ssh::run(&ctx, args).await,
-        Command::Run(args) => run::run(&ctx, args).await,
-        Command::Grab(args) => grab::run(&ctx, args).await,
-        Command::Inventory(cmd) => admin::inventory(&ctx, cmd).await,
-        Command::Whoami => admin::whoami(&ctx).await,
-        Command::Completions { .. } => unreachable!("handled above"),
-    };
+    let again = again_when(&cli.command);
+    let mut result = dispatch(&ctx, cli.command.clone()).await;
+    // The leader found above was deposed or died before the call reached
+    // it: once more on the next replica, when that is safe (`again.rs`).
+    let asked = ctx.lab.current().to_owned();
+    if let Err(err) = &result
+        && again.allows(err)
+        && ctx.lab.failover(err)
+    {
+        ctx.lab.find_leader().await;
+        eprintln!(
+            "lab: {asked} did not answer as the leader; asking {}",
+            ctx.lab.current()
+        );
+        result = dispatch(&ctx, cli.command).await;
+    }
     let code: u8 = match result {
         Ok(()) => 0,
         Err(err) => match err.downcast_ref::<exit::ChildExit>() {
@@ -421,6 +424,43 @@ async fn main() -> ExitCode {
         let _ = std::fs::write(path, code.to_string());
     }
     ExitCode::from(code)
+}
+
+async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Hosts(args) => hosts::list(ctx, args).await,
+        Command::Host(cmd) => hosts::run(ctx, cmd).await,
+        Command::Lease(cmd) => lease::run(ctx, cmd).await,
+        Command::Booking(cmd) => booking::run(ctx, cmd).await,
+        Command::Power(args) => power::run(ctx, args).await,
+        Command::Console(args) => console::run(ctx, args).await,
+        Command::Events(args) => events::run(ctx, args).await,
+        Command::Forward(args) => forward::run(ctx, args).await,
+        Command::Ssh(args) => ssh::run(ctx, args).await,
+        Command::Run(args) => run::run(ctx, args).await,
+        Command::Grab(args) => grab::run(ctx, args).await,
+        Command::Inventory(cmd) => admin::inventory(ctx, cmd).await,
+        Command::Whoami => admin::whoami(ctx).await,
+        Command::Completions { .. } => unreachable!("handled above"),
+    }
+}
+
+/// When `command` may be run again on another replica (`again.rs`).
+fn again_when(command: &Command) -> Again {
+    match command {
+        Command::Hosts(_)
+        | Command::Host(HostCommand::Show { .. })
+        | Command::Lease(LeaseCommand::Show { .. } | LeaseCommand::List { .. })
+        | Command::Booking(BookingCommand::List { .. })
+        | Command::Whoami => Again::IfUnreached,
+        Command::Events(args) if !args.follow => Again::IfUnreached,
+        Command::Host(_)
+        | Command::Lease(LeaseCommand::Renew { .. } | LeaseCommand::Release { .. })
+        | Command::Booking(_)
+        | Command::Power(_)
+        | Command::Inventory(_) => Again::IfNotDone,
+        _ => Again::Never,
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,34 @@ struct State {
     polls_bad: AtomicU32,
     /// The request ids of Acquire calls, in order.
     request_ids: std::sync::Mutex<Vec<String>>,
+    /// Stand by (a deposed leader) once a WhoAmI was answered: host and
+    /// lease calls are then refused UNAVAILABLE naming `leader`.
+    depose_after_whoami: AtomicBool,
+    deposed: AtomicBool,
+    leader: std::sync::Mutex<String>,
+    /// Host and lease calls answered (not refused).
+    answered: AtomicU32,
+}
+
+/// What a deposed stub answers host and lease calls with: a standby's
+/// refusal, as lab-server's standby layer words it.
+fn standby_check(state: &State) -> Result<(), Status> {
+    standby_refusal(state)?;
+    state.answered.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+fn standby_refusal(state: &State) -> Result<(), Status> {
+    if state.deposed.load(Ordering::SeqCst) {
+        let leader = state.leader.lock().unwrap().clone();
+        let mut s = Status::unavailable(format!(
+            "this lab-server is a standby; the leader is {leader}"
+        ));
+        s.metadata_mut()
+            .insert("lab-leader", leader.parse().unwrap());
+        return Err(s);
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -635,6 +663,10 @@ impl AdminService for Stub {
         req: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
         let principal = principal(&req)?;
+        standby_refusal(&self.0)?;
+        if self.0.depose_after_whoami.load(Ordering::SeqCst) {
+            self.0.deposed.store(true, Ordering::SeqCst);
+        }
         Ok(Response::new(WhoAmIResponse {
             principal: principal.into(),
             role: Role::Developer as i32,
@@ -651,6 +683,7 @@ fn start() -> (SocketAddr, Arc<State>) {
     let addr = listener.local_addr().unwrap();
     let state = Arc::new(State::default());
     let stub = Stub(state.clone());
+    let (hs, ls) = (state.clone(), state.clone());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -659,8 +692,14 @@ fn start() -> (SocketAddr, Arc<State>) {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
-                .add_service(HostServiceServer::new(stub.clone()))
-                .add_service(LeaseServiceServer::new(stub.clone()))
+                .add_service(HostServiceServer::with_interceptor(
+                    stub.clone(),
+                    move |req: Request<()>| standby_check(&hs).map(|()| req),
+                ))
+                .add_service(LeaseServiceServer::with_interceptor(
+                    stub.clone(),
+                    move |req: Request<()>| standby_check(&ls).map(|()| req),
+                ))
                 .add_service(EventServiceServer::new(stub.clone()))
                 .add_service(AdminServiceServer::new(stub))
                 // Nagle on the server side costs a delayed-ACK round (40 ms)
@@ -1440,4 +1479,61 @@ fn terminal_escapes_from_the_server_are_shown_escaped() {
     // A status message that echoes what it was given.
     let (code, _, err) = run(addr, GOOD, &["host", "show", "\x1b[2Jx9"]);
     assert_eq!((code, err.as_str()), (4, "lab: no host named \\x1b[2Jx9\n"));
+}
+
+/// `lab --server SERVERS ARGS` (several replicas).
+fn run_on(servers: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .arg("--server")
+        .arg(servers)
+        .args(args)
+        .env_remove("LAB_SERVER")
+        .env("LAB_TOKEN", "good")
+        .output()
+        .unwrap();
+    (
+        out.status.code().expect("exited, not signalled"),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn a_leader_deposed_after_it_was_found_sends_the_command_to_the_next() {
+    // a answers the CLI's WhoAmI as the leader, then stands by naming b.
+    let (b, b_state) = start();
+    let (a, a_state) = start();
+    *a_state.leader.lock().unwrap() = format!("http://{b}");
+    a_state.depose_after_whoami.store(true, Ordering::SeqCst);
+    let servers = format!("http://{a},http://{b}");
+    let moved = format!("lab: http://{a} did not answer as the leader; asking http://{b}");
+
+    // A read: asked again of b.
+    let (code, out, err) = run_on(&servers, &["--json", "hosts"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"x1\""), "{out}");
+    assert!(err.contains(&moved), "{err}");
+    assert_eq!(b_state.answered.load(Ordering::SeqCst), 1);
+
+    // A change a standby refused (so nothing was done): sent again to b.
+    a_state.deposed.store(false, Ordering::SeqCst);
+    let (code, _, err) = run_on(&servers, &["lease", "release", "L-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&moved), "{err}");
+    assert_eq!(b_state.answered.load(Ordering::SeqCst), 2);
+
+    // A command that streams is not run again: exit 7, as before.
+    a_state.deposed.store(false, Ordering::SeqCst);
+    let (code, _, err) = run_on(&servers, &["console", "--lease", "L-1"]);
+    assert_eq!(code, 7, "{err}");
+    assert!(
+        err.contains("this lab-server is a standby") && !err.contains("asking"),
+        "{err}"
+    );
+    assert_eq!(b_state.answered.load(Ordering::SeqCst), 2);
+
+    // One replica (no WhoAmI is asked), standing by: nothing to move to.
+    a_state.deposed.store(true, Ordering::SeqCst);
+    let (code, _, err) = run_on(&format!("http://{a}"), &["hosts"]);
+    assert_eq!(code, 7, "{err}");
 }

@@ -7,7 +7,7 @@ use super::Ctx;
 use crate::output;
 use crate::view::{ReloadView, WhoAmIView};
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum InventoryCommand {
     /// Re-read inventory.toml on the server (operators only)
     ///

@@ -17,7 +17,7 @@ use crate::clock::{self, Start};
 use crate::output::{self, Table};
 use crate::view::BookingView;
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum BookingCommand {
     /// Book hosts for a window ahead
     ///
@@ -49,7 +49,7 @@ pub enum BookingCommand {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
     /// Book this host (repeat for several)
     #[arg(long = "host", value_name = "HOST", conflicts_with_all = ["flags", "count", "arch"])]

@@ -28,7 +28,7 @@ use crate::sanitize;
 /// the answer to the last input arrives.
 pub const LINGER: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["host", "lease"])))]
 pub struct ConsoleArgs {
     /// Host name

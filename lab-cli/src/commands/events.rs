@@ -10,7 +10,7 @@ use crate::exit::{Interrupted, StreamEnded};
 use crate::output;
 use crate::view::EventView;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EventsArgs {
     /// Only events with a sequence number above SEQ
     #[arg(long, value_name = "SEQ", default_value_t = 0)]
@@ -31,7 +31,7 @@ pub struct EventsArgs {
     lease: Option<String>,
     /// Keep printing new events as they happen, until interrupted
     #[arg(long, short)]
-    follow: bool,
+    pub follow: bool,
 }
 
 pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<()> {

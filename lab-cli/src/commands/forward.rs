@@ -33,7 +33,7 @@ pub const CHUNK: usize = 32 * 1024;
 /// (`lab ssh` reads it to tell a refused forward from ssh's own failure).
 pub const STATUS_FILE_ENV: &str = "LAB_FORWARD_STATUS_FILE";
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ForwardArgs {
     /// Host name (of your lease)
     host: String,

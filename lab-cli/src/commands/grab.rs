@@ -32,7 +32,7 @@ use crate::exit::Interrupted;
 /// The profile of a grab that names none: the one this lab exists for.
 pub const DEFAULT_PROFILE: &str = "xen";
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GrabArgs {
     #[command(flatten)]
     acquire: AcquireArgs,

@@ -16,7 +16,7 @@ use crate::clock;
 use crate::output::{self, Table};
 use crate::view::{HostView, Time};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HostsArgs {
     /// Only hosts of this architecture
     #[arg(long, value_enum)]
@@ -26,7 +26,7 @@ pub struct HostsArgs {
     flags: Vec<String>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum HostCommand {
     /// Show one host in full, with its recent history
     ///

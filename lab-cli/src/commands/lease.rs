@@ -28,7 +28,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How often `--wait-ready` asks the server for the lease.
 pub const READY_POLL: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum LeaseCommand {
     /// Ask for hosts; wait in the queue until they are granted
     ///
@@ -100,7 +100,7 @@ pub enum LeaseCommand {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AcquireArgs {
     /// Only hosts of this architecture [default: any]
     #[arg(long, value_enum)]

@@ -7,7 +7,7 @@ use super::Ctx;
 use crate::output;
 use crate::view::PowerView;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct PowerArgs {
     /// What to do: status only reads the power state
     #[arg(value_enum, value_name = "ACTION")]

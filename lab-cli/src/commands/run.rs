@@ -39,7 +39,7 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for the hosts' reclaim before saving their consoles.
 pub const RECLAIM_WAIT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     acquire: AcquireArgs,

@@ -36,7 +36,7 @@ pub const SSH_OPTIONS: [&str; 3] = [
     "LogLevel=ERROR",
 ];
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SshArgs {
     /// Host name (of your lease)
     host: String,
