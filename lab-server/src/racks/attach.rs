@@ -91,6 +91,7 @@ impl Racks {
         let state = match self.rack_state(&rack).await {
             Ok(s) => s,
             Err(e) => {
+                self.feeds.close(&rack, feed_id);
                 self.detach(&rack, conn.id).await;
                 return Err(e);
             }
