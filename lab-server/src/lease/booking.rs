@@ -249,23 +249,24 @@ impl Book {
         end: Timestamp,
         whose: impl Fn(&Principal) -> bool,
     ) -> usize {
-        let mine: Vec<&Booking> = self
-            .bookings
-            .values()
-            .filter(|b| b.kind == BookingKind::Lease && b.overlaps(start, end) && whose(&b.holder))
-            .collect();
-        // The count only rises at a booking's start (or at `start` itself),
-        // so those are the moments to look at.
-        std::iter::once(start)
-            .chain(mine.iter().map(|b| b.start).filter(|&t| t > start))
-            .map(|t| {
-                mine.iter()
-                    .filter(|b| b.start <= t && t < b.end)
-                    .map(|b| b.hosts.len())
-                    .sum::<usize>()
-            })
-            .max()
-            .unwrap_or(0)
+        // Each booking, clipped to the window, adds its hosts at its start
+        // and takes them back at its end; at one instant an end sorts
+        // before a start (windows are half-open).
+        let mut steps: Vec<(Timestamp, isize)> = Vec::new();
+        for b in self.bookings.values() {
+            if b.kind == BookingKind::Lease && b.overlaps(start, end) && whose(&b.holder) {
+                let n = b.hosts.len() as isize;
+                steps.push((b.start.max(start), n));
+                steps.push((b.end, -n));
+            }
+        }
+        steps.sort_unstable();
+        let (mut held, mut peak) = (0isize, 0isize);
+        for (_, n) in steps {
+            held += n;
+            peak = peak.max(held);
+        }
+        peak as usize
     }
 
     /// Scheduled or started bookings of `principal`.

@@ -107,7 +107,8 @@ impl Feeds {
         self.lock().is_empty()
     }
 
-    /// Whether `rack` has a feed.
+    /// Whether `rack` has a feed (for tests).
+    #[cfg(test)]
     pub fn has(&self, rack: &RackName) -> bool {
         self.lock().contains_key(rack)
     }

@@ -196,9 +196,6 @@ impl Racks {
                             Err(_) => continue,
                         },
                     };
-                    if !self.feeds.has(&rack) {
-                        continue;
-                    }
                     match by_rack.iter_mut().find(|(r, _)| *r == rack) {
                         Some((_, hosts)) => hosts.push(h.clone()),
                         None => by_rack.push((rack, vec![h.clone()])),

@@ -69,10 +69,8 @@ impl Actor {
                 Room::Until(_, id) | Room::Booked(id) => self.book.get(id)?,
             };
             Some(format!(
-                "{h} is booked from {} to {} (booking {}); a lease of {} would overlap it{}",
-                b.start,
-                b.end,
-                b.id,
+                "{}; a lease of {} would overlap it{}",
+                booked_from(h, b),
                 humantime::format_duration(w.spec.ttl),
                 if b.start > now && w.spec.min_ttl.is_none() {
                     " (ask for less, or accept a shorter lease with min_ttl)"
@@ -100,11 +98,7 @@ impl Actor {
                     Some(format!("{h} is booked until {} (booking {})", b.end, b.id))
                 }
                 Room::Until(start, id) if start.since(now) < w.spec.shortest() => {
-                    let b = self.book.get(id)?;
-                    Some(format!(
-                        "{h} is booked from {} to {} (booking {})",
-                        b.start, b.end, b.id
-                    ))
+                    Some(booked_from(h, self.book.get(id)?))
                 }
                 Room::Until(..) => None,
             })
@@ -502,4 +496,12 @@ fn window_reason(b: &Booking) -> String {
     } else {
         format!("maintenance window {}: {}", b.id, b.comment)
     }
+}
+
+/// `h1 is booked from S to E (booking N)`, as refusals and queue lines say.
+fn booked_from(h: &HostName, b: &Booking) -> String {
+    format!(
+        "{h} is booked from {} to {} (booking {})",
+        b.start, b.end, b.id
+    )
 }
